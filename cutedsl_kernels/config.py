@@ -26,6 +26,8 @@ class FmhaFwdConfig:
         tile_m: query rows per CTA tile.
         tile_n: key rows per main-loop step.
         num_stages: depth of the K/V shared-memory pipeline.
+        intra_wg_overlap: overlap each warpgroup's softmax with its own next GEMMs.
+        wg_pingpong: two MMA warpgroups take turns issuing GEMMs.
     """
 
     arch: str
@@ -35,6 +37,8 @@ class FmhaFwdConfig:
     tile_m: int = 128
     tile_n: int = 128
     num_stages: int = 2
+    intra_wg_overlap: bool = True
+    wg_pingpong: bool = True
 
     @property
     def name(self) -> str:
@@ -43,4 +47,5 @@ class FmhaFwdConfig:
         return (
             f"fmha_fwd_{self.arch}_d{self.head_dim}_{self.dtype}_{mask}"
             f"_m{self.tile_m}n{self.tile_n}s{self.num_stages}"
+            f"{'_ov' if self.intra_wg_overlap else ''}{'_pp' if self.wg_pingpong else ''}"
         )

@@ -12,3 +12,4 @@ class NamedBarrier(enum.IntEnum):
     EPILOGUE_STORE = 2  # MMA warpgroups + the storing warp once O is in shared memory
     WG1_TURN = 3  # ping-pong: warpgroup 1 may issue its GEMMs
     WG2_TURN = 4  # ping-pong: warpgroup 2 may issue its GEMMs
+    WG3_TURN = 5  # ping-pong: warpgroup 3 may issue its GEMMs

@@ -45,7 +45,6 @@ from cutlass.utils import LayoutEnum
 
 from cutedsl_kernels.common import causal_mask
 from cutedsl_kernels.common.fragments import (
-    acc_as_operand_a,
     acc_rows_cols,
     permute_modes,
     transpose_smem,
@@ -53,6 +52,7 @@ from cutedsl_kernels.common.fragments import (
 from cutedsl_kernels.common.named_barriers import NamedBarrier
 from cutedsl_kernels.common.online_softmax import OnlineSoftmax
 from cutedsl_kernels.config import SUPPORTED_DTYPES, FmhaFwdConfig
+from cutedsl_kernels.hopper.mainloop import Sm90Mainloop
 
 SMEM_CAPACITY_BYTES = 227 * 1024  # H100 opt-in shared memory per CTA
 THREADS_PER_WARPGROUP = 128
@@ -78,6 +78,10 @@ class HopperFmhaForward:
         self.num_mma_threads = self.num_mma_warpgroups * THREADS_PER_WARPGROUP
         self.num_threads = self.num_mma_threads + THREADS_PER_WARPGROUP
         self.producer_regs, self.mma_regs = REGS_BY_MMA_WARPGROUPS[self.num_mma_warpgroups]
+        # Warpgroup turns pay off only when GEMMs of one overlap the softmax of the other.
+        self.pingpong = (
+            config.wg_pingpong and config.intra_wg_overlap and self.num_mma_warpgroups >= 2
+        )
 
     # ------------------------------------------------------------------ capability
     @staticmethod
@@ -491,41 +495,31 @@ class HopperFmhaForward:
         if n_blocks > 0:
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
             pipeline_q.consumer_wait(q_state)
-            kv_state = pipeline.make_pipeline_state(
-                pipeline.PipelineUserType.Consumer, self.num_stages
+            mainloop = Sm90Mainloop(
+                tile_m=self.tile_m,
+                tile_n=self.tile_n,
+                dtype=self.dtype,
+                is_causal=self.is_causal,
+                pingpong=self.pingpong,
+                num_mma_warpgroups=self.num_mma_warpgroups,
+                tiled_mma_qk=tiled_mma_qk,
+                tiled_mma_pv=tiled_mma_pv,
+                tSrQ=tSrQ,
+                tSrK=tSrK,
+                tOrVt=tOrVt,
+                tOrP=tOrP,
+                acc_O=acc_O,
+                softmax=softmax,
+                pipeline_k=pipeline_k,
+                pipeline_v=pipeline_v,
+                tScS=tScS,
+                t0ScS=t0ScS,
+                m_block=m_block,
+                seqlen_k=seqlen_k,
+                causal_offset=causal_offset,
+                wg_idx=wg_idx,
             )
-            step = self.make_step(
-                tiled_mma_qk,
-                tiled_mma_pv,
-                tSrQ,
-                tSrK,
-                tOrVt,
-                tOrP,
-                acc_O,
-                softmax,
-                pipeline_k,
-                pipeline_v,
-                tScS,
-                t0ScS,
-                m_block,
-                seqlen_k,
-                causal_offset,
-            )
-            # The last key tile may be partial (and, causal, crosses the diagonal).
-            kv_state = step(kv_state, n_blocks - 1, is_first=True, masked=True)
-            n_top = n_blocks - 1
-            if const_expr(self.is_causal):
-                n_mask_from = cutlass.min(
-                    causal_mask.first_masked_n_block(
-                        m_block, causal_offset, self.tile_m, self.tile_n
-                    ),
-                    n_top,
-                )
-                for i in cutlass.range(n_top - n_mask_from, unroll=1):
-                    kv_state = step(kv_state, n_top - 1 - i, is_first=False, masked=True)
-                n_top = n_mask_from
-            for i in cutlass.range(n_top, unroll=1):
-                kv_state = step(kv_state, n_top - 1 - i, is_first=False, masked=False)
+            mainloop.run(n_blocks, self.num_stages, self.config.intra_wg_overlap)
 
         inv_sum = softmax.finalize()
         OnlineSoftmax.rescale(acc_O, inv_sum)
@@ -542,83 +536,6 @@ class HopperFmhaForward:
             seqlen_q,
             tma_atom_O,
         )
-
-    def make_step(
-        self,
-        tiled_mma_qk,
-        tiled_mma_pv,
-        tSrQ,
-        tSrK,
-        tOrVt,
-        tOrP,
-        acc_O,
-        softmax,
-        pipeline_k,
-        pipeline_v,
-        tScS,
-        t0ScS,
-        m_block,
-        seqlen_k,
-        causal_offset,
-    ):
-        """Bind the loop-invariant operands of one key-tile step."""
-
-        @cute.jit
-        def step(
-            kv_state: pipeline.PipelineState,
-            n_block: Int32,
-            is_first: cutlass.Constexpr[bool],
-            masked: cutlass.Constexpr[bool],
-        ) -> pipeline.PipelineState:
-            pipeline_k.consumer_wait(kv_state)
-            acc_S = cute.make_rmem_tensor(
-                tiled_mma_qk.partition_shape_C((self.tile_m, self.tile_n)), Float32
-            )
-            self.gemm(tiled_mma_qk, acc_S, tSrQ, tSrK[None, None, None, kv_state.index], True)
-            pipeline_k.consumer_release(kv_state)
-            if const_expr(masked):
-                causal_mask.apply_mask(
-                    acc_S,
-                    tScS,
-                    t0ScS,
-                    m_block,
-                    n_block,
-                    seqlen_k,
-                    causal_offset,
-                    self.tile_m,
-                    self.tile_n,
-                    self.is_causal,
-                )
-            row_scale = softmax.update(acc_S, is_first)
-            if const_expr(not is_first):
-                OnlineSoftmax.rescale(acc_O, row_scale)
-            tOrP.store(acc_as_operand_a(acc_S).load().to(self.dtype))
-            pipeline_v.consumer_wait(kv_state)
-            self.gemm(tiled_mma_pv, acc_O, tOrP, tOrVt[None, None, None, kv_state.index], False)
-            pipeline_v.consumer_release(kv_state)
-            kv_state.advance()
-            return kv_state
-
-        return step
-
-    @staticmethod
-    @cute.jit
-    def gemm(
-        tiled_mma: cute.TiledMma,
-        acc: cute.Tensor,
-        tCrA: cute.Tensor,
-        tCrB: cute.Tensor,
-        zero_init: cutlass.Constexpr[bool],
-    ):
-        """acc (+)= A @ B over all K slices, issued as one wgmma group and waited on."""
-        warpgroup.fence()
-        atom = cute.make_mma_atom(tiled_mma.op)
-        atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
-        for k in cutlass.range_constexpr(cute.size(tCrA.shape[2])):
-            cute.gemm(atom, acc, tCrA[None, None, k], tCrB[None, None, k], acc)
-            atom.set(warpgroup.Field.ACCUMULATE, True)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
 
     @cute.jit
     def epilogue(

@@ -1,0 +1,306 @@
+"""The consumer main loop of the sm90 FMHA forward: one key tile per step.
+
+Two schedules, chosen at compile time:
+
+serial (`intra_wg_overlap=False`), per key tile n:
+    wait K[n]; S = Q K[n]^T; release K; mask; softmax; O *= scale; P = S
+    wait V[n]; O += P V[n]; release V
+
+overlapped (`intra_wg_overlap=True`): the PV GEMM of tile n+1 (already visited) runs on
+the tensor cores while the softmax of tile n runs on the ALUs:
+    first:  S = Q K[n0]^T; softmax; P = S                       (no PV yet)
+    step n: issue S' = Q K[n]^T and O += P V[n+1]; wait S'; release K; mask; softmax(S')
+            wait PV; release V; O *= scale; P = S'
+    last:   O += P V[n_last]
+
+With `pingpong` (overlapped schedule, 2 or 3 MMA warpgroups), the warpgroups take turns,
+round robin, issuing their GEMMs (named barriers WG1_TURN..WG3_TURN), so one warpgroup's
+softmax hides under the others' GEMMs.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+import cutlass.pipeline as pipeline
+from cutlass import Float32, Int32, const_expr
+from cutlass.cute.nvgpu import warpgroup
+
+from cutedsl_kernels.common import causal_mask
+from cutedsl_kernels.common.convert import convert_pairs
+from cutedsl_kernels.common.fragments import acc_as_operand_a
+from cutedsl_kernels.common.named_barriers import NamedBarrier
+from cutedsl_kernels.common.online_softmax import OnlineSoftmax
+
+WARPGROUP_THREADS = 128
+
+
+@cute.jit
+def wgmma(
+    tiled_mma: cute.TiledMma,
+    acc: cute.Tensor,
+    tCrA: cute.Tensor,
+    tCrB: cute.Tensor,
+    zero_init: cutlass.Constexpr[bool],
+    wait_pending: cutlass.Constexpr[int],
+):
+    """acc (+)= A @ B over all K slices as one wgmma group.
+
+    `wait_pending` >= 0 waits until at most that many groups are in flight; -1 returns
+    right after issuing.
+    """
+    warpgroup.fence()
+    atom = cute.make_mma_atom(tiled_mma.op)
+    atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
+    for k in cutlass.range_constexpr(cute.size(tCrA.shape[2])):
+        cute.gemm(atom, acc, tCrA[None, None, k], tCrB[None, None, k], acc)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+    warpgroup.commit_group()
+    if const_expr(wait_pending >= 0):
+        warpgroup.wait_group(wait_pending)
+
+
+class Sm90Mainloop:
+    """Loop-invariant operands of one work tile, and the steps over its key tiles."""
+
+    def __init__(
+        self,
+        *,
+        tile_m: int,
+        tile_n: int,
+        dtype,
+        is_causal: bool,
+        pingpong: bool,
+        num_mma_warpgroups: int,
+        tiled_mma_qk: cute.TiledMma,
+        tiled_mma_pv: cute.TiledMma,
+        tSrQ: cute.Tensor,
+        tSrK: cute.Tensor,
+        tOrVt: cute.Tensor,
+        tOrP: cute.Tensor,
+        acc_O: cute.Tensor,
+        softmax: OnlineSoftmax,
+        pipeline_k: pipeline.PipelineAsync,
+        pipeline_v: pipeline.PipelineAsync,
+        tScS: cute.Tensor,
+        t0ScS: cute.Tensor,
+        m_block: Int32,
+        seqlen_k: Int32,
+        causal_offset: Int32,
+        wg_idx: Int32,
+    ):
+        self.tile_m, self.tile_n, self.dtype = tile_m, tile_n, dtype
+        self.is_causal, self.pingpong = is_causal, pingpong
+        self.num_mma_warpgroups = num_mma_warpgroups
+        self.tiled_mma_qk, self.tiled_mma_pv = tiled_mma_qk, tiled_mma_pv
+        self.tSrQ, self.tSrK, self.tOrVt, self.tOrP = tSrQ, tSrK, tOrVt, tOrP
+        self.acc_O, self.softmax = acc_O, softmax
+        self.pipeline_k, self.pipeline_v = pipeline_k, pipeline_v
+        self.tScS, self.t0ScS = tScS, t0ScS
+        self.m_block, self.seqlen_k, self.causal_offset = m_block, seqlen_k, causal_offset
+        self.wg_idx = wg_idx
+
+    # ------------------------------------------------------------ warpgroup turns
+    @cute.jit
+    def start_turns(self):
+        """Warpgroup 0 goes first: pre-arrive on its own turn barrier."""
+        # Nested on purpose: a const_expr must not share an `if` with a runtime test.
+        if const_expr(self.pingpong):  # noqa: SIM102
+            if self.wg_idx == 0:
+                cute.arch.barrier_arrive(
+                    barrier_id=int(NamedBarrier.WG1_TURN), number_of_threads=2 * WARPGROUP_THREADS
+                )
+
+    @cute.jit
+    def wait_turn(self):
+        if const_expr(self.pingpong):
+            cute.arch.barrier(
+                barrier_id=int(NamedBarrier.WG1_TURN) + self.wg_idx,
+                number_of_threads=2 * WARPGROUP_THREADS,
+            )
+
+    @cute.jit
+    def pass_turn(self):
+        if const_expr(self.pingpong):
+            next_wg = self.wg_idx + 1
+            if const_expr(self.num_mma_warpgroups == 2):
+                next_wg = 1 - self.wg_idx
+            else:
+                next_wg = 0 if next_wg == self.num_mma_warpgroups else next_wg
+            cute.arch.barrier_arrive(
+                barrier_id=int(NamedBarrier.WG1_TURN) + next_wg,
+                number_of_threads=2 * WARPGROUP_THREADS,
+            )
+
+    # ------------------------------------------------------------ pieces
+    def new_scores(self) -> cute.Tensor:
+        return cute.make_rmem_tensor(
+            self.tiled_mma_qk.partition_shape_C((self.tile_m, self.tile_n)), Float32
+        )
+
+    @cute.jit
+    def mask(self, acc_S: cute.Tensor, n_block: Int32):
+        causal_mask.apply_mask(
+            acc_S,
+            self.tScS,
+            self.t0ScS,
+            self.m_block,
+            n_block,
+            self.seqlen_k,
+            self.causal_offset,
+            self.tile_m,
+            self.tile_n,
+            self.is_causal,
+        )
+
+    # ------------------------------------------------------------ serial schedule
+    @cute.jit
+    def serial_step(
+        self,
+        kv_state: pipeline.PipelineState,
+        n_block: Int32,
+        is_first: cutlass.Constexpr[bool],
+        masked: cutlass.Constexpr[bool],
+    ) -> pipeline.PipelineState:
+        self.pipeline_k.consumer_wait(kv_state)
+        acc_S = self.new_scores()
+        wgmma(
+            self.tiled_mma_qk,
+            acc_S,
+            self.tSrQ,
+            self.tSrK[None, None, None, kv_state.index],
+            True,
+            0,
+        )
+        self.pipeline_k.consumer_release(kv_state)
+        if const_expr(masked):
+            self.mask(acc_S, n_block)
+        row_scale = self.softmax.update(acc_S, is_first)
+        if const_expr(not is_first):
+            OnlineSoftmax.rescale(self.acc_O, row_scale)
+        convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
+        self.pipeline_v.consumer_wait(kv_state)
+        wgmma(
+            self.tiled_mma_pv,
+            self.acc_O,
+            self.tOrP,
+            self.tOrVt[None, None, None, kv_state.index],
+            False,
+            0,
+        )
+        self.pipeline_v.consumer_release(kv_state)
+        kv_state.advance()
+        return kv_state
+
+    # ------------------------------------------------------------ overlapped schedule
+    @cute.jit
+    def first_block(self, kv_state: pipeline.PipelineState, n_block: Int32):
+        """S = Q K^T of the first visited tile, softmax, P; its PV comes with the next step."""
+        self.pipeline_k.consumer_wait(kv_state)
+        acc_S = self.new_scores()
+        wgmma(
+            self.tiled_mma_qk,
+            acc_S,
+            self.tSrQ,
+            self.tSrK[None, None, None, kv_state.index],
+            True,
+            0,
+        )
+        self.pipeline_k.consumer_release(kv_state)
+        self.mask(acc_S, n_block)
+        self.softmax.update(acc_S, True)
+        convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
+
+    @cute.jit
+    def overlapped_step(
+        self,
+        kv_state: pipeline.PipelineState,
+        n_block: Int32,
+        masked: cutlass.Constexpr[bool],
+    ) -> pipeline.PipelineState:
+        """QK^T of tile `n_block` overlapped with PV of the tile visited before it."""
+        v_state = kv_state.clone()
+        kv_state.advance()
+        self.pipeline_k.consumer_wait(kv_state)
+        acc_S = self.new_scores()
+        self.wait_turn()
+        wgmma(
+            self.tiled_mma_qk,
+            acc_S,
+            self.tSrQ,
+            self.tSrK[None, None, None, kv_state.index],
+            True,
+            -1,
+        )
+        self.pipeline_v.consumer_wait(v_state)
+        wgmma(
+            self.tiled_mma_pv,
+            self.acc_O,
+            self.tOrP,
+            self.tOrVt[None, None, None, v_state.index],
+            False,
+            -1,
+        )
+        self.pass_turn()
+        warpgroup.wait_group(1)  # S is ready; PV may still run
+        self.pipeline_k.consumer_release(kv_state)
+        if const_expr(masked):
+            self.mask(acc_S, n_block)
+        row_scale = self.softmax.update(acc_S, False)
+        warpgroup.wait_group(0)
+        self.pipeline_v.consumer_release(v_state)
+        OnlineSoftmax.rescale(self.acc_O, row_scale)
+        convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
+        return kv_state
+
+    @cute.jit
+    def last_pv(self, kv_state: pipeline.PipelineState):
+        """O += P V for the last visited tile."""
+        self.pipeline_v.consumer_wait(kv_state)
+        wgmma(
+            self.tiled_mma_pv,
+            self.acc_O,
+            self.tOrP,
+            self.tOrVt[None, None, None, kv_state.index],
+            False,
+            0,
+        )
+        self.pipeline_v.consumer_release(kv_state)
+
+    # ------------------------------------------------------------ whole loop
+    @cute.jit
+    def run(
+        self,
+        n_blocks: Int32,
+        num_stages: cutlass.Constexpr[int],
+        overlap: cutlass.Constexpr[bool],
+    ):
+        """Visit key tiles n_blocks-1 .. 0 (n_blocks >= 1): masked ones first."""
+        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, num_stages)
+        self.start_turns()
+        # The last key tile may be partial (and, causal, crosses the diagonal).
+        n_top = n_blocks - 1
+        if const_expr(overlap):
+            self.first_block(kv_state, n_top)
+        else:
+            kv_state = self.serial_step(kv_state, n_top, True, True)
+        if const_expr(self.is_causal):
+            n_mask_from = cutlass.min(
+                causal_mask.first_masked_n_block(
+                    self.m_block, self.causal_offset, self.tile_m, self.tile_n
+                ),
+                n_top,
+            )
+            for i in cutlass.range(n_top - n_mask_from, unroll=1):
+                if const_expr(overlap):
+                    kv_state = self.overlapped_step(kv_state, n_top - 1 - i, True)
+                else:
+                    kv_state = self.serial_step(kv_state, n_top - 1 - i, False, True)
+            n_top = n_mask_from
+        for i in cutlass.range(n_top, unroll=1):
+            if const_expr(overlap):
+                kv_state = self.overlapped_step(kv_state, n_top - 1 - i, False)
+            else:
+                kv_state = self.serial_step(kv_state, n_top - 1 - i, False, False)
+        if const_expr(overlap):
+            self.last_pv(kv_state)
