@@ -41,9 +41,9 @@ import cutlass.pipeline as pipeline
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
-from cutlass.utils import LayoutEnum
 
 from cutedsl_kernels.common import causal_mask
+from cutedsl_kernels.common.dsl_compat import LayoutEnum, OperandMajorMode, SmemAllocator
 from cutedsl_kernels.common.fragments import (
     acc_rows_cols,
     permute_modes,
@@ -164,8 +164,8 @@ class HopperFmhaForward:
         tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
             self.dtype,
             self.dtype,
-            warpgroup.OperandMajorMode.K,
-            warpgroup.OperandMajorMode.K,
+            OperandMajorMode.K,
+            OperandMajorMode.K,
             Float32,
             atom_layout_mnk=(self.num_mma_warpgroups, 1, 1),
             tiler_mn=(ROWS_PER_MMA_WARPGROUP, self.tile_n),
@@ -173,8 +173,8 @@ class HopperFmhaForward:
         tiled_mma_pv = sm90_utils.make_trivial_tiled_mma(
             self.dtype,
             self.dtype,
-            warpgroup.OperandMajorMode.K,
-            warpgroup.OperandMajorMode.MN,
+            OperandMajorMode.K,
+            OperandMajorMode.MN,
             Float32,
             atom_layout_mnk=(self.num_mma_warpgroups, 1, 1),
             tiler_mn=(ROWS_PER_MMA_WARPGROUP, self.head_dim),
@@ -278,7 +278,7 @@ class HopperFmhaForward:
             for atom in (tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O):
                 cpasync.prefetch_descriptor(atom)
 
-        smem = cutlass.utils.SmemAllocator()
+        smem = SmemAllocator()
         storage = smem.allocate(SharedStorage)
         tma_warp = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
         # TMA pipelines count one release per consumer warp.
