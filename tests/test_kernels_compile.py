@@ -17,7 +17,9 @@ from cutedsl_kernels import build
 from cutedsl_kernels.config import FmhaFwdConfig
 from sparsek import registry
 
-CONFIGS = [cfg for arch in registry.registered_arches() for cfg in registry.registered_configs(arch)]
+CONFIGS = [
+    cfg for arch in registry.registered_arches() for cfg in registry.registered_configs(arch)
+]
 
 
 def test_every_registered_arch_has_configs() -> None:
@@ -26,7 +28,9 @@ def test_every_registered_arch_has_configs() -> None:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
-def test_registered_config_compiles_exports_and_loads(config: FmhaFwdConfig, tmp_path: Path) -> None:
+def test_registered_config_compiles_exports_and_loads(
+    config: FmhaFwdConfig, tmp_path: Path
+) -> None:
     assert build.can_implement(config) == []
     start = time.perf_counter()
     compiled = build.compile_fwd(config)

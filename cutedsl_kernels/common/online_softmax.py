@@ -26,6 +26,21 @@ from cutedsl_kernels.common.fragments import acc_rows_cols
 
 LN2 = math.log(2.0)
 LANES_PER_ROW = 4  # wgmma accumulators spread one row's columns over a quad
+ILP_CHAINS = 4  # independent reduction chains: a serial chain stalls on each op's latency
+
+
+def _add(a, b):
+    return a + b
+
+
+@cute.jit
+def reduce_ilp(row: cute.Tensor, op: cutlass.Constexpr) -> Float32:
+    """Reduce a register row (size a multiple of ILP_CHAINS) with interleaved chains."""
+    chains = [row[j] for j in range(ILP_CHAINS)]
+    for i in cutlass.range_constexpr(ILP_CHAINS, cute.size(row), ILP_CHAINS):
+        for j in cutlass.range_constexpr(ILP_CHAINS):
+            chains[j] = op(chains[j], row[i + j])
+    return op(op(chains[0], chains[1]), op(chains[2], chains[3]))
 
 
 class OnlineSoftmax:
@@ -50,27 +65,25 @@ class OnlineSoftmax:
         s_rc = acc_rows_cols(acc_s)
         row_scale = cute.make_rmem_tensor_like(self.row_max, Float32)
         for r in cutlass.range_constexpr(cute.size(self.row_max)):
-            scores = s_rc[r, None].load()
+            row = s_rc[r, None]
             prev_max = self.row_max[r]
-            cur_max = scores.reduce(cute.ReductionOp.MAX, prev_max, 0)
+            cur_max = cute.arch.fmax(reduce_ilp(row, cute.arch.fmax), prev_max)
             cur_max = cute.arch.warp_reduction(
                 cur_max, cute.arch.fmax, threads_in_group=LANES_PER_ROW
             )
             self.row_max[r] = cur_max
             # A row with no visible key yet: take exponents against 0 (they are all -inf).
             safe_max = Float32(0.0) if cur_max == -Float32.inf else cur_max
-            probs = cute.math.exp2(
-                scores * self.scale_log2 - safe_max * self.scale_log2, fastmath=True
-            )
-            tile_sum = probs.reduce(cute.ReductionOp.ADD, Float32.zero, 0)
+            max_scaled = safe_max * self.scale_log2
+            row.store(cute.math.exp2(row.load() * self.scale_log2 - max_scaled, fastmath=True))
+            tile_sum = reduce_ilp(row, _add)
             if cutlass.const_expr(is_first):
                 row_scale[r] = Float32(1.0)
                 self.row_sum[r] = tile_sum
             else:
-                scale = cute.math.exp2((prev_max - safe_max) * self.scale_log2, fastmath=True)
+                scale = cute.math.exp2(prev_max * self.scale_log2 - max_scaled, fastmath=True)
                 row_scale[r] = scale
                 self.row_sum[r] = self.row_sum[r] * scale + tile_sum
-            s_rc[r, None].store(probs)
         return row_scale
 
     @cute.jit
@@ -81,9 +94,7 @@ class OnlineSoftmax:
         """
         inv_sum = cute.make_rmem_tensor_like(self.row_max, Float32)
         for r in cutlass.range_constexpr(cute.size(self.row_sum)):
-            total = cute.arch.warp_reduction(
-                self.row_sum[r], lambda a, b: a + b, threads_in_group=LANES_PER_ROW
-            )
+            total = cute.arch.warp_reduction(self.row_sum[r], _add, threads_in_group=LANES_PER_ROW)
             empty = total == Float32(0.0) or total != total
             inv_sum[r] = cute.arch.rcp_approx(Float32(1.0) if empty else total)
             lse = (

@@ -1,0 +1,1 @@
+"""sparsek benchmark suite: `python perf/bench_fmha.py --help` (see perf/README.md)."""

@@ -1,0 +1,426 @@
+"""Benchmark sparsek's attention forward beside PyTorch SDPA backends and FlashAttention-4.
+
+    python perf/bench_fmha.py --out perf/results/h100          # full run on a GPU
+    python perf/bench_fmha.py --list                           # planned rows, no GPU needed
+    python perf/bench_fmha.py --dry-run                        # fake providers on CPU tensors
+
+Writes <out>/results.csv (one row per shape x provider x kind, flushed as measured) and
+<out>/table.md (also printed). See perf/README.md for what each kind measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from perf import shapes  # noqa: E402
+from perf.shapes import PROVIDERS, SUITES, Case  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+    from perf.env_info import RunInfo
+    from perf.providers import Provider
+    from perf.report import CsvWriter
+
+DTYPES = ("bf16", "fp16")
+Inputs = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, help="output directory (results.csv, table.md)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of providers")
+    p.add_argument("--suites", default=",".join(SUITES), help="comma list of suites")
+    p.add_argument("--quick", action="store_true", help="a few shapes of every suite")
+    p.add_argument("--list", action="store_true", help="print the planned rows and exit")
+    p.add_argument("--dry-run", action="store_true", help="fake providers, CPU, tiny shapes")
+    p.add_argument("--append", action="store_true", help="append to an existing results.csv")
+    p.add_argument("--git-sha", help="record this sha (when .git is not on the machine)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="kernel rows: warm-up time")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="kernel rows: timed span")
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=0.0,
+        help="stop measuring after this many seconds (rows left are recorded as not run)",
+    )
+    args = p.parse_args(argv)
+    args.providers = _split(p, args.providers, PROVIDERS, "provider")
+    args.suites = _split(p, args.suites, SUITES, "suite")
+    if not (args.list or args.dry_run or args.out):
+        p.error("--out is required for a measured run (or use --list / --dry-run)")
+    return args
+
+
+def _split(
+    parser: argparse.ArgumentParser, text: str, known: tuple[str, ...], what: str
+) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown {what}(s) {unknown}; known: {', '.join(known)}")
+    return names
+
+
+def plan(args: argparse.Namespace) -> list[Case]:
+    if args.dry_run:
+        cases = shapes.dry_run_cases()
+    elif args.quick:
+        cases = shapes.quick_cases()
+    else:
+        cases = shapes.full_cases()
+    return shapes.select(cases, args.suites)
+
+
+def print_plan(cases: list[Case], providers: tuple[str, ...], dtype: str) -> None:
+    fields = ("suite", "kind", "provider", "dtype", "B", "Sq", "Sk", "H", "Hkv", "D", "causal")
+    print("\t".join((*fields, "GFLOP")))
+    count = 0
+    for case in cases:
+        for provider in shapes.providers_for(case, providers):
+            for kind in case.kinds:
+                dims = (case.batch, case.seqlen_q, case.seqlen_k, case.num_heads, case.num_kv_heads)
+                gflop = f"{shapes.flops(case) / 1e9:.1f}"
+                print(
+                    "\t".join(
+                        str(x)
+                        for x in (
+                            case.suite,
+                            kind,
+                            provider,
+                            dtype,
+                            *dims,
+                            case.head_dim,
+                            case.causal,
+                            gflop,
+                        )
+                    )
+                )
+                count += 1
+    print(f"# {count} rows, {len(cases)} shapes, providers: {', '.join(providers)}")
+
+
+class Progress:
+    """One status line on stderr: redrawn in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, total: int, width: int = 24) -> None:
+        self.total = max(total, 1)
+        self.width = width
+        self.done = 0
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, label: str) -> None:
+        filled = self.width * self.done // self.total
+        bar = "#" * filled + "." * (self.width - filled)
+        elapsed = int(time.perf_counter() - self.start)
+        self.done += 1
+        line = f"[{bar}] {self.done}/{self.total} {elapsed // 60}m{elapsed % 60:02d}s {label}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(("\n" if self.tty else "") + f"done in {elapsed:.0f} s\n")
+
+
+class Runner:
+    """Measures every (case, provider, kind) of the plan and writes one CSV row for each."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        info: RunInfo,
+        providers: dict[str, Provider],
+        writer: CsvWriter,
+        device: torch.device,
+    ) -> None:
+        import torch
+
+        self.args = args
+        self.info = info
+        self.providers = providers
+        self.writer = writer
+        self.device = device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        self.unavailable = {name: p.unavailable() for name, p in providers.items()}
+        self.broken = ""  # set when a CUDA error leaves the context unusable
+        self.deadline = time.perf_counter() + args.deadline_s if args.deadline_s > 0 else None
+
+    # ------------------------------------------------------------------ rows
+
+    def _row(self, case: Case, provider: str, kind: str, **fields: Any) -> None:
+        row = {
+            "gpu": self.info.gpu,
+            "provider": provider,
+            "kind": kind,
+            "suite": case.suite,
+            "dtype": self.args.dtype,
+            "batch": case.batch,
+            "seqlen_q": case.seqlen_q,
+            "seqlen_k": case.seqlen_k,
+            "num_heads": case.num_heads,
+            "num_kv_heads": case.num_kv_heads,
+            "head_dim": case.head_dim,
+            "causal": case.causal,
+            "git_sha": self.info.git_sha,
+            "dsl_version": self.info.dsl_version,
+            "torch_version": self.info.torch_version,
+            "cuda_version": self.info.cuda_version,
+            "command": self.info.command,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat("T", "seconds"),
+            **fields,
+        }
+        self.writer.write({k: _fmt(v) for k, v in row.items()})
+
+    def _skip(self, case: Case, provider: str, kinds: tuple[str, ...], reason: str) -> None:
+        from perf.report import clean_text
+
+        for kind in kinds:
+            self._row(case, provider, kind, status="skipped", reason=clean_text(reason))
+
+    def _measured(
+        self, case: Case, provider: str, kind: str, ms: float, check: Any, version: str
+    ) -> None:
+        tflops = shapes.flops(case) / (ms * 1e-3) / 1e12
+        self._row(
+            case,
+            provider,
+            kind,
+            ms=f"{ms:.6g}",
+            tflops=f"{tflops:.4g}",
+            check=check.label,
+            max_err=f"{check.max_err:.3g}",
+            status="ok",
+            provider_version=version,
+        )
+
+    # ------------------------------------------------------------------ loop
+
+    def _not_run_reason(self) -> str:
+        if self.broken:
+            return f"not run: CUDA context unusable after an earlier error ({self.broken})"
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            return f"not run: --deadline-s {self.args.deadline_s:g} reached"
+        return ""
+
+    def run(self, cases: list[Case], progress: Progress) -> None:
+        for index, case in enumerate(cases):
+            names = shapes.providers_for(case, self.args.providers)
+            if not names:
+                continue
+            if case.suite == "first_call":
+                progress.step(f"{case.label()} sparsek (fresh processes)")
+                self._first_call(case)
+                continue
+            self._run_case(index, case, names, progress)
+
+    def _run_case(self, index: int, case: Case, names: tuple[str, ...], progress: Progress) -> None:
+        import torch
+
+        from perf.reference import reference_attention
+
+        inputs: Inputs | None = None
+        ref: torch.Tensor | None = None
+        for name in names:
+            progress.step(f"{case.label()} {name}")
+            reason = self._not_run_reason() or self.unavailable[name] or ""
+            if not reason and inputs is None:
+                try:
+                    inputs = self._inputs(index, case)
+                    ref = reference_attention(*inputs, causal=case.causal)
+                except Exception as exc:
+                    reason = f"reference failed: {_describe(exc)}"
+                    self._after_error(reason)
+            if reason or inputs is None or ref is None:
+                self._skip(case, name, case.kinds, reason)
+                continue
+            self._measure(case, self.providers[name], inputs, ref)
+        del inputs, ref
+        if self.device.type == "cuda" and not self.broken:
+            torch.cuda.empty_cache()
+
+    def _inputs(self, index: int, case: Case) -> Inputs:
+        """Fresh torch.randn q, k, v (never zeros), seeded per case for reproducibility."""
+        import torch
+
+        torch.manual_seed(self.args.seed + index)
+        q_shape = (case.batch, case.seqlen_q, case.num_heads, case.head_dim)
+        kv_shape = (case.batch, case.seqlen_k, case.num_kv_heads, case.head_dim)
+        q = torch.randn(q_shape, dtype=self.dtype, device=self.device)
+        k = torch.randn(kv_shape, dtype=self.dtype, device=self.device)
+        v = torch.randn(kv_shape, dtype=self.dtype, device=self.device)
+        return q, k, v
+
+    def _measure(self, case: Case, provider: Provider, inputs: Inputs, ref: torch.Tensor) -> None:
+        from perf.providers import measuring
+        from perf.reference import check_output
+
+        with measuring(provider):
+            caught: list[warnings.WarningMessage] = []
+            try:
+                fn = provider.prepare(case, *inputs)
+                # The first call also compiles (sparsek, FA4); its warnings explain refusals
+                # (SDPA says why each backend was not used).
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = fn()
+                    self._sync()
+                check = check_output(out, ref, self.dtype)
+                del out
+                version = provider.version()
+            except Exception as exc:
+                hints = "; ".join(dict.fromkeys(str(w.message) for w in caught))
+                reason = _describe(exc) + (f" [warnings: {hints}]" if hints else "")
+                self._after_error(reason)
+                self._skip(case, provider.name, case.kinds, reason)
+                return
+            for kind in case.kinds:
+                try:
+                    ms = self._time(kind, fn)
+                except Exception as exc:
+                    reason = _describe(exc)
+                    self._after_error(reason)
+                    self._skip(case, provider.name, (kind,), reason)
+                    continue
+                self._measured(case, provider.name, kind, ms, check, version)
+
+    def _time(self, kind: str, fn: Callable[[], object]) -> float:
+        from perf import timing
+
+        if kind == "kernel":
+            return timing.time_kernel(
+                fn, self.device, warmup_ms=self.args.warmup_ms, rep_ms=self.args.rep_ms
+            )
+        if kind == "eager":
+            return timing.time_eager(fn, self.device)
+        if kind == "graph":
+            return timing.time_graph(fn, self.device)
+        raise ValueError(f"unknown measurement kind {kind!r}")
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _after_error(self, reason: str) -> None:
+        """After an exception, make sure the CUDA context still works (else stop measuring)."""
+        import torch
+
+        if self.device.type != "cuda":
+            return
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        except Exception as exc:
+            self.broken = f"{reason} -> {_describe(exc)}"
+
+    def _first_call(self, case: Case) -> None:
+        from perf import first_call
+
+        reason = self._not_run_reason()
+        if reason:
+            self._skip(case, "sparsek", case.kinds, reason)
+            return
+        version = "" if self.args.dry_run else _sparsek_version()
+        results = first_call.measure(
+            case, self.args.dtype, fake=self.args.dry_run, timeout_s=first_call.CHILD_TIMEOUT_S
+        )
+        for r in results:
+            if r.error or r.ms is None:
+                self._skip(case, "sparsek", (r.kind,), r.error)
+                continue
+            self._row(
+                case,
+                "sparsek",
+                r.kind,
+                ms=f"{r.ms:.6g}",
+                check=r.check,
+                max_err=f"{r.max_err:.3g}",
+                status="ok",
+                note=r.note,
+                provider_version=version,
+            )
+
+
+def _fmt(value: object) -> str:
+    return str(value) if value is not None else ""
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _sparsek_version() -> str:
+    try:
+        import sparsek
+
+        return str(sparsek.__version__)
+    except Exception:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cases = plan(args)
+    if args.list:
+        print_plan(cases, args.providers, args.dtype)
+        return 0
+
+    import torch
+
+    from perf import env_info, providers, report
+
+    if args.dry_run:
+        device = torch.device("cpu")
+        registry = providers.fake_providers()
+        out_dir = args.out or Path(tempfile.gettempdir()) / "sparsek-perf-dry-run"
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: use --list or --dry-run on this machine", file=sys.stderr)
+            return 2
+        device = torch.device("cuda")
+        registry = providers.real_providers()
+        out_dir = args.out
+    chosen = {name: registry[name] for name in args.providers}
+    info = env_info.collect(dry_run=args.dry_run, sha_override=args.git_sha)
+    csv_path = out_dir / "results.csv"
+    writer = report.CsvWriter(csv_path, append=args.append)
+    total = sum(len(shapes.providers_for(c, args.providers)) for c in cases)
+    progress = Progress(total)
+    print(
+        f"{info.gpu} | {args.dtype} | {total} (shape, provider) pairs -> {csv_path}",
+        file=sys.stderr,
+    )
+    try:
+        Runner(args, info, chosen, writer, device).run(cases, progress)
+    finally:
+        writer.close()
+        progress.finish()
+    table = report.markdown(report.read_csv(csv_path))
+    (out_dir / "table.md").write_text(table)
+    print(table)
+    print(f"wrote {csv_path} and {out_dir / 'table.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Float32 reference attention (chunked, plain torch) and the output check every row records.
+
+The reference is deliberately independent of sparsek and of every provider: explicit
+QK^T -> mask -> softmax -> PV in float32, query-chunked so a 16k x 16k problem fits in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Scores held at once per chunk (float32 elements): 128 Mi elements = 512 MiB.
+_CHUNK_ELEMENTS = 128 * 1024 * 1024
+
+# Output check: |out - ref| <= atol + rtol * |ref| everywhere. Sized from the storage
+# precision of the output (bf16: 8 mantissa bits, fp16: 11) with headroom for the low-precision
+# P matrix that flash-style kernels feed to the PV matmul.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.bfloat16: (1e-2, 2e-2),
+    torch.float16: (2e-3, 5e-3),
+    torch.float32: (1e-4, 1e-4),
+}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    ok: bool
+    max_err: float
+
+    @property
+    def label(self) -> str:
+        return "ok" if self.ok else "FAIL"
+
+
+@torch.no_grad()
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v in float32, bottom-right causal, GQA by head groups.
+
+    Args:
+        q: (batch, seqlen_q, num_heads, head_dim).
+        k: (batch, seqlen_k, num_kv_heads, head_dim).
+        v: (batch, seqlen_k, num_kv_heads, head_dim).
+        causal: query i sees key j iff j <= i + seqlen_k - seqlen_q; rows seeing no key are 0.
+
+    Returns:
+        (batch, seqlen_q, num_heads, head_dim) float32.
+    """
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim)
+    offset = seqlen_k - seqlen_q
+    chunk = max(1, min(seqlen_q, _CHUNK_ELEMENTS // (num_heads * seqlen_k)))
+    out = torch.empty(batch, seqlen_q, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    key_idx = torch.arange(seqlen_k, device=q.device)
+    for b in range(batch):
+        # (heads, seqlen_k, head_dim): K/V head j serves query heads [j * group, (j + 1) * group).
+        kb = k[b].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        vb = v[b].transpose(0, 1).float().repeat_interleave(group, dim=0)
+        for start in range(0, seqlen_q, chunk):
+            stop = min(start + chunk, seqlen_q)
+            qc = q[b, start:stop].transpose(0, 1).float()  # (heads, chunk, head_dim)
+            scores = torch.matmul(qc, kb.transpose(1, 2)).mul_(scale)  # (heads, chunk, seqlen_k)
+            if causal:
+                query_idx = torch.arange(start, stop, device=q.device)
+                hidden = key_idx[None, :] > (query_idx[:, None] + offset)
+                scores.masked_fill_(hidden[None], float("-inf"))
+            probs = torch.softmax(scores, dim=-1).nan_to_num_(nan=0.0)
+            out[b, start:stop] = torch.matmul(probs, vb).transpose(0, 1)
+    return out
+
+
+@torch.no_grad()
+def check_output(out: Tensor, ref: Tensor, dtype: torch.dtype) -> CheckResult:
+    """Compare a provider's (batch, seqlen_q, heads, head_dim) output with the reference."""
+    if tuple(out.shape) != tuple(ref.shape):
+        raise ValueError(f"output shape {tuple(out.shape)} != expected {tuple(ref.shape)}")
+    atol, rtol = TOLERANCES[dtype]
+    err = (out.float() - ref).abs_()
+    finite = bool(torch.isfinite(err).all())
+    max_err = float(err.max()) if finite else math.inf
+    within = bool((err <= atol + rtol * ref.abs()).all()) if finite else False
+    return CheckResult(ok=within, max_err=max_err)

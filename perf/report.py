@@ -1,0 +1,225 @@
+"""Results: the long-format CSV (one row per shape x provider x kind) and the markdown table.
+
+    python perf/report.py results.csv [more.csv ...] [--md table.md]   # rebuild the table
+
+The table has one row per shape and one column per provider: TFLOP/s for kernel rows,
+microseconds for latency rows, milliseconds for first-call rows. "sparsek/best" is the best
+peer's time over sparsek's time (> 1: sparsek is faster), over peers whose check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO
+
+COLUMNS: tuple[str, ...] = (
+    "gpu",
+    "provider",
+    "kind",
+    "suite",
+    "dtype",
+    "batch",
+    "seqlen_q",
+    "seqlen_k",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "causal",
+    "ms",
+    "tflops",
+    "check",
+    "max_err",
+    "status",
+    "reason",
+    "note",
+    "provider_version",
+    "git_sha",
+    "dsl_version",
+    "torch_version",
+    "cuda_version",
+    "timestamp",
+    "command",
+)
+SHAPE_COLUMNS = ("batch", "seqlen_q", "seqlen_k", "num_heads", "num_kv_heads", "head_dim", "causal")
+PROVIDER_ORDER = ("sparsek", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "fa4")
+SUBJECT = "sparsek"
+MAX_REASON_CHARS = 300
+
+Row = dict[str, str]
+
+
+def clean_text(text: str) -> str:
+    """One line, bounded length: reasons end up in CSV cells and table footnotes."""
+    flat = " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
+    return flat if len(flat) <= MAX_REASON_CHARS else flat[: MAX_REASON_CHARS - 3] + "..."
+
+
+class CsvWriter:
+    """Writes rows as they are measured (flushed), so a run cut short keeps what it measured."""
+
+    def __init__(self, path: Path, *, append: bool = False) -> None:
+        exists = append and path.is_file() and path.stat().st_size > 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = path.open("a" if exists else "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, extrasaction="raise")
+        if not exists:
+            self._writer.writeheader()
+
+    def write(self, row: Row) -> None:
+        self._writer.writerow({c: row.get(c, "") for c in COLUMNS})
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_csv(path: Path) -> list[Row]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------- markdown
+
+
+def _providers(rows: Iterable[Row]) -> list[str]:
+    present = {r["provider"] for r in rows}
+    return [p for p in PROVIDER_ORDER if p in present] + sorted(present - set(PROVIDER_ORDER))
+
+
+def _measured(row: Row | None) -> bool:
+    return row is not None and row.get("status") == "ok" and row.get("ms", "") != ""
+
+
+def _cell(row: Row | None, unit: str) -> str:
+    if row is None:
+        return ""
+    if not _measured(row):
+        return "skip"
+    ms = float(row["ms"])
+    value = {"tflops": float(row["tflops"] or 0.0), "us": ms * 1e3, "ms": ms}[unit]
+    text = f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+    return text if row.get("check") != "FAIL" else f"{text} FAIL"
+
+
+def _ratio(by_provider: dict[str, Row]) -> tuple[str, str]:
+    """(sparsek/best, best peer) from times; '' when either side is missing."""
+    subject = by_provider.get(SUBJECT)
+    peers = [
+        r
+        for p, r in by_provider.items()
+        if p != SUBJECT and _measured(r) and r.get("check") == "ok"
+    ]
+    if not _measured(subject) or not peers:
+        return "", ""
+    assert subject is not None
+    best = min(peers, key=lambda r: float(r["ms"]))
+    ratio = f"{float(best['ms']) / float(subject['ms']):.2f}"
+    if subject.get("check") != "ok":
+        ratio += " (sparsek FAIL)"
+    return ratio, best["provider"]
+
+
+def _shape_cells(row: Row) -> list[str]:
+    return [row["suite"], row["dtype"]] + [row[c] for c in SHAPE_COLUMNS]
+
+
+def _table(rows: Sequence[Row], kinds: tuple[str, ...], unit: str, ratio: bool) -> list[str]:
+    selected = [r for r in rows if r["kind"] in kinds]
+    if not selected:
+        return []
+    providers = _providers(selected)
+    groups: dict[tuple[str, ...], dict[str, Row]] = {}
+    for r in selected:
+        key = (r["kind"], *_shape_cells(r))
+        groups.setdefault(key, {})[r["provider"]] = r
+    header = ["kind", "suite", "dtype", "B", "Sq", "Sk", "H", "Hkv", "D", "causal", *providers]
+    if ratio:
+        header += ["sparsek/best", "best peer"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, by_provider in groups.items():
+        cells = list(key) + [_cell(by_provider.get(p), unit) for p in providers]
+        if ratio:
+            cells += list(_ratio(by_provider))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _skip_notes(rows: Sequence[Row]) -> list[str]:
+    counts = Counter((r["provider"], r["reason"]) for r in rows if r.get("status") != "ok")
+    return [f"- {p} ({n} rows): {reason}" for (p, reason), n in sorted(counts.items())]
+
+
+def _first_call_lines(rows: Sequence[Row]) -> list[str]:
+    selected = [r for r in rows if r["kind"] in ("cold_first_call", "warm_first_call")]
+    if not selected:
+        return []
+    lines = [
+        "| kind | dtype | B | Sq | Sk | H | D | causal | ms | check | note |",
+        "|" + "---|" * 11,
+    ]
+    for r in selected:
+        ms = f"{float(r['ms']):.1f}" if _measured(r) else "skip"
+        shape = [r["dtype"], r["batch"], r["seqlen_q"], r["seqlen_k"], r["num_heads"]]
+        cells = [r["kind"], *shape, r["head_dim"], r["causal"], ms, r["check"], r["note"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _distinct(rows: Sequence[Row], column: str) -> str:
+    return ", ".join(dict.fromkeys(r[column] for r in rows))
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """The whole report: header naming GPU / versions / command, then one table per kind."""
+    if not rows:
+        return "(no rows)\n"
+    head = [
+        "# sparsek FMHA forward benchmark",
+        "",
+        f"- GPU: {_distinct(rows, 'gpu')}",
+        f"- git sha: {_distinct(rows, 'git_sha')}; DSL {_distinct(rows, 'dsl_version')}; "
+        f"torch {_distinct(rows, 'torch_version')} (CUDA {_distinct(rows, 'cuda_version')})",
+        "- command: " + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)),
+        "- cells: TFLOP/s (kernel), us per call (eager, graph), ms (first call); "
+        "`FAIL` = output check failed; sparsek/best = best peer time / sparsek time (> 1: "
+        "sparsek faster)",
+        "",
+    ]
+    sections = [
+        (
+            "## Throughput: kernel time, cold L2 (TFLOP/s)",
+            _table(rows, ("kernel",), "tflops", True),
+        ),
+        (
+            "## Latency: wall time per call, back-to-back (us)",
+            _table(rows, ("eager", "graph"), "us", True),
+        ),
+        ("## First call of a fresh process (ms)", _first_call_lines(rows)),
+        ("## Skipped", _skip_notes(rows)),
+    ]
+    body: list[str] = []
+    for title, lines in sections:
+        if lines:
+            body += [title, "", *lines, ""]
+    return "\n".join(head + body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="markdown table from results CSV(s)")
+    parser.add_argument("csv", type=Path, nargs="+", help="results.csv files (concatenated)")
+    parser.add_argument("--md", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    text = markdown([row for path in args.csv for row in read_csv(path)])
+    if args.md:
+        args.md.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Timers: device time per call (CUDA events, cold L2), eager wall time, CUDA-graph replay.
+
+All return the median in milliseconds. `time_kernel` also works on CPU (perf_counter) so the
+dry run exercises the same loop.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+# Larger than H100's 50 MiB L2: zeroing it before each timed call evicts the inputs,
+# so every provider starts from DRAM as in a real model step.
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+class NotMeasurable(RuntimeError):
+    """This kind of measurement cannot be taken here (e.g. CUDA graphs on a CPU dry run)."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _estimate_ms(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return max((time.perf_counter() - start) * 1e3, 1e-3)
+
+
+def time_kernel(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    min_reps: int = 10,
+    max_reps: int = 1000,
+) -> float:
+    """Median time of one call: warm-up, then `rep_ms` worth of individually timed calls.
+
+    On CUDA each call sits between two events with a fresh L2 flush before it; on CPU each
+    call is timed with perf_counter.
+    """
+    est = _estimate_ms(fn, device)
+    for _ in range(max(3, int(warmup_ms / est))):
+        fn()
+    reps = min(max_reps, max(min_reps, int(rep_ms / est)))
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    _sync(device)
+    for start_event, end_event in zip(starts, ends, strict=True):
+        flush.zero_()
+        start_event.record()
+        fn()
+        end_event.record()
+    _sync(device)
+    return float(statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)))
+
+
+def time_eager(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    calls: int = 50,
+    reps: int = 30,
+    warmup: int = 10,
+) -> float:
+    """Median wall time per call of `calls` back-to-back calls (host overhead included, hot L2)."""
+    for _ in range(warmup):
+        fn()
+    per_call = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _sync(device)
+        per_call.append((time.perf_counter() - start) * 1e3 / calls)
+    return statistics.median(per_call)
+
+
+def time_graph(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    calls: int = 50,
+    reps: int = 30,
+    warmup: int = 3,
+) -> float:
+    """Capture one call in a CUDA graph (after warm-up on a side stream); time its replays."""
+    if device.type != "cuda":
+        raise NotMeasurable("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    _sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_eager(graph.replay, device, calls=calls, reps=reps, warmup=warmup)

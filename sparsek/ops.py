@@ -1,0 +1,131 @@
+"""The `sparsek::attention` torch op: one opaque node for eager, torch.compile and CUDA graphs.
+
+    torch.ops.sparsek.attention(q, k, v, causal, softmax_scale, causal_top_left) -> (out, lse)
+
+    q:   (batch, seqlen_q, num_heads, head_dim)
+    k:   (batch, seqlen_k, num_kv_heads, head_dim)
+    v:   (batch, seqlen_k, num_kv_heads, head_dim_v)
+    out: (batch, seqlen_q, num_heads, head_dim_v), q.dtype, contiguous
+    lse: (batch, num_heads, seqlen_q), float32, contiguous (natural-log log-sum-exp)
+
+Implementations:
+  * CUDA: registry lookup -> compile cache -> kernel launch. Inputs whose strides or
+    alignment break TMA's rules (last dim contiguous, other strides positive multiples of
+    8 elements, 16-byte-aligned base) are copied first; zero-size problems and
+    seqlen_k == 0 are answered without a launch. No host synchronization on this path,
+    so it can be captured in a CUDA graph (after one warm-up call has compiled/loaded
+    the kernel). Raises `UnsupportedError` when no kernel fits: callers wanting a
+    fallback (see `sparsek.api`) decide before calling the op.
+  * Any other device (CPU): the float32 reference (`sparsek.reference`), slow but exact;
+    it serves tests (opcheck, torch.compile) and machines without a GPU.
+  * Fake (meta) tensors: shapes/dtypes/strides only, for torch.compile and export.
+
+Forward only: no autograd formula is registered.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsek.cache import get_kernel
+from sparsek.errors import UnsupportedError
+from sparsek.reference import causal_offset, reference_attention
+from sparsek.registry import detect_arch, lookup
+
+# TMA: global strides must be multiples of 16 bytes (8 fp16/bf16 elements) and the base
+# address 16-byte aligned.
+_STRIDE_MULTIPLE = 8
+_ALIGN_BYTES = 16
+
+
+@torch.library.custom_op("sparsek::attention", mutates_args=())
+def attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    softmax_scale: float,
+    causal_top_left: bool,
+) -> tuple[Tensor, Tensor]:
+    """Reference implementation (every device without a registered kernel path)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, lse = reference_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        causal_top_left=causal_top_left,
+        softmax_scale=softmax_scale,
+        compute_dtype=compute,
+    )
+    return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
+
+
+@attention_op.register_fake
+def _attention_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    softmax_scale: float,
+    causal_top_left: bool,
+) -> tuple[Tensor, Tensor]:
+    batch, seqlen_q, num_heads, _ = q.shape
+    out = q.new_empty((batch, seqlen_q, num_heads, v.shape[-1]))
+    lse = q.new_empty((batch, num_heads, seqlen_q), dtype=torch.float32)
+    return out, lse
+
+
+@attention_op.register_kernel("cuda")
+def _attention_cuda(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    softmax_scale: float,
+    causal_top_left: bool,
+) -> tuple[Tensor, Tensor]:
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k = k.shape[1]
+    out = _empty((batch, seqlen_q, num_heads, v.shape[-1]), q.dtype, q.device)
+    lse = _empty((batch, num_heads, seqlen_q), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    if seqlen_k == 0:
+        # No key at all: every row is fully masked.
+        return out.zero_(), lse.fill_(float("-inf"))
+    if v.shape[-1] != head_dim:
+        raise UnsupportedError(
+            "no sparsek kernel for this input",
+            [f"value head_dim={v.shape[-1]} must equal query head_dim={head_dim}"],
+        )
+    arch = detect_arch(q.device)
+    if arch is None:
+        raise UnsupportedError("no sparsek kernel for this input", ["no CUDA device detected"])
+    kernel = get_kernel(lookup(arch, head_dim, q.dtype, causal))
+    offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
+    args = (tma_compatible(q), tma_compatible(k), tma_compatible(v), out, lse)
+    if q.device.index is None or q.device.index == torch.cuda.current_device():
+        kernel(*args, float(softmax_scale), offset)
+    else:
+        with torch.cuda.device(q.device):
+            kernel(*args, float(softmax_scale), offset)
+    return out, lse
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Output allocation (a seam: GPU tests poison outputs with NaN through it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def tma_compatible(t: Tensor) -> Tensor:
+    """`t` itself when TMA can read it, else a contiguous copy (same values).
+
+    TMA needs the last dim contiguous, every other stride a positive multiple of 8
+    elements, and a 16-byte-aligned base address.
+    """
+    aligned = t.stride(-1) == 1 and t.data_ptr() % _ALIGN_BYTES == 0
+    if aligned and all(s > 0 and s % _STRIDE_MULTIPLE == 0 for s in t.stride()[:-1]):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)

@@ -1,0 +1,199 @@
+"""Which FMHA forward kernel serves which (architecture, head_dim, dtype, causal) request.
+
+All tuning lives in `_TUNING`: one row per (arch, head_dim). Supporting a new head dim
+(32, 96, 256, ...) or a new architecture is a new row here, plus whatever the kernel's
+`can_implement` accepts; nothing else in `sparsek` changes.
+
+Architecture detection maps the CUDA compute capability to the DSL's target name
+(9.0 -> "sm_90a", 10.0 -> "sm_100a"); the environment variable `SPARSEK_ARCH` overrides it
+(useful to compile for a GPU that is not present, or to force a target).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+from cutedsl_kernels.config import SUPPORTED_DTYPES, FmhaFwdConfig
+from sparsek.errors import UnsupportedError
+
+ARCH_ENV = "SPARSEK_ARCH"
+
+# Compute capability (major, minor) -> DSL target. The "a" targets enable the
+# architecture-specific instructions (wgmma, TMA multicast) the kernels rely on.
+ARCH_BY_CAPABILITY: dict[tuple[int, int], str] = {
+    (9, 0): "sm_90a",
+    (10, 0): "sm_100a",
+}
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Compile-time tuning of one (arch, head_dim) row; fields are `FmhaFwdConfig`'s."""
+
+    tile_m: int
+    tile_n: int
+    num_stages: int
+    intra_wg_overlap: bool = True
+    wg_pingpong: bool = True
+
+
+# (arch, head_dim) -> tuning, measured on H100 (perf/NOTES.md). d128: 128x128 with the
+# overlapped, ping-pong main loop. d64: 192x128 (three MMA warpgroups) is +15% at S=8k
+# non-causal; causal keeps 128x128, since 192-row tiles leave too few CTAs at short S
+# (-25% at S=1k).
+_TUNING: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 64): Tuning(tile_m=192, tile_n=128, num_stages=2),
+    ("sm_90a", 128): Tuning(tile_m=128, tile_n=128, num_stages=2),
+}
+# Causal rows that differ from the table above.
+_CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 64): Tuning(tile_m=128, tile_n=128, num_stages=2),
+}
+
+# Dtypes and mask modes every registered row is compiled for.
+_DTYPES: tuple[str, ...] = SUPPORTED_DTYPES
+_CAUSAL_MODES: tuple[bool, ...] = (False, True)
+
+
+def registered_arches() -> list[str]:
+    """Architectures with at least one registered kernel, sorted."""
+    return sorted({arch for arch, _ in _TUNING})
+
+
+def registered_head_dims(arch: str) -> list[int]:
+    """Head dims registered for `arch`, sorted (empty when the arch has none)."""
+    return sorted(head_dim for a, head_dim in _TUNING if a == arch)
+
+
+def registered_configs(arch: str) -> list[FmhaFwdConfig]:
+    """Every kernel configuration registered for `arch` (empty for an unknown arch).
+
+    Args:
+        arch: DSL target name, e.g. "sm_90a".
+
+    Returns:
+        Configs ordered by head_dim, dtype, then non-causal before causal.
+    """
+    return [
+        _make_config(arch, head_dim, dtype, is_causal)
+        for head_dim in registered_head_dims(arch)
+        for dtype in _DTYPES
+        for is_causal in _CAUSAL_MODES
+    ]
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The registry's dtype name: "float16" for torch.float16 (strings pass through)."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).removeprefix("torch.")
+    return dtype
+
+
+def lookup(arch: str, head_dim: int, dtype: torch.dtype | str, is_causal: bool) -> FmhaFwdConfig:
+    """The registered kernel configuration for a request.
+
+    Args:
+        arch: DSL target name, e.g. "sm_90a" (see `detect_arch`).
+        head_dim: head dimension of Q, K and V.
+        dtype: element type of Q/K/V, a torch dtype or its name ("float16", "bfloat16").
+        is_causal: whether the causal mask is applied.
+
+    Returns:
+        The frozen config naming the kernel to compile and launch.
+
+    Raises:
+        UnsupportedError: no registered kernel fits; `reasons` lists why, including the
+            kernel's own `can_implement` answer for the closest candidate.
+    """
+    found = find(arch, head_dim, dtype_name(dtype), bool(is_causal))
+    if isinstance(found, FmhaFwdConfig):
+        return found
+    raise UnsupportedError(
+        f"no sparsek kernel for arch={arch}, head_dim={head_dim}, dtype={dtype_name(dtype)}, "
+        f"causal={is_causal}",
+        found,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def find(arch: str, head_dim: int, dtype: str, is_causal: bool) -> FmhaFwdConfig | tuple[str, ...]:
+    """Like `lookup`, but returns the reasons instead of raising (memoized: hot path)."""
+    reasons: list[str] = []
+    arches = registered_arches()
+    if arch not in arches:
+        reasons.append(f"arch={arch} has no registered kernels (supported: {', '.join(arches)})")
+    else:
+        dims = registered_head_dims(arch)
+        if head_dim not in dims:
+            supported = ", ".join(str(d) for d in dims)
+            reasons.append(
+                f"head_dim={head_dim} is not supported on {arch} (supported: {supported})"
+            )
+    if dtype not in _DTYPES:
+        reasons.append(f"dtype={dtype} is not supported (supported: {', '.join(_DTYPES)})")
+    if reasons:
+        return tuple(reasons)
+    config = _make_config(arch, head_dim, dtype, is_causal)
+    kernel_reasons = kernel_can_implement(config)
+    if kernel_reasons:
+        return tuple(f"{config.name}: {r}" for r in kernel_reasons)
+    return config
+
+
+def kernel_can_implement(config: FmhaFwdConfig) -> list[str]:
+    """The kernel's own `can_implement` answer; an import failure is reported as a reason.
+
+    Importing the kernel module imports the CuTe DSL, so this is only called once a
+    config has passed the registry's own (cheap) checks.
+    """
+    from cutedsl_kernels import build
+
+    try:
+        return list(build.can_implement(config))
+    except ImportError as exc:
+        return [f"kernel module cannot be imported ({type(exc).__name__}: {exc})"]
+
+
+def detect_arch(device: torch.device | int | None = None) -> str | None:
+    """DSL target of a CUDA device, or None when there is none.
+
+    `SPARSEK_ARCH` in the environment wins over the device's capability.
+
+    Args:
+        device: CUDA device (index or torch.device); the current device when None.
+
+    Returns:
+        e.g. "sm_90a"; for an unmapped capability "sm_XY" (no kernels registered for it);
+        None when no CUDA device is available and `SPARSEK_ARCH` is unset.
+    """
+    override = os.environ.get(ARCH_ENV)
+    if override:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    index = None if device is None else torch.device(device).index
+    return _arch_of_device(torch.cuda.current_device() if index is None else index)
+
+
+@functools.cache
+def _arch_of_device(index: int) -> str:
+    capability = torch.cuda.get_device_capability(index)
+    return arch_from_capability(capability)
+
+
+def arch_from_capability(capability: tuple[int, int]) -> str:
+    """DSL target for a compute capability: (9, 0) -> "sm_90a"; unmapped -> "sm_XY"."""
+    return ARCH_BY_CAPABILITY.get(capability, f"sm_{capability[0]}{capability[1]}")
+
+
+def _make_config(arch: str, head_dim: int, dtype: str, is_causal: bool) -> FmhaFwdConfig:
+    tuning = _TUNING[(arch, head_dim)]
+    if is_causal:
+        tuning = _CAUSAL_TUNING.get((arch, head_dim), tuning)
+    return FmhaFwdConfig(
+        arch=arch, head_dim=head_dim, dtype=dtype, is_causal=is_causal, **asdict(tuning)
+    )

@@ -1,0 +1,196 @@
+"""sparsek's Hopper kernels on an H100, end to end through the public API and the torch op.
+
+Compared against: a float64 reference (`sparsek.reference`) on the same inputs. Tolerance
+is relative to PyTorch's own error in the same dtype:
+    max|out - ref| <= 2 * max|sdpa_out - ref| + atol   (atol 1e-3 fp16, 2e-3 bf16)
+where sdpa_out is torch SDPA (with an explicit mask for bottom-right causal) in the input
+dtype. LSE is compared with the reference's LSE. Outputs are poisoned with NaN before each
+launch (through `sparsek.ops._empty`) so unwritten elements fail. Fallbacks are disabled
+(`SPARSEK_STRICT=1`) so every check here runs a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import sparsek
+from sparsek import api, ops
+from sparsek.reference import reference_attention
+
+pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
+
+ATOL = {torch.float16: 1e-3, torch.bfloat16: 2e-3}
+DTYPES = [torch.float16, torch.bfloat16]
+HEAD_DIMS = [64, 128]
+
+# (batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, causal)
+SHAPES = [
+    (1, 1, 1, 4, 4, False),
+    (2, 17, 17, 4, 1, True),  # MQA
+    (3, 127, 127, 8, 2, True),  # GQA 4:1
+    (2, 128, 128, 4, 4, False),
+    (1, 129, 129, 4, 1, True),
+    (1, 1031, 1031, 8, 2, True),  # odd length > 1000, GQA 4:1
+    (2, 100, 300, 4, 4, True),  # Sq < Sk
+    (2, 300, 100, 4, 2, True),  # Sq > Sk: bottom-right leaves rows 0..199 fully masked
+    (8, 64, 200, 8, 2, False),  # batch 8
+    (1, 1031, 17, 4, 4, False),  # Sq > Sk
+    (2, 1, 1031, 4, 1, True),  # decode-like
+]
+
+
+@pytest.fixture(autouse=True)
+def _strict_and_poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEK_STRICT", "1")
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ops, "_empty", poisoned)
+
+
+def make_qkv(b, sq, sk, h, hkv, d, dtype, *, bhsd_storage=False, seed=0):
+    """Fresh random inputs; with `bhsd_storage`, (B, S, H, D) views of (B, H, S, D) tensors."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def make(s, n):
+        if bhsd_storage:
+            t = torch.randn(b, n, s, d, device="cuda", dtype=dtype, generator=gen)
+            return t.transpose(1, 2)
+        return torch.randn(b, s, n, d, device="cuda", dtype=dtype, generator=gen)
+
+    return make(sq, h), make(sk, hkv), make(sk, hkv)
+
+
+def sdpa_in_dtype(q, k, v, causal, top_left):
+    """torch SDPA in the inputs' dtype, BSHD in/out, either causal alignment."""
+    if causal and top_left:
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=True, enable_gqa=q.shape[2] != k.shape[2]
+        )
+        return out.transpose(1, 2)
+    return api._sdpa_bshd(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]))
+
+
+def check_close(out, q, k, v, causal, top_left, lse=None):
+    ref, ref_lse = reference_attention(
+        q, k, v, causal=causal, causal_top_left=top_left, compute_dtype=torch.float64
+    )
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
+    err = (out.double() - ref).abs().max().item()
+    sdpa_out = sdpa_in_dtype(q, k, v, causal, top_left).double()
+    # SDPA leaves NaN in fully masked rows on some backends; the contract there is 0.
+    err_sdpa = (torch.nan_to_num(sdpa_out, nan=0.0) - ref).abs().max().item()
+    bound = 2 * err_sdpa + ATOL[q.dtype]
+    assert err <= bound, f"max error {err:.3e} > {bound:.3e} (sdpa error {err_sdpa:.3e})"
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+        finite = torch.isfinite(ref_lse)
+        torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize(("b", "sq", "sk", "h", "hkv", "causal"), SHAPES)
+def test_attention_bottom_right(b, sq, sk, h, hkv, causal, d, dtype) -> None:
+    q, k, v = make_qkv(b, sq, sk, h, hkv, d, dtype, seed=sq * 7 + sk)
+    out, lse = sparsek.attention(q, k, v, causal=causal, return_lse=True)
+    assert out.shape == q.shape and out.dtype == dtype
+    check_close(out, q, k, v, causal, top_left=False, lse=lse)
+    if causal and sq > sk:
+        assert (out[:, : sq - sk] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize(
+    ("b", "sq", "sk", "h", "hkv", "causal"), [s for s in SHAPES if s[5]] + [SHAPES[3]]
+)
+def test_sdpa_drop_in_top_left_strided(b, sq, sk, h, hkv, causal, d, dtype) -> None:
+    q, k, v = make_qkv(b, sq, sk, h, hkv, d, dtype, bhsd_storage=True, seed=sq + sk)
+    out = sparsek.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        is_causal=causal,
+        enable_gqa=h != hkv,
+    )
+    check_close(out.transpose(1, 2), q, k, v, causal, top_left=True)
+
+
+def test_custom_scale_and_unaligned_inputs() -> None:
+    q, k, v = make_qkv(2, 77, 93, 4, 2, 128, torch.bfloat16)
+    # A view whose base is 2 bytes off 16-byte alignment: TMA cannot read it, so the op
+    # must copy it and still be right.
+    flat = torch.randn(q.numel() + 1, device="cuda", dtype=q.dtype)
+    q_odd = flat[1:].view(q.shape).copy_(q)
+    out = sparsek.attention(q_odd, k, v, causal=True, softmax_scale=0.05)
+    ref, _ = reference_attention(
+        q, k, v, causal=True, softmax_scale=0.05, compute_dtype=torch.float64
+    )
+    assert (out.double() - ref).abs().max().item() < 2e-2
+
+
+def test_deterministic() -> None:
+    q, k, v = make_qkv(2, 1031, 1031, 8, 2, 128, torch.bfloat16)
+    first = sparsek.attention(q, k, v, causal=True)
+    again = sparsek.attention(q, k, v, causal=True)
+    assert torch.equal(first, again)
+
+
+def test_zero_sizes_do_not_launch() -> None:
+    q, k, v = make_qkv(0, 16, 16, 4, 4, 64, torch.float16)
+    assert sparsek.attention(q, k, v).shape == q.shape
+    q, k, v = make_qkv(2, 16, 0, 4, 4, 64, torch.float16)
+    out, lse = sparsek.attention(q, k, v, return_lse=True)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_opcheck_cuda() -> None:
+    q, k, v = make_qkv(2, 129, 200, 4, 2, 64, torch.float16, bhsd_storage=True)
+    torch.library.opcheck(torch.ops.sparsek.attention, (q, k, v, True, 0.125, False))
+
+
+def test_torch_compile_cuda_one_graph() -> None:
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+
+    def f(q, k, v):
+        return sparsek.attention(q, k, v, causal=True) * 2
+
+    compiled = torch.compile(f, backend=counter, fullgraph=True, dynamic=True)
+    for s in (129, 256, 1031):
+        q, k, v = make_qkv(2, s, s, 8, 2, 128, torch.bfloat16, seed=s)
+        assert torch.equal(compiled(q, k, v), f(q, k, v))
+    assert counter.frame_count == 1
+
+
+def test_cuda_graph_capture_and_replay() -> None:
+    q, k, v = make_qkv(2, 300, 300, 8, 2, 64, torch.float16)
+    sparsek.attention(q, k, v, causal=True)  # warm-up: compile/load outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sparsek.attention(q, k, v, causal=True)
+    for seed in (1, 2):
+        fresh = make_qkv(2, 300, 300, 8, 2, 64, torch.float16, seed=seed)
+        for dst, src in zip((q, k, v), fresh, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, sparsek.attention(q, k, v, causal=True))
+
+
+def test_unsupported_head_dim_falls_back_or_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    q, k, v = make_qkv(1, 64, 64, 4, 4, 96, torch.float16)
+    with pytest.raises(sparsek.UnsupportedError, match="head_dim=96"):
+        sparsek.attention(q, k, v)
+    monkeypatch.delenv("SPARSEK_STRICT")
+    out = sparsek.attention(q, k, v)
+    check_close(out, q, k, v, causal=False, top_left=False)

@@ -1,0 +1,168 @@
+"""Public API behaviour without a GPU: fallbacks to torch SDPA, strict mode, logging.
+
+Compared against: torch.nn.functional.scaled_dot_product_attention (the drop-in must return
+exactly what it returns when it falls back) and the float64 reference for the bottom-right
+causal fallback, which SDPA does not offer directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsek
+from sparsek import api
+from sparsek.reference import reference_attention
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api, "_logged_reasons", set())
+    monkeypatch.delenv("SPARSEK_STRICT", raising=False)
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    ("sq", "sk", "h", "hkv", "causal"),
+    [(16, 16, 4, 4, True), (7, 19, 4, 1, True), (19, 7, 4, 2, True), (12, 30, 6, 3, False)],
+)
+def test_attention_cpu_fallback_matches_reference(sq, sk, h, hkv, causal) -> None:
+    q, k, v = rand(2, sq, h, 32), rand(2, sk, hkv, 32), rand(2, sk, hkv, 32)
+    out = sparsek.attention(q, k, v, causal=causal, softmax_scale=0.3)
+    want, _ = reference_attention(
+        q, k, v, causal=causal, softmax_scale=0.3, compute_dtype=torch.float64
+    )
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    if sq > sk and causal:
+        assert (out[:, : sq - sk] == 0).all()
+
+
+def test_attention_return_lse_on_fallback() -> None:
+    q, k, v = rand(1, 9, 2, 16), rand(1, 5, 1, 16), rand(1, 5, 1, 16)
+    out, lse = sparsek.attention(q, k, v, causal=True, return_lse=True)
+    want_out, want_lse = reference_attention(q, k, v, causal=True)
+    assert lse.shape == (1, 2, 9) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+
+
+def test_attention_half_precision_and_empty_inputs() -> None:
+    q = rand(1, 8, 2, 64, dtype=torch.bfloat16)
+    out = sparsek.attention(q, q, q, causal=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
+    empty = rand(0, 8, 2, 64)
+    assert sparsek.attention(empty, empty, empty).shape == (0, 8, 2, 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"is_causal": True},
+        {"is_causal": True, "scale": 0.05},
+        {"attn_mask": torch.rand(8, 12) > 0.3},
+        {"attn_mask": torch.randn(2, 4, 8, 12)},
+        {"enable_gqa": True},
+    ],
+)
+def test_sdpa_drop_in_falls_back_to_torch(kwargs) -> None:
+    hkv = 2 if kwargs.get("enable_gqa") else 4
+    q, k, v = rand(2, 4, 8, 32), rand(2, hkv, 12, 32), rand(2, hkv, 12, 32)
+    got = sparsek.scaled_dot_product_attention(q, k, v, **kwargs)
+    want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.equal(got, want)
+
+
+def test_sdpa_drop_in_dropout_falls_back_with_same_rng() -> None:
+    q = rand(1, 2, 8, 16)
+    torch.manual_seed(3)
+    got = sparsek.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    torch.manual_seed(3)
+    want = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
+    assert torch.equal(got, want)
+
+
+def test_fallback_is_logged_once_per_reason(caplog: pytest.LogCaptureFixture) -> None:
+    q = rand(1, 4, 2, 16)
+    with caplog.at_level(logging.WARNING, logger="sparsek.api"):
+        for _ in range(3):
+            sparsek.attention(q, q, q)
+        sparsek.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(2, 2, dtype=torch.bool))
+    messages = [r.getMessage() for r in caplog.records if r.name == "sparsek.api"]
+    assert len(messages) == 2
+    assert "device=cpu" in messages[0] and "attn_mask" in messages[1]
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda q: sparsek.attention(q, q, q), "device=cpu"),
+        (lambda q: sparsek.scaled_dot_product_attention(q, q, q), "device=cpu"),
+        (
+            lambda q: sparsek.scaled_dot_product_attention(q, q, q, attn_mask=q[..., :4] > 0),
+            "attn_mask",
+        ),
+        (lambda q: sparsek.scaled_dot_product_attention(q, q, q, dropout_p=0.1), "dropout_p"),
+    ],
+)
+def test_strict_mode_turns_fallbacks_into_errors(monkeypatch, call, fragment) -> None:
+    monkeypatch.setenv("SPARSEK_STRICT", "1")
+    with pytest.raises(sparsek.UnsupportedError) as info:
+        call(rand(1, 4, 4, 16))
+    assert any(fragment in r for r in info.value.reasons)
+    assert "SPARSEK_STRICT=1" in str(info.value)
+
+
+def test_strict_zero_means_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEK_STRICT", "0")
+    q = rand(1, 4, 2, 16)
+    assert sparsek.attention(q, q, q).shape == q.shape
+
+
+def test_requires_grad_is_a_fallback_reason() -> None:
+    q = rand(1, 4, 2, 64).requires_grad_()
+    assert api._kernel_blockers(q, q, q, False) == (
+        "device=cpu: the kernels run on CUDA devices only",
+    )
+    out = sparsek.attention(q, q, q)
+    assert isinstance(out, torch.Tensor)
+    out.sum().backward()  # the SDPA fallback is differentiable
+    assert q.grad is not None
+
+
+def test_registry_blockers_for_cuda_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cutedsl_kernels import build
+
+    monkeypatch.setattr(build, "can_implement", lambda c: [])
+    monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
+    assert api._registry_blockers(0, 128, "bfloat16", True) == ()
+    assert "head_dim=96" in api._registry_blockers(0, 96, "float16", False)[0]
+    assert "head_dim is not supported" in api._registry_blockers(0, None, "float16", False)[0]
+    assert "dtype=float32" in api._registry_blockers(0, 64, "float32", False)[0]
+    monkeypatch.setenv("SPARSEK_ARCH", "sm_80")
+    assert "arch=sm_80" in api._registry_blockers(0, 64, "float16", False)[0]
+
+
+def test_import_is_light() -> None:
+    """`import sparsek` pulls in neither the CuTe DSL nor xformers/vllm."""
+    code = (
+        "import sys, time; t = time.perf_counter(); import sparsek; "
+        "dt = time.perf_counter() - t; "
+        "heavy = ('cutlass', 'xformers', 'vllm', 'tvm_ffi'); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in heavy]; "
+        "assert not bad, bad; assert sparsek.__version__ == '0.1.0'; print(dt)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) < 20

@@ -1,0 +1,186 @@
+"""The `sparsek::attention` torch op on CPU: opcheck, fake tensors, torch.compile, launch logic.
+
+Compared against: the float32 reference (`sparsek.reference`) in eager mode, and the op's
+own eager results under torch.compile. The CUDA launch path is exercised with CPU tensors
+and a fake kernel that records its arguments (no GPU, no DSL).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import sparsek
+from sparsek import ops
+from sparsek.reference import reference_attention
+
+op = torch.ops.sparsek.attention
+
+
+def inputs(b=2, sq=16, sk=24, h=4, hkv=2, d=32, dtype=torch.float32, bhsd=False):
+    gen = torch.Generator().manual_seed(sq + 7 * sk)
+    if bhsd:  # (B, H, S, D) storage viewed as (B, S, H, D): what SDPA users hold.
+        make = lambda s, n: torch.randn(b, n, s, d, generator=gen, dtype=dtype).transpose(1, 2)  # noqa: E731
+    else:
+        make = lambda s, n: torch.randn(b, s, n, d, generator=gen, dtype=dtype)  # noqa: E731
+    return make(sq, h), make(sk, hkv), make(sk, hkv)
+
+
+@pytest.mark.parametrize("bhsd", [False, True], ids=["contiguous", "permuted"])
+@pytest.mark.parametrize(
+    ("causal", "top_left"), [(False, False), (True, False), (True, True)], ids=["full", "br", "tl"]
+)
+def test_opcheck(bhsd: bool, causal: bool, top_left: bool) -> None:
+    q, k, v = inputs(bhsd=bhsd)
+    torch.library.opcheck(op, (q, k, v, causal, 0.125, top_left))
+
+
+def test_eager_matches_reference() -> None:
+    q, k, v = inputs(sq=20, sk=9, bhsd=True)
+    out, lse = op(q, k, v, True, 0.2, False)
+    want_out, want_lse = reference_attention(q, k, v, causal=True, softmax_scale=0.2)
+    assert out.is_contiguous() and out.shape == q.shape and lse.dtype == torch.float32
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+    assert (out[:, :11] == 0).all() and torch.isneginf(lse[:, :, :11]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fake_impl_shapes_dtypes_strides(dtype: torch.dtype) -> None:
+    with FakeTensorMode():
+        q, k, v = inputs(b=3, sq=17, sk=5, h=8, hkv=1, d=64, dtype=dtype, bhsd=True)
+        out, lse = op(q, k, v, True, 0.125, False)
+    assert out.shape == (3, 17, 8, 64) and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (3, 8, 17) and lse.dtype == torch.float32 and lse.is_contiguous()
+
+
+def test_torch_compile_one_graph_for_all_seqlens() -> None:
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def f(q, k, v):
+        out, lse = op(q, k, v, True, 0.125, False)
+        return out * 2, lse
+
+    compiled = torch.compile(f, backend=counter, fullgraph=True, dynamic=True)
+    for sq, sk in [(33, 65), (64, 64), (100, 31), (257, 300)]:
+        q, k, v = inputs(sq=sq, sk=sk)
+        got, got_lse = compiled(q, k, v)
+        want, want_lse = f(q, k, v)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_lse, want_lse)
+    assert counter.frame_count == 1
+
+
+def test_torch_compile_public_api_cpu_fallback() -> None:
+    """The Python layer (validation, dispatch, fallback) traces without graph breaks."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+
+    def f(q, k, v):
+        return sparsek.attention(q, k, v, causal=True)
+
+    compiled = torch.compile(f, backend=counter, fullgraph=True, dynamic=True)
+    for sq in (16, 40, 72):
+        q, k, v = inputs(sq=sq, sk=sq)
+        torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+    assert counter.frame_count == 1
+
+
+def test_registry_check_is_constant_under_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA dispatch decision is folded to a constant (no tracing into the registry)."""
+    from cutedsl_kernels import build
+    from sparsek import api
+
+    monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
+    monkeypatch.setattr(build, "can_implement", lambda c: [])
+    torch._dynamo.reset()
+
+    def f(x):
+        reasons = api._registry_blockers(0, api._static_head_dim(x.shape[-1]), "bfloat16", True)
+        return x + len(reasons)
+
+    x = torch.zeros(4, 128)
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(x), x)
+    y = torch.zeros(4, 96)
+    assert torch.equal(torch.compile(f, backend="eager", fullgraph=True)(y), y + 1)
+
+
+# -------------------------------------------------------------- CUDA launch path, faked
+
+
+class RecordingKernel:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __call__(self, q, k, v, out, lse, scale, offset) -> None:
+        self.calls.append((q, k, v, out, lse, scale, offset))
+        out.fill_(1.0)
+        lse.fill_(2.0)
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> RecordingKernel:
+    kernel = RecordingKernel()
+    monkeypatch.setattr(ops, "detect_arch", lambda device: "sm_90a")
+    monkeypatch.setattr(ops, "lookup", lambda *a: a)
+    monkeypatch.setattr(ops, "get_kernel", lambda config: kernel)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    return kernel
+
+
+@pytest.mark.parametrize(
+    ("sq", "sk", "causal", "top_left", "offset"),
+    [
+        (16, 24, True, False, 8),
+        (16, 24, True, True, 0),
+        (24, 16, True, False, -8),
+        (5, 9, False, False, 0),
+    ],
+)
+def test_launch_arguments(fake_kernel, sq, sk, causal, top_left, offset) -> None:
+    q, k, v = inputs(sq=sq, sk=sk, bhsd=True)
+    out, lse = ops._attention_cuda(q, k, v, causal, 0.5, top_left)
+    [(kq, kk, kv, kout, klse, scale, koff)] = fake_kernel.calls
+    assert kq is q and kk is k and kv is v  # permuted BHSD views satisfy TMA: no copies
+    assert kout is out and klse is lse and scale == 0.5 and koff == offset
+    assert out.shape == q.shape and lse.shape == (2, 4, sq)
+
+
+@pytest.mark.parametrize(
+    ("shape_q", "shape_k"),
+    [
+        ((0, 8, 4, 32), (0, 8, 2, 32)),
+        ((2, 0, 4, 32), (2, 8, 2, 32)),
+        ((2, 8, 0, 32), (2, 8, 0, 32)),
+    ],
+)
+def test_zero_size_launches_nothing(fake_kernel, shape_q, shape_k) -> None:
+    out, _ = ops._attention_cuda(
+        torch.randn(shape_q), torch.randn(shape_k), torch.randn(shape_k), True, 0.5, False
+    )
+    assert fake_kernel.calls == [] and out.shape == shape_q and out.numel() == 0
+
+
+def test_no_keys_gives_zero_rows_without_launch(fake_kernel) -> None:
+    q, k = torch.randn(2, 8, 4, 32), torch.randn(2, 0, 2, 32)
+    out, lse = ops._attention_cuda(q, k, k, False, 0.5, False)
+    assert fake_kernel.calls == []
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_tma_compatible_copies_only_when_needed() -> None:
+    base = torch.randn(2, 4, 16, 64)
+    permuted = base.transpose(1, 2)
+    assert ops.tma_compatible(permuted) is permuted
+    assert ops.tma_compatible(base) is base
+    bad_last = torch.randn(2, 16, 4, 128)[..., ::2]
+    odd_stride = torch.randn(2, 16, 4, 68)[..., :64]
+    misaligned = torch.randn(2 * 16 * 4 * 64 + 1)[1:].view(2, 16, 4, 64)
+    expanded = torch.randn(1, 16, 4, 64).expand(3, 16, 4, 64)
+    for t in (bad_last, odd_stride, misaligned, expanded):
+        fixed = ops.tma_compatible(t)
+        assert fixed is not t and fixed.is_contiguous() and fixed.data_ptr() % 16 == 0
+        assert torch.equal(fixed, t)

@@ -1,0 +1,109 @@
+"""Registry answers: which config serves which request, and why a request is refused.
+
+Compared against: the registry's table (sm_90a: head_dim 64/128 x float16/bfloat16 x
+causal/non-causal, 128x128 tiles, 2 stages) and the kernels' own `can_implement`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cutedsl_kernels import build
+from cutedsl_kernels.config import FmhaFwdConfig
+from sparsek import registry
+from sparsek.errors import UnsupportedError
+
+
+@pytest.fixture
+def kernels_accept_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "can_implement", lambda config: [])
+
+
+def test_sm90_table() -> None:
+    configs = registry.registered_configs("sm_90a")
+    assert len(configs) == 8
+    assert {(c.head_dim, c.dtype, c.is_causal) for c in configs} == {
+        (d, t, c) for d in (64, 128) for t in ("float16", "bfloat16") for c in (False, True)
+    }
+    tiles = {(c.head_dim, c.is_causal): (c.tile_m, c.tile_n, c.num_stages) for c in configs}
+    assert tiles == {
+        (64, False): (192, 128, 2),  # three MMA warpgroups: +15% at S=8k (perf/NOTES.md)
+        (64, True): (128, 128, 2),
+        (128, False): (128, 128, 2),
+        (128, True): (128, 128, 2),
+    }
+    assert len({c.name for c in configs}) == 8
+    assert registry.registered_arches() == ["sm_90a"]
+    assert registry.registered_configs("sm_80") == []
+
+
+@pytest.mark.usefixtures("kernels_accept_all")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16"])
+def test_lookup_returns_registered_config(dtype: torch.dtype | str) -> None:
+    config = registry.lookup("sm_90a", 128, dtype, True)
+    assert config == FmhaFwdConfig("sm_90a", 128, "bfloat16", True, 128, 128, 2)
+
+
+@pytest.mark.usefixtures("kernels_accept_all")
+@pytest.mark.parametrize(
+    ("arch", "head_dim", "dtype", "fragments"),
+    [
+        ("sm_90a", 96, torch.float16, ["head_dim=96 is not supported on sm_90a", "64, 128"]),
+        ("sm_90a", 64, torch.float32, ["dtype=float32 is not supported", "float16, bfloat16"]),
+        ("sm_80", 64, torch.float16, ["arch=sm_80 has no registered kernels", "sm_90a"]),
+        ("sm_90a", 256, torch.float64, ["head_dim=256", "dtype=float64"]),
+    ],
+)
+def test_lookup_refusals_carry_every_reason(
+    arch: str, head_dim: int, dtype: torch.dtype, fragments: list[str]
+) -> None:
+    with pytest.raises(UnsupportedError) as info:
+        registry.lookup(arch, head_dim, dtype, False)
+    assert isinstance(info.value, ValueError)
+    text = " | ".join(info.value.reasons)
+    for fragment in fragments:
+        assert fragment in text
+        assert fragment in str(info.value)
+
+
+def test_lookup_reports_kernel_can_implement(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "can_implement", lambda c: ["smem budget exceeded", "too wide"])
+    with pytest.raises(UnsupportedError) as info:
+        registry.lookup("sm_90a", 64, torch.float16, False)
+    assert len(info.value.reasons) == 2
+    assert "smem budget exceeded" in info.value.reasons[0]
+    assert "fmha_fwd_sm_90a_d64_float16_full" in info.value.reasons[0]
+
+
+def test_kernel_import_failure_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(config: FmhaFwdConfig) -> list[str]:
+        raise ModuleNotFoundError("No module named 'cutlass'")
+
+    monkeypatch.setattr(build, "can_implement", broken)
+    with pytest.raises(UnsupportedError, match="kernel module cannot be imported"):
+        registry.lookup("sm_90a", 128, torch.float16, True)
+
+
+def test_every_registered_config_is_implementable() -> None:
+    """The real kernels accept every row of the table (imports the DSL, compiles nothing)."""
+    for config in registry.registered_configs("sm_90a"):
+        assert build.can_implement(config) == [], config.name
+        assert registry.lookup("sm_90a", config.head_dim, config.dtype, config.is_causal) == config
+
+
+def test_arch_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert registry.arch_from_capability((9, 0)) == "sm_90a"
+    assert registry.arch_from_capability((10, 0)) == "sm_100a"
+    assert registry.arch_from_capability((8, 0)) == "sm_80"
+    monkeypatch.setenv("SPARSEK_ARCH", "sm_100a")
+    assert registry.detect_arch() == "sm_100a"
+    monkeypatch.delenv("SPARSEK_ARCH")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert registry.detect_arch() is None
+
+
+def test_unsupported_error_keeps_reasons() -> None:
+    err = UnsupportedError("no kernel", ["a", "b"])
+    assert err.reasons == ["a", "b"] and str(err) == "no kernel: a; b"
+    assert str(UnsupportedError("plain")) == "plain"

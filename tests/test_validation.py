@@ -1,0 +1,125 @@
+"""Malformed inputs to `sparsek.attention` and `sparsek.scaled_dot_product_attention`.
+
+Compared against: the documented error contract (TypeError for wrong kinds of values,
+ValueError for wrong shapes/values), with a message that names the offending argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import sparsek
+
+
+def bshd(b=2, s=8, h=4, d=64, dtype=torch.float32):
+    return torch.randn(b, s, h, d, dtype=dtype)
+
+
+def bhsd(b=2, h=4, s=8, d=64, dtype=torch.float32):
+    return torch.randn(b, h, s, d, dtype=dtype)
+
+
+Q, K, V = bshd(), bshd(), bshd()
+QS, KS, VS = bhsd(), bhsd(), bhsd()
+att = sparsek.attention
+sdpa = sparsek.scaled_dot_product_attention
+
+MALFORMED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    ("q-not-tensor", lambda: att([[1.0]], K, V), TypeError, "q must be a torch.Tensor"),
+    ("k-not-tensor", lambda: att(Q, None, V), TypeError, "k must be a torch.Tensor"),
+    ("v-numpy-like", lambda: att(Q, K, 3.0), TypeError, "v must be a torch.Tensor"),
+    ("q-int-dtype", lambda: att(Q.long(), K, V), TypeError, "q has dtype torch.int64"),
+    ("k-bool-dtype", lambda: att(Q, K.bool(), V), TypeError, "k has dtype torch.bool"),
+    ("q-3d", lambda: att(Q[0], K, V), ValueError, "q must be 4-D"),
+    ("k-5d", lambda: att(Q, K[None], V), ValueError, "k must be 4-D"),
+    ("k-dtype-mismatch", lambda: att(Q, K.double(), V), ValueError, "k.dtype=torch.float64"),
+    ("v-dtype-mismatch", lambda: att(Q, K, V.half()), ValueError, "v.dtype=torch.float16"),
+    ("k-device-mismatch", lambda: att(Q, K.to("meta"), V), ValueError, "k.device=meta"),
+    ("batch-mismatch", lambda: att(Q, bshd(b=3), bshd(b=3)), ValueError, "k batch size 3"),
+    ("head-dim-mismatch", lambda: att(Q, bshd(d=32), bshd(d=32)), ValueError, "k head_dim=32"),
+    ("v-seqlen-mismatch", lambda: att(Q, K, bshd(s=9)), ValueError, "v shape"),
+    ("heads-not-multiple", lambda: att(bshd(h=6), bshd(h=4), bshd(h=4)), ValueError, "num_heads=6"),
+    ("zero-kv-heads", lambda: att(Q, bshd(h=0), bshd(h=0)), ValueError, "num_kv_heads=0"),
+    ("zero-head-dim", lambda: att(bshd(d=0), bshd(d=0), bshd(d=0)), ValueError, "head_dim must be"),
+    ("scale-str", lambda: att(Q, K, V, softmax_scale="0.1"), TypeError, "softmax_scale must be"),
+    ("scale-negative", lambda: att(Q, K, V, softmax_scale=-0.1), ValueError, "softmax_scale"),
+    ("scale-zero", lambda: att(Q, K, V, softmax_scale=0.0), ValueError, "softmax_scale"),
+    ("scale-nan", lambda: att(Q, K, V, softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    ("scale-inf", lambda: att(Q, K, V, softmax_scale=float("inf")), ValueError, "softmax_scale"),
+    (
+        "scale-tensor",
+        lambda: att(Q, K, V, softmax_scale=torch.tensor(0.1)),
+        TypeError,
+        "softmax_scale",
+    ),
+    ("causal-int", lambda: att(Q, K, V, causal=1), TypeError, "causal must be a bool"),
+    (
+        "return-lse-str",
+        lambda: att(Q, K, V, return_lse="yes"),
+        TypeError,
+        "return_lse must be a bool",
+    ),
+    ("sdpa-query-list", lambda: sdpa([1.0], KS, VS), TypeError, "query must be a torch.Tensor"),
+    ("sdpa-key-3d", lambda: sdpa(QS, KS[0], VS), ValueError, "key must be 4-D"),
+    (
+        "sdpa-mask-list",
+        lambda: sdpa(QS, KS, VS, attn_mask=[[True]]),
+        TypeError,
+        "attn_mask must be",
+    ),
+    (
+        "sdpa-mask-and-causal",
+        lambda: sdpa(QS, KS, VS, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True),
+        ValueError,
+        "attn_mask and is_causal",
+    ),
+    ("sdpa-dropout-1", lambda: sdpa(QS, KS, VS, dropout_p=1.0), ValueError, "dropout_p"),
+    ("sdpa-dropout-neg", lambda: sdpa(QS, KS, VS, dropout_p=-0.1), ValueError, "dropout_p"),
+    ("sdpa-dropout-str", lambda: sdpa(QS, KS, VS, dropout_p="0"), TypeError, "dropout_p"),
+    ("sdpa-is-causal-none", lambda: sdpa(QS, KS, VS, is_causal=None), TypeError, "is_causal"),
+    ("sdpa-scale-neg", lambda: sdpa(QS, KS, VS, scale=-1.0), ValueError, "scale must be"),
+    ("sdpa-gqa-disabled", lambda: sdpa(bhsd(h=8), KS, VS), ValueError, "enable_gqa=True"),
+    ("sdpa-enable-gqa-int", lambda: sdpa(QS, KS, VS, enable_gqa=1), TypeError, "enable_gqa"),
+    (
+        "sdpa-value-heads",
+        lambda: sdpa(QS, KS, bhsd(h=2), enable_gqa=True),
+        ValueError,
+        "value shape",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "fragment"),
+    [pytest.param(c, e, f, id=name) for name, c, e, f in MALFORMED],
+)
+def test_malformed_input_is_rejected(
+    call: Callable[[], object], error: type[Exception], fragment: str
+) -> None:
+    with pytest.raises(error) as info:
+        call()
+    assert type(info.value) is error
+    assert fragment in str(info.value)
+
+
+def test_enough_distinct_cases() -> None:
+    assert len({name for name, *_ in MALFORMED}) >= 15
+
+
+@pytest.mark.parametrize(
+    "q",
+    [
+        pytest.param(bshd()[..., ::2].contiguous(), id="contiguous-d32"),
+        pytest.param(torch.randn(2, 4, 64, 8).transpose(-1, -2), id="last-dim-strided"),
+        pytest.param(bshd()[:, ::2], id="every-other-token"),
+    ],
+)
+def test_any_strides_are_accepted(q: torch.Tensor) -> None:
+    k = v = torch.randn(q.shape[0], 5, q.shape[2], q.shape[3])
+    out = att(q, k, v)
+    want = att(q.contiguous(), k, v)
+    assert isinstance(out, torch.Tensor) and isinstance(want, torch.Tensor)
+    torch.testing.assert_close(out, want)
