@@ -21,8 +21,13 @@ Runtime signature of every compiled forward kernel (the contract with `sparsek`)
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
-from collections.abc import Callable
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +88,83 @@ def compile_fwd(config: FmhaFwdConfig) -> Any:
     return cute.compile(kernel, *args, stream, options=f"--enable-tvm-ffi --gpu-arch {config.arch}")
 
 
-def export_fwd(compiled: Any, object_path: str, function_name: str) -> None:
-    """Write a compiled kernel (host launcher + cubin) as a relocatable object file."""
-    compiled.export_to_c(object_file_path=object_path, function_name=function_name)
+def export_fwd(compiled: Any, path: str, function_name: str) -> None:
+    """Write a compiled kernel (host launcher + cubin) to `path` (any name).
+
+    With a C compiler on PATH (`$CC`, cc, gcc) the object is linked into a shared library
+    that `load_fwd` opens with TVM-FFI alone, without importing the DSL (the DSL import
+    dominates a warm process start). Otherwise `path` holds the relocatable object, which
+    `load_fwd` opens through the DSL.
+    """
+    obj = f"{path}.o.tmp"
+    try:
+        compiled.export_to_c(object_file_path=obj, function_name=function_name)
+        if not _link_shared(obj, path):
+            os.replace(obj, path)
+    finally:
+        Path(obj).unlink(missing_ok=True)
 
 
-def load_fwd(object_path: str, function_name: str) -> Callable[..., None]:
+def _link_shared(obj: str, path: str) -> bool:
+    """Link `obj` against the DSL and TVM-FFI runtimes into the shared library `path`."""
+    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc") if c and shutil.which(c)), None)
+    if compiler is None:
+        return False
+    from cutlass.runtime import find_runtime_libraries
+
+    libs = [lib for lib in find_runtime_libraries(enable_tvm_ffi=True) if Path(lib).exists()]
+    rpaths = [f"-Wl,-rpath,{Path(lib).parent}" for lib in libs]
+    cmd = [compiler, "-shared", "-o", path, obj, *libs, *rpaths]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return done.returncode == 0
+
+
+def load_fwd(path: str, function_name: str) -> Callable[..., None]:
     """Load an exported kernel; the result is callable with framework tensors."""
+    if _is_shared_library(path):
+        import tvm_ffi
+
+        with _with_suffix(path, ".so") as lib:  # TVM-FFI picks its loader by suffix
+            try:
+                module = tvm_ffi.load_module(lib)
+            except Exception:  # runtime libraries moved since linking (a copied cache)
+                _preload_dsl_runtime()
+                module = tvm_ffi.load_module(lib)
+        fn: Callable[..., None] = module[function_name]
+        return fn
     import cutlass.cute as cute
 
-    module = cute.runtime.load_module(object_path, enable_tvm_ffi=True)
-    fn: Callable[..., None] = getattr(module, function_name)
+    with _with_suffix(path, ".o") as obj:  # so does the DSL
+        fn = getattr(cute.runtime.load_module(obj, enable_tvm_ffi=True), function_name)
     return fn
+
+
+@contextlib.contextmanager
+def _with_suffix(path: str, suffix: str) -> Iterator[str]:
+    """`path` itself if it ends in `suffix`, else a temporary copy that does."""
+    if path.endswith(suffix):
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = os.path.join(tmp, "kernel" + suffix)
+        shutil.copyfile(path, copy)
+        yield copy
+
+
+def _is_shared_library(path: str) -> bool:
+    with open(path, "rb") as f:
+        header = f.read(18)
+    # ELF magic, then e_type (little endian) at offset 16: 3 = ET_DYN, 1 = ET_REL.
+    return header[:4] == b"\x7fELF" and int.from_bytes(header[16:18], "little") == 3
+
+
+_preloaded: list[ctypes.CDLL] = []
+
+
+def _preload_dsl_runtime() -> None:
+    """Load the DSL's runtime libraries globally, where the DSL itself would find them."""
+    from cutlass.runtime import find_runtime_libraries
+
+    for lib in find_runtime_libraries(enable_tvm_ffi=True):
+        if Path(lib).exists():
+            _preloaded.append(ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL))

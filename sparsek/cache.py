@@ -9,8 +9,9 @@ entries stay until `clear()`). Lookups go:
 Disk layout, under `cache_dir()`:
 
     <arch>/<key digest>/
-        kernel.o        exported object (host launcher + cubin), loaded with TVM-FFI
-        manifest.json   key fields, sha256 and size of kernel.o; written last (commit marker)
+        kernel.so       exported kernel (host launcher + cubin), loaded with TVM-FFI: a
+                        shared library, or the DSL's object file where no C compiler exists
+        manifest.json   key fields, sha256 and size of kernel.so; written last (commit marker)
         .lock           flock'ed while one process compiles this entry
 
 Multi-process safety: the compiling process holds an exclusive `fcntl.flock` on the entry's
@@ -44,7 +45,7 @@ from cutedsl_kernels.config import FmhaFwdConfig
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SPARSEK_CACHE_DIR"
-OBJECT_NAME = "kernel.o"
+OBJECT_NAME = "kernel.so"
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
 # Bump when the on-disk layout or manifest fields change: old entries then miss.
@@ -272,7 +273,7 @@ class KernelCache:
     def _build(self, key: CacheKey, entry: Path) -> None:
         start = time.perf_counter()
         compiled = self.toolchain.compile(key.config)
-        fd, tmp = tempfile.mkstemp(prefix=".kernel-", suffix=".o", dir=entry)
+        fd, tmp = tempfile.mkstemp(prefix=".kernel-", suffix=".so", dir=entry)
         os.close(fd)
         try:
             self.toolchain.export(compiled, tmp, key.function_name)

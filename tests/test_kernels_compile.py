@@ -8,6 +8,8 @@ and that it loads back (what the disk cache relies on). Numerics run on the GPU
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +40,7 @@ def test_registered_config_compiles_exports_and_loads(
     # FlashAttention-4 compiles its sm90 forward in 2-3 s per config on this machine;
     # 60 s leaves room for a loaded CI box while still catching a pathological compile.
     assert seconds < 60, f"{config.name} took {seconds:.1f} s to compile"
-    obj = tmp_path / f"{config.name}.o"
+    obj = tmp_path / f"{config.name}.so"
     build.export_fwd(compiled, str(obj), "sparsek_fwd")
     assert obj.stat().st_size > 10_000  # host launcher + embedded cubin
     fn = build.load_fwd(str(obj), "sparsek_fwd")
@@ -71,3 +73,35 @@ def test_can_implement_gives_reasons(changes: dict, fragment: str) -> None:
 def test_config_names_are_unique() -> None:
     names = [c.name for c in CONFIGS]
     assert len(names) == len(set(names))
+
+
+@pytest.fixture(scope="module")
+def compiled_d64() -> object:
+    return build.compile_fwd(FmhaFwdConfig("sm_90a", 64, "float16", is_causal=False))
+
+
+def test_export_links_a_shared_library_that_loads_without_the_dsl(
+    compiled_d64: object, tmp_path: Path
+) -> None:
+    lib = tmp_path / "kernel.so"
+    build.export_fwd(compiled_d64, str(lib), "sparsek_fwd")
+    assert lib.read_bytes()[16] == 3  # ELF e_type ET_DYN: a shared library
+    probe = (
+        "import sys; from cutedsl_kernels import build; "
+        f"fn = build.load_fwd({str(lib)!r}, 'sparsek_fwd'); "
+        "assert callable(fn); assert 'cutlass' not in sys.modules, 'DSL imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_export_without_a_c_compiler_falls_back_to_the_object_file(
+    compiled_d64: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    path = tmp_path / "kernel.so"  # the cache's file name, whatever the content
+    build.export_fwd(compiled_d64, str(path), "sparsek_fwd")
+    assert path.read_bytes()[16] == 1  # ELF e_type ET_REL: a relocatable object
+    assert callable(build.load_fwd(str(path), "sparsek_fwd"))
