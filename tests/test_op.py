@@ -127,6 +127,7 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> RecordingKernel:
     monkeypatch.setattr(ops, "detect_arch", lambda device: "sm_90a")
     monkeypatch.setattr(ops, "lookup", lambda *a: a)
     monkeypatch.setattr(ops, "get_kernel", lambda config: kernel)
+    monkeypatch.setattr(ops, "_LAUNCHERS", {})
     monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
     return kernel
 
