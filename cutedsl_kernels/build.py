@@ -54,9 +54,9 @@ def dsl_version() -> str:
 def can_implement(config: FmhaFwdConfig) -> list[str]:
     """Reasons `config` cannot be compiled (empty when it can)."""
     if config.arch.startswith("sm_90"):
-        from cutedsl_kernels.hopper.fmha_fwd import HopperFmhaForward
+        from cutedsl_kernels.hopper import limits  # no DSL import: launch path
 
-        return HopperFmhaForward.can_implement(config)
+        return limits.can_implement(config)
     return [f"arch={config.arch!r} has no FMHA forward kernel (supported: sm_90a)"]
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsek import ops as _ops  # noqa: F401  (registers torch.ops.sparsek.attention)
+from sparsek import ops as _ops  # also registers torch.ops.sparsek.attention
 from sparsek.errors import UnsupportedError
 from sparsek.reference import reference_attention
 from sparsek.registry import (
@@ -86,7 +86,7 @@ def attention(
 
     reasons = _kernel_blockers(q, k, v, causal)
     if not reasons:
-        result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(q, k, v, causal, scale, False)
+        result = _run_op(q, k, v, causal, scale, False)
         return result if return_lse else result[0]
     _fallback(reasons)
     if return_lse:
@@ -164,7 +164,7 @@ def scaled_dot_product_attention(
         reasons = _kernel_blockers(query, key, value, is_causal)
     if not reasons:
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out: Tensor = torch.ops.sparsek.attention(q, k, v, is_causal, resolved, True)[0]
+        out = _run_op(q, k, v, is_causal, resolved, True)[0]
         return out.transpose(1, 2)
     _fallback(reasons)
     return F.scaled_dot_product_attention(
@@ -263,6 +263,22 @@ def _check_qkv(
 
 
 # ---------------------------------------------------------------------------- dispatch
+
+
+def _run_op(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, top_left: bool
+) -> tuple[Tensor, Tensor]:
+    """torch.ops.sparsek.attention; in plain eager mode its CUDA kernel is called directly.
+
+    The dispatcher round trip (Python -> C++ -> Python kernel) is pure host overhead when
+    nothing can intercept the call: no torch.compile tracing, no dispatch mode (FakeTensor,
+    profilers, export), no tensor subclasses. Anything else goes through the op.
+    """
+    plain = type(q) is Tensor and type(k) is Tensor and type(v) is Tensor
+    if plain and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:
+        return _ops._attention_cuda(q, k, v, causal, scale, top_left)
+    result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(q, k, v, causal, scale, top_left)
+    return result
 
 
 def _kernel_blockers(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[str, ...]:

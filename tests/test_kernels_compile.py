@@ -80,15 +80,14 @@ def compiled_d64() -> object:
     return build.compile_fwd(FmhaFwdConfig("sm_90a", 64, "float16", is_causal=False))
 
 
-def test_export_links_a_shared_library_that_loads_without_the_dsl(
-    compiled_d64: object, tmp_path: Path
-) -> None:
+def test_warm_start_path_never_imports_the_dsl(compiled_d64: object, tmp_path: Path) -> None:
     lib = tmp_path / "kernel.so"
     build.export_fwd(compiled_d64, str(lib), "sparsek_fwd")
     assert lib.read_bytes()[16] == 3  # ELF e_type ET_DYN: a shared library
     probe = (
         "import sys; from cutedsl_kernels import build; "
         f"fn = build.load_fwd({str(lib)!r}, 'sparsek_fwd'); "
+        "from sparsek import registry; registry.lookup('sm_90a', 128, 'bfloat16', True); "
         "assert callable(fn); assert 'cutlass' not in sys.modules, 'DSL imported'"
     )
     done = subprocess.run(

@@ -185,3 +185,24 @@ def test_tma_compatible_copies_only_when_needed() -> None:
         fixed = ops.tma_compatible(t)
         assert fixed is not t and fixed.is_contiguous() and fixed.data_ptr() % 16 == 0
         assert torch.equal(fixed, t)
+
+
+def test_eager_calls_skip_the_dispatcher_but_modes_and_compile_do_not(monkeypatch) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparsek import api
+
+    calls = []
+
+    def direct(q, k, v, causal, scale, top_left):
+        calls.append("direct")
+        return q, q.new_empty(q.shape[0], q.shape[2], q.shape[1])
+
+    monkeypatch.setattr(ops, "_attention_cuda", direct)
+    q = torch.randn(1, 8, 2, 16)
+    api._run_op(q, q, q, False, 0.25, False)
+    assert calls == ["direct"]
+    with FakeTensorMode() as mode:
+        fq = mode.from_tensor(q)
+        out, lse = api._run_op(fq, fq, fq, False, 0.25, False)  # through the op's fake impl
+    assert calls == ["direct"] and out.shape == q.shape and lse.shape == (1, 2, 8)

@@ -51,16 +51,12 @@ from cutedsl_kernels.common.fragments import (
 )
 from cutedsl_kernels.common.named_barriers import NamedBarrier
 from cutedsl_kernels.common.online_softmax import OnlineSoftmax
-from cutedsl_kernels.config import SUPPORTED_DTYPES, FmhaFwdConfig
+from cutedsl_kernels.config import FmhaFwdConfig
+from cutedsl_kernels.hopper import limits
+from cutedsl_kernels.hopper.limits import REGS_BY_MMA_WARPGROUPS, ROWS_PER_MMA_WARPGROUP
 from cutedsl_kernels.hopper.mainloop import Sm90Mainloop
 
-SMEM_CAPACITY_BYTES = 227 * 1024  # H100 opt-in shared memory per CTA
 THREADS_PER_WARPGROUP = 128
-ROWS_PER_MMA_WARPGROUP = 64  # one wgmma atom is 64 rows tall
-# Register split (per thread) between the producer warpgroup and the MMA warpgroups;
-# 128 * producer + W * 128 * mma must stay within the 64K-register file.
-REGS_BY_MMA_WARPGROUPS = {1: (56, 256), 2: (24, 240), 3: (32, 160)}
-BARRIER_BYTES = 8
 
 
 class HopperFmhaForward:
@@ -84,40 +80,8 @@ class HopperFmhaForward:
         )
 
     # ------------------------------------------------------------------ capability
-    @staticmethod
-    def smem_bytes(config: FmhaFwdConfig) -> int:
-        """Shared memory one CTA needs: Q (reused for O) plus the K and V stages."""
-        elem = 2
-        q = config.tile_m * config.head_dim * elem
-        kv = 2 * config.num_stages * config.tile_n * config.head_dim * elem
-        barriers = (2 + 4 * config.num_stages) * BARRIER_BYTES
-        return q + kv + barriers + 3 * 1024  # alignment of the three buffers
-
-    @staticmethod
-    def can_implement(config: FmhaFwdConfig) -> list[str]:
-        """Reasons this kernel cannot serve `config` (empty when it can)."""
-        reasons = []
-        if not config.arch.startswith("sm_90"):
-            reasons.append(f"arch={config.arch!r}: this kernel targets sm_90a")
-        if config.dtype not in SUPPORTED_DTYPES:
-            reasons.append(
-                f"dtype={config.dtype!r} is not supported (supported: {SUPPORTED_DTYPES})"
-            )
-        if config.head_dim % 16 != 0 or not 16 <= config.head_dim <= 256:
-            reasons.append(f"head_dim={config.head_dim} must be a multiple of 16 in [16, 256]")
-        mma_warpgroups = config.tile_m // ROWS_PER_MMA_WARPGROUP
-        if config.tile_m % ROWS_PER_MMA_WARPGROUP or mma_warpgroups not in REGS_BY_MMA_WARPGROUPS:
-            reasons.append(f"tile_m={config.tile_m} must be 64, 128 or 192")
-        if config.tile_n % 16 != 0 or not 16 <= config.tile_n <= 256:
-            reasons.append(f"tile_n={config.tile_n} must be a multiple of 16 in [16, 256]")
-        if config.num_stages < 1:
-            reasons.append(f"num_stages={config.num_stages} must be >= 1")
-        if not reasons and HopperFmhaForward.smem_bytes(config) > SMEM_CAPACITY_BYTES:
-            reasons.append(
-                f"tiles need {HopperFmhaForward.smem_bytes(config)} B of shared memory "
-                f"(> {SMEM_CAPACITY_BYTES} B): lower tile_n or num_stages"
-            )
-        return reasons
+    smem_bytes = staticmethod(limits.smem_bytes)
+    can_implement = staticmethod(limits.can_implement)
 
     def fake_arguments(self) -> tuple:
         """Symbolic-shape stand-ins for (q, k, v, out, lse, softmax_scale, causal_offset)."""

@@ -1,0 +1,49 @@
+"""What the sm90 FMHA forward kernel accepts, answerable without importing the DSL.
+
+The registry asks `can_implement` on the launch path of a fresh process; keeping it free
+of the DSL keeps a warm start (kernel loaded from the disk cache) from importing it.
+"""
+
+from __future__ import annotations
+
+from cutedsl_kernels.config import SUPPORTED_DTYPES, FmhaFwdConfig
+
+SMEM_CAPACITY_BYTES = 227 * 1024  # H100 opt-in shared memory per CTA
+ROWS_PER_MMA_WARPGROUP = 64  # one wgmma atom is 64 rows tall
+# Register split (per thread) between the producer warpgroup and the MMA warpgroups;
+# 128 * producer + W * 128 * mma must stay within the 64K-register file.
+REGS_BY_MMA_WARPGROUPS = {1: (56, 256), 2: (24, 240), 3: (32, 160)}
+BARRIER_BYTES = 8
+ELEMENT_BYTES = 2  # fp16 / bf16
+
+
+def smem_bytes(config: FmhaFwdConfig) -> int:
+    """Shared memory one CTA needs: Q (reused for O) plus the K and V stages."""
+    q = config.tile_m * config.head_dim * ELEMENT_BYTES
+    kv = 2 * config.num_stages * config.tile_n * config.head_dim * ELEMENT_BYTES
+    barriers = (2 + 4 * config.num_stages) * BARRIER_BYTES
+    return q + kv + barriers + 3 * 1024  # alignment of the three buffers
+
+
+def can_implement(config: FmhaFwdConfig) -> list[str]:
+    """Reasons the sm90 kernel cannot serve `config` (empty when it can)."""
+    reasons = []
+    if not config.arch.startswith("sm_90"):
+        reasons.append(f"arch={config.arch!r}: this kernel targets sm_90a")
+    if config.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype={config.dtype!r} is not supported (supported: {SUPPORTED_DTYPES})")
+    if config.head_dim % 16 != 0 or not 16 <= config.head_dim <= 256:
+        reasons.append(f"head_dim={config.head_dim} must be a multiple of 16 in [16, 256]")
+    mma_warpgroups = config.tile_m // ROWS_PER_MMA_WARPGROUP
+    if config.tile_m % ROWS_PER_MMA_WARPGROUP or mma_warpgroups not in REGS_BY_MMA_WARPGROUPS:
+        reasons.append(f"tile_m={config.tile_m} must be 64, 128 or 192")
+    if config.tile_n % 16 != 0 or not 16 <= config.tile_n <= 256:
+        reasons.append(f"tile_n={config.tile_n} must be a multiple of 16 in [16, 256]")
+    if config.num_stages < 1:
+        reasons.append(f"num_stages={config.num_stages} must be >= 1")
+    if not reasons and smem_bytes(config) > SMEM_CAPACITY_BYTES:
+        reasons.append(
+            f"tiles need {smem_bytes(config)} B of shared memory "
+            f"(> {SMEM_CAPACITY_BYTES} B): lower tile_n or num_stages"
+        )
+    return reasons
