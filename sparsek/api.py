@@ -88,6 +88,10 @@ def attention(
     if not reasons:
         result = _run_op(q, k, v, causal, scale, False)
         return result if return_lse else result[0]
+    if q.device.type == "cpu" and not _needs_grad(q, k, v):
+        # The documented CPU path: the op's float32 reference (the correctness oracle).
+        result = torch.ops.sparsek.attention(q, k, v, causal, scale, False)
+        return result if return_lse else result[0]
     _fallback(reasons)
     if return_lse:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -265,6 +269,10 @@ def _check_qkv(
 # ---------------------------------------------------------------------------- dispatch
 
 
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def _run_op(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, top_left: bool
 ) -> tuple[Tensor, Tensor]:
@@ -285,7 +293,7 @@ def _kernel_blockers(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[str
     """Why the kernels cannot serve these (validated) inputs; empty when they can."""
     if q.device.type != "cuda":
         return (f"device={q.device.type}: the kernels run on CUDA devices only",)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if _needs_grad(q, k, v):
         return ("backward is not implemented (an input requires grad)",)
     if v.shape[-1] != q.shape[-1]:
         return (f"value head_dim={v.shape[-1]} differs from query head_dim={q.shape[-1]}",)

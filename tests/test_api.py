@@ -95,17 +95,27 @@ def test_fallback_is_logged_once_per_reason(caplog: pytest.LogCaptureFixture) ->
     q = rand(1, 4, 2, 16)
     with caplog.at_level(logging.WARNING, logger="sparsek.api"):
         for _ in range(3):
-            sparsek.attention(q, q, q)
+            sparsek.scaled_dot_product_attention(q, q, q)
         sparsek.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(2, 2, dtype=torch.bool))
+        sparsek.attention(q, q, q)  # CPU: the documented reference path, not a fallback
     messages = [r.getMessage() for r in caplog.records if r.name == "sparsek.api"]
     assert len(messages) == 2
     assert "device=cpu" in messages[0] and "attn_mask" in messages[1]
 
 
+def test_attention_on_cpu_runs_the_reference_op_even_in_strict_mode(monkeypatch) -> None:
+    monkeypatch.setenv("SPARSEK_STRICT", "1")
+    q, k = rand(1, 5, 4, 16), rand(1, 7, 2, 16)
+    out, lse = sparsek.attention(q, k, k, causal=True, return_lse=True)
+    want, want_lse = reference_attention(q, k, k, causal=True, compute_dtype=torch.float32)
+    torch.testing.assert_close(out, want.to(q.dtype))
+    torch.testing.assert_close(lse, want_lse)
+
+
 @pytest.mark.parametrize(
     ("call", "fragment"),
     [
-        (lambda q: sparsek.attention(q, q, q), "device=cpu"),
+        (lambda q: sparsek.attention(q.requires_grad_(), q, q), "device=cpu"),
         (lambda q: sparsek.scaled_dot_product_attention(q, q, q), "device=cpu"),
         (
             lambda q: sparsek.scaled_dot_product_attention(q, q, q, attn_mask=q[..., :4] > 0),
