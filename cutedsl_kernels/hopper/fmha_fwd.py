@@ -53,10 +53,12 @@ from cutedsl_kernels.common.named_barriers import NamedBarrier
 from cutedsl_kernels.common.online_softmax import OnlineSoftmax
 from cutedsl_kernels.config import FmhaFwdConfig
 from cutedsl_kernels.hopper import limits
-from cutedsl_kernels.hopper.limits import REGS_BY_MMA_WARPGROUPS, ROWS_PER_MMA_WARPGROUP
+from cutedsl_kernels.hopper.limits import (
+    REGS_BY_MMA_WARPGROUPS,
+    ROWS_PER_MMA_WARPGROUP,
+    THREADS_PER_WARPGROUP,
+)
 from cutedsl_kernels.hopper.mainloop import Sm90Mainloop
-
-THREADS_PER_WARPGROUP = 128
 
 
 class HopperFmhaForward:

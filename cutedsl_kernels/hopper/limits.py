@@ -9,6 +9,7 @@ from __future__ import annotations
 from cutedsl_kernels.config import SUPPORTED_DTYPES, FmhaFwdConfig
 
 SMEM_CAPACITY_BYTES = 227 * 1024  # H100 opt-in shared memory per CTA
+THREADS_PER_WARPGROUP = 128
 ROWS_PER_MMA_WARPGROUP = 64  # one wgmma atom is 64 rows tall
 # Register split (per thread) between the producer warpgroup and the MMA warpgroups;
 # 128 * producer + W * 128 * mma must stay within the 64K-register file.

@@ -31,8 +31,7 @@ from cutedsl_kernels.common.convert import convert_pairs
 from cutedsl_kernels.common.fragments import acc_as_operand_a
 from cutedsl_kernels.common.named_barriers import NamedBarrier
 from cutedsl_kernels.common.online_softmax import OnlineSoftmax
-
-WARPGROUP_THREADS = 128
+from cutedsl_kernels.hopper.limits import THREADS_PER_WARPGROUP
 
 
 @cute.jit
@@ -108,7 +107,8 @@ class Sm90Mainloop:
         if const_expr(self.pingpong):  # noqa: SIM102
             if self.wg_idx == 0:
                 cute.arch.barrier_arrive(
-                    barrier_id=int(NamedBarrier.WG1_TURN), number_of_threads=2 * WARPGROUP_THREADS
+                    barrier_id=int(NamedBarrier.WG1_TURN),
+                    number_of_threads=2 * THREADS_PER_WARPGROUP,
                 )
 
     @cute.jit
@@ -116,7 +116,7 @@ class Sm90Mainloop:
         if const_expr(self.pingpong):
             cute.arch.barrier(
                 barrier_id=int(NamedBarrier.WG1_TURN) + self.wg_idx,
-                number_of_threads=2 * WARPGROUP_THREADS,
+                number_of_threads=2 * THREADS_PER_WARPGROUP,
             )
 
     @cute.jit
@@ -129,7 +129,7 @@ class Sm90Mainloop:
                 next_wg = 0 if next_wg == self.num_mma_warpgroups else next_wg
             cute.arch.barrier_arrive(
                 barrier_id=int(NamedBarrier.WG1_TURN) + next_wg,
-                number_of_threads=2 * WARPGROUP_THREADS,
+                number_of_threads=2 * THREADS_PER_WARPGROUP,
             )
 
     # ------------------------------------------------------------ pieces
