@@ -5,9 +5,10 @@
 #   bash containers/sparsek.sh test   # set up, then lint, type-check and run the tests
 #
 # Set-up: creates .venv (if missing) with python3 -m venv, installs torch, then
-# `pip install -e .[test]`. Without an NVIDIA GPU it installs the CPU build torch==2.13.0
-# (pip takes it from local disk where a wheel is provided); it never pulls a multi-GB CUDA
-# torch on a CPU machine. With a GPU, set SPARSEK_TORCH (e.g. "torch==2.13.0") to choose.
+# `pip install -e .[test]`; test mode adds xformers (--no-deps) for the integration tests.
+# Without an NVIDIA GPU it installs the CPU build torch==2.13.0 (pip takes it from local
+# disk where a wheel is provided); it never pulls a multi-GB CUDA torch on a CPU machine.
+# With a GPU, set SPARSEK_TORCH (e.g. "torch==2.13.0") to choose.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,6 +51,18 @@ fi
 if [ "$MODE" = demo ]; then
   exec "$PY" -m sparsek demo
 fi
+
+# xFormers, for the integration tests (tests/test_xformers_*.py), pinned by the `xformers`
+# extra in pyproject.toml. --no-deps: its requirements (torch>=2.10, numpy) are either met
+# by the torch installed above or unused, and pip must not re-resolve torch. Its C++/CUDA
+# extension need not load: sparsek's operator uses only xFormers' Python API.
+XFORMERS_SPEC="$(sed -n 's/^xformers = \["\(xformers==[^"]*\)"\]$/\1/p' pyproject.toml)"
+if [ -z "$XFORMERS_SPEC" ]; then
+  echo "containers/sparsek.sh: no xformers pin found in pyproject.toml" >&2
+  exit 1
+fi
+echo "== installing $XFORMERS_SPEC (--no-deps)"
+"$PY" -m pip install -q --no-deps "$XFORMERS_SPEC"
 
 echo "== ruff check";   "$VENV/bin/ruff" check .
 echo "== ruff format";  "$VENV/bin/ruff" format --check .

@@ -90,8 +90,10 @@ def attention(
         return result if return_lse else result[0]
     if q.device.type == "cpu" and not _needs_grad(q, k, v):
         # The documented CPU path: the op's float32 reference (the correctness oracle).
-        result = torch.ops.sparsek.attention(q, k, v, causal, scale, False)
-        return result if return_lse else result[0]
+        cpu_result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
+            q, k, v, causal, scale, False
+        )
+        return cpu_result if return_lse else cpu_result[0]
     _fallback(reasons)
     if return_lse:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32

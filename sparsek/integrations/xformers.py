@@ -1,0 +1,238 @@
+"""sparsek as an xFormers attention operator: `SparseKAttention`.
+
+    import xformers.ops as xops
+    from sparsek.integrations.xformers import SparseKAttention
+
+    out = xops.memory_efficient_attention_forward(q, k, v, attn_bias, op=SparseKAttention)
+    out = xops.memory_efficient_attention(q, k, v, attn_bias, op=(SparseKAttention, None))
+
+What it runs: `torch.ops.sparsek.attention` (forward only). CUDA tensors go to the sm_90a
+kernels; CPU tensors run sparsek's float32 reference (the correctness oracle, not a fast
+path), so code written against this operator also runs on a machine without a GPU.
+
+Supported (everything else is refused by `not_supported_reasons`, with the reason):
+  * devices: cuda (compute capability 9.0 with a registered kernel: head_dim 64 or 128),
+    cpu (any head_dim; float16 only, since xFormers refuses bfloat16 off the GPU);
+  * dtypes: float16, bfloat16; key/value head_dim equal to query's;
+  * attn_bias: None, LowerTriangularMask (causal, top-left aligned),
+    LowerTriangularFromBottomRightMask (causal, bottom-right aligned); custom `scale`;
+  * layouts: BMK, BMHK and BMGHK. Grouped-query / multi-query attention is expressed in
+    xFormers by expanding K/V along the head axis with stride 0; such K/V are narrowed
+    back to their real heads (a view, no copy) and run as sparsek's GQA.
+
+Not supported: block-diagonal (variable-length / paged) biases, which need sparsek's
+varlen kernel (not written yet); local-window masks; tensor biases; dropout; a custom
+output dtype; partial attention; and backward (inputs that require grad are refused).
+
+Shapes handed to xFormers: output like the query with value's head_dim; LSE (when asked
+for, `needs_gradient=True`) float32 of shape (B, H, Mq) for BMHK or (B, G, H, Mq) for BMGHK,
+natural log, -inf for rows that see no key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    from xformers.ops.fmha import attn_bias as _xbias
+    from xformers.ops.fmha.common import AttentionFwOpBase, Context, Inputs
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "sparsek.integrations.xformers needs xFormers, which is not installed "
+        f"({type(exc).__name__}: {exc}); install it with: pip install sparsek[xformers]"
+    ) from exc
+
+from sparsek import api as _api
+from sparsek.registry import dtype_name
+
+__all__ = ["SparseKAttention"]
+
+# The base class adds this reason for CUDA inputs when xFormers' own C++/CUDA extension is
+# not loaded. sparsek launches its own kernels and never calls that extension.
+_XFORMERS_EXTENSION_REASON = "xFormers wasn't build with CUDA support"
+
+# Biases whose structure sparsek's dense kernels cannot express.
+_VARLEN_BIASES: tuple[type, ...] = tuple(_xbias.VARLEN_BIASES)
+_LOCAL_BIASES: tuple[type, ...] = (
+    _xbias.LocalAttentionFromBottomRightMask,
+    _xbias.LowerTriangularFromBottomRightLocalAttentionMask,
+)
+
+
+class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
+    """xFormers forward operator backed by sparsek (`torch.ops.sparsek.attention`).
+
+    Pass it as `op=SparseKAttention` to `memory_efficient_attention_forward` /
+    `memory_efficient_attention_forward_requires_grad`, or as `op=(SparseKAttention, None)`
+    to `memory_efficient_attention`. See the module docstring for what it supports;
+    `SparseKAttention.not_supported_reasons(inputs)` says why a given input is refused.
+    """
+
+    OPERATOR = torch.ops.sparsek.attention
+    NAME = "sparsekF"
+    SUPPORTED_DEVICES: set[str] = {"cuda", "cpu"}  # noqa: RUF012 (xFormers' declared type)
+    CUDA_MINIMUM_COMPUTE_CAPABILITY = (9, 0)
+    SUPPORTED_DTYPES: set[torch.dtype] = {torch.float16, torch.bfloat16}  # noqa: RUF012
+    # Head dims are checked per device in `not_supported_reasons`: on CUDA the registry's
+    # (64, 128 on sm_90a), on CPU any (the reference is exact for every head_dim).
+    SUPPORTED_MAX_K = math.inf
+    SUPPORTED_MIN_K = 1
+    SUPPORTED_ATTN_BIAS_TYPES: tuple[Any, ...] = (
+        type(None),
+        _xbias.LowerTriangularMask,
+        _xbias.LowerTriangularFromBottomRightMask,
+    )
+    SUPPORTS_DROPOUT = False
+    SUPPORTS_CUSTOM_SCALE = True
+    SUPPORTS_DIFFERENT_VALUE_EMBED = False
+    SUPPORTS_OUTPUT_DTYPE = False
+    SUPPORTS_PARTIAL = False
+    SUPPORTS_BMGHK = True
+    IS_DETERMINISTIC = True
+
+    @classmethod
+    def not_supported_reasons(cls, d: Inputs) -> list[str]:
+        """Why these inputs cannot run on this operator (empty when they can).
+
+        Args:
+            d: xFormers' normalized inputs (query/key/value in BMHK or BMGHK).
+
+        Returns:
+            One sentence per problem: xFormers' generic checks (device, dtype, compute
+            capability, bias type, dropout, output dtype, ...) plus sparsek's own (bias
+            types that need the varlen kernel, head dims without a kernel, gradients).
+        """
+        reasons: list[str] = [
+            r for r in super().not_supported_reasons(d) if r != _XFORMERS_EXTENSION_REASON
+        ]
+        query, key, value = d.query, d.key, d.value
+        reasons.extend(_bias_reasons(d.attn_bias))
+        for name, t in (("key", key), ("value", value)):
+            if t.dtype != query.dtype:
+                reasons.append(f"{name}.dtype={t.dtype} differs from query.dtype={query.dtype}")
+        if d.scale is not None and not (math.isfinite(d.scale) and d.scale > 0):
+            reasons.append(f"scale={d.scale} must be finite and > 0")
+        if any(t.requires_grad for t in (query, key, value)):
+            reasons.append(
+                "backward is not provided: sparsek is forward-only, but query/key/value "
+                "require grad; detach them (or pick an xFormers op with a backward pass)"
+            )
+        head_dim = query.shape[-1]
+        if (
+            query.device.type == "cuda"
+            and query.dtype in cls.SUPPORTED_DTYPES
+            and value.shape[-1] == head_dim
+        ):
+            index = query.device.index if query.device.index is not None else -1
+            causal = d.attn_bias is not None
+            reasons.extend(
+                _api._registry_blockers(
+                    index, _api._static_head_dim(head_dim), dtype_name(query.dtype), causal
+                )
+            )
+        return reasons
+
+    @classmethod
+    def apply(cls, inp: Inputs, needs_gradient: bool) -> tuple[Tensor, Context | None]:
+        """Run the forward pass.
+
+        Args:
+            inp: inputs `not_supported_reasons` accepted; query (B, Mq, H, K) or
+                (B, Mq, G, H, K), key/value (B, Mk, H, K) or (B, Mk, G, H, K).
+            needs_gradient: also return a `Context` holding the LSE (xFormers asks for it
+                in `memory_efficient_attention_forward_requires_grad`).
+
+        Returns:
+            out: query's shape with value's head_dim, query's dtype; and a `Context` with
+            lse (B, H, Mq) or (B, G, H, Mq) float32 when `needs_gradient`, else None.
+
+        Raises:
+            NotImplementedError: the bias type is not supported (see
+                `not_supported_reasons`).
+        """
+        bias = inp.attn_bias
+        if type(bias) not in cls.SUPPORTED_ATTN_BIAS_TYPES:
+            raise NotImplementedError(
+                f"SparseKAttention does not support attn_bias of type {type(bias).__name__}: "
+                + "; ".join(_bias_reasons(bias))
+            )
+        causal = bias is not None
+        top_left = type(bias) is _xbias.LowerTriangularMask
+        query = inp.query
+        q, k, v = _to_sparsek_layout(query, inp.key, inp.value)
+        out, lse = _attention_bshd(q, k, v, causal, float(inp.scale_float), top_left)
+        out = out.view(*query.shape[:-1], out.shape[-1])
+        if not needs_gradient:
+            return out, None
+        if query.ndim == 5:
+            lse = lse.reshape(lse.shape[0], query.shape[2], query.shape[3], lse.shape[-1])
+        return out, Context(out=out, lse=lse)
+
+
+def _bias_reasons(bias: object) -> list[str]:
+    """sparsek's specific reasons for refusing a bias (empty for the supported ones)."""
+    kind = type(bias).__name__
+    supported = "supported: None, LowerTriangularMask, LowerTriangularFromBottomRightMask"
+    if type(bias) in SparseKAttention.SUPPORTED_ATTN_BIAS_TYPES:
+        return []
+    if isinstance(bias, _VARLEN_BIASES):
+        return [
+            f"attn_bias {kind} is a block-diagonal (variable-length) mask: it needs sparsek's "
+            f"varlen kernel, which is not implemented yet (support pending; {supported})"
+        ]
+    if isinstance(bias, (Tensor, _xbias.LowerTriangularMaskWithTensorBias)):
+        return [f"attn_bias {kind}: tensor (additive) biases are not supported ({supported})"]
+    if isinstance(bias, _LOCAL_BIASES):
+        return [f"attn_bias {kind}: local (sliding-window) attention is not supported"]
+    return [f"attn_bias {kind} is not supported ({supported})"]
+
+
+def _to_sparsek_layout(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, M, [G,] H, K) xFormers tensors -> sparsek's (B, M, heads, K), views where possible.
+
+    The query's (G, H) axes merge into G*H heads (group-major, as xFormers numbers them).
+    K/V expanded along H with stride 0 (xFormers' way to write GQA/MQA) keep one head per
+    group, so K/V head g serves query heads [g*H, (g+1)*H): sparsek's GQA convention. A K/V
+    head axis that is expanded altogether becomes a single head (MQA). Nothing is copied
+    except a query (or a partly expanded K/V) whose axes cannot merge as a view.
+    """
+    if query.ndim == 5:
+        batch, seqlen_q, groups, heads, head_dim = query.shape
+        query = query.reshape(batch, seqlen_q, groups * heads, head_dim)
+        if heads == 1 or (key.stride(3) == 0 and value.stride(3) == 0):
+            key, value = key[:, :, :, 0], value[:, :, :, 0]
+        else:
+            key = key.reshape(batch, key.shape[1], groups * heads, key.shape[-1])
+            value = value.reshape(batch, value.shape[1], groups * heads, value.shape[-1])
+    if key.shape[2] > 1 and key.stride(2) == 0 and value.stride(2) == 0:
+        key, value = key[:, :, :1], value[:, :, :1]
+    return _unit_dims_strided(query), _unit_dims_strided(key), _unit_dims_strided(value)
+
+
+def _unit_dims_strided(t: Tensor) -> Tensor:
+    """`t` with stride-0 axes of size 1 given ordinary strides (a view of the same memory).
+
+    Such strides are legal (an axis of size 1 is never stepped along) but the kernel's TMA
+    rules want positive strides and would copy the tensor; here any stride is equally right.
+    """
+    if not any(n == 1 and s == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1], strict=True)):
+        return t
+    strides = list(t.stride())
+    for axis in range(t.ndim - 2, -1, -1):
+        if t.shape[axis] == 1 and strides[axis] == 0:
+            strides[axis] = strides[axis + 1] * t.shape[axis + 1]
+    return t.as_strided(t.shape, strides, t.storage_offset())
+
+
+def _attention_bshd(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, top_left: bool
+) -> tuple[Tensor, Tensor]:
+    """The sparsek op on BSHD tensors -> (out (B, Sq, H, Kv), lse (B, H, Sq) float32)."""
+    if q.device.type == "cuda":
+        return _api._run_op(q, k, v, causal, scale, top_left)
+    result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(q, k, v, causal, scale, top_left)
+    return result
