@@ -210,6 +210,42 @@ def _resolve_scale(name: str, scale: object, head_dim: int) -> float:
     return float(scale)
 
 
+def check_kv_matches_q(names: tuple[str, str, str], q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Rules every attention entry point shares, whatever the layout (heads on dim -2 of
+    k after any batch/sequence dims; K and V alike but for the last dim).
+
+    Raises:
+        ValueError: k/v dtype or device differ from q's, v's shape differs from k's but for
+            the last dim, head_dim differs or is 0, or q's heads are no multiple of k's.
+    """
+    q_name, k_name, v_name = names
+    for name, t in ((k_name, k), (v_name, v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype={t.dtype} must equal {q_name}.dtype={q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}.device={t.device} must equal {q_name}.device={q.device}")
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(
+            f"{v_name} shape {tuple(v.shape)} must match {k_name} shape {tuple(k.shape)} "
+            "except for the last dim"
+        )
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"{k_name} head_dim={k.shape[-1]} must equal {q_name} head_dim={q.shape[-1]}"
+        )
+    if q.shape[-1] == 0:
+        raise ValueError(f"{q_name} head_dim must be >= 1, got 0")
+
+
+def check_head_ratio(names: tuple[str, str, str], num_heads: int, num_kv_heads: int) -> None:
+    """num_heads must be a positive multiple of num_kv_heads (GQA/MQA)."""
+    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_heads={num_heads} of {names[0]} must be a multiple of "
+            f"num_kv_heads={num_kv_heads} of {names[1]}"
+        )
+
+
 def _check_qkv(
     names: tuple[str, str, str],
     q: object,
@@ -235,32 +271,13 @@ def _check_qkv(
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
     for name, t in ((k_name, k), (v_name, v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}.dtype={t.dtype} must equal {q_name}.dtype={q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}.device={t.device} must equal {q_name}.device={q.device}")
         if t.shape[0] != q.shape[0]:
             raise ValueError(
                 f"{name} batch size {t.shape[0]} must equal {q_name} batch size {q.shape[0]}"
             )
-    seq_axis = 3 - head_axis
-    if v.shape[seq_axis] != k.shape[seq_axis] or v.shape[head_axis] != k.shape[head_axis]:
-        raise ValueError(
-            f"{v_name} shape {tuple(v.shape)} must match {k_name} shape {tuple(k.shape)} "
-            "except for the last dim"
-        )
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"{k_name} head_dim={k.shape[-1]} must equal {q_name} head_dim={q.shape[-1]}"
-        )
-    if q.shape[-1] == 0:
-        raise ValueError(f"{q_name} head_dim must be >= 1, got 0")
     num_heads, num_kv_heads = q.shape[head_axis], k.shape[head_axis]
-    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"num_heads={num_heads} of {q_name} must be a multiple of num_kv_heads={num_kv_heads} "
-            f"of {k_name}"
-        )
+    check_kv_matches_q(names, q, k, v)
+    check_head_ratio(names, num_heads, num_kv_heads)
     if not enable_gqa and num_heads != num_kv_heads:
         raise ValueError(
             f"{q_name} has {num_heads} heads but {k_name} has {num_kv_heads}; "
@@ -339,7 +356,7 @@ def _strict() -> bool:
     return os.environ.get(STRICT_ENV, "") not in ("", "0")
 
 
-def _fallback(reasons: tuple[str, ...]) -> None:
+def _fallback(reasons: tuple[str, ...], action: str = "falling back to torch SDPA") -> None:
     """Raise in strict mode, else log each distinct reason once (never while tracing)."""
     if _strict():
         raise UnsupportedError(f"sparsek kernels cannot run this input ({STRICT_ENV}=1)", reasons)
@@ -348,7 +365,7 @@ def _fallback(reasons: tuple[str, ...]) -> None:
     message = "; ".join(reasons)
     if message not in _logged_reasons:
         _logged_reasons.add(message)
-        logger.warning("sparsek: falling back to torch SDPA: %s", message)
+        logger.warning("sparsek: %s: %s", action, message)
 
 
 def _sdpa_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
