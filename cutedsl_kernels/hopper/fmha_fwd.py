@@ -27,6 +27,12 @@ Structure: one CTA per (query tile, head, batch); warp-specialized with TMA + mb
               TMA V[n] -> sV[s] [pipeline_v] ->    O = O * rescale + P V (wgmma, P in regs)
                                                  O /= l; LSE; O -> sO (reuses sQ) -> TMA store
 
+The consumer loop above is the serial schedule (`intra_wg_overlap=False`). The default
+overlaps each tile's softmax with the tensor-core work (see `mainloop.py`): QK^T of tile n
+is issued together with PV of tile n+1, and with 2-3 MMA warpgroups they take turns
+issuing GEMMs (named barriers), so one warpgroup's softmax hides under another's GEMMs.
+CTAs of causal problems take query tiles from the last (most keys) to the first.
+
 Key tiles are visited from the last to the first so that the only tile that needs the
 sequence-end mask, and the tiles that cross the causal diagonal, come first.
 """
