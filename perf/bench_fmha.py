@@ -3,9 +3,13 @@
     python perf/bench_fmha.py --out perf/results/h100          # full run on a GPU
     python perf/bench_fmha.py --list                           # planned rows, no GPU needed
     python perf/bench_fmha.py --dry-run                        # fake providers on CPU tensors
+    python perf/bench_fmha.py --suites xformers --out DIR      # opt-in: xFormers bias rows
 
 Writes <out>/results.csv (one row per shape x provider x kind, flushed as measured) and
 <out>/table.md (also printed). See perf/README.md for what each kind measures.
+
+The xformers suite (provider sparsek_xformers) is opt-in and refused together with fa4:
+xFormers and FlashAttention-4 cannot be imported in one process.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from perf import shapes  # noqa: E402
-from perf.shapes import PROVIDERS, SUITES, Case  # noqa: E402
+from perf.shapes import ALL_PROVIDERS, ALL_SUITES, SUITES, Case  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -42,8 +46,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, help="output directory (results.csv, table.md)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list of providers")
-    p.add_argument("--suites", default=",".join(SUITES), help="comma list of suites")
+    p.add_argument(
+        "--providers",
+        help=f"comma list of providers (known: {', '.join(ALL_PROVIDERS)}); default: "
+        f"{', '.join(shapes.PROVIDERS)}, or {', '.join(shapes.XFORMERS_SUITE_PROVIDERS)} "
+        "when the xformers suite is asked for",
+    )
+    p.add_argument(
+        "--suites",
+        default=",".join(SUITES),
+        help=f"comma list of suites (known: {', '.join(ALL_SUITES)}); default: "
+        f"{', '.join(SUITES)} (xformers is opt-in and cannot run with fa4)",
+    )
     p.add_argument("--quick", action="store_true", help="a few shapes of every suite")
     p.add_argument("--list", action="store_true", help="print the planned rows and exit")
     p.add_argument("--dry-run", action="store_true", help="fake providers, CPU, tiny shapes")
@@ -59,8 +73,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="stop measuring after this many seconds (rows left are recorded as not run)",
     )
     args = p.parse_args(argv)
-    args.providers = _split(p, args.providers, PROVIDERS, "provider")
-    args.suites = _split(p, args.suites, SUITES, "suite")
+    args.suites = _split(p, args.suites, ALL_SUITES, "suite")
+    if args.providers is None:
+        args.providers = shapes.default_providers(args.suites)
+    else:
+        args.providers = _split(p, args.providers, ALL_PROVIDERS, "provider")
+    conflict = shapes.conflict(args.suites, args.providers)
+    if conflict:
+        p.error(conflict)
     if not (args.list or args.dry_run or args.out):
         p.error("--out is required for a measured run (or use --list / --dry-run)")
     return args
@@ -87,7 +107,20 @@ def plan(args: argparse.Namespace) -> list[Case]:
 
 
 def print_plan(cases: list[Case], providers: tuple[str, ...], dtype: str) -> None:
-    fields = ("suite", "kind", "provider", "dtype", "B", "Sq", "Sk", "H", "Hkv", "D", "causal")
+    fields = (
+        "suite",
+        "kind",
+        "provider",
+        "dtype",
+        "B",
+        "Sq",
+        "Sk",
+        "H",
+        "Hkv",
+        "D",
+        "causal",
+        "bias",
+    )
     print("\t".join((*fields, "GFLOP")))
     count = 0
     for case in cases:
@@ -106,6 +139,7 @@ def print_plan(cases: list[Case], providers: tuple[str, ...], dtype: str) -> Non
                             *dims,
                             case.head_dim,
                             case.causal,
+                            case.bias,
                             gflop,
                         )
                     )
@@ -180,6 +214,7 @@ class Runner:
             "num_kv_heads": case.num_kv_heads,
             "head_dim": case.head_dim,
             "causal": case.causal,
+            "bias": case.bias,
             "git_sha": self.info.git_sha,
             "dsl_version": self.info.dsl_version,
             "torch_version": self.info.torch_version,

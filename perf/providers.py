@@ -12,6 +12,10 @@ Causal is bottom-right aligned everywhere (query i sees key j <= i + seqlen_k - 
 PyTorch's `is_causal` is top-left, so for seqlen_q != seqlen_k the SDPA rows call the backend
 ops that implement bottom-right masking directly (what `torch.nn.attention.bias.causal_lower_right`
 dispatches to, but without its silent fallback from one backend to another).
+
+`sparsek_xformers` (xformers suite only) runs sparsek through its xFormers operator,
+`memory_efficient_attention_forward(q, k, v, attn_bias=<case.bias>, op=SparseKAttention)`.
+It imports xFormers, so it never shares a process with `fa4` (bench_fmha.py refuses that).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from perf import shapes
 from perf.shapes import Case
 
 AttnFn = Callable[[], Tensor]
@@ -64,23 +69,27 @@ def _import_error(module: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _strict() -> Iterator[None]:
+    previous = os.environ.get(STRICT_ENV)
+    os.environ[STRICT_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[STRICT_ENV]
+        else:
+            os.environ[STRICT_ENV] = previous
+
+
 class SparsekProvider(Provider):
     name = "sparsek"
 
     def unavailable(self) -> str | None:
         return _import_error("sparsek")
 
-    @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
-        previous = os.environ.get(STRICT_ENV)
-        os.environ[STRICT_ENV] = "1"
-        try:
-            yield
-        finally:
-            if previous is None:
-                del os.environ[STRICT_ENV]
-            else:
-                os.environ[STRICT_ENV] = previous
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        return _strict()
 
     def version(self) -> str:
         import sparsek
@@ -94,6 +103,70 @@ class SparsekProvider(Provider):
 
         def run() -> Tensor:
             return cast(Tensor, sparsek.attention(q, k, v, causal=causal))
+
+        return run
+
+
+class SparsekXformersProvider(Provider):
+    """sparsek through xFormers: `memory_efficient_attention_forward(..., op=SparseKAttention)`.
+
+    q, k, v are passed as they are (BMHK, the layout every provider gets); the case's `bias`
+    names the xFormers attn_bias (causal cases of other suites map to the bottom-right mask,
+    the harness's convention). On CPU the operator runs sparsek's float32 reference, which
+    xFormers allows for float16 only: with `cpu_fp16` (the dry run) bfloat16 CPU inputs are
+    converted to float16 once, before anything is timed, and the output back to bfloat16.
+    Inputs the operator refuses raise `Unsupported` with its own reasons.
+    """
+
+    name = shapes.XFORMERS_PROVIDER
+
+    def __init__(self, cpu_fp16: bool = False) -> None:
+        self._cpu_fp16 = cpu_fp16
+
+    def unavailable(self) -> str | None:
+        return _import_error("sparsek.integrations.xformers")
+
+    def version(self) -> str:
+        import xformers
+
+        import sparsek
+
+        version = f"sparsek {sparsek.__version__} xformers {xformers.__version__}"
+        return version + (" (dry run: CPU float16)" if self._cpu_fp16 else "")
+
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        return _strict()
+
+    @staticmethod
+    def attn_bias(case: Case) -> Any:
+        from xformers.ops.fmha import attn_bias
+
+        name = case.bias or (shapes.BIAS_BOTTOM_RIGHT if case.causal else shapes.BIAS_NONE)
+        if name == shapes.BIAS_NONE:
+            return None
+        return getattr(attn_bias, name)()
+
+    def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
+        from xformers.ops.fmha import memory_efficient_attention_forward
+        from xformers.ops.fmha.common import Inputs
+
+        from sparsek.integrations.xformers import SparseKAttention
+
+        if case.num_kv_heads != case.num_heads:
+            raise Unsupported("GQA rows are not in the xformers suite (BMHK needs Hkv = H)")
+        bias = self.attn_bias(case)
+        out_dtype = q.dtype
+        if self._cpu_fp16 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            q, k, v = (t.half() for t in (q, k, v))
+        reasons = SparseKAttention.not_supported_reasons(
+            Inputs(query=q, key=k, value=v, attn_bias=bias)
+        )
+        if reasons:
+            raise Unsupported("SparseKAttention refuses this input: " + "; ".join(reasons))
+
+        def run() -> Tensor:
+            out = memory_efficient_attention_forward(q, k, v, attn_bias=bias, op=SparseKAttention)
+            return cast(Tensor, out).to(out_dtype)
 
         return run
 
@@ -196,6 +269,7 @@ def real_providers() -> dict[str, Provider]:
         "sdpa_cudnn": SdpaProvider("sdpa_cudnn", "CUDNN_ATTENTION"),
         "sdpa_efficient": SdpaProvider("sdpa_efficient", "EFFICIENT_ATTENTION"),
         "fa4": Fa4Provider(),
+        shapes.XFORMERS_PROVIDER: SparsekXformersProvider(),
     }
 
 
@@ -246,6 +320,9 @@ def fake_providers() -> dict[str, Provider]:
         "sdpa_cudnn": FakeProvider("sdpa_cudnn"),
         "sdpa_efficient": FakeProvider("sdpa_efficient", mode="wrong"),
         "fa4": FakeProvider("fa4", mode="error"),
+        # The real operator: on CPU it runs sparsek's float32 reference through xFormers'
+        # dispatch (xFormers takes float16 only there, so bf16 inputs are converted first).
+        shapes.XFORMERS_PROVIDER: SparsekXformersProvider(cpu_fp16=True),
     }
 
 

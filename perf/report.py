@@ -4,7 +4,10 @@
 
 The table has one row per shape and one column per provider: TFLOP/s for kernel rows,
 microseconds for latency rows, milliseconds for first-call rows. "sparsek/best" is the best
-peer's time over sparsek's time (> 1: sparsek is faster), over peers whose check passed.
+peer's time over sparsek's time (> 1: sparsek is faster), over peers whose check passed
+(sparsek_xformers is sparsek itself behind xFormers' dispatch, so it is never a peer). Rows of
+the xformers suite carry the xFormers bias type in the `bias` column (empty elsewhere); the
+table shows it in a `bias` column when any row has one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ COLUMNS: tuple[str, ...] = (
     "num_kv_heads",
     "head_dim",
     "causal",
+    "bias",
     "ms",
     "tflops",
     "check",
@@ -46,8 +50,17 @@ COLUMNS: tuple[str, ...] = (
     "command",
 )
 SHAPE_COLUMNS = ("batch", "seqlen_q", "seqlen_k", "num_heads", "num_kv_heads", "head_dim", "causal")
-PROVIDER_ORDER = ("sparsek", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "fa4")
+PROVIDER_ORDER = (
+    "sparsek",
+    "sparsek_xformers",
+    "sdpa_flash",
+    "sdpa_cudnn",
+    "sdpa_efficient",
+    "fa4",
+)
 SUBJECT = "sparsek"
+# sparsek behind another front end: shown in the table, never counted as a peer.
+SUBJECT_VARIANTS = frozenset({"sparsek_xformers"})
 MAX_REASON_CHARS = 300
 
 Row = dict[str, str]
@@ -64,6 +77,8 @@ class CsvWriter:
 
     def __init__(self, path: Path, *, append: bool = False) -> None:
         exists = append and path.is_file() and path.stat().st_size > 0
+        if exists:
+            _upgrade_header(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file: IO[str] = path.open("a" if exists else "w", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, extrasaction="raise")
@@ -78,9 +93,35 @@ class CsvWriter:
         self._file.close()
 
 
-def read_csv(path: Path) -> list[Row]:
+def _upgrade_header(path: Path) -> None:
+    """Rewrite a CSV written before a column was added (e.g. `bias`) with today's columns.
+
+    Appending rows of today's columns under an older header would shift every cell after the
+    new column; old rows get "" for the new columns instead. Unknown columns are refused.
+    """
     with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        header = tuple(reader.fieldnames or ())
+        if header == COLUMNS:
+            return
+        unknown = [c for c in header if c not in COLUMNS]
+        if unknown:
+            raise ValueError(f"{path}: cannot append, unknown column(s) {unknown}")
+        rows = list(reader)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: r.get(c) or "" for c in COLUMNS} for r in rows)
+    tmp.replace(path)
+
+
+def read_csv(path: Path) -> list[Row]:
+    """Rows of a results CSV; columns added since it was written read as ""."""
+    with path.open(newline="") as f:
+        return [
+            {c: "" for c in COLUMNS} | {k: v or "" for k, v in r.items()} for r in csv.DictReader(f)
+        ]
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -112,7 +153,7 @@ def _ratio(by_provider: dict[str, Row]) -> tuple[str, str]:
     peers = [
         r
         for p, r in by_provider.items()
-        if p != SUBJECT and _measured(r) and r.get("check") == "ok"
+        if p != SUBJECT and p not in SUBJECT_VARIANTS and _measured(r) and r.get("check") == "ok"
     ]
     if not _measured(subject) or not peers:
         return "", ""
@@ -124,8 +165,9 @@ def _ratio(by_provider: dict[str, Row]) -> tuple[str, str]:
     return ratio, best["provider"]
 
 
-def _shape_cells(row: Row) -> list[str]:
-    return [row["suite"], row["dtype"]] + [row[c] for c in SHAPE_COLUMNS]
+def _shape_cells(row: Row, with_bias: bool) -> list[str]:
+    cells = [row["suite"], row["dtype"]] + [row[c] for c in SHAPE_COLUMNS]
+    return [*cells, row.get("bias", "")] if with_bias else cells
 
 
 def _table(rows: Sequence[Row], kinds: tuple[str, ...], unit: str, ratio: bool) -> list[str]:
@@ -133,11 +175,14 @@ def _table(rows: Sequence[Row], kinds: tuple[str, ...], unit: str, ratio: bool) 
     if not selected:
         return []
     providers = _providers(selected)
+    # Rows of one shape differing only in the xFormers bias type are separate table rows.
+    with_bias = any(r.get("bias") for r in selected)
     groups: dict[tuple[str, ...], dict[str, Row]] = {}
     for r in selected:
-        key = (r["kind"], *_shape_cells(r))
+        key = (r["kind"], *_shape_cells(r, with_bias))
         groups.setdefault(key, {})[r["provider"]] = r
-    header = ["kind", "suite", "dtype", "B", "Sq", "Sk", "H", "Hkv", "D", "causal", *providers]
+    header = ["kind", "suite", "dtype", "B", "Sq", "Sk", "H", "Hkv", "D", "causal"]
+    header += [*(["bias"] if with_bias else []), *providers]
     if ratio:
         header += ["sparsek/best", "best peer"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

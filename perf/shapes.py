@@ -6,6 +6,12 @@ Every problem is a `Case`. Its `suite` decides the measurement kinds:
     latency              -> "eager"    wall time per call of back-to-back calls (host included)
                             "graph"    wall time per replay of a CUDA graph of one call
     first_call           -> "cold_first_call", "warm_first_call" (fresh processes, sparsek only)
+    xformers             -> "kernel"   one row per xFormers bias type (opt-in, see below)
+
+The `xformers` suite is not run by default: it times `sparsek_xformers` (sparsek's xFormers
+operator), and xFormers cannot be imported in a process that has FlashAttention-4 installed
+(FA4 takes the `flash_attn` name, which xFormers mistakes for FlashAttention-2). It must be
+asked for with `--suites xformers` and is refused together with provider `fa4`.
 
 This module imports nothing heavy (no torch) so `bench_fmha.py --list` runs anywhere.
 """
@@ -14,17 +20,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Default providers and suites (what a plain `bench_fmha.py` run measures).
 PROVIDERS: tuple[str, ...] = ("sparsek", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "fa4")
 SUITES: tuple[str, ...] = ("first_call", "grid", "gqa", "seqlen_qk", "latency")
+# Opt-in: named explicitly with --providers / --suites, never part of the defaults.
+XFORMERS_SUITE = "xformers"
+XFORMERS_PROVIDER = "sparsek_xformers"
+OPT_IN_PROVIDERS: tuple[str, ...] = (XFORMERS_PROVIDER,)
+OPT_IN_SUITES: tuple[str, ...] = (XFORMERS_SUITE,)
+ALL_PROVIDERS: tuple[str, ...] = PROVIDERS + OPT_IN_PROVIDERS
+ALL_SUITES: tuple[str, ...] = SUITES + OPT_IN_SUITES
+# Providers of the xformers suite when --providers is not given (fa4 cannot share the process).
+XFORMERS_SUITE_PROVIDERS: tuple[str, ...] = (
+    "sparsek",
+    XFORMERS_PROVIDER,
+    "sdpa_flash",
+    "sdpa_cudnn",
+    "sdpa_efficient",
+)
 KINDS_BY_SUITE: dict[str, tuple[str, ...]] = {
     "grid": ("kernel",),
     "gqa": ("kernel",),
     "seqlen_qk": ("kernel",),
     "latency": ("eager", "graph"),
     "first_call": ("cold_first_call", "warm_first_call"),
+    XFORMERS_SUITE: ("kernel",),
 }
 # Suites whose rows exist for sparsek only (they time sparsek's compile cache).
 SPARSEK_ONLY_SUITES: frozenset[str] = frozenset({"first_call"})
+
+# xFormers bias types the xformers suite times (the ones SparseKAttention supports), by the
+# name written in the CSV's `bias` column. "None" is attn_bias=None (no mask).
+BIAS_NONE = "None"
+BIAS_TOP_LEFT = "LowerTriangularMask"  # causal, query i sees keys j <= i
+BIAS_BOTTOM_RIGHT = "LowerTriangularFromBottomRightMask"  # j <= i + seqlen_k - seqlen_q
+XFORMERS_BIASES: tuple[str, ...] = (BIAS_NONE, BIAS_TOP_LEFT, BIAS_BOTTOM_RIGHT)
 
 # The main grid keeps the work per launch comparable: batch * seqlen = 16k tokens and
 # num_heads * head_dim = 2048 (FlashAttention's benchmark convention).
@@ -47,6 +77,20 @@ class Case:
     num_kv_heads: int
     head_dim: int
     causal: bool
+    # xFormers attn_bias type (xformers suite only; "" elsewhere). Must agree with `causal`.
+    bias: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.bias:
+            return
+        if self.bias not in XFORMERS_BIASES:
+            raise ValueError(f"unknown bias {self.bias!r}; known: {', '.join(XFORMERS_BIASES)}")
+        if self.causal != (self.bias != BIAS_NONE):
+            raise ValueError(f"bias {self.bias} does not match causal={self.causal}")
+        if self.bias == BIAS_TOP_LEFT and self.seqlen_q != self.seqlen_k:
+            # The reference and every peer are bottom-right causal; they agree with the
+            # top-left mask only when seqlen_q == seqlen_k.
+            raise ValueError("LowerTriangularMask (top-left) rows need seqlen_q == seqlen_k")
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -60,6 +104,8 @@ class Case:
         if self.num_kv_heads != self.num_heads:
             heads += f"/Hkv{self.num_kv_heads}"
         mask = "causal" if self.causal else "full"
+        if self.bias:
+            mask = f"bias={self.bias}"
         return f"{self.suite} B{self.batch} {seq} {heads} d{self.head_dim} {mask}"
 
 
@@ -115,13 +161,38 @@ def _latency() -> list[Case]:
     return [Case("latency", b, s, s, h, h, d, False) for b, h, s, d in shapes]
 
 
+def _xformers(
+    batch: int, seqlen: int, seqlen_qk: tuple[int, int], heads: int, head_dim: int
+) -> list[Case]:
+    """One row per supported xFormers bias at Sq = Sk, plus bottom-right causal at Sq < Sk."""
+    cases = [
+        Case(XFORMERS_SUITE, batch, seqlen, seqlen, heads, heads, head_dim, b != BIAS_NONE, b)
+        for b in XFORMERS_BIASES
+    ]
+    seqlen_q, seqlen_k = seqlen_qk
+    bottom_right = Case(
+        XFORMERS_SUITE, batch, seqlen_q, seqlen_k, heads, heads, head_dim, True, BIAS_BOTTOM_RIGHT
+    )
+    return [*cases, bottom_right]
+
+
 def _first_call() -> list[Case]:
     return [Case("first_call", 1, 512, 512, 16, 16, 128, False)]
 
 
 def full_cases() -> list[Case]:
-    """The whole plan, in run order (first_call first: its fresh processes start clean)."""
-    return _first_call() + _grid(GRID_SEQLENS, GRID_HEAD_DIMS) + _gqa() + _seqlen_qk() + _latency()
+    """The whole plan, in run order (first_call first: its fresh processes start clean).
+
+    Includes the opt-in xformers suite; `select` keeps the suites asked for.
+    """
+    return (
+        _first_call()
+        + _grid(GRID_SEQLENS, GRID_HEAD_DIMS)
+        + _gqa()
+        + _seqlen_qk()
+        + _latency()
+        + _xformers(4, 2048, (1024, 4096), 16, 128)
+    )
 
 
 def quick_cases() -> list[Case]:
@@ -132,6 +203,7 @@ def quick_cases() -> list[Case]:
         + _gqa()[1:]
         + _seqlen_qk()[1:]
         + _latency()[:1]
+        + _xformers(4, 2048, (1024, 4096), 16, 128)
     )
 
 
@@ -144,6 +216,7 @@ def dry_run_cases() -> list[Case]:
     cases.append(Case("gqa", 1, 64, 64, 4, 2, 64, True))
     cases += [Case("seqlen_qk", 1, 32, 96, 2, 2, 64, c) for c in CAUSAL_FLAGS]
     cases.append(Case("latency", 1, 32, 32, 2, 2, 64, False))
+    cases += _xformers(2, 64, (32, 96), 2, 64)
     return cases
 
 
@@ -153,7 +226,28 @@ def select(cases: list[Case], suites: tuple[str, ...]) -> list[Case]:
 
 
 def providers_for(case: Case, providers: tuple[str, ...]) -> tuple[str, ...]:
-    """Providers measured on `case` (first_call times sparsek alone)."""
+    """Providers measured on `case` (first_call times sparsek alone; sparsek_xformers and
+    the xformers suite go only together, and never with fa4)."""
     if case.suite in SPARSEK_ONLY_SUITES:
         return tuple(p for p in providers if p == "sparsek")
-    return providers
+    if case.suite == XFORMERS_SUITE:
+        return tuple(p for p in providers if p != "fa4")
+    return tuple(p for p in providers if p != XFORMERS_PROVIDER)
+
+
+def default_providers(suites: tuple[str, ...]) -> tuple[str, ...]:
+    """Providers when --providers is not given: the xformers set if that suite is asked for."""
+    return XFORMERS_SUITE_PROVIDERS if XFORMERS_SUITE in suites else PROVIDERS
+
+
+def conflict(suites: tuple[str, ...], providers: tuple[str, ...]) -> str | None:
+    """Why these suites and providers cannot run in one invocation (None when they can)."""
+    if XFORMERS_SUITE in suites and "fa4" in providers:
+        return (
+            "the xformers suite cannot run in the same invocation as provider fa4: xFormers "
+            "and FlashAttention-4 cannot be imported in one process (FA4 installs the "
+            "`flash_attn` package, which xFormers mistakes for FlashAttention-2). Run fa4 and "
+            "the xformers suite in separate invocations, e.g. --suites xformers --providers "
+            + ",".join(XFORMERS_SUITE_PROVIDERS)
+        )
+    return None

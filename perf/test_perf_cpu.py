@@ -31,7 +31,7 @@ def test_full_plan_covers_the_issue() -> None:
     grid = [c for c in cases if c.suite == "grid"]
     assert len(grid) == 2 * 2 * 6
     assert all(c.batch * c.seqlen_q == 16384 and c.num_heads * c.head_dim == 2048 for c in grid)
-    assert {c.suite for c in cases} == set(shapes.SUITES)
+    assert {c.suite for c in cases} == set(shapes.ALL_SUITES)
 
 
 @pytest.mark.parametrize(
@@ -74,3 +74,124 @@ def test_dry_run_writes_csv_and_table(tmp_path: Path) -> None:
 
         plot.plot(report.read_csv(out / "results.csv"), out / "plot.png")
         assert (out / "plot.png").stat().st_size > 0
+
+
+def _xformers_rows(out: Path, argv: list[str]) -> list[dict[str, str]]:
+    assert bench_fmha.main([*argv, "--out", str(out), "--warmup-ms", "1", "--rep-ms", "2"]) == 0
+    return report.read_csv(out / "results.csv")
+
+
+def test_xformers_suite_is_opt_in_and_refused_with_fa4(capsys: pytest.CaptureFixture[str]) -> None:
+    assert shapes.XFORMERS_SUITE not in shapes.SUITES
+    assert shapes.XFORMERS_PROVIDER not in shapes.PROVIDERS
+    default = bench_fmha.parse_args(["--list"])
+    assert shapes.XFORMERS_SUITE not in default.suites and "fa4" in default.providers
+    chosen = bench_fmha.parse_args(["--list", "--suites", "xformers"])
+    assert chosen.providers == shapes.XFORMERS_SUITE_PROVIDERS and "fa4" not in chosen.providers
+    for argv in (
+        ["--list", "--suites", "xformers", "--providers", "sparsek,fa4"],
+        ["--dry-run", "--suites", "grid,xformers", "--providers", "fa4,sparsek_xformers"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            bench_fmha.parse_args(argv)
+        assert exc.value.code == 2
+        assert "xformers suite cannot run in the same invocation as provider fa4" in (
+            capsys.readouterr().err
+        )
+
+
+def test_xformers_plan_has_a_row_per_bias(capsys: pytest.CaptureFixture[str]) -> None:
+    cases = shapes.select(shapes.full_cases(), (shapes.XFORMERS_SUITE,))
+    assert [(c.bias, c.seqlen_q, c.seqlen_k) for c in cases] == [
+        ("None", 2048, 2048),
+        ("LowerTriangularMask", 2048, 2048),
+        ("LowerTriangularFromBottomRightMask", 2048, 2048),
+        ("LowerTriangularFromBottomRightMask", 1024, 4096),
+    ]
+    assert all(
+        (c.batch, c.num_heads, c.num_kv_heads, c.head_dim) == (4, 16, 16, 128) for c in cases
+    )
+    assert all(c.causal == (c.bias != "None") for c in cases)
+    assert all(c.bias == "" for c in shapes.full_cases() if c.suite != shapes.XFORMERS_SUITE)
+    with pytest.raises(ValueError, match="seqlen_q == seqlen_k"):
+        shapes.Case("xformers", 1, 8, 16, 1, 1, 64, True, "LowerTriangularMask")
+    with pytest.raises(ValueError, match="does not match causal"):
+        shapes.Case("xformers", 1, 8, 8, 1, 1, 64, False, "LowerTriangularMask")
+    # Other suites never get sparsek_xformers; the xformers suite never gets fa4.
+    grid = next(c for c in shapes.full_cases() if c.suite == "grid")
+    assert shapes.providers_for(grid, shapes.ALL_PROVIDERS) == shapes.PROVIDERS
+    assert "fa4" not in shapes.providers_for(cases[0], shapes.ALL_PROVIDERS)
+
+    assert bench_fmha.main(["--list", "--suites", "xformers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:-1]]
+    assert len(rows) == 4 * len(shapes.XFORMERS_SUITE_PROVIDERS)
+    assert {r["bias"] for r in rows if r["provider"] == "sparsek_xformers"} == set(
+        shapes.XFORMERS_BIASES
+    )
+    assert lines[-1].startswith("# 20 rows, 4 shapes")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("xformers") is None, reason="xformers is not installed"
+)
+def test_xformers_dry_run_runs_the_operator_on_cpu(tmp_path: Path) -> None:
+    rows = _xformers_rows(tmp_path / "xf", ["--dry-run", "--suites", "xformers"])
+    assert {r["suite"] for r in rows} == {"xformers"}
+    assert {r["provider"] for r in rows} == set(shapes.XFORMERS_SUITE_PROVIDERS)
+    ours = [r for r in rows if r["provider"] == "sparsek_xformers"]
+    # The real SparseKAttention (sparsek's CPU reference) passes the check for every bias.
+    assert [r["bias"] for r in ours] == [
+        *shapes.XFORMERS_BIASES,
+        "LowerTriangularFromBottomRightMask",
+    ]
+    assert all(r["status"] == "ok" and r["check"] == "ok" for r in ours), ours
+    assert all("xformers 0.0.35" in r["provider_version"] for r in ours)
+    table = (tmp_path / "xf" / "table.md").read_text()
+    assert "| bias |" in table and "| LowerTriangularFromBottomRightMask |" in table
+    # Four table rows: the two Sq = Sk causal biases are not merged into one.
+    assert sum(line.startswith("| kernel | xformers") for line in table.splitlines()) == 4
+    # sparsek_xformers is sparsek itself: never the best peer.
+    assert "sparsek_xformers |" not in [line.rsplit("| ", 1)[-1] for line in table.splitlines()]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("xformers") is None, reason="xformers is not installed"
+)
+def test_xformers_bias_reaches_the_operator() -> None:
+    from perf.providers import SparsekXformersProvider, Unsupported
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 2, 32, dtype=torch.float16)
+    k = torch.randn(1, 24, 2, 32, dtype=torch.float16)
+    v = torch.randn(1, 24, 2, 32, dtype=torch.float16)
+    provider = SparsekXformersProvider()
+    bottom_right = shapes.Case(
+        "xformers", 1, 8, 24, 2, 2, 32, True, "LowerTriangularFromBottomRightMask"
+    )
+    ref = reference_attention(q, k, v, causal=True)
+    assert check_output(provider.prepare(bottom_right, q, k, v)(), ref, torch.float16).ok
+    # Top-left on Sq != Sk is another mask: the check would catch a bias mix-up.
+    top_left = shapes.Case("xformers", 1, 8, 8, 2, 2, 32, True, "LowerTriangularMask")
+    out = provider.prepare(top_left, q, k, v)()
+    assert not check_output(out, ref, torch.float16).ok
+    with pytest.raises(Unsupported, match="SparseKAttention refuses"):
+        provider.prepare(bottom_right, q.bfloat16(), k.bfloat16(), v.bfloat16())  # CPU: fp16 only
+
+
+def test_append_upgrades_an_old_header(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    old = [c for c in report.COLUMNS if c != "bias"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old)
+        writer.writeheader()
+        writer.writerow({c: "x" for c in old} | {"provider": "sparsek", "ms": "1"})
+    writer2 = report.CsvWriter(path, append=True)
+    writer2.write({"provider": "sparsek_xformers", "bias": "None", "ms": "2"})
+    writer2.close()
+    rows = report.read_csv(path)
+    assert [(r["provider"], r["bias"], r["ms"]) for r in rows] == [
+        ("sparsek", "", "1"),
+        ("sparsek_xformers", "None", "2"),
+    ]
