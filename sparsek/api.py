@@ -210,6 +210,17 @@ def _resolve_scale(name: str, scale: object, head_dim: int) -> float:
     return float(scale)
 
 
+def check_float_tensors(names: tuple[str, ...], tensors: tuple[object, ...], hint: str) -> None:
+    """Each of `tensors` is a floating-point torch.Tensor (TypeError naming it otherwise)."""
+    for name, t in zip(names, tensors, strict=True):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} has dtype {t.dtype}; supported: floating point {hint}".rstrip()
+            )
+
+
 def check_kv_matches_q(names: tuple[str, str, str], q: Tensor, k: Tensor, v: Tensor) -> None:
     """Rules every attention entry point shares, whatever the layout (heads on dim -2 of
     k after any batch/sequence dims; K and V alike but for the last dim).
@@ -258,14 +269,7 @@ def _check_qkv(
 ) -> None:
     """Validate three attention tensors; `head_axis` is 2 for BSHD and 1 for BHSD."""
     q_name, k_name, v_name = names
-    for name, t in zip(names, (q, k, v), strict=True):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(
-                f"{name} has dtype {t.dtype}; supported: floating point "
-                "(kernels: float16, bfloat16; others fall back)"
-            )
+    check_float_tensors(names, (q, k, v), "(kernels: float16, bfloat16; others fall back)")
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
     for name, t in zip(names, (q, k, v), strict=True):
         if t.dim() != 4:

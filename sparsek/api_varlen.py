@@ -26,6 +26,7 @@ from sparsek.api import (
     _fallback,
     _needs_grad,
     _resolve_scale,
+    check_float_tensors,
     check_head_ratio,
     check_kv_matches_q,
 )
@@ -262,11 +263,7 @@ def _check_attention_tensors(
 ) -> None:
     """q: one of `q_layouts`' ranks; k/v: the same rank as q (varlen) or 4-D (caches)."""
     q_name, k_name, v_name = names
-    for name, t in zip(names, (q, k, v), strict=True):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} has dtype {t.dtype}; supported: floating point")
+    check_float_tensors(names, (q, k, v), "")
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
     if q.dim() not in q_layouts:
         layouts = " or ".join(f"{rank}-D {text}" for rank, text in q_layouts.items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import malformed
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -259,14 +260,8 @@ MALFORMED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("call", "error", "fragment"),
-    [pytest.param(c, e, f, id=name) for name, c, e, f in MALFORMED],
-)
+@pytest.mark.parametrize(("call", "error", "fragment"), malformed.params(MALFORMED))
 def test_malformed_input_is_rejected(
     call: Callable[[], object], error: type[Exception], fragment: str
 ) -> None:
-    with pytest.raises(error) as info:
-        call()
-    assert type(info.value) is error
-    assert fragment in str(info.value)
+    malformed.assert_rejected(call, error, fragment)
