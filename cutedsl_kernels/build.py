@@ -7,7 +7,8 @@ directly and launches on the framework's current stream.
 
 Runtime signature of every compiled forward kernel (the contract with `sparsek`):
 
-    fn(q, k, v, out, lse, softmax_scale: float, causal_offset: int) -> None
+    fn(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
+       softmax_scale: float, causal_offset: int, max_seqlen_q: int, num_splits: int)
 
     q, out: (batch, seqlen_q, num_heads, head_dim)        dtype = config.dtype
     k, v:   (batch, seqlen_k, num_kv_heads, head_dim)     dtype = config.dtype
@@ -15,8 +16,20 @@ Runtime signature of every compiled forward kernel (the contract with `sparsek`)
     The last dim of q/k/v/out is contiguous; other strides are arbitrary multiples of 8
     elements and base pointers are 16-byte aligned (TMA's rules). num_heads is a multiple
     of num_kv_heads. seqlen_q >= 1, seqlen_k >= 1.
-    causal_offset (causal configs only): key j is visible to query i iff j <= i + offset.
+    causal_offset (dense causal configs): key j is visible to query i iff j <= i + offset.
     Rows with no visible key get out = 0 and lse = -inf.
+    Variable-length configs (see `FmhaFwdConfig`): `varlen_q` packs q/out/lse as a batch
+    of one, (1, total_q, ...) / (1, num_heads, total_q), delimited by cu_seqlens_q
+    (batch + 1 int32) with max_seqlen_q its longest sequence; kv_layout "varlen" packs
+    k/v likewise with cu_seqlens_k; "cache" takes seqused_k (batch int32) keys of each
+    batch entry; "paged" reads k/v as (num_pages, page_size, num_kv_heads, head_dim)
+    through page_table (batch, max_pages int32) with seqused_k. Metadata a config does
+    not use is passed as None; num_splits is 1 unless `split_kv`, where out and lse gain
+    a leading num_splits mode and are float32 partial results.
+
+The split-KV combine kernel (`CombineConfig`):
+
+    fn(o_partial, lse_partial, out, lse)   (see `common/split_combine.py`)
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cutedsl_kernels.config import FmhaFwdConfig
+from cutedsl_kernels.config import CombineConfig, KernelConfig
 
 KERNEL_DIR = Path(__file__).resolve().parent
 
@@ -51,8 +64,12 @@ def dsl_version() -> str:
         return "missing"
 
 
-def can_implement(config: FmhaFwdConfig) -> list[str]:
+def can_implement(config: KernelConfig) -> list[str]:
     """Reasons `config` cannot be compiled (empty when it can)."""
+    if isinstance(config, CombineConfig):
+        from cutedsl_kernels.common.split_combine import SplitCombine
+
+        return SplitCombine.can_implement(config)
     if config.arch.startswith("sm_90"):
         from cutedsl_kernels.hopper import limits  # no DSL import: launch path
 
@@ -68,7 +85,7 @@ def _set_target_arch(arch: str) -> None:
     CuTeDSL._get_dsl().envar.arch = arch
 
 
-def compile_fwd(config: FmhaFwdConfig) -> Any:
+def compile_kernel(config: KernelConfig) -> Any:
     """Compile `config` for `config.arch` (no GPU needed) and return the compiled function.
 
     Raises:
@@ -80,21 +97,27 @@ def compile_fwd(config: FmhaFwdConfig) -> Any:
     _set_target_arch(config.arch)
     import cutlass.cute as cute
 
-    from cutedsl_kernels.hopper.fmha_fwd import HopperFmhaForward
+    kernel: Any
+    if isinstance(config, CombineConfig):
+        from cutedsl_kernels.common.split_combine import SplitCombine
 
-    kernel = HopperFmhaForward(config)
+        kernel = SplitCombine(config)
+    else:
+        from cutedsl_kernels.hopper.fmha_fwd import HopperFmhaForward
+
+        kernel = HopperFmhaForward(config)
     args = kernel.fake_arguments()
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     return cute.compile(kernel, *args, stream, options=f"--enable-tvm-ffi --gpu-arch {config.arch}")
 
 
-def export_fwd(compiled: Any, path: str, function_name: str) -> None:
+def export_kernel(compiled: Any, path: str, function_name: str) -> None:
     """Write a compiled kernel (host launcher + cubin) to `path` (any name).
 
     With a C compiler on PATH (`$CC`, cc, gcc) the object is linked into a shared library
-    that `load_fwd` opens with TVM-FFI alone, without importing the DSL (the DSL import
+    that `load_kernel` opens with TVM-FFI alone, without importing the DSL (the DSL import
     dominates a warm process start). Otherwise `path` holds the relocatable object, which
-    `load_fwd` opens through the DSL.
+    `load_kernel` opens through the DSL.
     """
     obj = f"{path}.o.tmp"
     try:
@@ -119,7 +142,7 @@ def _link_shared(obj: str, path: str) -> bool:
     return done.returncode == 0
 
 
-def load_fwd(path: str, function_name: str) -> Callable[..., None]:
+def load_kernel(path: str, function_name: str) -> Callable[..., None]:
     """Load an exported kernel; the result is callable with framework tensors."""
     if _is_shared_library(path):
         import tvm_ffi

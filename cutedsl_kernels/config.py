@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 SUPPORTED_DTYPES = ("float16", "bfloat16")
 
+# Where a kernel finds each batch's keys and values (see `FmhaFwdConfig.kv_layout`).
+KV_LAYOUTS = ("dense", "varlen", "cache", "paged")
+
 
 @dataclass(frozen=True)
 class FmhaFwdConfig:
@@ -28,6 +31,17 @@ class FmhaFwdConfig:
         num_stages: depth of the K/V shared-memory pipeline.
         intra_wg_overlap: overlap each warpgroup's softmax with its own next GEMMs.
         wg_pingpong: two MMA warpgroups take turns issuing GEMMs.
+        varlen_q: queries (and outputs, LSE) of all sequences are packed along one token
+            axis and delimited by `cu_seqlens_q`.
+        kv_layout: "dense" (batch, seqlen_k, ...), every batch the same length;
+            "varlen" packed along one token axis, delimited by `cu_seqlens_k`;
+            "cache" (batch, capacity, ...) with `seqused_k` keys used per batch;
+            "paged" (num_pages, page_size, ...) reached through `page_table`, `seqused_k`
+            keys per batch. Every layout but "dense" aligns the causal diagonal
+            bottom-right per sequence.
+        page_size: rows per page ("paged" only; a multiple of 16), else 0.
+        split_kv: the key range of each query tile is split across `num_splits` CTAs that
+            write float32 partial outputs and LSEs for a combine kernel to merge.
     """
 
     arch: str
@@ -39,6 +53,10 @@ class FmhaFwdConfig:
     num_stages: int = 2
     intra_wg_overlap: bool = True
     wg_pingpong: bool = True
+    varlen_q: bool = False
+    kv_layout: str = "dense"
+    page_size: int = 0
+    split_kv: bool = False
 
     @property
     def name(self) -> str:
@@ -48,4 +66,37 @@ class FmhaFwdConfig:
             f"fmha_fwd_{self.arch}_d{self.head_dim}_{self.dtype}_{mask}"
             f"_m{self.tile_m}n{self.tile_n}s{self.num_stages}"
             f"{'_ov' if self.intra_wg_overlap else ''}{'_pp' if self.wg_pingpong else ''}"
+            f"{'_vq' if self.varlen_q else ''}"
+            f"{'' if self.kv_layout == 'dense' else '_kv' + self.kv_layout}"
+            f"{f'{self.page_size}' if self.kv_layout == 'paged' else ''}"
+            f"{'_split' if self.split_kv else ''}"
         )
+
+    @property
+    def is_varlen(self) -> bool:
+        """Sequence lengths come per batch from metadata tensors (not from shapes)."""
+        return self.varlen_q or self.kv_layout != "dense"
+
+
+@dataclass(frozen=True)
+class CombineConfig:
+    """The split-KV combine kernel for one output type (see `common/split_combine.py`).
+
+    Attributes:
+        arch: target architecture, e.g. "sm_90a".
+        head_dim: head dimension of the output (a multiple of 32).
+        dtype: element type of the merged output, "float16" or "bfloat16".
+    """
+
+    arch: str
+    head_dim: int
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        """Short, filesystem-safe name, unique per config."""
+        return f"fmha_combine_{self.arch}_d{self.head_dim}_{self.dtype}"
+
+
+# Every compiled kernel's configuration (the kernel part of a cache key).
+KernelConfig = FmhaFwdConfig | CombineConfig

@@ -3,11 +3,12 @@
     out = sparsek.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
     out = sparsek.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
 
-Kernels pending (varlen/paged issue): both run the torch reference on every device for now
-(`sparsek.reference_varlen` through the `sparsek::attention_varlen` and
-`sparsek::attention_with_kvcache` ops). On CPU tensors that is the documented path; on any
-other device it is correct but slow, logged once per process through `sparsek.api`'s
-fallback logging, and an `UnsupportedError` under `SPARSEK_STRICT=1`.
+On CUDA both run the sm90 kernels through the `sparsek::attention_varlen` and
+`sparsek::attention_with_kvcache` ops. CPU tensors take the documented torch reference
+(`sparsek.reference_varlen`); anything else no kernel serves (another device, inputs that
+require grad, head_dim_v != head_dim, an unregistered head_dim or dtype) also runs the
+reference: correct but slow, logged once per reason through `sparsek.api`'s fallback
+logging, and an `UnsupportedError` under `SPARSEK_STRICT=1`.
 
 Validation reads shapes, dtypes and devices only, never tensor values (no host sync): the
 values of `cu_seqlens_*`, `cache_seqlens` and `block_table` are the caller's contract (the
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsek import ops_varlen  # noqa: F401 (registers the two torch ops)
+from sparsek import ops_varlen, ops_varlen_cuda
 from sparsek.api import (
     _check_flag,
     _fallback,
@@ -36,11 +37,11 @@ from sparsek.reference_varlen import (
     reference_attention_kvcache,
     reference_attention_varlen,
 )
+from sparsek.registry import Variant
 
-__all__ = ["KERNELS_PENDING", "attention_varlen", "attention_with_kvcache"]
+__all__ = ["attention_varlen", "attention_with_kvcache"]
 
-# The one fallback reason of both entry points until the varlen/paged kernels land.
-KERNELS_PENDING = "varlen/paged kernels are not implemented yet: running the torch reference"
+NEEDS_GRAD = "backward is not implemented (an input requires grad)"
 
 # Paged caches: the kernels' K/V tiles are 16-token multiples (one MMA K-step of fp16/bf16).
 _BLOCK_SIZE_MULTIPLE = 16
@@ -94,7 +95,7 @@ def attention_varlen(
             non-finite or non-positive `softmax_scale`. For CPU tensors also metadata values
             that contradict the shapes (decreasing offsets, offsets past the end, a
             max_seqlen below the longest sequence).
-        UnsupportedError: a non-CPU input under `SPARSEK_STRICT=1` (kernels pending).
+        UnsupportedError: `SPARSEK_STRICT=1` and no kernel serves a non-CPU input.
     """
     _check_flag("causal", causal)
     _check_flag("return_lse", return_lse)
@@ -110,7 +111,7 @@ def attention_varlen(
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     scale = _resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
-    _kernels_pending(q)
+    _route(q, v, causal, ops_varlen.VARLEN, _needs_grad(q, k, v))
     if _needs_grad(q, k, v):
         # The op has no autograd formula; the reference itself is differentiable.
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -197,7 +198,7 @@ def attention_with_kvcache(
             negative `max_seqlen_q` or `num_splits`; a non-finite or non-positive
             `softmax_scale`. For CPU tensors also metadata values that contradict the
             shapes (cache_seqlens beyond the cache, block_table entries out of range).
-        UnsupportedError: a non-CPU input under `SPARSEK_STRICT=1` (kernels pending).
+        UnsupportedError: `SPARSEK_STRICT=1` and no kernel serves a non-CPU input.
     """
     _check_flag("causal", causal)
     _check_flag("return_lse", return_lse)
@@ -224,7 +225,8 @@ def attention_with_kvcache(
         raise ValueError(f"num_splits must be >= 0 (0: auto, 1: no split), got {num_splits}")
     scale = _resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
-    _kernels_pending(q)
+    kv_args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q)
+    _route(q, v_cache, causal, ops_varlen.kvcache_variant(kv_args), _needs_grad(*kv_args[:3]))
     if _needs_grad(q, k_cache, v_cache):
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
             check_kvcache_values(q, k_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q)
@@ -371,7 +373,13 @@ def _compute_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _kernels_pending(q: Tensor) -> None:
-    """CPU: the documented reference path. Elsewhere: log once, or raise when strict."""
-    if q.device.type != "cpu":
-        _fallback((KERNELS_PENDING,), action="slow path")
+def _route(q: Tensor, v: Tensor, causal: bool, variant: Variant, needs_grad: bool) -> None:
+    """CPU: the documented reference path. A CUDA request a kernel serves: nothing to say.
+
+    Anything else runs the reference: log the reason once, or raise when strict.
+    """
+    if q.device.type == "cpu":
+        return
+    found = NEEDS_GRAD if needs_grad else ops_varlen_cuda.kernel_config(q, v, causal, variant)
+    if isinstance(found, str):
+        _fallback((found,), action="slow path (torch reference)")

@@ -1,8 +1,8 @@
 """Compile-at-first-use kernel cache: memory, then disk, then the CuTe DSL compiler.
 
-A kernel is identified by a `CacheKey`: its `FmhaFwdConfig`, the DSL version and a hash of
-every kernel source file (so editing a kernel or upgrading the DSL yields a new entry; old
-entries stay until `clear()`). Lookups go:
+A kernel is identified by a `CacheKey`: its config (`FmhaFwdConfig`, `CombineConfig`), the
+DSL version and a hash of every kernel source file (so editing a kernel or upgrading the
+DSL yields a new entry; old entries stay until `clear()`). Lookups go:
 
     memory dict[CacheKey] --miss--> disk entry (sha256-verified) --miss/corrupt--> compile
 
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cutedsl_kernels.config import FmhaFwdConfig
+from cutedsl_kernels.config import KernelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class CacheStatus(str, enum.Enum):
 class Toolchain:
     """What the cache needs from the kernel layer; injectable so tests need no DSL."""
 
-    compile: Callable[[FmhaFwdConfig], Any]
+    compile: Callable[[KernelConfig], Any]
     export: Callable[[Any, str, str], None]
     load: Callable[[str, str], KernelFn]
     dsl_version: Callable[[], str]
@@ -83,9 +83,9 @@ def dsl_toolchain() -> Toolchain:
     from cutedsl_kernels import build
 
     return Toolchain(
-        compile=build.compile_fwd,
-        export=build.export_fwd,
-        load=build.load_fwd,
+        compile=build.compile_kernel,
+        export=build.export_kernel,
+        load=build.load_kernel,
         dsl_version=build.dsl_version,
         source_files=build.kernel_source_files,
     )
@@ -95,7 +95,7 @@ def dsl_toolchain() -> Toolchain:
 class CacheKey:
     """Everything that changes a compiled kernel's bytes."""
 
-    config: FmhaFwdConfig
+    config: KernelConfig
     dsl_version: str
     source_hash: str
 
@@ -185,7 +185,7 @@ class KernelCache:
             self._toolchain = dsl_toolchain()
         return self._toolchain
 
-    def key(self, config: FmhaFwdConfig) -> CacheKey:
+    def key(self, config: KernelConfig) -> CacheKey:
         """The cache key of `config` (DSL version and source hash computed once)."""
         if self._identity is None:
             version = self.toolchain.dsl_version()
@@ -196,7 +196,7 @@ class KernelCache:
         """Directory of `key`'s entry (it may not exist)."""
         return self.root / key.config.arch / key.digest
 
-    def get_kernel(self, config: FmhaFwdConfig) -> KernelFn:
+    def get_kernel(self, config: KernelConfig) -> KernelFn:
         """The loaded kernel for `config`, compiling it on first use.
 
         Raises:
@@ -214,7 +214,7 @@ class KernelCache:
                 self._kernels[key] = fn
         return fn
 
-    def compile_into_cache(self, config: FmhaFwdConfig) -> CacheStatus:
+    def compile_into_cache(self, config: KernelConfig) -> CacheStatus:
         """Make sure `config` has a valid disk entry, without loading it (no GPU needed)."""
         key = self.key(config)
         if key in self._kernels:
@@ -379,12 +379,12 @@ def default_cache() -> KernelCache:
     return _default
 
 
-def get_kernel(config: FmhaFwdConfig) -> KernelFn:
+def get_kernel(config: KernelConfig) -> KernelFn:
     """Loaded kernel for `config` from the default cache (compiled on first use)."""
     return _default.get_kernel(config)
 
 
-def compile_into_cache(config: FmhaFwdConfig) -> CacheStatus:
+def compile_into_cache(config: KernelConfig) -> CacheStatus:
     """Compile `config` into the default disk cache if needed (no GPU needed)."""
     return _default.compile_into_cache(config)
 

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_compile(arch: str) -> int:
     """Compile every registered config for `arch`; one line per config; 1 on any failure."""
-    configs = registry.registered_configs(arch)
+    configs = registry.registered_kernels(arch)
     if not configs:
         print(f"no kernels registered for {arch} (registered: {registry.registered_arches()})")
         return 1

@@ -31,7 +31,7 @@ from torch import Tensor
 from sparsek.cache import KernelFn, get_kernel
 from sparsek.errors import UnsupportedError
 from sparsek.reference import causal_offset, reference_attention
-from sparsek.registry import detect_arch, lookup
+from sparsek.registry import DENSE, Variant, detect_arch, lookup, lookup_combine
 
 # TMA: global strides must be multiples of 16 bytes (8 fp16/bf16 elements) and the base
 # address 16-byte aligned.
@@ -112,27 +112,43 @@ def _attention_cuda(
     kernel = _launcher(q.device, head_dim, q.dtype, causal)
     offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
     args = (tma_compatible(q), tma_compatible(k), tma_compatible(v), out, lse)
-    if q.device.index is None or q.device.index == torch.cuda.current_device():
-        kernel(*args, float(softmax_scale), offset)
-    else:
-        with torch.cuda.device(q.device):
-            kernel(*args, float(softmax_scale), offset)
+    launch(q.device, kernel, *args, None, None, None, None, float(softmax_scale), offset, 0, 1)
     return out, lse
 
 
-# (device index, head_dim, dtype, causal) -> loaded kernel: the launch path's only lookup
-# once a kernel is loaded (the arch of a device does not change within a process).
-_LAUNCHERS: dict[tuple[int | None, int, torch.dtype, bool], KernelFn] = {}
+def launch(device: torch.device, kernel: KernelFn, *args: object) -> None:
+    """Call `kernel(*args)` with `device` current (TVM-FFI launches on the current one)."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        kernel(*args)
+    else:
+        with torch.cuda.device(device):
+            kernel(*args)
 
 
-def _launcher(device: torch.device, head_dim: int, dtype: torch.dtype, causal: bool) -> KernelFn:
-    key = (device.index, head_dim, dtype, causal)
+# (device index, head_dim, dtype, causal, variant) -> loaded kernel: the launch path's only
+# lookup once a kernel is loaded (the arch of a device does not change within a process).
+# The combine kernel of (head_dim, dtype) is stored under causal=None.
+_LAUNCHERS: dict[tuple[int | None, int, torch.dtype, bool | None, Variant], KernelFn] = {}
+
+
+def _launcher(
+    device: torch.device,
+    head_dim: int,
+    dtype: torch.dtype,
+    causal: bool | None,
+    variant: Variant = DENSE,
+) -> KernelFn:
+    """The loaded forward kernel for a request (`causal=None`: the split-KV combine)."""
+    key = (device.index, head_dim, dtype, causal, variant)
     kernel = _LAUNCHERS.get(key)
     if kernel is None:
         arch = detect_arch(device)
         if arch is None:
             raise UnsupportedError("no sparsek kernel for this input", ["no CUDA device detected"])
-        kernel = get_kernel(lookup(arch, head_dim, dtype, causal))
+        if causal is None:
+            kernel = get_kernel(lookup_combine(arch, head_dim, dtype))
+        else:
+            kernel = get_kernel(lookup(arch, head_dim, dtype, causal, variant))
         _LAUNCHERS[key] = kernel
     return kernel
 

@@ -25,11 +25,16 @@ Semantics are those of `sparsek.reference_varlen` (bottom-right causal per seque
 that see no key -> out 0, lse -inf). `num_splits` is a hint for the split-KV decode kernel
 (0 = choose, 1 = no split); it does not change the result.
 
-Implementations: every device runs the reference (`sparsek.reference_varlen`, float32
-compute, float64 for float64 inputs) until the varlen/paged kernels exist; for CPU tensors
-the metadata values are checked first (cheap there; on a GPU it would synchronize). The
-fake (meta) implementations read shapes only, never values, so torch.compile traces both
-ops with symbolic shapes. Forward only: no autograd formula is registered.
+Implementations:
+  * CUDA: the sm90 kernels (`sparsek.ops_varlen_cuda`: packed, cached and paged variants,
+    split-KV with a combine kernel); requests no kernel serves (e.g. head_dim_v != head_dim,
+    an unregistered head_dim or dtype) run the reference. No host synchronization.
+  * Any other device: the reference (`sparsek.reference_varlen`, float32 compute, float64
+    for float64 inputs); for CPU tensors the metadata values are checked first (cheap
+    there; on a GPU it would synchronize).
+  * Fake (meta): shapes only, never values, so torch.compile traces both ops with
+    symbolic shapes.
+Forward only: no autograd formula is registered.
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparsek import ops_varlen_cuda
 from sparsek.reference_varlen import (
     check_kvcache_values,
     check_varlen_values,
     reference_attention_kvcache,
     reference_attention_varlen,
 )
+from sparsek.registry import Variant
 
 # A fragment of the `sparsek` namespace that `sparsek.ops` defines (same plain
 # torch.library.Library style, for the same per-call overhead reasons).
@@ -74,7 +81,7 @@ def _attention_varlen_reference(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[Tensor, Tensor]:
-    """Reference implementation (every device until the varlen kernel exists)."""
+    """Reference implementation (any device; CUDA requests no kernel serves)."""
     if q.device.type == "cpu":
         check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out, lse = reference_attention_varlen(
@@ -122,7 +129,7 @@ def _attention_with_kvcache_reference(
     softmax_scale: float,
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
-    """Reference implementation (every device until the paged/split-KV kernel exists)."""
+    """Reference implementation (any device; CUDA requests no kernel serves)."""
     if q.device.type == "cpu":
         check_kvcache_values(q, k_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q)
     out, lse = reference_attention_kvcache(
@@ -169,3 +176,60 @@ _LIB.impl("attention_varlen", _attention_varlen_reference, "CompositeExplicitAut
 _LIB.impl(  # type: ignore[no-untyped-call]
     "attention_with_kvcache", _attention_with_kvcache_reference, "CompositeExplicitAutograd"
 )
+
+
+def _attention_varlen_cuda(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[Tensor, Tensor]:
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    if isinstance(ops_varlen_cuda.kernel_config(q, v, causal, VARLEN), str):
+        return _attention_varlen_reference(*args, softmax_scale)
+    return ops_varlen_cuda.attention_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale
+    )
+
+
+def _attention_with_kvcache_cuda(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    block_table: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    max_seqlen_q: int | None,
+    causal: bool,
+    softmax_scale: float,
+    num_splits: int,
+) -> tuple[Tensor, Tensor]:
+    args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q, causal)
+    if isinstance(ops_varlen_cuda.kernel_config(q, v_cache, causal, kvcache_variant(args)), str):
+        return _attention_with_kvcache_reference(*args, softmax_scale, num_splits)
+    return ops_varlen_cuda.attention_with_kvcache(*args, softmax_scale, num_splits)
+
+
+VARLEN = Variant(varlen_q=True, kv_layout="varlen")
+
+
+def kvcache_variant(args: tuple[object, ...]) -> Variant:
+    """The (non-split) kernel variant of attention_with_kvcache(q, k_cache, v_cache,
+    cache_seqlens, block_table, cu_seqlens_q, ...)."""
+    k_cache, block_table, cu_seqlens_q = args[1], args[4], args[5]
+    assert isinstance(k_cache, Tensor)
+    paged = block_table is not None
+    return Variant(
+        varlen_q=cu_seqlens_q is not None,
+        kv_layout="paged" if paged else "cache",
+        page_size=k_cache.shape[1] if paged else 0,
+    )
+
+
+_LIB.impl("attention_varlen", _attention_varlen_cuda, "CUDA")  # type: ignore[no-untyped-call]
+_LIB.impl("attention_with_kvcache", _attention_with_kvcache_cuda, "CUDA")  # type: ignore[no-untyped-call]

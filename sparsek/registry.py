@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from cutedsl_kernels.config import SUPPORTED_DTYPES, FmhaFwdConfig
+from cutedsl_kernels.config import SUPPORTED_DTYPES, CombineConfig, FmhaFwdConfig, KernelConfig
 from sparsek.errors import UnsupportedError
 
 ARCH_ENV = "SPARSEK_ARCH"
@@ -54,6 +54,34 @@ _CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 64): Tuning(tile_m=128, tile_n=128, num_stages=2),
 }
 
+
+@dataclass(frozen=True)
+class Variant:
+    """Where a request's sequences live: `FmhaFwdConfig`'s variable-length fields."""
+
+    varlen_q: bool = False
+    kv_layout: str = "dense"
+    page_size: int = 0
+    split_kv: bool = False
+
+
+DENSE = Variant()
+
+# Variants precompiled by `python -m sparsek compile` (and compile-tested in CI) beside
+# the dense kernels: attention_varlen, and attention_with_kvcache over a contiguous or a
+# paged cache (vLLM's default page of 16 rows, and 64), with and without split-KV. Other
+# page sizes (multiples of 16) compile at first use.
+_PRECOMPILED_PAGE_SIZES = (16, 64)
+_VARIANTS: tuple[Variant, ...] = (
+    Variant(varlen_q=True, kv_layout="varlen"),
+    *(
+        Variant(varlen_q=varlen_q, kv_layout=kv, page_size=page, split_kv=split)
+        for varlen_q in (False, True)
+        for kv, page in (("cache", 0), *(("paged", p) for p in _PRECOMPILED_PAGE_SIZES))
+        for split in (False, True)
+    ),
+)
+
 # Dtypes and mask modes every registered row is compiled for.
 _DTYPES: tuple[str, ...] = SUPPORTED_DTYPES
 _CAUSAL_MODES: tuple[bool, ...] = (False, True)
@@ -86,6 +114,27 @@ def registered_configs(arch: str) -> list[FmhaFwdConfig]:
     ]
 
 
+def registered_kernels(arch: str) -> list[KernelConfig]:
+    """Every kernel precompiled for `arch`: dense, variable-length variants, combine.
+
+    Returns:
+        `registered_configs(arch)`, then each of them in every precompiled `Variant`,
+        then the split-KV combine kernel of each (head_dim, dtype).
+    """
+    dense = registered_configs(arch)
+    variants = [
+        _make_config(arch, c.head_dim, c.dtype, c.is_causal, variant)
+        for c in dense
+        for variant in _VARIANTS
+    ]
+    combine = [
+        CombineConfig(arch, head_dim, dtype)
+        for head_dim in registered_head_dims(arch)
+        for dtype in _DTYPES
+    ]
+    return [*dense, *variants, *combine]
+
+
 def dtype_name(dtype: torch.dtype | str) -> str:
     """The registry's dtype name: "float16" for torch.float16 (strings pass through)."""
     if isinstance(dtype, torch.dtype):
@@ -93,7 +142,13 @@ def dtype_name(dtype: torch.dtype | str) -> str:
     return dtype
 
 
-def lookup(arch: str, head_dim: int, dtype: torch.dtype | str, is_causal: bool) -> FmhaFwdConfig:
+def lookup(
+    arch: str,
+    head_dim: int,
+    dtype: torch.dtype | str,
+    is_causal: bool,
+    variant: Variant = DENSE,
+) -> FmhaFwdConfig:
     """The registered kernel configuration for a request.
 
     Args:
@@ -101,6 +156,7 @@ def lookup(arch: str, head_dim: int, dtype: torch.dtype | str, is_causal: bool) 
         head_dim: head dimension of Q, K and V.
         dtype: element type of Q/K/V, a torch dtype or its name ("float16", "bfloat16").
         is_causal: whether the causal mask is applied.
+        variant: where the sequences live (packed, cached, paged; split-KV).
 
     Returns:
         The frozen config naming the kernel to compile and launch.
@@ -109,18 +165,33 @@ def lookup(arch: str, head_dim: int, dtype: torch.dtype | str, is_causal: bool) 
         UnsupportedError: no registered kernel fits; `reasons` lists why, including the
             kernel's own `can_implement` answer for the closest candidate.
     """
-    found = find(arch, head_dim, dtype_name(dtype), bool(is_causal))
+    found = find(arch, head_dim, dtype_name(dtype), bool(is_causal), variant)
     if isinstance(found, FmhaFwdConfig):
         return found
     raise UnsupportedError(
         f"no sparsek kernel for arch={arch}, head_dim={head_dim}, dtype={dtype_name(dtype)}, "
-        f"causal={is_causal}",
+        f"causal={is_causal}" + ("" if variant == DENSE else f", {variant}"),
         found,
     )
 
 
+def lookup_combine(arch: str, head_dim: int, dtype: torch.dtype | str) -> CombineConfig:
+    """The split-KV combine kernel for outputs of `head_dim` and `dtype`.
+
+    Raises:
+        UnsupportedError: the combine kernel cannot serve it (reasons attached).
+    """
+    config = CombineConfig(arch, head_dim, dtype_name(dtype))
+    reasons = kernel_can_implement(config)
+    if reasons:
+        raise UnsupportedError(f"no split-KV combine kernel for {config.name}", reasons)
+    return config
+
+
 @functools.lru_cache(maxsize=256)
-def find(arch: str, head_dim: int, dtype: str, is_causal: bool) -> FmhaFwdConfig | tuple[str, ...]:
+def find(
+    arch: str, head_dim: int, dtype: str, is_causal: bool, variant: Variant = DENSE
+) -> FmhaFwdConfig | tuple[str, ...]:
     """Like `lookup`, but returns the reasons instead of raising (memoized: hot path)."""
     reasons: list[str] = []
     arches = registered_arches()
@@ -137,14 +208,14 @@ def find(arch: str, head_dim: int, dtype: str, is_causal: bool) -> FmhaFwdConfig
         reasons.append(f"dtype={dtype} is not supported (supported: {', '.join(_DTYPES)})")
     if reasons:
         return tuple(reasons)
-    config = _make_config(arch, head_dim, dtype, is_causal)
+    config = _make_config(arch, head_dim, dtype, is_causal, variant)
     kernel_reasons = kernel_can_implement(config)
     if kernel_reasons:
         return tuple(f"{config.name}: {r}" for r in kernel_reasons)
     return config
 
 
-def kernel_can_implement(config: FmhaFwdConfig) -> list[str]:
+def kernel_can_implement(config: KernelConfig) -> list[str]:
     """The kernel's own `can_implement` answer; an import failure is reported as a reason.
 
     Importing the kernel module imports the CuTe DSL, so this is only called once a
@@ -190,10 +261,17 @@ def arch_from_capability(capability: tuple[int, int]) -> str:
     return ARCH_BY_CAPABILITY.get(capability, f"sm_{capability[0]}{capability[1]}")
 
 
-def _make_config(arch: str, head_dim: int, dtype: str, is_causal: bool) -> FmhaFwdConfig:
+def _make_config(
+    arch: str, head_dim: int, dtype: str, is_causal: bool, variant: Variant = DENSE
+) -> FmhaFwdConfig:
     tuning = _TUNING[(arch, head_dim)]
     if is_causal:
         tuning = _CAUSAL_TUNING.get((arch, head_dim), tuning)
     return FmhaFwdConfig(
-        arch=arch, head_dim=head_dim, dtype=dtype, is_causal=is_causal, **asdict(tuning)
+        arch=arch,
+        head_dim=head_dim,
+        dtype=dtype,
+        is_causal=is_causal,
+        **asdict(tuning),
+        **asdict(variant),
     )

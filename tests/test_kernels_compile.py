@@ -20,7 +20,7 @@ from cutedsl_kernels.config import FmhaFwdConfig
 from sparsek import registry
 
 CONFIGS = [
-    cfg for arch in registry.registered_arches() for cfg in registry.registered_configs(arch)
+    cfg for arch in registry.registered_arches() for cfg in registry.registered_kernels(arch)
 ]
 
 
@@ -35,15 +35,15 @@ def test_registered_config_compiles_exports_and_loads(
 ) -> None:
     assert build.can_implement(config) == []
     start = time.perf_counter()
-    compiled = build.compile_fwd(config)
+    compiled = build.compile_kernel(config)
     seconds = time.perf_counter() - start
     # FlashAttention-4 compiles its sm90 forward in 2-3 s per config on this machine;
     # 60 s leaves room for a loaded CI box while still catching a pathological compile.
     assert seconds < 60, f"{config.name} took {seconds:.1f} s to compile"
     obj = tmp_path / f"{config.name}.so"
-    build.export_fwd(compiled, str(obj), "sparsek_fwd")
+    build.export_kernel(compiled, str(obj), "sparsek_fwd")
     assert obj.stat().st_size > 10_000  # host launcher + embedded cubin
-    fn = build.load_fwd(str(obj), "sparsek_fwd")
+    fn = build.load_kernel(str(obj), "sparsek_fwd")
     assert callable(fn)
 
 
@@ -67,7 +67,7 @@ def test_can_implement_gives_reasons(changes: dict, fragment: str) -> None:
     assert reasons, f"{config} should be rejected"
     assert any(fragment in r for r in reasons), reasons
     with pytest.raises(ValueError, match="cannot compile"):
-        build.compile_fwd(config)
+        build.compile_kernel(config)
 
 
 def test_config_names_are_unique() -> None:
@@ -77,16 +77,16 @@ def test_config_names_are_unique() -> None:
 
 @pytest.fixture(scope="module")
 def compiled_d64() -> object:
-    return build.compile_fwd(FmhaFwdConfig("sm_90a", 64, "float16", is_causal=False))
+    return build.compile_kernel(FmhaFwdConfig("sm_90a", 64, "float16", is_causal=False))
 
 
 def test_warm_start_path_never_imports_the_dsl(compiled_d64: object, tmp_path: Path) -> None:
     lib = tmp_path / "kernel.so"
-    build.export_fwd(compiled_d64, str(lib), "sparsek_fwd")
+    build.export_kernel(compiled_d64, str(lib), "sparsek_fwd")
     assert lib.read_bytes()[16] == 3  # ELF e_type ET_DYN: a shared library
     probe = (
         "import sys; from cutedsl_kernels import build; "
-        f"fn = build.load_fwd({str(lib)!r}, 'sparsek_fwd'); "
+        f"fn = build.load_kernel({str(lib)!r}, 'sparsek_fwd'); "
         "from sparsek import registry; registry.lookup('sm_90a', 128, 'bfloat16', True); "
         "assert callable(fn); assert 'cutlass' not in sys.modules, 'DSL imported'"
     )
@@ -101,6 +101,6 @@ def test_export_without_a_c_compiler_falls_back_to_the_object_file(
 ) -> None:
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
     path = tmp_path / "kernel.so"  # the cache's file name, whatever the content
-    build.export_fwd(compiled_d64, str(path), "sparsek_fwd")
+    build.export_kernel(compiled_d64, str(path), "sparsek_fwd")
     assert path.read_bytes()[16] == 1  # ELF e_type ET_REL: a relocatable object
-    assert callable(build.load_fwd(str(path), "sparsek_fwd"))
+    assert callable(build.load_kernel(str(path), "sparsek_fwd"))

@@ -115,7 +115,9 @@ class RecordingKernel:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def __call__(self, q, k, v, out, lse, scale, offset) -> None:
+    def __call__(self, q, k, v, out, lse, cu_q, cu_k, used_k, pages, scale, offset, *rest) -> None:
+        # Dense launches pass no sequence metadata, max_seqlen_q 0 and one split.
+        assert (cu_q, cu_k, used_k, pages, *rest) == (None, None, None, None, 0, 1)
         self.calls.append((q, k, v, out, lse, scale, offset))
         out.fill_(1.0)
         lse.fill_(2.0)

@@ -13,3 +13,4 @@ class NamedBarrier(enum.IntEnum):
     WG1_TURN = 3  # ping-pong: warpgroup 1 may issue its GEMMs
     WG2_TURN = 4  # ping-pong: warpgroup 2 may issue its GEMMs
     WG3_TURN = 5  # ping-pong: warpgroup 3 may issue its GEMMs
+    WG1_V_TAIL = 6  # warpgroup 1 (2: +1, 3: +2) has zeroed the unused V rows of a tile

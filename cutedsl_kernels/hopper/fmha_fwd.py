@@ -15,6 +15,15 @@ Features and limits:
 - Any seqlen_q, seqlen_k >= 1; residual tiles are zero-filled by TMA and masked.
 - Layout (batch, seqlen, heads, head_dim) with any strides that TMA accepts (last dim
   contiguous, others multiples of 16 bytes); one compiled kernel serves every shape.
+- Variable lengths (`FmhaFwdConfig.varlen_q`, `kv_layout`): sequences packed along one
+  token axis (a batch of 1 on the host side) and delimited by `cu_seqlens_q/k`; or keys
+  in a per-batch cache with `seqused_k` keys used; or in pages of `page_size` rows reached
+  through `page_table` (one TMA box of gcd(page_size, tile_n) rows per page piece, so any
+  page size that is a multiple of 16 works). The grid covers the longest query sequence;
+  tiles past a sequence's end exit without work. Causal is bottom-right per sequence.
+- Split-KV (`split_kv`): batch index b * num_splits + split; each split visits an equal
+  share of its query tile's key tiles and writes float32 O and LSE of its share to
+  (num_splits, ...) partial tensors, merged by `common/split_combine.py`.
 
 Structure: one CTA per (query tile, head, batch); warp-specialized with TMA + mbarriers.
 
@@ -48,17 +57,16 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
-from cutedsl_kernels.common import causal_mask
 from cutedsl_kernels.common.dsl_compat import LayoutEnum, OperandMajorMode, SmemAllocator
 from cutedsl_kernels.common.fragments import (
     acc_rows_cols,
     permute_modes,
     transpose_smem,
 )
-from cutedsl_kernels.common.named_barriers import NamedBarrier
 from cutedsl_kernels.common.online_softmax import OnlineSoftmax
+from cutedsl_kernels.common.seqlen import SeqInfo
 from cutedsl_kernels.config import FmhaFwdConfig
-from cutedsl_kernels.hopper import limits
+from cutedsl_kernels.hopper import epilogue, limits
 from cutedsl_kernels.hopper.limits import (
     REGS_BY_MMA_WARPGROUPS,
     ROWS_PER_MMA_WARPGROUP,
@@ -78,6 +86,13 @@ class HopperFmhaForward:
         self.tile_n = config.tile_n
         self.num_stages = config.num_stages
         self.is_causal = config.is_causal
+        self.varlen_q = config.varlen_q
+        self.kv_layout = config.kv_layout
+        self.paged = config.kv_layout == "paged"
+        self.split_kv = config.split_kv
+        # Rows per TMA box of K/V: a whole tile, or the largest piece that never crosses
+        # a page boundary.
+        self.kv_box_rows = math.gcd(config.page_size, self.tile_n) if self.paged else self.tile_n
         self.num_mma_warpgroups = config.tile_m // ROWS_PER_MMA_WARPGROUP
         self.num_mma_threads = self.num_mma_warpgroups * THREADS_PER_WARPGROUP
         self.num_threads = self.num_mma_threads + THREADS_PER_WARPGROUP
@@ -92,46 +107,62 @@ class HopperFmhaForward:
     can_implement = staticmethod(limits.can_implement)
 
     def fake_arguments(self) -> tuple:
-        """Symbolic-shape stand-ins for (q, k, v, out, lse, softmax_scale, causal_offset)."""
+        """Symbolic-shape stand-ins for the runtime arguments (see `build`)."""
         batch, seqlen_q, seqlen_k = cute.sym_int(), cute.sym_int(), cute.sym_int()
-        heads, kv_heads = cute.sym_int(), cute.sym_int()
+        heads, kv_heads, splits = cute.sym_int(), cute.sym_int(), cute.sym_int()
         align_elems = 16 // (self.dtype.width // 8)  # TMA: 16-byte strides and base
 
-        def bshd(seqlen, nheads):
-            strides = tuple(cute.sym_int64(divisibility=align_elems) for _ in range(3))
+        def tensor(dtype, shape, align):
+            strides = tuple(cute.sym_int64(divisibility=align) for _ in shape[:-1])
             return cute.runtime.make_fake_tensor(
-                self.dtype,
-                (batch, seqlen, nheads, self.head_dim),
-                stride=(*strides, 1),
-                assumed_align=16,
+                dtype, shape, stride=(*strides, 1), assumed_align=4 * align
             )
 
-        lse = cute.runtime.make_fake_tensor(
-            Float32,
-            (batch, heads, seqlen_q),
-            stride=(cute.sym_int64(), cute.sym_int64(), 1),
-            assumed_align=4,
-        )
-        q, out = bshd(seqlen_q, heads), bshd(seqlen_q, heads)
-        k, v = bshd(seqlen_k, kv_heads), bshd(seqlen_k, kv_heads)
-        return q, k, v, out, lse, Float32(1.0), Int32(0)
+        q = tensor(self.dtype, (batch, seqlen_q, heads, self.head_dim), align_elems)
+        k = tensor(self.dtype, (cute.sym_int(), seqlen_k, kv_heads, self.head_dim), align_elems)
+        v = tensor(self.dtype, (cute.sym_int(), seqlen_k, kv_heads, self.head_dim), align_elems)
+        if self.split_kv:
+            out = tensor(Float32, (splits, batch, seqlen_q, heads, self.head_dim), 4)
+            lse = tensor(Float32, (splits, batch, heads, seqlen_q), 1)
+        else:
+            out = tensor(self.dtype, (batch, seqlen_q, heads, self.head_dim), align_elems)
+            lse = tensor(Float32, (batch, heads, seqlen_q), 1)
+        seqs = cute.sym_int()
+        cu_q = tensor(Int32, (seqs,), 1) if self.varlen_q else None
+        cu_k = tensor(Int32, (seqs,), 1) if self.kv_layout == "varlen" else None
+        has_used_k = self.kv_layout in ("cache", "paged")
+        used_k = tensor(Int32, (cute.sym_int(),), 1) if has_used_k else None
+        pages = tensor(Int32, (cute.sym_int(), cute.sym_int()), 1) if self.paged else None
+        scalars = (Float32(1.0), Int32(0), Int32(1), Int32(1))
+        return (q, k, v, out, lse, cu_q, cu_k, used_k, pages, *scalars)
 
     # ------------------------------------------------------------------ host side
     @cute.jit
     def __call__(
         self,
-        mQ: cute.Tensor,  # (b, s_q, h, d)
-        mK: cute.Tensor,  # (b, s_k, h_kv, d)
-        mV: cute.Tensor,  # (b, s_k, h_kv, d)
-        mO: cute.Tensor,  # (b, s_q, h, d)
-        mLSE: cute.Tensor,  # (b, h, s_q)
+        mQ: cute.Tensor,  # (b, s_q, h, d); packed: (1, total_q, h, d)
+        mK: cute.Tensor,  # (b, s_k, h_kv, d); packed: (1, total_k, ...); paged: (pages, page, ...)
+        mV: cute.Tensor,  # like mK
+        mO: cute.Tensor,  # like mQ; split: float32 (splits, b, s_q, h, d)
+        mLSE: cute.Tensor,  # (b, h, s_q); split: (splits, b, h, s_q)
+        mCuSeqlensQ: cute.Tensor | None,  # (b + 1,) int32, varlen_q
+        mCuSeqlensK: cute.Tensor | None,  # (b + 1,) int32, kv_layout "varlen"
+        mSeqUsedK: cute.Tensor | None,  # (b,) int32, kv_layout "cache" / "paged"
+        mPageTable: cute.Tensor | None,  # (b, max_pages) int32, kv_layout "paged"
         softmax_scale: Float32,
         causal_offset: Int32,
+        max_seqlen_q: Int32,
+        num_splits: Int32,
         stream,
     ):
-        # Put the tiled modes first: (s, d, h, b) and (s_q, h, b).
-        mQ, mK, mV, mO = [permute_modes(t, [1, 3, 2, 0]) for t in (mQ, mK, mV, mO)]
-        mLSE = permute_modes(mLSE, [2, 1, 0])
+        # Put the tiled modes first: (s, d, h, b[, split]) and (s_q, h, b[, split]).
+        mQ, mK, mV = [permute_modes(t, [1, 3, 2, 0]) for t in (mQ, mK, mV)]
+        if const_expr(self.split_kv):
+            mO = permute_modes(mO, [2, 4, 3, 1, 0])
+            mLSE = permute_modes(mLSE, [3, 2, 1, 0])
+        else:
+            mO = permute_modes(mO, [1, 3, 2, 0])
+            mLSE = permute_modes(mLSE, [2, 1, 0])
 
         tiled_mma_qk = sm90_utils.make_trivial_tiled_mma(
             self.dtype,
@@ -153,23 +184,24 @@ class HopperFmhaForward:
             a_source=warpgroup.OperandSource.RMEM,  # P stays in registers
         )
 
-        sQ_layout = self._smem_layout(self.tile_m, None)
-        sK_layout = self._smem_layout(self.tile_n, self.num_stages)
-        sV_layout = self._smem_layout(self.tile_n, self.num_stages)
+        sQ_layout = self._smem_layout(self.tile_m, None, rows_outer=False)
+        # Paged K/V tiles are filled box by box: each box of rows must be contiguous.
+        sK_layout = self._smem_layout(self.tile_n, self.num_stages, rows_outer=self.paged)
+        sV_layout = self._smem_layout(self.tile_n, self.num_stages, rows_outer=self.paged)
+        box = (self.kv_box_rows, self.head_dim)
+        sKV_box = self._smem_layout(self.kv_box_rows, None, rows_outer=self.paged)
 
         tma_load = cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
             tma_load, mQ, sQ_layout, (self.tile_m, self.head_dim)
         )
-        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(
-            tma_load, mK, cute.select(sK_layout, mode=[0, 1]), (self.tile_n, self.head_dim), 1
-        )
-        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(
-            tma_load, mV, cute.select(sV_layout, mode=[0, 1]), (self.tile_n, self.head_dim), 1
-        )
-        tma_atom_O, tma_O = cpasync.make_tiled_tma_atom(
-            cpasync.CopyBulkTensorTileS2GOp(), mO, sQ_layout, (self.tile_m, self.head_dim)
-        )
+        tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(tma_load, mK, sKV_box, box, 1)
+        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(tma_load, mV, sKV_box, box, 1)
+        tma_atom_O, tma_O = None, None
+        if const_expr(not self.split_kv):
+            tma_atom_O, tma_O = cpasync.make_tiled_tma_atom(
+                cpasync.CopyBulkTensorTileS2GOp(), mO, sQ_layout, (self.tile_m, self.head_dim)
+            )
         tx_bytes_q = cute.size_in_bytes(self.dtype, sQ_layout)
         tx_bytes_kv = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1]))
 
@@ -183,13 +215,25 @@ class HopperFmhaForward:
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
 
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
-        num_m_blocks = cute.ceil_div(cute.size(mQ.shape[0]), self.tile_m)
+        if const_expr(self.varlen_q):
+            num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
+            batch = cute.size(mCuSeqlensQ.shape[0]) - 1
+        else:
+            num_m_blocks = cute.ceil_div(cute.size(mQ.shape[0]), self.tile_m)
+            batch = cute.size(mQ.shape[3])
+        if const_expr(self.split_kv):
+            batch = batch * num_splits
         self.kernel(
             tma_Q,
             tma_K,
             tma_V,
             tma_O,
+            mO,
             mLSE,
+            mCuSeqlensQ,
+            mCuSeqlensK,
+            mSeqUsedK,
+            mPageTable,
             tma_atom_Q,
             tma_atom_K,
             tma_atom_V,
@@ -201,25 +245,31 @@ class HopperFmhaForward:
             tiled_mma_pv,
             scale_log2,
             causal_offset,
+            num_splits,
             tx_bytes_q,
             tx_bytes_kv,
             SharedStorage,
         ).launch(
-            grid=[num_m_blocks, cute.size(mQ.shape[2]), cute.size(mQ.shape[3])],
+            grid=[num_m_blocks, cute.size(mQ.shape[2]), batch],
             block=[self.num_threads, 1, 1],
             stream=stream,
             min_blocks_per_mp=1,
         )
 
-    def _smem_layout(self, rows: int, stages):
-        """Row-major (head_dim contiguous) swizzled tile, optionally with a stage mode."""
+    def _smem_layout(self, rows: int, stages, rows_outer: bool):
+        """Row-major (head_dim contiguous) swizzled tile, optionally with a stage mode.
+
+        Swizzle atoms are stacked down the rows first (`rows_outer=False`) or across
+        head_dim first (`rows_outer=True`, so that any 8-row slab is contiguous).
+        """
         atom = warpgroup.make_smem_layout_atom(
             sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, self.dtype, self.head_dim),
             self.dtype,
         )
-        shape = (rows, self.head_dim) if stages is None else (rows, self.head_dim, stages)
-        order = (0, 1) if stages is None else (0, 1, 2)
-        return cute.tile_to_shape(atom, shape, order=order)
+        order = (1, 0) if rows_outer else (0, 1)
+        if stages is None:
+            return cute.tile_to_shape(atom, (rows, self.head_dim), order=order)
+        return cute.tile_to_shape(atom, (rows, self.head_dim, stages), order=(*order, 2))
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
@@ -228,12 +278,17 @@ class HopperFmhaForward:
         mQ: cute.Tensor,  # TMA coordinate tensors, (s, d, h, b)
         mK: cute.Tensor,
         mV: cute.Tensor,
-        mO: cute.Tensor,
-        mLSE: cute.Tensor,  # (s_q, h, b)
+        tma_O: cute.Tensor | None,  # TMA coordinates of O (not split_kv)
+        mO: cute.Tensor,  # O itself, (s, d, h, b[, split])
+        mLSE: cute.Tensor,  # (s_q, h, b[, split])
+        mCuSeqlensQ: cute.Tensor | None,
+        mCuSeqlensK: cute.Tensor | None,
+        mSeqUsedK: cute.Tensor | None,
+        mPageTable: cute.Tensor | None,
         tma_atom_Q: cute.CopyAtom,
         tma_atom_K: cute.CopyAtom,
         tma_atom_V: cute.CopyAtom,
-        tma_atom_O: cute.CopyAtom,
+        tma_atom_O: cute.CopyAtom | None,
         sQ_layout: cute.ComposedLayout,
         sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout,
@@ -241,14 +296,17 @@ class HopperFmhaForward:
         tiled_mma_pv: cute.TiledMma,
         scale_log2: Float32,
         causal_offset: Int32,
+        num_splits: Int32,
         tx_bytes_q: cutlass.Constexpr[int],
         tx_bytes_kv: cutlass.Constexpr[int],
         SharedStorage: cutlass.Constexpr,
     ):
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp_idx == 0:
-            for atom in (tma_atom_Q, tma_atom_K, tma_atom_V, tma_atom_O):
+            for atom in (tma_atom_Q, tma_atom_K, tma_atom_V):
                 cpasync.prefetch_descriptor(atom)
+            if const_expr(tma_atom_O is not None):
+                cpasync.prefetch_descriptor(tma_atom_O)
 
         smem = SmemAllocator()
         storage = smem.allocate(SharedStorage)
@@ -289,32 +347,55 @@ class HopperFmhaForward:
         sO = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)  # Q's buffer
 
         # Work tile: causal tiles with more keys first (they take longest).
-        block_m, head_idx, batch_idx = cute.arch.block_idx()
+        block_m, head_idx, batch_split = cute.arch.block_idx()
         num_m_blocks, _, _ = cute.arch.grid_dim()
         m_block = block_m
         if const_expr(self.is_causal):
             m_block = num_m_blocks - 1 - block_m
-        seqlen_q = mQ.shape[0]
-        seqlen_k = mK.shape[0]
-        n_blocks = causal_mask.n_block_max(
-            m_block,
-            seqlen_q,
-            seqlen_k,
+        batch_idx, split_idx = batch_split, Int32(0)
+        if const_expr(self.split_kv):
+            batch_idx = batch_split // num_splits
+            split_idx = batch_split - batch_idx * num_splits
+        info = SeqInfo(
+            batch_idx,
+            mQ.shape[0],
+            mK.shape[0],
             causal_offset,
+            mCuSeqlensQ,
+            mCuSeqlensK,
+            mSeqUsedK,
+        )
+        n_min, n_max = info.n_block_range(
+            m_block,
             self.tile_m,
             self.tile_n,
             self.is_causal,
+            split_idx,
+            num_splits,
+            self.split_kv,
         )
+        # Packed queries live in one batch entry, offset to their sequence's first token.
+        q_batch = 0 if const_expr(self.varlen_q) else batch_idx
+        head_kv = head_idx // (mQ.shape[2] // mK.shape[2])
         pipeline.pipeline_init_wait()
 
         if warp_idx < THREADS_PER_WARPGROUP // cute.arch.WARP_SIZE:
             # ---------------------------------------------------------- producer
             cute.arch.setmaxregister_decrease(self.producer_regs)
-            head_kv = head_idx // (mQ.shape[2] // mK.shape[2])
+            if const_expr(self.paged):
+                mK_src, mV_src = mK[None, None, head_kv, None], mV[None, None, head_kv, None]
+            else:
+                k_batch = 0 if const_expr(self.kv_layout == "varlen") else batch_idx
+                mK_src = cute.domain_offset((info.offset_k, 0), mK[None, None, head_kv, k_batch])
+                mV_src = cute.domain_offset((info.offset_k, 0), mV[None, None, head_kv, k_batch])
+            page_row = None
+            if const_expr(self.paged):
+                page_row = mPageTable[batch_idx, None]
             self.load(
-                mQ[None, None, head_idx, batch_idx],
-                mK[None, None, head_kv, batch_idx],
-                mV[None, None, head_kv, batch_idx],
+                cute.domain_offset((info.offset_q, 0), mQ[None, None, head_idx, q_batch]),
+                mK_src,
+                mV_src,
+                page_row,
                 sQ,
                 sK,
                 sV,
@@ -325,7 +406,9 @@ class HopperFmhaForward:
                 pipeline_k,
                 pipeline_v,
                 m_block,
-                n_blocks,
+                n_min,
+                n_max,
+                info.seqlen_k,
                 warp_idx,
             )
         else:
@@ -333,6 +416,16 @@ class HopperFmhaForward:
             cute.arch.setmaxregister_increase(self.mma_regs)
             tidx, _, _ = cute.arch.thread_idx()
             tidx = tidx - THREADS_PER_WARPGROUP
+            if const_expr(self.split_kv):
+                mO_seq = mO[None, None, head_idx, q_batch, split_idx]
+                mLSE_seq = mLSE[None, head_idx, q_batch, split_idx]
+                tma_O_seq = None
+            else:
+                mO_seq = mO[None, None, head_idx, q_batch]
+                mLSE_seq = mLSE[None, head_idx, q_batch]
+                tma_O_seq = cute.domain_offset(
+                    (info.offset_q, 0), tma_O[None, None, head_idx, q_batch]
+                )
             self.mma(
                 tiled_mma_qk,
                 tiled_mma_pv,
@@ -344,23 +437,24 @@ class HopperFmhaForward:
                 pipeline_v,
                 tidx,
                 m_block,
-                n_blocks,
-                seqlen_k,
-                causal_offset,
+                n_min,
+                n_max,
+                info,
                 scale_log2,
                 sO,
-                mO[None, None, head_idx, batch_idx],
-                mLSE[None, head_idx, batch_idx],
-                seqlen_q,
+                cute.domain_offset((info.offset_q, 0), mO_seq),
+                tma_O_seq,
+                cute.domain_offset((info.offset_q,), mLSE_seq),
                 tma_atom_O,
             )
 
     @cute.jit
     def load(
         self,
-        mQ: cute.Tensor,  # (s_q, d) of this (head, batch)
-        mK: cute.Tensor,  # (s_k, d) of this kv head
+        mQ: cute.Tensor,  # (s_q, d) of this (head, sequence)
+        mK: cute.Tensor,  # (s_k, d) of this kv head and sequence; paged: (page, d, pages)
         mV: cute.Tensor,
+        page_row: cute.Tensor | None,  # (max_pages,) page ids of this sequence
         sQ: cute.Tensor,
         sK: cute.Tensor,
         sV: cute.Tensor,
@@ -371,26 +465,18 @@ class HopperFmhaForward:
         pipeline_k: pipeline.PipelineAsync,
         pipeline_v: pipeline.PipelineAsync,
         m_block: Int32,
-        n_blocks: Int32,
+        n_min: Int32,
+        n_max: Int32,
+        seqlen_k: Int32,
         warp_idx: Int32,
     ):
         """Producer: one warp issues every TMA load of this work tile."""
-        if warp_idx == 0 and n_blocks > 0:
-            gQ = cute.local_tile(mQ, (self.tile_m, self.head_dim), (m_block, 0))
-            # (tile_n, d, n_tiles)
-            gK = cute.local_tile(mK, (self.tile_n, self.head_dim), (None, 0))
-            gV = cute.local_tile(mV, (self.tile_n, self.head_dim), (None, 0))
+        if warp_idx == 0 and n_max > n_min:
             cta = cute.make_layout(1)
+            gQ = cute.local_tile(mQ, (self.tile_m, self.head_dim), (m_block, 0))
             # ((ATOM, REST))
             tQsQ, tQgQ = cpasync.tma_partition(
                 tma_atom_Q, 0, cta, cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2)
-            )
-            # ((ATOM, REST), STAGE) and ((ATOM, REST), N_TILES)
-            tKsK, tKgK = cpasync.tma_partition(
-                tma_atom_K, 0, cta, cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2)
-            )
-            tVsV, tVgV = cpasync.tma_partition(
-                tma_atom_V, 0, cta, cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2)
             )
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
             pipeline_q.producer_acquire(q_state)
@@ -398,23 +484,76 @@ class HopperFmhaForward:
             kv_state = pipeline.make_pipeline_state(
                 pipeline.PipelineUserType.Producer, self.num_stages
             )
-            for i in cutlass.range(n_blocks, unroll=1):
-                n_block = n_blocks - 1 - i
-                pipeline_k.producer_acquire(kv_state)
-                cute.copy(
-                    tma_atom_K,
-                    tKgK[None, n_block],
-                    tKsK[None, kv_state.index],
-                    tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state),
+            if const_expr(self.paged):
+                boxes = self.tile_n // self.kv_box_rows
+                page_size = self.config.page_size
+                last_page = cutlass.max(cute.ceil_div(seqlen_k, page_size) - 1, 0)
+                box_page = cute.make_rmem_tensor(boxes, Int32)
+                box_in_page = cute.make_rmem_tensor(boxes, Int32)
+                for i in cutlass.range(n_max - n_min, unroll=1):
+                    n_block = n_max - 1 - i
+                    # Rows past the sequence end read its last page (masked anyway).
+                    for j in cutlass.range_constexpr(boxes):
+                        row = n_block * self.tile_n + j * self.kv_box_rows
+                        box_page[j] = page_row[cutlass.min(row // page_size, last_page)]
+                        box_in_page[j] = (row % page_size) // self.kv_box_rows
+                    for atom, src, dst, pipe in (
+                        (tma_atom_K, mK, sK, pipeline_k),
+                        (tma_atom_V, mV, sV, pipeline_v),
+                    ):
+                        pipe.producer_acquire(kv_state)
+                        for j in cutlass.range_constexpr(boxes):
+                            self.copy_kv_box(
+                                atom,
+                                cute.local_tile(
+                                    src[None, None, box_page[j]],
+                                    (self.kv_box_rows, self.head_dim),
+                                    (box_in_page[j], 0),
+                                ),
+                                cute.local_tile(
+                                    dst[None, None, kv_state.index],
+                                    (self.kv_box_rows, self.head_dim),
+                                    (j, 0),
+                                ),
+                                pipe.producer_get_barrier(kv_state),
+                            )
+                    kv_state.advance()
+            else:
+                # (tile_n, d, n_tiles)
+                gK = cute.local_tile(mK, (self.tile_n, self.head_dim), (None, 0))
+                gV = cute.local_tile(mV, (self.tile_n, self.head_dim), (None, 0))
+                # ((ATOM, REST), STAGE) and ((ATOM, REST), N_TILES)
+                tKsK, tKgK = cpasync.tma_partition(
+                    tma_atom_K, 0, cta, cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2)
                 )
-                pipeline_v.producer_acquire(kv_state)
-                cute.copy(
-                    tma_atom_V,
-                    tVgV[None, n_block],
-                    tVsV[None, kv_state.index],
-                    tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state),
+                tVsV, tVgV = cpasync.tma_partition(
+                    tma_atom_V, 0, cta, cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2)
                 )
-                kv_state.advance()
+                for i in cutlass.range(n_max - n_min, unroll=1):
+                    n_block = n_max - 1 - i
+                    pipeline_k.producer_acquire(kv_state)
+                    cute.copy(
+                        tma_atom_K,
+                        tKgK[None, n_block],
+                        tKsK[None, kv_state.index],
+                        tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state),
+                    )
+                    pipeline_v.producer_acquire(kv_state)
+                    cute.copy(
+                        tma_atom_V,
+                        tVgV[None, n_block],
+                        tVsV[None, kv_state.index],
+                        tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state),
+                    )
+                    kv_state.advance()
+
+    @cute.jit
+    def copy_kv_box(self, atom: cute.CopyAtom, gBox: cute.Tensor, sBox: cute.Tensor, bar):
+        """One TMA load of a (kv_box_rows, d) box into its slab of a K/V stage."""
+        tsBox, tgBox = cpasync.tma_partition(
+            atom, 0, cute.make_layout(1), cute.group_modes(sBox, 0, 2), cute.group_modes(gBox, 0, 2)
+        )
+        cute.copy(atom, tgBox, tsBox, tma_bar_ptr=bar)
 
     @cute.jit
     def mma(
@@ -429,15 +568,15 @@ class HopperFmhaForward:
         pipeline_v: pipeline.PipelineAsync,
         tidx: Int32,
         m_block: Int32,
-        n_blocks: Int32,
-        seqlen_k: Int32,
-        causal_offset: Int32,
+        n_min: Int32,
+        n_max: Int32,
+        info: SeqInfo,
         scale_log2: Float32,
         sO: cute.Tensor,
-        mO: cute.Tensor,  # (s_q, d) TMA coordinates of this (head, batch)
+        mO: cute.Tensor,  # (s_q, d) of this (head, sequence[, split])
+        tma_O: cute.Tensor | None,  # its TMA coordinates (not split_kv)
         mLSE: cute.Tensor,  # (s_q,)
-        seqlen_q: Int32,
-        tma_atom_O: cute.CopyAtom,
+        tma_atom_O: cute.CopyAtom | None,
     ):
         """Consumers: S = QK^T, online softmax, O += PV, then the epilogue."""
         wg_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
@@ -464,7 +603,7 @@ class HopperFmhaForward:
         softmax = OnlineSoftmax(scale_log2, num_rows=cute.size(acc_rows_cols(tScS), mode=[0]))
         softmax.reset()
 
-        if n_blocks > 0:
+        if n_max > n_min:
             q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
             pipeline_q.consumer_wait(q_state)
             mainloop = Sm90Mainloop(
@@ -487,73 +626,49 @@ class HopperFmhaForward:
                 tScS=tScS,
                 t0ScS=t0ScS,
                 m_block=m_block,
-                seqlen_k=seqlen_k,
-                causal_offset=causal_offset,
+                seqlen_k=info.seqlen_k,
+                causal_offset=info.causal_offset,
                 wg_idx=wg_idx,
+                sV_tail=sV if const_expr(self.kv_layout in ("cache", "paged")) else None,
             )
-            mainloop.run(n_blocks, self.num_stages, self.config.intra_wg_overlap)
+            mainloop.run(n_min, n_max, self.num_stages, self.config.intra_wg_overlap)
 
         inv_sum = softmax.finalize()
         OnlineSoftmax.rescale(acc_O, inv_sum)
-        self.epilogue(
-            acc_O,
-            softmax.row_sum,
-            tScS,
-            tiled_mma_pv,
-            tidx,
-            sO,
-            mO,
-            mLSE,
-            m_block,
-            seqlen_q,
-            tma_atom_O,
-        )
+        row0 = m_block * self.tile_m
+        epilogue.store_lse(softmax.row_sum, tScS, mLSE, row0, info.seqlen_q)
+        tile = (self.tile_m, self.head_dim)
+        if const_expr(self.split_kv):
+            gO = cute.local_tile(mO, tile, (m_block, 0))
+            epilogue.store_o_direct(acc_O, tiled_mma_pv, tidx, gO, info.seqlen_q - row0)
+        elif const_expr(self.varlen_q):
+            # TMA would write past this sequence's end into the next one's rows.
+            if row0 + self.tile_m <= info.seqlen_q:
+                self.store_o_tma(acc_O, tiled_mma_pv, tidx, sO, tma_O, m_block, tma_atom_O)
+            else:
+                gO = cute.local_tile(mO, tile, (m_block, 0))
+                epilogue.store_o_direct(acc_O, tiled_mma_pv, tidx, gO, info.seqlen_q - row0)
+        else:
+            self.store_o_tma(acc_O, tiled_mma_pv, tidx, sO, tma_O, m_block, tma_atom_O)
 
     @cute.jit
-    def epilogue(
+    def store_o_tma(
         self,
         acc_O: cute.Tensor,
-        lse: cute.Tensor,
-        tScS: cute.Tensor,
         tiled_mma_pv: cute.TiledMma,
         tidx: Int32,
         sO: cute.Tensor,
-        mO: cute.Tensor,
-        mLSE: cute.Tensor,
+        tma_O: cute.Tensor,
         m_block: Int32,
-        seqlen_q: Int32,
         tma_atom_O: cute.CopyAtom,
     ):
-        """Write LSE directly, O through shared memory and one TMA store."""
-        coords = acc_rows_cols(tScS)
-        if coords[0, 0][1] == 0:  # one lane per quad owns the row's LSE
-            for r in cutlass.range_constexpr(cute.size(lse)):
-                row = m_block * self.tile_m + coords[r, 0][0]
-                if row < seqlen_q:
-                    mLSE[row] = lse[r]
-
-        rO = cute.make_rmem_tensor_like(acc_O, self.dtype)
-        rO.store(acc_O.load().to(self.dtype))
-        # Every MMA warpgroup must be done reading sQ before sO (same bytes) is written.
-        cute.arch.barrier(
-            barrier_id=int(NamedBarrier.EPILOGUE), number_of_threads=self.num_mma_threads
+        epilogue.store_o_tma(
+            acc_O,
+            self.dtype,
+            tiled_mma_pv,
+            tidx,
+            self.num_mma_threads,
+            sO,
+            cute.local_tile(tma_O, (self.tile_m, self.head_dim), (m_block, 0)),
+            tma_atom_O,
         )
-        store_atom = sm90_utils.get_smem_store_op(LayoutEnum.ROW_MAJOR, self.dtype, Float32)
-        thr_store = cute.make_tiled_copy_C(store_atom, tiled_mma_pv).get_slice(tidx)
-        cute.copy(store_atom, thr_store.retile(rO), thr_store.partition_D(sO))
-        cute.arch.fence_view_async_shared()  # make the st.shared visible to the TMA engine
-        cute.arch.barrier(
-            barrier_id=int(NamedBarrier.EPILOGUE_STORE), number_of_threads=self.num_mma_threads
-        )
-        if tidx < cute.arch.WARP_SIZE:
-            gO = cute.local_tile(mO, (self.tile_m, self.head_dim), (m_block, 0))
-            tOsO, tOgO = cpasync.tma_partition(
-                tma_atom_O,
-                0,
-                cute.make_layout(1),
-                cute.group_modes(sO, 0, 2),
-                cute.group_modes(gO, 0, 2),
-            )
-            cute.copy(tma_atom_O, tOsO, tOgO)  # rows past seqlen_q are clipped by TMA
-            cute.arch.cp_async_bulk_commit_group()
-            cute.arch.cp_async_bulk_wait_group(0, read=True)

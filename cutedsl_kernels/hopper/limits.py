@@ -6,7 +6,7 @@ of the DSL keeps a warm start (kernel loaded from the disk cache) from importing
 
 from __future__ import annotations
 
-from cutedsl_kernels.config import SUPPORTED_DTYPES, FmhaFwdConfig
+from cutedsl_kernels.config import KV_LAYOUTS, SUPPORTED_DTYPES, FmhaFwdConfig
 
 SMEM_CAPACITY_BYTES = 227 * 1024  # H100 opt-in shared memory per CTA
 THREADS_PER_WARPGROUP = 128
@@ -42,6 +42,19 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
         reasons.append(f"tile_n={config.tile_n} must be a multiple of 16 in [16, 256]")
     if config.num_stages < 1:
         reasons.append(f"num_stages={config.num_stages} must be >= 1")
+    if config.kv_layout not in KV_LAYOUTS:
+        reasons.append(f"kv_layout={config.kv_layout!r} is not one of {KV_LAYOUTS}")
+    if config.kv_layout == "paged":
+        if config.page_size <= 0 or config.page_size % 16:
+            reasons.append(f"page_size={config.page_size} must be a positive multiple of 16")
+    elif config.page_size != 0:
+        reasons.append(f"page_size={config.page_size} needs kv_layout='paged'")
+    packed_kv = config.kv_layout == "varlen"
+    if config.kv_layout in ("dense", "varlen") and config.varlen_q != packed_kv:
+        reasons.append(
+            "varlen_q and kv_layout='varlen' go together (packed queries need per-sequence "
+            "key lengths; 'cache' and 'paged' serve either query layout)"
+        )
     if not reasons and smem_bytes(config) > SMEM_CAPACITY_BYTES:
         reasons.append(
             f"tiles need {smem_bytes(config)} B of shared memory "

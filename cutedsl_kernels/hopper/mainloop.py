@@ -16,6 +16,10 @@ the tensor cores while the softmax of tile n runs on the ALUs:
 With `pingpong` (overlapped schedule, 2 or 3 MMA warpgroups), the warpgroups take turns,
 round robin, issuing their GEMMs (named barriers WG1_TURN..WG3_TURN), so one warpgroup's
 softmax hides under the others' GEMMs.
+
+With `sV_tail` (caches, whose slots past the used length may hold anything, NaN
+included), each warpgroup zeroes the V rows past the sequence end in the first (top) tile
+before its PV GEMM: a masked key has P = 0, but 0 * NaN would still poison O.
 """
 
 from __future__ import annotations
@@ -87,6 +91,7 @@ class Sm90Mainloop:
         seqlen_k: Int32,
         causal_offset: Int32,
         wg_idx: Int32,
+        sV_tail: cute.Tensor | None = None,
     ):
         self.tile_m, self.tile_n, self.dtype = tile_m, tile_n, dtype
         self.is_causal, self.pingpong = is_causal, pingpong
@@ -98,6 +103,7 @@ class Sm90Mainloop:
         self.tScS, self.t0ScS = tScS, t0ScS
         self.m_block, self.seqlen_k, self.causal_offset = m_block, seqlen_k, causal_offset
         self.wg_idx = wg_idx
+        self.sV_tail = sV_tail
 
     # ------------------------------------------------------------ warpgroup turns
     @cute.jit
@@ -153,6 +159,26 @@ class Sm90Mainloop:
             self.is_causal,
         )
 
+    @cute.jit
+    def zero_v_tail(self, kv_state: pipeline.PipelineState, n_block: Int32):
+        """Zero V rows >= seqlen_k of tile `n_block` (this warpgroup's view, then fence)."""
+        if const_expr(self.sV_tail is not None):
+            self.pipeline_v.consumer_wait(kv_state)
+            sV = self.sV_tail[None, None, kv_state.index]
+            valid = self.seqlen_k - n_block * self.tile_n
+            if valid < self.tile_n:
+                head_dim = cute.size(sV, mode=[1])
+                lane = cute.arch.thread_idx()[0] % THREADS_PER_WARPGROUP
+                for e in cutlass.range(lane, self.tile_n * head_dim, THREADS_PER_WARPGROUP):
+                    row = e // head_dim
+                    if row >= valid:
+                        sV[row, e - row * head_dim] = self.dtype(0.0)
+                cute.arch.fence_view_async_shared()  # generic stores -> wgmma (async proxy)
+                cute.arch.barrier(
+                    barrier_id=int(NamedBarrier.WG1_V_TAIL) + self.wg_idx,
+                    number_of_threads=THREADS_PER_WARPGROUP,
+                )
+
     # ------------------------------------------------------------ serial schedule
     @cute.jit
     def serial_step(
@@ -179,6 +205,8 @@ class Sm90Mainloop:
         if const_expr(not is_first):
             OnlineSoftmax.rescale(self.acc_O, row_scale)
         convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
+        if const_expr(is_first):
+            self.zero_v_tail(kv_state, n_block)
         self.pipeline_v.consumer_wait(kv_state)
         wgmma(
             self.tiled_mma_pv,
@@ -210,6 +238,7 @@ class Sm90Mainloop:
         self.mask(acc_S, n_block)
         self.softmax.update(acc_S, True)
         convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
+        self.zero_v_tail(kv_state, n_block)
 
     @cute.jit
     def overlapped_step(
@@ -271,25 +300,29 @@ class Sm90Mainloop:
     @cute.jit
     def run(
         self,
-        n_blocks: Int32,
+        n_min: Int32,
+        n_max: Int32,
         num_stages: cutlass.Constexpr[int],
         overlap: cutlass.Constexpr[bool],
     ):
-        """Visit key tiles n_blocks-1 .. 0 (n_blocks >= 1): masked ones first."""
+        """Visit key tiles n_max-1 .. n_min (n_max > n_min): masked ones first."""
         kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, num_stages)
         self.start_turns()
-        # The last key tile may be partial (and, causal, crosses the diagonal).
-        n_top = n_blocks - 1
+        # The top key tile may be partial (and, causal, crosses the diagonal).
+        n_top = n_max - 1
         if const_expr(overlap):
             self.first_block(kv_state, n_top)
         else:
             kv_state = self.serial_step(kv_state, n_top, True, True)
         if const_expr(self.is_causal):
-            n_mask_from = cutlass.min(
-                causal_mask.first_masked_n_block(
-                    self.m_block, self.causal_offset, self.tile_m, self.tile_n
+            n_mask_from = cutlass.max(
+                cutlass.min(
+                    causal_mask.first_masked_n_block(
+                        self.m_block, self.causal_offset, self.tile_m, self.tile_n
+                    ),
+                    n_top,
                 ),
-                n_top,
+                n_min,
             )
             for i in cutlass.range(n_top - n_mask_from, unroll=1):
                 if const_expr(overlap):
@@ -297,7 +330,7 @@ class Sm90Mainloop:
                 else:
                     kv_state = self.serial_step(kv_state, n_top - 1 - i, False, True)
             n_top = n_mask_from
-        for i in cutlass.range(n_top, unroll=1):
+        for i in cutlass.range(n_top - n_min, unroll=1):
             if const_expr(overlap):
                 kv_state = self.overlapped_step(kv_state, n_top - 1 - i, False)
             else:

@@ -1,0 +1,78 @@
+"""Per-CTA sequence bounds and key-tile range, shared by every attention kernel.
+
+Vocabulary (see `FmhaFwdConfig.varlen_q` / `kv_layout`):
+- `offset_q` / `offset_k`: first token of this batch entry along a packed token axis
+  (0 when the batch entry has its own axis);
+- `seqlen_q` / `seqlen_k`: tokens of this batch entry (from shapes, from `cu_seqlens_*`
+  differences, or from `seqused_k`);
+- `causal_offset`: key j is visible to query i iff j <= i + causal_offset. Dense problems
+  take it from the caller (bottom-right or top-left); per-sequence (varlen) problems align
+  bottom-right, seqlen_k - seqlen_q.
+- the key tiles a CTA visits are [n_min, n_max); with split-KV, `split` of `num_splits`
+  takes an equal share of the tiles its query tile needs.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Int32, const_expr
+
+from cutedsl_kernels.common import causal_mask
+
+
+class SeqInfo:
+    """Bounds of one (batch entry, query tile): read once from the metadata tensors."""
+
+    def __init__(
+        self,
+        batch_idx: Int32,
+        seqlen_q_static: Int32,
+        seqlen_k_static: Int32,
+        causal_offset: Int32,
+        cu_seqlens_q: cute.Tensor | None,
+        cu_seqlens_k: cute.Tensor | None,
+        seqused_k: cute.Tensor | None,
+    ):
+        self.offset_q = Int32(0)
+        self.seqlen_q = seqlen_q_static
+        if cu_seqlens_q is not None:
+            self.offset_q = cu_seqlens_q[batch_idx]
+            self.seqlen_q = cu_seqlens_q[batch_idx + 1] - self.offset_q
+        self.offset_k = Int32(0)
+        self.seqlen_k = seqlen_k_static
+        if cu_seqlens_k is not None:
+            self.offset_k = cu_seqlens_k[batch_idx]
+            self.seqlen_k = cu_seqlens_k[batch_idx + 1] - self.offset_k
+        if seqused_k is not None:
+            self.seqlen_k = seqused_k[batch_idx]
+        per_sequence = any(t is not None for t in (cu_seqlens_q, cu_seqlens_k, seqused_k))
+        self.causal_offset = self.seqlen_k - self.seqlen_q if per_sequence else causal_offset
+
+    @cute.jit
+    def n_block_range(
+        self,
+        m_block: Int32,
+        tile_m: cutlass.Constexpr[int],
+        tile_n: cutlass.Constexpr[int],
+        is_causal: cutlass.Constexpr[bool],
+        split_idx: Int32,
+        num_splits: Int32,
+        split_kv: cutlass.Constexpr[bool],
+    ) -> tuple[Int32, Int32]:
+        """Key tiles [n_min, n_max) that query tile `m_block` visits (n_max <= n_min: none).
+
+        A query tile past the end of its sequence (packed batches launch for the longest
+        one) visits none.
+        """
+        n_max = causal_mask.n_block_max(
+            m_block, self.seqlen_q, self.seqlen_k, self.causal_offset, tile_m, tile_n, is_causal
+        )
+        n_min = Int32(0)
+        if m_block * tile_m >= self.seqlen_q:
+            n_max = Int32(0)
+        if const_expr(split_kv):
+            per_split = cute.ceil_div(n_max, num_splits)
+            n_min = split_idx * per_split
+            n_max = cutlass.min(n_max, n_min + per_split)
+        return n_min, n_max

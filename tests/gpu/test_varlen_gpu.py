@@ -1,0 +1,537 @@
+"""sparsek's varlen and KV-cache kernels on an H100, through `sparsek.attention_varlen` and
+`sparsek.attention_with_kvcache`.
+
+Compared against: a float64 attention computed in this file, one sequence at a time, on dense
+per-sequence tensors: cut out of the packed inputs (varlen), or generated before they are
+written into the cache (KV cache: the expected values never read the cache layout, the block
+table or unused slots). Bottom-right causal per sequence; a row that sees no key is 0 with
+lse -inf. sparsek's own reference is not used for expected values.
+
+Tolerance, as in test_attention_gpu.py, relative to PyTorch's own error in the same dtype,
+applied to each sequence's rows (max over that sequence):
+    max|out - ref| <= 2 * max|sdpa_out - ref| + atol   (atol 1e-3 fp16, 2e-3 bf16)
+where sdpa_out is torch SDPA in the input dtype, per sequence, with an explicit bottom-right
+mask (K/V heads repeated, so SDPA picks its flash / memory-efficient kernels). The factor 2
+allows a kernel a different but equally good rounding order than SDPA's; atol covers cases
+where SDPA is (near) exact, e.g. one visible key, where out = v. Rows with no visible key
+must be exactly 0. LSE: float32, -inf exactly where the reference's is, elsewhere atol 2e-3,
+rtol 1e-3 (log-domain: scores are exact products of the same fp16/bf16 inputs, so only
+fp32 accumulation error remains).
+
+Outputs are poisoned with NaN before each launch through the allocation seam `_empty`
+(in `sparsek.ops`, and in `sparsek.ops_varlen` once it has one) so unwritten elements fail;
+every output is also checked for NaN and against the reference. Fallbacks are disabled
+(`SPARSEK_STRICT=1`) so every check here runs a kernel.
+
+Cache slots past `cache_seqlens`, spare blocks and block-table columns past a sequence's last
+block hold random garbage (large keys: reading them changes the result), and in the last
+tests NaN and out-of-range block ids (the API's contract: they are never read).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import sparsek
+from sparsek import ops, ops_varlen
+
+pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
+
+DEVICE = "cuda"
+ATOL = {torch.float16: 1e-3, torch.bfloat16: 2e-3}
+LSE_ATOL, LSE_RTOL = 2e-3, 1e-3
+DTYPES = [torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp16", "bf16"]
+HEAD_DIMS = [64, 128]
+# Feature tests run two corners of (dtype, head_dim), not the full matrix: each
+# (dtype, head_dim, causal, layout, ...) combination may be a kernel compile (~5 s cold).
+CORNERS = [
+    pytest.param(torch.bfloat16, 128, id="bf16-d128"),
+    pytest.param(torch.float16, 64, id="fp16-d64"),
+]
+PAGED = ["paged16", "paged64", "paged256"]
+# Cache garbage keys are scaled up so that one garbage key read by mistake dominates its row.
+GARBAGE_SCALE = 8.0
+
+
+@pytest.fixture(autouse=True)
+def _strict_and_poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSEK_STRICT", "1")
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    # The varlen/KV-cache ops allocate through `ops._empty` or an `_empty` of their own (same
+    # signature); without either, the NaN checks and the reference comparison remain.
+    for module in (ops, ops_varlen):
+        if hasattr(module, "_empty"):
+            monkeypatch.setattr(module, "_empty", poisoned)
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> Tensor:
+    return torch.randn(*shape, device=DEVICE, dtype=dtype, generator=gen)
+
+
+def cu_seqlens(lens: list[int]) -> Tensor:
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=DEVICE)
+
+
+def int32(values: list[int]) -> Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def split_rows(x: Tensor, lens: list[int]) -> list[Tensor]:
+    """Packed (total, ...) -> one (len, ...) view per sequence (rows past sum(lens) dropped)."""
+    return list(x[: sum(lens)].split(lens))
+
+
+# ---------------------------------------------------------------------------- expected values
+
+
+def visible_keys(sq: int, sk: int, causal: bool) -> Tensor:
+    """(sq, sk) bool: query i sees key j; bottom-right causal: j <= i + sk - sq."""
+    if not causal:
+        return torch.ones(sq, sk, dtype=torch.bool, device=DEVICE)
+    rows = torch.arange(sq, device=DEVICE).view(sq, 1)
+    cols = torch.arange(sk, device=DEVICE).view(1, sk)
+    return cols <= rows + (sk - sq)
+
+
+def reference_f64(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
+    """One sequence in float64: softmax(q k^T * scale) v and its log-sum-exp.
+
+    q: (sq, H, D); k: (sk, Hkv, D); v: (sk, Hkv, Dv) -> out (sq, H, Dv), lse (H, sq).
+    A row with no visible key: out 0, lse -inf.
+    """
+    sq, h, d = q.shape
+    sk, hkv, dv = v.shape
+    group = h // hkv
+    qf = q.double().reshape(sq, hkv, group, d)  # GQA: query head hkv * group + g
+    scores = torch.einsum("qhgd,khd->hgqk", qf, k.double()) * scale
+    scores = scores.masked_fill(~visible_keys(sq, sk, causal), -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)  # (Hkv, group, sq); -inf for rows with no key
+    probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+    out = torch.einsum("hgqk,khd->qhgd", probs, v.double())
+    return out.reshape(sq, h, dv), lse.reshape(h, sq)
+
+
+def sdpa_in_dtype(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
+    """One sequence through torch SDPA in the inputs' dtype (PyTorch's own error): (sq, H, Dv)."""
+    sq, h, _ = q.shape
+    sk, hkv, dv = v.shape
+    if sq == 0 or sk == 0:
+        return q.new_zeros(sq, h, dv)
+    visible = visible_keys(sq, sk, causal)
+    qt = q.transpose(0, 1).unsqueeze(0)
+    kt, vt = (t.repeat_interleave(h // hkv, dim=1).transpose(0, 1).unsqueeze(0) for t in (k, v))
+    mask = None if bool(visible.all()) else visible
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)[0]
+    # SDPA leaves NaN (or anything) in rows with no visible key; the contract there is 0.
+    return out.transpose(0, 1).masked_fill(~visible.any(dim=1).view(sq, 1, 1), 0)
+
+
+class Expected(NamedTuple):
+    """What a call must return, in the output's layout, and where each sequence's rows are."""
+
+    out: Tensor  # float64 reference
+    lse: Tensor  # float64 reference
+    sdpa: Tensor  # torch SDPA in the inputs' dtype (PyTorch's own error)
+    parts: list[int | slice]  # out[part]: one sequence's rows (or rows of no sequence)
+
+
+def expected(q_seqs, k_seqs, v_seqs, causal: bool, scale: float):
+    """Per sequence: (float64 out (sq, H, Dv), float64 lse (H, sq), SDPA out in q's dtype)."""
+    return [
+        (*reference_f64(qb, kb, vb, causal, scale), sdpa_in_dtype(qb, kb, vb, causal, scale))
+        for qb, kb, vb in zip(q_seqs, k_seqs, v_seqs, strict=True)
+    ]
+
+
+def as_batched(per_seq) -> Expected:
+    """4-D q layout: out (B, Sq, H, Dv), lse (B, H, Sq), SDPA out (B, Sq, H, Dv)."""
+    out, lse, sdpa = (torch.stack([seq[i] for seq in per_seq]) for i in range(3))
+    return Expected(out, lse, sdpa, list(range(len(per_seq))))
+
+
+def as_packed(per_seq, total_q: int | None = None) -> Expected:
+    """Packed layout: out (total_q, H, Dv), lse (H, total_q), SDPA out (total_q, H, Dv).
+
+    Rows past the last sequence (up to `total_q`) belong to none: out 0, lse -inf.
+    """
+    out = torch.cat([seq[0] for seq in per_seq])
+    lse = torch.cat([seq[1] for seq in per_seq], dim=1)
+    sdpa = torch.cat([seq[2] for seq in per_seq])
+    starts = list(itertools.accumulate((seq[0].shape[0] for seq in per_seq), initial=0))
+    parts: list[int | slice] = [slice(a, b) for a, b in itertools.pairwise(starts)]
+    extra = 0 if total_q is None else total_q - out.shape[0]
+    if extra:
+        parts.append(slice(out.shape[0], total_q))
+        out = torch.cat([out, out.new_zeros(extra, *out.shape[1:])])
+        sdpa = torch.cat([sdpa, sdpa.new_zeros(extra, *sdpa.shape[1:])])
+        lse = torch.cat([lse, lse.new_full((lse.shape[0], extra), -math.inf)], dim=1)
+    return Expected(out, lse, sdpa, parts)
+
+
+def max_abs(a: Tensor, b: Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def check_close(out: Tensor, expect: Expected, lse: Tensor | None = None) -> list[float]:
+    """Check `out` (and `lse`) against `expect`; returns the output bound of each part.
+
+    The bound is applied per sequence, not to the whole batch: sequences differ in output
+    magnitude (one key: |out| ~ 1; 2000 keys: |out| ~ 0.05), and a batch-wide bound set by
+    the short ones would hide errors in the long ones.
+    """
+    assert out.shape == expect.out.shape and out.dtype == expect.sdpa.dtype
+    assert not torch.isnan(out).any(), "NaN in out: unwritten (poisoned) or unused cache slots read"
+    bounds = []
+    for i, part in enumerate(expect.parts):
+        ref = expect.out[part]
+        err, err_sdpa = max_abs(out[part], ref), max_abs(expect.sdpa[part], ref)
+        bound = 2 * err_sdpa + ATOL[out.dtype]
+        assert err <= bound, (
+            f"sequence {i}: max error {err:.3e} > {bound:.3e} (sdpa error {err_sdpa:.3e})"
+        )
+        bounds.append(bound)
+    # ref lse (H, total_q) or (B, H, Sq) -> rows of out (total_q, H) or (B, Sq, H).
+    no_key = torch.isneginf(expect.lse)
+    assert (out[no_key.transpose(-1, -2)] == 0).all(), "rows that see no key must be 0"
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape == expect.lse.shape
+        assert torch.equal(torch.isneginf(lse), no_key), "lse must be -inf exactly where no key"
+        torch.testing.assert_close(
+            lse[~no_key].double(), expect.lse[~no_key], atol=LSE_ATOL, rtol=LSE_RTOL
+        )
+    return bounds
+
+
+# ---------------------------------------------------------------------------- caches
+
+
+def sequences(gen: torch.Generator, lens: list[int], hkv: int, d: int, dtype: torch.dtype):
+    """Each sequence's keys and values, dense (len, Hkv, D): what the cache holds."""
+    ks = [randn(gen, n, hkv, d, dtype=dtype) for n in lens]
+    vs = [randn(gen, n, hkv, d, dtype=dtype) for n in lens]
+    return ks, vs
+
+
+def build_cache(layout: str, ks, vs, capacity: int, seed: int, *, stale: bool = False):
+    """Write the sequences into a cache: (k_cache, v_cache, block_table or None).
+
+    "contiguous": (B, capacity, Hkv, D). "paged<N>": (num_blocks, N, Hkv, D) with every
+    sequence's blocks at shuffled ids (a random permutation), partially filled last blocks,
+    3 spare blocks, and one block-table column past the longest sequence. Unused slots and
+    blocks hold garbage (NaN when `stale`); block-table entries past a sequence's last block
+    point at spare blocks (out of range when `stale`).
+    """
+    gen = generator(seed)
+    hkv, d = ks[0].shape[1:]
+    dtype = ks[0].dtype
+    lens = [kb.shape[0] for kb in ks]
+
+    def garbage(*shape: int, scale: float) -> Tensor:
+        if stale:
+            return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+        return randn(gen, *shape, dtype=dtype) * scale
+
+    if layout == "contiguous":
+        k_cache = garbage(len(ks), capacity, hkv, d, scale=GARBAGE_SCALE)
+        v_cache = garbage(len(ks), capacity, hkv, d, scale=1.0)
+        for b, (kb, vb) in enumerate(zip(ks, vs, strict=True)):
+            k_cache[b, : lens[b]], v_cache[b, : lens[b]] = kb, vb
+        return k_cache, v_cache, None
+
+    block_size = int(layout.removeprefix("paged"))
+    used = [-(-n // block_size) for n in lens]
+    spare = 3
+    num_blocks = sum(used) + spare
+    max_blocks = max(used) + 1
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    spare_ids = order[sum(used) :]
+    k_cache = garbage(num_blocks, block_size, hkv, d, scale=GARBAGE_SCALE)
+    v_cache = garbage(num_blocks, block_size, hkv, d, scale=1.0)
+    rows = []
+    start = 0
+    for b, (kb, vb) in enumerate(zip(ks, vs, strict=True)):
+        ids = order[start : start + used[b]]
+        start += used[b]
+        # Token t of sequence b: block ids[t // block_size], offset t % block_size.
+        t = torch.arange(lens[b], device=DEVICE)
+        blocks = torch.tensor(ids, dtype=torch.long, device=DEVICE)[t // block_size]
+        k_cache[blocks, t % block_size], v_cache[blocks, t % block_size] = kb, vb
+        # Never read. Stale: 2**30 blocks lies far outside any allocation, so a read faults.
+        pad = [2**30 if stale else spare_ids[i % spare] for i in range(max_blocks - used[b])]
+        rows.append(ids + pad)
+    return k_cache, v_cache, int32(rows).view(len(ks), max_blocks)
+
+
+# ---------------------------------------------------------------------------- varlen
+
+# name -> (q lengths, k lengths, num_heads, num_kv_heads)
+VARLEN_CASES = {
+    # GQA 4:1, Sq == Sk: empty, 1-token and odd sequences beside one of 2000 tokens.
+    "gqa-mixed": ([0, 1, 3, 17, 2000, 129, 0, 64, 1, 255], None, 8, 2),
+    # MQA, Sk != Sq: keys longer, shorter (causal: the first Sq - Sk rows see nothing),
+    # queries without keys, keys without queries.
+    "mqa-sq!=sk": (
+        [1, 3, 100, 257, 0, 50, 31, 1, 700],
+        [7, 0, 300, 128, 5, 50, 1, 1000, 1999],
+        8,
+        1,
+    ),
+}
+
+
+def varlen_inputs(lens_q, lens_k, h, hkv, d, dtype, seed):
+    gen = generator(seed)
+    q = randn(gen, sum(lens_q), h, d, dtype=dtype)
+    k = randn(gen, sum(lens_k), hkv, d, dtype=dtype)
+    v = randn(gen, sum(lens_k), hkv, d, dtype=dtype)
+    return q, k, v
+
+
+def varlen_expected(q, k, v, lens_q, lens_k, causal, scale, total_q=None):
+    per_seq = expected(
+        split_rows(q, lens_q), split_rows(k, lens_k), split_rows(v, lens_k), causal, scale
+    )
+    return as_packed(per_seq, total_q)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("case", VARLEN_CASES.values(), ids=VARLEN_CASES.keys())
+def test_varlen_matches_reference(case, d, dtype, causal) -> None:
+    lens_q, lens_k, h, hkv = case
+    lens_k = lens_k or lens_q
+    q, k, v = varlen_inputs(lens_q, lens_k, h, hkv, d, dtype, seed=d + int(causal))
+    out, lse = sparsek.attention_varlen(
+        q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), max(lens_q), max(lens_k),
+        causal=causal, return_lse=True,
+    )  # fmt: skip
+    assert lse.shape == (h, q.shape[0])
+    check_close(out, varlen_expected(q, k, v, lens_q, lens_k, causal, d**-0.5), lse)
+
+
+@pytest.mark.parametrize("packing", ["qkv", "heads"])
+@pytest.mark.parametrize(("dtype", "d"), CORNERS)
+def test_varlen_strided_views_of_packed_qkv(dtype, d, packing) -> None:
+    """q/k/v as views of one packed tensor (FlashAttention's qkvpacked layouts), custom scale."""
+    lens = [1, 77, 300, 0, 5, 129]
+    gen = generator(11)
+    if packing == "qkv":  # (total, 3, H, D).unbind(1): MHA
+        h = hkv = 4
+        q, k, v = randn(gen, sum(lens), 3, h, d, dtype=dtype).unbind(1)
+    else:  # (total, H + 2 Hkv, D) split along heads: GQA 4:1
+        h, hkv = 8, 2
+        q, k, v = randn(gen, sum(lens), h + 2 * hkv, d, dtype=dtype).split([h, hkv, hkv], dim=1)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    cu = cu_seqlens(lens)
+    out, lse = sparsek.attention_varlen(
+        q, k, v, cu, cu, max(lens), max(lens), causal=True, softmax_scale=0.08, return_lse=True
+    )
+    check_close(out, varlen_expected(q, k, v, lens, lens, True, 0.08), lse)
+
+
+def test_varlen_rows_past_the_last_sequence() -> None:
+    """Rows of q past cu_seqlens_q[-1] (CUDA-graph padding) belong to no sequence: 0 / -inf."""
+    lens_q, lens_k = [3, 0, 130], [5, 9, 130]
+    q, k, v = varlen_inputs(lens_q, lens_k, 8, 2, 128, torch.bfloat16, seed=12)
+    gen = generator(13)
+    q = torch.cat([q, randn(gen, 5, 8, 128, dtype=q.dtype)])
+    k, v = (torch.cat([t, randn(gen, 7, 2, 128, dtype=t.dtype)]) for t in (k, v))
+    out, lse = sparsek.attention_varlen(
+        q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), 130, 130, causal=True, return_lse=True
+    )
+    expect = varlen_expected(q, k, v, lens_q, lens_k, True, 128**-0.5, total_q=q.shape[0])
+    check_close(out, expect, lse)
+
+
+def test_varlen_deterministic() -> None:
+    lens_q, _, h, hkv = VARLEN_CASES["gqa-mixed"]
+    q, k, v = varlen_inputs(lens_q, lens_q, h, hkv, 128, torch.bfloat16, seed=14)
+    cu, longest = cu_seqlens(lens_q), max(lens_q)
+    first = sparsek.attention_varlen(q, k, v, cu, cu, longest, longest, causal=True)
+    again = sparsek.attention_varlen(q, k, v, cu, cu, longest, longest, causal=True)
+    assert isinstance(first, Tensor) and torch.equal(first, again)
+    out, lse = sparsek.attention_varlen(
+        q, k, v, cu, cu, longest, longest, causal=True, return_lse=True
+    )
+    out_again, lse_again = sparsek.attention_varlen(
+        q, k, v, cu, cu, longest, longest, causal=True, return_lse=True
+    )
+    assert torch.equal(out, out_again) and torch.equal(lse, lse_again)
+    check_close(first, varlen_expected(q, k, v, lens_q, lens_q, True, 128**-0.5))
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+# 0: no key (out 0, lse -inf); 4096: the contiguous cache's full capacity.
+DECODE_LENS = [1, 17, 0, 1000, 4096]
+DECODE_CAPACITY = 4096
+HEADS = [pytest.param(32, 8, id="gqa32:8"), pytest.param(8, 1, id="mqa")]
+
+
+def kvcache_case(lens, capacity, layout, h, hkv, d, dtype, seed, *, stale=False):
+    gen = generator(seed)
+    ks, vs = sequences(gen, lens, hkv, d, dtype)
+    k_cache, v_cache, table = build_cache(layout, ks, vs, capacity, seed + 1, stale=stale)
+    return gen, ks, vs, k_cache, v_cache, table
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged64"])
+@pytest.mark.parametrize(("h", "hkv"), HEADS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
+def test_kvcache_decode(d, dtype, h, hkv, layout) -> None:
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
+        DECODE_LENS, DECODE_CAPACITY, layout, h, hkv, d, dtype, seed=20 + d + h
+    )
+    q = randn(gen, len(DECODE_LENS), 1, h, d, dtype=dtype)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, int32(DECODE_LENS), table, return_lse=True
+    )
+    assert lse.shape == (len(DECODE_LENS), h, 1)
+    check_close(out, as_batched(expected(list(q), ks, vs, True, d**-0.5)), lse)
+
+
+@pytest.mark.parametrize(("dtype", "d", "layout"), [
+    pytest.param(torch.bfloat16, 128, "paged16", id="bf16-d128-paged16"),
+    pytest.param(torch.float16, 64, "contiguous", id="fp16-d64-contiguous"),
+])  # fmt: skip
+def test_kvcache_decode_packed_queries(dtype, d, layout) -> None:
+    """Decode through cu_seqlens_q: q (total_q, H, D) with one token per sequence."""
+    h, hkv, batch = 32, 8, len(DECODE_LENS)
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
+        DECODE_LENS, DECODE_CAPACITY, layout, h, hkv, d, dtype, seed=30 + d
+    )
+    q = randn(gen, batch, h, d, dtype=dtype)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, int32(DECODE_LENS), table,
+        cu_seqlens_q=cu_seqlens([1] * batch), max_seqlen_q=1, return_lse=True,
+    )  # fmt: skip
+    assert lse.shape == (h, batch)
+    check_close(out, as_packed(expected(split_rows(q, [1] * batch), ks, vs, True, d**-0.5)), lse)
+
+
+# New queries per sequence (the last q_len tokens of cache_seqlens[b]): fresh prefill
+# (q_len == cache len), chunks after a prefix, a sequence with no new query, one decode
+# token, and a sequence at the contiguous cache's full capacity.
+PREFILL_Q_LENS = [3, 100, 17, 64, 0, 1, 50]
+PREFILL_CACHE_LENS = [3, 1100, 40, 64, 300, 777, 2048]
+PREFILL_CAPACITY = 2048
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("layout", ["contiguous", *PAGED])
+@pytest.mark.parametrize(("dtype", "d", "h", "hkv"), [
+    pytest.param(torch.bfloat16, 128, 32, 8, id="bf16-d128-gqa32:8"),
+    pytest.param(torch.float16, 64, 8, 1, id="fp16-d64-mqa"),
+])  # fmt: skip
+def test_kvcache_chunked_prefill(dtype, d, h, hkv, layout, causal) -> None:
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
+        PREFILL_CACHE_LENS, PREFILL_CAPACITY, layout, h, hkv, d, dtype, seed=40 + d
+    )
+    q = randn(gen, sum(PREFILL_Q_LENS), h, d, dtype=dtype)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, int32(PREFILL_CACHE_LENS), table,
+        cu_seqlens_q=cu_seqlens(PREFILL_Q_LENS), max_seqlen_q=max(PREFILL_Q_LENS),
+        causal=causal, return_lse=True,
+    )  # fmt: skip
+    assert lse.shape == (h, q.shape[0])
+    per_seq = expected(split_rows(q, PREFILL_Q_LENS), ks, vs, causal, d**-0.5)
+    check_close(out, as_packed(per_seq), lse)
+
+
+def test_kvcache_multi_token_decode_batched() -> None:
+    """4-D q with seqlen_q = 4 (speculative decoding), causal against cache_seqlens."""
+    lens, h, hkv, d, dtype = [4, 5, 1000, 260], 32, 8, 128, torch.bfloat16
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
+        lens, 1024, "paged256", h, hkv, d, dtype, seed=50
+    )
+    q = randn(gen, len(lens), 4, h, d, dtype=dtype)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, int32(lens), table, return_lse=True
+    )
+    assert lse.shape == (len(lens), h, 4)
+    check_close(out, as_batched(expected(list(q), ks, vs, True, d**-0.5)), lse)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged64"])
+@pytest.mark.parametrize(("dtype", "d"), CORNERS)
+def test_kvcache_num_splits_agree(dtype, d, layout) -> None:
+    """num_splits 1 (no split), 0 (auto) and 4 each match the reference, and one another.
+
+    Each is held to the reference bound; pairwise they are held to the same bound (two
+    orders of reducing the same fp32 partials differ by about an output ulp, far below it).
+    The split path is also deterministic.
+    """
+    lens, h, hkv = [4096, 777, 1], 32, 8
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
+        lens, 4096, layout, h, hkv, d, dtype, seed=60 + d
+    )
+    q = randn(gen, len(lens), 1, h, d, dtype=dtype)
+    expect = as_batched(expected(list(q), ks, vs, True, d**-0.5))
+    outs = {}
+    for num_splits in (1, 0, 4):
+        out, lse = sparsek.attention_with_kvcache(
+            q, k_cache, v_cache, int32(lens), table, num_splits=num_splits, return_lse=True
+        )
+        bounds = check_close(out, expect, lse)
+        outs[num_splits] = out
+    for a, b in itertools.combinations(outs, 2):
+        for seq, bound in enumerate(bounds):
+            diff = max_abs(outs[a][seq], outs[b][seq])
+            assert diff <= bound, f"num_splits={a} vs {b}, sequence {seq}: {diff:.3e} > {bound:.3e}"
+    again = sparsek.attention_with_kvcache(q, k_cache, v_cache, int32(lens), table, num_splits=4)
+    assert torch.equal(again, outs[4])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged256"])
+def test_kvcache_decode_64k_context(layout) -> None:
+    lens, h, hkv, d, dtype = [65536], 32, 8, 128, torch.bfloat16
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
+        lens, 65536, layout, h, hkv, d, dtype, seed=70
+    )
+    q = randn(gen, 1, 1, h, d, dtype=dtype)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, int32(lens), table, return_lse=True
+    )
+    check_close(out, as_batched(expected(list(q), ks, vs, True, d**-0.5)), lse)
+
+
+# Last in the file: a kernel that reads a block-table entry it must not read may fault, and a
+# CUDA fault ends every later test of the session.
+@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
+def test_kvcache_never_reads_unused_slots_or_table_entries(layout) -> None:
+    """NaN in every unused cache slot (and spare block), out-of-range unused table entries.
+
+    Masking scores is not enough here: a zero probability times a NaN value is NaN, so the
+    kernel must not let V rows past cache_seqlens into P @ V (FlashAttention-3/4 had this bug
+    with TMA loads of whole blocks: Dao-AILab/flash-attention#1745, #2374).
+    """
+    lens, q_lens, h, hkv, d, dtype = [5, 0, 33, 100], [2, 0, 1, 7], 8, 2, 128, torch.bfloat16
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
+        lens, 112, layout, h, hkv, d, dtype, seed=80, stale=True
+    )
+    q = randn(gen, sum(q_lens), h, d, dtype=dtype)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, int32(lens), table,
+        cu_seqlens_q=cu_seqlens(q_lens), max_seqlen_q=max(q_lens), return_lse=True,
+    )  # fmt: skip
+    check_close(out, as_packed(expected(split_rows(q, q_lens), ks, vs, True, d**-0.5)), lse)
