@@ -305,11 +305,17 @@ def _run_op(
     nothing can intercept the call: no torch.compile tracing, no dispatch mode (FakeTensor,
     profilers, export), no tensor subclasses. Anything else goes through the op.
     """
-    plain = type(q) is Tensor and type(k) is Tensor and type(v) is Tensor
-    if plain and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:
+    if plain_eager(q, k, v):
         return _ops._attention_cuda(q, k, v, causal, scale, top_left)
     result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(q, k, v, causal, scale, top_left)
     return result
+
+
+def plain_eager(*tensors: Tensor) -> bool:
+    """Nothing can intercept an op call on these tensors: plain eager mode, plain tensors."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
+        return False
+    return all(type(t) is Tensor for t in tensors)
 
 
 def _kernel_blockers(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[str, ...]:

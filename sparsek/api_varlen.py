@@ -30,6 +30,7 @@ from sparsek.api import (
     check_float_tensors,
     check_head_ratio,
     check_kv_matches_q,
+    plain_eager,
 )
 from sparsek.reference_varlen import (
     check_kvcache_values,
@@ -122,7 +123,14 @@ def attention_varlen(
         )  # fmt: skip
         out, lse = out.to(q.dtype), lse.to(torch.float32)
     else:
-        out, lse = torch.ops.sparsek.attention_varlen(
+        # In plain eager mode on CUDA the op's CUDA kernel is called directly (see
+        # `sparsek.api._run_op`: the dispatcher round trip is pure host overhead there).
+        varlen_op = (
+            ops_varlen._attention_varlen_cuda
+            if q.is_cuda and plain_eager(q, k, v, cu_seqlens_q, cu_seqlens_k)
+            else torch.ops.sparsek.attention_varlen
+        )
+        out, lse = varlen_op(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
         )
     return (out, lse) if return_lse else out
@@ -237,7 +245,12 @@ def attention_with_kvcache(
         )  # fmt: skip
         out, lse = out.to(q.dtype), lse.to(torch.float32)
     else:
-        out, lse = torch.ops.sparsek.attention_with_kvcache(
+        kvcache_op = (
+            ops_varlen._attention_with_kvcache_cuda
+            if q.is_cuda and plain_eager(*(t for t in (*kv_args, v_cache) if t is not None))
+            else torch.ops.sparsek.attention_with_kvcache
+        )
+        out, lse = kvcache_op(
             q,
             k_cache,
             v_cache,

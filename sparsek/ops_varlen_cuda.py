@@ -40,6 +40,19 @@ MAX_SPLITS = 128
 
 def kernel_config(q: Tensor, v: Tensor, causal: bool, variant: Variant) -> FmhaFwdConfig | str:
     """The kernel config serving this request on q's device, or why there is none."""
+    key = (q.device, q.shape[-1], v.shape[-1], q.dtype, causal, variant)
+    found = _CONFIGS.get(key)
+    if found is None:
+        found = _CONFIGS[key] = _kernel_config(q, v, causal, variant)
+    return found
+
+
+# kernel_config's answers: the launch path's per-call lookup (architecture detection and
+# the registry are too slow to repeat on every call).
+_CONFIGS: dict[tuple[object, ...], FmhaFwdConfig | str] = {}
+
+
+def _kernel_config(q: Tensor, v: Tensor, causal: bool, variant: Variant) -> FmhaFwdConfig | str:
     if q.device.type != "cuda":
         return f"device={q.device.type}: the kernels run on CUDA devices only"
     if v.shape[-1] != q.shape[-1]:
@@ -136,7 +149,7 @@ def attention_with_kvcache(
         q_k = _group_rows(q.view(batch, num_heads, head_dim), num_kv_heads, group)
         out_k = _group_rows(out.view(batch, num_heads, head_dim), num_kv_heads, group)
         if packed:  # (num_heads, batch) is not row-contiguous per group: stage it
-            lse_rows = torch.empty((batch, num_heads), dtype=torch.float32, device=q.device)
+            lse_rows = ops._empty((batch, num_heads), torch.float32, q.device)
         lse_k = lse_rows.view(batch, num_kv_heads, group)
         causal, cu_q, rows, kernel_heads = False, None, group, num_kv_heads
     elif cu_seqlens_q is not None:
@@ -168,8 +181,8 @@ def attention_with_kvcache(
     else:
         split_variant = Variant(variant.varlen_q, variant.kv_layout, variant.page_size, True)
         kernel = _launcher(q.device, head_dim, q.dtype, causal, split_variant)
-        o_part = torch.empty((splits, *out_k.shape), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((splits, *lse_k.shape), dtype=torch.float32, device=q.device)
+        o_part = ops._empty((splits, *out_k.shape), torch.float32, q.device)
+        lse_part = ops._empty((splits, *lse_k.shape), torch.float32, q.device)
         if cu_q is not None:  # rows past cu_seqlens_q[-1]: empty in every split
             lse_part.fill_(float("-inf"))
         args = (q_k, k_cache, v_cache, o_part, lse_part, cu_q, None, seqused, table)

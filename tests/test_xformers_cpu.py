@@ -135,8 +135,17 @@ def test_capabilities() -> None:
     assert op.SUPPORTS_CUSTOM_SCALE and op.SUPPORTS_BMGHK
     assert not (op.SUPPORTS_DROPOUT or op.SUPPORTS_DIFFERENT_VALUE_EMBED)
     assert not (op.SUPPORTS_OUTPUT_DTYPE or op.SUPPORTS_PARTIAL)
-    assert set(op.SUPPORTED_ATTN_BIAS_TYPES) == {type(b) for b in SUPPORTED_BIASES}
-    for bias in varlen_biases():
+    paged = {
+        ab.PagedBlockDiagonalPaddedKeysMask,
+        ab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
+    }
+    assert (
+        set(op.SUPPORTED_ATTN_BIAS_TYPES)
+        == {type(b) for b in SUPPORTED_BIASES}
+        | {type(b) for b, _ in block_diagonal_cases()}
+        | paged
+    )
+    for bias in varlen_biases()[-2:]:  # gappy keys
         assert type(bias) not in op.SUPPORTED_ATTN_BIAS_TYPES
 
 
@@ -148,13 +157,87 @@ def test_supported_inputs_have_no_reasons(bias) -> None:
 # ---------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("bias", varlen_biases(), ids=lambda b: type(b).__name__)
-def test_block_diagonal_biases_need_varlen(bias) -> None:
+# (index into varlen_biases(), words every reason list must contain)
+REFUSED_BLOCK_DIAGONAL = [
+    (1, "as many queries as keys"),  # top-left causal, blocks of unequal q/k lengths
+    (3, "local"),
+    (6, "page_size=4"),
+    (7, "page_size=4"),
+    (8, "not supported"),  # gappy keys
+    (9, "not supported"),
+]
+
+
+@pytest.mark.parametrize(("index", "words"), REFUSED_BLOCK_DIAGONAL)
+def test_unsupported_block_diagonal_biases_refused(index, words) -> None:
+    bias = varlen_biases()[index]
     q, k, v = bmhk(b=1, sq=8, sk=16)
     reasons = SparseKAttention.not_supported_reasons(Inputs(q, k, v, attn_bias=bias))
-    assert any(type(bias).__name__ in r and "varlen" in r and "pending" in r for r in reasons)
-    with pytest.raises(ValueError, match="varlen"):
+    assert any(words in r for r in reasons), reasons
+    with pytest.raises(ValueError, match=words.split("=")[0]):
         xops.memory_efficient_attention_forward(q, k, v, bias, op=SparseKAttention)
+
+
+def block_diagonal_cases() -> list[tuple[object, tuple[int, int]]]:
+    """(bias, (query rows, key rows)) for every supported block-diagonal bias type."""
+    cpu = torch.device("cpu")
+    block = ab.BlockDiagonalMask.from_seqlens([3, 17, 0, 9], [5, 17, 4, 1], device=cpu)
+    keys_ge_queries = ab.BlockDiagonalMask.from_seqlens([3, 17, 0, 9], [5, 17, 4, 11], device=cpu)
+    square = ab.BlockDiagonalMask.from_seqlens([3, 17, 9], device=cpu)
+    padded = ab.BlockDiagonalPaddedKeysMask.from_seqlens([3, 5, 1], 32, [20, 0, 32], device=cpu)
+    offset = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+        [3, 5, 1], 32, [20, 7, 32], device=cpu
+    )
+    return [
+        (block, (29, 27)),
+        (keys_ge_queries.make_causal_from_bottomright(), (29, 37)),
+        (square.make_causal(), (29, 29)),
+        (padded, (9, 96)),
+        (offset, (9, 96)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "case", block_diagonal_cases(), ids=lambda c: type(c[0]).__name__ + str(c[1][1])
+)
+@pytest.mark.parametrize("layout", ["bmhk", "bmghk"])
+def test_block_diagonal_numerics(case, layout) -> None:
+    bias, (mq, mk) = case
+    if layout == "bmhk":
+        q, k, v = bmhk(1, mq, mk, 3, 64, seed=mq)
+    else:
+        q, k, v = gqa_bmghk(1, mq, mk, 2, 3, 64, seed=mq)
+    assert SparseKAttention.not_supported_reasons(Inputs(q, k, v, attn_bias=bias)) == []
+    out, lse = xops.memory_efficient_attention_forward_requires_grad(
+        q, k, v, bias, op=SparseKAttention
+    )
+    assert lse.shape == (1, *q.shape[2:-1], mq)
+    check(out, q, k, v, bias, lse=lse)
+
+
+@pytest.mark.parametrize("index", [3, 4], ids=["padded", "causal_offset"])
+def test_paged_block_diagonal_matches_padded(index) -> None:
+    """Keys scattered into shuffled 16-row pages give the padded bias's result exactly."""
+    padded, (mq, mk) = block_diagonal_cases()[index]
+    q, k, v = bmhk(1, mq, mk, 2, 64, seed=7)
+    pages_per_seq, page = 2, 16
+    order = torch.randperm(3 * pages_per_seq, generator=torch.Generator().manual_seed(0))
+    tables = order.view(3, pages_per_seq).to(torch.int32)
+    k_paged, v_paged = torch.zeros_like(k), torch.zeros_like(v)
+    for slot, block_id in enumerate(order.tolist()):
+        rows = slice(block_id * page, (block_id + 1) * page)
+        k_paged[0, rows] = k[0, slot * page : (slot + 1) * page]
+        v_paged[0, rows] = v[0, slot * page : (slot + 1) * page]
+    paged_type = (
+        ab.PagedBlockDiagonalPaddedKeysMask
+        if index == 3
+        else ab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask
+    )
+    paged = padded.make_paged(tables, page, paged_type)
+    assert SparseKAttention.not_supported_reasons(Inputs(q, k_paged, v_paged, paged)) == []
+    want = xops.memory_efficient_attention_forward(q, k, v, padded, op=SparseKAttention)
+    got = xops.memory_efficient_attention_forward(q, k_paged, v_paged, paged, op=SparseKAttention)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize(

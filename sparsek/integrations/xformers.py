@@ -16,21 +16,27 @@ Supported (everything else is refused by `not_supported_reasons`, with the reaso
   * dtypes: float16, bfloat16; key/value head_dim equal to query's;
   * attn_bias: None, LowerTriangularMask (causal, top-left aligned),
     LowerTriangularFromBottomRightMask (causal, bottom-right aligned); custom `scale`;
+    block-diagonal (variable-length) biases on sparsek's varlen kernels:
+    BlockDiagonalMask, BlockDiagonalCausalFromBottomRightMask, BlockDiagonalCausalMask
+    (when every block has as many queries as keys, where top-left = bottom-right),
+    BlockDiagonalPaddedKeysMask and BlockDiagonalCausalWithOffsetPaddedKeysMask (keys in
+    a padded per-sequence cache) and their Paged... variants (keys in a paged cache;
+    page_size a multiple of 16);
   * layouts: BMK, BMHK and BMGHK. Grouped-query / multi-query attention is expressed in
     xFormers by expanding K/V along the head axis with stride 0; such K/V are narrowed
     back to their real heads (a view, no copy) and run as sparsek's GQA.
 
-Not supported: block-diagonal (variable-length / paged) biases, which need sparsek's
-varlen kernel (not written yet); local-window masks; tensor biases; dropout; a custom
+Not supported: gappy-keys and local-window masks; tensor biases; dropout; a custom
 output dtype; partial attention; and backward (inputs that require grad are refused).
 
 Shapes handed to xFormers: output like the query with value's head_dim; LSE (when asked
-for, `needs_gradient=True`) float32 of shape (B, H, Mq) for BMHK or (B, G, H, Mq) for BMGHK,
-natural log, -inf for rows that see no key.
+for, `needs_gradient=True`) float32 of shape (B, H, Mq) for BMHK or (B, G, H, Mq) for BMGHK
+(B = 1 with block-diagonal biases), natural log, -inf for rows that see no key.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -47,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from sparsek import api as _api
+from sparsek import api_varlen as _api_varlen
 from sparsek.registry import dtype_name
 
 __all__ = ["SparseKAttention"]
@@ -55,8 +62,19 @@ __all__ = ["SparseKAttention"]
 # not loaded. sparsek launches its own kernels and never calls that extension.
 _XFORMERS_EXTENSION_REASON = "xFormers wasn't build with CUDA support"
 
-# Biases whose structure sparsek's dense kernels cannot express.
-_VARLEN_BIASES: tuple[type, ...] = tuple(_xbias.VARLEN_BIASES)
+# Block-diagonal biases served by the varlen kernels: type -> (where the keys are, causal).
+# "packed": keys packed like the queries (attention_varlen); "padded": each sequence's keys
+# at the start of a fixed-size slot (a contiguous KV cache); "paged": a paged KV cache.
+_BLOCK_DIAGONAL: dict[type, tuple[str, bool]] = {
+    _xbias.BlockDiagonalMask: ("packed", False),
+    _xbias.BlockDiagonalCausalMask: ("packed", True),
+    _xbias.BlockDiagonalCausalFromBottomRightMask: ("packed", True),
+    _xbias.BlockDiagonalPaddedKeysMask: ("padded", False),
+    _xbias.BlockDiagonalCausalWithOffsetPaddedKeysMask: ("padded", True),
+    _xbias.PagedBlockDiagonalPaddedKeysMask: ("paged", False),
+    _xbias.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask: ("paged", True),
+}
+_PAGE_MULTIPLE = 16
 _LOCAL_BIASES: tuple[type, ...] = (
     _xbias.LocalAttentionFromBottomRightMask,
     _xbias.LowerTriangularFromBottomRightLocalAttentionMask,
@@ -85,6 +103,7 @@ class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
         type(None),
         _xbias.LowerTriangularMask,
         _xbias.LowerTriangularFromBottomRightMask,
+        *_BLOCK_DIAGONAL,
     )
     SUPPORTS_DROPOUT = False
     SUPPORTS_CUSTOM_SCALE = True
@@ -111,6 +130,8 @@ class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
         ]
         query, key, value = d.query, d.key, d.value
         reasons.extend(_bias_reasons(d.attn_bias))
+        if type(d.attn_bias) in _BLOCK_DIAGONAL:
+            reasons.extend(_block_diagonal_reasons(d.attn_bias, query, key))
         for name, t in (("key", key), ("value", value)):
             if t.dtype != query.dtype:
                 reasons.append(f"{name}.dtype={t.dtype} differs from query.dtype={query.dtype}")
@@ -160,11 +181,14 @@ class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
                 f"SparseKAttention does not support attn_bias of type {type(bias).__name__}: "
                 + "; ".join(_bias_reasons(bias))
             )
-        causal = bias is not None
-        top_left = type(bias) is _xbias.LowerTriangularMask
         query = inp.query
         q, k, v = _to_sparsek_layout(query, inp.key, inp.value)
-        out, lse = _attention_bshd(q, k, v, causal, float(inp.scale_float), top_left)
+        if type(bias) in _BLOCK_DIAGONAL:
+            out, lse = _block_diagonal(bias, q, k, v, float(inp.scale_float))
+        else:
+            causal = bias is not None
+            top_left = type(bias) is _xbias.LowerTriangularMask
+            out, lse = _attention_bshd(q, k, v, causal, float(inp.scale_float), top_left)
         out = out.view(*query.shape[:-1], out.shape[-1])
         if not needs_gradient:
             return out, None
@@ -179,16 +203,73 @@ def _bias_reasons(bias: object) -> list[str]:
     supported = "supported: None, LowerTriangularMask, LowerTriangularFromBottomRightMask"
     if type(bias) in SparseKAttention.SUPPORTED_ATTN_BIAS_TYPES:
         return []
-    if isinstance(bias, _VARLEN_BIASES):
-        return [
-            f"attn_bias {kind} is a block-diagonal (variable-length) mask: it needs sparsek's "
-            f"varlen kernel, which is not implemented yet (support pending; {supported})"
-        ]
+    blocks = ", ".join(t.__name__ for t in _BLOCK_DIAGONAL)
+    if isinstance(bias, _LOCAL_BIASES) or "Local" in kind:
+        return [f"attn_bias {kind}: local (sliding-window) attention is not supported"]
+    if isinstance(bias, tuple(_xbias.VARLEN_BIASES)):
+        return [f"attn_bias {kind} is not supported ({supported}; block-diagonal: {blocks})"]
     if isinstance(bias, (Tensor, _xbias.LowerTriangularMaskWithTensorBias)):
         return [f"attn_bias {kind}: tensor (additive) biases are not supported ({supported})"]
     if isinstance(bias, _LOCAL_BIASES):
         return [f"attn_bias {kind}: local (sliding-window) attention is not supported"]
     return [f"attn_bias {kind} is not supported ({supported})"]
+
+
+def _block_diagonal_reasons(bias: Any, query: Tensor, key: Tensor) -> list[str]:
+    """Shape conditions under which a supported block-diagonal bias maps onto the kernels."""
+    kind = type(bias).__name__
+    reasons = []
+    if query.shape[0] != 1:
+        reasons.append(f"attn_bias {kind} needs batch size 1 (got {query.shape[0]})")
+    if type(bias) is _xbias.BlockDiagonalCausalMask:
+        q_lens, k_lens = _block_lengths(bias.q_seqinfo), _block_lengths(bias.k_seqinfo)
+        if q_lens != k_lens:
+            reasons.append(
+                f"attn_bias {kind} aligns each block's diagonal top-left: supported only when "
+                "every block has as many queries as keys (use "
+                "BlockDiagonalCausalFromBottomRightMask for bottom-right alignment)"
+            )
+    where, _ = _BLOCK_DIAGONAL[type(bias)]
+    slots = (len(bias.k_seqinfo.seqstart_py) - 1) * getattr(bias.k_seqinfo, "padding", 0)
+    if where == "padded" and key.shape[1] != slots:
+        reasons.append(
+            f"attn_bias {kind}: key has {key.shape[1]} rows, expected {slots} (sequences x padding)"
+        )
+    if where == "paged" and bias.page_size % _PAGE_MULTIPLE:
+        reasons.append(
+            f"attn_bias {kind}: page_size={bias.page_size} is not supported "
+            f"(supported: multiples of {_PAGE_MULTIPLE})"
+        )
+    return reasons
+
+
+def _block_lengths(seqinfo: Any) -> list[int]:
+    starts = seqinfo.seqstart_py
+    return [b - a for a, b in itertools.pairwise(starts)]
+
+
+def _block_diagonal(
+    bias: Any, q: Tensor, k: Tensor, v: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """A block-diagonal bias on (1, M, heads, K) tensors -> (out (1, Mq, H, Kv), lse (1, H, Mq))."""
+    where, causal = _BLOCK_DIAGONAL[type(bias)]
+    q3, k3, v3 = q[0], k[0], v[0]
+    cu_q = bias.q_seqinfo.seqstart.to(q.device)
+    max_q = int(bias.q_seqinfo.max_seqlen)
+    if where == "packed":
+        out, lse = _api_varlen.attention_varlen(
+            q3, k3, v3, cu_q, bias.k_seqinfo.seqstart.to(q.device), max_q,
+            int(bias.k_seqinfo.max_seqlen), causal=causal, softmax_scale=scale, return_lse=True,
+        )  # fmt: skip
+    else:
+        rows = bias.page_size if where == "paged" else bias.k_seqinfo.padding
+        table = bias.block_tables.to(q.device) if where == "paged" else None
+        out, lse = _api_varlen.attention_with_kvcache(
+            q3, k3.reshape(-1, rows, *k3.shape[1:]), v3.reshape(-1, rows, *v3.shape[1:]),
+            bias.k_seqinfo.seqlen.to(q.device), table, cu_seqlens_q=cu_q, max_seqlen_q=max_q,
+            causal=causal, softmax_scale=scale, return_lse=True,
+        )  # fmt: skip
+    return out.unsqueeze(0), lse.unsqueeze(0)
 
 
 def _to_sparsek_layout(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:

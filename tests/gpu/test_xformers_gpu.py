@@ -139,3 +139,69 @@ def test_unregistered_head_dim_refused() -> None:
     assert any("head_dim=96" in r for r in reasons)
     with pytest.raises(ValueError, match="head_dim=96"):
         xops.memory_efficient_attention_forward(q, k, v, op=SparseKAttention)
+
+
+def block_diagonal_biases():
+    """One bias of each supported block-diagonal type (odd lengths, an empty block)."""
+    cuda = torch.device("cuda")
+    q_lens, k_lens = [3, 200, 0, 129, 1], [5, 300, 4, 129, 77]
+    block = ab.BlockDiagonalMask.from_seqlens(q_lens, k_lens, device=cuda)
+    square = ab.BlockDiagonalMask.from_seqlens(q_lens, device=cuda)
+    padded = ab.BlockDiagonalPaddedKeysMask.from_seqlens(q_lens, 320, k_lens, device=cuda)
+    offset = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+        q_lens, 320, k_lens, device=cuda
+    )
+    table = torch.randperm(5 * 20, device=cuda, generator=torch.Generator("cuda").manual_seed(1))
+    table = table.to(torch.int32).view(5, 20)
+    return [
+        block,
+        block.make_causal_from_bottomright(),
+        square.make_causal(),
+        padded,
+        offset,
+        padded.make_paged(table, 16, ab.PagedBlockDiagonalPaddedKeysMask),
+        offset.make_paged(table, 16, ab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7), ids=lambda i: f"bias{i}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_block_diagonal_biases(index, dtype, monkeypatch) -> None:
+    """Each block-diagonal bias against float64 with its materialized mask (paged: keys
+    scattered into the table's pages, compared in their padded order)."""
+    monkeypatch.setenv("SPARSEK_STRICT", "1")
+    bias = block_diagonal_biases()[index]
+    gen = torch.Generator(device="cuda").manual_seed(index)
+    mq = bias.q_seqinfo.seqstart_py[-1]
+    paged = hasattr(bias, "block_tables")
+    mk = (
+        5 * 320 if (paged or hasattr(bias.k_seqinfo, "padding")) else bias.k_seqinfo.seqstart_py[-1]
+    )
+    q = torch.randn(1, mq, 2, 4, 128, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(1, mk, 2, 1, 128, device="cuda", dtype=dtype, generator=gen).expand(
+        1, mk, 2, 4, 128
+    )
+    v = torch.randn(1, mk, 2, 1, 128, device="cuda", dtype=dtype, generator=gen).expand(
+        1, mk, 2, 4, 128
+    )
+    k_in, v_in = k, v
+    if paged:  # logical slot s of sequence b lives in page table[b, s // 16]
+        table = bias.block_tables.long()
+        src = torch.arange(mk, device="cuda")
+        dst = table.view(-1)[src // 16] * 16 + src % 16
+        k_in, v_in = torch.empty_like(k[:, :, :, :1]), torch.empty_like(v[:, :, :, :1])
+        k_in[0, dst], v_in[0, dst] = k[0, src, :, :1], v[0, src, :, :1]
+        k_in, v_in = k_in.expand(1, mk, 2, 4, 128), v_in.expand(1, mk, 2, 4, 128)
+    assert SparseKAttention.not_supported_reasons(Inputs(q, k_in, v_in, bias)) == []
+    out, lse = xops.memory_efficient_attention_forward_requires_grad(
+        q, k_in, v_in, bias, op=SparseKAttention
+    )
+    assert lse.shape == (1, 2, 4, mq)
+    reference_bias = bias
+    if paged:  # the same mask over the logical (padded) key order
+        reference_bias = (
+            ab.BlockDiagonalPaddedKeysMask
+            if type(bias) is ab.PagedBlockDiagonalPaddedKeysMask
+            else ab.BlockDiagonalCausalWithOffsetPaddedKeysMask
+        )(bias.q_seqinfo, bias.k_seqinfo)
+    check_close(out, q, k, v, reference_bias, lse=lse)
