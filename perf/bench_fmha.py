@@ -3,10 +3,14 @@
     python perf/bench_fmha.py --out perf/results/h100          # full run on a GPU
     python perf/bench_fmha.py --list                           # planned rows, no GPU needed
     python perf/bench_fmha.py --dry-run                        # fake providers on CPU tensors
+    python perf/bench_fmha.py --suites varlen,decode --out DIR # packed prefill, paged decode
     python perf/bench_fmha.py --suites xformers --out DIR      # opt-in: xFormers bias rows
 
 Writes <out>/results.csv (one row per shape x provider x kind, flushed as measured) and
 <out>/table.md (also printed). See perf/README.md for what each kind measures.
+
+The decode suite also measures the GPU's device-to-device copy bandwidth once per run (before
+its first case) and reports each row's K + V read bandwidth against it (`bw_frac`).
 
 The xformers suite (provider sparsek_xformers) is opt-in and refused together with fa4:
 xFormers and FlashAttention-4 cannot be imported in one process.
@@ -15,12 +19,14 @@ xFormers and FlashAttention-4 cannot be imported in one process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import logging
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +41,19 @@ if TYPE_CHECKING:
     import torch
 
     from perf.env_info import RunInfo
+    from perf.inputs import Inputs
     from perf.providers import Provider
+    from perf.reference import CheckResult
     from perf.report import CsvWriter
 
-DTYPES = ("bf16", "fp16")
-Inputs = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
+DTYPES = tuple(shapes.DTYPE_BYTES)
+# Device-to-device copy measured once per run for the decode suite's bw_frac: source and
+# destination of 2 GiB each, far past H100's 50 MiB L2 (CPU dry run: 16 MiB).
+COPY_BYTES_CUDA = 2 * 1024**3
+COPY_BYTES_CPU = 16 * 1024**2
+# PyTorch explains a refusal of SDPA on nested (jagged) tensors on this logger, not as a
+# warning; its records are appended to the skip reason like SDPA's warnings.
+NESTED_SDPA_LOGGER = "torch.nested._internal.sdpa"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,14 +134,17 @@ def print_plan(cases: list[Case], providers: tuple[str, ...], dtype: str) -> Non
         "D",
         "causal",
         "bias",
+        "block_size",
+        "seqlens",
     )
-    print("\t".join((*fields, "GFLOP")))
+    print("\t".join((*fields, "GFLOP", "KV_MB")))
     count = 0
     for case in cases:
         for provider in shapes.providers_for(case, providers):
             for kind in case.kinds:
                 dims = (case.batch, case.seqlen_q, case.seqlen_k, case.num_heads, case.num_kv_heads)
                 gflop = f"{shapes.flops(case) / 1e9:.1f}"
+                kv_mb = f"{shapes.kv_bytes(case, shapes.DTYPE_BYTES[dtype]) / 1e6:.1f}"
                 print(
                     "\t".join(
                         str(x)
@@ -140,7 +157,10 @@ def print_plan(cases: list[Case], providers: tuple[str, ...], dtype: str) -> Non
                             case.head_dim,
                             case.causal,
                             case.bias,
+                            case.block_size or "",
+                            _seqlens_text(case),
                             gflop,
+                            kv_mb,
                         )
                     )
                 )
@@ -197,6 +217,9 @@ class Runner:
         self.unavailable = {name: p.unavailable() for name, p in providers.items()}
         self.broken = ""  # set when a CUDA error leaves the context unusable
         self.deadline = time.perf_counter() + args.deadline_s if args.deadline_s > 0 else None
+        # GB/s of a large device-to-device copy (read + write), measured before the first
+        # decode case; None until then, 0.0 if it could not be measured.
+        self.copy_gbps: float | None = None
 
     # ------------------------------------------------------------------ rows
 
@@ -215,6 +238,8 @@ class Runner:
             "head_dim": case.head_dim,
             "causal": case.causal,
             "bias": case.bias,
+            "seqlens": _seqlens_text(case),
+            "block_size": case.block_size or None,
             "git_sha": self.info.git_sha,
             "dsl_version": self.info.dsl_version,
             "torch_version": self.info.torch_version,
@@ -232,7 +257,7 @@ class Runner:
             self._row(case, provider, kind, status="skipped", reason=clean_text(reason))
 
     def _measured(
-        self, case: Case, provider: str, kind: str, ms: float, check: Any, version: str
+        self, case: Case, provider: str, kind: str, ms: float, check: CheckResult, version: str
     ) -> None:
         tflops = shapes.flops(case) / (ms * 1e-3) / 1e12
         self._row(
@@ -245,7 +270,21 @@ class Runner:
             max_err=f"{check.max_err:.3g}",
             status="ok",
             provider_version=version,
+            **self._bandwidth_fields(case, ms),
         )
+
+    def _bandwidth_fields(self, case: Case, ms: float) -> dict[str, str]:
+        """Decode rows: K + V read bandwidth, and its fraction of the measured copy bandwidth."""
+        if case.suite != shapes.DECODE_SUITE:
+            return {}
+        gbps = shapes.bandwidth_gbps(shapes.kv_bytes(case, shapes.DTYPE_BYTES[self.args.dtype]), ms)
+        fields = {"gbps": f"{gbps:.4g}"}
+        if self.copy_gbps:
+            fields |= {
+                "bw_frac": f"{gbps / self.copy_gbps:.3g}",
+                "copy_gbps": f"{self.copy_gbps:.4g}",
+            }
+        return fields
 
     # ------------------------------------------------------------------ loop
 
@@ -270,8 +309,10 @@ class Runner:
     def _run_case(self, index: int, case: Case, names: tuple[str, ...], progress: Progress) -> None:
         import torch
 
-        from perf.reference import reference_attention
+        from perf.inputs import make_inputs, reference
 
+        if case.suite == shapes.DECODE_SUITE and self.copy_gbps is None:
+            self._measure_copy_bandwidth()
         inputs: Inputs | None = None
         ref: torch.Tensor | None = None
         for name in names:
@@ -279,8 +320,9 @@ class Runner:
             reason = self._not_run_reason() or self.unavailable[name] or ""
             if not reason and inputs is None:
                 try:
-                    inputs = self._inputs(index, case)
-                    ref = reference_attention(*inputs, causal=case.causal)
+                    # Fresh torch.randn inputs (never zeros), seeded per case.
+                    inputs = make_inputs(case, self.dtype, self.device, self.args.seed + index)
+                    ref = reference(case, inputs)
                 except Exception as exc:
                     reason = f"reference failed: {_describe(exc)}"
                     self._after_error(reason)
@@ -292,29 +334,35 @@ class Runner:
         if self.device.type == "cuda" and not self.broken:
             torch.cuda.empty_cache()
 
-    def _inputs(self, index: int, case: Case) -> Inputs:
-        """Fresh torch.randn q, k, v (never zeros), seeded per case for reproducibility."""
-        import torch
+    def _measure_copy_bandwidth(self) -> None:
+        """Once per run: GB/s (bytes read + written) of a large device-to-device copy."""
+        from perf import timing
 
-        torch.manual_seed(self.args.seed + index)
-        q_shape = (case.batch, case.seqlen_q, case.num_heads, case.head_dim)
-        kv_shape = (case.batch, case.seqlen_k, case.num_kv_heads, case.head_dim)
-        q = torch.randn(q_shape, dtype=self.dtype, device=self.device)
-        k = torch.randn(kv_shape, dtype=self.dtype, device=self.device)
-        v = torch.randn(kv_shape, dtype=self.dtype, device=self.device)
-        return q, k, v
+        nbytes = COPY_BYTES_CUDA if self.device.type == "cuda" else COPY_BYTES_CPU
+        try:
+            self.copy_gbps = timing.copy_bandwidth_gbps(
+                self.device, nbytes, warmup_ms=self.args.warmup_ms, rep_ms=self.args.rep_ms
+            )
+        except Exception as exc:
+            self.copy_gbps = 0.0
+            self._after_error(_describe(exc))
+            print(f"copy bandwidth not measured ({_describe(exc)}): no bw_frac", file=sys.stderr)
+            return
+        size = f"{nbytes / 1024**2:.0f} MiB"
+        print(f"copy bandwidth: {self.copy_gbps:.0f} GB/s ({size} copy)", file=sys.stderr)
 
     def _measure(self, case: Case, provider: Provider, inputs: Inputs, ref: torch.Tensor) -> None:
-        from perf.providers import measuring
+        from perf.providers import measuring, prepare_inputs
         from perf.reference import check_output
 
         with measuring(provider):
             caught: list[warnings.WarningMessage] = []
+            logged: list[str] = []
             try:
-                fn = provider.prepare(case, *inputs)
+                fn = prepare_inputs(provider, case, inputs)
                 # The first call also compiles (sparsek, FA4); its warnings explain refusals
                 # (SDPA says why each backend was not used).
-                with warnings.catch_warnings(record=True) as caught:
+                with warnings.catch_warnings(record=True) as caught, _logged(logged):
                     warnings.simplefilter("always")
                     out = fn()
                     self._sync()
@@ -322,7 +370,7 @@ class Runner:
                 del out
                 version = provider.version()
             except Exception as exc:
-                hints = "; ".join(dict.fromkeys(str(w.message) for w in caught))
+                hints = "; ".join(dict.fromkeys([*(str(w.message) for w in caught), *logged]))
                 reason = _describe(exc) + (f" [warnings: {hints}]" if hints else "")
                 self._after_error(reason)
                 self._skip(case, provider.name, case.kinds, reason)
@@ -398,6 +446,32 @@ class Runner:
 
 def _fmt(value: object) -> str:
     return str(value) if value is not None else ""
+
+
+def _seqlens_text(case: Case) -> str:
+    """varlen: the packed sequences' lengths joined by "+" (their sum is the token count)."""
+    return "+".join(str(n) for n in case.seqlens)
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _logged(sink: list[str]) -> Iterator[None]:
+    """Collect the warnings PyTorch logs about nested-tensor SDPA backend choices."""
+    logger = logging.getLogger(NESTED_SDPA_LOGGER)
+    handler = _ListHandler(sink)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _describe(exc: BaseException) -> str:

@@ -5,6 +5,7 @@ is the median over 20 bursts of 200 back-to-back calls, synchronized after each 
 """
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ import sparsek
 from sparsek import ops
 
 
-def per_call_us(fn, calls: int = 200, bursts: int = 20) -> float:
+def per_call_us(fn: Callable[[], object], calls: int = 200, bursts: int = 20) -> float:
     for _ in range(20):
         fn()
     torch.cuda.synchronize()

@@ -6,7 +6,16 @@ A provider answers three questions:
     prepare(...)  -> a zero-argument callable computing one forward, returning
                      (batch, seqlen_q, heads, head_dim); raises `Unsupported` for a shape it
                      cannot serve
+and, for the varlen and decode suites (`prepare_inputs` picks by the inputs' layout):
+    prepare_varlen(case, VarlenInputs) -> callable returning (total, heads, head_dim)
+    prepare_paged(case, PagedInputs)   -> callable returning (batch, 1, heads, head_dim)
 Errors raised while running are recorded by the caller as "skipped" with the message.
+
+varlen: sparsek.attention_varlen, FA4's flash_attn_varlen_func (cu_seqlens), and the SDPA
+backends through PyTorch's jagged nested tensors (`torch.nested.nested_tensor_from_jagged`
+views of the packed tensors; SDPA then calls the backend's varlen kernel). decode:
+sparsek.attention_with_kvcache and flash_attn_varlen_func(page_table=, seqused_k=) on the
+paged cache; the SDPA backends on the same keys gathered into a dense contiguous cache.
 
 Causal is bottom-right aligned everywhere (query i sees key j <= i + seqlen_k - seqlen_q).
 PyTorch's `is_causal` is top-left, so for seqlen_q != seqlen_k the SDPA rows call the backend
@@ -23,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -32,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from perf import shapes
+from perf.inputs import DenseInputs, Inputs, PagedInputs, VarlenInputs
 from perf.shapes import Case
 
 AttnFn = Callable[[], Tensor]
@@ -59,6 +70,22 @@ class Provider:
 
     def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
         raise NotImplementedError
+
+    def prepare_varlen(self, case: Case, inputs: VarlenInputs) -> AttnFn:
+        raise Unsupported(f"{self.name} has no varlen (packed sequences) entry point here")
+
+    def prepare_paged(self, case: Case, inputs: PagedInputs) -> AttnFn:
+        raise Unsupported(f"{self.name} has no paged KV cache entry point here")
+
+
+def prepare_inputs(provider: Provider, case: Case, inputs: Inputs) -> AttnFn:
+    """The provider's callable for `inputs`, by their layout (dense, varlen or paged)."""
+    if isinstance(inputs, VarlenInputs):
+        return provider.prepare_varlen(case, inputs)
+    if isinstance(inputs, PagedInputs):
+        return provider.prepare_paged(case, inputs)
+    assert isinstance(inputs, DenseInputs)
+    return provider.prepare(case, inputs.q, inputs.k, inputs.v)
 
 
 def _import_error(module: str) -> str | None:
@@ -103,6 +130,32 @@ class SparsekProvider(Provider):
 
         def run() -> Tensor:
             return cast(Tensor, sparsek.attention(q, k, v, causal=causal))
+
+        return run
+
+    def prepare_varlen(self, case: Case, inputs: VarlenInputs) -> AttnFn:
+        import sparsek
+
+        q, k, v, cu, top = inputs.q, inputs.k, inputs.v, inputs.cu_seqlens, inputs.max_seqlen
+        causal = case.causal
+
+        def run() -> Tensor:
+            return cast(Tensor, sparsek.attention_varlen(q, k, v, cu, cu, top, top, causal=causal))
+
+        return run
+
+    def prepare_paged(self, case: Case, inputs: PagedInputs) -> AttnFn:
+        import sparsek
+
+        q, k_cache, v_cache = inputs.q, inputs.k_cache, inputs.v_cache
+        cache_seqlens, block_table = inputs.cache_seqlens, inputs.block_table
+        causal = case.causal
+
+        def run() -> Tensor:
+            out = sparsek.attention_with_kvcache(
+                q, k_cache, v_cache, cache_seqlens, block_table, causal=causal
+            )
+            return cast(Tensor, out)
 
         return run
 
@@ -185,8 +238,9 @@ class SdpaProvider(Provider):
 
     def version(self) -> str:
         version = f"torch {torch.__version__}"
-        if self.name == "sdpa_cudnn" and torch.backends.cudnn.is_available():
-            version += f" cudnn {torch.backends.cudnn.version()}"
+        cudnn = torch.backends.cudnn
+        if self.name == "sdpa_cudnn" and cudnn.is_available():  # type: ignore[no-untyped-call]
+            version += f" cudnn {cudnn.version()}"  # type: ignore[no-untyped-call]
         return version
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
@@ -208,6 +262,45 @@ class SdpaProvider(Provider):
             return run
         return self._bottom_right(case, q, k, v, qt, kt, vt)
 
+    def prepare_varlen(self, case: Case, inputs: VarlenInputs) -> AttnFn:
+        """SDPA on jagged nested tensors: views of the packed q, k, v (no copies), which SDPA
+        hands to the backend's varlen kernel with cu_seqlens. A backend that refuses raises
+        (PyTorch logs why on the `torch.nested._internal.sdpa` logger)."""
+        offsets = inputs.cu_seqlens.to(torch.int64)
+        shortest, longest = min(case.seqlens), max(case.seqlens)
+
+        def jagged(t: Tensor) -> Tensor:
+            # (batch, ragged seqlen, heads, head_dim) -> (batch, heads, ragged seqlen, head_dim).
+            # Passing the length bounds spares SDPA a device-to-host read per call.
+            nested = torch.nested.nested_tensor_from_jagged(
+                t, offsets, min_seqlen=shortest, max_seqlen=longest
+            )
+            return nested.transpose(1, 2)
+
+        qn, kn, vn = jagged(inputs.q), jagged(inputs.k), jagged(inputs.v)
+        causal, gqa = case.causal, case.num_kv_heads != case.num_heads
+
+        def run() -> Tensor:
+            out = F.scaled_dot_product_attention(qn, kn, vn, is_causal=causal, enable_gqa=gqa)
+            return out.transpose(1, 2).values()
+
+        return run
+
+    def prepare_paged(self, case: Case, inputs: PagedInputs) -> AttnFn:
+        """SDPA on the dense copy of the cache (gathered before timing). One query at the end
+        of its context sees every key, so the bottom-right causal mask is no mask
+        (`is_causal=False`: PyTorch's causal is top-left and would hide all keys but one)."""
+        if case.seqlen_q != 1:
+            raise Unsupported("dense SDPA stands in for the paged cache only for one query")
+        qt = inputs.q.transpose(1, 2)  # (batch, heads, 1, head_dim)
+        k, v = inputs.k, inputs.v  # (batch, kv_heads, context, head_dim), contiguous
+        gqa = case.num_kv_heads != case.num_heads
+
+        def run() -> Tensor:
+            return F.scaled_dot_product_attention(qt, k, v, enable_gqa=gqa).transpose(1, 2)
+
+        return run
+
     def _bottom_right(
         self, case: Case, q: Tensor, k: Tensor, v: Tensor, qt: Tensor, kt: Tensor, vt: Tensor
     ) -> AttnFn:
@@ -217,17 +310,17 @@ class SdpaProvider(Provider):
         if self.name == "sdpa_flash":
             # The flash op's is_causal is bottom-right aligned when seqlen_q != seqlen_k.
             def run_flash() -> Tensor:
-                return aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, True)[0].transpose(
-                    1, 2
-                )
+                out = aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, True)[0]
+                return cast(Tensor, out.transpose(1, 2))
 
             return run_flash
         if self.name == "sdpa_efficient":
             # custom_mask_type 2 = causal from the bottom right; takes (batch, seq, heads, dim).
             def run_efficient() -> Tensor:
-                return aten._efficient_attention_forward(
+                out = aten._efficient_attention_forward(
                     q, k, v, None, None, None, None, None, 0.0, 2, False
                 )[0]
+                return cast(Tensor, out)
 
             return run_efficient
         raise Unsupported(
@@ -236,11 +329,27 @@ class SdpaProvider(Provider):
         )
 
 
+_FA4_MODULE = "flash_attn.cute.interface"
+
+
+def _fa4() -> Any:
+    """FA4's interface module (imported by name: it is untyped and absent on most machines)."""
+    return importlib.import_module(_FA4_MODULE)
+
+
 class Fa4Provider(Provider):
+    """FlashAttention-4: `flash_attn_func`; for varlen and the paged cache
+    `flash_attn_varlen_func` (cu_seqlens_q/k; page_table + seqused_k with a 4-D q).
+
+    FA4 4.0.0b36 pages through TMA only when a page holds whole key tiles (page_size ==
+    tile_n, 128 at d128) and through cp.async otherwise (16 and 64 here); split-KV is not
+    available on sm_90, so num_splits stays 1 (its default) everywhere.
+    """
+
     name = "fa4"
 
     def unavailable(self) -> str | None:
-        return _import_error("flash_attn.cute.interface")
+        return _import_error(_FA4_MODULE)
 
     def version(self) -> str:
         for dist in ("flash_attn_4", "flash-attn-4", "fa4"):
@@ -251,13 +360,54 @@ class Fa4Provider(Provider):
         return ""
 
     def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
-        from flash_attn.cute.interface import flash_attn_func
-
+        flash_attn_func = _fa4().flash_attn_func
         causal = case.causal
 
         def run() -> Tensor:
             # Returns (out, lse); out is (batch, seqlen_q, heads, head_dim).
-            return flash_attn_func(q, k, v, causal=causal)[0]
+            return cast(Tensor, flash_attn_func(q, k, v, causal=causal)[0])
+
+        return run
+
+    def prepare_varlen(self, case: Case, inputs: VarlenInputs) -> AttnFn:
+        varlen_func = _fa4().flash_attn_varlen_func
+        q, k, v, cu, top = inputs.q, inputs.k, inputs.v, inputs.cu_seqlens, inputs.max_seqlen
+        causal = case.causal
+
+        def run() -> Tensor:
+            out = varlen_func(
+                q,
+                k,
+                v,
+                cu_seqlens_q=cu,
+                cu_seqlens_k=cu,
+                max_seqlen_q=top,
+                max_seqlen_k=top,
+                causal=causal,
+            )
+            return cast(Tensor, out[0])  # (out, lse); out is (total, heads, head_dim)
+
+        return run
+
+    def prepare_paged(self, case: Case, inputs: PagedInputs) -> AttnFn:
+        varlen_func = _fa4().flash_attn_varlen_func
+        q, k_cache, v_cache = inputs.q, inputs.k_cache, inputs.v_cache
+        cache_seqlens, block_table = inputs.cache_seqlens, inputs.block_table
+        causal = case.causal
+
+        def run() -> Tensor:
+            # 4-D q (batch, 1, heads, head_dim), K/V (num_pages, page_size, kv_heads,
+            # head_dim); seqused_k counts each sequence's valid keys, max_seqlen_k defaults
+            # to the page table's row (max_blocks * page_size).
+            out = varlen_func(
+                q,
+                k_cache,
+                v_cache,
+                seqused_k=cache_seqlens,
+                page_table=block_table,
+                causal=causal,
+            )
+            return cast(Tensor, out[0])
 
         return run
 
@@ -290,26 +440,47 @@ class FakeProvider(Provider):
     def version(self) -> str:
         return f"fake-{self._mode}"
 
-    def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
+    def _refuse(self) -> None:
         if self._mode == "error":
             raise Unsupported("fake provider refuses every shape (dry run)")
-        group = case.num_heads // case.num_kv_heads
-        offset = case.seqlen_k - case.seqlen_q
-        scale = case.head_dim**-0.5
-        visible = torch.ones(case.seqlen_q, case.seqlen_k, dtype=torch.bool).tril(offset)
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+        """Plain attention of (batch, seqlen, heads, head_dim) tensors, bottom-right causal."""
+        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+        group = q.shape[2] // k.shape[2]
+        qt = q.transpose(1, 2)
+        kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
+        vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
+        scores = torch.matmul(qt, kt.transpose(2, 3)) * q.shape[-1] ** -0.5
+        if causal:
+            visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+            scores = scores.masked_fill(~visible.tril(seqlen_k - seqlen_q), float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
         bias = 0.1 if self._mode == "wrong" else 0.0
+        return (torch.matmul(probs, vt) + bias).transpose(1, 2)
+
+    def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
+        self._refuse()
+        return lambda: self._attention(q, k, v, case.causal)
+
+    def prepare_varlen(self, case: Case, inputs: VarlenInputs) -> AttnFn:
+        self._refuse()
+        bounds = inputs.cu_seqlens.tolist()
+        spans = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+        q, k, v = inputs.q, inputs.k, inputs.v
 
         def run() -> Tensor:
-            qt = q.transpose(1, 2)
-            kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
-            vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
-            scores = torch.matmul(qt, kt.transpose(2, 3)) * scale
-            if case.causal:
-                scores = scores.masked_fill(~visible, float("-inf"))
-            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            return (torch.matmul(probs, vt) + bias).transpose(1, 2)
+            out = torch.zeros_like(q)
+            for a, b in spans:
+                out[a:b] = self._attention(q[None, a:b], k[None, a:b], v[None, a:b], case.causal)[0]
+            return out
 
         return run
+
+    def prepare_paged(self, case: Case, inputs: PagedInputs) -> AttnFn:
+        self._refuse()
+        q, k, v = inputs.q, inputs.k.transpose(1, 2), inputs.v.transpose(1, 2)
+        return lambda: self._attention(q, k, v, case.causal)
 
 
 def fake_providers() -> dict[str, Provider]:

@@ -74,8 +74,36 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor
 
 
 @torch.no_grad()
+def reference_attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool
+) -> Tensor:
+    """`reference_attention` of each packed sequence on its own (FlashAttention's varlen).
+
+    Args:
+        q: (total_q, num_heads, head_dim).
+        k: (total_k, num_kv_heads, head_dim).
+        v: (total_k, num_kv_heads, head_dim).
+        cu_seqlens_q: (batch + 1,) offsets of each sequence's queries into q.
+        cu_seqlens_k: (batch + 1,) offsets of each sequence's keys into k and v.
+        causal: bottom-right aligned per sequence.
+
+    Returns:
+        (total_q, num_heads, head_dim) float32; rows of empty sequences, or that see no key, 0.
+    """
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float32, device=q.device)
+    q_bounds, k_bounds = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(q_bounds) - 1):
+        q0, q1, k0, k1 = q_bounds[b], q_bounds[b + 1], k_bounds[b], k_bounds[b + 1]
+        if q1 > q0 and k1 > k0:
+            seq = reference_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal)
+            out[q0:q1] = seq[0]
+    return out
+
+
+@torch.no_grad()
 def check_output(out: Tensor, ref: Tensor, dtype: torch.dtype) -> CheckResult:
-    """Compare a provider's (batch, seqlen_q, heads, head_dim) output with the reference."""
+    """Compare a provider's output with the reference (same shape: (batch, seqlen_q, heads,
+    head_dim), or (total_q, heads, head_dim) for varlen)."""
     if tuple(out.shape) != tuple(ref.shape):
         raise ValueError(f"output shape {tuple(out.shape)} != expected {tuple(ref.shape)}")
     atol, rtol = TOLERANCES[dtype]

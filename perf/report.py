@@ -8,6 +8,12 @@ peer's time over sparsek's time (> 1: sparsek is faster), over peers whose check
 (sparsek_xformers is sparsek itself behind xFormers' dispatch, so it is never a peer). Rows of
 the xformers suite carry the xFormers bias type in the `bias` column (empty elsewhere); the
 table shows it in a `bias` column when any row has one.
+
+The varlen and decode suites get tables of their own: varlen one row per (heads, causal) with
+the packed token count (lengths listed under the table; `seqlens` column of the CSV); decode
+one row per (batch, context, block size) with K + V read bandwidth in GB/s and, in
+parentheses, its fraction of the copy bandwidth measured in the same run (`gbps`, `bw_frac`,
+`copy_gbps` columns, blank on other suites' rows).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import argparse
 import csv
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -34,8 +40,13 @@ COLUMNS: tuple[str, ...] = (
     "head_dim",
     "causal",
     "bias",
+    "seqlens",
+    "block_size",
     "ms",
     "tflops",
+    "gbps",
+    "bw_frac",
+    "copy_gbps",
     "check",
     "max_err",
     "status",
@@ -61,6 +72,9 @@ PROVIDER_ORDER = (
 SUBJECT = "sparsek"
 # sparsek behind another front end: shown in the table, never counted as a peer.
 SUBJECT_VARIANTS = frozenset({"sparsek_xformers"})
+# Suites with a table of their own (not in the generic throughput table).
+VARLEN_SUITE, DECODE_SUITE = "varlen", "decode"
+OWN_TABLE_SUITES = frozenset({VARLEN_SUITE, DECODE_SUITE})
 MAX_REASON_CHARS = 300
 
 Row = dict[str, str]
@@ -143,8 +157,12 @@ def _cell(row: Row | None, unit: str) -> str:
         return "skip"
     ms = float(row["ms"])
     value = {"tflops": float(row["tflops"] or 0.0), "us": ms * 1e3, "ms": ms}[unit]
-    text = f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+    text = _number(value)
     return text if row.get("check") != "FAIL" else f"{text} FAIL"
+
+
+def _number(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
 def _ratio(by_provider: dict[str, Row]) -> tuple[str, str]:
@@ -171,7 +189,7 @@ def _shape_cells(row: Row, with_bias: bool) -> list[str]:
 
 
 def _table(rows: Sequence[Row], kinds: tuple[str, ...], unit: str, ratio: bool) -> list[str]:
-    selected = [r for r in rows if r["kind"] in kinds]
+    selected = [r for r in rows if r["kind"] in kinds and r["suite"] not in OWN_TABLE_SUITES]
     if not selected:
         return []
     providers = _providers(selected)
@@ -192,6 +210,85 @@ def _table(rows: Sequence[Row], kinds: tuple[str, ...], unit: str, ratio: bool) 
             cells += list(_ratio(by_provider))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _provider_table(
+    selected: Sequence[Row],
+    key_header: list[str],
+    key_of: Callable[[Row], tuple[str, ...]],
+    cell_of: Callable[[Row | None], str],
+    extra_header: list[str] | None = None,
+    extra_of: Callable[[dict[str, Row]], list[str]] | None = None,
+) -> list[str]:
+    """One line per distinct key, one column per provider, then sparsek/best and best peer."""
+    providers = _providers(selected)
+    groups: dict[tuple[str, ...], dict[str, Row]] = {}
+    for r in selected:
+        groups.setdefault(key_of(r), {})[r["provider"]] = r
+    header = [*key_header, *providers, *(extra_header or []), "sparsek/best", "best peer"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, by_provider in groups.items():
+        cells = [*key, *(cell_of(by_provider.get(p)) for p in providers)]
+        cells += extra_of(by_provider) if extra_of else []
+        lines.append("| " + " | ".join([*cells, *_ratio(by_provider)]) + " |")
+    return lines
+
+
+def _lengths(row: Row) -> list[int]:
+    return [int(n) for n in row.get("seqlens", "").split("+") if n]
+
+
+def _varlen_lines(rows: Sequence[Row]) -> list[str]:
+    selected = [r for r in rows if r["suite"] == VARLEN_SUITE and r["kind"] == "kernel"]
+    if not selected:
+        return []
+
+    def key_of(r: Row) -> tuple[str, ...]:
+        shape = (r["batch"], str(sum(_lengths(r))), r["seqlen_q"], r["num_heads"])
+        return (r["dtype"], *shape, r["num_kv_heads"], r["head_dim"], r["causal"])
+
+    header = ["dtype", "seqs", "tokens", "max len", "H", "Hkv", "D", "causal"]
+    lines = _provider_table(selected, header, key_of, lambda r: _cell(r, "tflops"))
+    lengths = dict.fromkeys(r["seqlens"] for r in selected if r["seqlens"])
+    notes = [f"- sequence lengths: {', '.join(text.split('+'))}" for text in lengths]
+    return [*lines, "", *notes] if notes else lines
+
+
+def _bandwidth_cell(row: Row | None) -> str:
+    """GB/s of K + V read, with the fraction of the copy bandwidth in parentheses."""
+    if row is None or not _measured(row) or not row.get("gbps"):
+        return _cell(row, "us")
+    gbps = float(row["gbps"])
+    text = f"{gbps:.0f}" if gbps >= 100 else _number(gbps)
+    if row.get("bw_frac"):
+        text += f" ({float(row['bw_frac']):.2f})"
+    return text if row.get("check") != "FAIL" else f"{text} FAIL"
+
+
+def _subject_us(by_provider: dict[str, Row]) -> list[str]:
+    subject = by_provider.get(SUBJECT)
+    return [_number(float(subject["ms"]) * 1e3) if _measured(subject) and subject else ""]
+
+
+def _decode_lines(rows: Sequence[Row]) -> list[str]:
+    selected = [r for r in rows if r["suite"] == DECODE_SUITE and r["kind"] == "kernel"]
+    if not selected:
+        return []
+
+    def key_of(r: Row) -> tuple[str, ...]:
+        shape = (r["batch"], r["seqlen_k"], r["num_heads"], r["num_kv_heads"], r["head_dim"])
+        return (r["dtype"], *shape, r["block_size"])
+
+    copies = [float(c) for c in dict.fromkeys(r["copy_gbps"] for r in selected) if c]
+    copy_text = ", ".join(f"{c:.0f}" for c in copies) or "not measured"
+    intro = [
+        f"Copy bandwidth (device-to-device, read + write): {copy_text} GB/s. Cells: GB/s of "
+        "K + V read (bw_frac). SDPA rows read a dense copy of the cache.",
+        "",
+    ]
+    header = ["dtype", "B", "context", "H", "Hkv", "D", "block"]
+    lines = _provider_table(selected, header, key_of, _bandwidth_cell, ["sparsek us"], _subject_us)
+    return [*intro, *lines]
 
 
 def _skip_notes(rows: Sequence[Row]) -> list[str]:
@@ -230,9 +327,9 @@ def markdown(rows: Sequence[Row]) -> str:
         f"- git sha: {_distinct(rows, 'git_sha')}; DSL {_distinct(rows, 'dsl_version')}; "
         f"torch {_distinct(rows, 'torch_version')} (CUDA {_distinct(rows, 'cuda_version')})",
         "- command: " + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)),
-        "- cells: TFLOP/s (kernel), us per call (eager, graph), ms (first call); "
-        "`FAIL` = output check failed; sparsek/best = best peer time / sparsek time (> 1: "
-        "sparsek faster)",
+        "- cells: TFLOP/s (kernel), us per call (eager, graph), ms (first call), GB/s of K + V "
+        "read (decode); `FAIL` = output check failed; sparsek/best = best peer time / sparsek "
+        "time (> 1: sparsek faster)",
         "",
     ]
     sections = [
@@ -243,6 +340,11 @@ def markdown(rows: Sequence[Row]) -> str:
         (
             "## Latency: wall time per call, back-to-back (us)",
             _table(rows, ("eager", "graph"), "us", True),
+        ),
+        ("## Varlen prefill: kernel time, cold L2 (TFLOP/s)", _varlen_lines(rows)),
+        (
+            "## Decode, paged KV cache: kernel time, cold L2 (GB/s of K + V read, bw_frac)",
+            _decode_lines(rows),
         ),
         ("## First call of a fresh process (ms)", _first_call_lines(rows)),
         ("## Skipped", _skip_notes(rows)),

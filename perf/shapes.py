@@ -6,6 +6,9 @@ Every problem is a `Case`. Its `suite` decides the measurement kinds:
     latency              -> "eager"    wall time per call of back-to-back calls (host included)
                             "graph"    wall time per replay of a CUDA graph of one call
     first_call           -> "cold_first_call", "warm_first_call" (fresh processes, sparsek only)
+    varlen               -> "kernel"   packed sequences of mixed lengths (`Case.seqlens`)
+    decode               -> "kernel"   one query per sequence against a paged KV cache
+                                       (`Case.block_size`); also reported as bandwidth
     xformers             -> "kernel"   one row per xFormers bias type (opt-in, see below)
 
 The `xformers` suite is not run by default: it times `sparsek_xformers` (sparsek's xFormers
@@ -18,11 +21,22 @@ This module imports nothing heavy (no torch) so `bench_fmha.py --list` runs anyw
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 # Default providers and suites (what a plain `bench_fmha.py` run measures).
 PROVIDERS: tuple[str, ...] = ("sparsek", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "fa4")
-SUITES: tuple[str, ...] = ("first_call", "grid", "gqa", "seqlen_qk", "latency")
+VARLEN_SUITE = "varlen"
+DECODE_SUITE = "decode"
+SUITES: tuple[str, ...] = (
+    "first_call",
+    "grid",
+    "gqa",
+    "seqlen_qk",
+    "latency",
+    VARLEN_SUITE,
+    DECODE_SUITE,
+)
 # Opt-in: named explicitly with --providers / --suites, never part of the defaults.
 XFORMERS_SUITE = "xformers"
 XFORMERS_PROVIDER = "sparsek_xformers"
@@ -44,6 +58,8 @@ KINDS_BY_SUITE: dict[str, tuple[str, ...]] = {
     "seqlen_qk": ("kernel",),
     "latency": ("eager", "graph"),
     "first_call": ("cold_first_call", "warm_first_call"),
+    VARLEN_SUITE: ("kernel",),
+    DECODE_SUITE: ("kernel",),
     XFORMERS_SUITE: ("kernel",),
 }
 # Suites whose rows exist for sparsek only (they time sparsek's compile cache).
@@ -64,6 +80,26 @@ GRID_SEQLENS: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
 GRID_HEAD_DIMS: tuple[int, ...] = (64, 128)
 CAUSAL_FLAGS: tuple[bool, ...] = (False, True)
 
+# varlen: GRID_TOKENS packed into 16 sequences whose lengths come from a fixed seed (not
+# --seed, which only seeds the tensor values): a quarter of the tokens in one long sequence,
+# four short ones (< 128 tokens, one partial tile), the rest in between (see varlen_seqlens).
+VARLEN_SEQUENCES = 16
+VARLEN_SEED = 0
+VARLEN_SHORT = 4
+# (num_heads, num_kv_heads) at d128: MHA as in the d128 grid (H = 2048 / 128), and GQA.
+VARLEN_HEADS: tuple[tuple[int, int], ...] = ((16, 16), (32, 8))
+
+# decode: one new query per sequence, cache_seqlens = context for all, paged KV cache.
+DECODE_BATCHES: tuple[int, ...] = (1, 8, 32, 128)
+DECODE_CONTEXTS: tuple[int, ...] = (1024, 4096, 16384, 32768)
+DECODE_BLOCK_SIZES: tuple[int, ...] = (16, 64)
+DECODE_HEADS, DECODE_KV_HEADS, DECODE_HEAD_DIM = 32, 8, 128
+# Combos whose K + V cache (16-bit) is larger are not planned: the run also holds a dense
+# copy for SDPA and the reference, and must fit an 80 GB H100 beside the other buffers.
+DECODE_MAX_KV_BYTES = 20e9
+# Bytes per element of the --dtype choices (both 16-bit).
+DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -79,8 +115,16 @@ class Case:
     causal: bool
     # xFormers attn_bias type (xformers suite only; "" elsewhere). Must agree with `causal`.
     bias: str = ""
+    # varlen suite: the length of each packed sequence (queries = keys); `batch` is their
+    # count and seqlen_q = seqlen_k the longest (what max_seqlen_q/k get). Empty elsewhere.
+    seqlens: tuple[int, ...] = ()
+    # decode suite: tokens per block of the paged KV cache (0 elsewhere); seqlen_k is the
+    # context (cache_seqlens of every sequence), seqlen_q is 1.
+    block_size: int = 0
 
     def __post_init__(self) -> None:
+        self._check_varlen()
+        self._check_decode()
         if not self.bias:
             return
         if self.bias not in XFORMERS_BIASES:
@@ -92,42 +136,127 @@ class Case:
             # top-left mask only when seqlen_q == seqlen_k.
             raise ValueError("LowerTriangularMask (top-left) rows need seqlen_q == seqlen_k")
 
+    def _check_varlen(self) -> None:
+        if (self.suite == VARLEN_SUITE) != bool(self.seqlens):
+            raise ValueError("seqlens is given exactly for the varlen suite's cases")
+        if not self.seqlens:
+            return
+        if len(self.seqlens) != self.batch or min(self.seqlens) < 0:
+            raise ValueError(f"seqlens {self.seqlens} must be batch={self.batch} lengths >= 0")
+        if self.seqlen_q != max(self.seqlens) or self.seqlen_k != self.seqlen_q:
+            raise ValueError("varlen cases have seqlen_q = seqlen_k = max(seqlens)")
+
+    def _check_decode(self) -> None:
+        if (self.suite == DECODE_SUITE) != (self.block_size > 0):
+            raise ValueError("block_size > 0 is given exactly for the decode suite's cases")
+        if not self.block_size:
+            return
+        if self.seqlen_q != 1 or not self.causal:
+            raise ValueError("decode cases have one causal query per sequence (seqlen_q = 1)")
+        if self.seqlen_k % self.block_size:
+            raise ValueError(
+                f"context {self.seqlen_k} is not a multiple of block_size {self.block_size}"
+            )
+
     @property
     def kinds(self) -> tuple[str, ...]:
         return KINDS_BY_SUITE[self.suite]
 
+    @property
+    def total_tokens(self) -> int:
+        """Query (= key) tokens of the whole problem (packed length for varlen)."""
+        return sum(self.seqlens) if self.seqlens else self.batch * self.seqlen_q
+
     def label(self) -> str:
-        seq = f"S{self.seqlen_q}"
-        if self.seqlen_q != self.seqlen_k:
-            seq = f"Sq{self.seqlen_q}/Sk{self.seqlen_k}"
         heads = f"H{self.num_heads}"
         if self.num_kv_heads != self.num_heads:
             heads += f"/Hkv{self.num_kv_heads}"
+        if self.seqlens:
+            mask = "causal" if self.causal else "full"
+            seqs = f"{self.batch} seqs {self.total_tokens} tok (max {self.seqlen_q})"
+            return f"{self.suite} {seqs} {heads} d{self.head_dim} {mask}"
+        if self.block_size:
+            return (
+                f"{self.suite} B{self.batch} ctx{self.seqlen_k} {heads} d{self.head_dim} "
+                f"block{self.block_size}"
+            )
+        seq = f"S{self.seqlen_q}"
+        if self.seqlen_q != self.seqlen_k:
+            seq = f"Sq{self.seqlen_q}/Sk{self.seqlen_k}"
         mask = "causal" if self.causal else "full"
         if self.bias:
             mask = f"bias={self.bias}"
         return f"{self.suite} B{self.batch} {seq} {heads} d{self.head_dim} {mask}"
 
 
-def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool) -> float:
+def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool, *, exact: bool = False) -> float:
     """Number of (query, key) pairs attended to per (batch, head).
 
-    Causal with seqlen_q == seqlen_k counts half the square (the usual convention); causal with
-    seqlen_q != seqlen_k counts the exact pairs of the bottom-right aligned mask: query i sees
-    keys j <= i + seqlen_k - seqlen_q.
+    Causal with seqlen_q == seqlen_k counts half the square (the usual convention) unless
+    `exact`; otherwise causal counts the exact pairs of the bottom-right aligned mask: query i
+    sees keys j <= i + seqlen_k - seqlen_q (seqlen * (seqlen + 1) / 2 for a square).
     """
     if not causal:
         return float(seqlen_q * seqlen_k)
-    if seqlen_q == seqlen_k:
+    if seqlen_q == seqlen_k and not exact:
         return seqlen_q * seqlen_k / 2.0
     offset = seqlen_k - seqlen_q
     return float(sum(min(max(i + offset + 1, 0), seqlen_k) for i in range(seqlen_q)))
 
 
 def flops(case: Case) -> float:
-    """Forward FLOPs: two matmuls (QK^T and PV) of 2 * head_dim FLOPs per visible pair."""
+    """Forward FLOPs: two matmuls (QK^T and PV) of 2 * head_dim FLOPs per visible pair.
+
+    varlen counts every sequence's exact pairs (a sequence of 50 tokens is no half square).
+    """
+    if case.seqlens:
+        pairs = sum(visible_pairs(n, n, case.causal, exact=True) for n in case.seqlens)
+        return 4.0 * case.num_heads * case.head_dim * pairs
     pairs = visible_pairs(case.seqlen_q, case.seqlen_k, case.causal)
     return 4.0 * case.batch * case.num_heads * case.head_dim * pairs
+
+
+def kv_bytes(case: Case, dtype_bytes: int = 2) -> int:
+    """Bytes of K and V a forward must read at least once: every key token of every sequence,
+    num_kv_heads x head_dim elements each, for K and for V (q and the output not counted)."""
+    key_tokens = sum(case.seqlens) if case.seqlens else case.batch * case.seqlen_k
+    return 2 * key_tokens * case.num_kv_heads * case.head_dim * dtype_bytes
+
+
+def bandwidth_gbps(num_bytes: float, ms: float) -> float:
+    """Achieved bandwidth in GB/s (1e9 bytes per second) moving `num_bytes` in `ms`."""
+    return num_bytes / (ms * 1e-3) / 1e9
+
+
+def varlen_seqlens(
+    total: int = GRID_TOKENS,
+    count: int = VARLEN_SEQUENCES,
+    seed: int = VARLEN_SEED,
+    num_short: int = VARLEN_SHORT,
+) -> tuple[int, ...]:
+    """`count` sequence lengths summing to `total`, the same for a given seed on every machine.
+
+    One long sequence of total / 4 tokens; `num_short` short ones of 16..127 tokens; the
+    others share the rest with weights in [1, 4), so each is below total / 4 (the long one
+    stays the only one that long). Only `Random.random()` is used: Python keeps its sequence
+    stable across versions (randint and shuffle carry no such promise). Order shuffled.
+    """
+    rng = random.Random(seed)
+    longest = total // 4
+    short = [16 + int(rng.random() * 112) for _ in range(num_short)]
+    num_mid = count - 1 - num_short
+    rest = total - longest - sum(short)
+    if num_mid < 1 or rest < num_mid:
+        raise ValueError(f"cannot split {total} tokens into {count} sequences this way")
+    weights = [1.0 + 3.0 * rng.random() for _ in range(num_mid)]
+    mid = [int(w / sum(weights) * rest) for w in weights]
+    for i in range(rest - sum(mid)):  # hand out what rounding down left
+        mid[i % num_mid] += 1
+    lengths = [longest, *short, *mid]
+    for i in range(len(lengths) - 1, 0, -1):  # Fisher-Yates on random()
+        j = int(rng.random() * (i + 1))
+        lengths[i], lengths[j] = lengths[j], lengths[i]
+    return tuple(lengths)
 
 
 def _grid(seqlens: tuple[int, ...], head_dims: tuple[int, ...]) -> list[Case]:
@@ -176,6 +305,40 @@ def _xformers(
     return [*cases, bottom_right]
 
 
+def _varlen(
+    seqlens: tuple[int, ...], heads: tuple[tuple[int, int], ...], head_dim: int = 128
+) -> list[Case]:
+    top = max(seqlens)
+    return [
+        Case(VARLEN_SUITE, len(seqlens), top, top, h, hkv, head_dim, c, seqlens=seqlens)
+        for h, hkv in heads
+        for c in CAUSAL_FLAGS
+    ]
+
+
+def _decode(
+    batches: tuple[int, ...], contexts: tuple[int, ...], block_sizes: tuple[int, ...]
+) -> list[Case]:
+    cases = []
+    for batch in batches:
+        for context in contexts:
+            for block_size in block_sizes:
+                case = Case(
+                    DECODE_SUITE,
+                    batch,
+                    1,
+                    context,
+                    DECODE_HEADS,
+                    DECODE_KV_HEADS,
+                    DECODE_HEAD_DIM,
+                    True,
+                    block_size=block_size,
+                )
+                if kv_bytes(case) <= DECODE_MAX_KV_BYTES:
+                    cases.append(case)
+    return cases
+
+
 def _first_call() -> list[Case]:
     return [Case("first_call", 1, 512, 512, 16, 16, 128, False)]
 
@@ -191,6 +354,8 @@ def full_cases() -> list[Case]:
         + _gqa()
         + _seqlen_qk()
         + _latency()
+        + _varlen(varlen_seqlens(), VARLEN_HEADS)
+        + _decode(DECODE_BATCHES, DECODE_CONTEXTS, DECODE_BLOCK_SIZES)
         + _xformers(4, 2048, (1024, 4096), 16, 128)
     )
 
@@ -203,6 +368,8 @@ def quick_cases() -> list[Case]:
         + _gqa()[1:]
         + _seqlen_qk()[1:]
         + _latency()[:1]
+        + _varlen(varlen_seqlens(), VARLEN_HEADS)[1:2]
+        + _decode((8,), (4096,), DECODE_BLOCK_SIZES)
         + _xformers(4, 2048, (1024, 4096), 16, 128)
     )
 
@@ -216,6 +383,11 @@ def dry_run_cases() -> list[Case]:
     cases.append(Case("gqa", 1, 64, 64, 4, 2, 64, True))
     cases += [Case("seqlen_qk", 1, 32, 96, 2, 2, 64, c) for c in CAUSAL_FLAGS]
     cases.append(Case("latency", 1, 32, 32, 2, 2, 64, False))
+    # One long, one very short, lengths off any tile size.
+    cases += _varlen((37, 5, 64, 18, 12), ((2, 2), (4, 2)), head_dim=32)
+    cases += [
+        Case(DECODE_SUITE, 3, 1, 64, 4, 2, 32, True, block_size=b) for b in DECODE_BLOCK_SIZES
+    ]
     cases += _xformers(2, 64, (32, 96), 2, 64)
     return cases
 

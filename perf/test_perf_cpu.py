@@ -49,7 +49,7 @@ def test_reference_matches_sdpa_math(dims: tuple[int, ...]) -> None:
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     expected = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
     expected = expected.transpose(1, 2).nan_to_num(0.0)  # rows seeing no key are 0
-    got = reference_attention(q, k, v, causal)
+    got = reference_attention(q, k, v, bool(causal))
     assert (got.double() - expected).abs().max() < 1e-5
     assert check_output(expected.to(torch.bfloat16), got, torch.bfloat16).ok
     assert not check_output((expected + 0.1).to(torch.bfloat16), got, torch.bfloat16).ok

@@ -1,7 +1,8 @@
-"""Timers: device time per call (CUDA events, cold L2), eager wall time, CUDA-graph replay.
+"""Timers: device time per call (CUDA events, cold L2), eager wall time, CUDA-graph replay,
+and the copy bandwidth the decode suite's rows are compared with.
 
-All return the median in milliseconds. `time_kernel` also works on CPU (perf_counter) so the
-dry run exercises the same loop.
+The timers return the median in milliseconds. `time_kernel` also works on CPU (perf_counter)
+so the dry run exercises the same loop.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ class NotMeasurable(RuntimeError):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _timing_event() -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
 
 
 def _estimate_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -60,8 +65,8 @@ def time_kernel(
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    starts = [_timing_event() for _ in range(reps)]
+    ends = [_timing_event() for _ in range(reps)]
     _sync(device)
     for start_event, end_event in zip(starts, ends, strict=True):
         flush.zero_()
@@ -105,7 +110,7 @@ def time_graph(
     """Capture one call in a CUDA graph (after warm-up on a side stream); time its replays."""
     if device.type != "cuda":
         raise NotMeasurable("CUDA graphs need a CUDA device")
-    side = torch.cuda.Stream(device)
+    side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(warmup):
@@ -116,3 +121,17 @@ def time_graph(
     with torch.cuda.graph(graph):
         fn()
     return time_eager(graph.replay, device, calls=calls, reps=reps, warmup=warmup)
+
+
+def copy_bandwidth_gbps(
+    device: torch.device, nbytes: int, *, warmup_ms: float = 25.0, rep_ms: float = 100.0
+) -> float:
+    """GB/s (1e9 bytes/s) of a device-to-device copy of `nbytes`, counting bytes read + written.
+
+    The practical ceiling a memory-bound kernel (decode attention) is measured against; timed
+    like a kernel row (median, each call after an L2 flush; `nbytes` should dwarf the L2).
+    """
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_kernel(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
