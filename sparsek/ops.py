@@ -163,12 +163,15 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def tma_compatible(t: Tensor) -> Tensor:
-    """`t` itself when TMA can read it, else a contiguous copy (same values).
+    """`t` itself when TMA can read it (`tma_readable`), else a contiguous copy."""
+    return t if tma_readable(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def tma_readable(t: Tensor) -> bool:
+    """Whether TMA can read `t` in place.
 
     TMA needs the last dim contiguous, every other stride a positive multiple of 8
     elements, and a 16-byte-aligned base address.
     """
     aligned = t.stride(-1) == 1 and t.data_ptr() % _ALIGN_BYTES == 0
-    if aligned and all(s > 0 and s % _STRIDE_MULTIPLE == 0 for s in t.stride()[:-1]):
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
+    return aligned and all(s > 0 and s % _STRIDE_MULTIPLE == 0 for s in t.stride()[:-1])

@@ -36,6 +36,8 @@ from sparsek.registry import Variant, detect_arch, dtype_name, find
 # Splits never exceed this (the partial buffers grow with it; past ~2x the SM count
 # there is nothing left to fill).
 MAX_SPLITS = 128
+# choose_splits takes the fewest splits within this fraction of the best wave efficiency.
+WAVE_EFFICIENCY = 0.95
 
 
 def kernel_config(q: Tensor, v: Tensor, causal: bool, variant: Variant) -> FmhaFwdConfig | str:
@@ -194,6 +196,25 @@ def attention_with_kvcache(
     return out, lse
 
 
+def load_kvcache_kernels(
+    device: torch.device, head_dim: int, dtype: torch.dtype, page_size: int
+) -> None:
+    """Load (compile on a cache miss) every kernel `attention_with_kvcache` may launch for
+    packed queries over a cache of `page_size` (0: contiguous): decode (non-causal, one
+    query per sequence), packed causal queries, each with and without split-KV, and the
+    combine. Serving engines call this before their first request or CUDA-graph capture.
+
+    Raises:
+        UnsupportedError: no registered kernel serves one of them.
+    """
+    kv_layout = "paged" if page_size else "cache"
+    for varlen_q, causal in ((False, False), (True, True)):
+        for split in (False, True):
+            variant = Variant(varlen_q, kv_layout, page_size, split)
+            _launcher(device, head_dim, dtype, causal, variant)
+    _launcher(device, head_dim, dtype, None)
+
+
 def _group_rows(t: Tensor, num_kv_heads: int, group: int) -> Tensor:
     """(batch, heads, d) -> (batch, group, kv_heads, d) view: head = kv_head * group + g."""
     return t.view(t.shape[0], num_kv_heads, group, t.shape[2]).transpose(1, 2)
@@ -202,8 +223,11 @@ def _group_rows(t: Tensor, num_kv_heads: int, group: int) -> Tensor:
 def choose_splits(requested: int, ctas: int, key_tiles: int, device: torch.device) -> int:
     """Split-KV factor: `requested` if > 0 (capped by the key tiles), else automatic.
 
-    Automatic: no split once the CTAs fill the SMs; otherwise enough splits to give every
-    SM a CTA, never more than there are key tiles of the cache's capacity.
+    Automatic: no split once the CTAs nearly fill the SMs (>= 80%); otherwise the fewest
+    splits whose wave efficiency (CTAs / (waves x SMs), the last wave counted whole) is
+    within `WAVE_EFFICIENCY` of the best reachable one, never more than there are key
+    tiles of the cache's capacity. (A CTA of these kernels fills an SM: 3 splits of 64
+    CTAs on 132 SMs run as two waves, the second 45% full.)
     """
     limit = max(1, min(key_tiles, MAX_SPLITS))
     if requested > 0:
@@ -211,7 +235,9 @@ def choose_splits(requested: int, ctas: int, key_tiles: int, device: torch.devic
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     if ctas * 5 >= sms * 4:
         return 1
-    return min(math.ceil(sms / ctas), limit)
+    efficiency = [ctas * s / (sms * math.ceil(ctas * s / sms)) for s in range(1, limit + 1)]
+    best = max(efficiency)
+    return next(s for s, e in enumerate(efficiency, 1) if e >= WAVE_EFFICIENCY * best)
 
 
 @functools.cache

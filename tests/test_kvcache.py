@@ -311,3 +311,24 @@ def test_malformed_input_is_rejected(
     call: Callable[[], object], error: type[Exception], fragment: str
 ) -> None:
     malformed.assert_rejected(call, error, fragment)
+
+
+@pytest.mark.parametrize(
+    ("ctas", "key_tiles", "expected"),
+    [
+        (8, 256, 16),  # one KV head group of one sequence: 16 x 8 = 128 CTAs, one wave
+        (64, 256, 2),  # 3 splits would be 192 CTAs: a second wave 45% full
+        (24, 256, 11),  # 11 x 24 = 264: exactly two full waves
+        (8, 8, 8),  # never more splits than key tiles
+        (128, 256, 1),  # ~a full wave already: no split
+    ],
+)
+def test_choose_splits_fills_whole_waves(
+    monkeypatch: pytest.MonkeyPatch, ctas: int, key_tiles: int, expected: int
+) -> None:
+    from sparsek import ops_varlen_cuda
+
+    monkeypatch.setattr(ops_varlen_cuda, "_num_sms", lambda index: 132)
+    device = torch.device("cuda", 0)
+    assert ops_varlen_cuda.choose_splits(0, ctas, key_tiles, device) == expected
+    assert ops_varlen_cuda.choose_splits(3, ctas, key_tiles, device) == min(3, key_tiles)

@@ -1,0 +1,148 @@
+"""`sparsek.integrations.vllm_kernels` on CPU (no vLLM needed): the vLLM backend's calls.
+
+Compared against: the cache written by plain Python indexing, token by token (store_kv),
+and float64 attention computed here per sequence from the dense K/V generated before they
+were written (paged_attention through sparsek's CPU reference path). The cache is a view of
+one buffer in vLLM 0.33's layouts (logical (num_blocks, num_kv_heads, block_size, 2D),
+physical LBNHC or LBHNC, beside another layer), so K/V are strided views.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from sparsek.integrations import vllm_kernels
+
+# KVCacheLayout: physical axis k is logical axis ORDER[k] of (L, B, H, N, C).
+LAYOUTS = {"LBNHC": (0, 1, 3, 2, 4), "LBHNC": (0, 1, 2, 3, 4)}
+
+
+def layer_cache(layout: str, num_blocks: int, hkv: int, block_size: int, d: int, seed: int = 0):
+    """(raw buffer, layer 1's view (num_blocks, Hkv, block_size, 2D)), random contents."""
+    logical = (2, num_blocks, hkv, block_size, 2 * d)
+    order = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(*(logical[i] for i in order), generator=gen).to(torch.float16)
+    inverse = sorted(range(5), key=lambda i: order[i])
+    return raw, raw.permute(*inverse)[1]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_split_kv_cache_gives_views_in_kernel_layout(layout: str) -> None:
+    _, kv_cache = layer_cache(layout, 5, 2, 16, 64)
+    k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, 64)
+    assert k_cache.shape == v_cache.shape == (5, 16, 2, 64)
+    assert k_cache.data_ptr() == kv_cache.data_ptr()
+    assert v_cache.data_ptr() == kv_cache.data_ptr() + 64 * kv_cache.element_size()
+    assert torch.equal(k_cache[3, 7, 1], kv_cache[3, 1, 7, :64])
+    assert torch.equal(v_cache[3, 7, 1], kv_cache[3, 1, 7, 64:])
+
+
+def test_split_kv_cache_fixes_singleton_head_strides() -> None:
+    raw = torch.zeros(4, 16, 1, 128, dtype=torch.float16)  # one KV head
+    odd = raw.as_strided((4, 1, 16, 128), (16 * 128, 3, 128, 1))  # size-1 axis, stride 3
+    k_cache, _ = vllm_kernels.split_kv_cache(odd, 64)
+    assert k_cache.stride() == (16 * 128, 128, 64, 1)
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [((4, 2, 16, 100), "2 \\* head_size"), ((4, 2, 16), "num_blocks, num_kv_heads")],
+)
+def test_split_kv_cache_rejects_wrong_shapes(shape, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        vllm_kernels.split_kv_cache(torch.zeros(shape, dtype=torch.float16), 64)
+
+
+def test_split_kv_cache_rejects_a_cache_the_kernels_cannot_read_in_place() -> None:
+    # head_size 60: V starts 120 bytes into each row (not 16-byte aligned).
+    kv_cache = torch.zeros(4, 2, 16, 120, dtype=torch.float16)
+    with pytest.raises(ValueError, match="in place"):
+        vllm_kernels.split_kv_cache(kv_cache, 60)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_store_kv_writes_valid_slots_only(layout: str) -> None:
+    raw, kv_cache = layer_cache(layout, 6, 2, 16, 32)
+    want_raw, want = layer_cache(layout, 6, 2, 16, 32)  # same contents, another buffer
+    slots = [17, -1, 95, 16 * 3 + 5, -1, 16 * 5 + 15]
+    key = torch.randn(len(slots) + 2, 2, 32).to(torch.float16)  # 2 rows past the mapping
+    value = torch.randn(len(slots) + 2, 2, 32).to(torch.float16)
+    k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, 32)
+    vllm_kernels.store_kv(key, value, k_cache, v_cache, torch.tensor(slots))
+    wk, wv = vllm_kernels.split_kv_cache(want, 32)
+    for i, slot in enumerate(slots):
+        if slot >= 0:
+            wk[slot // 16, slot % 16] = key[i]
+            wv[slot // 16, slot % 16] = value[i]
+    assert torch.equal(raw, want_raw), "wrong slots written (or the other layer touched)"
+
+
+def test_store_kv_with_only_padding_changes_nothing() -> None:
+    raw, kv_cache = layer_cache("LBNHC", 3, 2, 16, 32)
+    before = raw.clone()
+    k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, 32)
+    key = torch.randn(3, 2, 32).to(torch.float16)
+    vllm_kernels.store_kv(key, key, k_cache, v_cache, torch.tensor([-1, -1, -1]))
+    vllm_kernels.store_kv(key[:0], key[:0], k_cache, v_cache, torch.tensor([], dtype=torch.int64))
+    assert torch.equal(raw, before)
+
+
+def reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """float64 bottom-right causal attention of one sequence: q (n, H, D), k/v (L, Hkv, D)."""
+    n, h, _ = q.shape
+    length, hkv, _ = k.shape
+    kk = k.double().repeat_interleave(h // hkv, dim=1)
+    vv = v.double().repeat_interleave(h // hkv, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), kk) * scale
+    visible = torch.arange(length).view(1, -1) <= torch.arange(n).view(-1, 1) + (length - n)
+    probs = scores.masked_fill(~visible, -math.inf).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, vv)
+
+
+def test_paged_attention_mixed_batch_matches_dense_attention() -> None:
+    torch.manual_seed(0)
+    h, hkv, d, block_size = 4, 2, 32, 16
+    contexts, new = [40, 0, 17, 5], [1, 9, 4, 1]  # decode, prefill, chunked prefill, decode
+    lens = [c + n for c, n in zip(contexts, new, strict=True)]
+    _, kv_cache = layer_cache("LBNHC", 12, hkv, block_size, d, seed=1)
+    k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, d)
+    blocks = (torch.randperm(11) + 1).tolist()  # never block 0 (vLLM's null block)
+    table = torch.zeros(len(lens), 4, dtype=torch.int32)
+    ks = [torch.randn(n, hkv, d).to(torch.float16) for n in lens]
+    vs = [torch.randn(n, hkv, d).to(torch.float16) for n in lens]
+    slot_rows = []
+    for b, length in enumerate(lens):
+        used = -(-length // block_size)
+        table[b, :used] = torch.tensor([blocks.pop() for _ in range(used)])
+        slot_rows += [
+            (int(table[b, t // block_size]) * block_size + t % block_size, b, t)
+            for t in range(length)
+        ]
+    slots = torch.tensor([s for s, _, _ in slot_rows])
+    key = torch.stack([ks[b][t] for _, b, t in slot_rows])
+    value = torch.stack([vs[b][t] for _, b, t in slot_rows])
+    vllm_kernels.store_kv(key, value, k_cache, v_cache, slots)
+
+    qs = [torch.randn(n, h, d).to(torch.float16) for n in new]
+    starts = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    output = torch.full((sum(new) + 3, h, d), float("nan"), dtype=torch.float16)
+    scale = 0.2
+    vllm_kernels.paged_attention(
+        torch.cat(qs),
+        k_cache,
+        v_cache,
+        starts,
+        torch.tensor(lens, dtype=torch.int32),
+        table,
+        max(new),
+        scale,
+        output[: sum(new)],
+    )
+    want = torch.cat([reference(q, k, v, scale) for q, k, v in zip(qs, ks, vs, strict=True)])
+    torch.testing.assert_close(output[: sum(new)].double(), want, atol=2e-3, rtol=2e-3)
+    assert output[sum(new) :].isnan().all(), "rows past the batch must not be written"
