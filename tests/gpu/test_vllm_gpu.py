@@ -198,7 +198,7 @@ def test_decode_step_replays_in_a_cuda_graph() -> None:
     static metadata buffers rewritten between replays, output of each replay checked."""
     dtype, d, h, hkv, block_size = torch.bfloat16, 128, 32, 8, 16
     real, padded = 5, 8
-    capacity_blocks = 40
+    capacity_blocks = 80
     num_blocks = padded * capacity_blocks + 1
     gen = generator(21)
     _, kv_cache = vllm_layer_cache("LBNHC", num_blocks, hkv, block_size, d, dtype, gen)
@@ -225,7 +225,7 @@ def test_decode_step_replays_in_a_cuda_graph() -> None:
         )
 
     # Contexts: each real sequence's earlier tokens, written before capture.
-    contexts = [100, 1, 640, 33, 31]
+    contexts = [100, 1, 1000, 33, 31]
     steps = [Step(contexts, [1] * real, hkv, d, dtype, seed=40)]
     steps.append(Step([c + 1 for c in contexts], [1] * real, hkv, d, dtype, seed=41))
     for b in range(real):  # the second step's sequences extend the first's
