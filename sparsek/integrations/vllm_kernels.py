@@ -100,13 +100,15 @@ def store_kv(
         return
     slots = slot_mapping.to(torch.int64)
     valid = slots >= 0
-    largest = torch.argmax(slots)
-    any_valid = slots[largest] >= 0
-    target = torch.where(valid, slots, slots[largest].clamp_min(0))
+    # Device tensors only (indexing with a 0-d tensor would read it back: a sync).
+    largest = torch.argmax(slots, keepdim=True)  # (1,): the largest slot's token
+    top = slots.gather(0, largest)
+    target = torch.where(valid, slots, top.clamp_min(0))
     block_size = k_cache.shape[1]
     index = (target // block_size, target % block_size)
+    any_valid = (top >= 0).view(1, 1, 1)
     for new, cache in ((key[:n], k_cache), (value[:n], v_cache)):
-        filler = torch.where(any_valid, new[largest], cache[0, 0])
+        filler = torch.where(any_valid, new.index_select(0, largest), cache[0, 0].unsqueeze(0))
         rows = torch.where(valid[:, None, None], new, filler)
         cache.index_put_(index, rows.to(cache.dtype))
 
