@@ -30,6 +30,10 @@ Runtime signature of every compiled forward kernel (the contract with `sparsek`)
 The split-KV combine kernel (`CombineConfig`):
 
     fn(o_partial, lse_partial, out, lse)   (see `common/split_combine.py`)
+
+The paged KV-cache update kernel (`KVStoreConfig`):
+
+    fn(k, v, k_cache, v_cache, slots)      (see `common/paged_kv_store.py`)
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cutedsl_kernels.config import CombineConfig, KernelConfig
+from cutedsl_kernels.config import CombineConfig, KernelConfig, KVStoreConfig
 
 KERNEL_DIR = Path(__file__).resolve().parent
 
@@ -70,6 +74,10 @@ def can_implement(config: KernelConfig) -> list[str]:
         from cutedsl_kernels.common.split_combine import SplitCombine
 
         return SplitCombine.can_implement(config)
+    if isinstance(config, KVStoreConfig):
+        from cutedsl_kernels.common.paged_kv_store import PagedKVStore
+
+        return PagedKVStore.can_implement(config)
     if config.arch.startswith("sm_90"):
         from cutedsl_kernels.hopper import limits  # no DSL import: launch path
 
@@ -102,6 +110,10 @@ def compile_kernel(config: KernelConfig) -> Any:
         from cutedsl_kernels.common.split_combine import SplitCombine
 
         kernel = SplitCombine(config)
+    elif isinstance(config, KVStoreConfig):
+        from cutedsl_kernels.common.paged_kv_store import PagedKVStore
+
+        kernel = PagedKVStore(config)
     else:
         from cutedsl_kernels.hopper.fmha_fwd import HopperFmhaForward
 

@@ -98,5 +98,25 @@ class CombineConfig:
         return f"fmha_combine_{self.arch}_d{self.head_dim}_{self.dtype}"
 
 
+@dataclass(frozen=True)
+class KVStoreConfig:
+    """The paged KV-cache update kernel for one K/V type (see `common/paged_kv_store.py`).
+
+    Attributes:
+        arch: target architecture, e.g. "sm_90a".
+        head_dim: head dimension of K and V (a multiple of 32).
+        dtype: element type of K/V and the cache, "float16" or "bfloat16".
+    """
+
+    arch: str
+    head_dim: int
+    dtype: str
+
+    @property
+    def name(self) -> str:
+        """Short, filesystem-safe name, unique per config."""
+        return f"kv_store_{self.arch}_d{self.head_dim}_{self.dtype}"
+
+
 # Every compiled kernel's configuration (the kernel part of a cache key).
-KernelConfig = FmhaFwdConfig | CombineConfig
+KernelConfig = FmhaFwdConfig | CombineConfig | KVStoreConfig

@@ -1,8 +1,9 @@
 """Compile-at-first-use kernel cache: memory, then disk, then the CuTe DSL compiler.
 
-A kernel is identified by a `CacheKey`: its config (`FmhaFwdConfig`, `CombineConfig`), the
-DSL version and a hash of every kernel source file (so editing a kernel or upgrading the
-DSL yields a new entry; old entries stay until `clear()`). Lookups go:
+A kernel is identified by a `CacheKey`: its config (`FmhaFwdConfig`, `CombineConfig`,
+`KVStoreConfig`), the DSL version and a hash of every kernel source file (so editing a
+kernel or upgrading the DSL yields a new entry; old entries stay until `clear()`).
+Lookups go:
 
     memory dict[CacheKey] --miss--> disk entry (sha256-verified) --miss/corrupt--> compile
 
@@ -103,6 +104,7 @@ class CacheKey:
         """JSON-ready key fields (also stored in the manifest)."""
         return {
             "format": FORMAT_VERSION,
+            "kernel": self.config.name,  # kinds of config may share field values
             "config": asdict(self.config),
             "dsl_version": self.dsl_version,
             "source_hash": self.source_hash,

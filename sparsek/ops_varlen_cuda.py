@@ -30,8 +30,10 @@ from torch import Tensor
 
 from cutedsl_kernels.config import FmhaFwdConfig
 from sparsek import ops
+from sparsek.cache import KernelFn, get_kernel
+from sparsek.errors import UnsupportedError
 from sparsek.ops import _launcher, launch, tma_compatible
-from sparsek.registry import Variant, detect_arch, dtype_name, find
+from sparsek.registry import Variant, detect_arch, dtype_name, find, lookup_kv_store
 
 # Splits never exceed this (the partial buffers grow with it; past ~2x the SM count
 # there is nothing left to fill).
@@ -201,8 +203,9 @@ def load_kvcache_kernels(
 ) -> None:
     """Load (compile on a cache miss) every kernel `attention_with_kvcache` may launch for
     packed queries over a cache of `page_size` (0: contiguous): decode (non-causal, one
-    query per sequence), packed causal queries, each with and without split-KV, and the
-    combine. Serving engines call this before their first request or CUDA-graph capture.
+    query per sequence), packed causal queries, each with and without split-KV, the
+    combine, and (paged) the cache update `store_paged_kv`. Serving engines call this
+    before their first request or CUDA-graph capture.
 
     Raises:
         UnsupportedError: no registered kernel serves one of them.
@@ -213,6 +216,38 @@ def load_kvcache_kernels(
             variant = Variant(varlen_q, kv_layout, page_size, split)
             _launcher(device, head_dim, dtype, causal, variant)
     _launcher(device, head_dim, dtype, None)
+    if page_size:
+        _store_launcher(device, head_dim, dtype)
+
+
+def store_paged_kv(
+    key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+) -> None:
+    """The paged KV-cache update kernel: token i's key/value at slot `slot_mapping[i]`
+    (block * block_size + offset) of (num_blocks, block_size, num_kv_heads, head_dim)
+    caches, slots < 0 skipped. key/value (>= len(slot_mapping), num_kv_heads, head_dim)
+    in the caches' dtype, last dims contiguous. One launch, no host synchronization."""
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    kernel = _store_launcher(key.device, key.shape[-1], k_cache.dtype)
+    slots = slot_mapping.to(torch.int64).contiguous()
+    launch(key.device, kernel, key[:n], value[:n], k_cache, v_cache, slots)
+
+
+# (device index, head_dim, dtype) -> loaded paged KV-cache update kernel.
+_STORE_LAUNCHERS: dict[tuple[int | None, int, torch.dtype], KernelFn] = {}
+
+
+def _store_launcher(device: torch.device, head_dim: int, dtype: torch.dtype) -> KernelFn:
+    key = (device.index, head_dim, dtype)
+    kernel = _STORE_LAUNCHERS.get(key)
+    if kernel is None:
+        arch = detect_arch(device)
+        if arch is None:
+            raise UnsupportedError("no paged KV-cache update kernel", ["no CUDA device detected"])
+        kernel = _STORE_LAUNCHERS[key] = get_kernel(lookup_kv_store(arch, head_dim, dtype))
+    return kernel
 
 
 def _group_rows(t: Tensor, num_kv_heads: int, group: int) -> Tensor:

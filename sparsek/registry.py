@@ -17,7 +17,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from cutedsl_kernels.config import SUPPORTED_DTYPES, CombineConfig, FmhaFwdConfig, KernelConfig
+from cutedsl_kernels.config import (
+    SUPPORTED_DTYPES,
+    CombineConfig,
+    FmhaFwdConfig,
+    KernelConfig,
+    KVStoreConfig,
+)
 from sparsek.errors import UnsupportedError
 
 ARCH_ENV = "SPARSEK_ARCH"
@@ -115,11 +121,12 @@ def registered_configs(arch: str) -> list[FmhaFwdConfig]:
 
 
 def registered_kernels(arch: str) -> list[KernelConfig]:
-    """Every kernel precompiled for `arch`: dense, variable-length variants, combine.
+    """Every kernel precompiled for `arch`: dense, variable-length variants, combine, store.
 
     Returns:
         `registered_configs(arch)`, then each of them in every precompiled `Variant`,
-        then the split-KV combine kernel of each (head_dim, dtype).
+        then the split-KV combine kernel and the paged KV-cache update kernel of each
+        (head_dim, dtype).
     """
     dense = registered_configs(arch)
     variants = [
@@ -132,7 +139,12 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
         for head_dim in registered_head_dims(arch)
         for dtype in _DTYPES
     ]
-    return [*dense, *variants, *combine]
+    store = [
+        KVStoreConfig(arch, head_dim, dtype)
+        for head_dim in registered_head_dims(arch)
+        for dtype in _DTYPES
+    ]
+    return [*dense, *variants, *combine, *store]
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -185,6 +197,20 @@ def lookup_combine(arch: str, head_dim: int, dtype: torch.dtype | str) -> Combin
     reasons = kernel_can_implement(config)
     if reasons:
         raise UnsupportedError(f"no split-KV combine kernel for {config.name}", reasons)
+    return config
+
+
+def lookup_kv_store(arch: str, head_dim: int, dtype: torch.dtype | str) -> KVStoreConfig:
+    """The paged KV-cache update kernel for K/V of `head_dim` and `dtype`.
+
+    Raises:
+        UnsupportedError: no registered kernels for `arch`, or the kernel cannot serve it.
+    """
+    config = KVStoreConfig(arch, head_dim, dtype_name(dtype))
+    reasons = [] if arch in registered_arches() else [f"arch={arch} has no registered kernels"]
+    reasons += kernel_can_implement(config)
+    if reasons:
+        raise UnsupportedError(f"no paged KV-cache update kernel for {config.name}", reasons)
     return config
 
 

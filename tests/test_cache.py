@@ -241,3 +241,14 @@ def test_racing_processes_compile_once(tmp_path: Path, source: Path) -> None:
     statuses = sorted(o[0] for o in outputs)
     assert statuses == ["compiled"] + ["disk"] * (peers - 1)
     assert len({o[1] for o in outputs}) == 1
+
+
+def test_kinds_of_kernel_with_equal_fields_get_distinct_entries(
+    tmp_path: Path, compiler: FakeCompiler
+) -> None:
+    from cutedsl_kernels.config import CombineConfig, KVStoreConfig
+
+    cache = make_cache(tmp_path, compiler)
+    combine = CombineConfig("sm_90a", 128, "float16")
+    store = KVStoreConfig("sm_90a", 128, "float16")
+    assert cache.key(combine).digest != cache.key(store).digest

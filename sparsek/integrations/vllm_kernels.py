@@ -11,8 +11,8 @@ they could not read without a copy).
 
   split_kv_cache  kv_cache -> (k_cache, v_cache) views
   store_kv        write new tokens' K/V at their slots (block * block_size + offset),
-                  skipping slots < 0 (padding); no host synchronization, so it can be
-                  captured in a CUDA graph
+                  skipping slots < 0 (padding): sparsek's cache-update kernel on CUDA (no
+                  host synchronization: capturable in a CUDA graph), torch ops elsewhere
   paged_attention a batch of sequences mixing decodes, chunked prefills and prefills:
                   one `attention_with_kvcache` call (packed queries, causal bottom-right
                   per sequence) written into vLLM's preallocated output
@@ -83,11 +83,34 @@ def store_kv(
     """Write token i's key/value at slot `slot_mapping[i]` of the paged caches, in place.
 
     Args:
-        key, value: (num_tokens, num_kv_heads, head_size), rows past len(slot_mapping)
-            ignored (CUDA-graph padding).
+        key, value: (num_tokens, num_kv_heads, head_size) in the caches' dtype; rows past
+            len(slot_mapping) ignored (CUDA-graph padding).
         k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_size) views.
         slot_mapping: (n,) integer slots block * block_size + offset; slots < 0 are
             padding and write nothing.
+
+    CUDA: sparsek's cache-update kernel (one launch, no host synchronization: capturable
+    in a CUDA graph). Elsewhere: `store_kv_reference`.
+    """
+    if key.dtype != k_cache.dtype or value.dtype != v_cache.dtype:
+        raise ValueError(
+            f"key/value dtype ({key.dtype}, {value.dtype}) must match the cache's "
+            f"({k_cache.dtype}, {v_cache.dtype})"
+        )
+    if key.is_cuda:
+        from sparsek import ops_varlen_cuda
+
+        key = key if key.stride(-1) == 1 else key.contiguous()
+        value = value if value.stride(-1) == 1 else value.contiguous()
+        ops_varlen_cuda.store_paged_kv(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+
+
+def store_kv_reference(
+    key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+) -> None:
+    """`store_kv` in torch operations, on any device (the CPU path and the kernel's oracle).
 
     Every token is scattered in one indexed write without reading its validity back to
     the host: padding rows are sent to the largest slot of the batch carrying that
@@ -110,7 +133,7 @@ def store_kv(
     for new, cache in ((key[:n], k_cache), (value[:n], v_cache)):
         filler = torch.where(any_valid, new.index_select(0, largest), cache[0, 0].unsqueeze(0))
         rows = torch.where(valid[:, None, None], new, filler)
-        cache.index_put_(index, rows.to(cache.dtype))
+        cache.index_put_(index, rows)
 
 
 def paged_attention(

@@ -1,0 +1,314 @@
+"""sparsek's vLLM backend (`SPARSEK`) with the real vllm 0.33.0, on CPU.
+
+vLLM is installed in its own environment by `containers/sparsek.sh test` (it pins packages
+the main one pins differently); elsewhere this module is skipped. On CPU vLLM runs with
+VLLM_TARGET_DEVICE=cpu (it cannot infer a device otherwise) and its platform never selects
+a plugin backend, so the backend's classes are driven directly, as vLLM's GPU model runner
+drives them: the selector's `validate_configuration`, the builder on hand-made
+`CommonAttentionMetadata`, `do_kv_cache_update` then `forward` on a cache allocated by vLLM's
+own `create_kv_cache_views`.
+
+Compared against: float64 attention per sequence computed here from the dense K/V generated
+before they were written (forward runs sparsek's CPU reference path); the cache bytes written
+by plain indexing (do_kv_cache_update).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("vllm", reason="vllm is not installed (containers/sparsek.sh test adds it)")
+
+import torch
+from vllm.platforms.interface import DeviceCapability
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheTensor,
+    create_kv_cache_views,
+)
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from sparsek.integrations import vllm_plugin
+from sparsek.integrations.vllm import (
+    SparseKBackend,
+    SparseKImpl,
+    SparseKMetadataBuilder,
+)
+
+H, HKV, D, BLOCK = 4, 2, 64, 16
+SUPPORTED = dict(
+    head_size=128,
+    dtype=torch.bfloat16,
+    kv_cache_dtype="auto",
+    block_size=16,
+    use_mla=False,
+    has_sink=False,
+    use_sparse=False,
+    use_mm_prefix=False,
+    use_per_head_quant_scales=False,
+    device_capability=DeviceCapability(9, 0),
+    attn_type="decoder",
+)
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+def test_entry_point_registers_the_backend_in_a_fresh_process() -> None:
+    """vLLM's own plugin loader finds the entry point (pyproject.toml) and registers it."""
+    code = (
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E\n"
+        "print(E['SPARSEK'].get_path())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "sparsek.integrations.vllm.SparseKBackend"
+
+
+def test_register_is_idempotent_and_resolves_the_class() -> None:
+    vllm_plugin.register()
+    vllm_plugin.register()
+    member = AttentionBackendEnum["SPARSEK"]
+    assert member.get_class() is SparseKBackend
+    assert SparseKBackend.get_name() == member.name == "SPARSEK"
+    assert list(AttentionBackendEnum.__members__).count("SPARSEK") == 1
+
+
+def test_cli_flag_and_engine_config_accept_the_name(tmp_path: Path) -> None:
+    """`--attention-backend sparsek` parses, and the engine config resolves it (the
+    CLI value is upper-cased by vLLM), for a local tiny Llama (no hub access)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vllm_plugin.register()
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(
+        ["--model", str(tmp_path), "--skip-tokenizer-init", "--attention-backend", "sparsek"]
+    )
+    config = EngineArgs.from_cli_args(args).create_engine_config()
+    assert config.attention_config.backend is AttentionBackendEnum["SPARSEK"]
+
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "torch_dtype": "float16",
+    "head_dim": 16,
+}
+
+
+# ---------------------------------------------------------------------------- capabilities
+
+
+def test_validate_configuration_accepts_the_supported_config() -> None:
+    assert SparseKBackend.validate_configuration(**SUPPORTED) == []
+    assert SparseKBackend.validate_configuration(**{**SUPPORTED, "block_size": None}) == []
+    for head_size, dtype in ((64, torch.float16), (128, torch.float16), (64, torch.bfloat16)):
+        config = {**SUPPORTED, "head_size": head_size, "dtype": dtype}
+        assert SparseKBackend.validate_configuration(**config) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"head_size": 96}, "head_size=96 is not supported (supported: 64, 128)"),
+        ({"dtype": torch.float32}, "dtype=torch.float32 is not supported"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8 is not supported"),
+        ({"kv_cache_dtype": "float16"}, "differs from the model dtype bfloat16"),
+        ({"block_size": 8}, "block_size=8 is not supported (supported: multiples of 16)"),
+        ({"device_capability": DeviceCapability(8, 0)}, "compute capability 8.0"),
+        ({"device_capability": DeviceCapability(10, 0)}, "compute capability 10.0"),
+        ({"attn_type": "encoder_only"}, "encoder_only"),
+        ({"has_sink": True}, "sink"),
+        ({"use_mla": True}, "mla"),
+        ({"has_sliding_window": True}, "sliding window"),
+        ({"use_non_causal": True}, "causal"),
+    ],
+)
+def test_validate_configuration_names_what_is_unsupported(changes: dict, fragment: str) -> None:
+    reasons = SparseKBackend.validate_configuration(**{**SUPPORTED, **changes})
+    assert any(fragment.lower() in r.lower() for r in reasons), reasons
+
+
+def test_declared_capabilities() -> None:
+    assert SparseKBackend.get_supported_head_sizes() == [64, 128]
+    assert SparseKBackend.supports_block_size(16) and SparseKBackend.supports_block_size(64)
+    assert not SparseKBackend.supports_block_size(24)
+    assert SparseKBackend.forward_includes_kv_cache_update is False
+    assert not SparseKBackend.supports_sliding_window() and not SparseKBackend.supports_sink()
+    assert SparseKBackend.supports_attn_type("decoder")
+    assert not SparseKBackend.supports_attn_type("encoder_decoder")
+    support = SparseKMetadataBuilder.get_cudagraph_support(None, None)
+    assert support.name == "UNIFORM_SINGLE_TOKEN_DECODE"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"alibi_slopes": [0.5] * H}, "ALiBi"),
+        ({"sliding_window": 128}, "sliding_window=128"),
+        ({"logits_soft_cap": 30.0}, "soft capping"),
+        ({"attn_type": "encoder"}, "attn_type=encoder"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
+        ({"sinks": torch.zeros(H)}, "sinks="),
+    ],
+)
+def test_impl_refuses_unsupported_layers(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(NotImplementedError, match="SPARSEK") as err:
+        SparseKImpl(H, D, 0.125, HKV, **kwargs)
+    assert fragment in str(err.value)
+
+
+# ---------------------------------------------------------------------------- a step
+
+
+def vllm_layer_caches(num_blocks: int, layout: KVCacheLayout):
+    """Two layers' caches as vLLM allocates them (one int8 buffer, per-layer views)."""
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HKV, head_size=D, dtype=torch.float16)
+    tensor = _tensor_of(layout, num_blocks)
+    raw = torch.randint(-100, 100, (tensor.size,), dtype=torch.int8)
+    return spec, raw, create_kv_cache_views(raw, spec, num_blocks, layout, tensor)
+
+
+def reference(q, k, v, scale: float):
+    """float64 bottom-right causal attention of one sequence: q (n, H, D), k/v (L, Hkv, D)."""
+    n, length = q.shape[0], k.shape[0]
+    kk, vv = (t.double().repeat_interleave(H // HKV, dim=1) for t in (k, v))
+    scores = torch.einsum("qhd,khd->hqk", q.double(), kk) * scale
+    visible = torch.arange(length).view(1, -1) <= torch.arange(n).view(-1, 1) + (length - n)
+    probs = scores.masked_fill(~visible, -math.inf).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, vv)
+
+
+@pytest.mark.parametrize("layout", [KVCacheLayout.LBNHC, KVCacheLayout.BLHNC])
+def test_builder_cache_update_and_forward_match_dense_attention(layout: KVCacheLayout) -> None:
+    """A step mixing decodes, a chunked prefill and a prefill over shuffled blocks: the
+    builder's metadata, do_kv_cache_update (with CUDA-graph padding slots), forward."""
+    torch.manual_seed(0)
+    num_blocks = 24
+    spec, raw, (_, kv_cache) = vllm_layer_caches(num_blocks, layout)
+    contexts, new = [37, 0, 20, 64, 3], [1, 11, 6, 1, 1]  # decode, prefill, chunk, decodes
+    lens = [c + n for c, n in zip(contexts, new, strict=True)]
+    blocks = (torch.randperm(num_blocks - 1) + 1).tolist()  # block 0: vLLM's null block
+    table = torch.zeros(len(lens), 6, dtype=torch.int32)
+    for b, length in enumerate(lens):
+        for i in range(-(-length // BLOCK)):
+            table[b, i] = blocks.pop()
+    ks = [torch.randn(n, HKV, D).half() for n in lens]
+    vs = [torch.randn(n, HKV, D).half() for n in lens]
+    impl = SparseKImpl(H, D, 1 / math.sqrt(D), HKV)
+
+    def slot(b: int, t: int) -> int:
+        return int(table[b, t // BLOCK]) * BLOCK + t % BLOCK
+
+    # Earlier steps' tokens, then this step's, as vLLM's cache-update op writes them.
+    old = [(b, t) for b, c in enumerate(contexts) for t in range(c)]
+    impl.do_kv_cache_update(
+        None,
+        torch.stack([ks[b][t] for b, t in old]),
+        torch.stack([vs[b][t] for b, t in old]),
+        kv_cache,
+        torch.tensor([slot(b, t) for b, t in old]),
+    )
+    before = raw.clone()
+    step = [
+        (b, t) for b, (c, n) in enumerate(zip(contexts, new, strict=True)) for t in range(c, c + n)
+    ]
+    pad = 3  # padded token rows: garbage, slot -1
+    key = torch.cat(
+        [torch.stack([ks[b][t] for b, t in step]), torch.full((pad, HKV, D), 9.0).half()]
+    )
+    value = torch.cat(
+        [torch.stack([vs[b][t] for b, t in step]), torch.full((pad, HKV, D), 9.0).half()]
+    )
+    slot_mapping = torch.tensor([slot(b, t) for b, t in step] + [-1] * pad)
+    impl.do_kv_cache_update(None, key, value, kv_cache, slot_mapping)
+
+    # Bytes: exactly the step's rows at their slots; other layer, null block, rest unchanged.
+    want_raw = before.clone()
+    want = create_kv_cache_views(
+        want_raw, spec, num_blocks, layout, _tensor_of(layout, num_blocks)
+    )[1]
+    for b, t in step:
+        s = slot(b, t)
+        want[s // BLOCK, :, s % BLOCK, :D] = ks[b][t]
+        want[s // BLOCK, :, s % BLOCK, D:] = vs[b][t]
+    assert torch.equal(raw, want_raw)
+
+    query_start_loc = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    common = CommonAttentionMetadata(
+        query_start_loc=query_start_loc,
+        query_start_loc_cpu=query_start_loc.clone(),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        num_reqs=len(lens),
+        num_actual_tokens=sum(new),
+        max_query_len=max(new),
+        max_seq_len=max(lens),
+        block_table_tensor=table,
+        slot_mapping=slot_mapping,
+    )
+    builder = SparseKMetadataBuilder(spec, ["layers.1.attn"], None, torch.device("cpu"))
+    metadata = builder.build(0, common)
+    assert metadata.block_table is table and metadata.seq_lens is common.seq_lens  # no copies
+
+    qs = [torch.randn(n, H, D).half() for n in new]
+    query = torch.cat([torch.cat(qs), torch.randn(pad, H, D).half()])
+    output = torch.full((sum(new) + pad, H, D), float("nan"), dtype=torch.float16)
+    result = impl.forward(None, query, key, value, kv_cache, metadata, output)
+    assert result is output
+    want_out = torch.cat(
+        [reference(q, k, v, impl.scale) for q, k, v in zip(qs, ks, vs, strict=True)]
+    )
+    torch.testing.assert_close(output[: sum(new)].double(), want_out, atol=2e-3, rtol=2e-3)
+    assert output[sum(new) :].isnan().all(), "padding rows must not be written"
+
+
+def _tensor_of(layout: KVCacheLayout, num_blocks: int) -> KVCacheTensor:
+    """vLLM's placement of two layers: layer-outermost (L...) or block-outermost (B...)."""
+    page = BLOCK * HKV * 2 * D * 2
+    compact = layout in (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
+    return KVCacheTensor(
+        size=2 * num_blocks * page,
+        layers=["layers.0.attn", "layers.1.attn"],
+        layer_stride=num_blocks * page if compact else page,
+        block_stride=page if compact else 2 * page,
+    )
+
+
+def test_profiling_run_without_metadata_zeroes_the_output() -> None:
+    impl = SparseKImpl(H, D, 0.125, HKV)
+    output = torch.full((5, H, D), float("nan"), dtype=torch.float16)
+    q = torch.randn(5, H, D).half()
+    assert impl.forward(None, q, q, q, torch.empty(0), None, output) is output
+    assert (output == 0).all()
+
+
+def test_fused_output_quantization_is_refused() -> None:
+    impl = SparseKImpl(H, D, 0.125, HKV)
+    q = torch.randn(1, H, D).half()
+    with pytest.raises(NotImplementedError, match="output quantization"):
+        impl.forward(None, q, q, q, torch.empty(0), None, q.clone(), output_scale=torch.ones(1))
