@@ -153,6 +153,8 @@ def test_mixed_batch_over_vllm_cache(dtype, d, h, hkv, block_size, layout) -> No
     k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, d)
     assert k_cache.data_ptr() == kv_cache.data_ptr(), "K must be a view, not a copy"
     table = assign_blocks(step.lens, block_size, num_blocks, seed=3)
+    # What the backend's metadata builder does when vLLM creates it: every kernel loads.
+    vllm_kernels.load_kernels(torch.device(DEVICE), d, dtype, block_size)
 
     write(step, k_cache, v_cache, table, block_size, "context")
     before = raw.clone()
