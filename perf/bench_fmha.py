@@ -136,6 +136,8 @@ def print_plan(cases: list[Case], providers: tuple[str, ...], dtype: str) -> Non
         "bias",
         "block_size",
         "seqlens",
+        "kv_seqlens",
+        "kv_padding",
     )
     print("\t".join((*fields, "GFLOP", "KV_MB")))
     count = 0
@@ -159,6 +161,8 @@ def print_plan(cases: list[Case], providers: tuple[str, ...], dtype: str) -> Non
                             case.bias,
                             case.block_size or "",
                             _seqlens_text(case),
+                            _seqlens_text(case, keys=True),
+                            case.kv_padding or "",
                             gflop,
                             kv_mb,
                         )
@@ -239,7 +243,9 @@ class Runner:
             "causal": case.causal,
             "bias": case.bias,
             "seqlens": _seqlens_text(case),
+            "kv_seqlens": _seqlens_text(case, keys=True),
             "block_size": case.block_size or None,
+            "note": _keys_note(case),
             "git_sha": self.info.git_sha,
             "dsl_version": self.info.dsl_version,
             "torch_version": self.info.torch_version,
@@ -448,9 +454,23 @@ def _fmt(value: object) -> str:
     return str(value) if value is not None else ""
 
 
-def _seqlens_text(case: Case) -> str:
-    """varlen: the packed sequences' lengths joined by "+" (their sum is the token count)."""
-    return "+".join(str(n) for n in case.seqlens)
+def _seqlens_text(case: Case, keys: bool = False) -> str:
+    """varlen, block-diagonal biases: the packed sequences' lengths joined by "+" (their sum
+    is the token count); with `keys`, the padded / paged keys' kv_seqlens ("" elsewhere)."""
+    return "+".join(str(n) for n in (case.kv_seqlens if keys else case.seqlens))
+
+
+def _keys_note(case: Case) -> str:
+    """xformers suite, padded / paged keys: the cache the keys are read from."""
+    if case.keys == "padded":
+        return f"keys: padded cache, {case.batch} x {case.kv_padding} slots"
+    if case.keys == "paged":
+        pages = case.batch * case.kv_padding // case.block_size
+        return (
+            f"keys: paged cache, {pages} pages of {case.block_size} in random order, "
+            f"{case.kv_padding // case.block_size} per sequence"
+        )
+    return ""
 
 
 class _ListHandler(logging.Handler):

@@ -1,16 +1,21 @@
 """The tensors of one benchmark case, and the float32 reference output they must produce.
 
-Three layouts, one per kind of problem:
+Four layouts, one per kind of problem:
 
     DenseInputs   q, k, v in (batch, seqlen, heads, head_dim)           grid, gqa, ... suites
-    VarlenInputs  q, k, v packed (total, heads, head_dim) + cu_seqlens   varlen suite
+    VarlenInputs  q, k, v packed (total, heads, head_dim) + cu_seqlens   varlen suite (and the
+                                                                         xformers suite's
+                                                                         block-diagonal biases)
     PagedInputs   q (batch, 1, heads, head_dim) + paged K/V cache         decode suite
                   + the same keys gathered into dense (batch, kv_heads, context, head_dim)
+    CacheInputs   packed q + padded or paged K/V cache + cache_seqlens    xformers suite's
+                  + the valid keys gathered and packed (total_k, ...)    padded / paged keys
 
-Every tensor is fresh `torch.randn` (never zeros), seeded per case. The paged cache's block
+Every tensor is fresh `torch.randn` (never zeros), seeded per case; a padded cache's unused
+slots hold random values too (reading them would fail the check). A paged cache's block
 table is a random permutation of all blocks, so consecutive blocks of a sequence are scattered
-over the pool as in a serving engine; the dense copy for SDPA and the reference is gathered
-through that table before anything is timed.
+over the pool as in a serving engine; the dense / packed copy for SDPA and the reference is
+gathered through that table before anything is timed.
 """
 
 from __future__ import annotations
@@ -55,12 +60,36 @@ class PagedInputs:
     v: Tensor
 
 
-Inputs: TypeAlias = DenseInputs | VarlenInputs | PagedInputs
+@dataclass(frozen=True)
+class CacheInputs:
+    """Chunked prefill against a KV cache: each sequence's new queries are the last
+    `seqlens[b]` of its `cache_seqlens[b]` keys (xFormers' ...PaddedKeysMask biases)."""
+
+    q: Tensor  # (total_q, num_heads, head_dim), packed
+    cu_seqlens_q: Tensor  # (batch + 1,) int32
+    max_seqlen_q: int
+    # Padded: (batch, kv_padding, num_kv_heads, head_dim), sequence b's keys in row b.
+    # Paged: (num_blocks, block_size, num_kv_heads, head_dim), through block_table.
+    k_cache: Tensor
+    v_cache: Tensor
+    cache_seqlens: Tensor  # (batch,) int32: valid keys per sequence (its kv_seqlen)
+    block_table: Tensor | None  # (batch, kv_padding / block_size) int32; None when padded
+    # The valid keys of each sequence in order, packed (total_k, num_kv_heads, head_dim),
+    # with their offsets: what the SDPA rows and the reference read.
+    k: Tensor
+    v: Tensor
+    cu_seqlens_k: Tensor  # (batch + 1,) int32
+    max_seqlen_k: int
+
+
+Inputs: TypeAlias = DenseInputs | VarlenInputs | PagedInputs | CacheInputs
 
 
 def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int) -> Inputs:
     """Random inputs of `case` (seeded with `seed`), in the layout its suite calls for."""
     torch.manual_seed(seed)
+    if case.kv_seqlens:
+        return _cache(case, dtype, device)
     if case.seqlens:
         return _varlen(case, dtype, device)
     if case.block_size:
@@ -74,17 +103,65 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int)
     )
 
 
+def _offsets(lengths: tuple[int, ...]) -> list[int]:
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return offsets
+
+
 def _varlen(case: Case, dtype: torch.dtype, device: torch.device) -> VarlenInputs:
     total = case.total_tokens
-    offsets = [0]
-    for n in case.seqlens:
-        offsets.append(offsets[-1] + n)
     return VarlenInputs(
         q=torch.randn(total, case.num_heads, case.head_dim, dtype=dtype, device=device),
         k=torch.randn(total, case.num_kv_heads, case.head_dim, dtype=dtype, device=device),
         v=torch.randn(total, case.num_kv_heads, case.head_dim, dtype=dtype, device=device),
-        cu_seqlens=torch.tensor(offsets, dtype=torch.int32, device=device),
+        cu_seqlens=torch.tensor(_offsets(case.seqlens), dtype=torch.int32, device=device),
         max_seqlen=max(case.seqlens),
+    )
+
+
+def _cache(case: Case, dtype: torch.dtype, device: torch.device) -> CacheInputs:
+    """Padded cache (batch, kv_padding, ...) or, with block_size, a paged cache of
+    batch * kv_padding / block_size blocks in random order; plus the valid keys packed."""
+    batch, padding, block_size = case.batch, case.kv_padding, case.block_size
+    kv_heads, head_dim = case.num_kv_heads, case.head_dim
+    if block_size:
+        cache_shape: tuple[int, ...] = (batch * padding // block_size, block_size)
+    else:
+        cache_shape = (batch, padding)
+    cache_shape += (kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, dtype=dtype, device=device)
+    v_cache = torch.randn(cache_shape, dtype=dtype, device=device)
+    block_table = None
+    if block_size:
+        block_table = torch.randperm(cache_shape[0], device=device).to(torch.int32)
+        block_table = block_table.view(batch, padding // block_size)
+    q = torch.randn(case.total_tokens, case.num_heads, head_dim, dtype=dtype, device=device)
+    k = torch.empty(case.key_tokens, kv_heads, head_dim, dtype=dtype, device=device)
+    v = torch.empty_like(k)
+    offsets_k = _offsets(case.kv_seqlens)
+    # One sequence at a time: the gather's temporary stays one sequence's K (or V).
+    for b, n in enumerate(case.kv_seqlens):
+        start = offsets_k[b]
+        if block_table is None:
+            k[start : start + n], v[start : start + n] = k_cache[b, :n], v_cache[b, :n]
+            continue
+        blocks = block_table[b].long()
+        k[start : start + n] = k_cache[blocks].reshape(padding, kv_heads, head_dim)[:n]
+        v[start : start + n] = v_cache[blocks].reshape(padding, kv_heads, head_dim)[:n]
+    return CacheInputs(
+        q=q,
+        cu_seqlens_q=torch.tensor(_offsets(case.seqlens), dtype=torch.int32, device=device),
+        max_seqlen_q=max(case.seqlens),
+        k_cache=k_cache,
+        v_cache=v_cache,
+        cache_seqlens=torch.tensor(case.kv_seqlens, dtype=torch.int32, device=device),
+        block_table=block_table,
+        k=k,
+        v=v,
+        cu_seqlens_k=torch.tensor(offsets_k, dtype=torch.int32, device=device),
+        max_seqlen_k=max(case.kv_seqlens),
     )
 
 
@@ -119,10 +196,18 @@ def _paged(case: Case, dtype: torch.dtype, device: torch.device) -> PagedInputs:
 def reference(case: Case, inputs: Inputs) -> Tensor:
     """float32 output every provider is checked against, in the layout providers return.
 
-    Dense: (batch, seqlen_q, heads, head_dim); varlen: (total, heads, head_dim); decode:
-    (batch, 1, heads, head_dim), from the gathered dense K/V (the one query is the last
-    token, so the bottom-right causal mask lets it see the whole context).
+    Dense: (batch, seqlen_q, heads, head_dim); varlen (and block-diagonal biases): (total,
+    heads, head_dim), each sequence on its own (keys = queries per block, so top-left and
+    bottom-right causal agree); decode: (batch, 1, heads, head_dim), from the gathered dense
+    K/V (the one query is the last token, so the bottom-right causal mask lets it see the
+    whole context); padded / paged keys: (total_q, heads, head_dim), each sequence's queries
+    against its kv_seqlen valid keys, causal bottom-right w.r.t. kv_seqlen (xFormers'
+    ...CausalWithOffsetPaddedKeysMask).
     """
+    if isinstance(inputs, CacheInputs):
+        return reference_attention_varlen(
+            inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k, case.causal
+        )
     if isinstance(inputs, VarlenInputs):
         cu = inputs.cu_seqlens
         return reference_attention_varlen(inputs.q, inputs.k, inputs.v, cu, cu, case.causal)

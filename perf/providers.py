@@ -9,6 +9,8 @@ A provider answers three questions:
 and, for the varlen and decode suites (`prepare_inputs` picks by the inputs' layout):
     prepare_varlen(case, VarlenInputs) -> callable returning (total, heads, head_dim)
     prepare_paged(case, PagedInputs)   -> callable returning (batch, 1, heads, head_dim)
+    prepare_cache(case, CacheInputs)   -> callable returning (total_q, heads, head_dim)
+                                          (xformers suite: padded / paged keys)
 Errors raised while running are recorded by the caller as "skipped" with the message.
 
 varlen: sparsek.attention_varlen, FA4's flash_attn_varlen_func (cu_seqlens), and the SDPA
@@ -25,6 +27,12 @@ dispatches to, but without its silent fallback from one backend to another).
 `sparsek_xformers` (xformers suite only) runs sparsek through its xFormers operator,
 `memory_efficient_attention_forward(q, k, v, attn_bias=<case.bias>, op=SparseKAttention)`.
 It imports xFormers, so it never shares a process with `fa4` (bench_fmha.py refuses that).
+Its block-diagonal rows are the same problems for the other providers: packed keys as in
+varlen; padded / paged keys (chunked prefill against a cache) through
+sparsek.attention_with_kvcache(cu_seqlens_q=...) on the same cache, and through SDPA on the
+valid keys gathered and packed before timing (jagged nested tensors when non-causal; the
+flash / efficient varlen ops called directly with bottom-right causal, cuDNN skipped, as for
+causal with seqlen_q != seqlen_k).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from perf import shapes
-from perf.inputs import DenseInputs, Inputs, PagedInputs, VarlenInputs
+from perf.inputs import CacheInputs, DenseInputs, Inputs, PagedInputs, VarlenInputs
 from perf.shapes import Case
 
 AttnFn = Callable[[], Tensor]
@@ -77,9 +85,14 @@ class Provider:
     def prepare_paged(self, case: Case, inputs: PagedInputs) -> AttnFn:
         raise Unsupported(f"{self.name} has no paged KV cache entry point here")
 
+    def prepare_cache(self, case: Case, inputs: CacheInputs) -> AttnFn:
+        raise Unsupported(f"{self.name} has no chunked prefill (padded / paged keys) entry here")
+
 
 def prepare_inputs(provider: Provider, case: Case, inputs: Inputs) -> AttnFn:
-    """The provider's callable for `inputs`, by their layout (dense, varlen or paged)."""
+    """The provider's callable for `inputs`, by their layout (dense, varlen, paged, cache)."""
+    if isinstance(inputs, CacheInputs):
+        return provider.prepare_cache(case, inputs)
     if isinstance(inputs, VarlenInputs):
         return provider.prepare_varlen(case, inputs)
     if isinstance(inputs, PagedInputs):
@@ -159,16 +172,38 @@ class SparsekProvider(Provider):
 
         return run
 
+    def prepare_cache(self, case: Case, inputs: CacheInputs) -> AttnFn:
+        """Packed new queries against the padded (block_table None) or paged cache."""
+        import sparsek
+
+        q, k_cache, v_cache = inputs.q, inputs.k_cache, inputs.v_cache
+        cache_seqlens, block_table = inputs.cache_seqlens, inputs.block_table
+        cu_q, max_q, causal = inputs.cu_seqlens_q, inputs.max_seqlen_q, case.causal
+
+        def run() -> Tensor:
+            out = sparsek.attention_with_kvcache(
+                q, k_cache, v_cache, cache_seqlens, block_table,
+                cu_seqlens_q=cu_q, max_seqlen_q=max_q, causal=causal,
+            )  # fmt: skip
+            return cast(Tensor, out)
+
+        return run
+
 
 class SparsekXformersProvider(Provider):
     """sparsek through xFormers: `memory_efficient_attention_forward(..., op=SparseKAttention)`.
 
     q, k, v are passed as they are (BMHK, the layout every provider gets); the case's `bias`
     names the xFormers attn_bias (causal cases of other suites map to the bottom-right mask,
-    the harness's convention). On CPU the operator runs sparsek's float32 reference, which
-    xFormers allows for float16 only: with `cpu_fp16` (the dry run) bfloat16 CPU inputs are
-    converted to float16 once, before anything is timed, and the output back to bfloat16.
-    Inputs the operator refuses raise `Unsupported` with its own reasons.
+    the harness's convention). Block-diagonal biases get views of the same memory in
+    xFormers' layout: batch 1, sequences along M (packed q / k / v, (total, H, D) ->
+    (1, total, H, D)); a padded cache (B, kv_padding, H, D) -> (1, B * kv_padding, H, D), a
+    paged one (num_blocks, block_size, H, D) -> (1, num_blocks * block_size, H, D) with the
+    inputs' block table in the bias. The bias is built once, on the inputs' device, before
+    timing. On CPU the operator runs sparsek's float32 reference, which xFormers allows for
+    float16 only: with `cpu_fp16` (the dry run) bfloat16 CPU inputs are converted to float16
+    once, before anything is timed, and the output back to bfloat16. Inputs the operator
+    refuses raise `Unsupported` with its own reasons.
     """
 
     name = shapes.XFORMERS_PROVIDER
@@ -191,23 +226,73 @@ class SparsekXformersProvider(Provider):
         return _strict()
 
     @staticmethod
-    def attn_bias(case: Case) -> Any:
-        from xformers.ops.fmha import attn_bias
+    def attn_bias(
+        case: Case, device: torch.device | None = None, block_table: Tensor | None = None
+    ) -> Any:
+        """The xFormers attn_bias object `case.bias` names (None for "None").
+
+        Block-diagonal biases are built from the case's lengths on `device`; the Paged...
+        ones take `block_table` (batch, kv_padding / block_size) int32.
+        """
+        from xformers.ops.fmha import attn_bias as ab
 
         name = case.bias or (shapes.BIAS_BOTTOM_RIGHT if case.causal else shapes.BIAS_NONE)
         if name == shapes.BIAS_NONE:
             return None
-        return getattr(attn_bias, name)()
+        bias_type = getattr(ab, name)
+        keys = case.keys
+        if keys == "dense":
+            return bias_type()
+        q_seqlen = list(case.seqlens)
+        if keys == "packed":
+            return bias_type.from_seqlens(q_seqlen=q_seqlen, kv_seqlen=q_seqlen, device=device)
+        padded_type = (
+            ab.BlockDiagonalCausalWithOffsetPaddedKeysMask
+            if case.causal
+            else ab.BlockDiagonalPaddedKeysMask
+        )
+        padded = padded_type.from_seqlens(
+            q_seqlen=q_seqlen,
+            kv_padding=case.kv_padding,
+            kv_seqlen=list(case.kv_seqlens),
+            device=device,
+        )
+        if keys == "padded":
+            return padded
+        if block_table is None:
+            raise ValueError(f"bias {name} needs the cache's block table")
+        return padded.make_paged(block_table, case.block_size, bias_type)
 
     def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
+        if case.num_kv_heads != case.num_heads:
+            raise Unsupported("GQA rows are not in the xformers suite (BMHK needs Hkv = H)")
+        return self._prepare(self.attn_bias(case), q, k, v, batched=True)
+
+    def prepare_varlen(self, case: Case, inputs: VarlenInputs) -> AttnFn:
+        """Block-diagonal biases on packed sequences: (1, total, H, D) views."""
+        if case.keys != "packed":
+            raise Unsupported(f"bias {case.bias or 'None'} is not a packed block-diagonal bias")
+        bias = self.attn_bias(case, inputs.q.device)
+        q, k, v = (t.unsqueeze(0) for t in (inputs.q, inputs.k, inputs.v))
+        return self._prepare(bias, q, k, v, batched=False)
+
+    def prepare_cache(self, case: Case, inputs: CacheInputs) -> AttnFn:
+        """Padded / paged keys: the packed queries (1, total_q, H, D) against the cache's
+        slots in one row, (1, slots, H, D), views of the same memory."""
+        if case.keys not in ("padded", "paged"):
+            raise Unsupported(f"bias {case.bias or 'None'} does not read keys from a cache")
+        bias = self.attn_bias(case, inputs.q.device, inputs.block_table)
+        kv_shape = (1, -1, *inputs.k_cache.shape[2:])
+        k, v = inputs.k_cache.view(kv_shape), inputs.v_cache.view(kv_shape)
+        return self._prepare(bias, inputs.q.unsqueeze(0), k, v, batched=False)
+
+    def _prepare(self, bias: Any, q: Tensor, k: Tensor, v: Tensor, *, batched: bool) -> AttnFn:
+        """The operator's call on BMHK q, k, v; `batched` False: drop the batch axis of 1."""
         from xformers.ops.fmha import memory_efficient_attention_forward
         from xformers.ops.fmha.common import Inputs
 
         from sparsek.integrations.xformers import SparseKAttention
 
-        if case.num_kv_heads != case.num_heads:
-            raise Unsupported("GQA rows are not in the xformers suite (BMHK needs Hkv = H)")
-        bias = self.attn_bias(case)
         out_dtype = q.dtype
         if self._cpu_fp16 and q.device.type == "cpu" and q.dtype == torch.bfloat16:
             q, k, v = (t.half() for t in (q, k, v))
@@ -219,7 +304,8 @@ class SparsekXformersProvider(Provider):
 
         def run() -> Tensor:
             out = memory_efficient_attention_forward(q, k, v, attn_bias=bias, op=SparseKAttention)
-            return cast(Tensor, out).to(out_dtype)
+            out = cast(Tensor, out).to(out_dtype)
+            return out if batched else out[0]
 
         return run
 
@@ -266,18 +352,8 @@ class SdpaProvider(Provider):
         """SDPA on jagged nested tensors: views of the packed q, k, v (no copies), which SDPA
         hands to the backend's varlen kernel with cu_seqlens. A backend that refuses raises
         (PyTorch logs why on the `torch.nested._internal.sdpa` logger)."""
-        offsets = inputs.cu_seqlens.to(torch.int64)
-        shortest, longest = min(case.seqlens), max(case.seqlens)
-
-        def jagged(t: Tensor) -> Tensor:
-            # (batch, ragged seqlen, heads, head_dim) -> (batch, heads, ragged seqlen, head_dim).
-            # Passing the length bounds spares SDPA a device-to-host read per call.
-            nested = torch.nested.nested_tensor_from_jagged(
-                t, offsets, min_seqlen=shortest, max_seqlen=longest
-            )
-            return nested.transpose(1, 2)
-
-        qn, kn, vn = jagged(inputs.q), jagged(inputs.k), jagged(inputs.v)
+        offsets, lengths = inputs.cu_seqlens, case.seqlens
+        qn, kn, vn = (_jagged(t, offsets, lengths) for t in (inputs.q, inputs.k, inputs.v))
         causal, gqa = case.causal, case.num_kv_heads != case.num_heads
 
         def run() -> Tensor:
@@ -285,6 +361,55 @@ class SdpaProvider(Provider):
             return out.transpose(1, 2).values()
 
         return run
+
+    def prepare_cache(self, case: Case, inputs: CacheInputs) -> AttnFn:
+        """Padded / paged keys: SDPA reads the valid keys packed (gathered before timing).
+
+        Non-causal: jagged nested tensors with their own offsets for q and for k/v, as in
+        `prepare_varlen`. Causal is bottom-right per sequence (kv_seqlen > q length), which
+        jagged SDPA's `is_causal` does not promise (the efficient kernel gets top-left), so
+        the backends' varlen ops are called directly as in `_bottom_right`: flash (its
+        `is_causal` is bottom-right), efficient with custom_mask_type 2; cuDNN is skipped.
+        """
+        q, k, v = inputs.q, inputs.k, inputs.v
+        cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+        max_q, max_k = inputs.max_seqlen_q, inputs.max_seqlen_k
+        gqa = case.num_kv_heads != case.num_heads
+        if not case.causal:
+            qn = _jagged(q, cu_q, case.seqlens)
+            kn, vn = (_jagged(t, cu_k, case.kv_seqlens) for t in (k, v))
+
+            def run_jagged() -> Tensor:
+                out = F.scaled_dot_product_attention(qn, kn, vn, enable_gqa=gqa)
+                return out.transpose(1, 2).values()
+
+            return run_jagged
+        if gqa:
+            raise Unsupported("bottom-right causal with GQA is not exposed by torch SDPA")
+        aten = torch.ops.aten
+        if self.name == "sdpa_flash":
+
+            def run_flash() -> Tensor:
+                out = aten._flash_attention_forward(
+                    q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False
+                )[0]
+                return cast(Tensor, out)
+
+            return run_flash
+        if self.name == "sdpa_efficient":
+            q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+
+            def run_efficient() -> Tensor:
+                out = aten._efficient_attention_forward(
+                    q4, k4, v4, None, cu_q, cu_k, max_q, max_k, 0.0, 2, False
+                )[0]
+                return cast(Tensor, out[0])
+
+            return run_efficient
+        raise Unsupported(
+            "torch SDPA has no bottom-right causal mask for cuDNN (a dense mask would time "
+            "another workload)"
+        )
 
     def prepare_paged(self, case: Case, inputs: PagedInputs) -> AttnFn:
         """SDPA on the dense copy of the cache (gathered before timing). One query at the end
@@ -327,6 +452,15 @@ class SdpaProvider(Provider):
             "torch SDPA has no bottom-right causal mask for cuDNN (a dense mask would time "
             "another workload)"
         )
+
+
+def _jagged(t: Tensor, offsets: Tensor, lengths: tuple[int, ...]) -> Tensor:
+    """A packed (total, heads, head_dim) tensor as a jagged nested (batch, heads, ragged,
+    head_dim) view. Passing the length bounds spares SDPA a device-to-host read per call."""
+    nested = torch.nested.nested_tensor_from_jagged(
+        t, offsets.to(torch.int64), min_seqlen=min(lengths), max_seqlen=max(lengths)
+    )
+    return nested.transpose(1, 2)
 
 
 _FA4_MODULE = "flash_attn.cute.interface"
@@ -481,6 +615,27 @@ class FakeProvider(Provider):
         self._refuse()
         q, k, v = inputs.q, inputs.k.transpose(1, 2), inputs.v.transpose(1, 2)
         return lambda: self._attention(q, k, v, case.causal)
+
+    def prepare_cache(self, case: Case, inputs: CacheInputs) -> AttnFn:
+        self._refuse()
+        spans = list(
+            zip(
+                itertools.pairwise(inputs.cu_seqlens_q.tolist()),
+                itertools.pairwise(inputs.cu_seqlens_k.tolist()),
+                strict=True,
+            )
+        )
+        q, k, v = inputs.q, inputs.k, inputs.v
+
+        def run() -> Tensor:
+            out = torch.zeros_like(q)
+            for (a, b), (c, d) in spans:
+                if b > a and d > c:
+                    seq = self._attention(q[None, a:b], k[None, c:d], v[None, c:d], case.causal)
+                    out[a:b] = seq[0]
+            return out
+
+        return run
 
 
 def fake_providers() -> dict[str, Provider]:

@@ -5,15 +5,15 @@
 The table has one row per shape and one column per provider: TFLOP/s for kernel rows,
 microseconds for latency rows, milliseconds for first-call rows. "sparsek/best" is the best
 peer's time over sparsek's time (> 1: sparsek is faster), over peers whose check passed
-(sparsek_xformers is sparsek itself behind xFormers' dispatch, so it is never a peer). Rows of
-the xformers suite carry the xFormers bias type in the `bias` column (empty elsewhere); the
-table shows it in a `bias` column when any row has one.
+(sparsek_xformers is sparsek itself behind xFormers' dispatch, so it is never a peer).
 
-The varlen and decode suites get tables of their own: varlen one row per (heads, causal) with
-the packed token count (lengths listed under the table; `seqlens` column of the CSV); decode
-one row per (batch, context, block size) with K + V read bandwidth in GB/s and, in
-parentheses, its fraction of the copy bandwidth measured in the same run (`gbps`, `bw_frac`,
-`copy_gbps` columns, blank on other suites' rows).
+The varlen, decode and xformers suites get tables of their own: varlen one row per (heads,
+causal) with the packed token count (lengths listed under the table; `seqlens` column of the
+CSV); decode one row per (batch, context, block size) with K + V read bandwidth in GB/s and,
+in parentheses, its fraction of the copy bandwidth measured in the same run (`gbps`,
+`bw_frac`, `copy_gbps` columns, blank on other suites' rows); xformers one row per (bias,
+shape), the bias type from the `bias` column (empty elsewhere), where the keys are, and the
+query / key token counts (lengths from `seqlens` / `kv_seqlens` listed under the table).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ COLUMNS: tuple[str, ...] = (
     "causal",
     "bias",
     "seqlens",
+    "kv_seqlens",
     "block_size",
     "ms",
     "tflops",
@@ -73,8 +74,8 @@ SUBJECT = "sparsek"
 # sparsek behind another front end: shown in the table, never counted as a peer.
 SUBJECT_VARIANTS = frozenset({"sparsek_xformers"})
 # Suites with a table of their own (not in the generic throughput table).
-VARLEN_SUITE, DECODE_SUITE = "varlen", "decode"
-OWN_TABLE_SUITES = frozenset({VARLEN_SUITE, DECODE_SUITE})
+VARLEN_SUITE, DECODE_SUITE, XFORMERS_SUITE = "varlen", "decode", "xformers"
+OWN_TABLE_SUITES = frozenset({VARLEN_SUITE, DECODE_SUITE, XFORMERS_SUITE})
 MAX_REASON_CHARS = 300
 
 Row = dict[str, str]
@@ -254,6 +255,46 @@ def _varlen_lines(rows: Sequence[Row]) -> list[str]:
     return [*lines, "", *notes] if notes else lines
 
 
+def _keys(row: Row) -> str:
+    """Where an xformers row's keys are, from its bias type: dense (BMHK like the queries),
+    packed (block-diagonal), a padded cache, or a paged one (with its page size)."""
+    bias = row.get("bias", "")
+    if bias.startswith("Paged"):
+        return f"paged {row.get('block_size', '')}".strip()
+    if "PaddedKeys" in bias:
+        return "padded"
+    return "packed" if bias.startswith("BlockDiagonal") else "dense"
+
+
+def _xformers_lines(rows: Sequence[Row]) -> list[str]:
+    selected = [r for r in rows if r["suite"] == XFORMERS_SUITE and r["kind"] == "kernel"]
+    if not selected:
+        return []
+
+    def key_of(r: Row) -> tuple[str, ...]:
+        batch, seqlen_q, seqlen_k = (int(r[c] or 0) for c in ("batch", "seqlen_q", "seqlen_k"))
+        q_tokens = sum(_lengths(r)) if r["seqlens"] else batch * seqlen_q
+        k_lengths = [int(n) for n in r.get("kv_seqlens", "").split("+") if n] or _lengths(r)
+        k_tokens = sum(k_lengths) if k_lengths else batch * seqlen_k
+        shape = (r["batch"], r["seqlen_q"], r["seqlen_k"], str(q_tokens), str(k_tokens))
+        heads = (r["num_heads"], r["num_kv_heads"], r["head_dim"], r["causal"])
+        return (r["dtype"], r["bias"], _keys(r), *shape, *heads)
+
+    header = ["dtype", "bias", "keys", "B", "Sq", "Sk", "q tok", "k tok", "H", "Hkv", "D"]
+    lines = _provider_table(selected, [*header, "causal"], key_of, lambda r: _cell(r, "tflops"))
+    notes = [
+        "- B = sequences (blocks) for the block-diagonal biases (batch 1 for xFormers); Sq, Sk "
+        "their longest query / key lengths; q tok, k tok the tokens attended over."
+    ]
+    seqlens = dict.fromkeys(r["seqlens"] for r in selected if r["seqlens"])
+    notes += [f"- sequence lengths: {', '.join(text.split('+'))}" for text in seqlens]
+    kv_seqlens = dict.fromkeys(r["kv_seqlens"] for r in selected if r.get("kv_seqlens"))
+    notes += [f"- kv_seqlens (padded / paged keys): {', '.join(t.split('+'))}" for t in kv_seqlens]
+    caches = dict.fromkeys(r["note"] for r in selected if r.get("note"))
+    notes += [f"- {text}" for text in caches]
+    return [*lines, "", *notes]
+
+
 def _bandwidth_cell(row: Row | None) -> str:
     """GB/s of K + V read, with the fraction of the copy bandwidth in parentheses."""
     if row is None or not _measured(row) or not row.get("gbps"):
@@ -342,6 +383,10 @@ def markdown(rows: Sequence[Row]) -> str:
             _table(rows, ("eager", "graph"), "us", True),
         ),
         ("## Varlen prefill: kernel time, cold L2 (TFLOP/s)", _varlen_lines(rows)),
+        (
+            "## xFormers bias types (xformers suite): kernel time, cold L2 (TFLOP/s)",
+            _xformers_lines(rows),
+        ),
         (
             "## Decode, paged KV cache: kernel time, cold L2 (GB/s of K + V read, bw_frac)",
             _decode_lines(rows),

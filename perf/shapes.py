@@ -9,7 +9,10 @@ Every problem is a `Case`. Its `suite` decides the measurement kinds:
     varlen               -> "kernel"   packed sequences of mixed lengths (`Case.seqlens`)
     decode               -> "kernel"   one query per sequence against a paged KV cache
                                        (`Case.block_size`); also reported as bandwidth
-    xformers             -> "kernel"   one row per xFormers bias type (opt-in, see below)
+    xformers             -> "kernel"   one row per xFormers bias type (opt-in, see below);
+                                       block-diagonal biases on packed sequences
+                                       (`Case.seqlens`), padded / paged keys of a cache
+                                       (`Case.kv_seqlens`, `kv_padding`, `block_size`)
 
 The `xformers` suite is not run by default: it times `sparsek_xformers` (sparsek's xFormers
 operator), and xFormers cannot be imported in a process that has FlashAttention-4 installed
@@ -70,7 +73,39 @@ SPARSEK_ONLY_SUITES: frozenset[str] = frozenset({"first_call"})
 BIAS_NONE = "None"
 BIAS_TOP_LEFT = "LowerTriangularMask"  # causal, query i sees keys j <= i
 BIAS_BOTTOM_RIGHT = "LowerTriangularFromBottomRightMask"  # j <= i + seqlen_k - seqlen_q
-XFORMERS_BIASES: tuple[str, ...] = (BIAS_NONE, BIAS_TOP_LEFT, BIAS_BOTTOM_RIGHT)
+# Block-diagonal (one block per packed sequence, batch 1 for xFormers), keys packed like the
+# queries. BlockDiagonalCausalMask is top-left per block: planned only with as many keys as
+# queries per block, where it equals the bottom-right mask the reference and peers use.
+BIAS_BLOCK = "BlockDiagonalMask"
+BIAS_BLOCK_CAUSAL = "BlockDiagonalCausalMask"
+BIAS_BLOCK_BOTTOM_RIGHT = "BlockDiagonalCausalFromBottomRightMask"
+# Keys in a padded per-sequence cache (kv_padding slots per sequence, kv_seqlens valid), and
+# the same in a paged cache (pages of `block_size` tokens through a block table). The causal
+# ones are bottom-right per block w.r.t. its kv_seqlen (chunked prefill).
+BIAS_PADDED = "BlockDiagonalPaddedKeysMask"
+BIAS_PADDED_CAUSAL = "BlockDiagonalCausalWithOffsetPaddedKeysMask"
+BIAS_PAGED = "PagedBlockDiagonalPaddedKeysMask"
+BIAS_PAGED_CAUSAL = "PagedBlockDiagonalCausalWithOffsetPaddedKeysMask"
+DENSE_BIASES: tuple[str, ...] = (BIAS_NONE, BIAS_TOP_LEFT, BIAS_BOTTOM_RIGHT)
+PACKED_BIASES: tuple[str, ...] = (BIAS_BLOCK, BIAS_BLOCK_CAUSAL, BIAS_BLOCK_BOTTOM_RIGHT)
+PADDED_BIASES: tuple[str, ...] = (BIAS_PADDED, BIAS_PADDED_CAUSAL)
+PAGED_BIASES: tuple[str, ...] = (BIAS_PAGED, BIAS_PAGED_CAUSAL)
+XFORMERS_BIASES: tuple[str, ...] = DENSE_BIASES + PACKED_BIASES + PADDED_BIASES + PAGED_BIASES
+CAUSAL_BIASES: frozenset[str] = frozenset(
+    {
+        BIAS_TOP_LEFT,
+        BIAS_BOTTOM_RIGHT,
+        BIAS_BLOCK_CAUSAL,
+        BIAS_BLOCK_BOTTOM_RIGHT,
+        BIAS_PADDED_CAUSAL,
+        BIAS_PAGED_CAUSAL,
+    }
+)
+# Block-diagonal rows: the varlen suite's 16 sequences (H16 d128, like its MHA rows). Padded /
+# paged keys: chunked prefill, each sequence's chunk (the same 16 lengths) after
+# XFORMERS_CONTEXT cached tokens, kv_seqlen = chunk + context; pages of XFORMERS_PAGE_SIZE.
+XFORMERS_CONTEXT = 4096
+XFORMERS_PAGE_SIZE = 16
 
 # The main grid keeps the work per launch comparable: batch * seqlen = 16k tokens and
 # num_heads * head_dim = 2048 (FlashAttention's benchmark convention).
@@ -119,38 +154,110 @@ class Case:
     # count and seqlen_q = seqlen_k the longest (what max_seqlen_q/k get). Empty elsewhere.
     seqlens: tuple[int, ...] = ()
     # decode suite: tokens per block of the paged KV cache (0 elsewhere); seqlen_k is the
-    # context (cache_seqlens of every sequence), seqlen_q is 1.
+    # context (cache_seqlens of every sequence), seqlen_q is 1. xformers suite, Paged...
+    # biases: the page size.
     block_size: int = 0
+    # xformers suite, padded / paged keys: valid keys of each sequence (its kv_seqlen; the
+    # sequence's queries are the last `seqlens[i]` of them) and the slots per sequence of the
+    # padded cache (paged: pages per sequence x block_size). seqlen_k = max(kv_seqlens).
+    kv_seqlens: tuple[int, ...] = ()
+    kv_padding: int = 0
 
     def __post_init__(self) -> None:
         self._check_varlen()
         self._check_decode()
         if not self.bias:
+            if self.kv_seqlens or self.kv_padding:
+                raise ValueError("kv_seqlens / kv_padding are given for padded / paged biases only")
             return
         if self.bias not in XFORMERS_BIASES:
             raise ValueError(f"unknown bias {self.bias!r}; known: {', '.join(XFORMERS_BIASES)}")
-        if self.causal != (self.bias != BIAS_NONE):
+        if self.causal != (self.bias in CAUSAL_BIASES):
             raise ValueError(f"bias {self.bias} does not match causal={self.causal}")
         if self.bias == BIAS_TOP_LEFT and self.seqlen_q != self.seqlen_k:
             # The reference and every peer are bottom-right causal; they agree with the
             # top-left mask only when seqlen_q == seqlen_k.
             raise ValueError("LowerTriangularMask (top-left) rows need seqlen_q == seqlen_k")
+        self._check_keys()
+
+    @property
+    def keys(self) -> str:
+        """Where the keys are: "dense" (BMHK like q), "packed" (like the packed queries),
+        "padded" (per-sequence slots of a cache) or "paged" (a paged cache)."""
+        if self.bias in PACKED_BIASES:
+            return "packed"
+        if self.bias in PADDED_BIASES:
+            return "padded"
+        if self.bias in PAGED_BIASES:
+            return "paged"
+        return "dense"
+
+    @property
+    def key_lengths(self) -> tuple[int, ...]:
+        """Valid keys per sequence: kv_seqlens, or seqlens when keys are packed like the
+        queries (varlen, block-diagonal); () for dense cases."""
+        return self.kv_seqlens or self.seqlens
+
+    def _check_keys(self) -> None:
+        """Block-diagonal biases: the lengths and cache geometry their keys need."""
+        keys = self.keys
+        if keys == "dense":
+            if self.seqlens or self.kv_seqlens or self.kv_padding:
+                raise ValueError(f"bias {self.bias} takes dense BMHK inputs (no seqlens)")
+            return
+        if self.seqlens and self.seqlen_q != max(self.seqlens):
+            raise ValueError(f"bias {self.bias}: seqlen_q must be max(seqlens)")
+        if keys == "packed":
+            if self.seqlen_k != self.seqlen_q:
+                raise ValueError(f"bias {self.bias}: seqlen_k must be seqlen_q (packed keys)")
+            if self.kv_seqlens or self.kv_padding or self.block_size:
+                raise ValueError(
+                    f"bias {self.bias}: keys are packed like the queries (as many per "
+                    "block), no kv_seqlens / kv_padding / block_size"
+                )
+            return
+        kv = self.kv_seqlens
+        if len(kv) != self.batch or min(kv) < 0 or self.seqlen_k != max(kv):
+            raise ValueError(
+                f"bias {self.bias}: kv_seqlens {kv} must be batch={self.batch} lengths >= 0 "
+                "with seqlen_k = their max"
+            )
+        if self.kv_padding < max(kv):
+            raise ValueError(f"bias {self.bias}: kv_padding {self.kv_padding} < max(kv_seqlens)")
+        if keys == "paged" and not self.block_size:
+            raise ValueError(f"bias {self.bias}: paged keys need block_size (the page size)")
+        if self.block_size and self.kv_padding % self.block_size:
+            raise ValueError(
+                f"kv_padding {self.kv_padding} is not a multiple of the page size {self.block_size}"
+            )
 
     def _check_varlen(self) -> None:
-        if (self.suite == VARLEN_SUITE) != bool(self.seqlens):
-            raise ValueError("seqlens is given exactly for the varlen suite's cases")
+        block_diagonal = self.suite == XFORMERS_SUITE and self.bias not in ("", *DENSE_BIASES)
+        if (self.suite == VARLEN_SUITE or block_diagonal) != bool(self.seqlens):
+            raise ValueError(
+                "seqlens is given exactly for the varlen suite's cases (and the xformers "
+                "suite's block-diagonal biases)"
+            )
         if not self.seqlens:
             return
         if len(self.seqlens) != self.batch or min(self.seqlens) < 0:
             raise ValueError(f"seqlens {self.seqlens} must be batch={self.batch} lengths >= 0")
-        if self.seqlen_q != max(self.seqlens) or self.seqlen_k != self.seqlen_q:
+        if self.suite == VARLEN_SUITE and (
+            self.seqlen_q != max(self.seqlens) or self.seqlen_k != self.seqlen_q
+        ):
             raise ValueError("varlen cases have seqlen_q = seqlen_k = max(seqlens)")
 
     def _check_decode(self) -> None:
-        if (self.suite == DECODE_SUITE) != (self.block_size > 0):
-            raise ValueError("block_size > 0 is given exactly for the decode suite's cases")
-        if not self.block_size:
+        if self.suite != DECODE_SUITE:
+            paged = self.suite == XFORMERS_SUITE and self.bias in PAGED_BIASES
+            if self.block_size and not paged:
+                raise ValueError(
+                    "block_size > 0 is given for the decode suite's cases and the xformers "
+                    "suite's paged biases only"
+                )
             return
+        if not self.block_size:
+            raise ValueError("block_size > 0 is given exactly for the decode suite's cases")
         if self.seqlen_q != 1 or not self.causal:
             raise ValueError("decode cases have one causal query per sequence (seqlen_q = 1)")
         if self.seqlen_k % self.block_size:
@@ -164,8 +271,14 @@ class Case:
 
     @property
     def total_tokens(self) -> int:
-        """Query (= key) tokens of the whole problem (packed length for varlen)."""
+        """Query tokens of the whole problem (packed length for varlen and block-diagonal)."""
         return sum(self.seqlens) if self.seqlens else self.batch * self.seqlen_q
+
+    @property
+    def key_tokens(self) -> int:
+        """Valid key tokens of the whole problem (padding slots not counted)."""
+        lengths = self.key_lengths
+        return sum(lengths) if lengths else self.batch * self.seqlen_k
 
     def label(self) -> str:
         heads = f"H{self.num_heads}"
@@ -173,7 +286,13 @@ class Case:
             heads += f"/Hkv{self.num_kv_heads}"
         if self.seqlens:
             mask = "causal" if self.causal else "full"
+            if self.bias:
+                mask = f"bias={self.bias}"
             seqs = f"{self.batch} seqs {self.total_tokens} tok (max {self.seqlen_q})"
+            if self.kv_seqlens:
+                seqs += f" kv {self.key_tokens} tok (max {self.seqlen_k}, {self.kv_padding} slots)"
+            if self.block_size:
+                seqs += f" page{self.block_size}"
             return f"{self.suite} {seqs} {heads} d{self.head_dim} {mask}"
         if self.block_size:
             return (
@@ -207,10 +326,13 @@ def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool, *, exact: bool = F
 def flops(case: Case) -> float:
     """Forward FLOPs: two matmuls (QK^T and PV) of 2 * head_dim FLOPs per visible pair.
 
-    varlen counts every sequence's exact pairs (a sequence of 50 tokens is no half square).
+    varlen and the block-diagonal xFormers biases count every sequence's exact pairs (a
+    sequence of 50 tokens is no half square; padded / paged keys: its kv_seqlen keys, the
+    causal ones bottom-right w.r.t. kv_seqlen; padding slots are never visible).
     """
     if case.seqlens:
-        pairs = sum(visible_pairs(n, n, case.causal, exact=True) for n in case.seqlens)
+        lengths = zip(case.seqlens, case.key_lengths, strict=True)
+        pairs = sum(visible_pairs(n, m, case.causal, exact=True) for n, m in lengths)
         return 4.0 * case.num_heads * case.head_dim * pairs
     pairs = visible_pairs(case.seqlen_q, case.seqlen_k, case.causal)
     return 4.0 * case.batch * case.num_heads * case.head_dim * pairs
@@ -219,8 +341,7 @@ def flops(case: Case) -> float:
 def kv_bytes(case: Case, dtype_bytes: int = 2) -> int:
     """Bytes of K and V a forward must read at least once: every key token of every sequence,
     num_kv_heads x head_dim elements each, for K and for V (q and the output not counted)."""
-    key_tokens = sum(case.seqlens) if case.seqlens else case.batch * case.seqlen_k
-    return 2 * key_tokens * case.num_kv_heads * case.head_dim * dtype_bytes
+    return 2 * case.key_tokens * case.num_kv_heads * case.head_dim * dtype_bytes
 
 
 def bandwidth_gbps(num_bytes: float, ms: float) -> float:
@@ -291,18 +412,56 @@ def _latency() -> list[Case]:
 
 
 def _xformers(
-    batch: int, seqlen: int, seqlen_qk: tuple[int, int], heads: int, head_dim: int
+    batch: int,
+    seqlen: int,
+    seqlen_qk: tuple[int, int],
+    heads: int,
+    head_dim: int,
+    seqlens: tuple[int, ...],
+    context: int = XFORMERS_CONTEXT,
+    page_size: int = XFORMERS_PAGE_SIZE,
 ) -> list[Case]:
-    """One row per supported xFormers bias at Sq = Sk, plus bottom-right causal at Sq < Sk."""
+    """One row per supported xFormers bias.
+
+    Dense biases: (batch, seqlen) with Sq = Sk, plus bottom-right causal at `seqlen_qk`.
+    Block-diagonal: the packed `seqlens` (keys = queries per block). Padded / paged keys:
+    the same query lengths after `context` cached tokens (kv_seqlen = n + context), in
+    max(kv_seqlen) slots per sequence rounded up to whole pages of `page_size`.
+    """
     cases = [
         Case(XFORMERS_SUITE, batch, seqlen, seqlen, heads, heads, head_dim, b != BIAS_NONE, b)
-        for b in XFORMERS_BIASES
+        for b in DENSE_BIASES
     ]
     seqlen_q, seqlen_k = seqlen_qk
-    bottom_right = Case(
-        XFORMERS_SUITE, batch, seqlen_q, seqlen_k, heads, heads, head_dim, True, BIAS_BOTTOM_RIGHT
-    )
-    return [*cases, bottom_right]
+    dims = (heads, heads, head_dim)
+    cases.append(Case(XFORMERS_SUITE, batch, seqlen_q, seqlen_k, *dims, True, BIAS_BOTTOM_RIGHT))
+    count, top = len(seqlens), max(seqlens)
+    for bias in PACKED_BIASES:
+        causal = bias in CAUSAL_BIASES
+        cases.append(
+            Case(XFORMERS_SUITE, count, top, top, heads, heads, head_dim, causal, bias, seqlens)
+        )
+    kv_seqlens = tuple(n + context for n in seqlens)
+    padding = -(-max(kv_seqlens) // page_size) * page_size
+    for bias in PADDED_BIASES + PAGED_BIASES:
+        cases.append(
+            Case(
+                XFORMERS_SUITE,
+                count,
+                top,
+                max(kv_seqlens),
+                heads,
+                heads,
+                head_dim,
+                bias in CAUSAL_BIASES,
+                bias,
+                seqlens,
+                block_size=page_size if bias in PAGED_BIASES else 0,
+                kv_seqlens=kv_seqlens,
+                kv_padding=padding,
+            )
+        )
+    return cases
 
 
 def _varlen(
@@ -356,7 +515,7 @@ def full_cases() -> list[Case]:
         + _latency()
         + _varlen(varlen_seqlens(), VARLEN_HEADS)
         + _decode(DECODE_BATCHES, DECODE_CONTEXTS, DECODE_BLOCK_SIZES)
-        + _xformers(4, 2048, (1024, 4096), 16, 128)
+        + _xformers(4, 2048, (1024, 4096), 16, 128, varlen_seqlens())
     )
 
 
@@ -370,7 +529,7 @@ def quick_cases() -> list[Case]:
         + _latency()[:1]
         + _varlen(varlen_seqlens(), VARLEN_HEADS)[1:2]
         + _decode((8,), (4096,), DECODE_BLOCK_SIZES)
-        + _xformers(4, 2048, (1024, 4096), 16, 128)
+        + _xformers(4, 2048, (1024, 4096), 16, 128, varlen_seqlens())
     )
 
 
@@ -388,7 +547,9 @@ def dry_run_cases() -> list[Case]:
     cases += [
         Case(DECODE_SUITE, 3, 1, 64, 4, 2, 32, True, block_size=b) for b in DECODE_BLOCK_SIZES
     ]
-    cases += _xformers(2, 64, (32, 96), 2, 64)
+    # Block-diagonal: the varlen lengths; padded / paged keys after 20 cached tokens (kv up
+    # to 84, 96 slots = 6 pages of 16 per sequence).
+    cases += _xformers(2, 64, (32, 96), 2, 64, (37, 5, 64, 18, 12), context=20)
     return cases
 
 

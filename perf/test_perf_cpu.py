@@ -107,11 +107,27 @@ def test_xformers_plan_has_a_row_per_bias(capsys: pytest.CaptureFixture[str]) ->
         ("LowerTriangularMask", 2048, 2048),
         ("LowerTriangularFromBottomRightMask", 2048, 2048),
         ("LowerTriangularFromBottomRightMask", 1024, 4096),
+        ("BlockDiagonalMask", 4096, 4096),
+        ("BlockDiagonalCausalMask", 4096, 4096),
+        ("BlockDiagonalCausalFromBottomRightMask", 4096, 4096),
+        ("BlockDiagonalPaddedKeysMask", 4096, 8192),
+        ("BlockDiagonalCausalWithOffsetPaddedKeysMask", 4096, 8192),
+        ("PagedBlockDiagonalPaddedKeysMask", 4096, 8192),
+        ("PagedBlockDiagonalCausalWithOffsetPaddedKeysMask", 4096, 8192),
     ]
+    assert [c.bias for c in cases[:3] + cases[4:]] == list(shapes.XFORMERS_BIASES)
+    dense, block_diagonal = cases[:4], cases[4:]
     assert all(
-        (c.batch, c.num_heads, c.num_kv_heads, c.head_dim) == (4, 16, 16, 128) for c in cases
+        (c.batch, c.num_heads, c.num_kv_heads, c.head_dim) == (4, 16, 16, 128) for c in dense
     )
-    assert all(c.causal == (c.bias != "None") for c in cases)
+    # Block-diagonal: the varlen suite's 16 sequences (B = their count; batch 1 for xFormers).
+    assert all(
+        (c.batch, c.num_heads, c.num_kv_heads, c.head_dim, c.seqlens)
+        == (16, 16, 16, 128, shapes.varlen_seqlens())
+        for c in block_diagonal
+    )
+    assert all(c.causal == (c.bias in shapes.CAUSAL_BIASES) for c in cases)
+    assert all(c.causal == ("Causal" in c.bias or "Lower" in c.bias) for c in cases)
     assert all(c.bias == "" for c in shapes.full_cases() if c.suite != shapes.XFORMERS_SUITE)
     with pytest.raises(ValueError, match="seqlen_q == seqlen_k"):
         shapes.Case("xformers", 1, 8, 16, 1, 1, 64, True, "LowerTriangularMask")
@@ -126,11 +142,11 @@ def test_xformers_plan_has_a_row_per_bias(capsys: pytest.CaptureFixture[str]) ->
     lines = capsys.readouterr().out.splitlines()
     header = lines[0].split("\t")
     rows = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:-1]]
-    assert len(rows) == 4 * len(shapes.XFORMERS_SUITE_PROVIDERS)
+    assert len(rows) == 11 * len(shapes.XFORMERS_SUITE_PROVIDERS)
     assert {r["bias"] for r in rows if r["provider"] == "sparsek_xformers"} == set(
         shapes.XFORMERS_BIASES
     )
-    assert lines[-1].startswith("# 20 rows, 4 shapes")
+    assert lines[-1].startswith("# 55 rows, 11 shapes")
 
 
 @pytest.mark.skipif(
@@ -143,15 +159,33 @@ def test_xformers_dry_run_runs_the_operator_on_cpu(tmp_path: Path) -> None:
     ours = [r for r in rows if r["provider"] == "sparsek_xformers"]
     # The real SparseKAttention (sparsek's CPU reference) passes the check for every bias.
     assert [r["bias"] for r in ours] == [
-        *shapes.XFORMERS_BIASES,
+        *shapes.DENSE_BIASES,
         "LowerTriangularFromBottomRightMask",
+        *shapes.PACKED_BIASES,
+        *shapes.PADDED_BIASES,
+        *shapes.PAGED_BIASES,
     ]
+    assert set(shapes.XFORMERS_BIASES) == {r["bias"] for r in ours}
     assert all(r["status"] == "ok" and r["check"] == "ok" for r in ours), ours
     assert all("xformers 0.0.35" in r["provider_version"] for r in ours)
+    # Every peer ran every row too (the fakes: checked, one deliberately wrong, none refusing).
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["check"] == ("FAIL" if r["provider"] == "sdpa_efficient" else "ok"), r
+    paged = [r for r in ours if r["bias"].startswith("Paged")]
+    assert {(r["block_size"], r["kv_seqlens"]) for r in paged} == {("16", "57+25+84+38+32")}
+    assert all(r["note"].startswith("keys: paged cache, 30 pages of 16") for r in paged)
+    assert {r["seqlens"] for r in ours if r["bias"] != "None" and "Lower" not in r["bias"]} == {
+        "37+5+64+18+12"
+    }
     table = (tmp_path / "xf" / "table.md").read_text()
     assert "| bias |" in table and "| LowerTriangularFromBottomRightMask |" in table
-    # Four table rows: the two Sq = Sk causal biases are not merged into one.
-    assert sum(line.startswith("| kernel | xformers") for line in table.splitlines()) == 4
+    # One table row per (bias, shape): the two Sq = Sk causal biases are not merged into one,
+    # nor are the block-diagonal biases of one shape.
+    body = [line for line in table.splitlines() if line.startswith("| bf16 |")]
+    assert len(body) == 11 and "## Throughput" not in table
+    for bias in shapes.XFORMERS_BIASES:
+        assert any(line.startswith(f"| bf16 | {bias} |") for line in body), bias
     # sparsek_xformers is sparsek itself: never the best peer.
     assert "sparsek_xformers |" not in [line.rsplit("| ", 1)[-1] for line in table.splitlines()]
 

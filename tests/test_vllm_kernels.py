@@ -146,3 +146,32 @@ def test_paged_attention_mixed_batch_matches_dense_attention() -> None:
     want = torch.cat([reference(q, k, v, scale) for q, k, v in zip(qs, ks, vs, strict=True)])
     torch.testing.assert_close(output[: sum(new)].double(), want, atol=2e-3, rtol=2e-3)
     assert output[sum(new) :].isnan().all(), "rows past the batch must not be written"
+
+
+@pytest.mark.slow
+def test_load_kernels_compiles_every_kernel_the_backend_launches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The vLLM builder's warm-up, with the real CuTe DSL compiler (no GPU: the arch is
+    forced to sm_90a; kernels compile and load on the CPU): the decode, packed-causal and
+    split variants of the paged kernel for this block size, the combine and the cache
+    update, each loaded once."""
+    pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
+    from sparsek import ops, ops_varlen_cuda
+
+    monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
+    monkeypatch.setattr(ops, "_LAUNCHERS", {})
+    monkeypatch.setattr(ops_varlen_cuda, "_STORE_LAUNCHERS", {})
+    device = torch.device("cuda", 0)  # only a key here: nothing is launched
+    vllm_kernels.load_kernels(device, 64, torch.float16, 32)
+    fwd = {key[3:] for key in ops._LAUNCHERS}
+    assert {(causal, variant.varlen_q, variant.split_kv) for causal, variant in fwd} == {
+        (False, False, False),  # decode: one query per sequence, group rows
+        (False, False, True),
+        (True, True, False),  # packed queries, causal
+        (True, True, True),
+        (None, False, False),  # combine (stored under causal=None)
+    }
+    paged = [variant for causal, variant in fwd if causal is not None]
+    assert all(v.kv_layout == "paged" and v.page_size == 32 for v in paged)
+    assert list(ops_varlen_cuda._STORE_LAUNCHERS) == [(0, 64, torch.float16)]
