@@ -89,6 +89,29 @@ def test_register_is_idempotent_and_resolves_the_class() -> None:
     assert list(AttentionBackendEnum.__members__).count("SPARSEK") == 1
 
 
+def test_config_naming_the_backend_unpickles_in_a_process_without_plugins() -> None:
+    """vLLM's engine and worker processes, started with "spawn", unpickle the config before
+    they load any plugin: the SPARSEK member must resolve there all the same."""
+    import pickle
+
+    from vllm.config.attention import AttentionConfig
+
+    vllm_plugin.register()
+    blob = pickle.dumps(AttentionConfig(backend="SPARSEK"))
+    code = (
+        "import pickle, sys\n"
+        "config = pickle.loads(sys.stdin.buffer.read())\n"
+        "print(config.backend.name, config.backend.get_path())\n"
+    )
+    env = {**os.environ, "VLLM_PLUGINS": ""}  # no entry point may run in the child
+    done = subprocess.run(
+        [sys.executable, "-c", code], input=blob, capture_output=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().split() == ["SPARSEK", vllm_plugin.BACKEND_CLASS]
+    assert pickle.loads(blob).backend is AttentionBackendEnum["SPARSEK"]  # same process
+
+
 def test_cli_flag_and_engine_config_accept_the_name(tmp_path: Path) -> None:
     """`--attention-backend sparsek` parses, and the engine config resolves it (the
     CLI value is upper-cased by vLLM), for a local tiny Llama (no hub access)."""

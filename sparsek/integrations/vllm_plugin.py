@@ -4,9 +4,17 @@ pyproject.toml declares it in the `vllm.general_plugins` group, so vLLM calls `r
 in every process (engine, workers, CLI) before it resolves `--attention-backend SPARSEK`.
 It imports only vLLM's backend registry: the backend module (and torch kernels) load when
 vLLM first asks for the class.
+
+The member `AttentionBackendEnum.SPARSEK` exists only in processes that ran `register()`.
+vLLM hands its config (which holds the member) to engine and worker processes; started
+with "spawn" (vLLM's choice once CUDA is initialized in the parent), a child unpickles it
+before it loads any plugin, and a plain enum member would not resolve there. The member
+therefore pickles as a call to `backend_member()`, which registers it first.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 BACKEND_NAME = "SPARSEK"
 BACKEND_CLASS = "sparsek.integrations.vllm.SparseKBackend"
@@ -20,3 +28,19 @@ def register() -> None:
         register_backend(AttentionBackendEnum[BACKEND_NAME], BACKEND_CLASS)
     else:
         register_backend(BACKEND_NAME, BACKEND_CLASS)
+    member = AttentionBackendEnum[BACKEND_NAME]
+    # Instance attribute: pickle looks `__reduce_ex__` up on the object.
+    member.__reduce_ex__ = _reduce_member
+
+
+def backend_member() -> Any:
+    """`AttentionBackendEnum.SPARSEK`, registered first if this process has not yet."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    if BACKEND_NAME not in AttentionBackendEnum.__members__:
+        register()
+    return AttentionBackendEnum[BACKEND_NAME]
+
+
+def _reduce_member(protocol: int) -> tuple[Any, tuple[()]]:
+    return backend_member, ()
