@@ -148,6 +148,17 @@ TINY_LLAMA = {
 
 
 def test_validate_configuration_accepts_the_supported_config() -> None:
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    # Exactly how vLLM's CUDA platform calls it for a selected backend.
+    selector = AttentionSelectorConfig(
+        head_size=128, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=None
+    )
+    capability = DeviceCapability(9, 0)
+    assert (
+        SparseKBackend.validate_configuration(device_capability=capability, **selector._asdict())
+        == []
+    )
     assert SparseKBackend.validate_configuration(**SUPPORTED) == []
     assert SparseKBackend.validate_configuration(**{**SUPPORTED, "block_size": None}) == []
     for head_size, dtype in ((64, torch.float16), (128, torch.float16), (64, torch.bfloat16)):
