@@ -217,6 +217,39 @@ def test_impl_refuses_unsupported_layers(kwargs: dict, fragment: str) -> None:
     assert fragment in str(err.value)
 
 
+def test_vllms_attention_layer_builds_the_impl() -> None:
+    """vLLM's own `Attention` layer with this backend: the impl built from its positional
+    arguments, the layer's backend name resolved, its KV-cache spec what the builder gets."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    vllm_plugin.register()
+    with set_current_vllm_config(VllmConfig()):
+        layer = Attention(
+            num_heads=H,
+            head_size=D,
+            scale=0.125,
+            num_kv_heads=HKV,
+            prefix="model.layers.0.self_attn.attn",
+            attn_backend=SparseKBackend,
+        )
+        spec = layer.get_kv_cache_spec(VllmConfig())
+        with pytest.raises(NotImplementedError, match="sliding_window=64"):
+            Attention(
+                num_heads=H,
+                head_size=D,
+                scale=0.125,
+                num_kv_heads=HKV,
+                per_layer_sliding_window=64,
+                prefix="model.layers.1.self_attn.attn",
+                attn_backend=SparseKBackend,
+            )
+    assert isinstance(layer.impl, SparseKImpl)
+    assert (layer.impl.num_heads, layer.impl.num_kv_heads, layer.impl.head_size) == (H, HKV, D)
+    assert layer.backend is AttentionBackendEnum["SPARSEK"]
+    assert (spec.num_kv_heads, spec.head_size, spec.block_size) == (HKV, D, 16)
+
+
 # ---------------------------------------------------------------------------- a step
 
 
