@@ -25,9 +25,12 @@ Forward only: no autograd formula is registered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from cutedsl_kernels.config import KernelConfig
 from sparsek.cache import KernelFn, get_kernel
 from sparsek.errors import UnsupportedError
 from sparsek.reference import causal_offset, reference_attention
@@ -142,15 +145,25 @@ def _launcher(
     key = (device.index, head_dim, dtype, causal, variant)
     kernel = _LAUNCHERS.get(key)
     if kernel is None:
-        arch = detect_arch(device)
-        if arch is None:
-            raise UnsupportedError("no sparsek kernel for this input", ["no CUDA device detected"])
         if causal is None:
-            kernel = get_kernel(lookup_combine(arch, head_dim, dtype))
+            kernel = load(device, lambda arch: lookup_combine(arch, head_dim, dtype))
         else:
-            kernel = get_kernel(lookup(arch, head_dim, dtype, causal, variant))
+            kernel = load(device, lambda arch: lookup(arch, head_dim, dtype, causal, variant))
         _LAUNCHERS[key] = kernel
     return kernel
+
+
+def load(device: torch.device, config_for: Callable[[str], KernelConfig]) -> KernelFn:
+    """The kernel `config_for(arch of device)` names, compiled or loaded through the cache
+    (the slow path behind each launch path's own memo of loaded kernels).
+
+    Raises:
+        UnsupportedError: no CUDA device, or no registered kernel fits (reasons attached).
+    """
+    arch = detect_arch(device)
+    if arch is None:
+        raise UnsupportedError("no sparsek kernel for this input", ["no CUDA device detected"])
+    return get_kernel(config_for(arch))
 
 
 _LIB.impl("attention", _attention_reference, "CompositeExplicitAutograd")  # type: ignore[no-untyped-call]

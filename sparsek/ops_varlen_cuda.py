@@ -30,8 +30,7 @@ from torch import Tensor
 
 from cutedsl_kernels.config import FmhaFwdConfig
 from sparsek import ops
-from sparsek.cache import KernelFn, get_kernel
-from sparsek.errors import UnsupportedError
+from sparsek.cache import KernelFn
 from sparsek.ops import _launcher, launch, tma_compatible
 from sparsek.registry import Variant, detect_arch, dtype_name, find, lookup_kv_store
 
@@ -243,10 +242,8 @@ def _store_launcher(device: torch.device, head_dim: int, dtype: torch.dtype) -> 
     key = (device.index, head_dim, dtype)
     kernel = _STORE_LAUNCHERS.get(key)
     if kernel is None:
-        arch = detect_arch(device)
-        if arch is None:
-            raise UnsupportedError("no paged KV-cache update kernel", ["no CUDA device detected"])
-        kernel = _STORE_LAUNCHERS[key] = get_kernel(lookup_kv_store(arch, head_dim, dtype))
+        config_for = functools.partial(lookup_kv_store, head_dim=head_dim, dtype=dtype)
+        kernel = _STORE_LAUNCHERS[key] = ops.load(device, config_for)
     return kernel
 
 

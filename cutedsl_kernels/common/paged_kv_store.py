@@ -20,10 +20,14 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, Int64
 
+from cutedsl_kernels.common.simt import (
+    ELEMENT_TYPES,
+    LANES,
+    WARPS_PER_CTA,
+    fake_rows_tensor,
+    row_kernel_reasons,
+)
 from cutedsl_kernels.config import KVStoreConfig
-
-WARPS_PER_CTA = 4
-LANES = 32
 
 
 class PagedKVStore:
@@ -31,33 +35,24 @@ class PagedKVStore:
 
     def __init__(self, config: KVStoreConfig):
         self.config = config
-        self.dtype = {"float16": cutlass.Float16, "bfloat16": cutlass.BFloat16}[config.dtype]
+        self.dtype = ELEMENT_TYPES[config.dtype]
         self.cols_per_lane = config.head_dim // LANES
 
     @staticmethod
     def can_implement(config: KVStoreConfig) -> list[str]:
         """Reasons the kernel cannot serve `config` (empty when it can)."""
-        reasons = []
-        if config.head_dim % LANES or not 32 <= config.head_dim <= 256:
-            reasons.append(f"head_dim={config.head_dim} must be a multiple of 32 in [32, 256]")
-        if config.dtype not in ("float16", "bfloat16"):
-            reasons.append(f"dtype={config.dtype!r} is not supported (float16, bfloat16)")
-        return reasons
+        return row_kernel_reasons(config.head_dim, config.dtype)
 
     def fake_arguments(self) -> tuple:
         """Symbolic-shape stand-ins for (k, v, k_cache, v_cache, slots)."""
         tokens, heads, pages, page_size = (cute.sym_int() for _ in range(4))
         d = self.config.head_dim
 
-        def tensor(shape):
-            strides = tuple(cute.sym_int64() for _ in shape[:-1])
-            return cute.runtime.make_fake_tensor(self.dtype, shape, stride=(*strides, 1))
-
         return (
-            tensor((tokens, heads, d)),
-            tensor((tokens, heads, d)),
-            tensor((pages, page_size, heads, d)),
-            tensor((pages, page_size, heads, d)),
+            fake_rows_tensor(self.dtype, (tokens, heads, d)),
+            fake_rows_tensor(self.dtype, (tokens, heads, d)),
+            fake_rows_tensor(self.dtype, (pages, page_size, heads, d)),
+            fake_rows_tensor(self.dtype, (pages, page_size, heads, d)),
             cute.runtime.make_fake_tensor(Int64, (tokens,), stride=(1,)),
         )
 

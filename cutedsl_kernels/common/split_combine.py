@@ -25,10 +25,14 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32
 
+from cutedsl_kernels.common.simt import (
+    ELEMENT_TYPES,
+    LANES,
+    WARPS_PER_CTA,
+    fake_rows_tensor,
+    row_kernel_reasons,
+)
 from cutedsl_kernels.config import CombineConfig
-
-WARPS_PER_CTA = 4
-LANES = 32
 
 
 class SplitCombine:
@@ -36,33 +40,24 @@ class SplitCombine:
 
     def __init__(self, config: CombineConfig):
         self.config = config
-        self.dtype = {"float16": cutlass.Float16, "bfloat16": cutlass.BFloat16}[config.dtype]
+        self.dtype = ELEMENT_TYPES[config.dtype]
         self.cols_per_lane = config.head_dim // LANES
 
     @staticmethod
     def can_implement(config: CombineConfig) -> list[str]:
         """Reasons the combine kernel cannot serve `config` (empty when it can)."""
-        reasons = []
-        if config.head_dim % LANES or not 32 <= config.head_dim <= 256:
-            reasons.append(f"head_dim={config.head_dim} must be a multiple of 32 in [32, 256]")
-        if config.dtype not in ("float16", "bfloat16"):
-            reasons.append(f"dtype={config.dtype!r} is not supported (float16, bfloat16)")
-        return reasons
+        return row_kernel_reasons(config.head_dim, config.dtype)
 
     def fake_arguments(self) -> tuple:
         """Symbolic-shape stand-ins for (o_partial, lse_partial, out, lse)."""
         splits, batch, seqlen, heads = (cute.sym_int() for _ in range(4))
         d = self.config.head_dim
 
-        def tensor(dtype, shape):
-            strides = tuple(cute.sym_int64() for _ in shape[:-1])
-            return cute.runtime.make_fake_tensor(dtype, shape, stride=(*strides, 1))
-
         return (
-            tensor(Float32, (splits, batch, seqlen, heads, d)),
-            tensor(Float32, (splits, batch, heads, seqlen)),
-            tensor(self.dtype, (batch, seqlen, heads, d)),
-            tensor(Float32, (batch, heads, seqlen)),
+            fake_rows_tensor(Float32, (splits, batch, seqlen, heads, d)),
+            fake_rows_tensor(Float32, (splits, batch, heads, seqlen)),
+            fake_rows_tensor(self.dtype, (batch, seqlen, heads, d)),
+            fake_rows_tensor(Float32, (batch, heads, seqlen)),
         )
 
     @cute.jit

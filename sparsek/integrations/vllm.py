@@ -104,7 +104,8 @@ class SparseKBackend(AttentionBackend):  # type: ignore[misc]
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        return sorted({d for arch in registry.registered_arches() for d in _head_dims(arch)})
+        arches = registry.registered_arches()
+        return sorted({d for arch in arches for d in registry.registered_head_dims(arch)})
 
     @classmethod
     def supports_compute_capability(cls, capability: Any) -> bool:
@@ -151,8 +152,9 @@ class SparseKBackend(AttentionBackend):  # type: ignore[misc]
         device_capability: Any,
     ) -> str | None:
         arch = registry.arch_from_capability((device_capability.major, device_capability.minor))
-        if arch in registry.registered_arches() and head_size not in _head_dims(arch):
-            return f"head_size={head_size} has no sparsek kernel on {arch}: {_head_dims(arch)}"
+        dims = registry.registered_head_dims(arch)  # empty for an unregistered arch
+        if dims and head_size not in dims:
+            return f"head_size={head_size} has no sparsek kernel on {arch}: {dims}"
         cache_dtype = _cache_dtype_name(kv_cache_dtype)
         known = cache_dtype in cls.supported_kv_cache_dtypes  # else refused already
         if known and cache_dtype not in (None, registry.dtype_name(dtype)):
@@ -161,10 +163,6 @@ class SparseKBackend(AttentionBackend):  # type: ignore[misc]
                 f"{registry.dtype_name(dtype)}: sparsek reads a cache of the model's dtype"
             )
         return None
-
-
-def _head_dims(arch: str) -> list[int]:
-    return registry.registered_head_dims(arch)
 
 
 def _cache_dtype_name(kv_cache_dtype: Any) -> str | None:

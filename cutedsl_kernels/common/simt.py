@@ -1,0 +1,30 @@
+"""Shared pieces of the SIMT row kernels (split-KV combine, paged KV-cache update).
+
+Both map one warp to one row of head_dim elements, each lane owning head_dim / LANES
+consecutive columns, WARPS_PER_CTA rows per CTA.
+"""
+
+from __future__ import annotations
+
+import cutlass
+import cutlass.cute as cute
+
+WARPS_PER_CTA = 4
+LANES = 32
+ELEMENT_TYPES = {"float16": cutlass.Float16, "bfloat16": cutlass.BFloat16}
+
+
+def row_kernel_reasons(head_dim: int, dtype: str) -> list[str]:
+    """Why a row kernel cannot serve (head_dim, dtype) (empty when it can)."""
+    reasons = []
+    if head_dim % LANES or not 32 <= head_dim <= 256:
+        reasons.append(f"head_dim={head_dim} must be a multiple of 32 in [32, 256]")
+    if dtype not in ELEMENT_TYPES:
+        reasons.append(f"dtype={dtype!r} is not supported (float16, bfloat16)")
+    return reasons
+
+
+def fake_rows_tensor(dtype, shape: tuple) -> cute.Tensor:
+    """A symbolic tensor of `shape`: last dim contiguous, every other stride dynamic."""
+    strides = tuple(cute.sym_int64() for _ in shape[:-1])
+    return cute.runtime.make_fake_tensor(dtype, shape, stride=(*strides, 1))
