@@ -1,9 +1,15 @@
-"""Per-call host cost of each layer of the launch path (GPU): raw kernel, torch op, API, SDPA.
+"""Per-call host cost of each layer of the launch paths (GPU): raw kernel, torch op, API, peers.
 
-Run on the GPU machine: `python perf/latency_probe.py`. B1 S512 H8 D64 bf16; each number
-is the median over 20 bursts of 200 back-to-back calls, synchronized after each burst.
+Run on the GPU machine: `python perf/latency_probe.py [--profile]`. Two problems, bf16:
+dense B1 S512 H8 D64 and paged decode B1 context 1k H32 Hkv8 D128 (block 16). Each number is
+the median over 20 bursts of 200 back-to-back calls, synchronized after each burst: for
+these tiny problems that is host time per call (the GPU waits for the launches).
+`--profile` adds a cProfile of `sparsek.attention_with_kvcache` (top 25 by own time).
 """
 
+import argparse
+import cProfile
+import pstats
 import time
 from collections.abc import Callable
 
@@ -11,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import sparsek
-from sparsek import ops
+from sparsek import ops, ops_varlen_cuda
+from sparsek.registry import Variant
 
 
 def per_call_us(fn: Callable[[], object], calls: int = 200, bursts: int = 20) -> float:
@@ -28,20 +35,84 @@ def per_call_us(fn: Callable[[], object], calls: int = 200, bursts: int = 20) ->
     return sorted(times)[len(times) // 2]
 
 
-def main() -> None:
+def dense_rows() -> dict[str, Callable[[], object]]:
     q = torch.randn(1, 512, 8, 64, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn_like(q), torch.randn_like(q)
     kernel = ops._launcher(q.device, 64, q.dtype, False)
     out, lse = torch.empty_like(q), torch.empty(1, 8, 512, device="cuda")
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    rows = {
-        "raw kernel call": lambda: kernel(q, k, v, out, lse, 0.125, 0),
-        "torch.ops op": lambda: torch.ops.sparsek.attention(q, k, v, False, 0.125, False),
-        "sparsek.attention": lambda: sparsek.attention(q, k, v),
-        "torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt),
+    no = None
+    return {
+        "dense: raw kernel call": lambda: kernel(q, k, v, out, lse, no, no, no, no, 0.125, 0, 0, 1),
+        "dense: torch.ops op": lambda: torch.ops.sparsek.attention(q, k, v, False, 0.125, False),
+        "dense: sparsek.attention": lambda: sparsek.attention(q, k, v),
+        "dense: torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt),
     }
-    for name, fn in rows.items():
-        print(f"{name:<22}{per_call_us(fn):.1f} us")
+
+
+def decode_problem() -> tuple[torch.Tensor, ...]:
+    batch, context, heads, kv_heads, dim, block = 1, 1024, 32, 8, 128, 16
+    blocks = batch * context // block
+    q = torch.randn(batch, 1, heads, dim, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(blocks, block, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(blocks, device="cuda", dtype=torch.int32).view(batch, -1)
+    seqlens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    return q, k_cache, v_cache, seqlens, table
+
+
+def decode_rows() -> dict[str, Callable[[], object]]:
+    q, k_cache, v_cache, seqlens, table = decode_problem()
+    scale = q.shape[-1] ** -0.5
+    variant = Variant(False, "paged", k_cache.shape[1], True)
+    split = ops._launcher(q.device, q.shape[-1], q.dtype, False, variant)
+    combine = ops._launcher(q.device, q.shape[-1], q.dtype, None)
+    splits = 8
+    qk = q.view(1, 8, 4, 128).transpose(1, 2)
+    o_part = torch.empty(splits, 1, 4, 8, 128, device="cuda")
+    lse_part = torch.empty(splits, 1, 8, 4, device="cuda")
+    out = torch.empty_like(qk)
+    lse = torch.empty(1, 8, 4, device="cuda")
+    no = None
+
+    def raw() -> None:
+        split(qk, k_cache, v_cache, o_part, lse_part, no, no, seqlens, table, scale, 0, 4, splits)
+        combine(o_part, lse_part, out, lse)
+
+    cuda_args = (q, k_cache, v_cache, seqlens, table, None, None, True, scale, 0)
+    return {
+        "decode: raw split + combine": raw,
+        "decode: torch.empty x2": lambda: (torch.empty(8, 4, 128, device="cuda"),) * 2,
+        "decode: ops_varlen_cuda": lambda: ops_varlen_cuda.attention_with_kvcache(*cuda_args),
+        "decode: torch.ops op": lambda: torch.ops.sparsek.attention_with_kvcache(*cuda_args),
+        "decode: sparsek API": lambda: sparsek.attention_with_kvcache(
+            q, k_cache, v_cache, seqlens, table
+        ),
+    }
+
+
+def profile_decode() -> None:
+    q, k_cache, v_cache, seqlens, table = decode_problem()
+    for _ in range(20):
+        sparsek.attention_with_kvcache(q, k_cache, v_cache, seqlens, table)
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(2000):
+        sparsek.attention_with_kvcache(q, k_cache, v_cache, seqlens, table)
+    torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    for name, fn in {**dense_rows(), **decode_rows()}.items():
+        print(f"{name:<32}{per_call_us(fn):8.1f} us")
+    if args.profile:
+        profile_decode()
 
 
 if __name__ == "__main__":
