@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsek
-from sparsek import ops, ops_varlen_cuda
+from sparsek import ops, ops_kvcache_cuda
 from sparsek.registry import Variant
 
 
@@ -83,7 +83,7 @@ def decode_rows() -> dict[str, Callable[[], object]]:
     return {
         "decode: raw split + combine": raw,
         "decode: torch.empty x2": lambda: (torch.empty(8, 4, 128, device="cuda"),) * 2,
-        "decode: ops_varlen_cuda": lambda: ops_varlen_cuda.attention_with_kvcache(*cuda_args),
+        "decode: ops_kvcache_cuda": lambda: ops_kvcache_cuda.attention_with_kvcache(*cuda_args),
         "decode: torch.ops op": lambda: torch.ops.sparsek.attention_with_kvcache(*cuda_args),
         "decode: sparsek API": lambda: sparsek.attention_with_kvcache(
             q, k_cache, v_cache, seqlens, table

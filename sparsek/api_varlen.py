@@ -18,10 +18,12 @@ neither eager calls nor torch.compile need to read them from a device.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-from sparsek import ops_varlen, ops_varlen_cuda
+from sparsek import ops_kvcache_cuda, ops_varlen
 from sparsek.api import (
     _check_flag,
     _fallback,
@@ -32,13 +34,14 @@ from sparsek.api import (
     check_kv_matches_q,
     plain_eager,
 )
+from sparsek.ops_kvcache_cuda import KvcachePlan
+from sparsek.ops_varlen_cuda import kernel_config
 from sparsek.reference_varlen import (
     check_kvcache_values,
     check_varlen_values,
     reference_attention_kvcache,
     reference_attention_varlen,
 )
-from sparsek.registry import Variant
 
 __all__ = ["attention_varlen", "attention_with_kvcache"]
 
@@ -112,8 +115,10 @@ def attention_varlen(
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     scale = _resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
-    _route(q, v, causal, ops_varlen.VARLEN, _needs_grad(q, k, v))
-    if _needs_grad(q, k, v):
+    needs_grad = _needs_grad(q, k, v)
+    if q.device.type != "cpu":
+        _route(NEEDS_GRAD if needs_grad else kernel_config(q, v, causal, ops_varlen.VARLEN))
+    if needs_grad:
         # The op has no autograd formula; the reference itself is differentiable.
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
             check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -234,8 +239,19 @@ def attention_with_kvcache(
     scale = _resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
     kv_args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q)
-    _route(q, v_cache, causal, ops_varlen.kvcache_variant(kv_args), _needs_grad(*kv_args[:3]))
-    if _needs_grad(q, k_cache, v_cache):
+    needs_grad = _needs_grad(q, k_cache, v_cache)
+    plan: KvcachePlan | str | None = None
+    if needs_grad:
+        _route(NEEDS_GRAD)
+    elif q.is_cuda and plain_eager(*(t for t in (*kv_args, v_cache) if t is not None)):
+        # Plain eager mode on CUDA: the request's launch plan (memoized per shape) both
+        # answers whether a kernel serves it and runs it, past the dispatcher (see
+        # `sparsek.api._run_op`: that round trip is pure host overhead here).
+        plan = ops_kvcache_cuda.kvcache_plan(*kv_args, max_seqlen_q, causal, num_splits)
+        _route(plan)
+    elif q.device.type != "cpu":
+        _route(kernel_config(q, v_cache, causal, ops_varlen.kvcache_variant(kv_args)))
+    if needs_grad:
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
             check_kvcache_values(q, k_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q)
         out, lse = reference_attention_kvcache(
@@ -246,8 +262,8 @@ def attention_with_kvcache(
         out, lse = out.to(q.dtype), lse.to(torch.float32)
     else:
         kvcache_op = (
-            ops_varlen._attention_with_kvcache_cuda
-            if q.is_cuda and plain_eager(*(t for t in (*kv_args, v_cache) if t is not None))
+            functools.partial(ops_kvcache_cuda.attention_with_kvcache, plan=plan)
+            if isinstance(plan, KvcachePlan)
             else torch.ops.sparsek.attention_with_kvcache
         )
         out, lse = kvcache_op(
@@ -386,13 +402,8 @@ def _compute_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _route(q: Tensor, v: Tensor, causal: bool, variant: Variant, needs_grad: bool) -> None:
-    """CPU: the documented reference path. A CUDA request a kernel serves: nothing to say.
-
-    Anything else runs the reference: log the reason once, or raise when strict.
-    """
-    if q.device.type == "cpu":
-        return
-    found = NEEDS_GRAD if needs_grad else ops_varlen_cuda.kernel_config(q, v, causal, variant)
+def _route(found: object) -> None:
+    """`found`: what serves a non-CPU request (a kernel config or launch plan), or why
+    nothing does. Then the reference runs: log the reason once, or raise when strict."""
     if isinstance(found, str):
         _fallback((found,), action="slow path (torch reference)")

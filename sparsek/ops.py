@@ -186,5 +186,11 @@ def tma_readable(t: Tensor) -> bool:
     TMA needs the last dim contiguous, every other stride a positive multiple of 8
     elements, and a 16-byte-aligned base address.
     """
-    aligned = t.stride(-1) == 1 and t.data_ptr() % _ALIGN_BYTES == 0
-    return aligned and all(s > 0 and s % _STRIDE_MULTIPLE == 0 for s in t.stride()[:-1])
+    return t.data_ptr() % _ALIGN_BYTES == 0 and tma_strides_ok(t)
+
+
+def tma_strides_ok(t: Tensor) -> bool:
+    """`tma_readable` but for the base address: the last dim contiguous, every other
+    stride a positive multiple of 8 elements."""
+    strides = t.stride()
+    return strides[-1] == 1 and all(s > 0 and s % _STRIDE_MULTIPLE == 0 for s in strides[:-1])

@@ -26,9 +26,10 @@ that see no key -> out 0, lse -inf). `num_splits` is a hint for the split-KV dec
 (0 = choose, 1 = no split); it does not change the result.
 
 Implementations:
-  * CUDA: the sm90 kernels (`sparsek.ops_varlen_cuda`: packed, cached and paged variants,
-    split-KV with a combine kernel); requests no kernel serves (e.g. head_dim_v != head_dim,
-    an unregistered head_dim or dtype) run the reference. No host synchronization.
+  * CUDA: the sm90 kernels (`sparsek.ops_varlen_cuda` and `sparsek.ops_kvcache_cuda`:
+    packed, cached and paged variants, split-KV with a combine kernel); requests no
+    kernel serves (e.g. head_dim_v != head_dim, an unregistered head_dim or dtype) run
+    the reference. No host synchronization.
   * Any other device: the reference (`sparsek.reference_varlen`, float32 compute, float64
     for float64 inputs); for CPU tensors the metadata values are checked first (cheap
     there; on a GPU it would synchronize).
@@ -42,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsek import ops_varlen_cuda
+from sparsek import ops_kvcache_cuda, ops_varlen_cuda
 from sparsek.reference_varlen import (
     check_kvcache_values,
     check_varlen_values,
@@ -210,9 +211,10 @@ def _attention_with_kvcache_cuda(
     num_splits: int,
 ) -> tuple[Tensor, Tensor]:
     args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q, causal)
-    if isinstance(ops_varlen_cuda.kernel_config(q, v_cache, causal, kvcache_variant(args)), str):
+    plan = ops_kvcache_cuda.kvcache_plan(*args, num_splits)
+    if isinstance(plan, str):
         return _attention_with_kvcache_reference(*args, softmax_scale, num_splits)
-    return ops_varlen_cuda.attention_with_kvcache(*args, softmax_scale, num_splits)
+    return ops_kvcache_cuda.attention_with_kvcache(*args, softmax_scale, num_splits, plan)
 
 
 VARLEN = Variant(varlen_q=True, kv_layout="varlen")

@@ -1,23 +1,15 @@
-"""CUDA implementations of `sparsek::attention_varlen` and `sparsek::attention_with_kvcache`.
-
-How each request maps onto one kernel launch (plus the split-KV combine):
+"""CUDA implementations of `sparsek::attention_varlen` and the pieces the KV-cache paths share.
 
 - attention_varlen: the `varlen_q` + kv "varlen" kernel over q/k/v viewed as a batch of
-  one packed sequence axis, bounds from cu_seqlens_q/k.
-- attention_with_kvcache, one query token per sequence (decode; a 4-D q with seqlen_q = 1,
-  or a packed q whose max_seqlen_q is 1 and total_q == batch): the query heads that share
-  a KV head become the rows of one query tile (q viewed as (batch, group, kv_heads, d),
-  no copy), so each CTA reads its KV head's cache once for the whole group. With a single
-  query the bottom-right causal mask hides nothing: the non-causal kernel runs.
-- other kvcache requests: the kv "cache" / "paged" kernel, with `varlen_q` for a packed q.
-- split-KV: when the (batch x heads x query tiles) CTAs cannot fill the GPU, the cache's
-  key tiles are split across `num_splits` CTAs (chosen from the cache capacity, never from
-  device values, so no host synchronization) and merged by the combine kernel.
+  one packed sequence axis, bounds from cu_seqlens_q/k. Its output is pre-filled
+  (0 / -inf) because rows past cu_seqlens_q[-1] belong to no sequence and no CTA writes
+  them.
+- kernel_config: which registered config serves a request (memoized per device).
+- choose_splits: the split-KV factor of `sparsek.ops_kvcache_cuda` (attention_with_kvcache).
+- store_paged_kv: the paged KV-cache update kernel (vLLM's `do_kv_cache_update`).
 
-Packed outputs (non-split) are pre-filled (0 / -inf) because rows past cu_seqlens_q[-1]
-belong to no sequence and no CTA writes them. Every path is capturable in a CUDA graph
-once its kernels are loaded. Requests no kernel serves fall back to the reference
-(`sparsek.api_varlen` has already logged or, strict, refused them).
+No host synchronization anywhere: every path is capturable in a CUDA graph once its
+kernels are loaded.
 """
 
 from __future__ import annotations
@@ -108,117 +100,6 @@ def attention_varlen(
     return out, lse
 
 
-def attention_with_kvcache(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    cache_seqlens: Tensor,
-    block_table: Tensor | None,
-    cu_seqlens_q: Tensor | None,
-    max_seqlen_q: int | None,
-    causal: bool,
-    softmax_scale: float,
-    num_splits: int,
-) -> tuple[Tensor, Tensor]:
-    """See the module docstring; shapes as in `sparsek.ops_varlen`."""
-    batch = cache_seqlens.shape[0]
-    num_heads, head_dim = q.shape[-2], q.shape[-1]
-    num_kv_heads = k_cache.shape[2]
-    packed = cu_seqlens_q is not None
-    if packed:
-        total_q = q.shape[0]
-        out = ops._empty((total_q, num_heads, head_dim), q.dtype, q.device)
-        lse = ops._empty((num_heads, total_q), torch.float32, q.device)
-        seqlen_q = int(max_seqlen_q or 0)
-    else:
-        seqlen_q = q.shape[1]
-        out = ops._empty((batch, seqlen_q, num_heads, head_dim), q.dtype, q.device)
-        lse = ops._empty((batch, num_heads, seqlen_q), torch.float32, q.device)
-    if out.numel() == 0:
-        return out, lse
-    paged = block_table is not None
-    capacity = (
-        block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
-    )
-    decode = seqlen_q == 1 and (not packed or q.shape[0] == batch)
-    if capacity == 0 or seqlen_q == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
-
-    q = tma_compatible(q)
-    lse_rows = lse
-    group = num_heads // num_kv_heads
-    if decode:
-        # (batch, group, kv_heads, d) views: the group's heads are one tile's rows.
-        q_k = _group_rows(q.view(batch, num_heads, head_dim), num_kv_heads, group)
-        out_k = _group_rows(out.view(batch, num_heads, head_dim), num_kv_heads, group)
-        if packed:  # (num_heads, batch) is not row-contiguous per group: stage it
-            lse_rows = ops._empty((batch, num_heads), torch.float32, q.device)
-        lse_k = lse_rows.view(batch, num_kv_heads, group)
-        causal, cu_q, rows, kernel_heads = False, None, group, num_kv_heads
-    elif cu_seqlens_q is not None:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        q_k, out_k, lse_k = q.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0)
-        cu_q, rows, kernel_heads = cu_seqlens_q.contiguous(), seqlen_q, num_heads
-    else:
-        q_k, out_k, lse_k = q, out, lse
-        cu_q, rows, kernel_heads = None, seqlen_q, num_heads
-
-    variant = Variant(
-        varlen_q=cu_q is not None,
-        kv_layout="paged" if paged else "cache",
-        page_size=k_cache.shape[1] if paged else 0,
-    )
-    config = kernel_config(q, v_cache, causal, variant)
-    assert isinstance(config, FmhaFwdConfig), config  # the caller checked
-    ctas = math.ceil(rows / config.tile_m) * kernel_heads * batch
-    splits = choose_splits(num_splits, ctas, math.ceil(capacity / config.tile_n), q.device)
-    k_cache, v_cache = tma_compatible(k_cache), tma_compatible(v_cache)
-    seqused = cache_seqlens.contiguous()
-    table = block_table.contiguous() if block_table is not None else None
-    scale = float(softmax_scale)
-    if splits == 1:
-        kernel = _launcher(q.device, head_dim, q.dtype, causal, variant)
-        args = (q_k, k_cache, v_cache, out_k, lse_k, cu_q, None, seqused, table)
-        launch(q.device, kernel, *args, scale, 0, rows, 1)
-    else:
-        split_variant = Variant(variant.varlen_q, variant.kv_layout, variant.page_size, True)
-        kernel = _launcher(q.device, head_dim, q.dtype, causal, split_variant)
-        o_part = ops._empty((splits, *out_k.shape), torch.float32, q.device)
-        lse_part = ops._empty((splits, *lse_k.shape), torch.float32, q.device)
-        if cu_q is not None:  # rows past cu_seqlens_q[-1]: empty in every split
-            lse_part.fill_(float("-inf"))
-        args = (q_k, k_cache, v_cache, o_part, lse_part, cu_q, None, seqused, table)
-        launch(q.device, kernel, *args, scale, 0, rows, splits)
-        combine = _launcher(q.device, head_dim, q.dtype, None)
-        launch(q.device, combine, o_part, lse_part, out_k, lse_k)
-    if lse_rows is not lse:
-        lse.copy_(lse_rows.t())
-    return out, lse
-
-
-def load_kvcache_kernels(
-    device: torch.device, head_dim: int, dtype: torch.dtype, page_size: int
-) -> None:
-    """Load (compile on a cache miss) every kernel `attention_with_kvcache` may launch for
-    packed queries over a cache of `page_size` (0: contiguous): decode (non-causal, one
-    query per sequence), packed causal queries, each with and without split-KV, the
-    combine, and (paged) the cache update `store_paged_kv`. Serving engines call this
-    before their first request or CUDA-graph capture.
-
-    Raises:
-        UnsupportedError: no registered kernel serves one of them.
-    """
-    kv_layout = "paged" if page_size else "cache"
-    for varlen_q, causal in ((False, False), (True, True)):
-        for split in (False, True):
-            variant = Variant(varlen_q, kv_layout, page_size, split)
-            _launcher(device, head_dim, dtype, causal, variant)
-    _launcher(device, head_dim, dtype, None)
-    if page_size:
-        _store_launcher(device, head_dim, dtype)
-
-
 def store_paged_kv(
     key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
 ) -> None:
@@ -245,11 +126,6 @@ def _store_launcher(device: torch.device, head_dim: int, dtype: torch.dtype) -> 
         config_for = functools.partial(lookup_kv_store, head_dim=head_dim, dtype=dtype)
         kernel = _STORE_LAUNCHERS[key] = ops.load(device, config_for)
     return kernel
-
-
-def _group_rows(t: Tensor, num_kv_heads: int, group: int) -> Tensor:
-    """(batch, heads, d) -> (batch, group, kv_heads, d) view: head = kv_head * group + g."""
-    return t.view(t.shape[0], num_kv_heads, group, t.shape[2]).transpose(1, 2)
 
 
 def choose_splits(requested: int, ctas: int, key_tiles: int, device: torch.device) -> int:

@@ -181,6 +181,6 @@ def load_kernels(device: torch.device, head_size: int, dtype: torch.dtype, block
     Raises:
         UnsupportedError: no kernel serves (head_size, dtype, block_size) on the device.
     """
-    from sparsek import ops_varlen_cuda
+    from sparsek import ops_kvcache_cuda
 
-    ops_varlen_cuda.load_kvcache_kernels(device, head_size, dtype, block_size)
+    ops_kvcache_cuda.load_kvcache_kernels(device, head_size, dtype, block_size)

@@ -1,0 +1,168 @@
+"""The CUDA launch plan of `attention_with_kvcache` (`sparsek.ops_kvcache_cuda`), on CPU.
+
+The kernels are replaced by torch stand-ins that follow their contract (the kernel: the
+attention of the rows it is handed, through the views the plan builds; split-KV: split 0
+owns every key, the others none; the combine: a log-sum-exp merge). So these tests check
+the plan (views of q/out/lse, decode grouping of heads, packed rows, lse staging, the
+split path, copies of inputs TMA cannot read) against the float64 reference, and that a
+repeated request is served from the memo. The kernels' own numerics are GPU tests.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_kvcache import make_caches
+
+from sparsek import ops_kvcache_cuda, ops_varlen_cuda
+from sparsek.reference_varlen import reference_attention_kvcache
+
+i32 = torch.int32
+LENS = [1, 17, 64, 129, 300]
+
+
+def fake_kernel(causal: bool | None, variant):
+    """A stand-in for the kernel of (causal, variant); causal None: the combine."""
+
+    def combine(o_part, lse_part, out, lse) -> None:
+        total = torch.logsumexp(lse_part, dim=0)  # -inf: a row that sees no key
+        finite = torch.where(torch.isneginf(total), 0.0, total)
+        weights = torch.exp(lse_part - finite).transpose(-1, -2).unsqueeze(-1)
+        out.copy_((weights * o_part).sum(dim=0))
+        lse.copy_(total)
+
+    def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, scale, offset, rows, splits):
+        assert cu_k is None and offset == 0 and (splits > 1) == variant.split_kv
+        assert (cu_q is not None) == variant.varlen_q and (table is not None) == (
+            variant.kv_layout == "paged"
+        )
+        packed = dict(cu_seqlens_q=cu_q, max_seqlen_q=rows) if cu_q is not None else {}
+        o, s = reference_attention_kvcache(
+            q[0] if cu_q is not None else q, k, v, seqused, table, causal=causal,
+            softmax_scale=scale, compute_dtype=torch.float64, **packed,
+        )  # fmt: skip
+        if cu_q is not None:
+            o, s = o[None], s[None]
+        if splits > 1:  # split 0 owns every key, the others none
+            out.zero_()
+            lse.fill_(float("-inf"))
+            out, lse = out[0], lse[0]
+        out.copy_(o)
+        lse.copy_(s)
+
+    return combine if causal is None else attention
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    built: list[tuple] = []
+    config = SimpleNamespace(tile_m=128, tile_n=128)
+    monkeypatch.setattr(ops_kvcache_cuda, "_PLANS", {})
+    monkeypatch.setattr(ops_kvcache_cuda, "kernel_config", lambda *a: config)
+    monkeypatch.setattr(ops_varlen_cuda, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def launcher(device, head_dim, dtype, causal, variant=None):
+        built.append((causal, variant))
+        return fake_kernel(causal, variant)
+
+    monkeypatch.setattr(ops_kvcache_cuda, "_launcher", launcher)
+    return built
+
+
+def run(q, caches, *, causal=True, num_splits=0, cu=None, max_q=None):
+    k, v, seqlens, *table = caches
+    args = (q, k, v, seqlens, table[0] if table else None, cu, max_q, causal)
+    return ops_kvcache_cuda.attention_with_kvcache(*args, 0.25, num_splits)
+
+
+def reference(q, caches, *, causal=True, cu=None, max_q=None):
+    k, v, seqlens, *table = caches
+    return reference_attention_kvcache(
+        q, k, v, seqlens, table[0] if table else None, cu_seqlens_q=cu, max_seqlen_q=max_q,
+        causal=causal, softmax_scale=0.25, compute_dtype=torch.float64,
+    )  # fmt: skip
+
+
+def check(got, want) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("num_splits", [1, 3, 0], ids=["no-split", "3-splits", "auto"])
+@pytest.mark.parametrize(("h", "hkv"), [(8, 2), (4, 1), (4, 4)], ids=["gqa", "mqa", "mha"])
+def test_decode_batched(fake_kernels, paged, num_splits, h, hkv) -> None:
+    (k, v), (kp, vp, table), seqlens = make_caches(LENS, 300, hkv=hkv)
+    caches = (kp, vp, seqlens, table) if paged else (k, v, seqlens)
+    q = torch.randn(len(LENS), 1, h, 32)
+    check(run(q, caches, num_splits=num_splits), reference(q, caches))
+    # Decode: the group's heads are the rows of non-causal, non-packed launches.
+    assert {c for c, _ in fake_kernels} <= {False, None}
+    assert all(vt is None or not vt.varlen_q for _, vt in fake_kernels)
+
+
+def test_decode_packed_stages_lse_and_reads_strided_q(fake_kernels) -> None:
+    (k, v), _, seqlens = make_caches(LENS, 300, hkv=2)
+    q = torch.randn(len(LENS), 16, 32)[:, ::2]  # (total_q = batch, 8 heads, d), head stride 64
+    cu = torch.arange(len(LENS) + 1, dtype=i32)
+    got = run(q, (k, v, seqlens), num_splits=2, cu=cu, max_q=1)
+    check(got, reference(q, (k, v, seqlens), cu=cu, max_q=1))
+    assert got[1].shape == (8, len(LENS))  # (num_heads, total_q)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_chunked_prefill_packed(fake_kernels, num_splits) -> None:
+    lens = [5, 40, 300, 3]
+    q_lens = [2, 7, 1, 3]
+    _, (kp, vp, table), seqlens = make_caches(lens, 300, hkv=2)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=i32)
+    q = torch.randn(int(cu[-1]) + 4, 4, 32)  # 4 rows past the last sequence: out 0, lse -inf
+    caches = (kp, vp, seqlens, table)
+    got = run(q, caches, num_splits=num_splits, cu=cu, max_q=max(q_lens))
+    check(got, reference(q, caches, cu=cu, max_q=max(q_lens)))
+    assert (got[0][-4:] == 0).all() and torch.isneginf(got[1][:, -4:]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_batched_multi_query(fake_kernels, causal) -> None:
+    _, (kp, vp, table), seqlens = make_caches(LENS, 300, hkv=2)
+    q = torch.randn(len(LENS), 3, 4, 32)
+    check(
+        run(q, (kp, vp, seqlens, table), causal=causal),
+        reference(q, (kp, vp, seqlens, table), causal=causal),
+    )
+
+
+def test_unreadable_inputs_are_copied_and_planned_again(fake_kernels) -> None:
+    (k, v), _, seqlens = make_caches(LENS, 300, hkv=2)
+    q = torch.randn(len(LENS), 1, 4, 36)[..., :32]  # head stride 36: not a multiple of 8
+    misaligned = torch.randn(k.numel() + 1)[1:].view(k.shape).copy_(k)
+    check(run(q, (misaligned, v, seqlens)), reference(q, (k, v, seqlens)))
+    readable = [p for p in ops_kvcache_cuda._PLANS.values() if p.readable]
+    assert len(ops_kvcache_cuda._PLANS) == 2 and len(readable) == 1
+
+
+def test_repeated_requests_reuse_the_plan(fake_kernels) -> None:
+    (k, v), _, seqlens = make_caches(LENS, 300, hkv=2)
+    q = torch.randn(len(LENS), 1, 4, 32)
+    run(q, (k, v, seqlens))
+    loads = len(fake_kernels)
+    for _ in range(3):
+        fresh = torch.randn_like(q)
+        check(run(fresh, (k, v, seqlens)), reference(fresh, (k, v, seqlens)))
+    assert len(ops_kvcache_cuda._PLANS) == 1 and len(fake_kernels) == loads
+    run(q[:2], (k[:2], v[:2], seqlens[:2]))  # another shape: another plan
+    assert len(ops_kvcache_cuda._PLANS) == 2
+
+
+def test_empty_and_keyless_requests_launch_nothing(fake_kernels) -> None:
+    (k, v), _, seqlens = make_caches(LENS, 300, hkv=2)
+    out, lse = run(torch.randn(len(LENS), 1, 0, 32), (k[..., :0, :], v[..., :0, :], seqlens))
+    assert out.numel() == 0 and fake_kernels == []
+    q = torch.randn(len(LENS), 1, 4, 32)
+    out, lse = run(q, (k[:, :0], v[:, :0], torch.zeros_like(seqlens)))
+    assert (out == 0).all() and torch.isneginf(lse).all() and fake_kernels == []
