@@ -64,7 +64,7 @@ def decode_problem() -> tuple[torch.Tensor, ...]:
 def decode_rows() -> dict[str, Callable[[], object]]:
     q, k_cache, v_cache, seqlens, table = decode_problem()
     scale = q.shape[-1] ** -0.5
-    variant = Variant(False, "paged", k_cache.shape[1], True)
+    variant = Variant(False, "paged", k_cache.shape[1], True, decode=True)
     split = ops._launcher(q.device, q.shape[-1], q.dtype, False, variant)
     combine = ops._launcher(q.device, q.shape[-1], q.dtype, None)
     splits = 8

@@ -24,6 +24,7 @@ per call (TMA needs 16-byte-aligned bases: misaligned inputs are copied).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -212,7 +213,8 @@ def _build_plan(
     capacity = (block_table.shape[1] if block_table is not None else 1) * k_cache.shape[1]
     decode = seqlen_q == 1 and (not packed or q.shape[0] == batch)
     varlen_q, kernel_causal = (False, False) if decode else (packed, causal)
-    variant = Variant(varlen_q, "paged" if paged else "cache", k_cache.shape[1] if paged else 0)
+    layout, page_size = ("paged", k_cache.shape[1]) if paged else ("cache", 0)
+    variant = Variant(varlen_q, layout, page_size, decode=decode)
     config = kernel_config(q, v_cache, kernel_causal, variant)
     if isinstance(config, str):
         return config
@@ -245,7 +247,7 @@ def _build_plan(
     if splits == 1:
         kernel, combine = _launcher(q.device, head_dim, q.dtype, kernel_causal, variant), None
     else:
-        split_variant = Variant(variant.varlen_q, variant.kv_layout, variant.page_size, True)
+        split_variant = dataclasses.replace(variant, split_kv=True)
         kernel = _launcher(q.device, head_dim, q.dtype, kernel_causal, split_variant)
         combine = _launcher(q.device, head_dim, q.dtype, None)
     return KvcachePlan(
@@ -269,9 +271,9 @@ def load_kvcache_kernels(
         UnsupportedError: no registered kernel serves one of them.
     """
     kv_layout = "paged" if page_size else "cache"
-    for varlen_q, causal in ((False, False), (True, True)):
+    for varlen_q, causal, decode in ((False, False, True), (True, True, False)):
         for split in (False, True):
-            variant = Variant(varlen_q, kv_layout, page_size, split)
+            variant = Variant(varlen_q, kv_layout, page_size, split, decode)
             _launcher(device, head_dim, dtype, causal, variant)
     _launcher(device, head_dim, dtype, None)
     if page_size:

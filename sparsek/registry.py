@@ -59,6 +59,13 @@ _TUNING: dict[tuple[str, int], Tuning] = {
 _CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 64): Tuning(tile_m=128, tile_n=128, num_stages=2),
 }
+# Decode (`Variant.decode`): a tile's rows are the few query heads that share a KV head,
+# so a 64-row tile (one MMA warpgroup) does half the tensor-core and softmax work of a
+# 128-row one for the same bytes of K/V (perf/NOTES.md #12).
+_DECODE_TUNING: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 64): Tuning(tile_m=64, tile_n=128, num_stages=2),
+    ("sm_90a", 128): Tuning(tile_m=64, tile_n=128, num_stages=2),
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,9 @@ class Variant:
     kv_layout: str = "dense"
     page_size: int = 0
     split_kv: bool = False
+    # One query per sequence against a cache, the query heads of each KV head as a tile's
+    # rows (non-causal, batched q): tiles from `_DECODE_TUNING`.
+    decode: bool = False
 
 
 DENSE = Variant()
@@ -83,6 +93,11 @@ _VARIANTS: tuple[Variant, ...] = (
     *(
         Variant(varlen_q=varlen_q, kv_layout=kv, page_size=page, split_kv=split)
         for varlen_q in (False, True)
+        for kv, page in (("cache", 0), *(("paged", p) for p in _PRECOMPILED_PAGE_SIZES))
+        for split in (False, True)
+    ),
+    *(
+        Variant(kv_layout=kv, page_size=page, split_kv=split, decode=True)
         for kv, page in (("cache", 0), *(("paged", p) for p in _PRECOMPILED_PAGE_SIZES))
         for split in (False, True)
     ),
@@ -133,6 +148,7 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
         _make_config(arch, c.head_dim, c.dtype, c.is_causal, variant)
         for c in dense
         for variant in _VARIANTS
+        if not (variant.decode and c.is_causal)
     ]
     combine = [
         CombineConfig(arch, head_dim, dtype)
@@ -232,6 +248,11 @@ def find(
             )
     if dtype not in _DTYPES:
         reasons.append(f"dtype={dtype} is not supported (supported: {', '.join(_DTYPES)})")
+    if variant.decode and (is_causal or variant.varlen_q or variant.kv_layout == "dense"):
+        reasons.append(
+            "decode variants are non-causal, with batched queries, over a 'cache' or 'paged' "
+            f"kv_layout (got causal={is_causal}, {variant})"
+        )
     if reasons:
         return tuple(reasons)
     config = _make_config(arch, head_dim, dtype, is_causal, variant)
@@ -293,11 +314,14 @@ def _make_config(
     tuning = _TUNING[(arch, head_dim)]
     if is_causal:
         tuning = _CAUSAL_TUNING.get((arch, head_dim), tuning)
+    fields = asdict(variant)
+    if fields.pop("decode"):
+        tuning = _DECODE_TUNING.get((arch, head_dim), tuning)
     return FmhaFwdConfig(
         arch=arch,
         head_dim=head_dim,
         dtype=dtype,
         is_causal=is_causal,
         **asdict(tuning),
-        **asdict(variant),
+        **fields,
     )

@@ -102,7 +102,7 @@ def test_decode_batched(fake_kernels, paged, num_splits, h, hkv) -> None:
     check(run(q, caches, num_splits=num_splits), reference(q, caches))
     # Decode: the group's heads are the rows of non-causal, non-packed launches.
     assert {c for c, _ in fake_kernels} <= {False, None}
-    assert all(vt is None or not vt.varlen_q for _, vt in fake_kernels)
+    assert all(vt is None or (vt.decode and not vt.varlen_q) for _, vt in fake_kernels)
 
 
 def test_decode_packed_stages_lse_and_reads_strided_q(fake_kernels) -> None:

@@ -107,3 +107,29 @@ def test_unsupported_error_keeps_reasons() -> None:
     err = UnsupportedError("no kernel", ["a", "b"])
     assert err.reasons == ["a", "b"] and str(err) == "no kernel: a; b"
     assert str(UnsupportedError("plain")) == "plain"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("layout", [("cache", 0), ("paged", 16)])
+def test_decode_variants_take_64_row_tiles(head_dim: int, layout: tuple[str, int]) -> None:
+    kv_layout, page_size = layout
+    decode = registry.Variant(kv_layout=kv_layout, page_size=page_size, decode=True)
+    config = registry.lookup("sm_90a", head_dim, "bfloat16", False, decode)
+    assert config.tile_m == 64 and config.kv_layout == kv_layout and not config.varlen_q
+    plain = registry.Variant(kv_layout=kv_layout, page_size=page_size)
+    assert registry.lookup("sm_90a", head_dim, "bfloat16", False, plain).tile_m > 64
+    assert config in registry.registered_kernels("sm_90a")
+
+
+@pytest.mark.parametrize(
+    ("causal", "variant"),
+    [
+        (True, registry.Variant(kv_layout="cache", decode=True)),
+        (False, registry.Variant(varlen_q=True, kv_layout="cache", decode=True)),
+        (False, registry.Variant(decode=True)),
+    ],
+)
+def test_decode_variants_refuse_what_decode_is_not(causal: bool, variant) -> None:
+    with pytest.raises(UnsupportedError, match="decode variants are non-causal") as info:
+        registry.lookup("sm_90a", 128, "bfloat16", causal, variant)
+    assert len(info.value.reasons) == 1
