@@ -10,6 +10,11 @@ Vocabulary (see `FmhaFwdConfig.varlen_q` / `kv_layout`):
   bottom-right, seqlen_k - seqlen_q.
 - the key tiles a CTA visits are [n_min, n_max); with split-KV, `split` of `num_splits`
   takes an equal share of the tiles its query tile needs.
+- packed work tiles (`packed_tile`): for packed queries the grid enumerates query tiles
+  of all sequences on one axis instead of (longest sequence's tiles) x batch. Sequence b
+  owns slots [cu_q[b] // tile_m + b, ... + ceil(seqlen_q / tile_m)): these ranges are
+  disjoint and increasing in b, so total_q // tile_m + batch slots cover every tile and at
+  most one slot per sequence is left empty; a CTA finds its sequence by binary search.
 """
 
 from __future__ import annotations
@@ -76,3 +81,33 @@ class SeqInfo:
             n_min = split_idx * per_split
             n_max = cutlass.min(n_max, n_min + per_split)
         return n_min, n_max
+
+
+@cute.jit
+def packed_tile(
+    cu_seqlens_q: cute.Tensor,
+    slot: Int32,
+    tile_m: cutlass.Constexpr[int],
+    last_first: cutlass.Constexpr[bool],
+) -> tuple[Int32, Int32]:
+    """(batch entry, query tile) of packed work-tile `slot` (see the module docstring).
+
+    A slot no tile owns gives a query tile past its sequence's end (the CTA does nothing).
+    `last_first`: a sequence's tiles are visited from its last one (causal: most keys).
+    """
+    # The largest b with start(b) = cu[b] // tile_m + b <= slot; start(0) = 0 <= slot.
+    lo = Int32(0)
+    hi = Int32(cute.size(cu_seqlens_q.shape[0]) - 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cu_seqlens_q[mid] // tile_m + mid <= slot:
+            lo = mid
+        else:
+            hi = mid
+    first = cu_seqlens_q[lo]
+    m_block = slot - (first // tile_m + lo)
+    if const_expr(last_first):
+        tiles = cute.ceil_div(cu_seqlens_q[lo + 1] - first, tile_m)
+        if m_block < tiles:
+            m_block = tiles - 1 - m_block
+    return lo, m_block

@@ -19,8 +19,10 @@ Features and limits:
   token axis (a batch of 1 on the host side) and delimited by `cu_seqlens_q/k`; or keys
   in a per-batch cache with `seqused_k` keys used; or in pages of `page_size` rows reached
   through `page_table` (one TMA box of gcd(page_size, tile_n) rows per page piece, so any
-  page size that is a multiple of 16 works). The grid covers the longest query sequence;
-  tiles past a sequence's end exit without work. Causal is bottom-right per sequence.
+  page size that is a multiple of 16 works). Packed queries: one grid axis enumerates the
+  query tiles of all sequences (`seqlen.packed_tile`; split-KV launches instead cover the
+  longest sequence per batch entry); tiles past a sequence's end exit without work.
+  Causal is bottom-right per sequence.
 - Split-KV (`split_kv`): batch index b * num_splits + split; each split visits an equal
   share of its query tile's key tiles and writes float32 O and LSE of its share to
   (num_splits, ...) partial tensors, merged by `common/split_combine.py`.
@@ -64,7 +66,7 @@ from cutedsl_kernels.common.fragments import (
     transpose_smem,
 )
 from cutedsl_kernels.common.online_softmax import OnlineSoftmax
-from cutedsl_kernels.common.seqlen import SeqInfo
+from cutedsl_kernels.common.seqlen import SeqInfo, packed_tile
 from cutedsl_kernels.config import FmhaFwdConfig
 from cutedsl_kernels.hopper import epilogue, limits
 from cutedsl_kernels.hopper.limits import (
@@ -90,6 +92,8 @@ class HopperFmhaForward:
         self.kv_layout = config.kv_layout
         self.paged = config.kv_layout == "paged"
         self.split_kv = config.split_kv
+        # Packed queries: one grid axis over the query tiles of all sequences.
+        self.packed_tiles = config.varlen_q and not config.split_kv
         # Rows per TMA box of K/V: a whole tile, or the largest piece that never crosses
         # a page boundary.
         self.kv_box_rows = math.gcd(config.page_size, self.tile_n) if self.paged else self.tile_n
@@ -215,7 +219,10 @@ class HopperFmhaForward:
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
 
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
-        if const_expr(self.varlen_q):
+        if const_expr(self.packed_tiles):
+            batch = 1  # (see `packed_tile`)
+            num_m_blocks = cute.size(mQ.shape[0]) // self.tile_m + cute.size(mCuSeqlensQ) - 1
+        elif const_expr(self.varlen_q):
             num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
             batch = cute.size(mCuSeqlensQ.shape[0]) - 1
         else:
@@ -350,9 +357,11 @@ class HopperFmhaForward:
         block_m, head_idx, batch_split = cute.arch.block_idx()
         num_m_blocks, _, _ = cute.arch.grid_dim()
         m_block = block_m
-        if const_expr(self.is_causal):
-            m_block = num_m_blocks - 1 - block_m
         batch_idx, split_idx = batch_split, Int32(0)
+        if const_expr(self.packed_tiles):
+            batch_idx, m_block = packed_tile(mCuSeqlensQ, block_m, self.tile_m, self.is_causal)
+        elif const_expr(self.is_causal):
+            m_block = num_m_blocks - 1 - block_m
         if const_expr(self.split_kv):
             batch_idx = batch_split // num_splits
             split_idx = batch_split - batch_idx * num_splits
