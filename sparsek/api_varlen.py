@@ -18,8 +18,6 @@ neither eager calls nor torch.compile need to read them from a device.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -243,7 +241,7 @@ def attention_with_kvcache(
     plan: KvcachePlan | str | None = None
     if needs_grad:
         _route(NEEDS_GRAD)
-    elif q.is_cuda and plain_eager(*(t for t in (*kv_args, v_cache) if t is not None)):
+    elif q.is_cuda and plain_eager(*(t for t in kv_args if t is not None)):
         # Plain eager mode on CUDA: the request's launch plan (memoized per shape) both
         # answers whether a kernel serves it and runs it, past the dispatcher (see
         # `sparsek.api._run_op`: that round trip is pure host overhead here).
@@ -261,23 +259,11 @@ def attention_with_kvcache(
         )  # fmt: skip
         out, lse = out.to(q.dtype), lse.to(torch.float32)
     else:
-        kvcache_op = (
-            functools.partial(ops_kvcache_cuda.attention_with_kvcache, plan=plan)
-            if isinstance(plan, KvcachePlan)
-            else torch.ops.sparsek.attention_with_kvcache
-        )
-        out, lse = kvcache_op(
-            q,
-            k_cache,
-            v_cache,
-            cache_seqlens,
-            block_table,
-            cu_seqlens_q,
-            max_seqlen_q,
-            causal,
-            scale,
-            num_splits,
-        )
+        op_args = (*kv_args, max_seqlen_q, causal, scale, num_splits)
+        if isinstance(plan, KvcachePlan):
+            out, lse = ops_kvcache_cuda.attention_with_kvcache(*op_args, plan)
+        else:
+            out, lse = torch.ops.sparsek.attention_with_kvcache(*op_args)
     return (out, lse) if return_lse else out
 
 
