@@ -42,6 +42,9 @@ class FmhaFwdConfig:
         page_size: rows per page ("paged" only; a multiple of 16), else 0.
         split_kv: the key range of each query tile is split across `num_splits` CTAs that
             write float32 partial outputs and LSEs for a combine kernel to merge.
+        persistent: launch at most `num_ctas` CTAs (one per SM) that loop over the work
+            tiles, so that the loads of a CTA's next tile overlap this tile's epilogue
+            (non-causal dense problems only: their tiles are equal work).
     """
 
     arch: str
@@ -57,6 +60,7 @@ class FmhaFwdConfig:
     kv_layout: str = "dense"
     page_size: int = 0
     split_kv: bool = False
+    persistent: bool = False
 
     @property
     def name(self) -> str:
@@ -70,6 +74,7 @@ class FmhaFwdConfig:
             f"{'' if self.kv_layout == 'dense' else '_kv' + self.kv_layout}"
             f"{f'{self.page_size}' if self.kv_layout == 'paged' else ''}"
             f"{'_split' if self.split_kv else ''}"
+            f"{'_ps' if self.persistent else ''}"
         )
 
     @property

@@ -25,6 +25,7 @@ Forward only: no autograd formula is registered.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -115,8 +116,20 @@ def _attention_cuda(
     kernel = _launcher(q.device, head_dim, q.dtype, causal)
     offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
     args = (tma_compatible(q), tma_compatible(k), tma_compatible(v), out, lse)
-    launch(q.device, kernel, *args, None, None, None, None, float(softmax_scale), offset, 0, 1)
+    scalars = (float(softmax_scale), offset, 0, 1, num_sms(q.device.index))
+    launch(q.device, kernel, *args, None, None, None, None, *scalars)
     return out, lse
+
+
+def num_sms(index: int | None) -> int:
+    """SMs of CUDA device `index` (None: the current one): the CTA count of a persistent
+    kernel's launch, and the split-KV heuristic's measure of a full wave."""
+    return _sms_of_device(torch.cuda.current_device() if index is None else index)
+
+
+@functools.cache
+def _sms_of_device(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def launch(device: torch.device, kernel: KernelFn, *args: object) -> None:

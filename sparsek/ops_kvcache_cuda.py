@@ -174,13 +174,13 @@ def attention_with_kvcache(
     table = block_table.contiguous() if block_table is not None else None
     bounds = (cu_q, None, cache_seqlens.contiguous(), table, float(softmax_scale), 0, plan.rows)
     if plan.combine is None:
-        launch(q.device, kernel, q_k, k_cache, v_cache, out_k, lse_k, *bounds, 1)
+        launch(q.device, kernel, q_k, k_cache, v_cache, out_k, lse_k, *bounds, 1, 0)
     else:
         o_part = ops._empty((plan.splits, *out_k.shape), torch.float32, q.device)
         lse_part = ops._empty((plan.splits, *lse_k.shape), torch.float32, q.device)
         if cu_q is not None:  # rows past cu_seqlens_q[-1]: empty in every split
             lse_part.fill_(float("-inf"))
-        launch(q.device, kernel, q_k, k_cache, v_cache, o_part, lse_part, *bounds, plan.splits)
+        launch(q.device, kernel, q_k, k_cache, v_cache, o_part, lse_part, *bounds, plan.splits, 0)
         launch(q.device, plan.combine, o_part, lse_part, out_k, lse_k)
     if lse_rows is not lse:
         lse.copy_(lse_rows.t())

@@ -96,6 +96,7 @@ def attention_varlen(
         0,
         int(max_seqlen_q),
         1,
+        0,
     )
     return out, lse
 
@@ -140,14 +141,9 @@ def choose_splits(requested: int, ctas: int, key_tiles: int, device: torch.devic
     limit = max(1, min(key_tiles, MAX_SPLITS))
     if requested > 0:
         return min(requested, limit)
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    sms = ops.num_sms(device.index)
     if ctas * 5 >= sms * 4:
         return 1
     efficiency = [ctas * s / (sms * math.ceil(ctas * s / sms)) for s in range(1, limit + 1)]
     best = max(efficiency)
     return next(s for s, e in enumerate(efficiency, 1) if e >= WAVE_EFFICIENCY * best)
-
-
-@functools.cache
-def _num_sms(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -45,6 +45,8 @@ class Tuning:
     num_stages: int
     intra_wg_overlap: bool = True
     wg_pingpong: bool = True
+    # Non-causal dense kernels of the row loop over work tiles on one CTA per SM.
+    persistent: bool = False
 
 
 # (arch, head_dim) -> tuning, measured on H100 (perf/NOTES.md). d128: 128x128 with the
@@ -52,8 +54,8 @@ class Tuning:
 # non-causal; causal keeps 128x128, since 192-row tiles leave too few CTAs at short S
 # (-25% at S=1k).
 _TUNING: dict[tuple[str, int], Tuning] = {
-    ("sm_90a", 64): Tuning(tile_m=192, tile_n=128, num_stages=2),
-    ("sm_90a", 128): Tuning(tile_m=128, tile_n=128, num_stages=2),
+    ("sm_90a", 64): Tuning(tile_m=192, tile_n=128, num_stages=2, persistent=True),
+    ("sm_90a", 128): Tuning(tile_m=128, tile_n=128, num_stages=2, persistent=True),
 }
 # Causal rows that differ from the table above.
 _CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
@@ -314,6 +316,9 @@ def _make_config(
     tuning = _TUNING[(arch, head_dim)]
     if is_causal:
         tuning = _CAUSAL_TUNING.get((arch, head_dim), tuning)
+    if is_causal or variant != DENSE:
+        # Causal and variable-length tiles differ in work (see `FmhaFwdConfig.persistent`).
+        tuning = replace(tuning, persistent=False)
     fields = asdict(variant)
     if fields.pop("decode"):
         tuning = _DECODE_TUNING.get((arch, head_dim), tuning)

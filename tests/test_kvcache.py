@@ -326,9 +326,9 @@ def test_malformed_input_is_rejected(
 def test_choose_splits_fills_whole_waves(
     monkeypatch: pytest.MonkeyPatch, ctas: int, key_tiles: int, expected: int
 ) -> None:
-    from sparsek import ops_varlen_cuda
+    from sparsek import ops, ops_varlen_cuda
 
-    monkeypatch.setattr(ops_varlen_cuda, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(ops, "num_sms", lambda index: 132)
     device = torch.device("cuda", 0)
     assert ops_varlen_cuda.choose_splits(0, ctas, key_tiles, device) == expected
     assert ops_varlen_cuda.choose_splits(3, ctas, key_tiles, device) == min(3, key_tiles)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_kvcache import make_caches
 
-from sparsek import ops_kvcache_cuda, ops_varlen_cuda
+from sparsek import ops, ops_kvcache_cuda
 from sparsek.reference_varlen import reference_attention_kvcache
 
 i32 = torch.int32
@@ -33,8 +33,8 @@ def fake_kernel(causal: bool | None, variant):
         out.copy_((weights * o_part).sum(dim=0))
         lse.copy_(total)
 
-    def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, scale, offset, rows, splits):
-        assert cu_k is None and offset == 0 and (splits > 1) == variant.split_kv
+    def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, scale, offset, rows, splits, ctas):
+        assert cu_k is None and offset == 0 and (splits > 1) == variant.split_kv and ctas == 0
         assert (cu_q is not None) == variant.varlen_q and (table is not None) == (
             variant.kv_layout == "paged"
         )
@@ -61,7 +61,7 @@ def fake_kernels(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     config = SimpleNamespace(tile_m=128, tile_n=128)
     monkeypatch.setattr(ops_kvcache_cuda, "_PLANS", {})
     monkeypatch.setattr(ops_kvcache_cuda, "kernel_config", lambda *a: config)
-    monkeypatch.setattr(ops_varlen_cuda, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(ops, "num_sms", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
     def launcher(device, head_dim, dtype, causal, variant=None):

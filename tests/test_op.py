@@ -116,8 +116,9 @@ class RecordingKernel:
         self.calls: list[tuple] = []
 
     def __call__(self, q, k, v, out, lse, cu_q, cu_k, used_k, pages, scale, offset, *rest) -> None:
-        # Dense launches pass no sequence metadata, max_seqlen_q 0 and one split.
-        assert (cu_q, cu_k, used_k, pages, *rest) == (None, None, None, None, 0, 1)
+        # Dense launches pass no sequence metadata, max_seqlen_q 0, one split and the SM
+        # count (a persistent kernel's CTAs).
+        assert (cu_q, cu_k, used_k, pages, *rest) == (None, None, None, None, 0, 1, 132)
         self.calls.append((q, k, v, out, lse, scale, offset))
         out.fill_(1.0)
         lse.fill_(2.0)
@@ -130,6 +131,7 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> RecordingKernel:
     monkeypatch.setattr(ops, "lookup", lambda *a: a)
     monkeypatch.setattr(ops, "get_kernel", lambda config: kernel)
     monkeypatch.setattr(ops, "_LAUNCHERS", {})
+    monkeypatch.setattr(ops, "num_sms", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
     return kernel
 

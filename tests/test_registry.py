@@ -133,3 +133,30 @@ def test_decode_variants_refuse_what_decode_is_not(causal: bool, variant) -> Non
     with pytest.raises(UnsupportedError, match="decode variants are non-causal") as info:
         registry.lookup("sm_90a", 128, "bfloat16", causal, variant)
     assert len(info.value.reasons) == 1
+
+
+def test_persistent_only_for_non_causal_dense() -> None:
+    kernels = [c for c in registry.registered_kernels("sm_90a") if isinstance(c, FmhaFwdConfig)]
+    persistent = {(c.head_dim, c.dtype) for c in kernels if c.persistent}
+    assert persistent == {(d, t) for d in (64, 128) for t in ("float16", "bfloat16")}
+    for config in kernels:
+        dense_full = not config.is_causal and not config.is_varlen and not config.split_kv
+        assert config.persistent == dense_full, config.name
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(is_causal=True),
+        dict(varlen_q=True, kv_layout="varlen"),
+        dict(kv_layout="cache"),
+        dict(kv_layout="cache", split_kv=True),
+    ],
+    ids=["causal", "varlen", "cache", "split"],
+)
+def test_kernel_refuses_persistent_with_unequal_tiles(fields: dict) -> None:
+    base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=False)
+    config = FmhaFwdConfig(**{**base, **fields, "persistent": True})
+    reasons = build.can_implement(config)
+    assert any("persistent kernels serve non-causal dense problems only" in r for r in reasons)
+    assert build.can_implement(FmhaFwdConfig(**{**base, **fields})) == []

@@ -28,6 +28,11 @@ Features and limits:
   (num_splits, ...) partial tensors, merged by `common/split_combine.py`.
 
 Structure: one CTA per (query tile, head, batch); warp-specialized with TMA + mbarriers.
+Persistent (`FmhaFwdConfig.persistent`, non-causal dense problems): `num_ctas` CTAs (one
+per SM) instead, each taking work tiles tile, tile + grid, ... in (query tile, head,
+batch) order; Q is double-buffered, so the producer loads the next tile's Q and first
+K/V while the consumers run this tile's epilogue, and a Q stage is released once the TMA
+store of the O staged in it has read it.
 
     warpgroup 0 (producer, few registers)     warpgroups 1..W (consumers, 64 rows each)
     ----------------------------------------  ------------------------------------------
@@ -74,7 +79,7 @@ from cutedsl_kernels.hopper.limits import (
     ROWS_PER_MMA_WARPGROUP,
     THREADS_PER_WARPGROUP,
 )
-from cutedsl_kernels.hopper.mainloop import Sm90Mainloop
+from cutedsl_kernels.hopper.mainloop import Sm90Mainloop, start_turns
 
 
 class HopperFmhaForward:
@@ -92,6 +97,8 @@ class HopperFmhaForward:
         self.kv_layout = config.kv_layout
         self.paged = config.kv_layout == "paged"
         self.split_kv = config.split_kv
+        self.persistent = config.persistent
+        self.q_stages = limits.q_stages(config)
         # Packed queries: one grid axis over the query tiles of all sequences.
         self.packed_tiles = config.varlen_q and not config.split_kv
         # Rows per TMA box of K/V: a whole tile, or the largest piece that never crosses
@@ -137,7 +144,7 @@ class HopperFmhaForward:
         has_used_k = self.kv_layout in ("cache", "paged")
         used_k = tensor(Int32, (cute.sym_int(),), 1) if has_used_k else None
         pages = tensor(Int32, (cute.sym_int(), cute.sym_int()), 1) if self.paged else None
-        scalars = (Float32(1.0), Int32(0), Int32(1), Int32(1))
+        scalars = (Float32(1.0), Int32(0), Int32(1), Int32(1), Int32(1))
         return (q, k, v, out, lse, cu_q, cu_k, used_k, pages, *scalars)
 
     # ------------------------------------------------------------------ host side
@@ -157,6 +164,7 @@ class HopperFmhaForward:
         causal_offset: Int32,
         max_seqlen_q: Int32,
         num_splits: Int32,
+        num_ctas: Int32,  # persistent: CTAs to launch (the SM count); ignored otherwise
         stream,
     ):
         # Put the tiled modes first: (s, d, h, b[, split]) and (s_q, h, b[, split]).
@@ -188,7 +196,8 @@ class HopperFmhaForward:
             a_source=warpgroup.OperandSource.RMEM,  # P stays in registers
         )
 
-        sQ_layout = self._smem_layout(self.tile_m, None, rows_outer=False)
+        sQ_layout = self._smem_layout(self.tile_m, self.q_stages, rows_outer=False)
+        sQ_tile = cute.select(sQ_layout, mode=[0, 1])
         # Paged K/V tiles are filled box by box: each box of rows must be contiguous.
         sK_layout = self._smem_layout(self.tile_n, self.num_stages, rows_outer=self.paged)
         sV_layout = self._smem_layout(self.tile_n, self.num_stages, rows_outer=self.paged)
@@ -197,21 +206,21 @@ class HopperFmhaForward:
 
         tma_load = cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
-            tma_load, mQ, sQ_layout, (self.tile_m, self.head_dim)
+            tma_load, mQ, sQ_tile, (self.tile_m, self.head_dim)
         )
         tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(tma_load, mK, sKV_box, box, 1)
         tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(tma_load, mV, sKV_box, box, 1)
         tma_atom_O, tma_O = None, None
         if const_expr(not self.split_kv):
             tma_atom_O, tma_O = cpasync.make_tiled_tma_atom(
-                cpasync.CopyBulkTensorTileS2GOp(), mO, sQ_layout, (self.tile_m, self.head_dim)
+                cpasync.CopyBulkTensorTileS2GOp(), mO, sQ_tile, (self.tile_m, self.head_dim)
             )
-        tx_bytes_q = cute.size_in_bytes(self.dtype, sQ_layout)
+        tx_bytes_q = cute.size_in_bytes(self.dtype, sQ_tile)
         tx_bytes_kv = cute.size_in_bytes(self.dtype, cute.select(sK_layout, mode=[0, 1]))
 
         @cute.struct
         class SharedStorage:
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2]
+            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
             mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
@@ -230,6 +239,10 @@ class HopperFmhaForward:
             batch = cute.size(mQ.shape[3])
         if const_expr(self.split_kv):
             batch = batch * num_splits
+        grid = [num_m_blocks, cute.size(mQ.shape[2]), batch]
+        if const_expr(self.persistent):
+            num_tiles = num_m_blocks * cute.size(mQ.shape[2]) * batch
+            grid = [cutlass.min(cutlass.max(num_ctas, 1), num_tiles), 1, 1]
         self.kernel(
             tma_Q,
             tma_K,
@@ -253,11 +266,12 @@ class HopperFmhaForward:
             scale_log2,
             causal_offset,
             num_splits,
+            num_m_blocks,
             tx_bytes_q,
             tx_bytes_kv,
             SharedStorage,
         ).launch(
-            grid=[num_m_blocks, cute.size(mQ.shape[2]), batch],
+            grid=grid,
             block=[self.num_threads, 1, 1],
             stream=stream,
             min_blocks_per_mp=1,
@@ -304,6 +318,7 @@ class HopperFmhaForward:
         scale_log2: Float32,
         causal_offset: Int32,
         num_splits: Int32,
+        num_m_blocks: Int32,
         tx_bytes_q: cutlass.Constexpr[int],
         tx_bytes_kv: cutlass.Constexpr[int],
         SharedStorage: cutlass.Constexpr,
@@ -318,15 +333,19 @@ class HopperFmhaForward:
         smem = SmemAllocator()
         storage = smem.allocate(SharedStorage)
         tma_warp = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
-        # TMA pipelines count one release per consumer warp.
+        # TMA pipelines count one release per consumer warp; a persistent CTA's Q stage
+        # is released once, by the warp that stored O from it (see `mma`).
         mma_warps = pipeline.CooperativeGroup(
             pipeline.Agent.Thread, self.num_mma_threads // cute.arch.WARP_SIZE
         )
+        q_releasers = mma_warps
+        if const_expr(self.persistent):
+            q_releasers = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
         pipeline_q = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mbar_q.data_ptr(),
-            num_stages=1,
+            num_stages=self.q_stages,
             producer_group=tma_warp,
-            consumer_group=mma_warps,
+            consumer_group=q_releasers,
             tx_count=tx_bytes_q,
             defer_sync=True,
         )
@@ -348,14 +367,94 @@ class HopperFmhaForward:
         )
         pipeline.pipeline_init_arrive()
 
+        # O is staged through the Q stage of its own tile (see `store_o_tma`).
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
-        sO = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)  # Q's buffer
+        tensors = (mQ, mK, mV, tma_O, mO, mLSE, mCuSeqlensQ, mCuSeqlensK, mSeqUsedK, mPageTable)
+        smem_tiles = (sQ, sK, sV)
+        pipelines = (pipeline_q, pipeline_k, pipeline_v)
+        tiles = (num_m_blocks, causal_offset, num_splits)
+        pipeline.pipeline_init_wait()
 
-        # Work tile: causal tiles with more keys first (they take longest).
+        if warp_idx < THREADS_PER_WARPGROUP // cute.arch.WARP_SIZE:
+            # ---------------------------------------------------------- producer
+            cute.arch.setmaxregister_decrease(self.producer_regs)
+            if warp_idx == 0:
+                atoms = (tma_atom_Q, tma_atom_K, tma_atom_V)
+                self.run_tiles(True, (tensors, smem_tiles, atoms, pipelines), tiles)
+        else:
+            # ---------------------------------------------------------- consumers
+            cute.arch.setmaxregister_increase(self.mma_regs)
+            tidx, _, _ = cute.arch.thread_idx()
+            tidx = tidx - THREADS_PER_WARPGROUP
+            wg_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
+            start_turns(self.pingpong, wg_idx)
+            mmas = (tiled_mma_qk, tiled_mma_pv)
+            consumer_args = (tensors, smem_tiles, pipelines, mmas, tma_atom_O, tidx, wg_idx)
+            self.run_tiles(False, (*consumer_args, scale_log2), tiles)
+
+    @cute.jit
+    def run_tiles(self, producer: cutlass.Constexpr[bool], role_args: tuple, tiles: tuple):
+        """This CTA's work tiles, each through `load` (producer warp) or `mma` (consumer
+        warpgroups) with `role_args`: its grid block's, or (persistent) tiles
+        block, block + grid, ... The pipeline states carry over from tile to tile."""
+        num_m_blocks, causal_offset, num_splits = tiles
+        tensors = role_args[0]
+        role, step = pipeline.PipelineUserType.Consumer, self.mma
+        if const_expr(producer):
+            role, step = pipeline.PipelineUserType.Producer, self.load
+        q_state = pipeline.make_pipeline_state(role, self.q_stages)
+        kv_state = pipeline.make_pipeline_state(role, self.num_stages)
         block_m, head_idx, batch_split = cute.arch.block_idx()
-        num_m_blocks, _, _ = cute.arch.grid_dim()
+        if const_expr(self.persistent):
+            num_tiles = (
+                num_m_blocks * cute.size(tensors[0].shape[2]) * cute.size(tensors[0].shape[3])
+            )
+            tile = block_m
+            while tile < num_tiles:
+                work = self.persistent_tile(tile, num_m_blocks, tensors, causal_offset)
+                q_state, kv_state = step(work, *role_args, q_state, kv_state)
+                tile += cute.arch.grid_dim()[0]
+        else:
+            work = self.work_tile(
+                block_m, head_idx, batch_split, num_m_blocks, tensors, causal_offset, num_splits
+            )
+            step(work, *role_args, q_state, kv_state)
+
+    @cute.jit
+    def persistent_tile(
+        self, tile: Int32, num_m_blocks: Int32, tensors: tuple, causal_offset: Int32
+    ) -> WorkTile:
+        """Work tile `tile` of a persistent launch: query tiles of one (head, batch)
+        consecutive, so CTAs that run at the same time share their K/V in L2."""
+        num_heads = cute.size(tensors[0].shape[2])
+        head_batch = tile // num_m_blocks
+        batch_idx = head_batch // num_heads
+        return self.work_tile(
+            tile - head_batch * num_m_blocks,
+            head_batch - batch_idx * num_heads,
+            batch_idx,
+            num_m_blocks,
+            tensors,
+            causal_offset,
+            Int32(1),
+        )
+
+    @cute.jit
+    def work_tile(
+        self,
+        block_m: Int32,
+        head_idx: Int32,
+        batch_split: Int32,
+        num_m_blocks: Int32,
+        tensors: tuple,
+        causal_offset: Int32,
+        num_splits: Int32,
+    ) -> WorkTile:
+        """Query tile, head, sequence (and split) of grid block (block_m, head, batch_split):
+        causal tiles with more keys first (they take longest)."""
+        mQ, mK, _, _, _, _, mCuSeqlensQ, mCuSeqlensK, mSeqUsedK, _ = tensors
         m_block = block_m
         batch_idx, split_idx = batch_split, Int32(0)
         if const_expr(self.packed_tiles):
@@ -383,178 +482,109 @@ class HopperFmhaForward:
             num_splits,
             self.split_kv,
         )
-        # Packed queries live in one batch entry, offset to their sequence's first token.
-        q_batch = 0 if const_expr(self.varlen_q) else batch_idx
-        head_kv = head_idx // (mQ.shape[2] // mK.shape[2])
-        pipeline.pipeline_init_wait()
-
-        if warp_idx < THREADS_PER_WARPGROUP // cute.arch.WARP_SIZE:
-            # ---------------------------------------------------------- producer
-            cute.arch.setmaxregister_decrease(self.producer_regs)
-            if const_expr(self.paged):
-                mK_src, mV_src = mK[None, None, head_kv, None], mV[None, None, head_kv, None]
-            else:
-                k_batch = 0 if const_expr(self.kv_layout == "varlen") else batch_idx
-                mK_src = cute.domain_offset((info.offset_k, 0), mK[None, None, head_kv, k_batch])
-                mV_src = cute.domain_offset((info.offset_k, 0), mV[None, None, head_kv, k_batch])
-            page_row = None
-            if const_expr(self.paged):
-                page_row = mPageTable[batch_idx, None]
-            self.load(
-                cute.domain_offset((info.offset_q, 0), mQ[None, None, head_idx, q_batch]),
-                mK_src,
-                mV_src,
-                page_row,
-                sQ,
-                sK,
-                sV,
-                tma_atom_Q,
-                tma_atom_K,
-                tma_atom_V,
-                pipeline_q,
-                pipeline_k,
-                pipeline_v,
-                m_block,
-                n_min,
-                n_max,
-                info.seqlen_k,
-                warp_idx,
-            )
-        else:
-            # ---------------------------------------------------------- consumers
-            cute.arch.setmaxregister_increase(self.mma_regs)
-            tidx, _, _ = cute.arch.thread_idx()
-            tidx = tidx - THREADS_PER_WARPGROUP
-            if const_expr(self.split_kv):
-                mO_seq = mO[None, None, head_idx, q_batch, split_idx]
-                mLSE_seq = mLSE[None, head_idx, q_batch, split_idx]
-                tma_O_seq = None
-            else:
-                mO_seq = mO[None, None, head_idx, q_batch]
-                mLSE_seq = mLSE[None, head_idx, q_batch]
-                tma_O_seq = cute.domain_offset(
-                    (info.offset_q, 0), tma_O[None, None, head_idx, q_batch]
-                )
-            self.mma(
-                tiled_mma_qk,
-                tiled_mma_pv,
-                sQ,
-                sK,
-                sV,
-                pipeline_q,
-                pipeline_k,
-                pipeline_v,
-                tidx,
-                m_block,
-                n_min,
-                n_max,
-                info,
-                scale_log2,
-                sO,
-                cute.domain_offset((info.offset_q, 0), mO_seq),
-                tma_O_seq,
-                cute.domain_offset((info.offset_q,), mLSE_seq),
-                tma_atom_O,
-            )
+        return WorkTile(m_block, head_idx, batch_idx, split_idx, info, n_min, n_max)
 
     @cute.jit
     def load(
         self,
-        mQ: cute.Tensor,  # (s_q, d) of this (head, sequence)
-        mK: cute.Tensor,  # (s_k, d) of this kv head and sequence; paged: (page, d, pages)
-        mV: cute.Tensor,
-        page_row: cute.Tensor | None,  # (max_pages,) page ids of this sequence
-        sQ: cute.Tensor,
-        sK: cute.Tensor,
-        sV: cute.Tensor,
-        tma_atom_Q: cute.CopyAtom,
-        tma_atom_K: cute.CopyAtom,
-        tma_atom_V: cute.CopyAtom,
-        pipeline_q: pipeline.PipelineAsync,
-        pipeline_k: pipeline.PipelineAsync,
-        pipeline_v: pipeline.PipelineAsync,
-        m_block: Int32,
-        n_min: Int32,
-        n_max: Int32,
-        seqlen_k: Int32,
-        warp_idx: Int32,
-    ):
-        """Producer: one warp issues every TMA load of this work tile."""
-        if warp_idx == 0 and n_max > n_min:
-            cta = cute.make_layout(1)
-            gQ = cute.local_tile(mQ, (self.tile_m, self.head_dim), (m_block, 0))
-            # ((ATOM, REST))
-            tQsQ, tQgQ = cpasync.tma_partition(
-                tma_atom_Q, 0, cta, cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2)
-            )
-            q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
-            pipeline_q.producer_acquire(q_state)
-            cute.copy(tma_atom_Q, tQgQ, tQsQ, tma_bar_ptr=pipeline_q.producer_get_barrier(q_state))
-            kv_state = pipeline.make_pipeline_state(
-                pipeline.PipelineUserType.Producer, self.num_stages
-            )
-            if const_expr(self.paged):
-                boxes = self.tile_n // self.kv_box_rows
-                page_size = self.config.page_size
-                last_page = cutlass.max(cute.ceil_div(seqlen_k, page_size) - 1, 0)
-                box_page = cute.make_rmem_tensor(boxes, Int32)
-                box_in_page = cute.make_rmem_tensor(boxes, Int32)
-                for i in cutlass.range(n_max - n_min, unroll=1):
-                    n_block = n_max - 1 - i
-                    # Rows past the sequence end read its last page (masked anyway).
+        work: WorkTile,
+        tensors: tuple,
+        smem_tiles: tuple,
+        atoms: tuple,
+        pipelines: tuple,
+        q_state: pipeline.PipelineState,
+        kv_state: pipeline.PipelineState,
+    ) -> tuple[pipeline.PipelineState, pipeline.PipelineState]:
+        """Producer warp: every TMA load of one work tile (Q, even for a tile without keys,
+        then K/V from the last key tile down); returns the pipeline states past them."""
+        mQ, mK, mV, _, _, _, _, _, _, mPageTable = tensors
+        sQ, sK, sV = smem_tiles
+        tma_atom_Q, tma_atom_K, tma_atom_V = atoms
+        pipeline_q, pipeline_k, pipeline_v = pipelines
+        info, m_block, n_min, n_max = work.info, work.m_block, work.n_min, work.n_max
+        # Packed queries live in one batch entry, offset to their sequence's first token.
+        q_batch = 0 if const_expr(self.varlen_q) else work.batch_idx
+        head_kv = work.head_idx // (mQ.shape[2] // mK.shape[2])
+        cta = cute.make_layout(1)
+        mQ_seq = cute.domain_offset((info.offset_q, 0), mQ[None, None, work.head_idx, q_batch])
+        gQ = cute.local_tile(mQ_seq, (self.tile_m, self.head_dim), (m_block, 0))
+        # ((ATOM, REST), STAGE)
+        tQsQ, tQgQ = cpasync.tma_partition(
+            tma_atom_Q, 0, cta, cute.group_modes(sQ, 0, 2), cute.group_modes(gQ, 0, 2)
+        )
+        pipeline_q.producer_acquire(q_state)
+        cute.copy(
+            tma_atom_Q,
+            tQgQ,
+            tQsQ[None, q_state.index],
+            tma_bar_ptr=pipeline_q.producer_get_barrier(q_state),
+        )
+        q_state.advance()
+        if const_expr(self.paged):
+            mK_src, mV_src = mK[None, None, head_kv, None], mV[None, None, head_kv, None]
+            page_row = mPageTable[work.batch_idx, None]
+            boxes = self.tile_n // self.kv_box_rows
+            page_size = self.config.page_size
+            last_page = cutlass.max(cute.ceil_div(info.seqlen_k, page_size) - 1, 0)
+            box_page = cute.make_rmem_tensor(boxes, Int32)
+            box_in_page = cute.make_rmem_tensor(boxes, Int32)
+            for i in cutlass.range(n_max - n_min, unroll=1):
+                n_block = n_max - 1 - i
+                # Rows past the sequence end read its last page (masked anyway).
+                for j in cutlass.range_constexpr(boxes):
+                    row = n_block * self.tile_n + j * self.kv_box_rows
+                    box_page[j] = page_row[cutlass.min(row // page_size, last_page)]
+                    box_in_page[j] = (row % page_size) // self.kv_box_rows
+                for atom, src, dst, pipe in (
+                    (tma_atom_K, mK_src, sK, pipeline_k),
+                    (tma_atom_V, mV_src, sV, pipeline_v),
+                ):
+                    pipe.producer_acquire(kv_state)
                     for j in cutlass.range_constexpr(boxes):
-                        row = n_block * self.tile_n + j * self.kv_box_rows
-                        box_page[j] = page_row[cutlass.min(row // page_size, last_page)]
-                        box_in_page[j] = (row % page_size) // self.kv_box_rows
-                    for atom, src, dst, pipe in (
-                        (tma_atom_K, mK, sK, pipeline_k),
-                        (tma_atom_V, mV, sV, pipeline_v),
-                    ):
-                        pipe.producer_acquire(kv_state)
-                        for j in cutlass.range_constexpr(boxes):
-                            self.copy_kv_box(
-                                atom,
-                                cute.local_tile(
-                                    src[None, None, box_page[j]],
-                                    (self.kv_box_rows, self.head_dim),
-                                    (box_in_page[j], 0),
-                                ),
-                                cute.local_tile(
-                                    dst[None, None, kv_state.index],
-                                    (self.kv_box_rows, self.head_dim),
-                                    (j, 0),
-                                ),
-                                pipe.producer_get_barrier(kv_state),
-                            )
-                    kv_state.advance()
-            else:
-                # (tile_n, d, n_tiles)
-                gK = cute.local_tile(mK, (self.tile_n, self.head_dim), (None, 0))
-                gV = cute.local_tile(mV, (self.tile_n, self.head_dim), (None, 0))
-                # ((ATOM, REST), STAGE) and ((ATOM, REST), N_TILES)
-                tKsK, tKgK = cpasync.tma_partition(
-                    tma_atom_K, 0, cta, cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2)
-                )
-                tVsV, tVgV = cpasync.tma_partition(
-                    tma_atom_V, 0, cta, cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2)
-                )
-                for i in cutlass.range(n_max - n_min, unroll=1):
-                    n_block = n_max - 1 - i
-                    pipeline_k.producer_acquire(kv_state)
+                        self.copy_kv_box(
+                            atom,
+                            cute.local_tile(
+                                src[None, None, box_page[j]],
+                                (self.kv_box_rows, self.head_dim),
+                                (box_in_page[j], 0),
+                            ),
+                            cute.local_tile(
+                                dst[None, None, kv_state.index],
+                                (self.kv_box_rows, self.head_dim),
+                                (j, 0),
+                            ),
+                            pipe.producer_get_barrier(kv_state),
+                        )
+                kv_state.advance()
+        else:
+            k_batch = 0 if const_expr(self.kv_layout == "varlen") else work.batch_idx
+            mK_src = cute.domain_offset((info.offset_k, 0), mK[None, None, head_kv, k_batch])
+            mV_src = cute.domain_offset((info.offset_k, 0), mV[None, None, head_kv, k_batch])
+            # (tile_n, d, n_tiles)
+            gK = cute.local_tile(mK_src, (self.tile_n, self.head_dim), (None, 0))
+            gV = cute.local_tile(mV_src, (self.tile_n, self.head_dim), (None, 0))
+            # ((ATOM, REST), STAGE) and ((ATOM, REST), N_TILES)
+            tKsK, tKgK = cpasync.tma_partition(
+                tma_atom_K, 0, cta, cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2)
+            )
+            tVsV, tVgV = cpasync.tma_partition(
+                tma_atom_V, 0, cta, cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2)
+            )
+            for i in cutlass.range(n_max - n_min, unroll=1):
+                n_block = n_max - 1 - i
+                for atom, src, dst, pipe in (
+                    (tma_atom_K, tKgK, tKsK, pipeline_k),
+                    (tma_atom_V, tVgV, tVsV, pipeline_v),
+                ):
+                    pipe.producer_acquire(kv_state)
                     cute.copy(
-                        tma_atom_K,
-                        tKgK[None, n_block],
-                        tKsK[None, kv_state.index],
-                        tma_bar_ptr=pipeline_k.producer_get_barrier(kv_state),
+                        atom,
+                        src[None, n_block],
+                        dst[None, kv_state.index],
+                        tma_bar_ptr=pipe.producer_get_barrier(kv_state),
                     )
-                    pipeline_v.producer_acquire(kv_state)
-                    cute.copy(
-                        tma_atom_V,
-                        tVgV[None, n_block],
-                        tVsV[None, kv_state.index],
-                        tma_bar_ptr=pipeline_v.producer_get_barrier(kv_state),
-                    )
-                    kv_state.advance()
+                kv_state.advance()
+        return q_state, kv_state
 
     @cute.jit
     def copy_kv_box(self, atom: cute.CopyAtom, gBox: cute.Tensor, sBox: cute.Tensor, bar):
@@ -567,33 +597,31 @@ class HopperFmhaForward:
     @cute.jit
     def mma(
         self,
-        tiled_mma_qk: cute.TiledMma,
-        tiled_mma_pv: cute.TiledMma,
-        sQ: cute.Tensor,
-        sK: cute.Tensor,
-        sV: cute.Tensor,
-        pipeline_q: pipeline.PipelineAsync,
-        pipeline_k: pipeline.PipelineAsync,
-        pipeline_v: pipeline.PipelineAsync,
-        tidx: Int32,
-        m_block: Int32,
-        n_min: Int32,
-        n_max: Int32,
-        info: SeqInfo,
-        scale_log2: Float32,
-        sO: cute.Tensor,
-        mO: cute.Tensor,  # (s_q, d) of this (head, sequence[, split])
-        tma_O: cute.Tensor | None,  # its TMA coordinates (not split_kv)
-        mLSE: cute.Tensor,  # (s_q,)
+        work: WorkTile,
+        tensors: tuple,
+        smem_tiles: tuple,
+        pipelines: tuple,
+        mmas: tuple,
         tma_atom_O: cute.CopyAtom | None,
-    ):
-        """Consumers: S = QK^T, online softmax, O += PV, then the epilogue."""
-        wg_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
+        tidx: Int32,
+        wg_idx: Int32,
+        scale_log2: Float32,
+        q_state: pipeline.PipelineState,
+        kv_state: pipeline.PipelineState,
+    ) -> tuple[pipeline.PipelineState, pipeline.PipelineState]:
+        """Consumers, one work tile: S = QK^T, online softmax, O += PV, then the epilogue;
+        returns the pipeline states past this tile."""
+        _, _, _, tma_O, mO, mLSE, _, _, _, _ = tensors
+        sQ, sK, sV = smem_tiles
+        pipeline_q, pipeline_k, pipeline_v = pipelines
+        tiled_mma_qk, tiled_mma_pv = mmas
+        info, m_block, n_min, n_max = work.info, work.m_block, work.n_min, work.n_max
+        q_batch = 0 if const_expr(self.varlen_q) else work.batch_idx
         wg_threads = cute.make_layout(self.num_mma_warpgroups, stride=THREADS_PER_WARPGROUP)
         thr_mma_qk = tiled_mma_qk.get_slice(tidx)
         wg_mma_qk = tiled_mma_qk.get_slice(wg_threads(wg_idx))
         wg_mma_pv = tiled_mma_pv.get_slice(wg_threads(wg_idx))
-        # (MMA, MMA_M, MMA_K)
+        # (MMA, MMA_M, MMA_K, Q_STAGE)
         tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
         # (MMA, MMA_N, MMA_K, STAGE)
         tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
@@ -612,9 +640,8 @@ class HopperFmhaForward:
         softmax = OnlineSoftmax(scale_log2, num_rows=cute.size(acc_rows_cols(tScS), mode=[0]))
         softmax.reset()
 
+        pipeline_q.consumer_wait(q_state)  # loaded for every tile, even one without keys
         if n_max > n_min:
-            q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
-            pipeline_q.consumer_wait(q_state)
             mainloop = Sm90Mainloop(
                 tile_m=self.tile_m,
                 tile_n=self.tile_n,
@@ -624,7 +651,7 @@ class HopperFmhaForward:
                 num_mma_warpgroups=self.num_mma_warpgroups,
                 tiled_mma_qk=tiled_mma_qk,
                 tiled_mma_pv=tiled_mma_pv,
-                tSrQ=tSrQ,
+                tSrQ=tSrQ[None, None, None, q_state.index],
                 tSrK=tSrK,
                 tOrVt=tOrVt,
                 tOrP=tOrP,
@@ -640,25 +667,46 @@ class HopperFmhaForward:
                 wg_idx=wg_idx,
                 sV_tail=sV if const_expr(self.kv_layout in ("cache", "paged")) else None,
             )
-            mainloop.run(n_min, n_max, self.num_stages, self.config.intra_wg_overlap)
+            kv_state = mainloop.run(kv_state, n_min, n_max, self.config.intra_wg_overlap)
 
         inv_sum = softmax.finalize()
         OnlineSoftmax.rescale(acc_O, inv_sum)
         row0 = m_block * self.tile_m
-        epilogue.store_lse(softmax.row_sum, tScS, mLSE, row0, info.seqlen_q)
-        tile = (self.tile_m, self.head_dim)
         if const_expr(self.split_kv):
-            gO = cute.local_tile(mO, tile, (m_block, 0))
-            epilogue.store_o_direct(acc_O, tiled_mma_pv, tidx, gO, info.seqlen_q - row0)
-        elif const_expr(self.varlen_q):
-            # TMA would write past this sequence's end into the next one's rows.
-            if row0 + self.tile_m <= info.seqlen_q:
-                self.store_o_tma(acc_O, tiled_mma_pv, tidx, sO, tma_O, m_block, tma_atom_O)
-            else:
-                gO = cute.local_tile(mO, tile, (m_block, 0))
-                epilogue.store_o_direct(acc_O, tiled_mma_pv, tidx, gO, info.seqlen_q - row0)
+            mO_seq = mO[None, None, work.head_idx, q_batch, work.split_idx]
+            mLSE_seq = mLSE[None, work.head_idx, q_batch, work.split_idx]
         else:
-            self.store_o_tma(acc_O, tiled_mma_pv, tidx, sO, tma_O, m_block, tma_atom_O)
+            mO_seq = mO[None, None, work.head_idx, q_batch]
+            mLSE_seq = mLSE[None, work.head_idx, q_batch]
+        mO_seq = cute.domain_offset((info.offset_q, 0), mO_seq)
+        mLSE_seq = cute.domain_offset((info.offset_q,), mLSE_seq)
+        epilogue.store_lse(softmax.row_sum, tScS, mLSE_seq, row0, info.seqlen_q)
+        tile = (self.tile_m, self.head_dim)
+        sO = sQ[None, None, q_state.index]
+        if const_expr(self.split_kv):
+            gO = cute.local_tile(mO_seq, tile, (m_block, 0))
+            epilogue.store_o_direct(acc_O, tiled_mma_pv, tidx, gO, info.seqlen_q - row0)
+        else:
+            tma_O_seq = cute.domain_offset(
+                (info.offset_q, 0), tma_O[None, None, work.head_idx, q_batch]
+            )
+            if const_expr(self.varlen_q):
+                # TMA would write past this sequence's end into the next one's rows.
+                if row0 + self.tile_m <= info.seqlen_q:
+                    self.store_o_tma(acc_O, tiled_mma_pv, tidx, sO, tma_O_seq, m_block, tma_atom_O)
+                else:
+                    gO = cute.local_tile(mO_seq, tile, (m_block, 0))
+                    epilogue.store_o_direct(acc_O, tiled_mma_pv, tidx, gO, info.seqlen_q - row0)
+            else:
+                self.store_o_tma(acc_O, tiled_mma_pv, tidx, sO, tma_O_seq, m_block, tma_atom_O)
+        # Nested on purpose: a const_expr must not share an `if` with a runtime test.
+        if const_expr(self.persistent):  # noqa: SIM102
+            # The storing warp has waited for the TMA store to read sO: Q's stage is free.
+            if tidx < cute.arch.WARP_SIZE:
+                cute.arch.sync_warp()
+                pipeline_q.consumer_release(q_state)
+        q_state.advance()
+        return q_state, kv_state
 
     @cute.jit
     def store_o_tma(
@@ -681,3 +729,21 @@ class HopperFmhaForward:
             cute.local_tile(tma_O, (self.tile_m, self.head_dim), (m_block, 0)),
             tma_atom_O,
         )
+
+
+class WorkTile:
+    """One CTA work tile: query tile `m_block` of (`head_idx`, `batch_idx`[, `split_idx`]),
+    its sequence bounds and the key tiles [n_min, n_max) it visits."""
+
+    def __init__(
+        self,
+        m_block: Int32,
+        head_idx: Int32,
+        batch_idx: Int32,
+        split_idx: Int32,
+        info: SeqInfo,
+        n_min: Int32,
+        n_max: Int32,
+    ):
+        self.m_block, self.head_idx, self.batch_idx = m_block, head_idx, batch_idx
+        self.split_idx, self.info, self.n_min, self.n_max = split_idx, info, n_min, n_max

@@ -18,11 +18,16 @@ BARRIER_BYTES = 8
 ELEMENT_BYTES = 2  # fp16 / bf16
 
 
+def q_stages(config: FmhaFwdConfig) -> int:
+    """Q buffers: a persistent CTA loads its next tile's Q while this tile's is in use."""
+    return 2 if config.persistent else 1
+
+
 def smem_bytes(config: FmhaFwdConfig) -> int:
-    """Shared memory one CTA needs: Q (reused for O) plus the K and V stages."""
-    q = config.tile_m * config.head_dim * ELEMENT_BYTES
+    """Shared memory one CTA needs: the Q stages (reused for O) plus the K and V stages."""
+    q = q_stages(config) * config.tile_m * config.head_dim * ELEMENT_BYTES
     kv = 2 * config.num_stages * config.tile_n * config.head_dim * ELEMENT_BYTES
-    barriers = (2 + 4 * config.num_stages) * BARRIER_BYTES
+    barriers = (2 * q_stages(config) + 4 * config.num_stages) * BARRIER_BYTES
     return q + kv + barriers + 3 * 1024  # alignment of the three buffers
 
 
@@ -54,6 +59,11 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
         reasons.append(
             "varlen_q and kv_layout='varlen' go together (packed queries need per-sequence "
             "key lengths; 'cache' and 'paged' serve either query layout)"
+        )
+    if config.persistent and (config.is_causal or config.is_varlen or config.split_kv):
+        reasons.append(
+            "persistent kernels serve non-causal dense problems only (equal work per tile: "
+            "a static tile schedule would leave SMs idle on causal or variable-length tiles)"
         )
     if not reasons and smem_bytes(config) > SMEM_CAPACITY_BYTES:
         reasons.append(

@@ -63,6 +63,20 @@ def wgmma(
         warpgroup.wait_group(wait_pending)
 
 
+@cute.jit
+def start_turns(pingpong: cutlass.Constexpr[bool], wg_idx: Int32):
+    """Warpgroup 0 goes first: pre-arrive on its own turn barrier. Called once per CTA:
+    turns then pass round robin across all of its work tiles (every warpgroup takes the
+    same number of turns per tile)."""
+    # Nested on purpose: a const_expr must not share an `if` with a runtime test.
+    if const_expr(pingpong):  # noqa: SIM102
+        if wg_idx == 0:
+            cute.arch.barrier_arrive(
+                barrier_id=int(NamedBarrier.WG1_TURN),
+                number_of_threads=2 * THREADS_PER_WARPGROUP,
+            )
+
+
 class Sm90Mainloop:
     """Loop-invariant operands of one work tile, and the steps over its key tiles."""
 
@@ -106,17 +120,6 @@ class Sm90Mainloop:
         self.sV_tail = sV_tail
 
     # ------------------------------------------------------------ warpgroup turns
-    @cute.jit
-    def start_turns(self):
-        """Warpgroup 0 goes first: pre-arrive on its own turn barrier."""
-        # Nested on purpose: a const_expr must not share an `if` with a runtime test.
-        if const_expr(self.pingpong):  # noqa: SIM102
-            if self.wg_idx == 0:
-                cute.arch.barrier_arrive(
-                    barrier_id=int(NamedBarrier.WG1_TURN),
-                    number_of_threads=2 * THREADS_PER_WARPGROUP,
-                )
-
     @cute.jit
     def wait_turn(self):
         if const_expr(self.pingpong):
@@ -300,14 +303,13 @@ class Sm90Mainloop:
     @cute.jit
     def run(
         self,
+        kv_state: pipeline.PipelineState,
         n_min: Int32,
         n_max: Int32,
-        num_stages: cutlass.Constexpr[int],
         overlap: cutlass.Constexpr[bool],
-    ):
-        """Visit key tiles n_max-1 .. n_min (n_max > n_min): masked ones first."""
-        kv_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, num_stages)
-        self.start_turns()
+    ) -> pipeline.PipelineState:
+        """Visit key tiles n_max-1 .. n_min (n_max > n_min): masked ones first; returns the
+        pipeline state past the last of them."""
         # The top key tile may be partial (and, causal, crosses the diagonal).
         n_top = n_max - 1
         if const_expr(overlap):
@@ -337,3 +339,5 @@ class Sm90Mainloop:
                 kv_state = self.serial_step(kv_state, n_top - 1 - i, False, False)
         if const_expr(overlap):
             self.last_pv(kv_state)
+            kv_state.advance()
+        return kv_state

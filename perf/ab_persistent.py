@@ -1,0 +1,97 @@
+"""Same-process A/B of the dense non-causal kernel: one CTA per work tile vs persistent (GPU).
+
+    python -m perf.ab_persistent [--dtype bfloat16]
+
+For each non-causal row of the perf suite's dense grid (d64/d128, S 512..16k, B*S = 16k,
+H = 2048 / D) plus GQA 32:8 at 4k and Sq=1k/Sk=8k, the registered config with
+`persistent=False` and with `persistent=True` are launched directly (same arguments as
+`sparsek.ops`), their NaN-poisoned outputs checked against cuDNN SDPA's, and timed with
+the perf suite's timer (cold L2, median) beside cuDNN in the same process. Prints a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from perf.timing import time_kernel
+from sparsek import ops
+from sparsek.cache import get_kernel
+from sparsek.registry import detect_arch, lookup
+
+HEADER = (
+    "| dtype | B | Sq | Sk | H | Hkv | D | grid TFLOP/s | persistent TFLOP/s | cuDNN TFLOP/s "
+    "| persistent / grid | persistent / cuDNN | max err |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def shapes() -> list[tuple[int, int, int, int, int, int]]:
+    """(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim) rows."""
+    rows = [
+        (16384 // s, s, s, 2048 // d, 2048 // d, d)
+        for d in (64, 128)
+        for s in (512, 1024, 2048, 4096, 8192, 16384)
+    ]
+    return [*rows, (4, 4096, 4096, 32, 8, 128), (16, 1024, 8192, 16, 16, 128)]
+
+
+def row(shape: tuple[int, int, int, int, int, int], dtype: torch.dtype, arch: str) -> str:
+    b, sq, sk, h, hkv, d = shape
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    q = torch.randn(b, sq, h, d, device=device, dtype=dtype)
+    k = torch.randn(b, sk, hkv, d, device=device, dtype=dtype)
+    v = torch.randn(b, sk, hkv, d, device=device, dtype=dtype)
+    # cuDNN gets K/V expanded to every query head (GQA rows).
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    kt, vt = (t.repeat_interleave(h // hkv, dim=1) for t in (kt, vt))
+
+    def cudnn() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+
+    want = cudnn()
+    base = lookup(arch, d, dtype, False)
+    scalars = (d**-0.5, 0, 0, 1, ops.num_sms(device.index))
+    fns: dict[str, Callable[[], object]] = {"cudnn": cudnn}
+    errs = []
+    for name, persistent in (("grid", False), ("persistent", True)):
+        kernel = get_kernel(replace(base, persistent=persistent))
+        out = torch.full_like(q, float("nan"))
+        lse = torch.empty(b, h, sq, device=device, dtype=torch.float32)
+        args = (q, k, v, out, lse, None, None, None, None, *scalars)
+        kernel(*args)
+        torch.cuda.synchronize()
+        errs.append((out.float() - want.float()).abs().max().item())
+        fns[name] = lambda kernel=kernel, args=args: kernel(*args)
+    flops = 4 * b * h * sq * sk * d
+    tflops = {name: flops / time_kernel(fn, device) / 1e9 for name, fn in fns.items()}
+    g, p, c = tflops["grid"], tflops["persistent"], tflops["cudnn"]
+    return (
+        f"| {str(dtype).removeprefix('torch.')} | {b} | {sq} | {sk} | {h} | {hkv} | {d} "
+        f"| {g:.0f} | {p:.0f} | {c:.0f} | {p / g:.3f} | {p / c:.3f} | {max(errs):.3g} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    args = parser.parse_args()
+    arch = detect_arch(torch.device("cuda"))
+    assert arch is not None
+    lines = [HEADER]
+    for shape in shapes():
+        lines.append(row(shape, getattr(torch, args.dtype), arch))
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
