@@ -1,9 +1,9 @@
-"""Same-process A/B of the dense non-causal kernel: one CTA per work tile vs persistent (GPU).
+"""Same-process A/B of the dense kernels: one CTA per work tile vs persistent (GPU).
 
     python -m perf.ab_persistent [--dtype bfloat16]
 
-For each non-causal row of the perf suite's dense grid (d64/d128, S 512..16k, B*S = 16k,
-H = 2048 / D) plus GQA 32:8 at 4k and Sq=1k/Sk=8k, the registered config with
+For each row of the perf suite's dense grid (d64/d128 x causal/non-causal, S 512..16k,
+B*S = 16k, H = 2048 / D) plus GQA 32:8 at 4k and Sq=1k/Sk=8k, the registered config with
 `persistent=False` and with `persistent=True` are launched directly (same arguments as
 `sparsek.ops`), their NaN-poisoned outputs checked against cuDNN SDPA's, and timed with
 the perf suite's timer (cold L2, median) beside cuDNN in the same process. Prints a
@@ -26,24 +26,29 @@ from sparsek.cache import get_kernel
 from sparsek.registry import detect_arch, lookup
 
 HEADER = (
-    "| dtype | B | Sq | Sk | H | Hkv | D | grid TFLOP/s | persistent TFLOP/s | cuDNN TFLOP/s "
-    "| persistent / grid | persistent / cuDNN | max err |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| dtype | B | Sq | Sk | H | Hkv | D | causal | grid TFLOP/s | persistent TFLOP/s "
+    "| cuDNN TFLOP/s | persistent / grid | persistent / cuDNN | max err |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
-def shapes() -> list[tuple[int, int, int, int, int, int]]:
-    """(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim) rows."""
+Shape = tuple[int, int, int, int, int, int, bool]
+
+
+def shapes() -> list[Shape]:
+    """(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal) rows."""
     rows = [
-        (16384 // s, s, s, 2048 // d, 2048 // d, d)
+        (16384 // s, s, s, 2048 // d, 2048 // d, d, causal)
         for d in (64, 128)
+        for causal in (False, True)
         for s in (512, 1024, 2048, 4096, 8192, 16384)
     ]
-    return [*rows, (4, 4096, 4096, 32, 8, 128), (16, 1024, 8192, 16, 16, 128)]
+    extra = [(4, 4096, 4096, 32, 8, 128, c) for c in (False, True)]
+    return [*rows, *extra, (16, 1024, 8192, 16, 16, 128, False)]
 
 
-def row(shape: tuple[int, int, int, int, int, int], dtype: torch.dtype, arch: str) -> str:
-    b, sq, sk, h, hkv, d = shape
+def row(shape: Shape, dtype: torch.dtype, arch: str) -> str:
+    b, sq, sk, h, hkv, d, causal = shape
     device = torch.device("cuda")
     torch.manual_seed(0)
     q = torch.randn(b, sq, h, d, device=device, dtype=dtype)
@@ -55,10 +60,10 @@ def row(shape: tuple[int, int, int, int, int, int], dtype: torch.dtype, arch: st
 
     def cudnn() -> torch.Tensor:
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
 
     want = cudnn()
-    base = lookup(arch, d, dtype, False)
+    base = lookup(arch, d, dtype, causal)
     scalars = (d**-0.5, 0, 0, 1, ops.num_sms(device.index))
     fns: dict[str, Callable[[], object]] = {"cudnn": cudnn}
     errs = []
@@ -71,11 +76,11 @@ def row(shape: tuple[int, int, int, int, int, int], dtype: torch.dtype, arch: st
         torch.cuda.synchronize()
         errs.append((out.float() - want.float()).abs().max().item())
         fns[name] = lambda kernel=kernel, args=args: kernel(*args)
-    flops = 4 * b * h * sq * sk * d
+    flops = 4 * b * h * sq * sk * d // (2 if causal else 1)
     tflops = {name: flops / time_kernel(fn, device) / 1e9 for name, fn in fns.items()}
     g, p, c = tflops["grid"], tflops["persistent"], tflops["cudnn"]
     return (
-        f"| {str(dtype).removeprefix('torch.')} | {b} | {sq} | {sk} | {h} | {hkv} | {d} "
+        f"| {str(dtype).removeprefix('torch.')} | {b} | {sq} | {sk} | {h} | {hkv} | {d} | {causal} "
         f"| {g:.0f} | {p:.0f} | {c:.0f} | {p / g:.3f} | {p / c:.3f} | {max(errs):.3g} |"
     )
 

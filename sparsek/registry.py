@@ -45,7 +45,7 @@ class Tuning:
     num_stages: int
     intra_wg_overlap: bool = True
     wg_pingpong: bool = True
-    # Non-causal dense kernels of the row loop over work tiles on one CTA per SM.
+    # Dense kernels of the row loop over work units on one CTA per SM.
     persistent: bool = False
 
 
@@ -59,7 +59,7 @@ _TUNING: dict[tuple[str, int], Tuning] = {
 }
 # Causal rows that differ from the table above.
 _CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
-    ("sm_90a", 64): Tuning(tile_m=128, tile_n=128, num_stages=2),
+    ("sm_90a", 64): Tuning(tile_m=128, tile_n=128, num_stages=2, persistent=True),
 }
 # Decode (`Variant.decode`): a tile's rows are the few query heads that share a KV head,
 # so a 64-row tile (one MMA warpgroup) does half the tensor-core and softmax work of a
@@ -316,8 +316,8 @@ def _make_config(
     tuning = _TUNING[(arch, head_dim)]
     if is_causal:
         tuning = _CAUSAL_TUNING.get((arch, head_dim), tuning)
-    if is_causal or variant != DENSE:
-        # Causal and variable-length tiles differ in work (see `FmhaFwdConfig.persistent`).
+    if variant != DENSE:
+        # Variable-length tiles differ in work (see `FmhaFwdConfig.persistent`).
         tuning = replace(tuning, persistent=False)
     fields = asdict(variant)
     if fields.pop("decode"):

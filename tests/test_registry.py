@@ -42,7 +42,8 @@ def test_sm90_table() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16"])
 def test_lookup_returns_registered_config(dtype: torch.dtype | str) -> None:
     config = registry.lookup("sm_90a", 128, dtype, True)
-    assert config == FmhaFwdConfig("sm_90a", 128, "bfloat16", True, 128, 128, 2)
+    expected = FmhaFwdConfig("sm_90a", 128, "bfloat16", True, 128, 128, 2, persistent=True)
+    assert config == expected
 
 
 @pytest.mark.usefixtures("kernels_accept_all")
@@ -135,28 +136,32 @@ def test_decode_variants_refuse_what_decode_is_not(causal: bool, variant) -> Non
     assert len(info.value.reasons) == 1
 
 
-def test_persistent_only_for_non_causal_dense() -> None:
+def test_persistent_only_for_dense() -> None:
     kernels = [c for c in registry.registered_kernels("sm_90a") if isinstance(c, FmhaFwdConfig)]
-    persistent = {(c.head_dim, c.dtype) for c in kernels if c.persistent}
-    assert persistent == {(d, t) for d in (64, 128) for t in ("float16", "bfloat16")}
+    persistent = {(c.head_dim, c.dtype, c.is_causal) for c in kernels if c.persistent}
+    assert persistent == {
+        (d, t, c) for d in (64, 128) for t in ("float16", "bfloat16") for c in (False, True)
+    }
     for config in kernels:
-        dense_full = not config.is_causal and not config.is_varlen and not config.split_kv
-        assert config.persistent == dense_full, config.name
+        dense = not config.is_varlen and not config.split_kv
+        assert config.persistent == dense, config.name
 
 
 @pytest.mark.parametrize(
     "fields",
     [
-        dict(is_causal=True),
         dict(varlen_q=True, kv_layout="varlen"),
         dict(kv_layout="cache"),
+        dict(kv_layout="paged", page_size=16, is_causal=True),
         dict(kv_layout="cache", split_kv=True),
     ],
-    ids=["causal", "varlen", "cache", "split"],
+    ids=["varlen", "cache", "paged-causal", "split"],
 )
 def test_kernel_refuses_persistent_with_unequal_tiles(fields: dict) -> None:
     base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=False)
     config = FmhaFwdConfig(**{**base, **fields, "persistent": True})
     reasons = build.can_implement(config)
-    assert any("persistent kernels serve non-causal dense problems only" in r for r in reasons)
+    assert any("persistent kernels serve dense problems only" in r for r in reasons)
     assert build.can_implement(FmhaFwdConfig(**{**base, **fields})) == []
+    dense = FmhaFwdConfig(**{**base, "is_causal": True, "persistent": True})
+    assert build.can_implement(dense) == []

@@ -28,11 +28,13 @@ Features and limits:
   (num_splits, ...) partial tensors, merged by `common/split_combine.py`.
 
 Structure: one CTA per (query tile, head, batch); warp-specialized with TMA + mbarriers.
-Persistent (`FmhaFwdConfig.persistent`, non-causal dense problems): `num_ctas` CTAs (one
-per SM) instead, each taking work tiles tile, tile + grid, ... in (query tile, head,
-batch) order; Q is double-buffered, so the producer loads the next tile's Q and first
-K/V while the consumers run this tile's epilogue, and a Q stage is released once the TMA
-store of the O staged in it has read it.
+Persistent (`FmhaFwdConfig.persistent`, dense problems): `num_ctas` CTAs (one per SM)
+instead, each taking work units u, u + grid, ... in (unit, head, batch) order. A unit is
+a query tile, or (causal) the j-th tile from the last followed by the j-th from the
+first: together they have the same number of key tiles for every j, so the static
+schedule is balanced. Q is double-buffered: the producer loads the next tile's Q and
+first K/V while the consumers run this tile's epilogue, and a Q stage is released once
+the TMA store of the O staged in it has read it.
 
     warpgroup 0 (producer, few registers)     warpgroups 1..W (consumers, 64 rows each)
     ----------------------------------------  ------------------------------------------
@@ -241,8 +243,8 @@ class HopperFmhaForward:
             batch = batch * num_splits
         grid = [num_m_blocks, cute.size(mQ.shape[2]), batch]
         if const_expr(self.persistent):
-            num_tiles = num_m_blocks * cute.size(mQ.shape[2]) * batch
-            grid = [cutlass.min(cutlass.max(num_ctas, 1), num_tiles), 1, 1]
+            num_units = self.units_per_head(num_m_blocks) * cute.size(mQ.shape[2]) * batch
+            grid = [cutlass.min(cutlass.max(num_ctas, 1), num_units), 1, 1]
         self.kernel(
             tma_Q,
             tma_K,
@@ -397,8 +399,8 @@ class HopperFmhaForward:
     @cute.jit
     def run_tiles(self, producer: cutlass.Constexpr[bool], role_args: tuple, tiles: tuple):
         """This CTA's work tiles, each through `load` (producer warp) or `mma` (consumer
-        warpgroups) with `role_args`: its grid block's, or (persistent) tiles
-        block, block + grid, ... The pipeline states carry over from tile to tile."""
+        warpgroups) with `role_args`: its grid block's, or (persistent) those of work
+        units block, block + grid, ... The pipeline states carry over from tile to tile."""
         num_m_blocks, causal_offset, num_splits = tiles
         tensors = role_args[0]
         role, step = pipeline.PipelineUserType.Consumer, self.mma
@@ -408,38 +410,48 @@ class HopperFmhaForward:
         kv_state = pipeline.make_pipeline_state(role, self.num_stages)
         block_m, head_idx, batch_split = cute.arch.block_idx()
         if const_expr(self.persistent):
-            num_tiles = (
-                num_m_blocks * cute.size(tensors[0].shape[2]) * cute.size(tensors[0].shape[3])
-            )
-            tile = block_m
-            while tile < num_tiles:
-                work = self.persistent_tile(tile, num_m_blocks, tensors, causal_offset)
-                q_state, kv_state = step(work, *role_args, q_state, kv_state)
-                tile += cute.arch.grid_dim()[0]
+            # Work units, (head, batch) by (head, batch): a query tile, or (causal) the
+            # pair of the j-th tile from the last and the j-th from the first, whose key
+            # tiles add up to the same count for every j (equal units, so a static
+            # round robin leaves no SM idle). Units of one (head, batch) are consecutive,
+            # so CTAs that run at the same time share its K/V in L2.
+            num_heads = cute.size(tensors[0].shape[2])
+            units_per_head = self.units_per_head(num_m_blocks)
+            num_units = units_per_head * num_heads * cute.size(tensors[0].shape[3])
+            tiles_per_unit = 2 if const_expr(self.is_causal) else 1
+            # Slot = unit * tiles_per_unit + half: this CTA's slots are those of its units.
+            slot = block_m * tiles_per_unit
+            while slot < num_units * tiles_per_unit:
+                unit = slot // tiles_per_unit
+                half = slot - unit * tiles_per_unit
+                head_batch = unit // units_per_head
+                j = unit - head_batch * units_per_head
+                batch_idx = head_batch // num_heads
+                head_idx = head_batch - batch_idx * num_heads
+                # `work_tile` counts causal grid blocks from the last query tile.
+                block = j if half == 0 else num_m_blocks - 1 - j
+                work = self.work_tile(
+                    block, head_idx, batch_idx, num_m_blocks, tensors, causal_offset, num_splits
+                )
+                if const_expr(self.is_causal):
+                    if half == 0 or block != j:  # the middle tile of an odd count is alone
+                        q_state, kv_state = step(work, *role_args, q_state, kv_state)
+                else:
+                    q_state, kv_state = step(work, *role_args, q_state, kv_state)
+                slot += 1
+                if half == tiles_per_unit - 1:
+                    slot += (cute.arch.grid_dim()[0] - 1) * tiles_per_unit
         else:
             work = self.work_tile(
                 block_m, head_idx, batch_split, num_m_blocks, tensors, causal_offset, num_splits
             )
             step(work, *role_args, q_state, kv_state)
 
-    @cute.jit
-    def persistent_tile(
-        self, tile: Int32, num_m_blocks: Int32, tensors: tuple, causal_offset: Int32
-    ) -> WorkTile:
-        """Work tile `tile` of a persistent launch: query tiles of one (head, batch)
-        consecutive, so CTAs that run at the same time share their K/V in L2."""
-        num_heads = cute.size(tensors[0].shape[2])
-        head_batch = tile // num_m_blocks
-        batch_idx = head_batch // num_heads
-        return self.work_tile(
-            tile - head_batch * num_m_blocks,
-            head_batch - batch_idx * num_heads,
-            batch_idx,
-            num_m_blocks,
-            tensors,
-            causal_offset,
-            Int32(1),
-        )
+    def units_per_head(self, num_m_blocks: Int32) -> Int32:
+        """Work units of one (head, batch) in a persistent launch (see `run_tiles`)."""
+        if const_expr(self.is_causal):
+            return (num_m_blocks + 1) // 2
+        return num_m_blocks
 
     @cute.jit
     def work_tile(

@@ -60,10 +60,10 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
             "varlen_q and kv_layout='varlen' go together (packed queries need per-sequence "
             "key lengths; 'cache' and 'paged' serve either query layout)"
         )
-    if config.persistent and (config.is_causal or config.is_varlen or config.split_kv):
+    if config.persistent and (config.is_varlen or config.split_kv):
         reasons.append(
-            "persistent kernels serve non-causal dense problems only (equal work per tile: "
-            "a static tile schedule would leave SMs idle on causal or variable-length tiles)"
+            "persistent kernels serve dense problems only (their work units are equal; "
+            "a static schedule would leave SMs idle on variable-length tiles)"
         )
     if not reasons and smem_bytes(config) > SMEM_CAPACITY_BYTES:
         reasons.append(
