@@ -42,10 +42,12 @@ class FmhaFwdConfig:
         page_size: rows per page ("paged" only; a multiple of 16), else 0.
         split_kv: the key range of each query tile is split across `num_splits` CTAs that
             write float32 partial outputs and LSEs for a combine kernel to merge.
-        persistent: launch at most `num_ctas` CTAs (one per SM) that loop over work units
-            (a query tile; causal: a pair of tiles with as many key tiles together as any
-            other pair), so that the loads of a CTA's next tile overlap this tile's
-            epilogue (dense problems only: their units are equal work).
+        persistent: launch at most `num_ctas` CTAs (one per SM) that loop over work units,
+            so that the loads of a CTA's next tile overlap this tile's epilogue. Dense
+            problems: a static round robin over equal units (a query tile; causal: a pair
+            of tiles with as many key tiles together as any other pair). Packed queries
+            and keys (`varlen_q`, kv_layout "varlen"): query tiles taken one by one from a
+            global counter (`mTileCounter`, zeroed before the launch).
     """
 
     arch: str

@@ -1,13 +1,15 @@
 """Same-process A/B of the dense kernels: one CTA per work tile vs persistent (GPU).
 
-    python -m perf.ab_persistent [--dtype bfloat16]
+    python -m perf.ab_persistent [--dtype bfloat16] [--varlen]
 
 For each row of the perf suite's dense grid (d64/d128 x causal/non-causal, S 512..16k,
 B*S = 16k, H = 2048 / D) plus GQA 32:8 at 4k and Sq=1k/Sk=8k, the registered config with
 `persistent=False` and with `persistent=True` are launched directly (same arguments as
 `sparsek.ops`), their NaN-poisoned outputs checked against cuDNN SDPA's, and timed with
 the perf suite's timer (cold L2, median) beside cuDNN in the same process. Prints a
-markdown table.
+markdown table. With --varlen: the perf suite's packed varlen case instead (16 sequences
+of 44-4096 tokens, d128, H16 and GQA 32:8, causal and not), checked against the float32
+reference, TFLOP/s over each sequence's exact visible pairs.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from perf.shapes import varlen_seqlens, visible_pairs
 from perf.timing import time_kernel
 from sparsek import ops
 from sparsek.cache import get_kernel
-from sparsek.registry import detect_arch, lookup
+from sparsek.reference_varlen import reference_attention_varlen
+from sparsek.registry import PACKED, detect_arch, lookup
 
 HEADER = (
     "| dtype | B | Sq | Sk | H | Hkv | D | causal | grid TFLOP/s | persistent TFLOP/s "
@@ -71,7 +75,7 @@ def row(shape: Shape, dtype: torch.dtype, arch: str) -> str:
         kernel = get_kernel(replace(base, persistent=persistent))
         out = torch.full_like(q, float("nan"))
         lse = torch.empty(b, h, sq, device=device, dtype=torch.float32)
-        args = (q, k, v, out, lse, None, None, None, None, *scalars)
+        args = (q, k, v, out, lse, None, None, None, None, None, *scalars)
         kernel(*args)
         torch.cuda.synchronize()
         errs.append((out.float() - want.float()).abs().max().item())
@@ -85,15 +89,71 @@ def row(shape: Shape, dtype: torch.dtype, arch: str) -> str:
     )
 
 
+VARLEN_HEADER = (
+    "| dtype | seqs | H | Hkv | D | causal | grid TFLOP/s | persistent TFLOP/s "
+    "| persistent / grid | max err |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def varlen_row(h: int, hkv: int, causal: bool, dtype: torch.dtype, arch: str) -> str:
+    d, lengths = 128, varlen_seqlens()
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    total = sum(lengths)
+    q = torch.randn(total, h, d, device=device, dtype=dtype)
+    k = torch.randn(total, hkv, d, device=device, dtype=dtype)
+    v = torch.randn(total, hkv, d, device=device, dtype=dtype)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu.to(device)
+    longest = max(lengths)
+    want, _ = reference_attention_varlen(q, k, v, cu, cu, longest, longest, causal=causal)
+    base = lookup(arch, d, dtype, causal, PACKED)
+    fns: dict[str, Callable[[], object]] = {}
+    errs = []
+    for name, persistent in (("grid", False), ("persistent", True)):
+        kernel = get_kernel(replace(base, persistent=persistent))
+        out = torch.full_like(q, float("nan"))
+        lse = torch.empty(h, total, device=device, dtype=torch.float32)
+        tensors = (q[None], k[None], v[None], out[None], lse[None], cu, cu, None, None)
+
+        def run(kernel=kernel, tensors=tensors) -> None:
+            counter = torch.zeros(1, dtype=torch.int32, device=device)
+            kernel(*tensors, counter, d**-0.5, 0, longest, 1, ops.num_sms(device.index))
+
+        run()
+        torch.cuda.synchronize()
+        errs.append((out.float() - want.float()).abs().max().item())
+        fns[name] = run
+    pairs = sum(visible_pairs(n, n, causal, exact=True) for n in lengths)
+    flops = 4.0 * h * d * pairs
+    tflops = {name: flops / time_kernel(fn, device) / 1e9 for name, fn in fns.items()}
+    g, p = tflops["grid"], tflops["persistent"]
+    return (
+        f"| {str(dtype).removeprefix('torch.')} | {len(lengths)} | {h} | {hkv} | {d} | {causal} "
+        f"| {g:.0f} | {p:.0f} | {p / g:.3f} | {max(errs):.3g} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--varlen", action="store_true", help="the packed varlen case")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     arch = detect_arch(torch.device("cuda"))
     assert arch is not None
+    if args.varlen:
+        lines = [VARLEN_HEADER]
+        for h, hkv in ((16, 16), (32, 8)):
+            for causal in (False, True):
+                lines.append(varlen_row(h, hkv, causal, dtype, arch))
+                print(lines[-1], flush=True)
+        print("\n".join(lines))
+        return
     lines = [HEADER]
     for shape in shapes():
-        lines.append(row(shape, getattr(torch, args.dtype), arch))
+        lines.append(row(shape, dtype, arch))
         print(lines[-1], flush=True)
     print("\n".join(lines))
 

@@ -44,7 +44,7 @@ def dense_rows() -> dict[str, Callable[[], object]]:
     no = None
     scalars = (0.125, 0, 0, 1, ops.num_sms(q.device.index))
     return {
-        "dense: raw kernel call": lambda: kernel(q, k, v, out, lse, no, no, no, no, *scalars),
+        "dense: raw kernel call": lambda: kernel(q, k, v, out, lse, no, no, no, no, no, *scalars),
         "dense: torch.ops op": lambda: torch.ops.sparsek.attention(q, k, v, False, 0.125, False),
         "dense: sparsek.attention": lambda: sparsek.attention(q, k, v),
         "dense: torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt),

@@ -40,6 +40,7 @@ from sparsek.reference_varlen import (
     reference_attention_kvcache,
     reference_attention_varlen,
 )
+from sparsek.registry import PACKED
 
 __all__ = ["attention_varlen", "attention_with_kvcache"]
 
@@ -115,7 +116,7 @@ def attention_varlen(
 
     needs_grad = _needs_grad(q, k, v)
     if q.device.type != "cpu":
-        _route(NEEDS_GRAD if needs_grad else kernel_config(q, v, causal, ops_varlen.VARLEN))
+        _route(NEEDS_GRAD if needs_grad else kernel_config(q, v, causal, PACKED))
     if needs_grad:
         # The op has no autograd formula; the reference itself is differentiable.
         if q.device.type == "cpu" and not torch.compiler.is_compiling():

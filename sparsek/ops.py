@@ -117,7 +117,7 @@ def _attention_cuda(
     offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
     args = (tma_compatible(q), tma_compatible(k), tma_compatible(v), out, lse)
     scalars = (float(softmax_scale), offset, 0, 1, num_sms(q.device.index))
-    launch(q.device, kernel, *args, None, None, None, None, *scalars)
+    launch(q.device, kernel, *args, None, None, None, None, None, *scalars)
     return out, lse
 
 

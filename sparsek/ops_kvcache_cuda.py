@@ -172,7 +172,8 @@ def attention_with_kvcache(
         lse_k = lse_rows if plan.lse_view is None else plan.lse_view.of(lse_rows)
     cu_q = cu_seqlens_q.contiguous() if plan.varlen_q and cu_seqlens_q is not None else None
     table = block_table.contiguous() if block_table is not None else None
-    bounds = (cu_q, None, cache_seqlens.contiguous(), table, float(softmax_scale), 0, plan.rows)
+    metadata = (cu_q, None, cache_seqlens.contiguous(), table, None)
+    bounds = (*metadata, float(softmax_scale), 0, plan.rows)
     if plan.combine is None:
         launch(q.device, kernel, q_k, k_cache, v_cache, out_k, lse_k, *bounds, 1, 0)
     else:

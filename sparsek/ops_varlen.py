@@ -50,7 +50,7 @@ from sparsek.reference_varlen import (
     reference_attention_kvcache,
     reference_attention_varlen,
 )
-from sparsek.registry import Variant
+from sparsek.registry import PACKED, Variant
 
 # A fragment of the `sparsek` namespace that `sparsek.ops` defines (same plain
 # torch.library.Library style, for the same per-call overhead reasons).
@@ -191,7 +191,7 @@ def _attention_varlen_cuda(
     softmax_scale: float,
 ) -> tuple[Tensor, Tensor]:
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    if isinstance(ops_varlen_cuda.kernel_config(q, v, causal, VARLEN), str):
+    if isinstance(ops_varlen_cuda.kernel_config(q, v, causal, PACKED), str):
         return _attention_varlen_reference(*args, softmax_scale)
     return ops_varlen_cuda.attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale
@@ -215,9 +215,6 @@ def _attention_with_kvcache_cuda(
     if isinstance(plan, str):
         return _attention_with_kvcache_reference(*args, softmax_scale, num_splits)
     return ops_kvcache_cuda.attention_with_kvcache(*args, softmax_scale, num_splits, plan)
-
-
-VARLEN = Variant(varlen_q=True, kv_layout="varlen")
 
 
 def kvcache_variant(args: tuple[object, ...]) -> Variant:

@@ -24,7 +24,7 @@ from cutedsl_kernels.config import FmhaFwdConfig
 from sparsek import ops
 from sparsek.cache import KernelFn
 from sparsek.ops import _launcher, launch, tma_compatible
-from sparsek.registry import Variant, detect_arch, dtype_name, find, lookup_kv_store
+from sparsek.registry import PACKED, Variant, detect_arch, dtype_name, find, lookup_kv_store
 
 # Splits never exceed this (the partial buffers grow with it; past ~2x the SM count
 # there is nothing left to fill).
@@ -79,7 +79,9 @@ def attention_varlen(
     lse.fill_(float("-inf"))
     if max_seqlen_q == 0 or k.shape[0] == 0:
         return out, lse
-    kernel = _launcher(q.device, head_dim, q.dtype, causal, Variant(True, "varlen"))
+    kernel = _launcher(q.device, head_dim, q.dtype, causal, PACKED)
+    # The persistent kernel's work-tile counter (see `FmhaFwdConfig.persistent`).
+    tile_counter = torch.zeros(1, dtype=torch.int32, device=q.device)
     launch(
         q.device,
         kernel,
@@ -92,11 +94,12 @@ def attention_varlen(
         cu_seqlens_k.contiguous(),
         None,
         None,
+        tile_counter,
         float(softmax_scale),
         0,
         int(max_seqlen_q),
         1,
-        0,
+        ops.num_sms(q.device.index),
     )
     return out, lse
 

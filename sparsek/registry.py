@@ -84,6 +84,7 @@ class Variant:
 
 
 DENSE = Variant()
+PACKED = Variant(varlen_q=True, kv_layout="varlen")  # attention_varlen
 
 # Variants precompiled by `python -m sparsek compile` (and compile-tested in CI) beside
 # the dense kernels: attention_varlen, and attention_with_kvcache over a contiguous or a
@@ -91,7 +92,7 @@ DENSE = Variant()
 # page sizes (multiples of 16) compile at first use.
 _PRECOMPILED_PAGE_SIZES = (16, 64)
 _VARIANTS: tuple[Variant, ...] = (
-    Variant(varlen_q=True, kv_layout="varlen"),
+    PACKED,
     *(
         Variant(varlen_q=varlen_q, kv_layout=kv, page_size=page, split_kv=split)
         for varlen_q in (False, True)
@@ -316,8 +317,9 @@ def _make_config(
     tuning = _TUNING[(arch, head_dim)]
     if is_causal:
         tuning = _CAUSAL_TUNING.get((arch, head_dim), tuning)
-    if variant != DENSE:
-        # Variable-length tiles differ in work (see `FmhaFwdConfig.persistent`).
+    if variant not in (DENSE, PACKED):
+        # Only dense and packed problems have a persistent schedule (see
+        # `FmhaFwdConfig.persistent`).
         tuning = replace(tuning, persistent=False)
     fields = asdict(variant)
     if fields.pop("decode"):

@@ -33,8 +33,10 @@ def fake_kernel(causal: bool | None, variant):
         out.copy_((weights * o_part).sum(dim=0))
         lse.copy_(total)
 
-    def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, scale, offset, rows, splits, ctas):
-        assert cu_k is None and offset == 0 and (splits > 1) == variant.split_kv and ctas == 0
+    def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, counter, *scalars):
+        scale, offset, rows, splits, ctas = scalars
+        assert cu_k is None and counter is None and offset == 0 and ctas == 0
+        assert (splits > 1) == variant.split_kv
         assert (cu_q is not None) == variant.varlen_q and (table is not None) == (
             variant.kv_layout == "paged"
         )

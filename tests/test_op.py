@@ -115,10 +115,11 @@ class RecordingKernel:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
 
-    def __call__(self, q, k, v, out, lse, cu_q, cu_k, used_k, pages, scale, offset, *rest) -> None:
-        # Dense launches pass no sequence metadata, max_seqlen_q 0, one split and the SM
-        # count (a persistent kernel's CTAs).
-        assert (cu_q, cu_k, used_k, pages, *rest) == (None, None, None, None, 0, 1, 132)
+    def __call__(self, q, k, v, out, lse, *rest) -> None:
+        # Dense launches pass no sequence metadata or tile counter, max_seqlen_q 0, one
+        # split and the SM count (a persistent kernel's CTAs).
+        *metadata, scale, offset, max_seqlen_q, splits, ctas = rest
+        assert (*metadata, max_seqlen_q, splits, ctas) == (None, None, None, None, None, 0, 1, 132)
         self.calls.append((q, k, v, out, lse, scale, offset))
         out.fill_(1.0)
         lse.fill_(2.0)

@@ -136,32 +136,37 @@ def test_decode_variants_refuse_what_decode_is_not(causal: bool, variant) -> Non
     assert len(info.value.reasons) == 1
 
 
-def test_persistent_only_for_dense() -> None:
+def test_persistent_for_dense_and_packed() -> None:
     kernels = [c for c in registry.registered_kernels("sm_90a") if isinstance(c, FmhaFwdConfig)]
-    persistent = {(c.head_dim, c.dtype, c.is_causal) for c in kernels if c.persistent}
+    persistent = {(c.head_dim, c.dtype, c.is_causal, c.varlen_q) for c in kernels if c.persistent}
     assert persistent == {
-        (d, t, c) for d in (64, 128) for t in ("float16", "bfloat16") for c in (False, True)
+        (d, t, c, v)
+        for d in (64, 128)
+        for t in ("float16", "bfloat16")
+        for c in (False, True)
+        for v in (False, True)
     }
     for config in kernels:
-        dense = not config.is_varlen and not config.split_kv
-        assert config.persistent == dense, config.name
+        scheduled = config.kv_layout in ("dense", "varlen") and not config.split_kv
+        assert config.persistent == scheduled, config.name
 
 
 @pytest.mark.parametrize(
     "fields",
     [
-        dict(varlen_q=True, kv_layout="varlen"),
+        dict(varlen_q=True, kv_layout="cache"),
         dict(kv_layout="cache"),
         dict(kv_layout="paged", page_size=16, is_causal=True),
         dict(kv_layout="cache", split_kv=True),
     ],
-    ids=["varlen", "cache", "paged-causal", "split"],
+    ids=["packed-cache", "cache", "paged-causal", "split"],
 )
 def test_kernel_refuses_persistent_with_unequal_tiles(fields: dict) -> None:
     base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=False)
     config = FmhaFwdConfig(**{**base, **fields, "persistent": True})
     reasons = build.can_implement(config)
-    assert any("persistent kernels serve dense problems only" in r for r in reasons)
+    assert any("persistent kernels serve dense problems" in r for r in reasons)
     assert build.can_implement(FmhaFwdConfig(**{**base, **fields})) == []
     dense = FmhaFwdConfig(**{**base, "is_causal": True, "persistent": True})
-    assert build.can_implement(dense) == []
+    packed = FmhaFwdConfig(**{**base, "varlen_q": True, "kv_layout": "varlen", "persistent": True})
+    assert build.can_implement(dense) == build.can_implement(packed) == []

@@ -19,9 +19,10 @@ Features and limits:
   token axis (a batch of 1 on the host side) and delimited by `cu_seqlens_q/k`; or keys
   in a per-batch cache with `seqused_k` keys used; or in pages of `page_size` rows reached
   through `page_table` (one TMA box of gcd(page_size, tile_n) rows per page piece, so any
-  page size that is a multiple of 16 works). Packed queries: one grid axis enumerates the
-  query tiles of all sequences (`seqlen.packed_tile`; split-KV launches instead cover the
-  longest sequence per batch entry); tiles past a sequence's end exit without work.
+  page size that is a multiple of 16 works). Packed queries: one grid axis enumerates
+  (query tile, head) of all sequences, heads fastest (`seqlen.packed_tile`; split-KV
+  launches instead cover the longest sequence per batch entry); tiles past a sequence's
+  end exit without work.
   Causal is bottom-right per sequence.
 - Split-KV (`split_kv`): batch index b * num_splits + split; each split visits an equal
   share of its query tile's key tiles and writes float32 O and LSE of its share to
@@ -32,9 +33,12 @@ Persistent (`FmhaFwdConfig.persistent`, dense problems): `num_ctas` CTAs (one pe
 instead, each taking work units u, u + grid, ... in (unit, head, batch) order. A unit is
 a query tile, or (causal) the j-th tile from the last followed by the j-th from the
 first: together they have the same number of key tiles for every j, so the static
-schedule is balanced. Q is double-buffered: the producer loads the next tile's Q and
-first K/V while the consumers run this tile's epilogue, and a Q stage is released once
-the TMA store of the O staged in it has read it.
+schedule is balanced. Persistent packed queries and keys (tiles of unequal work): the
+producer warp takes each next (query tile, head) number from a zeroed global counter
+(`mTileCounter`, atomic add) once it has issued this tile's loads, and passes it to the
+consumers through shared memory (`pipeline_sched`). Q is double-buffered: the producer
+loads the next tile's Q and first K/V while the consumers run this tile's epilogue, and a
+Q stage is released once the TMA store of the O staged in it has read it.
 
     warpgroup 0 (producer, few registers)     warpgroups 1..W (consumers, 64 rows each)
     ----------------------------------------  ------------------------------------------
@@ -83,6 +87,9 @@ from cutedsl_kernels.hopper.limits import (
 )
 from cutedsl_kernels.hopper.mainloop import Sm90Mainloop, start_turns
 
+# Work tile numbers in flight from the producer warp to the consumers (dynamic schedule).
+SCHED_STAGES = 2
+
 
 class HopperFmhaForward:
     """Warp-specialized FMHA forward for sm_90a (see module docstring)."""
@@ -100,6 +107,8 @@ class HopperFmhaForward:
         self.paged = config.kv_layout == "paged"
         self.split_kv = config.split_kv
         self.persistent = config.persistent
+        # Persistent packed queries take work tiles from a global counter (see `run_tiles`).
+        self.dynamic = config.persistent and config.varlen_q
         self.q_stages = limits.q_stages(config)
         # Packed queries: one grid axis over the query tiles of all sequences.
         self.packed_tiles = config.varlen_q and not config.split_kv
@@ -146,8 +155,9 @@ class HopperFmhaForward:
         has_used_k = self.kv_layout in ("cache", "paged")
         used_k = tensor(Int32, (cute.sym_int(),), 1) if has_used_k else None
         pages = tensor(Int32, (cute.sym_int(), cute.sym_int()), 1) if self.paged else None
+        counter = tensor(Int32, (1,), 1) if self.dynamic else None
         scalars = (Float32(1.0), Int32(0), Int32(1), Int32(1), Int32(1))
-        return (q, k, v, out, lse, cu_q, cu_k, used_k, pages, *scalars)
+        return (q, k, v, out, lse, cu_q, cu_k, used_k, pages, counter, *scalars)
 
     # ------------------------------------------------------------------ host side
     @cute.jit
@@ -162,6 +172,7 @@ class HopperFmhaForward:
         mCuSeqlensK: cute.Tensor | None,  # (b + 1,) int32, kv_layout "varlen"
         mSeqUsedK: cute.Tensor | None,  # (b,) int32, kv_layout "cache" / "paged"
         mPageTable: cute.Tensor | None,  # (b, max_pages) int32, kv_layout "paged"
+        mTileCounter: cute.Tensor | None,  # (1,) int32, zeros: persistent packed queries
         softmax_scale: Float32,
         causal_offset: Int32,
         max_seqlen_q: Int32,
@@ -228,6 +239,8 @@ class HopperFmhaForward:
             sQ: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sQ_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
+            mbar_sched: cute.struct.MemRange[cutlass.Int64, 2 * SCHED_STAGES]
+            sched_tiles: cute.struct.MemRange[Int32, SCHED_STAGES]
 
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
         if const_expr(self.packed_tiles):
@@ -242,6 +255,12 @@ class HopperFmhaForward:
         if const_expr(self.split_kv):
             batch = batch * num_splits
         grid = [num_m_blocks, cute.size(mQ.shape[2]), batch]
+        if const_expr(self.packed_tiles):
+            # Heads vary fastest: the CTAs dispatched together share a query tile's length
+            # (hence work), and the long sequences' tiles are not left for the end.
+            grid = [num_m_blocks * cute.size(mQ.shape[2]), 1, 1]
+            if const_expr(self.dynamic):
+                grid = [cutlass.min(cutlass.max(num_ctas, 1), grid[0]), 1, 1]
         if const_expr(self.persistent):
             num_units = self.units_per_head(num_m_blocks) * cute.size(mQ.shape[2]) * batch
             grid = [cutlass.min(cutlass.max(num_ctas, 1), num_units), 1, 1]
@@ -256,6 +275,7 @@ class HopperFmhaForward:
             mCuSeqlensK,
             mSeqUsedK,
             mPageTable,
+            mTileCounter,
             tma_atom_Q,
             tma_atom_K,
             tma_atom_V,
@@ -308,6 +328,7 @@ class HopperFmhaForward:
         mCuSeqlensK: cute.Tensor | None,
         mSeqUsedK: cute.Tensor | None,
         mPageTable: cute.Tensor | None,
+        mTileCounter: cute.Tensor | None,
         tma_atom_Q: cute.CopyAtom,
         tma_atom_K: cute.CopyAtom,
         tma_atom_V: cute.CopyAtom,
@@ -367,6 +388,18 @@ class HopperFmhaForward:
             tx_count=tx_bytes_kv,
             defer_sync=True,
         )
+        pipeline_sched = None
+        if const_expr(self.dynamic):
+            # Work tile numbers, producer warp -> consumers (see `run_tiles`).
+            pipeline_sched = pipeline.PipelineAsync.create(
+                barrier_storage=storage.mbar_sched.data_ptr(),
+                num_stages=SCHED_STAGES,
+                producer_group=tma_warp,
+                consumer_group=pipeline.CooperativeGroup(
+                    pipeline.Agent.Thread, self.num_mma_threads
+                ),
+                defer_sync=True,
+            )
         pipeline.pipeline_init_arrive()
 
         # O is staged through the Q stage of its own tile (see `store_o_tma`).
@@ -376,7 +409,8 @@ class HopperFmhaForward:
         tensors = (mQ, mK, mV, tma_O, mO, mLSE, mCuSeqlensQ, mCuSeqlensK, mSeqUsedK, mPageTable)
         smem_tiles = (sQ, sK, sV)
         pipelines = (pipeline_q, pipeline_k, pipeline_v)
-        tiles = (num_m_blocks, causal_offset, num_splits)
+        sched_tiles = storage.sched_tiles.get_tensor(cute.make_layout(SCHED_STAGES))
+        tiles = (num_m_blocks, causal_offset, num_splits, pipeline_sched, sched_tiles, mTileCounter)
         pipeline.pipeline_init_wait()
 
         if warp_idx < THREADS_PER_WARPGROUP // cute.arch.WARP_SIZE:
@@ -401,7 +435,7 @@ class HopperFmhaForward:
         """This CTA's work tiles, each through `load` (producer warp) or `mma` (consumer
         warpgroups) with `role_args`: its grid block's, or (persistent) those of work
         units block, block + grid, ... The pipeline states carry over from tile to tile."""
-        num_m_blocks, causal_offset, num_splits = tiles
+        num_m_blocks, causal_offset, num_splits, pipeline_sched, sched_tiles, counter = tiles
         tensors = role_args[0]
         role, step = pipeline.PipelineUserType.Consumer, self.mma
         if const_expr(producer):
@@ -409,7 +443,37 @@ class HopperFmhaForward:
         q_state = pipeline.make_pipeline_state(role, self.q_stages)
         kv_state = pipeline.make_pipeline_state(role, self.num_stages)
         block_m, head_idx, batch_split = cute.arch.block_idx()
-        if const_expr(self.persistent):
+        if const_expr(self.dynamic):
+            # Packed query tiles x heads, heads fastest (as the grid of one CTA per tile),
+            # handed out by a global counter: the producer warp takes the next number once
+            # it has issued this tile's loads and passes each number to the consumers.
+            num_heads = cute.size(tensors[0].shape[2])
+            num_tiles = num_m_blocks * num_heads
+            sched_state = pipeline.make_pipeline_state(role, SCHED_STAGES)
+            tile = block_m
+            if const_expr(not producer):
+                tile, sched_state = self.take_tile(pipeline_sched, sched_tiles, sched_state)
+            while tile < num_tiles:
+                if const_expr(producer):
+                    sched_state = self.give_tile(pipeline_sched, sched_tiles, sched_state, tile)
+                slot = tile // num_heads
+                work = self.work_tile(
+                    slot,
+                    tile - slot * num_heads,
+                    0,
+                    num_m_blocks,
+                    tensors,
+                    causal_offset,
+                    num_splits,
+                )
+                q_state, kv_state = step(work, *role_args, q_state, kv_state)
+                if const_expr(producer):
+                    tile = next_tile(counter)
+                else:
+                    tile, sched_state = self.take_tile(pipeline_sched, sched_tiles, sched_state)
+            if const_expr(producer):
+                self.give_tile(pipeline_sched, sched_tiles, sched_state, tile)  # the end
+        elif const_expr(self.persistent):
             # Work units, (head, batch) by (head, batch): a query tile, or (causal) the
             # pair of the j-th tile from the last and the j-th from the first, whose key
             # tiles add up to the same count for every j (equal units, so a static
@@ -442,10 +506,44 @@ class HopperFmhaForward:
                 if half == tiles_per_unit - 1:
                     slot += (cute.arch.grid_dim()[0] - 1) * tiles_per_unit
         else:
+            if const_expr(self.packed_tiles):  # grid x: (query tile slot, head), see __call__
+                num_heads = cute.size(tensors[0].shape[2])
+                slot = block_m // num_heads
+                block_m, head_idx = slot, block_m - slot * num_heads
             work = self.work_tile(
                 block_m, head_idx, batch_split, num_m_blocks, tensors, causal_offset, num_splits
             )
             step(work, *role_args, q_state, kv_state)
+
+    @cute.jit
+    def give_tile(
+        self,
+        pipeline_sched: pipeline.PipelineAsync,
+        sched_tiles: cute.Tensor,
+        state: pipeline.PipelineState,
+        tile: Int32,
+    ) -> pipeline.PipelineState:
+        """Producer warp: pass work tile number `tile` to the consumers."""
+        pipeline_sched.producer_acquire(state)
+        if cute.arch.lane_idx() == 0:
+            sched_tiles[state.index] = tile
+            pipeline_sched.producer_commit(state)
+        state.advance()
+        return state
+
+    @cute.jit
+    def take_tile(
+        self,
+        pipeline_sched: pipeline.PipelineAsync,
+        sched_tiles: cute.Tensor,
+        state: pipeline.PipelineState,
+    ) -> tuple[Int32, pipeline.PipelineState]:
+        """Consumers: the next work tile number from the producer warp."""
+        pipeline_sched.consumer_wait(state)
+        tile = sched_tiles[state.index]
+        pipeline_sched.consumer_release(state)
+        state.advance()
+        return tile, state
 
     def units_per_head(self, num_m_blocks: Int32) -> Int32:
         """Work units of one (head, batch) in a persistent launch (see `run_tiles`)."""
@@ -741,6 +839,16 @@ class HopperFmhaForward:
             cute.local_tile(tma_O, (self.tile_m, self.head_dim), (m_block, 0)),
             tma_atom_O,
         )
+
+
+@cute.jit
+def next_tile(counter: cute.Tensor) -> Int32:
+    """The next work tile number from the zero-initialized global `counter` (one warp):
+    every CTA starts with its own block index, so numbers start at the grid size."""
+    ticket = Int32(0)
+    if cute.arch.lane_idx() == 0:
+        ticket = cute.arch.atomic_add(counter.iterator, Int32(1))
+    return cute.arch.shuffle_sync(ticket, 0) + cute.arch.grid_dim()[0]
 
 
 class WorkTile:

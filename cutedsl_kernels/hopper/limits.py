@@ -60,10 +60,11 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
             "varlen_q and kv_layout='varlen' go together (packed queries need per-sequence "
             "key lengths; 'cache' and 'paged' serve either query layout)"
         )
-    if config.persistent and (config.is_varlen or config.split_kv):
+    packed = config.varlen_q and config.kv_layout == "varlen"
+    if config.persistent and (config.split_kv or (config.is_varlen and not packed)):
         reasons.append(
-            "persistent kernels serve dense problems only (their work units are equal; "
-            "a static schedule would leave SMs idle on variable-length tiles)"
+            "persistent kernels serve dense problems (a static schedule of equal work units) "
+            "and packed queries with packed keys (a dynamic schedule), without split-KV"
         )
     if not reasons and smem_bytes(config) > SMEM_CAPACITY_BYTES:
         reasons.append(
