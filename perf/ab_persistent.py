@@ -1,12 +1,14 @@
-"""Same-process A/B of the dense kernels: one CTA per work tile vs persistent (GPU).
+"""Same-process A/B of a registered kernel config against a variant of it (GPU).
 
-    python -m perf.ab_persistent [--dtype bfloat16] [--varlen]
+    python -m perf.ab_persistent [--dtype bfloat16] [--varlen]     # vs persistent=False
+    python -m perf.ab_persistent --against tile_m=128 --head-dim 64 --causal 1
 
 For each row of the perf suite's dense grid (d64/d128 x causal/non-causal, S 512..16k,
-B*S = 16k, H = 2048 / D) plus GQA 32:8 at 4k and Sq=1k/Sk=8k, the registered config with
-`persistent=False` and with `persistent=True` are launched directly (same arguments as
-`sparsek.ops`), their NaN-poisoned outputs checked against cuDNN SDPA's, and timed with
-the perf suite's timer (cold L2, median) beside cuDNN in the same process. Prints a
+B*S = 16k, H = 2048 / D) plus GQA 32:8 at 4k and Sq=1k/Sk=8k (or those of --head-dim /
+--causal), the registered config (B) and the same with the --against fields replaced (A;
+default: persistent=False, one CTA per work tile) are launched directly (same arguments
+as `sparsek.ops`), their NaN-poisoned outputs checked against cuDNN SDPA's, and timed
+with the perf suite's timer (cold L2, median) beside cuDNN in the same process. Prints a
 markdown table. With --varlen: the perf suite's packed varlen case instead (16 sequences
 of 44-4096 tokens, d128, H16 and GQA 32:8, causal and not), checked against the float32
 reference, TFLOP/s over each sequence's exact visible pairs.
@@ -30,10 +32,11 @@ from sparsek.reference_varlen import reference_attention_varlen
 from sparsek.registry import PACKED, detect_arch, lookup
 
 HEADER = (
-    "| dtype | B | Sq | Sk | H | Hkv | D | causal | grid TFLOP/s | persistent TFLOP/s "
-    "| cuDNN TFLOP/s | persistent / grid | persistent / cuDNN | max err |\n"
+    "| dtype | B | Sq | Sk | H | Hkv | D | causal | A TFLOP/s | B TFLOP/s "
+    "| cuDNN TFLOP/s | B / A | B / cuDNN | max err |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+Against = dict[str, int | bool]
 
 
 Shape = tuple[int, int, int, int, int, int, bool]
@@ -51,7 +54,7 @@ def shapes() -> list[Shape]:
     return [*rows, *extra, (16, 1024, 8192, 16, 16, 128, False)]
 
 
-def row(shape: Shape, dtype: torch.dtype, arch: str) -> str:
+def row(shape: Shape, dtype: torch.dtype, arch: str, against: Against) -> str:
     b, sq, sk, h, hkv, d, causal = shape
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -71,8 +74,8 @@ def row(shape: Shape, dtype: torch.dtype, arch: str) -> str:
     scalars = (d**-0.5, 0, 0, 1, ops.num_sms(device.index))
     fns: dict[str, Callable[[], object]] = {"cudnn": cudnn}
     errs = []
-    for name, persistent in (("grid", False), ("persistent", True)):
-        kernel = get_kernel(replace(base, persistent=persistent))
+    for name, config in (("A", replace(base, **against)), ("B", base)):
+        kernel = get_kernel(config)
         out = torch.full_like(q, float("nan"))
         lse = torch.empty(b, h, sq, device=device, dtype=torch.float32)
         args = (q, k, v, out, lse, None, None, None, None, None, *scalars)
@@ -82,7 +85,7 @@ def row(shape: Shape, dtype: torch.dtype, arch: str) -> str:
         fns[name] = lambda kernel=kernel, args=args: kernel(*args)
     flops = 4 * b * h * sq * sk * d // (2 if causal else 1)
     tflops = {name: flops / time_kernel(fn, device) / 1e9 for name, fn in fns.items()}
-    g, p, c = tflops["grid"], tflops["persistent"], tflops["cudnn"]
+    g, p, c = tflops["A"], tflops["B"], tflops["cudnn"]
     return (
         f"| {str(dtype).removeprefix('torch.')} | {b} | {sq} | {sk} | {h} | {hkv} | {d} | {causal} "
         f"| {g:.0f} | {p:.0f} | {c:.0f} | {p / g:.3f} | {p / c:.3f} | {max(errs):.3g} |"
@@ -90,13 +93,14 @@ def row(shape: Shape, dtype: torch.dtype, arch: str) -> str:
 
 
 VARLEN_HEADER = (
-    "| dtype | seqs | H | Hkv | D | causal | grid TFLOP/s | persistent TFLOP/s "
-    "| persistent / grid | max err |\n"
+    "| dtype | seqs | H | Hkv | D | causal | A TFLOP/s | B TFLOP/s | B / A | max err |\n"
     "|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
-def varlen_row(h: int, hkv: int, causal: bool, dtype: torch.dtype, arch: str) -> str:
+def varlen_row(
+    h: int, hkv: int, causal: bool, dtype: torch.dtype, arch: str, against: Against
+) -> str:
     d, lengths = 128, varlen_seqlens()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -111,14 +115,15 @@ def varlen_row(h: int, hkv: int, causal: bool, dtype: torch.dtype, arch: str) ->
     base = lookup(arch, d, dtype, causal, PACKED)
     fns: dict[str, Callable[[], object]] = {}
     errs = []
-    for name, persistent in (("grid", False), ("persistent", True)):
-        kernel = get_kernel(replace(base, persistent=persistent))
+    for name, config in (("A", replace(base, **against)), ("B", base)):
+        kernel = get_kernel(config)
         out = torch.full_like(q, float("nan"))
         lse = torch.empty(h, total, device=device, dtype=torch.float32)
         tensors = (q[None], k[None], v[None], out[None], lse[None], cu, cu, None, None)
 
-        def run(kernel=kernel, tensors=tensors) -> None:
-            counter = torch.zeros(1, dtype=torch.int32, device=device)
+        def run(kernel=kernel, tensors=tensors, persistent=config.persistent) -> None:
+            # The persistent kernel's tile counter, zeroed per call as sparsek.ops does.
+            counter = torch.zeros(1, dtype=torch.int32, device=device) if persistent else None
             kernel(*tensors, counter, d**-0.5, 0, longest, 1, ops.num_sms(device.index))
 
         run()
@@ -128,7 +133,7 @@ def varlen_row(h: int, hkv: int, causal: bool, dtype: torch.dtype, arch: str) ->
     pairs = sum(visible_pairs(n, n, causal, exact=True) for n in lengths)
     flops = 4.0 * h * d * pairs
     tflops = {name: flops / time_kernel(fn, device) / 1e9 for name, fn in fns.items()}
-    g, p = tflops["grid"], tflops["persistent"]
+    g, p = tflops["A"], tflops["B"]
     return (
         f"| {str(dtype).removeprefix('torch.')} | {len(lengths)} | {h} | {hkv} | {d} | {causal} "
         f"| {g:.0f} | {p:.0f} | {p / g:.3f} | {max(errs):.3g} |"
@@ -139,7 +144,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--varlen", action="store_true", help="the packed varlen case")
+    parser.add_argument(
+        "--against",
+        nargs="*",
+        default=["persistent=0"],
+        help="FIELD=INT config fields of A (B: the registered config)",
+    )
+    parser.add_argument("--head-dim", type=int, help="only rows of this head_dim")
+    parser.add_argument("--causal", type=int, choices=(0, 1), help="only (non-)causal rows")
     args = parser.parse_args()
+    against: Against = {}
+    for item in args.against:
+        field, value = item.split("=")
+        against[field] = bool(int(value)) if field == "persistent" else int(value)
     dtype = getattr(torch, args.dtype)
     arch = detect_arch(torch.device("cuda"))
     assert arch is not None
@@ -147,13 +164,15 @@ def main() -> None:
         lines = [VARLEN_HEADER]
         for h, hkv in ((16, 16), (32, 8)):
             for causal in (False, True):
-                lines.append(varlen_row(h, hkv, causal, dtype, arch))
+                lines.append(varlen_row(h, hkv, causal, dtype, arch, against))
                 print(lines[-1], flush=True)
         print("\n".join(lines))
         return
     lines = [HEADER]
     for shape in shapes():
-        lines.append(row(shape, dtype, arch))
+        if args.head_dim not in (None, shape[5]) or args.causal not in (None, shape[6]):
+            continue
+        lines.append(row(shape, dtype, arch, against))
         print(lines[-1], flush=True)
     print("\n".join(lines))
 

@@ -49,18 +49,16 @@ class Tuning:
     persistent: bool = False
 
 
-# (arch, head_dim) -> tuning, measured on H100 (perf/NOTES.md). d128: 128x128 with the
-# overlapped, ping-pong main loop. d64: 192x128 (three MMA warpgroups) is +15% at S=8k
-# non-causal; causal keeps 128x128, since 192-row tiles leave too few CTAs at short S
-# (-25% at S=1k).
+# (arch, head_dim) -> tuning, measured on H100 and H200 (perf/NOTES.md). d128: 128x128
+# with the overlapped, ping-pong main loop. d64: 192x128 (three MMA warpgroups) is +15% at
+# S=8k non-causal; causal took 128x128 while one CTA ran per tile (192-row tiles left too
+# few CTAs at short S: -25% at S=1k) and 192x128 since the kernels are persistent (#17).
 _TUNING: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 64): Tuning(tile_m=192, tile_n=128, num_stages=2, persistent=True),
     ("sm_90a", 128): Tuning(tile_m=128, tile_n=128, num_stages=2, persistent=True),
 }
 # Causal rows that differ from the table above.
-_CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
-    ("sm_90a", 64): Tuning(tile_m=128, tile_n=128, num_stages=2, persistent=True),
-}
+_CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {}
 # Decode (`Variant.decode`): a tile's rows are the few query heads that share a KV head,
 # so a 64-row tile (one MMA warpgroup) does half the tensor-core and softmax work of a
 # 128-row one for the same bytes of K/V (perf/NOTES.md #12).
