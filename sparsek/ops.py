@@ -35,7 +35,15 @@ from cutedsl_kernels.config import KernelConfig
 from sparsek.cache import KernelFn, get_kernel
 from sparsek.errors import UnsupportedError
 from sparsek.reference import causal_offset, reference_attention
-from sparsek.registry import DENSE, Variant, detect_arch, lookup, lookup_combine
+from sparsek.registry import (
+    DENSE,
+    LONG_Q,
+    LONG_SEQLEN_Q,
+    Variant,
+    detect_arch,
+    lookup,
+    lookup_combine,
+)
 
 # TMA: global strides must be multiples of 16 bytes (8 fp16/bf16 elements) and the base
 # address 16-byte aligned.
@@ -113,7 +121,9 @@ def _attention_cuda(
             "no sparsek kernel for this input",
             [f"value head_dim={v.shape[-1]} must equal query head_dim={head_dim}"],
         )
-    kernel = _launcher(q.device, head_dim, q.dtype, causal)
+    # Long causal queries may take other tiles (`registry.LONG_Q`).
+    variant = LONG_Q if causal and seqlen_q >= LONG_SEQLEN_Q else DENSE
+    kernel = _launcher(q.device, head_dim, q.dtype, causal, variant)
     offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
     args = (tma_compatible(q), tma_compatible(k), tma_compatible(v), out, lse)
     scalars = (float(softmax_scale), offset, 0, 1, num_sms(q.device.index))

@@ -51,14 +51,22 @@ class Tuning:
 
 # (arch, head_dim) -> tuning, measured on H100 and H200 (perf/NOTES.md). d128: 128x128
 # with the overlapped, ping-pong main loop. d64: 192x128 (three MMA warpgroups) is +15% at
-# S=8k non-causal; causal took 128x128 while one CTA ran per tile (192-row tiles left too
-# few CTAs at short S: -25% at S=1k) and 192x128 since the kernels are persistent (#17).
+# S=8k non-causal; causal keeps 128x128 but for long queries (`_LONG_CAUSAL_TUNING`).
 _TUNING: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 64): Tuning(tile_m=192, tile_n=128, num_stages=2, persistent=True),
     ("sm_90a", 128): Tuning(tile_m=128, tile_n=128, num_stages=2, persistent=True),
 }
 # Causal rows that differ from the table above.
-_CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {}
+_CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 64): Tuning(tile_m=128, tile_n=128, num_stages=2, persistent=True),
+}
+# Dense causal requests of at least LONG_SEQLEN_Q queries (`Variant.long_q`). d64: 192x128
+# against 128x128 (persistent, H200, perf/NOTES.md #17): x0.67 / 0.85 / 0.93 at S = 512 /
+# 1k / 2k, x1.03 / 1.07 / 1.12 at 4k / 8k / 16k.
+LONG_SEQLEN_Q = 4096
+_LONG_CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 64): Tuning(tile_m=192, tile_n=128, num_stages=2, persistent=True),
+}
 # Decode (`Variant.decode`): a tile's rows are the few query heads that share a KV head,
 # so a 64-row tile (one MMA warpgroup) does half the tensor-core and softmax work of a
 # 128-row one for the same bytes of K/V (perf/NOTES.md #12).
@@ -79,9 +87,13 @@ class Variant:
     # One query per sequence against a cache, the query heads of each KV head as a tile's
     # rows (non-causal, batched q): tiles from `_DECODE_TUNING`.
     decode: bool = False
+    # Dense queries, at least LONG_SEQLEN_Q of them: causal tiles from `_LONG_CAUSAL_TUNING`
+    # where it has a row (otherwise the same kernel as DENSE).
+    long_q: bool = False
 
 
 DENSE = Variant()
+LONG_Q = Variant(long_q=True)
 PACKED = Variant(varlen_q=True, kv_layout="varlen")  # attention_varlen
 
 # Variants precompiled by `python -m sparsek compile` (and compile-tested in CI) beside
@@ -102,6 +114,7 @@ _VARIANTS: tuple[Variant, ...] = (
         for kv, page in (("cache", 0), *(("paged", p) for p in _PRECOMPILED_PAGE_SIZES))
         for split in (False, True)
     ),
+    LONG_Q,
 )
 
 # Dtypes and mask modes every registered row is compiled for.
@@ -151,6 +164,7 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
         for variant in _VARIANTS
         if not (variant.decode and c.is_causal)
     ]
+    variants = [c for c in dict.fromkeys(variants) if c not in dense]  # LONG_Q = DENSE rows
     combine = [
         CombineConfig(arch, head_dim, dtype)
         for head_dim in registered_head_dims(arch)
@@ -254,6 +268,8 @@ def find(
             "decode variants are non-causal, with batched queries, over a 'cache' or 'paged' "
             f"kv_layout (got causal={is_causal}, {variant})"
         )
+    if variant.long_q and variant != LONG_Q:
+        reasons.append(f"long_q is a dense variant (got {variant})")
     if reasons:
         return tuple(reasons)
     config = _make_config(arch, head_dim, dtype, is_causal, variant)
@@ -315,11 +331,14 @@ def _make_config(
     tuning = _TUNING[(arch, head_dim)]
     if is_causal:
         tuning = _CAUSAL_TUNING.get((arch, head_dim), tuning)
-    if variant not in (DENSE, PACKED):
+        if variant.long_q:
+            tuning = _LONG_CAUSAL_TUNING.get((arch, head_dim), tuning)
+    if variant not in (DENSE, LONG_Q, PACKED):
         # Only dense and packed problems have a persistent schedule (see
         # `FmhaFwdConfig.persistent`).
         tuning = replace(tuning, persistent=False)
     fields = asdict(variant)
+    del fields["long_q"]
     if fields.pop("decode"):
         tuning = _DECODE_TUNING.get((arch, head_dim), tuning)
     return FmhaFwdConfig(

@@ -13,7 +13,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparsek
-from sparsek import ops
+from sparsek import ops, registry
 from sparsek.reference import reference_attention
 
 op = torch.ops.sparsek.attention
@@ -211,3 +211,15 @@ def test_eager_calls_skip_the_dispatcher_but_modes_and_compile_do_not(monkeypatc
         fq = mode.from_tensor(q)
         out, lse = api._run_op(fq, fq, fq, False, 0.25, False)  # through the op's fake impl
     assert calls == ["direct"] and out.shape == q.shape and lse.shape == (1, 2, 8)
+
+
+def test_long_causal_queries_take_the_long_variant(fake_kernel, monkeypatch) -> None:
+    asked: list[tuple] = []
+    monkeypatch.setattr(ops, "get_kernel", lambda config: asked.append(config) or fake_kernel)
+    n = registry.LONG_SEQLEN_Q
+    for sq, causal in ((n, True), (n - 1, True), (n, False), (n + 1, True)):
+        q, k = torch.randn(1, sq, 2, 32), torch.randn(1, sq, 1, 32)
+        ops._attention_cuda(q, k, k, causal, 0.5, False)
+    variants = [config[-1] for config in asked]  # `lookup` is faked: its arguments
+    assert variants == [registry.LONG_Q, registry.DENSE, registry.DENSE]  # memoized per key
+    assert len(fake_kernel.calls) == 4

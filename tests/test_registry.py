@@ -29,7 +29,7 @@ def test_sm90_table() -> None:
     tiles = {(c.head_dim, c.is_causal): (c.tile_m, c.tile_n, c.num_stages) for c in configs}
     assert tiles == {
         (64, False): (192, 128, 2),  # three MMA warpgroups: +15% at S=8k (perf/NOTES.md)
-        (64, True): (192, 128, 2),
+        (64, True): (128, 128, 2),  # 192x128 for long queries (registry.LONG_Q)
         (128, False): (128, 128, 2),
         (128, True): (128, 128, 2),
     }
@@ -170,3 +170,18 @@ def test_kernel_refuses_persistent_with_unequal_tiles(fields: dict) -> None:
     dense = FmhaFwdConfig(**{**base, "is_causal": True, "persistent": True})
     packed = FmhaFwdConfig(**{**base, "varlen_q": True, "kv_layout": "varlen", "persistent": True})
     assert build.can_implement(dense) == build.can_implement(packed) == []
+
+
+def test_long_causal_queries_take_their_own_tiles() -> None:
+    long_d64 = registry.lookup("sm_90a", 64, "bfloat16", True, registry.LONG_Q)
+    assert (long_d64.tile_m, long_d64.tile_n, long_d64.persistent) == (192, 128, True)
+    assert registry.lookup("sm_90a", 64, "bfloat16", True).tile_m == 128
+    for head_dim, causal in ((128, True), (64, False), (128, False)):
+        args = ("sm_90a", head_dim, "bfloat16", causal)
+        assert registry.lookup(*args, registry.LONG_Q) == registry.lookup(*args)
+    kernels = registry.registered_kernels("sm_90a")
+    assert len(kernels) == len(set(kernels)) and long_d64 in kernels
+    with pytest.raises(UnsupportedError, match="long_q is a dense variant"):
+        registry.lookup(
+            "sm_90a", 64, "bfloat16", True, registry.Variant(varlen_q=True, long_q=True)
+        )
