@@ -80,8 +80,11 @@ def attention_varlen(
     if max_seqlen_q == 0 or k.shape[0] == 0:
         return out, lse
     kernel = _launcher(q.device, head_dim, q.dtype, causal, PACKED)
-    # The persistent kernel's work-tile counter (see `FmhaFwdConfig.persistent`).
-    tile_counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    # A persistent kernel's work-tile counter (see `FmhaFwdConfig.persistent`).
+    config = kernel_config(q, v, causal, PACKED)
+    tile_counter = None
+    if isinstance(config, FmhaFwdConfig) and config.persistent:
+        tile_counter = torch.zeros(1, dtype=torch.int32, device=q.device)
     launch(
         q.device,
         kernel,
