@@ -43,11 +43,14 @@ class FmhaFwdConfig:
         split_kv: the key range of each query tile is split across `num_splits` CTAs that
             write float32 partial outputs and LSEs for a combine kernel to merge.
         persistent: launch at most `num_ctas` CTAs (one per SM) that loop over work units,
-            so that the loads of a CTA's next tile overlap this tile's epilogue. Dense
-            problems: a static round robin over equal units (a query tile; causal: a pair
-            of tiles with as many key tiles together as any other pair). Packed queries
-            and keys (`varlen_q`, kv_layout "varlen"): query tiles taken one by one from a
-            global counter (`mTileCounter`, zeroed before the launch).
+            so that the loads of a CTA's next tile overlap this tile's epilogue: a static
+            round robin over equal units (dense problems: a query tile; causal: a pair of
+            tiles with as many key tiles together as any other pair), unless
+            `dynamic_schedule`.
+        dynamic_schedule: (persistent) CTAs take work tiles one by one from a global
+            counter (`mTileCounter`, zeroed before the launch), in the order of a grid of
+            one CTA per tile: tiles of unequal work (packed queries and keys, which need
+            it; causal query tiles, longest first) leave no SM idle at the end.
     """
 
     arch: str
@@ -64,6 +67,7 @@ class FmhaFwdConfig:
     page_size: int = 0
     split_kv: bool = False
     persistent: bool = False
+    dynamic_schedule: bool = False
 
     @property
     def name(self) -> str:
@@ -78,6 +82,7 @@ class FmhaFwdConfig:
             f"{f'{self.page_size}' if self.kv_layout == 'paged' else ''}"
             f"{'_split' if self.split_kv else ''}"
             f"{'_ps' if self.persistent else ''}"
+            f"{'_dyn' if self.dynamic_schedule else ''}"
         )
 
     @property

@@ -2,11 +2,13 @@
 
     python -m perf.ab_persistent [--dtype bfloat16] [--varlen]     # vs persistent=False
     python -m perf.ab_persistent --against tile_m=128 --head-dim 64 --causal 1
+    python -m perf.ab_persistent --against dynamic_schedule=0 --causal 1
 
 For each row of the perf suite's dense grid (d64/d128 x causal/non-causal, S 512..16k,
 B*S = 16k, H = 2048 / D) plus GQA 32:8 at 4k and Sq=1k/Sk=8k (or those of --head-dim /
---causal), the registered config (B) and the same with the --against fields replaced (A;
-default: persistent=False, one CTA per work tile) are launched directly (same arguments
+--causal), the registered config (B; the variant `sparsek.ops` picks for the shape) and
+the same with the --against fields replaced (A; default: persistent=False, one CTA per
+work tile) are launched directly (same arguments
 as `sparsek.ops`), their NaN-poisoned outputs checked against cuDNN SDPA's, and timed
 with the perf suite's timer (cold L2, median) beside cuDNN in the same process. Prints a
 markdown table. With --varlen: the perf suite's packed varlen case instead (16 sequences
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cutedsl_kernels.config import FmhaFwdConfig
 from perf.shapes import varlen_seqlens, visible_pairs
 from perf.timing import time_kernel
 from sparsek import ops
@@ -70,7 +73,7 @@ def row(shape: Shape, dtype: torch.dtype, arch: str, against: Against) -> str:
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
 
     want = cudnn()
-    base = lookup(arch, d, dtype, causal)
+    base = lookup(arch, d, dtype, causal, ops.dense_variant(sq, causal))
     scalars = (d**-0.5, 0, 0, 1, ops.num_sms(device.index))
     fns: dict[str, Callable[[], object]] = {"cudnn": cudnn}
     errs = []
@@ -78,11 +81,15 @@ def row(shape: Shape, dtype: torch.dtype, arch: str, against: Against) -> str:
         kernel = get_kernel(config)
         out = torch.full_like(q, float("nan"))
         lse = torch.empty(b, h, sq, device=device, dtype=torch.float32)
-        args = (q, k, v, out, lse, None, None, None, None, None, *scalars)
-        kernel(*args)
+        tensors = (q, k, v, out, lse, None, None, None, None)
+
+        def run(kernel=kernel, tensors=tensors, counted=config.dynamic_schedule) -> None:
+            kernel(*tensors, tile_counter(counted, device), *scalars)
+
+        run()
         torch.cuda.synchronize()
         errs.append((out.float() - want.float()).abs().max().item())
-        fns[name] = lambda kernel=kernel, args=args: kernel(*args)
+        fns[name] = run
     flops = 4 * b * h * sq * sk * d // (2 if causal else 1)
     tflops = {name: flops / time_kernel(fn, device) / 1e9 for name, fn in fns.items()}
     g, p, c = tflops["A"], tflops["B"], tflops["cudnn"]
@@ -90,6 +97,11 @@ def row(shape: Shape, dtype: torch.dtype, arch: str, against: Against) -> str:
         f"| {str(dtype).removeprefix('torch.')} | {b} | {sq} | {sk} | {h} | {hkv} | {d} | {causal} "
         f"| {g:.0f} | {p:.0f} | {c:.0f} | {p / g:.3f} | {p / c:.3f} | {max(errs):.3g} |"
     )
+
+
+def tile_counter(counted: bool, device: torch.device) -> torch.Tensor | None:
+    """A dynamic schedule's work-tile counter, zeroed per call as `sparsek.ops` does."""
+    return torch.zeros(1, dtype=torch.int32, device=device) if counted else None
 
 
 VARLEN_HEADER = (
@@ -121,10 +133,9 @@ def varlen_row(
         lse = torch.empty(h, total, device=device, dtype=torch.float32)
         tensors = (q[None], k[None], v[None], out[None], lse[None], cu, cu, None, None)
 
-        def run(kernel=kernel, tensors=tensors, persistent=config.persistent) -> None:
-            # The persistent kernel's tile counter, zeroed per call as sparsek.ops does.
-            counter = torch.zeros(1, dtype=torch.int32, device=device) if persistent else None
-            kernel(*tensors, counter, d**-0.5, 0, longest, 1, ops.num_sms(device.index))
+        def run(kernel=kernel, tensors=tensors, counted=config.dynamic_schedule) -> None:
+            scalars = (d**-0.5, 0, longest, 1, ops.num_sms(device.index))
+            kernel(*tensors, tile_counter(counted, device), *scalars)
 
         run()
         torch.cuda.synchronize()
@@ -147,7 +158,7 @@ def main() -> None:
     parser.add_argument(
         "--against",
         nargs="*",
-        default=["persistent=0"],
+        default=["persistent=0", "dynamic_schedule=0"],
         help="FIELD=INT config fields of A (B: the registered config)",
     )
     parser.add_argument("--head-dim", type=int, help="only rows of this head_dim")
@@ -156,7 +167,8 @@ def main() -> None:
     against: Against = {}
     for item in args.against:
         field, value = item.split("=")
-        against[field] = bool(int(value)) if field == "persistent" else int(value)
+        is_bool = FmhaFwdConfig.__dataclass_fields__[field].type == "bool"
+        against[field] = bool(int(value)) if is_bool else int(value)
     dtype = getattr(torch, args.dtype)
     arch = detect_arch(torch.device("cuda"))
     assert arch is not None

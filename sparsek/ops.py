@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from cutedsl_kernels.config import KernelConfig
+from cutedsl_kernels.config import FmhaFwdConfig, KernelConfig
 from sparsek.cache import KernelFn, get_kernel
 from sparsek.errors import UnsupportedError
 from sparsek.reference import causal_offset, reference_attention
@@ -121,14 +121,20 @@ def _attention_cuda(
             "no sparsek kernel for this input",
             [f"value head_dim={v.shape[-1]} must equal query head_dim={head_dim}"],
         )
-    # Long causal queries may take other tiles (`registry.LONG_Q`).
-    variant = LONG_Q if causal and seqlen_q >= LONG_SEQLEN_Q else DENSE
+    variant = dense_variant(seqlen_q, causal)
     kernel = _launcher(q.device, head_dim, q.dtype, causal, variant)
+    counter = tile_counter(q.device, head_dim, q.dtype, causal, variant)
     offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
     args = (tma_compatible(q), tma_compatible(k), tma_compatible(v), out, lse)
     scalars = (float(softmax_scale), offset, 0, 1, num_sms(q.device.index))
-    launch(q.device, kernel, *args, None, None, None, None, None, *scalars)
+    launch(q.device, kernel, *args, None, None, None, None, counter, *scalars)
     return out, lse
+
+
+def dense_variant(seqlen_q: int, causal: bool) -> Variant:
+    """The registry variant of a dense request: long causal queries may take other tiles
+    and schedules (`registry.LONG_Q`)."""
+    return LONG_Q if causal and seqlen_q >= LONG_SEQLEN_Q else DENSE
 
 
 def num_sms(index: int | None) -> int:
@@ -154,7 +160,11 @@ def launch(device: torch.device, kernel: KernelFn, *args: object) -> None:
 # (device index, head_dim, dtype, causal, variant) -> loaded kernel: the launch path's only
 # lookup once a kernel is loaded (the arch of a device does not change within a process).
 # The combine kernel of (head_dim, dtype) is stored under causal=None.
-_LAUNCHERS: dict[tuple[int | None, int, torch.dtype, bool | None, Variant], KernelFn] = {}
+LauncherKey = tuple[int | None, int, torch.dtype, bool | None, Variant]
+_LAUNCHERS: dict[LauncherKey, KernelFn] = {}
+# Keys of _LAUNCHERS whose kernel takes its work tiles from a zeroed global counter
+# (`FmhaFwdConfig.dynamic_schedule`).
+_COUNTED: set[LauncherKey] = set()
 
 
 def _launcher(
@@ -168,12 +178,28 @@ def _launcher(
     key = (device.index, head_dim, dtype, causal, variant)
     kernel = _LAUNCHERS.get(key)
     if kernel is None:
+        config: KernelConfig
         if causal is None:
-            kernel = load(device, lambda arch: lookup_combine(arch, head_dim, dtype))
+            config = device_config(device, lambda arch: lookup_combine(arch, head_dim, dtype))
         else:
-            kernel = load(device, lambda arch: lookup(arch, head_dim, dtype, causal, variant))
-        _LAUNCHERS[key] = kernel
+            config = device_config(
+                device, lambda arch: lookup(arch, head_dim, dtype, causal, variant)
+            )
+        kernel = _LAUNCHERS[key] = get_kernel(config)
+        if isinstance(config, FmhaFwdConfig) and config.dynamic_schedule:
+            _COUNTED.add(key)
     return kernel
+
+
+def tile_counter(
+    device: torch.device, head_dim: int, dtype: torch.dtype, causal: bool, variant: Variant
+) -> Tensor | None:
+    """A zeroed int32 work-tile counter if the kernel `_launcher` loaded for these
+    arguments takes one (`FmhaFwdConfig.dynamic_schedule`), else None. Call it after
+    `_launcher`; allocated per call, so launches on concurrent streams never share one."""
+    if (device.index, head_dim, dtype, causal, variant) in _COUNTED:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    return None
 
 
 def load(device: torch.device, config_for: Callable[[str], KernelConfig]) -> KernelFn:
@@ -183,10 +209,19 @@ def load(device: torch.device, config_for: Callable[[str], KernelConfig]) -> Ker
     Raises:
         UnsupportedError: no CUDA device, or no registered kernel fits (reasons attached).
     """
+    return get_kernel(device_config(device, config_for))
+
+
+def device_config(device: torch.device, config_for: Callable[[str], KernelConfig]) -> KernelConfig:
+    """`config_for(arch of device)`.
+
+    Raises:
+        UnsupportedError: no CUDA device, or no registered kernel fits (reasons attached).
+    """
     arch = detect_arch(device)
     if arch is None:
         raise UnsupportedError("no sparsek kernel for this input", ["no CUDA device detected"])
-    return get_kernel(config_for(arch))
+    return config_for(arch)
 
 
 _LIB.impl("attention", _attention_reference, "CompositeExplicitAutograd")  # type: ignore[no-untyped-call]

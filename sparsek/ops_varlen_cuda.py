@@ -80,11 +80,7 @@ def attention_varlen(
     if max_seqlen_q == 0 or k.shape[0] == 0:
         return out, lse
     kernel = _launcher(q.device, head_dim, q.dtype, causal, PACKED)
-    # A persistent kernel's work-tile counter (see `FmhaFwdConfig.persistent`).
-    config = kernel_config(q, v, causal, PACKED)
-    tile_counter = None
-    if isinstance(config, FmhaFwdConfig) and config.persistent:
-        tile_counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    counter = ops.tile_counter(q.device, head_dim, q.dtype, causal, PACKED)
     launch(
         q.device,
         kernel,
@@ -97,7 +93,7 @@ def attention_varlen(
         cu_seqlens_k.contiguous(),
         None,
         None,
-        tile_counter,
+        counter,
         float(softmax_scale),
         0,
         int(max_seqlen_q),

@@ -47,6 +47,8 @@ class Tuning:
     wg_pingpong: bool = True
     # Dense kernels of the row loop over work units on one CTA per SM.
     persistent: bool = False
+    # ... taking work tiles from a global counter (packed queries always do).
+    dynamic_schedule: bool = False
 
 
 # (arch, head_dim) -> tuning, measured on H100 and H200 (perf/NOTES.md). d128: 128x128
@@ -62,10 +64,12 @@ _CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
 }
 # Dense causal requests of at least LONG_SEQLEN_Q queries (`Variant.long_q`). d64: 192x128
 # against 128x128 (persistent, H200, perf/NOTES.md #17): x0.67 / 0.85 / 0.93 at S = 512 /
-# 1k / 2k, x1.03 / 1.07 / 1.12 at 4k / 8k / 16k.
+# 1k / 2k, x1.03 / 1.07 / 1.12 at 4k / 8k / 16k. Both take their tiles from a counter,
+# longest first (#18): with many equal pairs the static schedule's last round is part-empty.
 LONG_SEQLEN_Q = 4096
 _LONG_CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
-    ("sm_90a", 64): Tuning(tile_m=192, tile_n=128, num_stages=2, persistent=True),
+    ("sm_90a", 64): Tuning(192, 128, 2, persistent=True, dynamic_schedule=True),
+    ("sm_90a", 128): Tuning(128, 128, 2, persistent=True, dynamic_schedule=True),
 }
 # Decode (`Variant.decode`): a tile's rows are the few query heads that share a KV head,
 # so a 64-row tile (one MMA warpgroup) does half the tensor-core and softmax work of a
@@ -336,7 +340,10 @@ def _make_config(
     if variant not in (DENSE, LONG_Q, PACKED):
         # Only dense and packed problems have a persistent schedule (see
         # `FmhaFwdConfig.persistent`).
-        tuning = replace(tuning, persistent=False)
+        tuning = replace(tuning, persistent=False, dynamic_schedule=False)
+    elif variant == PACKED:
+        # Packed tiles are unequal: a persistent kernel counts them out on the device.
+        tuning = replace(tuning, dynamic_schedule=tuning.persistent)
     fields = asdict(variant)
     del fields["long_q"]
     if fields.pop("decode"):

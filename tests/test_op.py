@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fake_launch import fake_launch_path
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -128,12 +129,7 @@ class RecordingKernel:
 @pytest.fixture
 def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> RecordingKernel:
     kernel = RecordingKernel()
-    monkeypatch.setattr(ops, "detect_arch", lambda device: "sm_90a")
-    monkeypatch.setattr(ops, "lookup", lambda *a: a)
-    monkeypatch.setattr(ops, "get_kernel", lambda config: kernel)
-    monkeypatch.setattr(ops, "_LAUNCHERS", {})
-    monkeypatch.setattr(ops, "num_sms", lambda index: 132)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    fake_launch_path(monkeypatch, lambda *a: a, kernel)
     return kernel
 
 
@@ -223,3 +219,22 @@ def test_long_causal_queries_take_the_long_variant(fake_kernel, monkeypatch) -> 
     variants = [config[-1] for config in asked]  # `lookup` is faked: its arguments
     assert variants == [registry.LONG_Q, registry.DENSE, registry.DENSE]  # memoized per key
     assert len(fake_kernel.calls) == 4
+
+
+def test_dynamic_kernels_get_a_zeroed_tile_counter_per_call(monkeypatch) -> None:
+    config = registry.lookup("sm_90a", 128, "bfloat16", True, registry.LONG_Q)
+    assert config.dynamic_schedule
+    counters: list[torch.Tensor] = []
+
+    def kernel(q, k, v, out, lse, *rest) -> None:
+        *metadata, counter = rest[:5]
+        assert metadata == [None, None, None, None] and rest[5:] == (0.5, 0, 0, 1, 132)
+        assert counter.dtype == torch.int32 and counter.tolist() == [0]
+        counters.append(counter)
+        counter.add_(7)  # what the kernel leaves behind must not reach the next call
+
+    fake_launch_path(monkeypatch, lambda *a: config, kernel)
+    q = torch.randn(1, registry.LONG_SEQLEN_Q, 2, 128, dtype=torch.bfloat16)
+    for _ in range(2):
+        ops._attention_cuda(q, q, q, True, 0.5, False)
+    assert len(counters) == 2 and counters[0] is not counters[1]

@@ -6,6 +6,8 @@ causal/non-causal, 128x128 tiles, 2 stages) and the kernels' own `can_implement`
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -168,16 +170,33 @@ def test_kernel_refuses_persistent_with_unequal_tiles(fields: dict) -> None:
     assert any("persistent kernels serve dense problems" in r for r in reasons)
     assert build.can_implement(FmhaFwdConfig(**{**base, **fields})) == []
     dense = FmhaFwdConfig(**{**base, "is_causal": True, "persistent": True})
-    packed = FmhaFwdConfig(**{**base, "varlen_q": True, "kv_layout": "varlen", "persistent": True})
-    assert build.can_implement(dense) == build.can_implement(packed) == []
+    packed = dict(varlen_q=True, kv_layout="varlen", persistent=True, dynamic_schedule=True)
+    assert build.can_implement(dense) == build.can_implement(FmhaFwdConfig(**base, **packed)) == []
+
+
+def test_dynamic_schedule_needs_persistent_and_packed_needs_it() -> None:
+    base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=True)
+    reasons = build.can_implement(FmhaFwdConfig(**base, dynamic_schedule=True))
+    assert any("dynamic_schedule needs persistent=True" in r for r in reasons)
+    static_packed = FmhaFwdConfig(**base, varlen_q=True, kv_layout="varlen", persistent=True)
+    assert any("need dynamic_schedule=True" in r for r in build.can_implement(static_packed))
+    dynamic_dense = FmhaFwdConfig(**base, persistent=True, dynamic_schedule=True)
+    assert build.can_implement(dynamic_dense) == []
+    assert dynamic_dense.name.endswith("_ps_dyn")
 
 
 def test_long_causal_queries_take_their_own_tiles() -> None:
     long_d64 = registry.lookup("sm_90a", 64, "bfloat16", True, registry.LONG_Q)
     assert (long_d64.tile_m, long_d64.tile_n, long_d64.persistent) == (192, 128, True)
     assert registry.lookup("sm_90a", 64, "bfloat16", True).tile_m == 128
-    for head_dim, causal in ((128, True), (64, False), (128, False)):
-        args = ("sm_90a", head_dim, "bfloat16", causal)
+    # Long causal problems count their tiles out (longest first); the others are DENSE's.
+    long_d128 = registry.lookup("sm_90a", 128, "bfloat16", True, registry.LONG_Q)
+    dense_d128 = registry.lookup("sm_90a", 128, "bfloat16", True)
+    assert long_d64.dynamic_schedule and long_d128.dynamic_schedule
+    assert not dense_d128.dynamic_schedule
+    assert long_d128 == replace(dense_d128, dynamic_schedule=True)
+    for head_dim in (64, 128):
+        args = ("sm_90a", head_dim, "bfloat16", False)
         assert registry.lookup(*args, registry.LONG_Q) == registry.lookup(*args)
     kernels = registry.registered_kernels("sm_90a")
     assert len(kernels) == len(set(kernels)) and long_d64 in kernels

@@ -269,30 +269,32 @@ def test_malformed_input_is_rejected(
     malformed.assert_rejected(call, error, fragment)
 
 
-@pytest.mark.parametrize("persistent", [True, False])
-def test_launch_passes_a_zeroed_tile_counter_to_persistent_kernels(monkeypatch, persistent) -> None:
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_launch_passes_a_zeroed_tile_counter_to_dynamic_kernels(monkeypatch, dynamic) -> None:
     from dataclasses import replace
 
-    from sparsek import ops, ops_varlen_cuda, registry
+    from fake_launch import fake_launch_path
+
+    from sparsek import ops_varlen_cuda, registry
 
     packed = registry.lookup("sm_90a", 128, "bfloat16", True, registry.PACKED)
-    config = replace(packed, persistent=persistent)
+    config = replace(packed, persistent=dynamic, dynamic_schedule=dynamic)
     seen: list[tuple] = []
 
     def kernel(*args) -> None:
         seen.append(args)
 
-    monkeypatch.setattr(ops_varlen_cuda, "_launcher", lambda *a: kernel)
-    monkeypatch.setattr(ops_varlen_cuda, "kernel_config", lambda *a: config)
-    monkeypatch.setattr(ops, "num_sms", lambda index: 132)
+    fake_launch_path(monkeypatch, lambda *a: config, kernel)
     lens = [3, 0, 130]
     cu = torch.tensor([0, 3, 3, 133], dtype=torch.int32)
     q, k = torch.randn(133, 4, 128), torch.randn(133, 2, 128)
-    ops_varlen_cuda.attention_varlen(q, k, k, cu, cu, max(lens), True, 0.1)
-    [args] = seen
-    counter, scalars = args[9], args[10:]
-    assert scalars == (0.1, 0, 130, 1, 132)
-    if persistent:
-        assert counter.dtype == torch.int32 and counter.tolist() == [0]
-    else:
-        assert counter is None
+    for _ in range(2):  # the first call loads the kernel, the second finds it memoized
+        ops_varlen_cuda.attention_varlen(q, k, k, cu, cu, max(lens), True, 0.1)
+    for args in seen:
+        counter, scalars = args[9], args[10:]
+        assert scalars == (0.1, 0, 130, 1, 132)
+        if dynamic:
+            assert counter.dtype == torch.int32 and counter.tolist() == [0]
+        else:
+            assert counter is None
+    assert len(seen) == 2

@@ -33,12 +33,14 @@ Persistent (`FmhaFwdConfig.persistent`, dense problems): `num_ctas` CTAs (one pe
 instead, each taking work units u, u + grid, ... in (unit, head, batch) order. A unit is
 a query tile, or (causal) the j-th tile from the last followed by the j-th from the
 first: together they have the same number of key tiles for every j, so the static
-schedule is balanced. Persistent packed queries and keys (tiles of unequal work): the
-producer warp takes each next (query tile, head) number from a zeroed global counter
-(`mTileCounter`, atomic add) once it has issued this tile's loads, and passes it to the
-consumers through shared memory (`pipeline_sched`). Q is double-buffered: the producer
-loads the next tile's Q and first K/V while the consumers run this tile's epilogue, and a
-Q stage is released once the TMA store of the O staged in it has read it.
+schedule is balanced. With `dynamic_schedule` (packed queries and keys, whose tiles are
+unequal; long causal problems, where equal units leave the last round part-empty), the
+producer warp takes each next tile number, in the order of a grid of one CTA per tile,
+from a zeroed global counter (`mTileCounter`, atomic add) once it has issued this tile's
+loads, and passes it to the consumers through shared memory (`pipeline_sched`). Q is
+double-buffered: the producer loads the next tile's Q and first K/V while the consumers
+run this tile's epilogue, and a Q stage is released once the TMA store of the O staged in
+it has read it.
 
     warpgroup 0 (producer, few registers)     warpgroups 1..W (consumers, 64 rows each)
     ----------------------------------------  ------------------------------------------
@@ -107,8 +109,8 @@ class HopperFmhaForward:
         self.paged = config.kv_layout == "paged"
         self.split_kv = config.split_kv
         self.persistent = config.persistent
-        # Persistent packed queries take work tiles from a global counter (see `run_tiles`).
-        self.dynamic = config.persistent and config.varlen_q
+        # Persistent CTAs that take work tiles from a global counter (see `run_tiles`).
+        self.dynamic = config.dynamic_schedule
         self.q_stages = limits.q_stages(config)
         # Packed queries: one grid axis over the query tiles of all sequences.
         self.packed_tiles = config.varlen_q and not config.split_kv
@@ -172,7 +174,7 @@ class HopperFmhaForward:
         mCuSeqlensK: cute.Tensor | None,  # (b + 1,) int32, kv_layout "varlen"
         mSeqUsedK: cute.Tensor | None,  # (b,) int32, kv_layout "cache" / "paged"
         mPageTable: cute.Tensor | None,  # (b, max_pages) int32, kv_layout "paged"
-        mTileCounter: cute.Tensor | None,  # (1,) int32, zeros: persistent packed queries
+        mTileCounter: cute.Tensor | None,  # (1,) int32, zeros: dynamic_schedule
         softmax_scale: Float32,
         causal_offset: Int32,
         max_seqlen_q: Int32,
@@ -259,10 +261,10 @@ class HopperFmhaForward:
             # Heads vary fastest: the CTAs dispatched together share a query tile's length
             # (hence work), and the long sequences' tiles are not left for the end.
             grid = [num_m_blocks * cute.size(mQ.shape[2]), 1, 1]
-            if const_expr(self.dynamic):
-                grid = [cutlass.min(cutlass.max(num_ctas, 1), grid[0]), 1, 1]
         if const_expr(self.persistent):
-            num_units = self.units_per_head(num_m_blocks) * cute.size(mQ.shape[2]) * batch
+            num_units = num_m_blocks * cute.size(mQ.shape[2]) * batch  # tiles
+            if const_expr(not self.dynamic):
+                num_units = self.units_per_head(num_m_blocks) * cute.size(mQ.shape[2]) * batch
             grid = [cutlass.min(cutlass.max(num_ctas, 1), num_units), 1, 1]
         self.kernel(
             tma_Q,
@@ -444,11 +446,13 @@ class HopperFmhaForward:
         kv_state = pipeline.make_pipeline_state(role, self.num_stages)
         block_m, head_idx, batch_split = cute.arch.block_idx()
         if const_expr(self.dynamic):
-            # Packed query tiles x heads, heads fastest (as the grid of one CTA per tile),
-            # handed out by a global counter: the producer warp takes the next number once
-            # it has issued this tile's loads and passes each number to the consumers.
+            # Tiles numbered as the grid of one CTA per tile would launch them (dense:
+            # query tiles fastest, longest first when causal, then heads, then batches;
+            # packed: (query tile slot, head), heads fastest), handed out by a global
+            # counter: the producer warp takes the next number once it has issued this
+            # tile's loads and passes each number to the consumers.
             num_heads = cute.size(tensors[0].shape[2])
-            num_tiles = num_m_blocks * num_heads
+            num_tiles = num_m_blocks * num_heads * cute.size(tensors[0].shape[3])
             sched_state = pipeline.make_pipeline_state(role, SCHED_STAGES)
             tile = block_m
             if const_expr(not producer):
@@ -456,15 +460,9 @@ class HopperFmhaForward:
             while tile < num_tiles:
                 if const_expr(producer):
                     sched_state = self.give_tile(pipeline_sched, sched_tiles, sched_state, tile)
-                slot = tile // num_heads
+                block, head_idx, batch_idx = self.tile_coords(tile, num_m_blocks, num_heads)
                 work = self.work_tile(
-                    slot,
-                    tile - slot * num_heads,
-                    0,
-                    num_m_blocks,
-                    tensors,
-                    causal_offset,
-                    num_splits,
+                    block, head_idx, batch_idx, num_m_blocks, tensors, causal_offset, num_splits
                 )
                 q_state, kv_state = step(work, *role_args, q_state, kv_state)
                 if const_expr(producer):
@@ -508,8 +506,7 @@ class HopperFmhaForward:
         else:
             if const_expr(self.packed_tiles):  # grid x: (query tile slot, head), see __call__
                 num_heads = cute.size(tensors[0].shape[2])
-                slot = block_m // num_heads
-                block_m, head_idx = slot, block_m - slot * num_heads
+                block_m, head_idx, _ = self.tile_coords(block_m, num_m_blocks, num_heads)
             work = self.work_tile(
                 block_m, head_idx, batch_split, num_m_blocks, tensors, causal_offset, num_splits
             )
@@ -544,6 +541,18 @@ class HopperFmhaForward:
         pipeline_sched.consumer_release(state)
         state.advance()
         return tile, state
+
+    @cute.jit
+    def tile_coords(
+        self, tile: Int32, num_m_blocks: Int32, num_heads: Int32
+    ) -> tuple[Int32, Int32, Int32]:
+        """Grid block (block_m, head, batch) of dynamic work tile number `tile`."""
+        if const_expr(self.packed_tiles):
+            slot = tile // num_heads
+            return slot, tile - slot * num_heads, Int32(0)
+        head_batch = tile // num_m_blocks
+        batch_idx = head_batch // num_heads
+        return tile - head_batch * num_m_blocks, head_batch - batch_idx * num_heads, batch_idx
 
     def units_per_head(self, num_m_blocks: Int32) -> Int32:
         """Work units of one (head, batch) in a persistent launch (see `run_tiles`)."""

@@ -63,8 +63,15 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
     packed = config.varlen_q and config.kv_layout == "varlen"
     if config.persistent and (config.split_kv or (config.is_varlen and not packed)):
         reasons.append(
-            "persistent kernels serve dense problems (a static schedule of equal work units) "
-            "and packed queries with packed keys (a dynamic schedule), without split-KV"
+            "persistent kernels serve dense problems and packed queries with packed keys, "
+            "without split-KV"
+        )
+    if config.dynamic_schedule and not config.persistent:
+        reasons.append("dynamic_schedule needs persistent=True (it schedules persistent CTAs)")
+    if config.persistent and packed and not config.dynamic_schedule:
+        reasons.append(
+            "persistent packed queries need dynamic_schedule=True (their tiles are unequal "
+            "and counted on the device)"
         )
     if not reasons and smem_bytes(config) > SMEM_CAPACITY_BYTES:
         reasons.append(

@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import sparsek
-from sparsek import api, ops
+from sparsek import api, ops, registry
 from sparsek.reference import reference_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
@@ -105,6 +105,32 @@ def test_attention_bottom_right(b, sq, sk, h, hkv, causal, d, dtype) -> None:
     check_close(out, q, k, v, causal, top_left=False, lse=lse)
     if causal and sq > sk:
         assert (out[:, : sq - sk] == 0).all()
+
+
+# Causal requests of >= registry.LONG_SEQLEN_Q queries: the LONG_Q kernels, whose
+# persistent CTAs count their tiles out (more tiles than SMs, so CTAs take several).
+LONG_SHAPES = [
+    (2, 4097, 4097, 4, 2, False),  # bottom-right = top-left, GQA 2:1
+    (1, 4096, 5003, 3, 1, False),  # Sq < Sk, MQA
+    (1, 5001, 4100, 4, 4, False),  # Sq > Sk: the first 901 rows fully masked
+    (1, 4100, 4100, 4, 2, True),  # top-left, strided (BHSD storage)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize(("b", "sq", "sk", "h", "hkv", "top_left"), LONG_SHAPES)
+def test_long_causal_queries(b, sq, sk, h, hkv, top_left, d, dtype) -> None:
+    q, k, v = make_qkv(b, sq, sk, h, hkv, d, dtype, bhsd_storage=top_left, seed=sq + d)
+    if top_left:
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        out = sparsek.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        check_close(out.transpose(1, 2), q, k, v, True, top_left=True)
+    else:
+        out, lse = sparsek.attention(q, k, v, causal=True, return_lse=True)
+        check_close(out, q, k, v, True, top_left=False, lse=lse)
+    key = (q.device.index, d, dtype, True, registry.LONG_Q)
+    assert key in ops._COUNTED, "the long causal kernel takes its tiles from a counter"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
