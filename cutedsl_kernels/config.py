@@ -48,9 +48,9 @@ class FmhaFwdConfig:
             tiles with as many key tiles together as any other pair), unless
             `dynamic_schedule`.
         dynamic_schedule: (persistent) CTAs take work tiles one by one from a global
-            counter (`mTileCounter`, zeroed before the launch), in the order of a grid of
-            one CTA per tile: tiles of unequal work (packed queries and keys, which need
-            it; causal query tiles, longest first) leave no SM idle at the end.
+            counter (`mTileCounter`, zeroed before the launch): tiles of unequal work
+            (packed queries and keys, which need it; causal query tiles, longest first
+            within groups of heads whose K/V fit in L2) leave no SM idle at the end.
     """
 
     arch: str

@@ -43,7 +43,12 @@ def dense_rows() -> dict[str, Callable[[], object]]:
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     no = None
     scalars = (0.125, 0, 0, 1, ops.num_sms(q.device.index))
+    import tvm_ffi
+
     return {
+        "dense: 5x tvm_ffi.from_dlpack": lambda: [
+            tvm_ffi.from_dlpack(t) for t in (q, k, v, out, lse)
+        ],
         "dense: raw kernel call": lambda: kernel(q, k, v, out, lse, no, no, no, no, no, *scalars),
         "dense: torch.ops op": lambda: torch.ops.sparsek.attention(q, k, v, False, 0.125, False),
         "dense: sparsek.attention": lambda: sparsek.attention(q, k, v),
@@ -77,7 +82,24 @@ def decode_rows() -> dict[str, Callable[[], object]]:
     no = None
 
     def raw() -> None:
-        split(qk, k_cache, v_cache, o_part, lse_part, no, no, seqlens, table, scale, 0, 4, splits)
+        ctas = ops.num_sms(q.device.index)
+        split(
+            qk,
+            k_cache,
+            v_cache,
+            o_part,
+            lse_part,
+            no,
+            no,
+            seqlens,
+            table,
+            no,
+            scale,
+            0,
+            4,
+            splits,
+            ctas,
+        )
         combine(o_part, lse_part, out, lse)
 
     cuda_args = (q, k_cache, v_cache, seqlens, table, None, None, True, scale, 0)
@@ -110,6 +132,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    # Without torch's C DLPack exchange API, TVM-FFI converts each tensor through Python.
+    fast = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
+    print(f"torch {torch.__version__}: __dlpack_c_exchange_api__ {fast}")
     for name, fn in {**dense_rows(), **decode_rows()}.items():
         print(f"{name:<32}{per_call_us(fn):8.1f} us")
     if args.profile:

@@ -35,12 +35,12 @@ a query tile, or (causal) the j-th tile from the last followed by the j-th from 
 first: together they have the same number of key tiles for every j, so the static
 schedule is balanced. With `dynamic_schedule` (packed queries and keys, whose tiles are
 unequal; long causal problems, where equal units leave the last round part-empty), the
-producer warp takes each next tile number, in the order of a grid of one CTA per tile,
-from a zeroed global counter (`mTileCounter`, atomic add) once it has issued this tile's
-loads, and passes it to the consumers through shared memory (`pipeline_sched`). Q is
-double-buffered: the producer loads the next tile's Q and first K/V while the consumers
-run this tile's epilogue, and a Q stage is released once the TMA store of the O staged in
-it has read it.
+producer warp takes each next tile number (longest first within groups of heads whose K/V
+fit in L2, see `tile_coords`) from a zeroed global counter (`mTileCounter`, atomic add)
+once it has issued this tile's loads, and passes it to the consumers through shared
+memory (`pipeline_sched`). Q is double-buffered: the producer loads the next tile's Q and
+first K/V while the consumers run this tile's epilogue, and a Q stage is released once
+the TMA store of the O staged in it has read it.
 
     warpgroup 0 (producer, few registers)     warpgroups 1..W (consumers, 64 rows each)
     ----------------------------------------  ------------------------------------------
@@ -91,6 +91,9 @@ from cutedsl_kernels.hopper.mainloop import Sm90Mainloop, start_turns
 
 # Work tile numbers in flight from the producer warp to the consumers (dynamic schedule).
 SCHED_STAGES = 2
+# Dense dynamic schedule: K/V bytes of the (head, batch) pairs worked on together (half of
+# H100/H200's 50 MB L2; see `tile_coords`).
+L2_GROUP_BYTES = 24 * 1024 * 1024
 
 
 class HopperFmhaForward:
@@ -446,11 +449,9 @@ class HopperFmhaForward:
         kv_state = pipeline.make_pipeline_state(role, self.num_stages)
         block_m, head_idx, batch_split = cute.arch.block_idx()
         if const_expr(self.dynamic):
-            # Tiles numbered as the grid of one CTA per tile would launch them (dense:
-            # query tiles fastest, longest first when causal, then heads, then batches;
-            # packed: (query tile slot, head), heads fastest), handed out by a global
-            # counter: the producer warp takes the next number once it has issued this
-            # tile's loads and passes each number to the consumers.
+            # Tiles in `tile_coords` order, handed out by a global counter: the producer
+            # warp takes the next number once it has issued this tile's loads and passes
+            # each number to the consumers.
             num_heads = cute.size(tensors[0].shape[2])
             num_tiles = num_m_blocks * num_heads * cute.size(tensors[0].shape[3])
             sched_state = pipeline.make_pipeline_state(role, SCHED_STAGES)
@@ -460,7 +461,9 @@ class HopperFmhaForward:
             while tile < num_tiles:
                 if const_expr(producer):
                     sched_state = self.give_tile(pipeline_sched, sched_tiles, sched_state, tile)
-                block, head_idx, batch_idx = self.tile_coords(tile, num_m_blocks, num_heads)
+                block, head_idx, batch_idx = self.tile_coords(
+                    tile, num_m_blocks, num_heads, tensors
+                )
                 work = self.work_tile(
                     block, head_idx, batch_idx, num_m_blocks, tensors, causal_offset, num_splits
                 )
@@ -506,7 +509,7 @@ class HopperFmhaForward:
         else:
             if const_expr(self.packed_tiles):  # grid x: (query tile slot, head), see __call__
                 num_heads = cute.size(tensors[0].shape[2])
-                block_m, head_idx, _ = self.tile_coords(block_m, num_m_blocks, num_heads)
+                block_m, head_idx, _ = self.tile_coords(block_m, num_m_blocks, num_heads, tensors)
             work = self.work_tile(
                 block_m, head_idx, batch_split, num_m_blocks, tensors, causal_offset, num_splits
             )
@@ -544,15 +547,30 @@ class HopperFmhaForward:
 
     @cute.jit
     def tile_coords(
-        self, tile: Int32, num_m_blocks: Int32, num_heads: Int32
+        self, tile: Int32, num_m_blocks: Int32, num_heads: Int32, tensors: tuple
     ) -> tuple[Int32, Int32, Int32]:
-        """Grid block (block_m, head, batch) of dynamic work tile number `tile`."""
+        """Grid block (block_m, head, batch) of dynamic work tile number `tile` (packed:
+        of grid block `tile`).
+
+        Dense: (head, batch) pairs in groups whose K/V fit in half the L2 together
+        (`L2_GROUP_BYTES`), group by group; within a group, query tiles from the first
+        grid block (causal: the most keys) to the last, each across the group's heads.
+        So the longest tiles of a group start first and its shortest fill the end, while
+        the tiles in flight read the K/V of a few heads only.
+        """
         if const_expr(self.packed_tiles):
             slot = tile // num_heads
             return slot, tile - slot * num_heads, Int32(0)
-        head_batch = tile // num_m_blocks
-        batch_idx = head_batch // num_heads
-        return tile - head_batch * num_m_blocks, head_batch - batch_idx * num_heads, batch_idx
+        num_pairs = num_heads * cute.size(tensors[0].shape[3])
+        kv_rows = L2_GROUP_BYTES // (2 * self.head_dim * self.dtype.width // 8)
+        group = cutlass.max(Int32(kv_rows) // cute.size(tensors[1].shape[0]), 1)
+        first = tile // (group * num_m_blocks) * group  # first (head, batch) of the group
+        in_group = cutlass.min(group, num_pairs - first)
+        local = tile - first * num_m_blocks
+        block = local // in_group
+        pair = first + local - block * in_group
+        batch_idx = pair // num_heads
+        return block, pair - batch_idx * num_heads, batch_idx
 
     def units_per_head(self, num_m_blocks: Int32) -> Int32:
         """Work units of one (head, batch) in a persistent launch (see `run_tiles`)."""

@@ -114,6 +114,7 @@ LONG_SHAPES = [
     (1, 4096, 5003, 3, 1, False),  # Sq < Sk, MQA
     (1, 5001, 4100, 4, 4, False),  # Sq > Sk: the first 901 rows fully masked
     (1, 4100, 4100, 4, 2, True),  # top-left, strided (BHSD storage)
+    (1, 12289, 12289, 10, 5, False),  # heads in several L2 groups, the last one partial
 ]
 
 
