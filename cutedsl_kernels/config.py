@@ -51,6 +51,9 @@ class FmhaFwdConfig:
             counter (`mTileCounter`, zeroed before the launch): tiles of unequal work
             (packed queries and keys, which need it; causal query tiles, longest first
             within groups of heads whose K/V fit in L2) leave no SM idle at the end.
+        l2_group_mb: (dynamic_schedule, dense) the K/V MiB of the (head, batch) pairs whose
+            tiles are worked on together: query tiles go out longest first across such a
+            group (at least one pair), group after group.
     """
 
     arch: str
@@ -68,6 +71,7 @@ class FmhaFwdConfig:
     split_kv: bool = False
     persistent: bool = False
     dynamic_schedule: bool = False
+    l2_group_mb: int = 0
 
     @property
     def name(self) -> str:
@@ -83,6 +87,7 @@ class FmhaFwdConfig:
             f"{'_split' if self.split_kv else ''}"
             f"{'_ps' if self.persistent else ''}"
             f"{'_dyn' if self.dynamic_schedule else ''}"
+            f"{f'_g{self.l2_group_mb}' if self.l2_group_mb else ''}"
         )
 
     @property

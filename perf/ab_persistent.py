@@ -2,7 +2,7 @@
 
     python -m perf.ab_persistent [--dtype bfloat16] [--varlen]     # vs persistent=False
     python -m perf.ab_persistent --against tile_m=128 --head-dim 64 --causal 1
-    python -m perf.ab_persistent --against dynamic_schedule=0 --causal 1
+    python -m perf.ab_persistent --against dynamic_schedule=0 l2_group_mb=0 --causal 1
 
 For each row of the perf suite's dense grid (d64/d128 x causal/non-causal, S 512..16k,
 B*S = 16k, H = 2048 / D) plus GQA 32:8 at 4k and Sq=1k/Sk=8k (or those of --head-dim /
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument(
         "--against",
         nargs="*",
-        default=["persistent=0", "dynamic_schedule=0"],
+        default=["persistent=0", "dynamic_schedule=0", "l2_group_mb=0"],
         help="FIELD=INT config fields of A (B: the registered config)",
     )
     parser.add_argument("--head-dim", type=int, help="only rows of this head_dim")

@@ -4,7 +4,8 @@ Run on the GPU machine: `python perf/latency_probe.py [--profile]`. Two problems
 dense B1 S512 H8 D64 and paged decode B1 context 1k H32 Hkv8 D128 (block 16). Each number is
 the median over 20 bursts of 200 back-to-back calls, synchronized after each burst: for
 these tiny problems that is host time per call (the GPU waits for the launches).
-`--profile` adds a cProfile of `sparsek.attention_with_kvcache` (top 25 by own time).
+`--profile` adds a cProfile of `sparsek.attention_with_kvcache` and of `sparsek.attention`
+(top 25 by own time).
 """
 
 import argparse
@@ -114,17 +115,17 @@ def decode_rows() -> dict[str, Callable[[], object]]:
     }
 
 
-def profile_decode() -> None:
-    q, k_cache, v_cache, seqlens, table = decode_problem()
+def profile(name: str, fn: Callable[[], object]) -> None:
     for _ in range(20):
-        sparsek.attention_with_kvcache(q, k_cache, v_cache, seqlens, table)
+        fn()
     torch.cuda.synchronize()
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(2000):
-        sparsek.attention_with_kvcache(q, k_cache, v_cache, seqlens, table)
+        fn()
     torch.cuda.synchronize()
     profiler.disable()
+    print(f"--- cProfile: {name}, 2000 calls")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
 
@@ -138,7 +139,13 @@ def main() -> None:
     for name, fn in {**dense_rows(), **decode_rows()}.items():
         print(f"{name:<32}{per_call_us(fn):8.1f} us")
     if args.profile:
-        profile_decode()
+        q, k_cache, v_cache, seqlens, table = decode_problem()
+        profile(
+            "sparsek.attention_with_kvcache",
+            lambda: sparsek.attention_with_kvcache(q, k_cache, v_cache, seqlens, table),
+        )
+        dense = torch.randn(3, 1, 512, 8, 64, device="cuda", dtype=torch.bfloat16)
+        profile("sparsek.attention", lambda: sparsek.attention(*dense))
 
 
 if __name__ == "__main__":

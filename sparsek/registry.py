@@ -47,8 +47,10 @@ class Tuning:
     wg_pingpong: bool = True
     # Dense kernels of the row loop over work units on one CTA per SM.
     persistent: bool = False
-    # ... taking work tiles from a global counter (packed queries always do).
+    # ... taking work tiles from a global counter (packed queries always do), longest
+    # first across the heads whose K/V take up to this many MiB (dense).
     dynamic_schedule: bool = False
+    l2_group_mb: int = 0
 
 
 # (arch, head_dim) -> tuning, measured on H100 and H200 (perf/NOTES.md). d128: 128x128
@@ -65,11 +67,13 @@ _CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
 # Dense causal requests of at least LONG_SEQLEN_Q queries (`Variant.long_q`). d64: 192x128
 # against 128x128 (persistent, H200, perf/NOTES.md #17): x0.67 / 0.85 / 0.93 at S = 512 /
 # 1k / 2k, x1.03 / 1.07 / 1.12 at 4k / 8k / 16k. Both take their tiles from a counter,
-# longest first (#18): with many equal pairs the static schedule's last round is part-empty.
+# longest first across groups of heads (#18, #20): with many equal pairs the static
+# schedule's last round is part-empty. d64 gained +2-2.5% at 4k-32k with 24 MiB groups;
+# d128 lost 1-3% at 8k-16k with them and gains +3-4% at 16k-32k one head at a time (8 MiB).
 LONG_SEQLEN_Q = 4096
 _LONG_CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
-    ("sm_90a", 64): Tuning(192, 128, 2, persistent=True, dynamic_schedule=True),
-    ("sm_90a", 128): Tuning(128, 128, 2, persistent=True, dynamic_schedule=True),
+    ("sm_90a", 64): Tuning(192, 128, 2, persistent=True, dynamic_schedule=True, l2_group_mb=24),
+    ("sm_90a", 128): Tuning(128, 128, 2, persistent=True, dynamic_schedule=True, l2_group_mb=8),
 }
 # Decode (`Variant.decode`): a tile's rows are the few query heads that share a KV head,
 # so a 64-row tile (one MMA warpgroup) does half the tensor-core and softmax work of a

@@ -180,9 +180,12 @@ def test_dynamic_schedule_needs_persistent_and_packed_needs_it() -> None:
     assert any("dynamic_schedule needs persistent=True" in r for r in reasons)
     static_packed = FmhaFwdConfig(**base, varlen_q=True, kv_layout="varlen", persistent=True)
     assert any("need dynamic_schedule=True" in r for r in build.can_implement(static_packed))
-    dynamic_dense = FmhaFwdConfig(**base, persistent=True, dynamic_schedule=True)
+    dynamic_dense = FmhaFwdConfig(**base, persistent=True, dynamic_schedule=True, l2_group_mb=8)
     assert build.can_implement(dynamic_dense) == []
-    assert dynamic_dense.name.endswith("_ps_dyn")
+    assert dynamic_dense.name.endswith("_ps_dyn_g8")
+    for group_mb, dynamic in ((0, True), (8, False), (-8, True)):
+        config = replace(dynamic_dense, dynamic_schedule=dynamic, l2_group_mb=group_mb)
+        assert any("l2_group_mb" in r for r in build.can_implement(config)), config
 
 
 def test_long_causal_queries_take_their_own_tiles() -> None:
@@ -194,7 +197,7 @@ def test_long_causal_queries_take_their_own_tiles() -> None:
     dense_d128 = registry.lookup("sm_90a", 128, "bfloat16", True)
     assert long_d64.dynamic_schedule and long_d128.dynamic_schedule
     assert not dense_d128.dynamic_schedule
-    assert long_d128 == replace(dense_d128, dynamic_schedule=True)
+    assert long_d128 == replace(dense_d128, dynamic_schedule=True, l2_group_mb=8)
     for head_dim in (64, 128):
         args = ("sm_90a", head_dim, "bfloat16", False)
         assert registry.lookup(*args, registry.LONG_Q) == registry.lookup(*args)

@@ -91,9 +91,6 @@ from cutedsl_kernels.hopper.mainloop import Sm90Mainloop, start_turns
 
 # Work tile numbers in flight from the producer warp to the consumers (dynamic schedule).
 SCHED_STAGES = 2
-# Dense dynamic schedule: K/V bytes of the (head, batch) pairs worked on together (half of
-# H100/H200's 50 MB L2; see `tile_coords`).
-L2_GROUP_BYTES = 24 * 1024 * 1024
 
 
 class HopperFmhaForward:
@@ -552,17 +549,17 @@ class HopperFmhaForward:
         """Grid block (block_m, head, batch) of dynamic work tile number `tile` (packed:
         of grid block `tile`).
 
-        Dense: (head, batch) pairs in groups whose K/V fit in half the L2 together
-        (`L2_GROUP_BYTES`), group by group; within a group, query tiles from the first
-        grid block (causal: the most keys) to the last, each across the group's heads.
-        So the longest tiles of a group start first and its shortest fill the end, while
-        the tiles in flight read the K/V of a few heads only.
+        Dense: (head, batch) pairs in groups whose K/V take up to `config.l2_group_mb`
+        MiB together (at least one pair), group by group; within a group, query tiles
+        from the first grid block (causal: the most keys) to the last, each across the
+        group's heads. So the longest tiles of a group start first and its shortest fill
+        the end, while the tiles in flight read the K/V of a few heads only (from L2).
         """
         if const_expr(self.packed_tiles):
             slot = tile // num_heads
             return slot, tile - slot * num_heads, Int32(0)
         num_pairs = num_heads * cute.size(tensors[0].shape[3])
-        kv_rows = L2_GROUP_BYTES // (2 * self.head_dim * self.dtype.width // 8)
+        kv_rows = (self.config.l2_group_mb << 20) // (2 * self.head_dim * self.dtype.width // 8)
         group = cutlass.max(Int32(kv_rows) // cute.size(tensors[1].shape[0]), 1)
         first = tile // (group * num_m_blocks) * group  # first (head, batch) of the group
         in_group = cutlass.min(group, num_pairs - first)
