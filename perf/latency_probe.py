@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsek
-from sparsek import ops, ops_kvcache_cuda
+from sparsek import api, ops, ops_kvcache_cuda
 from sparsek.registry import Variant
 
 
@@ -51,6 +51,9 @@ def dense_rows() -> dict[str, Callable[[], object]]:
             tvm_ffi.from_dlpack(t) for t in (q, k, v, out, lse)
         ],
         "dense: raw kernel call": lambda: kernel(q, k, v, out, lse, no, no, no, no, no, *scalars),
+        "dense: API kernel check (memo)": lambda: api._kernel_blockers(q, k, v, False),
+        "dense: registry check (no memo)": lambda: api._registry_blockers(0, 64, "bfloat16", False),
+        "dense: 3x ops.tma_readable": lambda: [ops.tma_readable(t) for t in (q, k, v)],
         "dense: torch.ops op": lambda: torch.ops.sparsek.attention(q, k, v, False, 0.125, False),
         "dense: sparsek.attention": lambda: sparsek.attention(q, k, v),
         "dense: torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt),

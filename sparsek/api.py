@@ -11,6 +11,7 @@ Strides: any strides are accepted. Inputs whose layout TMA cannot read are copie
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from sparsek import ops as _ops  # also registers torch.ops.sparsek.attention
 from sparsek.errors import UnsupportedError
 from sparsek.reference import reference_attention
 from sparsek.registry import (
+    ARCH_ENV,
     detect_arch,
     dtype_name,
     find,
@@ -327,8 +329,24 @@ def _kernel_blockers(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[str
     if v.shape[-1] != q.shape[-1]:
         return (f"value head_dim={v.shape[-1]} differs from query head_dim={q.shape[-1]}",)
     index = q.device.index if q.device.index is not None else -1
+    if not torch.compiler.is_compiling():
+        return _eager_registry_blockers(
+            os.environ.get(ARCH_ENV), index, q.shape[-1], q.dtype, causal
+        )
     reasons: tuple[str, ...] = _registry_blockers(
         index, _static_head_dim(q.shape[-1]), dtype_name(q.dtype), causal
+    )
+    return reasons
+
+
+@functools.lru_cache(maxsize=256)
+def _eager_registry_blockers(
+    arch_override: str | None, device_index: int, head_dim: int, dtype: torch.dtype, causal: bool
+) -> tuple[str, ...]:
+    """`_registry_blockers` memoized for eager calls: the answer depends only on these
+    (`arch_override`: the SPARSEK_ARCH value, which `detect_arch` reads)."""
+    reasons: tuple[str, ...] = _registry_blockers(
+        device_index, int(head_dim), dtype_name(dtype), causal
     )
     return reasons
 

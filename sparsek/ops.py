@@ -251,4 +251,14 @@ def tma_strides_ok(t: Tensor) -> bool:
     """`tma_readable` but for the base address: the last dim contiguous, every other
     stride a positive multiple of 8 elements."""
     strides = t.stride()
-    return strides[-1] == 1 and all(s > 0 and s % _STRIDE_MULTIPLE == 0 for s in strides[:-1])
+    ok = _TMA_STRIDES.get(strides)
+    if ok is None:
+        ok = strides[-1] == 1 and all(s > 0 and s % _STRIDE_MULTIPLE == 0 for s in strides[:-1])
+        if len(_TMA_STRIDES) < _TMA_STRIDES_MAX:
+            _TMA_STRIDES[strides] = ok
+    return ok
+
+
+# tma_strides_ok's answers by stride tuple (the launch path checks 3 tensors per call).
+_TMA_STRIDES: dict[tuple[int, ...], bool] = {}
+_TMA_STRIDES_MAX = 4096
