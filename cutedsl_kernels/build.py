@@ -7,8 +7,9 @@ directly and launches on the framework's current stream.
 
 Runtime signature of every compiled forward kernel (the contract with `sparsek`):
 
-    fn(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table,
-       softmax_scale: float, causal_offset: int, max_seqlen_q: int, num_splits: int)
+    fn(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, tile_counter,
+       softmax_scale: float, causal_offset: int, max_seqlen_q: int, num_splits: int,
+       num_ctas: int)
 
     q, out: (batch, seqlen_q, num_heads, head_dim)        dtype = config.dtype
     k, v:   (batch, seqlen_k, num_kv_heads, head_dim)     dtype = config.dtype
@@ -25,7 +26,9 @@ Runtime signature of every compiled forward kernel (the contract with `sparsek`)
     batch entry; "paged" reads k/v as (num_pages, page_size, num_kv_heads, head_dim)
     through page_table (batch, max_pages int32) with seqused_k. Metadata a config does
     not use is passed as None; num_splits is 1 unless `split_kv`, where out and lse gain
-    a leading num_splits mode and are float32 partial results.
+    a leading num_splits mode and are float32 partial results. tile_counter: a (1,) int32
+    tensor of zeros for `dynamic_schedule` configs (fresh per launch), else None.
+    num_ctas: the CTA count of a `persistent` launch (the SM count); ignored otherwise.
 
 The split-KV combine kernel (`CombineConfig`):
 
