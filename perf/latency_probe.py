@@ -1,9 +1,10 @@
 """Per-call host cost of each layer of the launch paths (GPU): raw kernel, torch op, API, peers.
 
 Run on the GPU machine: `python perf/latency_probe.py [--profile]`. Two problems, bf16:
-dense B1 S512 H8 D64 and paged decode B1 context 1k H32 Hkv8 D128 (block 16). Each number is
-the median over 20 bursts of 200 back-to-back calls, synchronized after each burst: for
-these tiny problems that is host time per call (the GPU waits for the launches).
+dense B1 S512 H8 D64 and paged decode B1 context 1k H32 Hkv8 D128 (block 16). Each row is
+the median over 20 bursts of 200 back-to-back calls: `host` times the calls alone (200
+launches fit in the launch queue, so this is what the CPU spends per call), `wall` includes
+the synchronization after the burst (per call, the larger of host and GPU time).
 `--profile` adds a cProfile of `sparsek.attention_with_kvcache` and of `sparsek.attention`
 (top 25 by own time).
 """
@@ -22,18 +23,23 @@ from sparsek import api, ops, ops_kvcache_cuda
 from sparsek.registry import Variant
 
 
-def per_call_us(fn: Callable[[], object], calls: int = 200, bursts: int = 20) -> float:
+def per_call_us(
+    fn: Callable[[], object], calls: int = 200, bursts: int = 20
+) -> tuple[float, float]:
+    """(host, wall) microseconds per call, medians over the bursts."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
-    times = []
+    host, wall = [], []
     for _ in range(bursts):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
+        issued = time.perf_counter()
         torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(times)[len(times) // 2]
+        host.append((issued - start) / calls * 1e6)
+        wall.append((time.perf_counter() - start) / calls * 1e6)
+    return sorted(host)[bursts // 2], sorted(wall)[bursts // 2]
 
 
 def dense_rows() -> dict[str, Callable[[], object]]:
@@ -44,6 +50,7 @@ def dense_rows() -> dict[str, Callable[[], object]]:
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     no = None
     scalars = (0.125, 0, 0, 1, ops.num_sms(q.device.index))
+    plan = ops.dense_plan(q, k, v, False, 0.125, False)
     import tvm_ffi
 
     return {
@@ -54,6 +61,7 @@ def dense_rows() -> dict[str, Callable[[], object]]:
         "dense: API kernel check (memo)": lambda: api._kernel_blockers(q, k, v, False),
         "dense: registry check (no memo)": lambda: api._registry_blockers(0, 64, "bfloat16", False),
         "dense: 3x ops.tma_readable": lambda: [ops.tma_readable(t) for t in (q, k, v)],
+        "dense: ops.run_dense (planned)": lambda: ops.run_dense(plan, q, k, v),
         "dense: torch.ops op": lambda: torch.ops.sparsek.attention(q, k, v, False, 0.125, False),
         "dense: sparsek.attention": lambda: sparsek.attention(q, k, v),
         "dense: torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt),
@@ -139,8 +147,10 @@ def main() -> None:
     # Without torch's C DLPack exchange API, TVM-FFI converts each tensor through Python.
     fast = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
     print(f"torch {torch.__version__}: __dlpack_c_exchange_api__ {fast}")
+    print(f"{'':<32}{'host us':>9}{'wall us':>9}")
     for name, fn in {**dense_rows(), **decode_rows()}.items():
-        print(f"{name:<32}{per_call_us(fn):8.1f} us")
+        host, wall = per_call_us(fn)
+        print(f"{name:<32}{host:9.1f}{wall:9.1f}")
     if args.profile:
         q, k_cache, v_cache, seqlens, table = decode_problem()
         profile(

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from sparsek import ops as _ops  # also registers torch.ops.sparsek.attention
 from sparsek.errors import UnsupportedError
+from sparsek.ops import remember
 from sparsek.reference import reference_attention
 from sparsek.registry import (
     ARCH_ENV,
@@ -81,6 +82,11 @@ def attention(
             non-positive `softmax_scale`.
         UnsupportedError: no kernel fits and `SPARSEK_STRICT=1` forbids the fallback.
     """
+    signature = _eager_signature(q, k, v, causal, softmax_scale, return_lse)
+    plan = _SERVED.get(signature) if signature is not None else None
+    if plan is not None:  # this signature passed every check below before
+        out, lse = _ops.run_dense(plan, q, k, v)
+        return (out, lse) if return_lse else out
     _check_flag("causal", causal)
     _check_flag("return_lse", return_lse)
     _check_qkv(("q", "k", "v"), q, k, v, layout="(batch, seqlen, heads, head_dim)", head_axis=2)
@@ -88,6 +94,8 @@ def attention(
 
     reasons = _kernel_blockers(q, k, v, causal)
     if not reasons:
+        if signature is not None:
+            remember(_SERVED, signature, _ops.dense_plan(q, k, v, causal, scale, False))
         result = _run_op(q, k, v, causal, scale, False)
         return result if return_lse else result[0]
     if q.device.type == "cpu" and not _needs_grad(q, k, v):
@@ -292,6 +300,34 @@ def _check_qkv(
 
 
 # ---------------------------------------------------------------------------- dispatch
+
+
+def _eager_signature(
+    q: object, k: object, v: object, causal: object, softmax_scale: object, return_lse: object
+) -> tuple[object, ...] | None:
+    """The key under which `attention` memoizes a call that passed validation and the
+    kernel check (`_SERVED`), or None for calls it never memoizes: anything but plain
+    eager calls on plain tensors without grad, flags of another type than bool, a scale
+    of another type than float (True == 1.0 as a key), and any tensor argument that is no
+    tensor. Everything validation and the kernel check read is in the key: shapes,
+    strides, dtypes, devices, flags, the scale and the SPARSEK_ARCH value."""
+    if type(causal) is not bool or type(return_lse) is not bool:
+        return None
+    if softmax_scale is not None and type(softmax_scale) is not float:
+        return None
+    if not plain_eager(q, k, v):  # type: ignore[arg-type]
+        return None
+    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+    if _needs_grad(q, k, v):
+        return None
+    return (
+        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+        q.device, k.device, v.device, causal, softmax_scale, os.environ.get(ARCH_ENV),
+    )  # fmt: skip
+
+
+# `_eager_signature` -> the plan of a call the kernels serve.
+_SERVED: dict[tuple[object, ...], _ops.DensePlan] = {}
 
 
 def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:

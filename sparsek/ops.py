@@ -9,7 +9,8 @@
     lse: (batch, num_heads, seqlen_q), float32, contiguous (natural-log log-sum-exp)
 
 Implementations:
-  * CUDA: registry lookup -> compile cache -> kernel launch. Inputs whose strides or
+  * CUDA: registry lookup -> compile cache -> kernel launch, worked out once per request
+    signature (`dense_plan`: shapes, strides, dtype, device, flags). Inputs whose strides or
     alignment break TMA's rules (last dim contiguous, other strides positive multiples of
     8 elements, 16-byte-aligned base) are copied first; zero-size problems and
     seqlen_k == 0 are answered without a launch. No host synchronization on this path,
@@ -26,7 +27,10 @@ Forward only: no autograd formula is registered.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -107,15 +111,59 @@ def _attention_cuda(
     softmax_scale: float,
     causal_top_left: bool,
 ) -> tuple[Tensor, Tensor]:
+    return run_dense(dense_plan(q, k, v, causal, softmax_scale, causal_top_left), q, k, v)
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """What a dense request of one signature (shapes, strides, dtype, device, flags)
+    allocates and launches: worked out once (`dense_plan`), so a repeated request pays
+    for a dictionary lookup, two allocations and the launch.
+
+    answer: "launch"; "empty" (an output has no element: return the allocations); or
+    "no_keys" (seqlen_k == 0: out 0, lse -inf). `readable` is False when q, k or v has
+    strides TMA cannot read (they are copied on each call).
+    """
+
+    answer: Literal["launch", "empty", "no_keys"]
+    out_shape: tuple[int, int, int, int]
+    lse_shape: tuple[int, int, int]
+    dtype: torch.dtype
+    device: torch.device
+    readable: bool = True
+    kernel: KernelFn | None = None
+    counted: bool = False  # the kernel takes a zeroed tile counter (`tile_counter`)
+    # softmax_scale, causal offset, max_seqlen_q (0: dense), splits, CTAs of a persistent launch
+    scalars: tuple[float, int, int, int, int] = (1.0, 0, 0, 1, 1)
+
+
+def dense_plan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    softmax_scale: float,
+    causal_top_left: bool,
+) -> DensePlan:
+    """The plan of a dense request (loading its kernel on first use), memoized.
+
+    Raises:
+        UnsupportedError: no registered kernel serves the request.
+    """
+    key = (
+        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
+        causal, softmax_scale, causal_top_left,
+    )  # fmt: skip
+    plan = _DENSE_PLANS.get(key)
+    if plan is not None:
+        return plan
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
-    out = _empty((batch, seqlen_q, num_heads, v.shape[-1]), q.dtype, q.device)
-    lse = _empty((batch, num_heads, seqlen_q), torch.float32, q.device)
-    if out.numel() == 0:
-        return out, lse
+    shapes = ((batch, seqlen_q, num_heads, v.shape[-1]), (batch, num_heads, seqlen_q))
+    if math.prod(shapes[0]) == 0:
+        return remember(_DENSE_PLANS, key, DensePlan("empty", *shapes, q.dtype, q.device))
     if seqlen_k == 0:
-        # No key at all: every row is fully masked.
-        return out.zero_(), lse.fill_(float("-inf"))
+        return remember(_DENSE_PLANS, key, DensePlan("no_keys", *shapes, q.dtype, q.device))
     if v.shape[-1] != head_dim:
         raise UnsupportedError(
             "no sparsek kernel for this input",
@@ -123,12 +171,51 @@ def _attention_cuda(
         )
     variant = dense_variant(seqlen_q, causal)
     kernel = _launcher(q.device, head_dim, q.dtype, causal, variant)
-    counter = tile_counter(q.device, head_dim, q.dtype, causal, variant)
     offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
-    args = (tma_compatible(q), tma_compatible(k), tma_compatible(v), out, lse)
-    scalars = (float(softmax_scale), offset, 0, 1, num_sms(q.device.index))
-    launch(q.device, kernel, *args, None, None, None, None, counter, *scalars)
+    return remember(_DENSE_PLANS, key, DensePlan(
+        "launch", *shapes, q.dtype, q.device,
+        readable=all(tma_strides_ok(t) for t in (q, k, v)),
+        kernel=kernel,
+        counted=takes_tile_counter(q.device, head_dim, q.dtype, causal, variant),
+        scalars=(float(softmax_scale), offset, 0, 1, num_sms(q.device.index)),
+    ))  # fmt: skip
+
+
+_DENSE_PLANS: dict[tuple[object, ...], DensePlan] = {}
+
+
+def run_dense(plan: DensePlan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Run a dense request by its `dense_plan` (no host synchronization: capturable)."""
+    out = _empty(plan.out_shape, plan.dtype, plan.device)
+    lse = _empty(plan.lse_shape, torch.float32, plan.device)
+    if plan.answer != "launch":
+        if plan.answer == "no_keys":
+            out.zero_()
+            lse.fill_(float("-inf"))
+        return out, lse
+    if not plan.readable or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % _ALIGN_BYTES:
+        q, k, v = tma_compatible(q), tma_compatible(k), tma_compatible(v)
+    counter = torch.zeros(1, dtype=torch.int32, device=plan.device) if plan.counted else None
+    kernel = plan.kernel
+    assert kernel is not None
+    launch(plan.device, kernel, q, k, v, out, lse, None, None, None, None, counter, *plan.scalars)
     return out, lse
+
+
+# Memoized plans are dropped all at once when there are this many (a serving engine's
+# request shapes vary with each step's token count: the set is bounded only by use).
+MAX_PLANS = 4096
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def remember(memo: dict[_K, _V], key: _K, value: _V) -> _V:
+    """`memo[key] = value`, emptying `memo` first when it holds `MAX_PLANS` entries."""
+    if len(memo) >= MAX_PLANS:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 def dense_variant(seqlen_q: int, causal: bool) -> Variant:
@@ -195,11 +282,19 @@ def tile_counter(
     device: torch.device, head_dim: int, dtype: torch.dtype, causal: bool, variant: Variant
 ) -> Tensor | None:
     """A zeroed int32 work-tile counter if the kernel `_launcher` loaded for these
-    arguments takes one (`FmhaFwdConfig.dynamic_schedule`), else None. Call it after
-    `_launcher`; allocated per call, so launches on concurrent streams never share one."""
-    if (device.index, head_dim, dtype, causal, variant) in _COUNTED:
+    arguments takes one, else None; allocated per call, so launches on concurrent streams
+    never share one."""
+    if takes_tile_counter(device, head_dim, dtype, causal, variant):
         return torch.zeros(1, dtype=torch.int32, device=device)
     return None
+
+
+def takes_tile_counter(
+    device: torch.device, head_dim: int, dtype: torch.dtype, causal: bool, variant: Variant
+) -> bool:
+    """Whether the kernel `_launcher` loaded for these arguments takes its work tiles from
+    a zeroed global counter (`FmhaFwdConfig.dynamic_schedule`). Call it after `_launcher`."""
+    return (device.index, head_dim, dtype, causal, variant) in _COUNTED
 
 
 def load(device: torch.device, config_for: Callable[[str], KernelConfig]) -> KernelFn:

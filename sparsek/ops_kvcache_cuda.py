@@ -34,13 +34,16 @@ from torch import Tensor
 
 from sparsek import ops
 from sparsek.cache import KernelFn
-from sparsek.ops import _ALIGN_BYTES, _launcher, launch, tma_compatible, tma_strides_ok
+from sparsek.ops import (
+    _ALIGN_BYTES,
+    _launcher,
+    launch,
+    remember,
+    tma_compatible,
+    tma_strides_ok,
+)
 from sparsek.ops_varlen_cuda import _store_launcher, choose_splits, kernel_config
 from sparsek.registry import Variant
-
-# Memoized plans are dropped all at once when there are this many (a serving engine's
-# request shapes vary with each step's token count: the set is bounded only by use).
-MAX_PLANS = 4096
 
 
 @dataclass(frozen=True)
@@ -112,12 +115,10 @@ def kvcache_plan(
     )
     found = _PLANS.get(key)
     if found is None:
-        if len(_PLANS) >= MAX_PLANS:
-            _PLANS.clear()
-        found = _PLANS[key] = _build_plan(
+        found = remember(_PLANS, key, _build_plan(
             q, k_cache, v_cache, cache_seqlens.shape[0], block_table, cu_seqlens_q,
             max_seqlen_q, causal, num_splits,
-        )  # fmt: skip
+        ))  # fmt: skip
     return found
 
 

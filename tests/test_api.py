@@ -176,3 +176,79 @@ def test_import_is_light() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert float(result.stdout) < 20
+
+
+# ------------------------------------------------- memoized eager calls (launch faked)
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[tuple]]:
+    """`sparsek.attention` on CPU tensors as if a kernel served them: the launch path is
+    faked, the kernel check passes unless an input requires grad. Yields (validations so
+    far, kernel calls)."""
+    from fake_launch import fake_launch_path
+
+    calls: list[tuple] = []
+
+    def kernel(q, k, v, out, lse, *rest) -> None:
+        calls.append((q, k, v))
+        out.fill_(3.0)
+        lse.fill_(4.0)
+
+    validations = [0]
+    check_qkv = api._check_qkv
+
+    def counted(*args, **kwargs) -> None:
+        validations[0] += 1
+        check_qkv(*args, **kwargs)
+
+    fake_launch_path(monkeypatch, lambda *a: a, kernel)
+    monkeypatch.setattr(api, "_SERVED", {})
+    monkeypatch.setattr(api, "_check_qkv", counted)
+    monkeypatch.setattr(
+        api, "_kernel_blockers", lambda q, k, v, c: ("grad",) if api._needs_grad(q, k, v) else ()
+    )
+    return validations, calls
+
+
+def test_repeated_calls_skip_validation_but_bad_arguments_still_raise(served, monkeypatch) -> None:
+    validations, calls = served
+    q, k = rand(1, 8, 4, 32, dtype=torch.bfloat16), rand(1, 8, 2, 32, dtype=torch.bfloat16)
+    for _ in range(3):
+        out = sparsek.attention(q, k, k, causal=True, softmax_scale=1.0)
+    out, lse = sparsek.attention(q, k, k, causal=True, softmax_scale=1.0, return_lse=True)
+    assert validations == [1] and len(calls) == 4
+    assert (out == 3).all() and (lse == 4).all() and lse.shape == (1, 4, 8)
+    # Same tensors: arguments hashing equal to a memoized signature are still checked.
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        sparsek.attention(q, k, k, causal=1, softmax_scale=1.0)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        sparsek.attention(q, k, k, causal=True, softmax_scale=1.0, return_lse=1)
+    with pytest.raises(TypeError, match="softmax_scale must be a float"):
+        sparsek.attention(q, k, k, causal=True, softmax_scale=True)
+    with pytest.raises(ValueError, match="softmax_scale must be finite"):
+        sparsek.attention(q, k, k, causal=True, softmax_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"k\.dtype"):
+        sparsek.attention(q, k.half(), k, causal=True, softmax_scale=1.0)
+    assert len(calls) == 4
+    # What the kernel check reads is in the signature: grad, the SPARSEK_ARCH override.
+    q.requires_grad_(True)
+    assert not (sparsek.attention(q, k, k, causal=True, softmax_scale=1.0) == 3).any()
+    q.requires_grad_(False)
+    monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
+    sparsek.attention(q, k, k, causal=True, softmax_scale=1.0)
+    assert len(calls) == 5 and validations == [6]  # 1 + scale x2, dtype, grad, arch
+
+
+def test_memoized_calls_see_new_strides_and_pointers(served) -> None:
+    _, calls = served
+    q = rand(1, 8, 2, 32, dtype=torch.bfloat16)
+    sparsek.attention(q, q, q)
+    flat = rand(q.numel() + 1, dtype=torch.bfloat16)
+    misaligned = flat[1:].view(q.shape)  # q's signature, base 2 bytes off
+    sparsek.attention(misaligned, q, q)
+    strided = rand(1, 8, 2, 40, dtype=torch.bfloat16)[..., :32]  # row stride 40 of 8: fine
+    sparsek.attention(strided, q, q)
+    assert calls[0][0] is q and calls[2][0] is strided
+    assert calls[1][0] is not misaligned and torch.equal(calls[1][0], misaligned)
+    assert len(api._SERVED) == 2

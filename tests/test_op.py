@@ -173,6 +173,40 @@ def test_no_keys_gives_zero_rows_without_launch(fake_kernel) -> None:
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
+def test_repeated_requests_reuse_their_plan_and_still_check_pointers(
+    fake_kernel, monkeypatch
+) -> None:
+    """A signature is planned once (one registry lookup for all calls); another stride
+    gets its own plan; a misaligned base is copied on every call even when its
+    signature's plan says the strides are readable; unreadable strides are copied."""
+    asked: list[tuple] = []
+    monkeypatch.setattr(ops, "get_kernel", lambda config: asked.append(config) or fake_kernel)
+    q, k, v = inputs(sq=9, sk=13, bhsd=True)
+    for _ in range(3):
+        ops._attention_cuda(q, k, v, True, 0.5, False)
+    assert len(ops._DENSE_PLANS) == 1 and len(asked) == 1 and len(fake_kernel.calls) == 3
+    flat = torch.randn(q.numel() + 1)
+    misaligned = flat[1:].view(q.shape)  # the contiguous signature, base 4 bytes off
+    aligned = flat[:-1].view(q.shape)
+    for query in (aligned, misaligned, aligned):
+        ops._attention_cuda(query, k, v, True, 0.5, False)
+    sent = [call[0] for call in fake_kernel.calls[3:]]
+    assert sent[0] is aligned and sent[2] is aligned and len(ops._DENSE_PLANS) == 2
+    assert sent[1] is not misaligned and sent[1].data_ptr() % 16 == 0
+    assert torch.equal(sent[1], misaligned)
+    odd = torch.randn(2, 9, 4, 36)[..., :32]  # row stride 36: not a multiple of 8
+    ops._attention_cuda(odd, k, v, True, 0.5, False)
+    assert fake_kernel.calls[-1][0].is_contiguous() and torch.equal(fake_kernel.calls[-1][0], odd)
+    assert len(asked) == 1  # one (head_dim, dtype, causal) kernel throughout
+
+
+def test_plan_memo_is_bounded(fake_kernel, monkeypatch) -> None:
+    monkeypatch.setattr(ops, "MAX_PLANS", 3)
+    for sq in range(1, 6):
+        ops._attention_cuda(*inputs(sq=sq, sk=4), False, 0.5, False)
+    assert 1 <= len(ops._DENSE_PLANS) <= 3 and len(fake_kernel.calls) == 5
+
+
 def test_tma_compatible_copies_only_when_needed() -> None:
     base = torch.randn(2, 4, 16, 64)
     permuted = base.transpose(1, 2)

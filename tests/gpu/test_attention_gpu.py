@@ -164,6 +164,21 @@ def test_custom_scale_and_unaligned_inputs() -> None:
     assert (out.double() - ref).abs().max().item() < 2e-2
 
 
+def test_repeated_signature_fresh_values_and_pointers() -> None:
+    """Calls after the first of a signature take its memoized plan (`api._SERVED`): fresh
+    values each time, and views of one signature whose bases are 16-byte aligned or not
+    (the misaligned one is copied), are each right."""
+    shape = (2, 77, 4, 128)
+    flat = torch.empty(math.prod(shape) + 8, device="cuda", dtype=torch.bfloat16)
+    for seed, offset in ((1, 0), (2, 1), (3, 0), (4, 8), (5, 3)):
+        q, k, v = make_qkv(2, 77, 93, 4, 2, 128, torch.bfloat16, seed=seed)
+        view = flat[offset : offset + q.numel()].view(shape).copy_(q)
+        out, lse = sparsek.attention(view, k, v, causal=True, return_lse=True)
+        check_close(out, q, k, v, True, top_left=False, lse=lse)
+    signature = api._eager_signature(view, k, v, True, None, True)
+    assert signature in api._SERVED
+
+
 def test_deterministic() -> None:
     q, k, v = make_qkv(2, 1031, 1031, 8, 2, 128, torch.bfloat16)
     first = sparsek.attention(q, k, v, causal=True)
