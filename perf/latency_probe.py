@@ -58,6 +58,14 @@ def dense_rows() -> dict[str, Callable[[], object]]:
             tvm_ffi.from_dlpack(t) for t in (q, k, v, out, lse)
         ],
         "dense: raw kernel call": lambda: kernel(q, k, v, out, lse, no, no, no, no, no, *scalars),
+        "dense: 2x torch.empty": lambda: (torch.empty_like(q), torch.empty_like(lse)),
+        "dense: raw call, fresh outputs": lambda: kernel(
+            q, k, v, torch.empty_like(q), torch.empty_like(lse), no, no, no, no, no, *scalars
+        ),
+        "dense: ops.launch wrapper": lambda: ops.launch(
+            q.device, kernel, q, k, v, out, lse, no, no, no, no, no, *scalars
+        ),
+        "dense: API signature": lambda: api._eager_signature(q, k, v, None, False),
         "dense: API kernel check (memo)": lambda: api._kernel_blockers(q, k, v, False),
         "dense: registry check (no memo)": lambda: api._registry_blockers(0, 64, "bfloat16", False),
         "dense: 3x ops.tma_readable": lambda: [ops.tma_readable(t) for t in (q, k, v)],

@@ -82,7 +82,9 @@ def attention(
             non-positive `softmax_scale`.
         UnsupportedError: no kernel fits and `SPARSEK_STRICT=1` forbids the fallback.
     """
-    signature = _eager_signature(q, k, v, causal, softmax_scale, return_lse)
+    signature = None
+    if type(return_lse) is bool:  # (no key part: it changes neither checks nor plan)
+        signature = _eager_signature(q, k, v, softmax_scale, causal)
     plan = _SERVED.get(signature) if signature is not None else None
     if plan is not None:  # this signature passed every check below before
         out, lse = _ops.run_dense(plan, q, k, v)
@@ -152,6 +154,13 @@ def scaled_dot_product_attention(
             outside [0, 1), or a non-finite or non-positive `scale`.
         UnsupportedError: no kernel fits and `SPARSEK_STRICT=1` forbids the fallback.
     """
+    signature = None
+    if attn_mask is None and type(dropout_p) is float and dropout_p == 0.0:
+        signature = _eager_signature(query, key, value, scale, is_causal, enable_gqa)
+    plan = _SERVED_SDPA.get(signature) if signature is not None else None
+    if plan is not None:  # this signature passed every check below before
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        return _ops.run_dense(plan, q, k, v)[0].transpose(1, 2)
     _check_flag("is_causal", is_causal)
     _check_flag("enable_gqa", enable_gqa)
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
@@ -180,6 +189,9 @@ def scaled_dot_product_attention(
         reasons = _kernel_blockers(query, key, value, is_causal)
     if not reasons:
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        if signature is not None:
+            plan = _ops.dense_plan(q, k, v, is_causal, resolved, True)
+            remember(_SERVED_SDPA, signature, plan)
         out = _run_op(q, k, v, is_causal, resolved, True)[0]
         return out.transpose(1, 2)
     _fallback(reasons)
@@ -303,31 +315,39 @@ def _check_qkv(
 
 
 def _eager_signature(
-    q: object, k: object, v: object, causal: object, softmax_scale: object, return_lse: object
+    q: object, k: object, v: object, softmax_scale: object, *flags: object
 ) -> tuple[object, ...] | None:
-    """The key under which `attention` memoizes a call that passed validation and the
-    kernel check (`_SERVED`), or None for calls it never memoizes: anything but plain
-    eager calls on plain tensors without grad, flags of another type than bool, a scale
-    of another type than float (True == 1.0 as a key), and any tensor argument that is no
-    tensor. Everything validation and the kernel check read is in the key: shapes,
-    strides, dtypes, devices, flags, the scale and the SPARSEK_ARCH value."""
-    if type(causal) is not bool or type(return_lse) is not bool:
+    """The key under which an entry point memoizes a call that passed validation and the
+    kernel check (`_SERVED`, `_SERVED_SDPA`), or None for calls never memoized: anything
+    but plain eager calls on plain tensors without grad, flags of another type than bool,
+    a scale of another type than float (True == 1.0 as a key), and any tensor argument
+    that is no tensor. Everything validation and the kernel check read is in the key:
+    shapes, strides, dtypes, devices, the scale, the flags and the SPARSEK_ARCH value."""
+    if (
+        type(q) is not Tensor
+        or type(k) is not Tensor
+        or type(v) is not Tensor
+        or (softmax_scale is not None and type(softmax_scale) is not float)
+    ):
         return None
-    if softmax_scale is not None and type(softmax_scale) is not float:
+    for flag in flags:
+        if type(flag) is not bool:
+            return None
+    # `plain_eager` and `_needs_grad`, inline: this runs on every call.
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
         return None
-    if not plain_eager(q, k, v):  # type: ignore[arg-type]
-        return None
-    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
-    if _needs_grad(q, k, v):
+    if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
         return None
     return (
         q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
-        q.device, k.device, v.device, causal, softmax_scale, os.environ.get(ARCH_ENV),
+        q.device, k.device, v.device, softmax_scale, flags, os.environ.get(ARCH_ENV),
     )  # fmt: skip
 
 
-# `_eager_signature` -> the plan of a call the kernels serve.
+# `_eager_signature` -> the plan of a call the kernels serve, per entry point (`attention`
+# reads (batch, seqlen, heads, head_dim) tensors, the SDPA drop-in (batch, heads, ...)).
 _SERVED: dict[tuple[object, ...], _ops.DensePlan] = {}
+_SERVED_SDPA: dict[tuple[object, ...], _ops.DensePlan] = {}
 
 
 def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:

@@ -252,3 +252,21 @@ def test_memoized_calls_see_new_strides_and_pointers(served) -> None:
     assert calls[0][0] is q and calls[2][0] is strided
     assert calls[1][0] is not misaligned and torch.equal(calls[1][0], misaligned)
     assert len(api._SERVED) == 2
+
+
+def test_sdpa_drop_in_memoizes_apart_from_attention(served) -> None:
+    validations, calls = served
+    x = rand(1, 2, 8, 32, dtype=torch.bfloat16)  # (batch, heads, seqlen, head_dim)
+    for _ in range(3):
+        out = sparsek.scaled_dot_product_attention(x, x, x, is_causal=True)
+    assert validations == [1] and len(calls) == 3 and (out == 3).all()
+    assert calls[-1][0].shape == (1, 8, 2, 32)  # the kernel reads (batch, seqlen, heads, dim)
+    sparsek.attention(x, x, x, causal=True)  # same tensors, other layout: its own plan
+    assert validations == [2] and len(api._SERVED) == len(api._SERVED_SDPA) == 1
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        sparsek.scaled_dot_product_attention(x, x, x, is_causal=1)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        sparsek.scaled_dot_product_attention(x, x, x, dropout_p=1.5)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()
+    masked = sparsek.scaled_dot_product_attention(x, x, x, attn_mask=mask)  # falls back
+    assert len(calls) == 4 and not (masked == 3).any()

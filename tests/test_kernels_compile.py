@@ -47,6 +47,20 @@ def test_registered_config_compiles_exports_and_loads(
     assert callable(fn)
 
 
+def test_kernels_accept_every_base_the_launch_path_passes() -> None:
+    """The launch path sends q, k, v and out with 16-byte-aligned bases (`ops._ALIGN_BYTES`,
+    TMA's rule); a compiled signature that assumed more would reject such views at launch."""
+    pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
+    from cutedsl_kernels.hopper.fmha_fwd import HopperFmhaForward
+    from sparsek import ops
+
+    for config in (c for c in CONFIGS if isinstance(c, FmhaFwdConfig)):
+        q, k, v, out, lse, *_ = HopperFmhaForward(config).fake_arguments()
+        aligns = [t._assumed_align for t in (q, k, v, out)]
+        assert aligns == [ops._ALIGN_BYTES] * 4, (config.name, aligns)
+        assert lse._assumed_align == 4
+
+
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [

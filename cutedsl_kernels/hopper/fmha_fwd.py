@@ -139,7 +139,7 @@ class HopperFmhaForward:
         def tensor(dtype, shape, align):
             strides = tuple(cute.sym_int64(divisibility=align) for _ in shape[:-1])
             return cute.runtime.make_fake_tensor(
-                dtype, shape, stride=(*strides, 1), assumed_align=4 * align
+                dtype, shape, stride=(*strides, 1), assumed_align=align * dtype.width // 8
             )
 
         q = tensor(self.dtype, (batch, seqlen_q, heads, self.head_dim), align_elems)

@@ -175,7 +175,7 @@ def test_repeated_signature_fresh_values_and_pointers() -> None:
         view = flat[offset : offset + q.numel()].view(shape).copy_(q)
         out, lse = sparsek.attention(view, k, v, causal=True, return_lse=True)
         check_close(out, q, k, v, True, top_left=False, lse=lse)
-    signature = api._eager_signature(view, k, v, True, None, True)
+    signature = api._eager_signature(view, k, v, None, True)
     assert signature in api._SERVED
 
 
