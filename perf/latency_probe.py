@@ -62,6 +62,17 @@ def dense_rows() -> dict[str, Callable[[], object]]:
         "dense: raw call, fresh outputs": lambda: kernel(
             q, k, v, torch.empty_like(q), torch.empty_like(lse), no, no, no, no, no, *scalars
         ),
+        "dense: 2x torch.empty(shape, dtype, device)": lambda: (
+            torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(lse.shape, dtype=lse.dtype, device=q.device),
+        ),
+        "dense: raw call, fresh out only": lambda: kernel(
+            q, k, v, torch.empty_like(q), lse, no, no, no, no, no, *scalars
+        ),
+        "dense: raw call, fresh q view": lambda: kernel(
+            q.view(q.shape), k, v, out, lse, no, no, no, no, no, *scalars
+        ),
+        "dense: q.view alone": lambda: q.view(q.shape),
         "dense: ops.launch wrapper": lambda: ops.launch(
             q.device, kernel, q, k, v, out, lse, no, no, no, no, no, *scalars
         ),
@@ -70,6 +81,7 @@ def dense_rows() -> dict[str, Callable[[], object]]:
         "dense: registry check (no memo)": lambda: api._registry_blockers(0, 64, "bfloat16", False),
         "dense: 3x ops.tma_readable": lambda: [ops.tma_readable(t) for t in (q, k, v)],
         "dense: ops.run_dense (planned)": lambda: ops.run_dense(plan, q, k, v),
+        "dense: ops._attention_cuda": lambda: ops._attention_cuda(q, k, v, False, 0.125, False),
         "dense: torch.ops op": lambda: torch.ops.sparsek.attention(q, k, v, False, 0.125, False),
         "dense: sparsek.attention": lambda: sparsek.attention(q, k, v),
         "dense: torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt),
@@ -155,10 +167,10 @@ def main() -> None:
     # Without torch's C DLPack exchange API, TVM-FFI converts each tensor through Python.
     fast = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
     print(f"torch {torch.__version__}: __dlpack_c_exchange_api__ {fast}")
-    print(f"{'':<32}{'host us':>9}{'wall us':>9}")
+    print(f"{'':<44}{'host us':>9}{'wall us':>9}")
     for name, fn in {**dense_rows(), **decode_rows()}.items():
         host, wall = per_call_us(fn)
-        print(f"{name:<32}{host:9.1f}{wall:9.1f}")
+        print(f"{name:<44}{host:9.1f}{wall:9.1f}")
     if args.profile:
         q, k_cache, v_cache, seqlens, table = decode_problem()
         profile(

@@ -237,11 +237,17 @@ def _sms_of_device(index: int) -> int:
 
 def launch(device: torch.device, kernel: KernelFn, *args: object) -> None:
     """Call `kernel(*args)` with `device` current (TVM-FFI launches on the current one)."""
-    if device.index is None or device.index == torch.cuda.current_device():
+    if device.index is None or _one_device() or device.index == torch.cuda.current_device():
         kernel(*args)
     else:
         with torch.cuda.device(device):
             kernel(*args)
+
+
+@functools.cache
+def _one_device() -> bool:
+    """One CUDA device visible: it is the current one (`launch` skips the ~1.5 us query)."""
+    return torch.cuda.device_count() == 1
 
 
 # (device index, head_dim, dtype, causal, variant) -> loaded kernel: the launch path's only
