@@ -14,7 +14,8 @@ Vocabulary (see `FmhaFwdConfig.varlen_q` / `kv_layout`):
   of all sequences on one axis instead of (longest sequence's tiles) x batch. Sequence b
   owns slots [cu_q[b] // tile_m + b, ... + ceil(seqlen_q / tile_m)): these ranges are
   disjoint and increasing in b, so total_q // tile_m + batch slots cover every tile and at
-  most one slot per sequence is left empty; a CTA finds its sequence by binary search.
+  most one slot per sequence is left empty; a warp finds a slot's sequence with one
+  ballot per 32 sequences (`packed_batch`).
 """
 
 from __future__ import annotations
@@ -91,23 +92,46 @@ def packed_tile(
     last_first: cutlass.Constexpr[bool],
 ) -> tuple[Int32, Int32]:
     """(batch entry, query tile) of packed work-tile `slot` (see the module docstring).
+    Every lane of the calling warp takes part (`packed_batch`).
 
     A slot no tile owns gives a query tile past its sequence's end (the CTA does nothing).
     `last_first`: a sequence's tiles are visited from its last one (causal: most keys).
     """
-    # The largest b with start(b) = cu[b] // tile_m + b <= slot; start(0) = 0 <= slot.
-    lo = Int32(0)
-    hi = Int32(cute.size(cu_seqlens_q.shape[0]) - 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if cu_seqlens_q[mid] // tile_m + mid <= slot:
-            lo = mid
-        else:
-            hi = mid
-    first = cu_seqlens_q[lo]
-    m_block = slot - (first // tile_m + lo)
+    batch_idx = packed_batch(cu_seqlens_q, slot, tile_m)
+    first = cu_seqlens_q[batch_idx]
+    m_block = slot - (first // tile_m + batch_idx)
     if const_expr(last_first):
-        tiles = cute.ceil_div(cu_seqlens_q[lo + 1] - first, tile_m)
+        tiles = cute.ceil_div(cu_seqlens_q[batch_idx + 1] - first, tile_m)
         if m_block < tiles:
             m_block = tiles - 1 - m_block
-    return lo, m_block
+    return batch_idx, m_block
+
+
+@cute.jit
+def packed_batch(cu_seqlens_q: cute.Tensor, slot: Int32, tile_m: cutlass.Constexpr[int]) -> Int32:
+    """The batch entry owning packed work-tile `slot`: the largest b with
+    start(b) = cu_seqlens_q[b] // tile_m + b <= slot (start(0) = 0 <= slot).
+
+    One warp, all lanes: a round reads the starts of 32 entries at once (lane i: entry
+    base + i) and counts those at or before `slot` with a ballot. Starts increase with
+    b, so the entries counted form a prefix: a round that counts fewer than 32 ends the
+    search. Up to 32 sequences cost one load latency instead of a binary search's
+    log2(batch) dependent loads, on every tile of every warp.
+    """
+    lane = cute.arch.lane_idx()
+    batch = cute.size(cu_seqlens_q.shape[0]) - 1
+    counted = Int32(0)
+    base = Int32(0)
+    while base < batch:
+        entry = base + lane
+        at_or_before = Int32(0)
+        # Nested, not `and`: the load must not run past the array's end.
+        if entry < batch:  # noqa: SIM102
+            if cu_seqlens_q[entry] // tile_m + entry <= slot:
+                at_or_before = Int32(1)
+        found = cute.arch.popc(cute.arch.vote_ballot_sync(at_or_before != 0))
+        counted += found
+        base += cute.arch.WARP_SIZE
+        if found < cute.arch.WARP_SIZE:
+            base = batch
+    return cutlass.max(counted - 1, 0)  # (no sequence at all: entry 0, whose tiles are empty)
