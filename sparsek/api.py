@@ -168,6 +168,13 @@ def scaled_dot_product_attention(
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal=True cannot be combined; pass one of them")
     _check_dropout(dropout_p)
+    if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
+        # PyTorch's SDPA serves some nested inputs; sparsek's kernels none.
+        _fallback(("nested tensors are not supported by the kernels",))
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+        )  # fmt: skip
     _check_qkv(
         ("query", "key", "value"),
         query,
@@ -232,11 +239,24 @@ def _resolve_scale(name: str, scale: object, head_dim: int) -> float:
     return float(scale)
 
 
+def check_strided(name: str, t: Tensor) -> None:
+    """`t` is a dense (strided, not nested) tensor: TypeError naming `name` otherwise."""
+    if t.is_nested:
+        raise TypeError(
+            f"{name} is a nested tensor; supported: dense tensors (layout torch.strided); "
+            "sequences of different lengths: sparsek.attention_varlen"
+        )
+    if t.layout is not torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; supported: torch.strided (dense)")
+
+
 def check_float_tensors(names: tuple[str, ...], tensors: tuple[object, ...], hint: str) -> None:
-    """Each of `tensors` is a floating-point torch.Tensor (TypeError naming it otherwise)."""
+    """Each of `tensors` is a dense floating-point torch.Tensor (TypeError naming it
+    otherwise)."""
     for name, t in zip(names, tensors, strict=True):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_strided(name, t)
         if not t.dtype.is_floating_point:
             raise TypeError(
                 f"{name} has dtype {t.dtype}; supported: floating point {hint}".rstrip()
@@ -338,8 +358,12 @@ def _eager_signature(
         return None
     if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
         return None
+    try:
+        strides = q.stride(), k.stride(), v.stride()
+    except RuntimeError:  # sparse or nested: validation names the argument
+        return None
     return (
-        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+        q.shape, k.shape, v.shape, strides, q.dtype, k.dtype, v.dtype,
         q.device, k.device, v.device, softmax_scale, flags, os.environ.get(ARCH_ENV),
     )  # fmt: skip
 

@@ -30,6 +30,7 @@ from sparsek.api import (
     check_float_tensors,
     check_head_ratio,
     check_kv_matches_q,
+    check_strided,
     plain_eager,
 )
 from sparsek.ops_kvcache_cuda import KvcachePlan
@@ -300,6 +301,7 @@ def _check_attention_tensors(
 def _check_index_tensor(name: str, t: object, q: Tensor, layout: str, rank: int) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_strided(name, t)
     if t.dtype != torch.int32:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: torch.int32")
     if t.dim() != rank:

@@ -82,6 +82,17 @@ def test_sdpa_drop_in_falls_back_to_torch(kwargs) -> None:
     assert torch.equal(got, want)
 
 
+def test_sdpa_drop_in_hands_nested_tensors_to_torch() -> None:
+    def jagged() -> torch.Tensor:  # (batch, heads, ragged seqlen, head_dim)
+        seqs = [rand(3, 4, 16), rand(5, 4, 16)]
+        return torch.nested.nested_tensor(seqs, layout=torch.jagged).transpose(1, 2)
+
+    q, k, v = jagged(), jagged(), jagged()
+    got = sparsek.scaled_dot_product_attention(q, k, v)
+    want = F.scaled_dot_product_attention(q, k, v)
+    assert got.is_nested and torch.equal(got.values(), want.values())
+
+
 def test_sdpa_drop_in_dropout_falls_back_with_same_rng() -> None:
     q = rand(1, 2, 8, 16)
     torch.manual_seed(3)
@@ -122,6 +133,12 @@ def test_attention_on_cpu_runs_the_reference_op_even_in_strict_mode(monkeypatch)
             "attn_mask",
         ),
         (lambda q: sparsek.scaled_dot_product_attention(q, q, q, dropout_p=0.1), "dropout_p"),
+        (
+            lambda q: sparsek.scaled_dot_product_attention(
+                *[torch.nested.nested_tensor([q[0], q[0, :, :2]], layout=torch.jagged)] * 3
+            ),
+            "nested tensors",
+        ),
     ],
 )
 def test_strict_mode_turns_fallbacks_into_errors(monkeypatch, call, fragment) -> None:

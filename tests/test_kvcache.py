@@ -229,6 +229,13 @@ kvc = sparsek.attention_with_kvcache
 MALFORMED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("q-not-tensor", lambda: kvc(None, KC, VC, SL), TypeError, "q must be a torch.Tensor"),
     ("q-2d", lambda: kvc(Q4[0, 0], KC, VC, SL), ValueError, "q must be 4-D"),
+    ("k-cache-sparse", lambda: kvc(Q4, KC.to_sparse(), VC, SL), TypeError, "k_cache has layout"),
+    (
+        "block-table-sparse",
+        lambda: kvc(Q4, KP, VP, SL, BT.to_sparse()),
+        TypeError,
+        "block_table has layout torch.sparse_coo",
+    ),
     ("k-cache-3d", lambda: kvc(Q4, KC[0], VC, SL), ValueError, "k_cache must be 4-D"),
     ("v-cache-dtype", lambda: kvc(Q4, KC, VC.half(), SL), ValueError, "v_cache.dtype="),
     ("k-cache-device", lambda: kvc(Q4, KC.to("meta"), VC, SL), ValueError, "k_cache.device=meta"),

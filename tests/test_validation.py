@@ -34,6 +34,13 @@ MALFORMED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("v-numpy-like", lambda: att(Q, K, 3.0), TypeError, "v must be a torch.Tensor"),
     ("q-int-dtype", lambda: att(Q.long(), K, V), TypeError, "q has dtype torch.int64"),
     ("k-bool-dtype", lambda: att(Q, K.bool(), V), TypeError, "k has dtype torch.bool"),
+    ("q-sparse", lambda: att(Q.to_sparse(), K, V), TypeError, "q has layout torch.sparse_coo"),
+    (
+        "k-nested",
+        lambda: att(Q, torch.nested.nested_tensor([K[0], K[1, :5]]), V),
+        TypeError,
+        "k is a nested tensor",
+    ),
     ("q-3d", lambda: att(Q[0], K, V), ValueError, "q must be 4-D"),
     ("k-5d", lambda: att(Q, K[None], V), ValueError, "k must be 4-D"),
     ("k-dtype-mismatch", lambda: att(Q, K.double(), V), ValueError, "k.dtype=torch.float64"),
@@ -65,6 +72,7 @@ MALFORMED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ),
     ("sdpa-query-list", lambda: sdpa([1.0], KS, VS), TypeError, "query must be a torch.Tensor"),
     ("sdpa-key-3d", lambda: sdpa(QS, KS[0], VS), ValueError, "key must be 4-D"),
+    ("sdpa-value-sparse", lambda: sdpa(QS, KS, VS.to_sparse()), TypeError, "value has layout"),
     (
         "sdpa-mask-list",
         lambda: sdpa(QS, KS, VS, attn_mask=[[True]]),

@@ -213,9 +213,23 @@ def test_torch_compile_fullgraph_public_api() -> None:
 Q, K, V, CQ, CK = packed([3, 5], [4, 6])
 varlen = sparsek.attention_varlen
 
+
+def nested(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s tokens as a nested tensor of two sequences."""
+    return torch.nested.nested_tensor([t[:3], t[3:]])
+
+
 MALFORMED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("q-not-tensor", lambda: varlen([1.0], K, V, CQ, CK, 5, 6), TypeError, "q must be a torch"),
     ("q-int", lambda: varlen(Q.long(), K, V, CQ, CK, 5, 6), TypeError, "q has dtype torch.int64"),
+    ("q-nested", lambda: varlen(nested(Q), K, V, CQ, CK, 5, 6), TypeError, "q is a nested"),
+    ("v-sparse", lambda: varlen(Q, K, V.to_sparse(), CQ, CK, 5, 6), TypeError, "v has layout"),
+    (
+        "cu-q-sparse",
+        lambda: varlen(Q, K, V, CQ.to_sparse(), CK, 5, 6),
+        TypeError,
+        "cu_seqlens_q has layout torch.sparse_coo",
+    ),
     ("q-4d", lambda: varlen(Q[None], K, V, CQ, CK, 5, 6), ValueError, "q must be 3-D"),
     ("k-4d", lambda: varlen(Q, K[None], V, CQ, CK, 5, 6), ValueError, "k must be 3-D"),
     ("v-dtype", lambda: varlen(Q, K, V.double(), CQ, CK, 5, 6), ValueError, "v.dtype="),
