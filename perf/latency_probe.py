@@ -51,6 +51,7 @@ def dense_rows() -> dict[str, Callable[[], object]]:
     no = None
     scalars = (0.125, 0, 0, 1, ops.num_sms(q.device.index))
     plan = ops.dense_plan(q, k, v, False, 0.125, False)
+    index = q.device.index
     import tvm_ffi
 
     return {
@@ -65,6 +66,18 @@ def dense_rows() -> dict[str, Callable[[], object]]:
         "dense: 2x torch.empty(shape, dtype, device)": lambda: (
             torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(lse.shape, dtype=lse.dtype, device=q.device),
+        ),
+        "dense: 2x q.new_empty(shape[, dtype])": lambda: (
+            q.new_empty(q.shape),
+            q.new_empty(lse.shape, dtype=lse.dtype),
+        ),
+        "dense: 2x torch.empty(shape, dtype, device=index)": lambda: (
+            torch.empty(q.shape, dtype=q.dtype, device=index),
+            torch.empty(lse.shape, dtype=lse.dtype, device=index),
+        ),
+        "dense: 2x torch.empty_strided": lambda: (
+            torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device),
+            torch.empty_strided(lse.shape, lse.stride(), dtype=lse.dtype, device=q.device),
         ),
         "dense: raw call, fresh out only": lambda: kernel(
             q, k, v, torch.empty_like(q), lse, no, no, no, no, no, *scalars

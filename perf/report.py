@@ -324,12 +324,21 @@ def _decode_lines(rows: Sequence[Row]) -> list[str]:
     copy_text = ", ".join(f"{c:.0f}" for c in copies) or "not measured"
     intro = [
         f"Copy bandwidth (device-to-device, read + write): {copy_text} GB/s. Cells: GB/s of "
-        "K + V read (bw_frac). SDPA rows read a dense copy of the cache.",
+        "K + V read (bw_frac). SDPA rows read a dense copy of the cache. Each call is timed "
+        "as a CUDA-graph replay after an L2 flush (no host gaps between its kernels).",
+        *_eager_notes(selected),
         "",
     ]
     header = ["dtype", "B", "context", "H", "Hkv", "D", "block"]
     lines = _provider_table(selected, header, key_of, _bandwidth_cell, ["sparsek us"], _subject_us)
     return [*intro, *lines]
+
+
+def _eager_notes(rows: Sequence[Row]) -> list[str]:
+    """Decode rows timed with eager launches because their provider could not be captured."""
+    eager = (r for r in rows if "eager" in r.get("note", ""))
+    notes = dict.fromkeys(f"{r['provider']}: {r['note']}" for r in eager)
+    return [f"- {note}" for note in notes]
 
 
 def _skip_notes(rows: Sequence[Row]) -> list[str]:

@@ -8,7 +8,9 @@ Every problem is a `Case`. Its `suite` decides the measurement kinds:
     first_call           -> "cold_first_call", "warm_first_call" (fresh processes, sparsek only)
     varlen               -> "kernel"   packed sequences of mixed lengths (`Case.seqlens`)
     decode               -> "kernel"   one query per sequence against a paged KV cache
-                                       (`Case.block_size`); also reported as bandwidth
+                                       (`Case.block_size`), timed as a CUDA-graph replay
+                                       (split-KV + combine without host gaps); also
+                                       reported as bandwidth
     xformers             -> "kernel"   one row per xFormers bias type (opt-in, see below);
                                        block-diagonal biases on packed sequences
                                        (`Case.seqlens`), padded / paged keys of a cache

@@ -47,12 +47,17 @@ def time_kernel(
     rep_ms: float = 100.0,
     min_reps: int = 10,
     max_reps: int = 1000,
+    graph: bool = False,
 ) -> float:
     """Median time of one call: warm-up, then `rep_ms` worth of individually timed calls.
 
     On CUDA each call sits between two events with a fresh L2 flush before it; on CPU each
-    call is timed with perf_counter.
+    call is timed with perf_counter. `graph` (CUDA): the call is captured once in a CUDA
+    graph and its replays are timed, so a call of several kernels is timed without the
+    host's gaps between their launches (raises if `fn` cannot be captured).
     """
+    if graph and device.type == "cuda":
+        fn = _captured(fn, device, warmup=3)
     est = _estimate_ms(fn, device)
     for _ in range(max(3, int(warmup_ms / est))):
         fn()
@@ -110,6 +115,12 @@ def time_graph(
     """Capture one call in a CUDA graph (after warm-up on a side stream); time its replays."""
     if device.type != "cuda":
         raise NotMeasurable("CUDA graphs need a CUDA device")
+    replay = _captured(fn, device, warmup=warmup)
+    return time_eager(replay, device, calls=calls, reps=reps, warmup=warmup)
+
+
+def _captured(fn: Callable[[], object], device: torch.device, *, warmup: int) -> Callable[[], None]:
+    """The replay of a CUDA graph holding one call of `fn` (warmed up on a side stream)."""
     side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -120,7 +131,8 @@ def time_graph(
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return time_eager(graph.replay, device, calls=calls, reps=reps, warmup=warmup)
+    replay: Callable[[], None] = graph.replay
+    return replay
 
 
 def copy_bandwidth_gbps(
