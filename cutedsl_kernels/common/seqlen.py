@@ -28,10 +28,23 @@ from cutedsl_kernels.common import causal_mask
 
 
 class SeqInfo:
-    """Bounds of one (batch entry, query tile): read once from the metadata tensors."""
+    """Bounds of one (batch entry, query tile): `read` from the metadata tensors once, or
+    rebuilt from values another warp read (`FmhaFwdConfig.dynamic_schedule`)."""
 
     def __init__(
         self,
+        offset_q: Int32,
+        seqlen_q: Int32,
+        offset_k: Int32,
+        seqlen_k: Int32,
+        causal_offset: Int32,
+    ):
+        self.offset_q, self.seqlen_q = offset_q, seqlen_q
+        self.offset_k, self.seqlen_k = offset_k, seqlen_k
+        self.causal_offset = causal_offset
+
+    @staticmethod
+    def read(
         batch_idx: Int32,
         seqlen_q_static: Int32,
         seqlen_k_static: Int32,
@@ -39,21 +52,22 @@ class SeqInfo:
         cu_seqlens_q: cute.Tensor | None,
         cu_seqlens_k: cute.Tensor | None,
         seqused_k: cute.Tensor | None,
-    ):
-        self.offset_q = Int32(0)
-        self.seqlen_q = seqlen_q_static
+    ) -> SeqInfo:
+        """The bounds of `batch_idx`: from the shapes, `cu_seqlens_*` or `seqused_k`."""
+        offset_q, seqlen_q = Int32(0), seqlen_q_static
         if cu_seqlens_q is not None:
-            self.offset_q = cu_seqlens_q[batch_idx]
-            self.seqlen_q = cu_seqlens_q[batch_idx + 1] - self.offset_q
-        self.offset_k = Int32(0)
-        self.seqlen_k = seqlen_k_static
+            offset_q = cu_seqlens_q[batch_idx]
+            seqlen_q = cu_seqlens_q[batch_idx + 1] - offset_q
+        offset_k, seqlen_k = Int32(0), seqlen_k_static
         if cu_seqlens_k is not None:
-            self.offset_k = cu_seqlens_k[batch_idx]
-            self.seqlen_k = cu_seqlens_k[batch_idx + 1] - self.offset_k
+            offset_k = cu_seqlens_k[batch_idx]
+            seqlen_k = cu_seqlens_k[batch_idx + 1] - offset_k
         if seqused_k is not None:
-            self.seqlen_k = seqused_k[batch_idx]
+            seqlen_k = seqused_k[batch_idx]
         per_sequence = any(t is not None for t in (cu_seqlens_q, cu_seqlens_k, seqused_k))
-        self.causal_offset = self.seqlen_k - self.seqlen_q if per_sequence else causal_offset
+        if per_sequence:
+            causal_offset = seqlen_k - seqlen_q
+        return SeqInfo(offset_q, seqlen_q, offset_k, seqlen_k, causal_offset)
 
     @cute.jit
     def n_block_range(

@@ -37,10 +37,11 @@ schedule is balanced. With `dynamic_schedule` (packed queries and keys, whose ti
 unequal; long causal problems, where equal units leave the last round part-empty), the
 producer warp takes each next tile number (longest first within groups of heads whose K/V
 fit in L2, see `tile_coords`) from a zeroed global counter (`mTileCounter`, atomic add)
-once it has issued this tile's loads, and passes it to the consumers through shared
-memory (`pipeline_sched`). Q is double-buffered: the producer loads the next tile's Q and
-first K/V while the consumers run this tile's epilogue, and a Q stage is released once
-the TMA store of the O staged in it has read it.
+once it has issued this tile's loads, resolves it (sequence bounds, key-tile range) and
+passes the result to the consumers through shared memory (`pipeline_sched`,
+`WorkTile.words`), so only one warp waits on the metadata loads. Q is double-buffered:
+the producer loads the next tile's Q and first K/V while the consumers run this tile's
+epilogue, and a Q stage is released once the TMA store of the O staged in it has read it.
 
     warpgroup 0 (producer, few registers)     warpgroups 1..W (consumers, 64 rows each)
     ----------------------------------------  ------------------------------------------
@@ -89,7 +90,8 @@ from cutedsl_kernels.hopper.limits import (
 )
 from cutedsl_kernels.hopper.mainloop import Sm90Mainloop, start_turns
 
-# Work tile numbers in flight from the producer warp to the consumers (dynamic schedule).
+# Work tiles in flight from the producer warp to the consumers (dynamic schedule), each
+# as `WorkTile.words` (the tile number, its coordinates and its resolved bounds).
 SCHED_STAGES = 2
 
 
@@ -242,7 +244,7 @@ class HopperFmhaForward:
             sK: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[self.dtype, cute.cosize(sV_layout)], 1024]
             mbar_sched: cute.struct.MemRange[cutlass.Int64, 2 * SCHED_STAGES]
-            sched_tiles: cute.struct.MemRange[Int32, SCHED_STAGES]
+            sched_tiles: cute.struct.MemRange[Int32, WorkTile.NUM_WORDS * SCHED_STAGES]
 
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
         if const_expr(self.packed_tiles):
@@ -411,7 +413,9 @@ class HopperFmhaForward:
         tensors = (mQ, mK, mV, tma_O, mO, mLSE, mCuSeqlensQ, mCuSeqlensK, mSeqUsedK, mPageTable)
         smem_tiles = (sQ, sK, sV)
         pipelines = (pipeline_q, pipeline_k, pipeline_v)
-        sched_tiles = storage.sched_tiles.get_tensor(cute.make_layout(SCHED_STAGES))
+        sched_tiles = storage.sched_tiles.get_tensor(
+            cute.make_layout((WorkTile.NUM_WORDS, SCHED_STAGES))
+        )
         tiles = (num_m_blocks, causal_offset, num_splits, pipeline_sched, sched_tiles, mTileCounter)
         pipeline.pipeline_init_wait()
 
@@ -447,30 +451,35 @@ class HopperFmhaForward:
         block_m, head_idx, batch_split = cute.arch.block_idx()
         if const_expr(self.dynamic):
             # Tiles in `tile_coords` order, handed out by a global counter: the producer
-            # warp takes the next number once it has issued this tile's loads and passes
-            # each number to the consumers.
+            # warp resolves each tile (its sequence bounds are global loads), passes it to
+            # the consumers and, once it has issued the tile's loads, takes the next number.
             num_heads = cute.size(tensors[0].shape[2])
             num_tiles = num_m_blocks * num_heads * cute.size(tensors[0].shape[3])
             sched_state = pipeline.make_pipeline_state(role, SCHED_STAGES)
-            tile = block_m
-            if const_expr(not producer):
-                tile, sched_state = self.take_tile(pipeline_sched, sched_tiles, sched_state)
-            while tile < num_tiles:
-                if const_expr(producer):
-                    sched_state = self.give_tile(pipeline_sched, sched_tiles, sched_state, tile)
-                block, head_idx, batch_idx = self.tile_coords(
-                    tile, num_m_blocks, num_heads, tensors
-                )
-                work = self.work_tile(
-                    block, head_idx, batch_idx, num_m_blocks, tensors, causal_offset, num_splits
-                )
-                q_state, kv_state = step(work, *role_args, q_state, kv_state)
-                if const_expr(producer):
-                    tile = next_tile(counter)
-                else:
-                    tile, sched_state = self.take_tile(pipeline_sched, sched_tiles, sched_state)
             if const_expr(producer):
-                self.give_tile(pipeline_sched, sched_tiles, sched_state, tile)  # the end
+                tile = block_m
+                while tile < num_tiles:
+                    block, head_idx, batch_idx = self.tile_coords(
+                        tile, num_m_blocks, num_heads, tensors
+                    )
+                    work = self.work_tile(
+                        block, head_idx, batch_idx, num_m_blocks, tensors, causal_offset, num_splits
+                    )
+                    sched_state = self.give_tile(
+                        pipeline_sched, sched_tiles, sched_state, work.words(tile)
+                    )
+                    q_state, kv_state = step(work, *role_args, q_state, kv_state)
+                    tile = next_tile(counter)
+                self.give_tile(pipeline_sched, sched_tiles, sched_state, (tile,))  # the end
+            else:
+                pipeline_sched.consumer_wait(sched_state)
+                tile = sched_tiles[0, sched_state.index]
+                while tile < num_tiles:
+                    work = WorkTile.from_words(sched_tiles[None, sched_state.index])
+                    sched_state = self.release_tile(pipeline_sched, sched_state)
+                    q_state, kv_state = step(work, *role_args, q_state, kv_state)
+                    pipeline_sched.consumer_wait(sched_state)
+                    tile = sched_tiles[0, sched_state.index]
         elif const_expr(self.persistent):
             # Work units, (head, batch) by (head, batch): a query tile, or (causal) the
             # pair of the j-th tile from the last and the j-th from the first, whose key
@@ -518,29 +527,26 @@ class HopperFmhaForward:
         pipeline_sched: pipeline.PipelineAsync,
         sched_tiles: cute.Tensor,
         state: pipeline.PipelineState,
-        tile: Int32,
+        words: tuple,
     ) -> pipeline.PipelineState:
-        """Producer warp: pass work tile number `tile` to the consumers."""
+        """Producer warp: pass a work tile (`WorkTile.words`, or the end: a tile number
+        past the last) to the consumers."""
         pipeline_sched.producer_acquire(state)
         if cute.arch.lane_idx() == 0:
-            sched_tiles[state.index] = tile
+            for i in cutlass.range_constexpr(len(words)):
+                sched_tiles[i, state.index] = words[i]
             pipeline_sched.producer_commit(state)
         state.advance()
         return state
 
     @cute.jit
-    def take_tile(
-        self,
-        pipeline_sched: pipeline.PipelineAsync,
-        sched_tiles: cute.Tensor,
-        state: pipeline.PipelineState,
-    ) -> tuple[Int32, pipeline.PipelineState]:
-        """Consumers: the next work tile number from the producer warp."""
-        pipeline_sched.consumer_wait(state)
-        tile = sched_tiles[state.index]
+    def release_tile(
+        self, pipeline_sched: pipeline.PipelineAsync, state: pipeline.PipelineState
+    ) -> pipeline.PipelineState:
+        """Consumers: done reading the work tile at `state`; the state of the next."""
         pipeline_sched.consumer_release(state)
         state.advance()
-        return tile, state
+        return state
 
     @cute.jit
     def tile_coords(
@@ -598,7 +604,7 @@ class HopperFmhaForward:
         if const_expr(self.split_kv):
             batch_idx = batch_split // num_splits
             split_idx = batch_split - batch_idx * num_splits
-        info = SeqInfo(
+        info = SeqInfo.read(
             batch_idx,
             mQ.shape[0],
             mK.shape[0],
@@ -879,6 +885,9 @@ class WorkTile:
     """One CTA work tile: query tile `m_block` of (`head_idx`, `batch_idx`[, `split_idx`]),
     its sequence bounds and the key tiles [n_min, n_max) it visits."""
 
+    # `words`: tile number, m_block, head, batch, the five SeqInfo bounds, n_min, n_max.
+    NUM_WORDS = 11
+
     def __init__(
         self,
         m_block: Int32,
@@ -891,3 +900,27 @@ class WorkTile:
     ):
         self.m_block, self.head_idx, self.batch_idx = m_block, head_idx, batch_idx
         self.split_idx, self.info, self.n_min, self.n_max = split_idx, info, n_min, n_max
+
+    def words(self, tile: Int32) -> tuple:
+        """Work tile number `tile` as NUM_WORDS int32 values (split-KV tiles excluded)."""
+        info = self.info
+        return (
+            tile,
+            self.m_block,
+            self.head_idx,
+            self.batch_idx,
+            info.offset_q,
+            info.seqlen_q,
+            info.offset_k,
+            info.seqlen_k,
+            info.causal_offset,
+            self.n_min,
+            self.n_max,
+        )
+
+    @staticmethod
+    def from_words(words: cute.Tensor) -> WorkTile:
+        """The work tile that `words` (NUM_WORDS int32, see `words`) describe."""
+        w = [words[i] for i in range(WorkTile.NUM_WORDS)]
+        info = SeqInfo(w[4], w[5], w[6], w[7], w[8])
+        return WorkTile(w[1], w[2], w[3], Int32(0), info, w[9], w[10])
