@@ -2,9 +2,11 @@
 
 Run on the GPU machine: `python perf/latency_probe.py [--profile]`. Two problems, bf16:
 dense B1 S512 H8 D64 and paged decode B1 context 1k H32 Hkv8 D128 (block 16). Each row is
-the median over 20 bursts of 200 back-to-back calls: `host` times the calls alone (200
-launches fit in the launch queue, so this is what the CPU spends per call), `wall` includes
-the synchronization after the burst (per call, the larger of host and GPU time).
+the median over 20 bursts of 200 back-to-back calls, the rows' bursts interleaved (round
+robin, so a drift of the host's speed touches every row alike): `host` times the calls
+alone (200 launches fit in the launch queue, so this is what the CPU spends per call),
+`wall` includes the synchronization after the burst (per call, the larger of host and GPU
+time).
 `--profile` adds a cProfile of `sparsek.attention_with_kvcache` and of `sparsek.attention`
 (top 25 by own time).
 """
@@ -24,22 +26,27 @@ from sparsek.registry import Variant
 
 
 def per_call_us(
-    fn: Callable[[], object], calls: int = 200, bursts: int = 20
-) -> tuple[float, float]:
-    """(host, wall) microseconds per call, medians over the bursts."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    host, wall = [], []
-    for _ in range(bursts):
-        start = time.perf_counter()
-        for _ in range(calls):
+    rows: dict[str, Callable[[], object]], calls: int = 200, bursts: int = 20
+) -> dict[str, tuple[float, float]]:
+    """Row -> (host, wall) microseconds per call, medians over its bursts."""
+    for fn in rows.values():
+        for _ in range(20):
             fn()
-        issued = time.perf_counter()
-        torch.cuda.synchronize()
-        host.append((issued - start) / calls * 1e6)
-        wall.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(host)[bursts // 2], sorted(wall)[bursts // 2]
+    torch.cuda.synchronize()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
+    for _ in range(bursts):
+        for name, fn in rows.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            issued = time.perf_counter()
+            torch.cuda.synchronize()
+            done = time.perf_counter()
+            times[name].append(((issued - start) / calls * 1e6, (done - start) / calls * 1e6))
+    return {
+        name: (sorted(h for h, _ in t)[bursts // 2], sorted(w for _, w in t)[bursts // 2])
+        for name, t in times.items()
+    }
 
 
 def dense_rows() -> dict[str, Callable[[], object]]:
@@ -181,8 +188,7 @@ def main() -> None:
     fast = hasattr(torch.Tensor, "__dlpack_c_exchange_api__")
     print(f"torch {torch.__version__}: __dlpack_c_exchange_api__ {fast}")
     print(f"{'':<44}{'host us':>9}{'wall us':>9}")
-    for name, fn in {**dense_rows(), **decode_rows()}.items():
-        host, wall = per_call_us(fn)
+    for name, (host, wall) in per_call_us({**dense_rows(), **decode_rows()}).items():
         print(f"{name:<44}{host:9.1f}{wall:9.1f}")
     if args.profile:
         q, k_cache, v_cache, seqlens, table = decode_problem()

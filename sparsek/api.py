@@ -96,9 +96,11 @@ def attention(
 
     reasons = _kernel_blockers(q, k, v, causal)
     if not reasons:
-        if signature is not None:
-            remember(_SERVED, signature, _ops.dense_plan(q, k, v, causal, scale, False))
-        result = _run_op(q, k, v, causal, scale, False)
+        if signature is not None:  # plain eager: plan, remember and run
+            plan = remember(_SERVED, signature, _ops.dense_plan(q, k, v, causal, scale, False))
+            result = _ops.run_dense(plan, q, k, v)
+        else:
+            result = _run_op(q, k, v, causal, scale, False)
         return result if return_lse else result[0]
     if q.device.type == "cpu" and not _needs_grad(q, k, v):
         # The documented CPU path: the op's float32 reference (the correctness oracle).
@@ -196,10 +198,11 @@ def scaled_dot_product_attention(
         reasons = _kernel_blockers(query, key, value, is_causal)
     if not reasons:
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        if signature is not None:
+        if signature is not None:  # plain eager: plan, remember and run
             plan = _ops.dense_plan(q, k, v, is_causal, resolved, True)
-            remember(_SERVED_SDPA, signature, plan)
-        out = _run_op(q, k, v, is_causal, resolved, True)[0]
+            out = _ops.run_dense(remember(_SERVED_SDPA, signature, plan), q, k, v)[0]
+        else:
+            out = _run_op(q, k, v, is_causal, resolved, True)[0]
         return out.transpose(1, 2)
     _fallback(reasons)
     return F.scaled_dot_product_attention(

@@ -149,6 +149,12 @@ def test_launch_arguments(fake_kernel, sq, sk, causal, top_left, offset) -> None
     assert kq is q and kk is k and kv is v  # permuted BHSD views satisfy TMA: no copies
     assert kout is out and klse is lse and scale == 0.5 and koff == offset
     assert out.shape == q.shape and lse.shape == (2, 4, sq)
+    assert out.is_contiguous() and lse.is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 1, 1), (2, 0, 3, 4), (0, 5), (7,), ()])
+def test_contiguous_strides_match_torch(shape: tuple[int, ...]) -> None:
+    assert ops.contiguous_strides(shape) == torch.empty(shape).stride()
 
 
 @pytest.mark.parametrize(

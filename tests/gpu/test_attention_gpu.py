@@ -47,7 +47,7 @@ SHAPES = [
 def _strict_and_poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPARSEK_STRICT", "1")
 
-    def poisoned(shape, dtype, device):
+    def poisoned(shape, dtype, device, stride=None):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(ops, "_empty", poisoned)

@@ -65,7 +65,7 @@ GARBAGE_SCALE = 8.0
 def _strict_and_poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPARSEK_STRICT", "1")
 
-    def poisoned(shape, dtype, device):
+    def poisoned(shape, dtype, device, stride=None):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     # The varlen/KV-cache ops allocate through `ops._empty` or an `_empty` of their own (same

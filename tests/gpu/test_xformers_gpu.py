@@ -50,7 +50,7 @@ CASES = [
 
 @pytest.fixture(autouse=True)
 def _poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    def poisoned(shape, dtype, device):
+    def poisoned(shape, dtype, device, stride=None):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(ops, "_empty", poisoned)
