@@ -451,10 +451,8 @@ class HopperFmhaForward:
         block_m, head_idx, batch_split = cute.arch.block_idx()
         if const_expr(self.dynamic):
             # Tiles in `tile_coords` order, handed out by a global counter: the producer
-            # warp resolves each tile (its sequence bounds are global loads) and passes it
-            # to the consumers. It claims the next number before issuing this tile's loads,
-            # so the atomic's latency hides under them (a CTA holds at most one claim
-            # besides its running tile).
+            # warp resolves each tile (its sequence bounds are global loads), passes it to
+            # the consumers and, once it has issued the tile's loads, takes the next number.
             num_heads = cute.size(tensors[0].shape[2])
             num_tiles = num_m_blocks * num_heads * cute.size(tensors[0].shape[3])
             sched_state = pipeline.make_pipeline_state(role, SCHED_STAGES)
@@ -470,9 +468,8 @@ class HopperFmhaForward:
                     sched_state = self.give_tile(
                         pipeline_sched, sched_tiles, sched_state, work.words(tile)
                     )
-                    ticket = claim_tile(counter)
                     q_state, kv_state = step(work, *role_args, q_state, kv_state)
-                    tile = claimed_tile(ticket)
+                    tile = next_tile(counter)
                 self.give_tile(pipeline_sched, sched_tiles, sched_state, (tile,))  # the end
             else:
                 pipeline_sched.consumer_wait(sched_state)
@@ -875,19 +872,12 @@ class HopperFmhaForward:
 
 
 @cute.jit
-def claim_tile(counter: cute.Tensor) -> Int32:
-    """One warp: claim the next work tile from the zero-initialized global `counter` (lane
-    0's atomic; nothing waits for its result until `claimed_tile`)."""
+def next_tile(counter: cute.Tensor) -> Int32:
+    """The next work tile number from the zero-initialized global `counter` (one warp):
+    every CTA starts with its own block index, so numbers start at the grid size."""
     ticket = Int32(0)
     if cute.arch.lane_idx() == 0:
         ticket = cute.arch.atomic_add(counter.iterator, Int32(1))
-    return ticket
-
-
-@cute.jit
-def claimed_tile(ticket: Int32) -> Int32:
-    """The work tile number of a `claim_tile` ticket, in every lane: every CTA starts with
-    its own block index, so claimed numbers start at the grid size."""
     return cute.arch.shuffle_sync(ticket, 0) + cute.arch.grid_dim()[0]
 
 
