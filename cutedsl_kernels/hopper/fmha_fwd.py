@@ -86,13 +86,11 @@ from cutedsl_kernels.hopper import epilogue, limits
 from cutedsl_kernels.hopper.limits import (
     REGS_BY_MMA_WARPGROUPS,
     ROWS_PER_MMA_WARPGROUP,
+    SCHED_STAGES,
+    SCHED_WORDS,
     THREADS_PER_WARPGROUP,
 )
 from cutedsl_kernels.hopper.mainloop import Sm90Mainloop, start_turns
-
-# Work tiles in flight from the producer warp to the consumers (dynamic schedule), each
-# as `WorkTile.words` (the tile number, its coordinates and its resolved bounds).
-SCHED_STAGES = 2
 
 
 class HopperFmhaForward:
@@ -453,6 +451,8 @@ class HopperFmhaForward:
             # Tiles in `tile_coords` order, handed out by a global counter: the producer
             # warp resolves each tile (its sequence bounds are global loads), passes it to
             # the consumers and, once it has issued the tile's loads, takes the next number.
+            # Packed slots that no sequence owns (up to one per sequence, see
+            # `seqlen.packed_tile`) have no rows: the producer skips them.
             num_heads = cute.size(tensors[0].shape[2])
             num_tiles = num_m_blocks * num_heads * cute.size(tensors[0].shape[3])
             sched_state = pipeline.make_pipeline_state(role, SCHED_STAGES)
@@ -465,10 +465,11 @@ class HopperFmhaForward:
                     work = self.work_tile(
                         block, head_idx, batch_idx, num_m_blocks, tensors, causal_offset, num_splits
                     )
-                    sched_state = self.give_tile(
-                        pipeline_sched, sched_tiles, sched_state, work.words(tile)
-                    )
-                    q_state, kv_state = step(work, *role_args, q_state, kv_state)
+                    if work.m_block * self.tile_m < work.info.seqlen_q:
+                        sched_state = self.give_tile(
+                            pipeline_sched, sched_tiles, sched_state, work.words(tile)
+                        )
+                        q_state, kv_state = step(work, *role_args, q_state, kv_state)
                     tile = next_tile(counter)
                 self.give_tile(pipeline_sched, sched_tiles, sched_state, (tile,))  # the end
             else:
@@ -885,8 +886,8 @@ class WorkTile:
     """One CTA work tile: query tile `m_block` of (`head_idx`, `batch_idx`[, `split_idx`]),
     its sequence bounds and the key tiles [n_min, n_max) it visits."""
 
-    # `words`: tile number, m_block, head, batch, the five SeqInfo bounds, n_min, n_max.
-    NUM_WORDS = 11
+    # `words`: tile number, m_block, head, batch, split, the five SeqInfo bounds, n_min, n_max.
+    NUM_WORDS = SCHED_WORDS
 
     def __init__(
         self,
@@ -902,13 +903,14 @@ class WorkTile:
         self.split_idx, self.info, self.n_min, self.n_max = split_idx, info, n_min, n_max
 
     def words(self, tile: Int32) -> tuple:
-        """Work tile number `tile` as NUM_WORDS int32 values (split-KV tiles excluded)."""
+        """Work tile number `tile` and this tile as NUM_WORDS int32 values."""
         info = self.info
         return (
             tile,
             self.m_block,
             self.head_idx,
             self.batch_idx,
+            self.split_idx,
             info.offset_q,
             info.seqlen_q,
             info.offset_k,
@@ -921,6 +923,21 @@ class WorkTile:
     @staticmethod
     def from_words(words: cute.Tensor) -> WorkTile:
         """The work tile that `words` (NUM_WORDS int32, see `words`) describe."""
-        w = [words[i] for i in range(WorkTile.NUM_WORDS)]
+        return WorkTile.from_values([words[i] for i in range(1, WorkTile.NUM_WORDS)])
+
+    @staticmethod
+    def from_values(w: list) -> WorkTile:
+        """The work tile of `words` but the tile number."""
         info = SeqInfo(w[4], w[5], w[6], w[7], w[8])
-        return WorkTile(w[1], w[2], w[3], Int32(0), info, w[9], w[10])
+        return WorkTile(w[0], w[1], w[2], w[3], info, w[9], w[10])
+
+    # The DSL's region protocol: a WorkTile crosses the boundary of a dynamic `if` or loop
+    # as its words (the tile number aside).
+    def __extract_mlir_values__(self) -> list:
+        values: list = []
+        for word in self.words(Int32(0))[1:]:
+            values += cutlass.extract_mlir_values(Int32(word))
+        return values
+
+    def __new_from_mlir_values__(self, values: list) -> WorkTile:
+        return WorkTile.from_values([cutlass.new_from_mlir_values(Int32(0), [v]) for v in values])

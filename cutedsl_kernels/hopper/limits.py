@@ -16,6 +16,10 @@ ROWS_PER_MMA_WARPGROUP = 64  # one wgmma atom is 64 rows tall
 REGS_BY_MMA_WARPGROUPS = {1: (56, 256), 2: (24, 240), 3: (32, 160)}
 BARRIER_BYTES = 8
 ELEMENT_BYTES = 2  # fp16 / bf16
+# Dynamic schedule: work tiles in flight from the producer warp to the consumers, each as
+# SCHED_WORDS int32 (`fmha_fwd.WorkTile.words`).
+SCHED_STAGES = 2
+SCHED_WORDS = 12
 
 
 def q_stages(config: FmhaFwdConfig) -> int:
@@ -28,6 +32,8 @@ def smem_bytes(config: FmhaFwdConfig) -> int:
     q = q_stages(config) * config.tile_m * config.head_dim * ELEMENT_BYTES
     kv = 2 * config.num_stages * config.tile_n * config.head_dim * ELEMENT_BYTES
     barriers = (2 * q_stages(config) + 4 * config.num_stages) * BARRIER_BYTES
+    if config.dynamic_schedule:
+        barriers += SCHED_STAGES * (2 * BARRIER_BYTES + 4 * SCHED_WORDS)
     return q + kv + barriers + 3 * 1024  # alignment of the three buffers
 
 
