@@ -66,7 +66,7 @@ echo "== installing $XFORMERS_SPEC (--no-deps)"
 
 echo "== ruff check";   "$VENV/bin/ruff" check .
 echo "== ruff format";  "$VENV/bin/ruff" format --check .
-echo "== mypy";         "$VENV/bin/mypy" sparsek
+echo "== mypy";         "$VENV/bin/mypy" sparsek perf
 echo "== pytest"
 set +e
 "$PY" -m pytest -q

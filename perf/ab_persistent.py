@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ HEADER = (
     "| cuDNN TFLOP/s | B / A | B / cuDNN | max err |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
-Against = dict[str, int | bool]
+Against = dict[str, Any]
 
 
 Shape = tuple[int, int, int, int, int, int, bool]
@@ -83,7 +84,11 @@ def row(shape: Shape, dtype: torch.dtype, arch: str, against: Against) -> str:
         lse = torch.empty(b, h, sq, device=device, dtype=torch.float32)
         tensors = (q, k, v, out, lse, None, None, None, None)
 
-        def run(kernel=kernel, tensors=tensors, counted=config.dynamic_schedule) -> None:
+        def run(
+            kernel: Any = kernel,
+            tensors: tuple[Any, ...] = tensors,
+            counted: bool = config.dynamic_schedule,
+        ) -> None:
             kernel(*tensors, tile_counter(counted, device), *scalars)
 
         run()
@@ -101,7 +106,7 @@ def row(shape: Shape, dtype: torch.dtype, arch: str, against: Against) -> str:
 
 def tile_counter(counted: bool, device: torch.device) -> torch.Tensor | None:
     """A dynamic schedule's work-tile counter, zeroed per call as `sparsek.ops` does."""
-    return torch.zeros(1, dtype=torch.int32, device=device) if counted else None
+    return ops.zeroed_counter(device) if counted else None
 
 
 VARLEN_HEADER = (
@@ -133,7 +138,11 @@ def varlen_row(
         lse = torch.empty(h, total, device=device, dtype=torch.float32)
         tensors = (q[None], k[None], v[None], out[None], lse[None], cu, cu, None, None)
 
-        def run(kernel=kernel, tensors=tensors, counted=config.dynamic_schedule) -> None:
+        def run(
+            kernel: Any = kernel,
+            tensors: tuple[Any, ...] = tensors,
+            counted: bool = config.dynamic_schedule,
+        ) -> None:
             scalars = (d**-0.5, 0, longest, 1, ops.num_sms(device.index))
             kernel(*tensors, tile_counter(counted, device), *scalars)
 

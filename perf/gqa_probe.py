@@ -35,6 +35,7 @@ def row(causal: bool, flash_attn_func: Callable[..., object]) -> str:
     k, v = (torch.randn(b, s, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
     ke, ve = (t.repeat_interleave(h // hkv, dim=2) for t in (k, v))
     ref = sparsek.attention(q, ke, ve, causal=causal)
+    assert isinstance(ref, torch.Tensor)
     fns: dict[str, Callable[[], object]] = {
         "sk_gqa": lambda: sparsek.attention(q, k, v, causal=causal),
         "sk_mha": lambda: sparsek.attention(q, ke, ve, causal=causal),
@@ -43,8 +44,8 @@ def row(causal: bool, flash_attn_func: Callable[..., object]) -> str:
         "fa4_mha": lambda: flash_attn_func(q, ke, ve, causal=causal),
     }
     for name, fn in fns.items():
-        out = fn()
-        out = out[0] if isinstance(out, tuple) else out
+        result = fn()
+        out = result[0] if isinstance(result, tuple) else result
         assert isinstance(out, torch.Tensor)
         err = (out.float() - ref.float()).abs().max().item()
         assert err < 2e-2, (name, err)
