@@ -8,13 +8,19 @@ a CUDA-graph replay after an L2 flush (`perf.timing.time_kernel(graph=True)`), m
 us; cuDNN reads a dense copy of the cache and is timed the same way. Every split count's
 output is compared with `num_splits=1` (a cell reads `ERR <max diff>` past 2e-2). Prints a
 markdown table: the evidence for (or against) the split heuristic `choose_splits`.
+
+`--breakdown` times, for batch 1 at each split count, the whole call beside its two
+kernels alone (the other launch skipped, the same graph otherwise) and an empty call
+(one tiny kernel): where the time of a latency-bound decode step goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -74,10 +80,65 @@ def row(batch: int, context: int, block: int) -> str:
     return f"| {batch} | {context} | {auto} | " + " | ".join(cells) + f" | {cudnn_us:.1f} |"
 
 
+@contextlib.contextmanager
+def only_kernel(skip: str) -> Iterator[None]:
+    """Skip the split-KV kernel ("split") or the combine ("combine") of every call made
+    inside: `attention_with_kvcache` launches through `ops_kvcache_cuda.launch`."""
+    namespace = vars(ops_kvcache_cuda)
+    real = namespace["launch"]
+
+    def launch(device: torch.device, kernel: object, *args: object) -> None:
+        is_combine = len(args) == 4  # the combine takes (o_part, lse_part, out, lse)
+        if skip != ("combine" if is_combine else "split"):
+            real(device, kernel, *args)
+
+    namespace["launch"] = launch
+    try:
+        yield
+    finally:
+        namespace["launch"] = real
+
+
+def breakdown(context: int, block: int) -> str:
+    """Batch-1 rows: us per call for the whole call, the split kernel alone, the combine
+    alone, per split count; the empty-call floor of the timing method last."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    pages = context // block
+    k_cache = torch.randn(pages, block, KV_HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.randperm(pages, device=dev, dtype=torch.int32).view(1, pages)
+    seqlens = torch.full((1,), context, device=dev, dtype=torch.int32)
+    cells = []
+    for splits in (2, 4, 8, 16):
+        call = functools.partial(
+            sparsek.attention_with_kvcache, q, k_cache, v_cache, seqlens, table,
+            num_splits=splits,
+        )  # fmt: skip
+        times = [time_kernel(call, dev, graph=True)]
+        for skip in ("combine", "split"):
+            with only_kernel(skip):
+                times.append(time_kernel(call, dev, graph=True))
+        cells.append(" / ".join(f"{t * 1e3:.1f}" for t in times))
+    tiny = torch.zeros(1, device=dev)
+    floor = time_kernel(tiny.zero_, dev, graph=True) * 1e3
+    return f"| {context} | " + " | ".join(cells) + f" | {floor:.1f} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--block", type=int, default=64, help="paged block size (tokens)")
+    parser.add_argument("--breakdown", action="store_true", help="batch-1 time per kernel")
     args = parser.parse_args()
+    if args.breakdown:
+        print("Batch 1, us per call: whole / split kernel alone / combine alone")
+        head = ["context", *(f"s={s}" for s in (2, 4, 8, 16)), "empty call"]
+        print("| " + " | ".join(head) + " |")
+        print("|---" * len(head) + "|")
+        for context in (1024, 4096, 16384):
+            print(breakdown(context, args.block), flush=True)
+        return
     head = ["B", "context", "auto splits", "auto us", *(f"s={s}" for s in SPLITS), "cudnn us"]
     print("| " + " | ".join(head) + " |")
     print("|---" * len(head) + "|")

@@ -327,6 +327,9 @@ def test_malformed_input_is_rejected(
         (64, 256, 2),  # 3 splits would be 192 CTAs: a second wave 45% full
         (24, 256, 11),  # 11 x 24 = 264: exactly two full waves
         (8, 8, 8),  # never more splits than key tiles
+        (64, 8, 1),  # a short cache, half the SMs busy: splitting costs more than it saves
+        (64, 9, 2),
+        (32, 8, 4),  # a quarter of the SMs: still split
         (128, 256, 1),  # ~a full wave already: no split
     ],
 )

@@ -24,7 +24,12 @@ def row_kernel_reasons(head_dim: int, dtype: str) -> list[str]:
     return reasons
 
 
-def fake_rows_tensor(dtype, shape: tuple) -> cute.Tensor:
-    """A symbolic tensor of `shape`: last dim contiguous, every other stride dynamic."""
-    strides = tuple(cute.sym_int64() for _ in shape[:-1])
-    return cute.runtime.make_fake_tensor(dtype, shape, stride=(*strides, 1))
+def fake_rows_tensor(dtype, shape: tuple, align: int | None = None) -> cute.Tensor:
+    """A symbolic tensor of `shape`: last dim contiguous, every other stride dynamic.
+
+    `align` (bytes): the base address and every stride are multiples of it, so the kernel
+    may read rows in vectors of that many bytes.
+    """
+    elements = 1 if align is None else align * 8 // dtype.width
+    strides = tuple(cute.sym_int64(divisibility=elements) for _ in shape[:-1])
+    return cute.runtime.make_fake_tensor(dtype, shape, stride=(*strides, 1), assumed_align=align)

@@ -26,7 +26,8 @@ Features and limits:
   Causal is bottom-right per sequence.
 - Split-KV (`split_kv`): batch index b * num_splits + split; each split visits an equal
   share of its query tile's key tiles and writes float32 O and LSE of its share to
-  (num_splits, ...) partial tensors, merged by `common/split_combine.py`.
+  (num_splits, ...) partial tensors, merged by `common/split_combine.py`, whose launch
+  (PDL) every CTA allows at its start.
 
 Structure: one CTA per (query tile, head, batch); warp-specialized with TMA + mbarriers.
 Persistent (`FmhaFwdConfig.persistent`, dense problems): `num_ctas` CTAs (one per SM)
@@ -348,6 +349,10 @@ class HopperFmhaForward:
         tx_bytes_kv: cutlass.Constexpr[int],
         SharedStorage: cutlass.Constexpr,
     ):
+        if const_expr(self.split_kv):
+            # The combine kernel (launched with PDL) may be scheduled now: its CTAs are
+            # small and wait in `griddepcontrol.wait` until this grid has finished.
+            cute.arch.griddepcontrol_launch_dependents()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         if warp_idx == 0:
             for atom in (tma_atom_Q, tma_atom_K, tma_atom_V):

@@ -475,20 +475,22 @@ def test_kvcache_multi_token_decode_batched() -> None:
 @pytest.mark.parametrize("layout", ["contiguous", "paged64"])
 @pytest.mark.parametrize(("dtype", "d"), CORNERS)
 def test_kvcache_num_splits_agree(dtype, d, layout) -> None:
-    """num_splits 1 (no split), 0 (auto) and 4 each match the reference, and one another.
+    """num_splits 1 (no split), 0 (auto), 4 and 37 each match the reference, and one another.
 
     Each is held to the reference bound; pairwise they are held to the same bound (two
     orders of reducing the same fp32 partials differ by about an output ulp, far below it).
-    The split path is also deterministic.
+    37 splits of the 37 key tiles of capacity: the combine merges more than one warp's
+    worth (32) of partials, and most splits of the short sequences are empty (LSE -inf,
+    O unwritten). The split path is also deterministic.
     """
-    lens, h, hkv = [4096, 777, 1], 32, 8
+    lens, h, hkv = [4736, 777, 1], 32, 8
     gen, ks, vs, k_cache, v_cache, table = kvcache_case(
-        lens, 4096, layout, h, hkv, d, dtype, seed=60 + d
+        lens, 4736, layout, h, hkv, d, dtype, seed=60 + d
     )
     q = randn(gen, len(lens), 1, h, d, dtype=dtype)
     expect = as_batched(expected(list(q), ks, vs, True, d**-0.5))
     outs = {}
-    for num_splits in (1, 0, 4):
+    for num_splits in (1, 0, 4, 37):
         out, lse = sparsek.attention_with_kvcache(
             q, k_cache, v_cache, int32(lens), table, num_splits=num_splits, return_lse=True
         )
