@@ -54,6 +54,9 @@ class FmhaFwdConfig:
         l2_group_mb: (dynamic_schedule, dense) the K/V MiB of the (head, batch) pairs whose
             tiles are worked on together: query tiles go out longest first across such a
             group (at least one pair), group after group.
+        ctas_per_sm: CTAs each SM holds at once (launch bound; shared memory and registers
+            are budgeted for it): with 2, one CTA's prologue and epilogue overlap the
+            other's main loop.
     """
 
     arch: str
@@ -72,6 +75,7 @@ class FmhaFwdConfig:
     persistent: bool = False
     dynamic_schedule: bool = False
     l2_group_mb: int = 0
+    ctas_per_sm: int = 1
 
     @property
     def name(self) -> str:
@@ -88,6 +92,7 @@ class FmhaFwdConfig:
             f"{'_ps' if self.persistent else ''}"
             f"{'_dyn' if self.dynamic_schedule else ''}"
             f"{f'_g{self.l2_group_mb}' if self.l2_group_mb else ''}"
+            f"{f'_c{self.ctas_per_sm}' if self.ctas_per_sm != 1 else ''}"
         )
 
     @property

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -39,8 +40,53 @@ SPLITS = (1, 2, 4, 8, 16, 32)
 CASES = [(1, 1024), (1, 4096), (1, 16384), (1, 32768), (8, 1024), (8, 4096), (8, 16384)]
 
 
-def row(batch: int, context: int, block: int) -> str:
-    """One markdown row: the automatic split count, then us per call of each column."""
+@dataclasses.dataclass(frozen=True)
+class PagedDecode:
+    """One decode request over a paged cache (pages in random order), all bf16 on the GPU."""
+
+    q: torch.Tensor  # (batch, 1, HEADS, HEAD_DIM)
+    k_cache: torch.Tensor  # (pages, block, KV_HEADS, HEAD_DIM)
+    v_cache: torch.Tensor
+    table: torch.Tensor  # (batch, context // block) int32
+    seqlens: torch.Tensor  # (batch,) int32, all `context`
+
+    def run(self, splits: int = 0) -> torch.Tensor:
+        """sparsek's output at `num_splits=splits`."""
+        out = sparsek.attention_with_kvcache(
+            self.q, self.k_cache, self.v_cache, self.seqlens, self.table, num_splits=splits
+        )
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    def auto_splits(self) -> int | str:
+        """The split count `num_splits=0` picks (or why no kernel serves the request)."""
+        plan = ops_kvcache_cuda.kvcache_plan(
+            self.q, self.k_cache, self.v_cache, self.seqlens, self.table, None, None, True, 0
+        )
+        return plan.splits if isinstance(plan, ops_kvcache_cuda.KvcachePlan) else plan
+
+    def cudnn(self) -> Callable[[], torch.Tensor]:
+        """torch SDPA's cuDNN backend on a dense copy of the cache (the same problem)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        batch, context = self.table.shape[0], self.table.shape[1] * self.k_cache.shape[1]
+        rows = self.table.flatten().long()
+        k, v = (
+            c[rows].view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
+            for c in (self.k_cache, self.v_cache)
+        )
+        qt = self.q.transpose(1, 2)
+
+        def call() -> torch.Tensor:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(qt, k, v, enable_gqa=True)
+
+        return call
+
+
+def paged_decode(batch: int, context: int, block: int) -> PagedDecode:
+    """H32 Hkv8 d128 decode, every sequence `context` keys long (seeded: the same inputs
+    in every script and run)."""
     dev = torch.device("cuda")
     torch.manual_seed(0)
     q = torch.randn(batch, 1, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
@@ -49,34 +95,24 @@ def row(batch: int, context: int, block: int) -> str:
     v_cache = torch.randn_like(k_cache)
     table = torch.randperm(pages, device=dev, dtype=torch.int32).view(batch, context // block)
     seqlens = torch.full((batch,), context, device=dev, dtype=torch.int32)
+    return PagedDecode(q, k_cache, v_cache, table, seqlens)
 
-    def run(splits: int) -> torch.Tensor:
-        out = sparsek.attention_with_kvcache(q, k_cache, v_cache, seqlens, table, num_splits=splits)
-        assert isinstance(out, torch.Tensor)
-        return out
 
-    ref = run(1).float()
+def row(batch: int, context: int, block: int) -> str:
+    """One markdown row: the automatic split count, then us per call of each column."""
+    dev = torch.device("cuda")
+    case = paged_decode(batch, context, block)
+    ref = case.run(1).float()
     cells = []
     for splits in (0, *SPLITS):
         try:
-            err = (run(splits).float() - ref).abs().max().item()
-            us = time_kernel(functools.partial(run, splits), dev, graph=True) * 1e3
+            err = (case.run(splits).float() - ref).abs().max().item()
+            us = time_kernel(functools.partial(case.run, splits), dev, graph=True) * 1e3
             cells.append(f"{us:.1f}" + ("" if err < 2e-2 else f" ERR {err:.2g}"))
         except Exception as exc:  # a split count the kernels refuse: say so, go on
             cells.append(type(exc).__name__)
-    plan = ops_kvcache_cuda.kvcache_plan(q, k_cache, v_cache, seqlens, table, None, None, True, 0)
-    auto = plan.splits if isinstance(plan, ops_kvcache_cuda.KvcachePlan) else plan
-    rows = table.flatten().long()
-    k_dense = k_cache[rows].view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
-    v_dense = v_cache[rows].view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
-    qt = q.transpose(1, 2)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def cudnn() -> torch.Tensor:
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(qt, k_dense, v_dense, enable_gqa=True)
-
-    cudnn_us = time_kernel(cudnn, dev, graph=True) * 1e3
+    cudnn_us = time_kernel(case.cudnn(), dev, graph=True) * 1e3
+    auto = case.auto_splits()
     return f"| {batch} | {context} | {auto} | " + " | ".join(cells) + f" | {cudnn_us:.1f} |"
 
 
@@ -103,19 +139,10 @@ def breakdown(context: int, block: int) -> str:
     """Batch-1 rows: us per call for the whole call, the split kernel alone, the combine
     alone, per split count; the empty-call floor of the timing method last."""
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    q = torch.randn(1, 1, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
-    pages = context // block
-    k_cache = torch.randn(pages, block, KV_HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    table = torch.randperm(pages, device=dev, dtype=torch.int32).view(1, pages)
-    seqlens = torch.full((1,), context, device=dev, dtype=torch.int32)
+    case = paged_decode(1, context, block)
     cells = []
     for splits in (2, 4, 8, 16):
-        call = functools.partial(
-            sparsek.attention_with_kvcache, q, k_cache, v_cache, seqlens, table,
-            num_splits=splits,
-        )  # fmt: skip
+        call = functools.partial(case.run, splits)
         times = [time_kernel(call, dev, graph=True)]
         for skip in ("combine", "split"):
             with only_kernel(skip):

@@ -10,6 +10,8 @@ How a request maps onto one kernel launch (plus the split-KV combine):
 - other requests: the kv "cache" / "paged" kernel, with `varlen_q` for a packed q (whose
   outputs are pre-filled 0 / -inf: rows past cu_seqlens_q[-1] belong to no sequence and
   no CTA writes them).
+- decode with at least one (sequence, KV head) tile per SM: the `fills_gpu` tiles (two
+  CTAs per SM), never split.
 - split-KV: when the (batch x heads x query tiles) CTAs cannot fill the GPU, the cache's
   key tiles are split across `num_splits` CTAs (chosen from the cache capacity, never from
   device values) and merged by the combine kernel.
@@ -245,7 +247,13 @@ def _build_plan(
         rows, kernel_heads = seqlen_q, num_heads
 
     ctas = math.ceil(rows / config.tile_m) * kernel_heads * batch
-    splits = choose_splits(num_splits, ctas, math.ceil(capacity / config.tile_n), q.device)
+    if decode and num_splits <= 1 and ctas >= ops.num_sms(q.device.index):
+        # A tile per SM or more without splitting: the two-CTAs-per-SM decode tiles.
+        variant = dataclasses.replace(variant, fills_gpu=True)
+        config = kernel_config(q, v_cache, kernel_causal, variant)
+        assert not isinstance(config, str), config  # a tuning of a variant served above
+    key_tiles = math.ceil(capacity / config.tile_n)
+    splits = choose_splits(num_splits, ctas, key_tiles, q.device, config.ctas_per_sm)
     if splits == 1:
         kernel, combine = _launcher(q.device, head_dim, q.dtype, kernel_causal, variant), None
     else:
@@ -265,9 +273,10 @@ def load_kvcache_kernels(
 ) -> None:
     """Load (compile on a cache miss) every kernel `attention_with_kvcache` may launch for
     packed queries over a cache of `page_size` (0: contiguous): decode (non-causal, one
-    query per sequence), packed causal queries, each with and without split-KV, the
-    combine, and (paged) the cache update `store_paged_kv`. Serving engines call this
-    before their first request or CUDA-graph capture.
+    query per sequence), packed causal queries, each with and without split-KV, decode
+    of a batch that fills the GPU, the combine, and (paged) the cache update
+    `store_paged_kv`. Serving engines call this before their first request or CUDA-graph
+    capture.
 
     Raises:
         UnsupportedError: no registered kernel serves one of them.
@@ -277,6 +286,8 @@ def load_kvcache_kernels(
         for split in (False, True):
             variant = Variant(varlen_q, kv_layout, page_size, split, decode)
             _launcher(device, head_dim, dtype, causal, variant)
+    fills_gpu = Variant(kv_layout=kv_layout, page_size=page_size, decode=True, fills_gpu=True)
+    _launcher(device, head_dim, dtype, False, fills_gpu)
     _launcher(device, head_dim, dtype, None)
     if page_size:
         _store_launcher(device, head_dim, dtype)

@@ -51,6 +51,8 @@ class Tuning:
     # first across the heads whose K/V take up to this many MiB (dense).
     dynamic_schedule: bool = False
     l2_group_mb: int = 0
+    # CTAs resident per SM (budgeted shared memory and registers; see `FmhaFwdConfig`).
+    ctas_per_sm: int = 1
 
 
 # (arch, head_dim) -> tuning, measured on H100 and H200 (perf/NOTES.md). d128: 128x128
@@ -82,6 +84,14 @@ _DECODE_TUNING: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 64): Tuning(tile_m=64, tile_n=128, num_stages=2),
     ("sm_90a", 128): Tuning(tile_m=64, tile_n=128, num_stages=2),
 }
+# Decode with at least one (sequence, KV head) tile per SM (`Variant.fills_gpu`, never
+# split): two CTAs per SM, each one's prologue and epilogue under the other's main loop.
+# d128 (H200, perf/NOTES.md #31): 64x64 tiles (83 KiB of shared memory) at 2 CTAs per SM
+# against 64x128 at 1: B128 1k +3-7%, B32 1k +5-6%, 4k +0-2%; at B <= 8 (fewer CTAs,
+# split) they are even or slower, and 64x64 at 1 CTA per SM is 2-8% slower everywhere.
+_DECODE_FILLS_GPU_TUNING: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 128): Tuning(tile_m=64, tile_n=64, num_stages=2, ctas_per_sm=2),
+}
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,8 @@ class Variant:
     # One query per sequence against a cache, the query heads of each KV head as a tile's
     # rows (non-causal, batched q): tiles from `_DECODE_TUNING`.
     decode: bool = False
+    # (decode) at least one tile per SM without splitting: `_DECODE_FILLS_GPU_TUNING`.
+    fills_gpu: bool = False
     # Dense queries, at least LONG_SEQLEN_Q of them: causal tiles from `_LONG_CAUSAL_TUNING`
     # where it has a row (otherwise the same kernel as DENSE).
     long_q: bool = False
@@ -121,6 +133,10 @@ _VARIANTS: tuple[Variant, ...] = (
         Variant(kv_layout=kv, page_size=page, split_kv=split, decode=True)
         for kv, page in (("cache", 0), *(("paged", p) for p in _PRECOMPILED_PAGE_SIZES))
         for split in (False, True)
+    ),
+    *(
+        Variant(kv_layout=kv, page_size=page, decode=True, fills_gpu=True)
+        for kv, page in (("cache", 0), *(("paged", p) for p in _PRECOMPILED_PAGE_SIZES))
     ),
     LONG_Q,
 )
@@ -276,6 +292,8 @@ def find(
             "decode variants are non-causal, with batched queries, over a 'cache' or 'paged' "
             f"kv_layout (got causal={is_causal}, {variant})"
         )
+    if variant.fills_gpu and (not variant.decode or variant.split_kv):
+        reasons.append(f"fills_gpu is a decode variant without split-KV (got {variant})")
     if variant.long_q and variant != LONG_Q:
         reasons.append(f"long_q is a dense variant (got {variant})")
     if reasons:
@@ -352,6 +370,8 @@ def _make_config(
     del fields["long_q"]
     if fields.pop("decode"):
         tuning = _DECODE_TUNING.get((arch, head_dim), tuning)
+    if fields.pop("fills_gpu"):
+        tuning = _DECODE_FILLS_GPU_TUNING.get((arch, head_dim), tuning)
     return FmhaFwdConfig(
         arch=arch,
         head_dim=head_dim,

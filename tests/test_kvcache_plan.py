@@ -60,7 +60,7 @@ def fake_kernel(causal: bool | None, variant):
 @pytest.fixture
 def fake_kernels(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     built: list[tuple] = []
-    config = SimpleNamespace(tile_m=128, tile_n=128)
+    config = SimpleNamespace(tile_m=128, tile_n=128, ctas_per_sm=1)
     monkeypatch.setattr(ops_kvcache_cuda, "_PLANS", {})
     monkeypatch.setattr(ops_kvcache_cuda, "kernel_config", lambda *a: config)
     monkeypatch.setattr(ops, "num_sms", lambda index: 132)
@@ -105,6 +105,22 @@ def test_decode_batched(fake_kernels, paged, num_splits, h, hkv) -> None:
     # Decode: the group's heads are the rows of non-causal, non-packed launches.
     assert {c for c, _ in fake_kernels} <= {False, None}
     assert all(vt is None or (vt.decode and not vt.varlen_q) for _, vt in fake_kernels)
+
+
+@pytest.mark.parametrize(
+    ("sms", "num_splits", "fills"), [(4, 0, True), (4, 1, True), (4, 3, False), (132, 0, False)]
+)
+def test_decode_filling_the_gpu_takes_its_own_tiles(
+    fake_kernels, monkeypatch: pytest.MonkeyPatch, sms: int, num_splits: int, fills: bool
+) -> None:
+    """A decode batch of at least one (sequence, KV head) tile per SM is never split and
+    runs the `fills_gpu` tiles (unless splits are asked for); smaller ones do not."""
+    monkeypatch.setattr(ops, "num_sms", lambda index: sms)
+    (k, v), _, seqlens = make_caches(LENS, 300, hkv=1)  # 5 sequences x 1 KV head: 5 CTAs
+    q = torch.randn(len(LENS), 1, 4, 32)
+    check(run(q, (k, v, seqlens), num_splits=num_splits), reference(q, (k, v, seqlens)))
+    (variant,) = {vt for _, vt in fake_kernels if vt is not None}
+    assert variant.fills_gpu == fills and variant.decode and variant.split_kv != fills
 
 
 def test_decode_packed_stages_lse_and_reads_strided_q(fake_kernels) -> None:

@@ -207,3 +207,15 @@ def test_long_causal_queries_take_their_own_tiles() -> None:
         registry.lookup(
             "sm_90a", 64, "bfloat16", True, registry.Variant(varlen_q=True, long_q=True)
         )
+
+
+def test_two_ctas_per_sm_budget() -> None:
+    """ctas_per_sm=2: one MMA warpgroup only (registers), half the SM's shared memory."""
+    base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=False, tile_m=64)
+    fits = FmhaFwdConfig(**base, tile_n=64, ctas_per_sm=2)
+    assert build.can_implement(fits) == [] and fits.name.endswith("_c2")
+    too_big = FmhaFwdConfig(**base, tile_n=128, ctas_per_sm=2)  # 144 KiB each
+    assert any("for 2 CTA(s) per SM" in r for r in build.can_implement(too_big))
+    assert build.can_implement(replace(too_big, ctas_per_sm=1)) == []
+    two_warpgroups = FmhaFwdConfig(**{**base, "tile_m": 128}, tile_n=64, ctas_per_sm=2)
+    assert any("ctas_per_sm=2 must be 1" in r for r in build.can_implement(two_warpgroups))

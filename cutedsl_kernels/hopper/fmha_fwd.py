@@ -121,7 +121,9 @@ class HopperFmhaForward:
         self.num_mma_warpgroups = config.tile_m // ROWS_PER_MMA_WARPGROUP
         self.num_mma_threads = self.num_mma_warpgroups * THREADS_PER_WARPGROUP
         self.num_threads = self.num_mma_threads + THREADS_PER_WARPGROUP
-        self.producer_regs, self.mma_regs = REGS_BY_MMA_WARPGROUPS[self.num_mma_warpgroups]
+        self.producer_regs, self.mma_regs = REGS_BY_MMA_WARPGROUPS[
+            (self.num_mma_warpgroups, config.ctas_per_sm)
+        ]
         # Warpgroup turns pay off only when GEMMs of one overlap the softmax of the other.
         self.pingpong = (
             config.wg_pingpong and config.intra_wg_overlap and self.num_mma_warpgroups >= 2
@@ -299,7 +301,10 @@ class HopperFmhaForward:
             grid=grid,
             block=[self.num_threads, 1, 1],
             stream=stream,
-            min_blocks_per_mp=1,
+            min_blocks_per_mp=self.config.ctas_per_sm,
+            # All of the SM's memory as shared memory when CTAs share it (given, the
+            # DSL does not ask the device for it: kernels compile without a GPU).
+            preferred_smem_carveout=100 if self.config.ctas_per_sm > 1 else None,
         )
 
     def _smem_layout(self, rows: int, stages, rows_outer: bool):

@@ -9,11 +9,18 @@ from __future__ import annotations
 from cutedsl_kernels.config import KV_LAYOUTS, SUPPORTED_DTYPES, FmhaFwdConfig
 
 SMEM_CAPACITY_BYTES = 227 * 1024  # H100 opt-in shared memory per CTA
+SM_SMEM_BYTES = 228 * 1024  # per SM, of which 1 KiB per resident CTA is reserved
+REGISTER_FILE = 64 * 1024  # 32-bit registers per SM
 THREADS_PER_WARPGROUP = 128
 ROWS_PER_MMA_WARPGROUP = 64  # one wgmma atom is 64 rows tall
-# Register split (per thread) between the producer warpgroup and the MMA warpgroups;
-# 128 * producer + W * 128 * mma must stay within the 64K-register file.
-REGS_BY_MMA_WARPGROUPS = {1: (56, 256), 2: (24, 240), 3: (32, 160)}
+# (MMA warpgroups, CTAs per SM) -> register split (per thread) between the producer
+# warpgroup and the MMA warpgroups: ctas * 128 * (producer + W * mma) <= REGISTER_FILE.
+REGS_BY_MMA_WARPGROUPS = {
+    (1, 1): (56, 256),
+    (2, 1): (24, 240),
+    (3, 1): (32, 160),
+    (1, 2): (32, 224),
+}
 BARRIER_BYTES = 8
 ELEMENT_BYTES = 2  # fp16 / bf16
 # Dynamic schedule: work tiles in flight from the producer warp to the consumers, each as
@@ -47,8 +54,13 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
     if config.head_dim % 16 != 0 or not 16 <= config.head_dim <= 256:
         reasons.append(f"head_dim={config.head_dim} must be a multiple of 16 in [16, 256]")
     mma_warpgroups = config.tile_m // ROWS_PER_MMA_WARPGROUP
-    if config.tile_m % ROWS_PER_MMA_WARPGROUP or mma_warpgroups not in REGS_BY_MMA_WARPGROUPS:
+    if config.tile_m % ROWS_PER_MMA_WARPGROUP or (mma_warpgroups, 1) not in REGS_BY_MMA_WARPGROUPS:
         reasons.append(f"tile_m={config.tile_m} must be 64, 128 or 192")
+    elif (mma_warpgroups, config.ctas_per_sm) not in REGS_BY_MMA_WARPGROUPS:
+        reasons.append(
+            f"ctas_per_sm={config.ctas_per_sm} must be 1 (or 2 with tile_m=64): the registers "
+            "of one CTA are budgeted for it"
+        )
     if config.tile_n % 16 != 0 or not 16 <= config.tile_n <= 256:
         reasons.append(f"tile_n={config.tile_n} must be a multiple of 16 in [16, 256]")
     if config.num_stages < 1:
@@ -85,9 +97,11 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
             "persistent packed queries need dynamic_schedule=True (their tiles are unequal "
             "and counted on the device)"
         )
-    if not reasons and smem_bytes(config) > SMEM_CAPACITY_BYTES:
+    capacity = min(SMEM_CAPACITY_BYTES, SM_SMEM_BYTES // max(config.ctas_per_sm, 1) - 1024)
+    if not reasons and smem_bytes(config) > capacity:
         reasons.append(
             f"tiles need {smem_bytes(config)} B of shared memory "
-            f"(> {SMEM_CAPACITY_BYTES} B): lower tile_n or num_stages"
+            f"(> {capacity} B for {config.ctas_per_sm} CTA(s) per SM): lower tile_n or "
+            "num_stages"
         )
     return reasons

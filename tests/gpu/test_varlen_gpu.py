@@ -410,6 +410,22 @@ def test_kvcache_decode(d, dtype, h, hkv, layout) -> None:
     check_close(out, as_batched(expected(list(q), ks, vs, True, d**-0.5)), lse)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged64"])
+@pytest.mark.parametrize(("dtype", "d"), CORNERS)
+def test_kvcache_decode_batch_filling_the_gpu(dtype, d, layout) -> None:
+    """160 (sequence, KV head) tiles, more than the SMs: the `fills_gpu` decode kernel
+    (two CTAs per SM at d128), never split, with odd and empty sequences among them."""
+    lens = [(37 * i) % 300 for i in range(20)]  # 0, 37, ..., 1 to 296
+    h, hkv = 32, 8
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(lens, 320, layout, h, hkv, d, dtype, 90)
+    q = randn(gen, len(lens), 1, h, d, dtype=dtype)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, int32(lens), table, return_lse=True
+    )
+    check_close(out, as_batched(expected(list(q), ks, vs, True, d**-0.5)), lse)
+    assert any(key[4].fills_gpu for key in ops._LAUNCHERS if key[3] is not None)
+
+
 @pytest.mark.parametrize(("dtype", "d", "layout"), [
     pytest.param(torch.bfloat16, 128, "paged16", id="bf16-d128-paged16"),
     pytest.param(torch.float16, 64, "contiguous", id="fp16-d64-contiguous"),
