@@ -248,12 +248,16 @@ def _build_plan(
 
     ctas = math.ceil(rows / config.tile_m) * kernel_heads * batch
     if decode and num_splits <= 1 and ctas >= ops.num_sms(q.device.index):
-        # A tile per SM or more without splitting: the two-CTAs-per-SM decode tiles.
+        # A tile per SM or more without splitting: the two-CTAs-per-SM decode tiles, which
+        # have no split-KV variant (their CTAs fill under half of the CTA slots, where the
+        # wave heuristic would split a long cache).
         variant = dataclasses.replace(variant, fills_gpu=True)
         config = kernel_config(q, v_cache, kernel_causal, variant)
         assert not isinstance(config, str), config  # a tuning of a variant served above
-    key_tiles = math.ceil(capacity / config.tile_n)
-    splits = choose_splits(num_splits, ctas, key_tiles, q.device, config.ctas_per_sm)
+        splits = 1
+    else:
+        key_tiles = math.ceil(capacity / config.tile_n)
+        splits = choose_splits(num_splits, ctas, key_tiles, q.device, config.ctas_per_sm)
     if splits == 1:
         kernel, combine = _launcher(q.device, head_dim, q.dtype, kernel_causal, variant), None
     else:

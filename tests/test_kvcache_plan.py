@@ -123,6 +123,20 @@ def test_decode_filling_the_gpu_takes_its_own_tiles(
     assert variant.fills_gpu == fills and variant.decode and variant.split_kv != fills
 
 
+def test_decode_filling_the_gpu_is_never_split(fake_kernels, monkeypatch) -> None:
+    """Its tiles run two CTAs per SM, so the CTAs fill less than half of the CTA slots:
+    the wave heuristic alone would split a long cache (8 splits here), and no split
+    variant of those tiles exists."""
+    monkeypatch.setattr(ops, "num_sms", lambda index: 4)
+    stand_in = ops_kvcache_cuda.kernel_config()  # the fixture's config of every variant
+    monkeypatch.setattr(stand_in, "ctas_per_sm", 2)
+    (k, v), _, seqlens = make_caches(LENS, 2000, hkv=1)  # 16 key tiles of capacity
+    q = torch.randn(len(LENS), 1, 4, 32)
+    check(run(q, (k, v, seqlens)), reference(q, (k, v, seqlens)))
+    (variant,) = {vt for _, vt in fake_kernels if vt is not None}
+    assert variant.fills_gpu and not variant.split_kv
+
+
 def test_decode_packed_stages_lse_and_reads_strided_q(fake_kernels) -> None:
     (k, v), _, seqlens = make_caches(LENS, 300, hkv=2)
     q = torch.randn(len(LENS), 16, 32)[:, ::2]  # (total_q = batch, 8 heads, d), head stride 64
