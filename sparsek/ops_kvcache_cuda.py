@@ -257,7 +257,7 @@ def _build_plan(
         splits = 1
     else:
         key_tiles = math.ceil(capacity / config.tile_n)
-        splits = choose_splits(num_splits, ctas, key_tiles, q.device, config.ctas_per_sm)
+        splits = choose_splits(num_splits, ctas, key_tiles, q.device)
     if splits == 1:
         kernel, combine = _launcher(q.device, head_dim, q.dtype, kernel_causal, variant), None
     else:

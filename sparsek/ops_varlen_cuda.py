@@ -137,22 +137,21 @@ def _store_launcher(device: torch.device, head_dim: int, dtype: torch.dtype) -> 
     return kernel
 
 
-def choose_splits(
-    requested: int, ctas: int, key_tiles: int, device: torch.device, ctas_per_sm: int = 1
-) -> int:
+def choose_splits(requested: int, ctas: int, key_tiles: int, device: torch.device) -> int:
     """Split-KV factor: `requested` if > 0 (capped by the key tiles), else automatic.
 
     Automatic: no split once the CTAs nearly fill the SMs (>= 80%), nor for a short
     cache (`SHORT_CACHE_KEY_TILES`) once they fill a quarter; otherwise the fewest splits
     whose wave efficiency (CTAs / (waves x SMs), the last wave counted whole) is within
     `WAVE_EFFICIENCY` of the best reachable one, never more than there are key tiles of
-    the cache's capacity. (A CTA of these kernels fills an SM, or `ctas_per_sm` of them
-    do: 3 splits of 64 CTAs on 132 SMs run as two waves, the second 45% full.)
+    the cache's capacity. (A CTA of these kernels fills an SM: 3 splits of 64 CTAs on
+    132 SMs run as two waves, the second 45% full; the two-CTAs-per-SM decode tiles are
+    never split.)
     """
     limit = max(1, min(key_tiles, MAX_SPLITS))
     if requested > 0:
         return min(requested, limit)
-    sms = ops.num_sms(device.index) * ctas_per_sm  # CTA slots
+    sms = ops.num_sms(device.index)
     if ctas * 5 >= sms * 4 or (ctas * 4 >= sms and key_tiles <= SHORT_CACHE_KEY_TILES):
         return 1
     efficiency = [ctas * s / (sms * math.ceil(ctas * s / sms)) for s in range(1, limit + 1)]

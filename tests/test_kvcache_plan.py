@@ -124,9 +124,8 @@ def test_decode_filling_the_gpu_takes_its_own_tiles(
 
 
 def test_decode_filling_the_gpu_is_never_split(fake_kernels, monkeypatch) -> None:
-    """Its tiles run two CTAs per SM, so the CTAs fill less than half of the CTA slots:
-    the wave heuristic alone would split a long cache (8 splits here), and no split
-    variant of those tiles exists."""
+    """Its tiles run two CTAs per SM and have no split variant: a long cache (16 key
+    tiles here) is not split either."""
     monkeypatch.setattr(ops, "num_sms", lambda index: 4)
     stand_in = ops_kvcache_cuda.kernel_config()  # the fixture's config of every variant
     monkeypatch.setattr(stand_in, "ctas_per_sm", 2)
