@@ -3,6 +3,7 @@
     python -m perf.ab_persistent [--dtype bfloat16] [--varlen]     # vs persistent=False
     python -m perf.ab_persistent --against tile_m=128 --head-dim 64 --causal 1
     python -m perf.ab_persistent --against dynamic_schedule=0 l2_group_mb=0 --causal 1
+    python -m perf.ab_persistent --latency     # small problems: planned variant vs DENSE
 
 For each row of the perf suite's dense grid (d64/d128 x causal/non-causal, S 512..16k,
 B*S = 16k, H = 2048 / D) plus GQA 32:8 at 4k and Sq=1k/Sk=8k (or those of --head-dim /
@@ -13,7 +14,9 @@ as `sparsek.ops`), their NaN-poisoned outputs checked against cuDNN SDPA's, and 
 with the perf suite's timer (cold L2, median) beside cuDNN in the same process. Prints a
 markdown table. With --varlen: the perf suite's packed varlen case instead (16 sequences
 of 44-4096 tokens, d128, H16 and GQA 32:8, causal and not), checked against the float32
-reference, TFLOP/s over each sequence's exact visible pairs.
+reference, TFLOP/s over each sequence's exact visible pairs. With --latency: small
+problems (`latency_shapes`), each timed as a CUDA-graph replay (us, back to back), the
+variant planned for it against the one that served it before `registry.ONE_WAVE`.
 """
 
 from __future__ import annotations
@@ -29,11 +32,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cutedsl_kernels.config import FmhaFwdConfig
 from perf.shapes import varlen_seqlens, visible_pairs
-from perf.timing import time_kernel
+from perf.timing import time_graph, time_kernel
 from sparsek import ops
 from sparsek.cache import get_kernel
 from sparsek.reference_varlen import reference_attention_varlen
-from sparsek.registry import PACKED, detect_arch, lookup
+from sparsek.registry import (
+    DENSE,
+    LONG_Q,
+    LONG_SEQLEN_Q,
+    ONE_WAVE,
+    PACKED,
+    Variant,
+    detect_arch,
+    lookup,
+)
 
 HEADER = (
     "| dtype | B | Sq | Sk | H | Hkv | D | causal | A TFLOP/s | B TFLOP/s "
@@ -58,7 +70,11 @@ def shapes() -> list[Shape]:
     return [*rows, *extra, (16, 1024, 8192, 16, 16, 128, False)]
 
 
-def row(shape: Shape, dtype: torch.dtype, arch: str, against: Against) -> str:
+def _dense_runs(
+    shape: Shape, dtype: torch.dtype, configs: dict[str, FmhaFwdConfig]
+) -> tuple[dict[str, Callable[[], object]], float]:
+    """Launchers of each config (and "cudnn") on fresh inputs of `shape`, each run once
+    into a NaN-poisoned output and checked against cuDNN SDPA's; and the worst error."""
     b, sq, sk, h, hkv, d, causal = shape
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -74,11 +90,10 @@ def row(shape: Shape, dtype: torch.dtype, arch: str, against: Against) -> str:
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
 
     want = cudnn()
-    base = lookup(arch, d, dtype, causal, ops.dense_variant(sq, causal))
     scalars = (d**-0.5, 0, 0, 1, ops.num_sms(device.index))
     fns: dict[str, Callable[[], object]] = {"cudnn": cudnn}
     errs = []
-    for name, config in (("A", replace(base, **against)), ("B", base)):
+    for name, config in configs.items():
         kernel = get_kernel(config)
         out = torch.full_like(q, float("nan"))
         lse = torch.empty(b, h, sq, device=device, dtype=torch.float32)
@@ -95,12 +110,71 @@ def row(shape: Shape, dtype: torch.dtype, arch: str, against: Against) -> str:
         torch.cuda.synchronize()
         errs.append((out.float() - want.float()).abs().max().item())
         fns[name] = run
+    return fns, max(errs)
+
+
+def planned_variant(shape: Shape) -> Variant:
+    """The variant `sparsek.ops` plans for a dense request of `shape`."""
+    b, sq, _, h, _, _, causal = shape
+    return ops.dense_variant(b, sq, h, causal, ops.num_sms(torch.cuda.current_device()))
+
+
+def row(shape: Shape, dtype: torch.dtype, arch: str, against: Against) -> str:
+    b, sq, sk, h, hkv, d, causal = shape
+    base = lookup(arch, d, dtype, causal, planned_variant(shape))
+    fns, err = _dense_runs(shape, dtype, {"A": replace(base, **against), "B": base})
     flops = 4 * b * h * sq * sk * d // (2 if causal else 1)
+    device = torch.device("cuda")
     tflops = {name: flops / time_kernel(fn, device) / 1e9 for name, fn in fns.items()}
     g, p, c = tflops["A"], tflops["B"], tflops["cudnn"]
     return (
         f"| {str(dtype).removeprefix('torch.')} | {b} | {sq} | {sk} | {h} | {hkv} | {d} | {causal} "
-        f"| {g:.0f} | {p:.0f} | {c:.0f} | {p / g:.3f} | {p / c:.3f} | {max(errs):.3g} |"
+        f"| {g:.0f} | {p:.0f} | {c:.0f} | {p / g:.3f} | {p / c:.3f} | {err:.3g} |"
+    )
+
+
+LATENCY_HEADER = (
+    "| dtype | B | Sq | Sk | H | Hkv | D | causal | B variant | A us | B us | cuDNN us "
+    "| A / B | cuDNN / B | max err |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def latency_shapes() -> list[Shape]:
+    """The perf suite's latency shapes, causal too, and small problems around one wave."""
+    return [
+        (1, 128, 128, 8, 8, 64, False),
+        (1, 512, 512, 8, 8, 64, False),
+        (1, 512, 512, 16, 16, 128, False),
+        (1, 512, 512, 8, 8, 64, True),
+        (1, 512, 512, 16, 16, 128, True),
+        (1, 1024, 1024, 8, 8, 64, False),
+        (4, 256, 256, 8, 8, 64, True),  # 128 tiles of 64 rows
+        (1, 1, 4096, 32, 8, 128, False),  # decode through the dense API
+        (1, 8192, 8192, 1, 1, 128, False),  # long, yet one wave
+        (1, 8192, 8192, 1, 1, 128, True),
+        (1, 4096, 4096, 2, 2, 64, True),
+        (1, 1024, 1024, 16, 16, 128, False),  # 256 tiles of 64 rows: DENSE on both sides
+    ]
+
+
+def latency_row(shape: Shape, dtype: torch.dtype, arch: str) -> str:
+    """CUDA-graph replay (us) of the variant planned for `shape` (B) against the one that
+    served it before one-wave problems had their own (A: DENSE, or LONG_Q)."""
+    b, sq, sk, h, hkv, d, causal = shape
+    variant = planned_variant(shape)
+    before = LONG_Q if causal and sq >= LONG_SEQLEN_Q else DENSE
+    configs = {
+        name: lookup(arch, d, dtype, causal, v) for name, v in (("A", before), ("B", variant))
+    }
+    fns, err = _dense_runs(shape, dtype, configs)
+    device = torch.device("cuda")
+    us = {name: time_graph(fn, device) * 1e3 for name, fn in fns.items()}
+    name = {DENSE: "DENSE", LONG_Q: "LONG_Q", ONE_WAVE: "ONE_WAVE"}[variant]
+    return (
+        f"| {str(dtype).removeprefix('torch.')} | {b} | {sq} | {sk} | {h} | {hkv} | {d} | {causal} "
+        f"| {name} | {us['A']:.2f} | {us['B']:.2f} | {us['cudnn']:.2f} | {us['A'] / us['B']:.3f} "
+        f"| {us['cudnn'] / us['B']:.3f} | {err:.3g} |"
     )
 
 
@@ -165,6 +239,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--varlen", action="store_true", help="the packed varlen case")
     parser.add_argument(
+        "--latency", action="store_true", help="small problems: planned variant vs DENSE"
+    )
+    parser.add_argument(
         "--against",
         nargs="*",
         default=["persistent=0", "dynamic_schedule=0", "l2_group_mb=0"],
@@ -181,6 +258,13 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     arch = detect_arch(torch.device("cuda"))
     assert arch is not None
+    if args.latency:
+        lines = [LATENCY_HEADER]
+        for shape in latency_shapes():
+            lines.append(latency_row(shape, dtype, arch))
+            print(lines[-1], flush=True)
+        print("\n".join(lines))
+        return
     if args.varlen:
         lines = [VARLEN_HEADER]
         for h, hkv in ((16, 16), (32, 8)):

@@ -43,6 +43,8 @@ from sparsek.registry import (
     DENSE,
     LONG_Q,
     LONG_SEQLEN_Q,
+    ONE_WAVE,
+    ONE_WAVE_TILE_M,
     Variant,
     detect_arch,
     lookup,
@@ -185,7 +187,8 @@ def dense_plan(
             "no sparsek kernel for this input",
             [f"value head_dim={v.shape[-1]} must equal query head_dim={head_dim}"],
         )
-    variant = dense_variant(seqlen_q, causal)
+    sms = num_sms(q.device.index)
+    variant = dense_variant(batch, seqlen_q, num_heads, causal, sms)
     kernel = _launcher(q.device, head_dim, q.dtype, causal, variant)
     offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
     return remember(_DENSE_PLANS, key, DensePlan(
@@ -193,7 +196,7 @@ def dense_plan(
         readable=all(tma_strides_ok(t) for t in (q, k, v)),
         kernel=kernel,
         counted=takes_tile_counter(q.device, head_dim, q.dtype, causal, variant),
-        scalars=(float(softmax_scale), offset, 0, 1, num_sms(q.device.index)),
+        scalars=(float(softmax_scale), offset, 0, 1, sms),
     ))  # fmt: skip
 
 
@@ -234,9 +237,12 @@ def remember(memo: dict[_K, _V], key: _K, value: _V) -> _V:
     return value
 
 
-def dense_variant(seqlen_q: int, causal: bool) -> Variant:
-    """The registry variant of a dense request: long causal queries may take other tiles
-    and schedules (`registry.LONG_Q`)."""
+def dense_variant(batch: int, seqlen_q: int, num_heads: int, causal: bool, sms: int) -> Variant:
+    """The registry variant of a dense request: problems whose 64-row query tiles fit in
+    one wave of CTAs (`registry.ONE_WAVE`) and long causal queries (`registry.LONG_Q`)
+    take other tiles and schedules."""
+    if batch * num_heads * -(-seqlen_q // ONE_WAVE_TILE_M) <= sms:
+        return ONE_WAVE
     return LONG_Q if causal and seqlen_q >= LONG_SEQLEN_Q else DENSE
 
 

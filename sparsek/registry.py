@@ -77,6 +77,17 @@ _LONG_CAUSAL_TUNING: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 64): Tuning(192, 128, 2, persistent=True, dynamic_schedule=True, l2_group_mb=24),
     ("sm_90a", 128): Tuning(128, 128, 2, persistent=True, dynamic_schedule=True, l2_group_mb=8),
 }
+# Dense problems whose 64-row query tiles all fit in one wave, a CTA per SM (`Variant.one_wave`,
+# non-persistent): the latency of a small problem is that of one tile, so halving its
+# rows (one MMA warpgroup, twice the CTAs) halves it. CUDA-graph replays on the H200
+# (perf/NOTES.md #32): B1 H8 S512 d64 11.2 -> 6.9 us, S128 6.6 -> 4.7, B1 H16 S512 d128
+# 11.2 -> 8.9; with more 64-row tiles than SMs the 128-row tiles win (B1 H16 S1k d128
+# 17.3 against 22.9).
+ONE_WAVE_TILE_M = 64
+_ONE_WAVE_TUNING: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 64): Tuning(tile_m=ONE_WAVE_TILE_M, tile_n=128, num_stages=2),
+    ("sm_90a", 128): Tuning(tile_m=ONE_WAVE_TILE_M, tile_n=128, num_stages=2),
+}
 # Decode (`Variant.decode`): a tile's rows are the few query heads that share a KV head,
 # so a 64-row tile (one MMA warpgroup) does half the tensor-core and softmax work of a
 # 128-row one for the same bytes of K/V (perf/NOTES.md #12).
@@ -110,10 +121,14 @@ class Variant:
     # Dense queries, at least LONG_SEQLEN_Q of them: causal tiles from `_LONG_CAUSAL_TUNING`
     # where it has a row (otherwise the same kernel as DENSE).
     long_q: bool = False
+    # Dense queries whose ONE_WAVE_TILE_M-row tiles fit in one wave: `_ONE_WAVE_TUNING`.
+    one_wave: bool = False
 
 
 DENSE = Variant()
 LONG_Q = Variant(long_q=True)
+ONE_WAVE = Variant(one_wave=True)
+DENSE_VARIANTS = (DENSE, LONG_Q, ONE_WAVE)
 PACKED = Variant(varlen_q=True, kv_layout="varlen")  # attention_varlen
 
 # Variants precompiled by `python -m sparsek compile` (and compile-tested in CI) beside
@@ -139,6 +154,7 @@ _VARIANTS: tuple[Variant, ...] = (
         for kv, page in (("cache", 0), *(("paged", p) for p in _PRECOMPILED_PAGE_SIZES))
     ),
     LONG_Q,
+    ONE_WAVE,
 )
 
 # Dtypes and mask modes every registered row is compiled for.
@@ -294,8 +310,8 @@ def find(
         )
     if variant.fills_gpu and (not variant.decode or variant.split_kv):
         reasons.append(f"fills_gpu is a decode variant without split-KV (got {variant})")
-    if variant.long_q and variant != LONG_Q:
-        reasons.append(f"long_q is a dense variant (got {variant})")
+    if (variant.long_q or variant.one_wave) and variant not in DENSE_VARIANTS:
+        reasons.append(f"long_q and one_wave are dense variants, one at a time (got {variant})")
     if reasons:
         return tuple(reasons)
     config = _make_config(arch, head_dim, dtype, is_causal, variant)
@@ -359,15 +375,17 @@ def _make_config(
         tuning = _CAUSAL_TUNING.get((arch, head_dim), tuning)
         if variant.long_q:
             tuning = _LONG_CAUSAL_TUNING.get((arch, head_dim), tuning)
+    if variant.one_wave:
+        tuning = _ONE_WAVE_TUNING.get((arch, head_dim), tuning)
     if variant not in (DENSE, LONG_Q, PACKED):
         # Only dense and packed problems have a persistent schedule (see
-        # `FmhaFwdConfig.persistent`).
+        # `FmhaFwdConfig.persistent`); one wave has nothing to loop over.
         tuning = replace(tuning, persistent=False, dynamic_schedule=False)
     elif variant == PACKED:
         # Packed tiles are unequal: a persistent kernel counts them out on the device.
         tuning = replace(tuning, dynamic_schedule=tuning.persistent)
     fields = asdict(variant)
-    del fields["long_q"]
+    del fields["long_q"], fields["one_wave"]
     if fields.pop("decode"):
         tuning = _DECODE_TUNING.get((arch, head_dim), tuning)
     if fields.pop("fills_gpu"):

@@ -254,11 +254,33 @@ def test_long_causal_queries_take_the_long_variant(fake_kernel, monkeypatch) -> 
     monkeypatch.setattr(ops, "get_kernel", lambda config: asked.append(config) or fake_kernel)
     n = registry.LONG_SEQLEN_Q
     for sq, causal in ((n, True), (n - 1, True), (n, False), (n + 1, True)):
-        q, k = torch.randn(1, sq, 2, 32), torch.randn(1, sq, 1, 32)
+        q, k = torch.randn(1, sq, 3, 32), torch.randn(1, sq, 1, 32)  # > 132 tiles of 64
         ops._attention_cuda(q, k, k, causal, 0.5, False)
     variants = [config[-1] for config in asked]  # `lookup` is faked: its arguments
     assert variants == [registry.LONG_Q, registry.DENSE, registry.DENSE]  # memoized per key
     assert len(fake_kernel.calls) == 4
+
+
+def test_problems_of_one_wave_take_the_one_wave_variant(fake_kernel, monkeypatch) -> None:
+    """batch x heads x 64-row query tiles <= the SMs (132 here): ONE_WAVE, also for long
+    causal queries; one tile more: the other variants."""
+    asked: list[tuple] = []
+    monkeypatch.setattr(ops, "get_kernel", lambda config: asked.append(config) or fake_kernel)
+    cases = [
+        ((1, 512, 8), False, registry.ONE_WAVE),
+        ((2, 33 * 64, 2), True, registry.ONE_WAVE),  # 132 tiles
+        ((2, 33 * 64 + 1, 2), False, registry.DENSE),  # 136
+        ((1, 1, 132), False, registry.ONE_WAVE),
+        ((1, 1, 133), True, registry.DENSE),
+        ((1, 66 * 64, 2), True, registry.ONE_WAVE),  # long causal, yet one wave
+        ((1, 4096, 3), True, registry.LONG_Q),
+    ]
+    for (b, sq, h), causal, want in cases:
+        assert ops.dense_variant(b, sq, h, causal, 132) == want, (b, sq, h, causal)
+    for (b, sq, h), causal, _ in cases[:3]:  # the plan asks for the variant's kernel
+        q, k = torch.randn(b, sq, h, 32), torch.randn(b, 7, 1, 32)
+        ops._attention_cuda(q, k, k, causal, 0.5, False)
+    assert [config[-1] for config in asked] == [c[-1] for c in cases[:3]]
 
 
 def test_dynamic_kernels_get_a_zeroed_tile_counter_per_call(monkeypatch) -> None:

@@ -148,9 +148,16 @@ def test_persistent_for_dense_and_packed() -> None:
         for c in (False, True)
         for v in (False, True)
     }
+    one_wave = {
+        registry.lookup("sm_90a", d, t, c, registry.ONE_WAVE)
+        for d in (64, 128)
+        for t in ("float16", "bfloat16")
+        for c in (False, True)
+    }
+    assert one_wave <= set(kernels)
     for config in kernels:
         scheduled = config.kv_layout in ("dense", "varlen") and not config.split_kv
-        assert config.persistent == scheduled, config.name
+        assert config.persistent == (scheduled and config not in one_wave), config.name
 
 
 @pytest.mark.parametrize(
@@ -203,7 +210,7 @@ def test_long_causal_queries_take_their_own_tiles() -> None:
         assert registry.lookup(*args, registry.LONG_Q) == registry.lookup(*args)
     kernels = registry.registered_kernels("sm_90a")
     assert len(kernels) == len(set(kernels)) and long_d64 in kernels
-    with pytest.raises(UnsupportedError, match="long_q is a dense variant"):
+    with pytest.raises(UnsupportedError, match="long_q and one_wave are dense variants"):
         registry.lookup(
             "sm_90a", 64, "bfloat16", True, registry.Variant(varlen_q=True, long_q=True)
         )

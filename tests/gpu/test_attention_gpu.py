@@ -95,16 +95,36 @@ def check_close(out, q, k, v, causal, top_left, lse=None):
         torch.testing.assert_close(lse[finite].double(), ref_lse[finite], atol=2e-3, rtol=1e-3)
 
 
+@pytest.fixture(params=["planned", "no_one_wave"])
+def one_wave(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """ "planned": each shape takes the variant `ops.dense_variant` plans (most SHAPES fit
+    in one wave: `registry.ONE_WAVE`); "no_one_wave": as if the GPU had no SM to spare,
+    so the same shapes run the DENSE (and LONG_Q) kernels. Returns whether one-wave
+    kernels may be planned."""
+    monkeypatch.setattr(ops, "_DENSE_PLANS", {})
+    monkeypatch.setattr(ops, "_LAUNCHERS", {})  # kernels stay loaded in the cache
+    monkeypatch.setattr(api, "_SERVED", {})
+    monkeypatch.setattr(api, "_SERVED_SDPA", {})
+    if request.param == "planned":
+        return True
+    plan = ops.dense_variant
+    monkeypatch.setattr(ops, "dense_variant", lambda b, sq, h, c, sms: plan(b, sq, h, c, 0))
+    return False
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize(("b", "sq", "sk", "h", "hkv", "causal"), SHAPES)
-def test_attention_bottom_right(b, sq, sk, h, hkv, causal, d, dtype) -> None:
+def test_attention_bottom_right(b, sq, sk, h, hkv, causal, d, dtype, one_wave) -> None:
     q, k, v = make_qkv(b, sq, sk, h, hkv, d, dtype, seed=sq * 7 + sk)
     out, lse = sparsek.attention(q, k, v, causal=causal, return_lse=True)
     assert out.shape == q.shape and out.dtype == dtype
     check_close(out, q, k, v, causal, top_left=False, lse=lse)
     if causal and sq > sk:
         assert (out[:, : sq - sk] == 0).all()
+    fits = b * h * math.ceil(sq / registry.ONE_WAVE_TILE_M) <= ops.num_sms(q.device.index)
+    ran = any(key[-1] == registry.ONE_WAVE for key in ops._LAUNCHERS)
+    assert ran == (one_wave and fits), "one-wave problems (only) run the one-wave kernels"
 
 
 # Causal requests of >= registry.LONG_SEQLEN_Q queries: the LONG_Q kernels, whose
