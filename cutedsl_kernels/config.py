@@ -51,9 +51,10 @@ class FmhaFwdConfig:
             counter (`mTileCounter`, zeroed before the launch): tiles of unequal work
             (packed queries and keys, which need it; causal query tiles, longest first
             within groups of heads whose K/V fit in L2) leave no SM idle at the end.
-        l2_group_mb: (dynamic_schedule, dense) the K/V MiB of the (head, batch) pairs whose
+        l2_group_mb: (dynamic_schedule) the K/V MiB of the (head, batch) pairs whose
             tiles are worked on together: query tiles go out longest first across such a
-            group (at least one pair), group after group.
+            group (at least one pair), group after group. Dense: > 0; packed (one batch
+            entry, every sequence on its key axis): >= 0, where 0 makes one group.
         ctas_per_sm: CTAs each SM holds at once (launch bound; shared memory and registers
             are budgeted for it): with 2, one CTA's prologue and epilogue overlap the
             other's main loop.

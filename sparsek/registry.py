@@ -88,6 +88,13 @@ _ONE_WAVE_TUNING: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 64): Tuning(tile_m=ONE_WAVE_TILE_M, tile_n=128, num_stages=2),
     ("sm_90a", 128): Tuning(tile_m=ONE_WAVE_TILE_M, tile_n=128, num_stages=2),
 }
+# Packed queries and keys (`attention_varlen`): the persistent CTAs take (query tile, head)
+# tiles heads fastest, in groups of heads whose K/V of the longest sequence take up to this
+# many MiB (see `FmhaFwdConfig.l2_group_mb`). All heads at once read the whole K/V of a
+# long sequence per head in flight: d128 H16 (H200, perf/NOTES.md #34) 16 MiB against all
+# heads: 1 x 16k +9% / +4% (non-causal / causal), 2 x 8k +6% / +3%, 4 x 4k +5% / -1%,
+# the suite's mixed lengths (<= 4k) +2% / 0%; sequences of <= 1k keep every head in one group.
+PACKED_L2_GROUP_MB = 16
 # Decode (`Variant.decode`): a tile's rows are the few query heads that share a KV head,
 # so a 64-row tile (one MMA warpgroup) does half the tensor-core and softmax work of a
 # 128-row one for the same bytes of K/V (perf/NOTES.md #12).
@@ -382,8 +389,10 @@ def _make_config(
         # `FmhaFwdConfig.persistent`); one wave has nothing to loop over.
         tuning = replace(tuning, persistent=False, dynamic_schedule=False)
     elif variant == PACKED:
-        # Packed tiles are unequal: a persistent kernel counts them out on the device.
-        tuning = replace(tuning, dynamic_schedule=tuning.persistent)
+        # Packed tiles are unequal: a persistent kernel counts them out on the device,
+        # heads fastest within groups of heads (`PACKED_L2_GROUP_MB`).
+        group_mb = PACKED_L2_GROUP_MB if tuning.persistent else 0
+        tuning = replace(tuning, dynamic_schedule=tuning.persistent, l2_group_mb=group_mb)
     fields = asdict(variant)
     del fields["long_q"], fields["one_wave"]
     if fields.pop("decode"):

@@ -193,6 +193,18 @@ def test_dynamic_schedule_needs_persistent_and_packed_needs_it() -> None:
     for group_mb, dynamic in ((0, True), (8, False), (-8, True)):
         config = replace(dynamic_dense, dynamic_schedule=dynamic, l2_group_mb=group_mb)
         assert any("l2_group_mb" in r for r in build.can_implement(config)), config
+    # Packed tiles: groups of heads (>= 0 MiB, 0 = one group); other layouts have none.
+    dynamic_packed = replace(static_packed, dynamic_schedule=True)
+    for group_mb in (0, 16):
+        assert build.can_implement(replace(dynamic_packed, l2_group_mb=group_mb)) == []
+    for config in (
+        replace(dynamic_packed, l2_group_mb=-1),
+        FmhaFwdConfig(**base, varlen_q=True, kv_layout="cache", l2_group_mb=16),
+    ):
+        assert any("l2_group_mb" in r for r in build.can_implement(config)), config
+    for head_dim in (64, 128):
+        packed = registry.lookup("sm_90a", head_dim, "bfloat16", False, registry.PACKED)
+        assert packed.l2_group_mb == registry.PACKED_L2_GROUP_MB > 0
 
 
 def test_long_causal_queries_take_their_own_tiles() -> None:

@@ -20,9 +20,10 @@ Features and limits:
   in a per-batch cache with `seqused_k` keys used; or in pages of `page_size` rows reached
   through `page_table` (one TMA box of gcd(page_size, tile_n) rows per page piece, so any
   page size that is a multiple of 16 works). Packed queries: one grid axis enumerates
-  (query tile, head) of all sequences, heads fastest (`seqlen.packed_tile`; split-KV
-  launches instead cover the longest sequence per batch entry); tiles past a sequence's
-  end exit without work.
+  (query tile, head) of all sequences, heads fastest within groups of heads whose K/V of
+  the longest sequence take up to `l2_group_mb` MiB (`seqlen.packed_tile`, `tile_coords`;
+  split-KV launches instead cover the longest sequence per batch entry); tiles past a
+  sequence's end exit without work.
   Causal is bottom-right per sequence.
 - Split-KV (`split_kv`): batch index b * num_splits + split; each split visits an equal
   share of its query tile's key tiles and writes float32 O and LSE of its share to
@@ -257,6 +258,9 @@ class HopperFmhaForward:
         else:
             num_m_blocks = cute.ceil_div(cute.size(mQ.shape[0]), self.tile_m)
             batch = cute.size(mQ.shape[3])
+        # Longest key range of a (head, batch) pair (packed: max_seqlen_q stands for it).
+        key_rows = max_seqlen_q if const_expr(self.packed_tiles) else cute.size(mK.shape[0])
+        l2_group = self.l2_group(cute.size(mQ.shape[2]) * batch, key_rows)
         if const_expr(self.split_kv):
             batch = batch * num_splits
         grid = [num_m_blocks, cute.size(mQ.shape[2]), batch]
@@ -294,6 +298,7 @@ class HopperFmhaForward:
             causal_offset,
             num_splits,
             num_m_blocks,
+            l2_group,
             tx_bytes_q,
             tx_bytes_kv,
             SharedStorage,
@@ -350,6 +355,7 @@ class HopperFmhaForward:
         causal_offset: Int32,
         num_splits: Int32,
         num_m_blocks: Int32,
+        l2_group: Int32,
         tx_bytes_q: cutlass.Constexpr[int],
         tx_bytes_kv: cutlass.Constexpr[int],
         SharedStorage: cutlass.Constexpr,
@@ -424,7 +430,8 @@ class HopperFmhaForward:
         sched_tiles = storage.sched_tiles.get_tensor(
             cute.make_layout((WorkTile.NUM_WORDS, SCHED_STAGES))
         )
-        tiles = (num_m_blocks, causal_offset, num_splits, pipeline_sched, sched_tiles, mTileCounter)
+        tiles = (num_m_blocks, l2_group, causal_offset, num_splits, pipeline_sched, sched_tiles,
+                 mTileCounter)  # fmt: skip
         pipeline.pipeline_init_wait()
 
         if warp_idx < THREADS_PER_WARPGROUP // cute.arch.WARP_SIZE:
@@ -449,7 +456,9 @@ class HopperFmhaForward:
         """This CTA's work tiles, each through `load` (producer warp) or `mma` (consumer
         warpgroups) with `role_args`: its grid block's, or (persistent) those of work
         units block, block + grid, ... The pipeline states carry over from tile to tile."""
-        num_m_blocks, causal_offset, num_splits, pipeline_sched, sched_tiles, counter = tiles
+        num_m_blocks, l2_group, causal_offset, num_splits, pipeline_sched, sched_tiles, counter = (
+            tiles
+        )
         tensors = role_args[0]
         role, step = pipeline.PipelineUserType.Consumer, self.mma
         if const_expr(producer):
@@ -470,7 +479,7 @@ class HopperFmhaForward:
                 tile = block_m
                 while tile < num_tiles:
                     block, head_idx, batch_idx = self.tile_coords(
-                        tile, num_m_blocks, num_heads, tensors
+                        tile, num_m_blocks, num_heads, l2_group, tensors
                     )
                     work = self.work_tile(
                         block, head_idx, batch_idx, num_m_blocks, tensors, causal_offset, num_splits
@@ -526,7 +535,9 @@ class HopperFmhaForward:
         else:
             if const_expr(self.packed_tiles):  # grid x: (query tile slot, head), see __call__
                 num_heads = cute.size(tensors[0].shape[2])
-                block_m, head_idx, _ = self.tile_coords(block_m, num_m_blocks, num_heads, tensors)
+                block_m, head_idx, _ = self.tile_coords(
+                    block_m, num_m_blocks, num_heads, l2_group, tensors
+                )
             work = self.work_tile(
                 block_m, head_idx, batch_split, num_m_blocks, tensors, causal_offset, num_splits
             )
@@ -561,23 +572,18 @@ class HopperFmhaForward:
 
     @cute.jit
     def tile_coords(
-        self, tile: Int32, num_m_blocks: Int32, num_heads: Int32, tensors: tuple
+        self, tile: Int32, num_m_blocks: Int32, num_heads: Int32, group: Int32, tensors: tuple
     ) -> tuple[Int32, Int32, Int32]:
         """Grid block (block_m, head, batch) of dynamic work tile number `tile` (packed:
-        of grid block `tile`).
+        of grid block `tile`, whose block_m is a packed slot and batch 0).
 
-        Dense: (head, batch) pairs in groups whose K/V take up to `config.l2_group_mb`
-        MiB together (at least one pair), group by group; within a group, query tiles
-        from the first grid block (causal: the most keys) to the last, each across the
-        group's heads. So the longest tiles of a group start first and its shortest fill
-        the end, while the tiles in flight read the K/V of a few heads only (from L2).
+        (head, batch) pairs in groups of `group` (`l2_group`), group by group; within a
+        group, query tiles from the first grid block (causal: the most keys) to the last,
+        each across the group's heads. So the longest tiles of a group start first and its
+        shortest fill the end, while the tiles in flight read the K/V of a few heads only
+        (from L2).
         """
-        if const_expr(self.packed_tiles):
-            slot = tile // num_heads
-            return slot, tile - slot * num_heads, Int32(0)
         num_pairs = num_heads * cute.size(tensors[0].shape[3])
-        kv_rows = (self.config.l2_group_mb << 20) // (2 * self.head_dim * self.dtype.width // 8)
-        group = cutlass.max(Int32(kv_rows) // cute.size(tensors[1].shape[0]), 1)
         first = tile // (group * num_m_blocks) * group  # first (head, batch) of the group
         in_group = cutlass.min(group, num_pairs - first)
         local = tile - first * num_m_blocks
@@ -585,6 +591,15 @@ class HopperFmhaForward:
         pair = first + local - block * in_group
         batch_idx = pair // num_heads
         return block, pair - batch_idx * num_heads, batch_idx
+
+    def l2_group(self, num_pairs: Int32, key_rows: Int32) -> Int32:
+        """(head, batch) pairs per group of the dynamic tile order (`tile_coords`): as many
+        as take up to `config.l2_group_mb` MiB of K/V with `key_rows` keys each (at least
+        one); every pair when l2_group_mb is 0."""
+        if const_expr(self.config.l2_group_mb == 0):
+            return num_pairs
+        kv_rows = (self.config.l2_group_mb << 20) // (2 * self.head_dim * self.dtype.width // 8)
+        return cutlass.max(Int32(kv_rows) // cutlass.max(key_rows, 1), 1)
 
     def units_per_head(self, num_m_blocks: Int32) -> Int32:
         """Work units of one (head, batch) in a persistent launch (see `run_tiles`)."""

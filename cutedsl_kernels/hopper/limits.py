@@ -87,10 +87,11 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
     if config.dynamic_schedule and not config.persistent:
         reasons.append("dynamic_schedule needs persistent=True (it schedules persistent CTAs)")
     dense_dynamic = config.dynamic_schedule and not config.is_varlen
-    if config.l2_group_mb < 0 or bool(config.l2_group_mb) != dense_dynamic:
+    packed_dynamic = config.dynamic_schedule and packed
+    if config.l2_group_mb < 0 or (bool(config.l2_group_mb) != dense_dynamic and not packed_dynamic):
         reasons.append(
             f"l2_group_mb={config.l2_group_mb}: a positive MiB count for dense kernels "
-            "with dynamic_schedule=True, else 0"
+            "with dynamic_schedule=True, >= 0 for packed ones (0: one group), else 0"
         )
     if config.persistent and packed and not config.dynamic_schedule:
         reasons.append(
