@@ -15,8 +15,9 @@ with the perf suite's timer (cold L2, median) beside cuDNN in the same process. 
 markdown table. With --varlen: the perf suite's packed varlen case instead (16 sequences
 of 44-4096 tokens, d128, H16 and GQA 32:8, causal and not), checked against the float32
 reference, TFLOP/s over each sequence's exact visible pairs. With --latency: small
-problems (`latency_shapes`), each timed as a CUDA-graph replay (us, back to back), the
-variant planned for it against the one that served it before `registry.ONE_WAVE`.
+problems (`latency_shapes`), each timed as a CUDA-graph replay (us, back to back), as
+`sparsek.ops` plans it (`registry.ONE_WAVE` kernels, or KV-cache decode for one query
+per sequence) against the kernel that served it before those routes.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def shapes() -> list[Shape]:
 
 
 def _dense_runs(
-    shape: Shape, dtype: torch.dtype, configs: dict[str, FmhaFwdConfig]
+    shape: Shape, dtype: torch.dtype, configs: dict[str, FmhaFwdConfig | None]
 ) -> tuple[dict[str, Callable[[], object]], float]:
-    """Launchers of each config (and "cudnn") on fresh inputs of `shape`, each run once
-    into a NaN-poisoned output and checked against cuDNN SDPA's; and the worst error."""
+    """Launchers of each config (None: the request as `sparsek.ops` plans and runs it) and
+    "cudnn" on fresh inputs of `shape`, each run once into a NaN-poisoned output and
+    checked against cuDNN SDPA's; and the worst error."""
     b, sq, sk, h, hkv, d, causal = shape
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -94,6 +96,15 @@ def _dense_runs(
     fns: dict[str, Callable[[], object]] = {"cudnn": cudnn}
     errs = []
     for name, config in configs.items():
+        if config is None:
+            plan = ops.dense_plan(q, k, v, causal, d**-0.5, False)
+
+            def planned(plan: ops.DensePlan = plan) -> torch.Tensor:
+                return ops.run_dense(plan, q, k, v)[0]
+
+            errs.append((planned().float() - want.float()).abs().max().item())
+            fns[name] = planned
+            continue
         kernel = get_kernel(config)
         out = torch.full_like(q, float("nan"))
         lse = torch.empty(b, h, sq, device=device, dtype=torch.float32)
@@ -151,6 +162,9 @@ def latency_shapes() -> list[Shape]:
         (1, 1024, 1024, 8, 8, 64, False),
         (4, 256, 256, 8, 8, 64, True),  # 128 tiles of 64 rows
         (1, 1, 4096, 32, 8, 128, False),  # decode through the dense API
+        (1, 1, 16384, 32, 8, 128, False),
+        (8, 1, 4096, 32, 8, 128, False),
+        (4, 1, 4096, 16, 16, 64, False),
         (1, 8192, 8192, 1, 1, 128, False),  # long, yet one wave
         (1, 8192, 8192, 1, 1, 128, True),
         (1, 4096, 4096, 2, 2, 64, True),
@@ -159,18 +173,18 @@ def latency_shapes() -> list[Shape]:
 
 
 def latency_row(shape: Shape, dtype: torch.dtype, arch: str) -> str:
-    """CUDA-graph replay (us) of the variant planned for `shape` (B) against the one that
-    served it before one-wave problems had their own (A: DENSE, or LONG_Q)."""
+    """CUDA-graph replay (us) of the request as `sparsek.ops` plans it (B: its variant's
+    kernel, or KV-cache decode for one query per sequence) against the kernel that served
+    it before one-wave problems and single queries had their own (A: DENSE, or LONG_Q)."""
     b, sq, sk, h, hkv, d, causal = shape
-    variant = planned_variant(shape)
     before = LONG_Q if causal and sq >= LONG_SEQLEN_Q else DENSE
-    configs = {
-        name: lookup(arch, d, dtype, causal, v) for name, v in (("A", before), ("B", variant))
-    }
-    fns, err = _dense_runs(shape, dtype, configs)
+    fns, err = _dense_runs(shape, dtype, {"A": lookup(arch, d, dtype, causal, before), "B": None})
     device = torch.device("cuda")
     us = {name: time_graph(fn, device) * 1e3 for name, fn in fns.items()}
+    variant = planned_variant(shape)
     name = {DENSE: "DENSE", LONG_Q: "LONG_Q", ONE_WAVE: "ONE_WAVE"}[variant]
+    if sq == 1:
+        name = "decode"
     return (
         f"| {str(dtype).removeprefix('torch.')} | {b} | {sq} | {sk} | {h} | {hkv} | {d} | {causal} "
         f"| {name} | {us['A']:.2f} | {us['B']:.2f} | {us['cudnn']:.2f} | {us['A'] / us['B']:.3f} "

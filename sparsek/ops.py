@@ -134,6 +134,9 @@ class DensePlan:
     device: torch.device
     readable: bool = True
     kernel: KernelFn | None = None
+    # One query per sequence: the request as KV-cache decode (`_decode_route`), run
+    # instead of `kernel` as decode(q, k, v) -> (out, lse).
+    decode: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
     counted: bool = False  # the kernel takes a zeroed tile counter (`tile_counter`)
     # softmax_scale, causal offset, max_seqlen_q (0: dense), splits, CTAs of a persistent launch
     scalars: tuple[float, int, int, int, int] = (1.0, 0, 0, 1, 1)
@@ -187,10 +190,17 @@ def dense_plan(
             "no sparsek kernel for this input",
             [f"value head_dim={v.shape[-1]} must equal query head_dim={head_dim}"],
         )
+    offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
+    if seqlen_q == 1:
+        visible = min(seqlen_k, offset + 1) if causal else seqlen_k
+        decode = _decode_route(q, k, v, visible, softmax_scale)
+        if decode is not None:
+            return remember(_DENSE_PLANS, key, DensePlan(
+                "launch", *shapes, q.dtype, q.device, decode=decode
+            ))  # fmt: skip
     sms = num_sms(q.device.index)
     variant = dense_variant(batch, seqlen_q, num_heads, causal, sms)
     kernel = _launcher(q.device, head_dim, q.dtype, causal, variant)
-    offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
     return remember(_DENSE_PLANS, key, DensePlan(
         "launch", *shapes, q.dtype, q.device,
         readable=all(tma_strides_ok(t) for t in (q, k, v)),
@@ -203,6 +213,24 @@ def dense_plan(
 _DENSE_PLANS: dict[tuple[object, ...], DensePlan] = {}
 
 
+def _decode_route(
+    q: Tensor, k: Tensor, v: Tensor, visible: int, softmax_scale: float
+) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+    """A dense request with one query per sequence, which sees its first `visible` keys,
+    as decode against a contiguous KV cache (`attention_with_kvcache`): the query heads
+    of a KV head share one tile, and split-KV fills the GPU when the batch does not. None
+    when no decode kernel serves it (the dense kernels do)."""
+    from sparsek import ops_kvcache_cuda  # it imports this module
+
+    seqlens = torch.full((q.shape[0],), visible, dtype=torch.int32, device=q.device)
+    meta = (seqlens, None, None, None, False)
+    plan = ops_kvcache_cuda.kvcache_plan(q, k, v, *meta, 0)
+    if isinstance(plan, str):
+        return None
+    run = ops_kvcache_cuda.attention_with_kvcache
+    return lambda q, k, v: run(q, k, v, *meta, softmax_scale, 0, plan)
+
+
 def run_dense(plan: DensePlan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Run a dense request by its `dense_plan` (no host synchronization: capturable)."""
     out = _empty(plan.out_shape, plan.dtype, plan.device, plan.out_stride)
@@ -212,6 +240,8 @@ def run_dense(plan: DensePlan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
             out.zero_()
             lse.fill_(float("-inf"))
         return out, lse
+    if plan.decode is not None:
+        return plan.decode(q, k, v)
     if not plan.readable or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % _ALIGN_BYTES:
         q, k, v = tma_compatible(q), tma_compatible(k), tma_compatible(v)
     counter = zeroed_counter(plan.device) if plan.counted else None

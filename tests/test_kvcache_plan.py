@@ -17,6 +17,7 @@ import torch
 from test_kvcache import make_caches
 
 from sparsek import ops, ops_kvcache_cuda
+from sparsek.reference import reference_attention
 from sparsek.reference_varlen import reference_attention_kvcache
 
 i32 = torch.int32
@@ -197,3 +198,27 @@ def test_empty_and_keyless_requests_launch_nothing(fake_kernels) -> None:
     q = torch.randn(len(LENS), 1, 4, 32)
     out, lse = run(q, (k[:, :0], v[:, :0], torch.zeros_like(seqlens)))
     assert (out == 0).all() and torch.isneginf(lse).all() and fake_kernels == []
+
+
+@pytest.mark.parametrize(
+    ("causal", "top_left"), [(False, False), (True, False), (True, True)], ids=str
+)
+@pytest.mark.parametrize(("h", "hkv"), [(8, 2), (4, 4)])
+def test_dense_single_queries_run_as_decode(fake_kernels, monkeypatch, causal, top_left, h, hkv):
+    """`sparsek.attention` with one query per sequence: planned as KV-cache decode over the
+    dense K/V (its heads grouped per KV head); a top-left causal query sees key 0 only."""
+    monkeypatch.setattr(ops, "_DENSE_PLANS", {})
+    monkeypatch.setattr(ops, "_launcher", lambda *a: pytest.fail("dense kernel loaded"))
+    gen = torch.Generator().manual_seed(h + top_left)
+    q = torch.randn(3, 1, h, 32, generator=gen)
+    k, v = (torch.randn(3, 300, hkv, 32, generator=gen) for _ in range(2))
+    plan = ops.dense_plan(q, k, v, causal, 0.25, top_left)
+    assert plan.decode is not None
+    out, lse = ops.run_dense(plan, q, k, v)
+    want, want_lse = reference_attention(
+        q, k, v, causal=causal, causal_top_left=top_left, softmax_scale=0.25,
+        compute_dtype=torch.float64,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+    assert all(variant.decode for causal_, variant in fake_kernels if causal_ is not None)

@@ -112,6 +112,18 @@ def one_wave(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return False
 
 
+def run_checked(q, k, v, causal, top_left) -> None:
+    """`sparsek.attention` (bottom-right, with LSE) or, for top-left causal, the SDPA
+    drop-in on (B, H, S, D) views; checked against the reference."""
+    if top_left:
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        out = sparsek.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        check_close(out.transpose(1, 2), q, k, v, True, top_left=True)
+    else:
+        out, lse = sparsek.attention(q, k, v, causal=causal, return_lse=True)
+        check_close(out, q, k, v, causal, top_left=False, lse=lse)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize(("b", "sq", "sk", "h", "hkv", "causal"), SHAPES)
@@ -122,9 +134,27 @@ def test_attention_bottom_right(b, sq, sk, h, hkv, causal, d, dtype, one_wave) -
     check_close(out, q, k, v, causal, top_left=False, lse=lse)
     if causal and sq > sk:
         assert (out[:, : sq - sk] == 0).all()
+    # (One query per sequence runs as KV-cache decode, see test_single_queries_as_decode.)
     fits = b * h * math.ceil(sq / registry.ONE_WAVE_TILE_M) <= ops.num_sms(q.device.index)
     ran = any(key[-1] == registry.ONE_WAVE for key in ops._LAUNCHERS)
-    assert ran == (one_wave and fits), "one-wave problems (only) run the one-wave kernels"
+    assert ran == (one_wave and fits and sq > 1), "one-wave problems run one-wave kernels"
+
+
+# One query per sequence (batch, seqlen_k, num_heads, num_kv_heads): planned as KV-cache
+# decode over the dense K/V (`ops._decode_route`: heads grouped per KV head, split-KV).
+DECODE_SHAPES = [(1, 4096, 32, 8), (3, 1031, 8, 8), (8, 200, 16, 1), (2, 33000, 4, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("mode", ["full", "causal", "causal_top_left"])
+@pytest.mark.parametrize(("b", "sk", "h", "hkv"), DECODE_SHAPES)
+def test_single_queries_as_decode(b, sk, h, hkv, mode, d, dtype) -> None:
+    causal, top_left = mode != "full", mode == "causal_top_left"
+    q, k, v = make_qkv(b, 1, sk, h, hkv, d, dtype, bhsd_storage=top_left, seed=sk + h)
+    run_checked(q, k, v, causal, top_left)  # top-left: a causal query sees key 0 only
+    plan = ops.dense_plan(q, k, v, causal, d**-0.5, top_left)
+    assert plan.decode is not None, "planned as decode"
 
 
 # Causal requests of >= registry.LONG_SEQLEN_Q queries: the LONG_Q kernels, whose
@@ -143,13 +173,7 @@ LONG_SHAPES = [
 @pytest.mark.parametrize(("b", "sq", "sk", "h", "hkv", "top_left"), LONG_SHAPES)
 def test_long_causal_queries(b, sq, sk, h, hkv, top_left, d, dtype) -> None:
     q, k, v = make_qkv(b, sq, sk, h, hkv, d, dtype, bhsd_storage=top_left, seed=sq + d)
-    if top_left:
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        out = sparsek.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
-        check_close(out.transpose(1, 2), q, k, v, True, top_left=True)
-    else:
-        out, lse = sparsek.attention(q, k, v, causal=True, return_lse=True)
-        check_close(out, q, k, v, True, top_left=False, lse=lse)
+    run_checked(q, k, v, True, top_left)
     key = (q.device.index, d, dtype, True, registry.LONG_Q)
     assert key in ops._COUNTED, "the long causal kernel takes its tiles from a counter"
 
