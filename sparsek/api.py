@@ -96,11 +96,7 @@ def attention(
 
     reasons = _kernel_blockers(q, k, v, causal)
     if not reasons:
-        if signature is not None:  # plain eager: plan, remember and run
-            plan = remember(_SERVED, signature, _ops.dense_plan(q, k, v, causal, scale, False))
-            result = _ops.run_dense(plan, q, k, v)
-        else:
-            result = _run_op(q, k, v, causal, scale, False)
+        result = _run_kernels(_SERVED, signature, q, k, v, causal, scale, False)
         return result if return_lse else result[0]
     if q.device.type == "cpu" and not _needs_grad(q, k, v):
         # The documented CPU path: the op's float32 reference (the correctness oracle).
@@ -198,11 +194,7 @@ def scaled_dot_product_attention(
         reasons = _kernel_blockers(query, key, value, is_causal)
     if not reasons:
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        if signature is not None:  # plain eager: plan, remember and run
-            plan = _ops.dense_plan(q, k, v, is_causal, resolved, True)
-            out = _ops.run_dense(remember(_SERVED_SDPA, signature, plan), q, k, v)[0]
-        else:
-            out = _run_op(q, k, v, is_causal, resolved, True)[0]
+        out = _run_kernels(_SERVED_SDPA, signature, q, k, v, is_causal, resolved, True)[0]
         return out.transpose(1, 2)
     _fallback(reasons)
     return F.scaled_dot_product_attention(
@@ -379,6 +371,25 @@ _SERVED_SDPA: dict[tuple[object, ...], _ops.DensePlan] = {}
 
 def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
+def _run_kernels(
+    served: dict[tuple[object, ...], _ops.DensePlan],
+    signature: tuple[object, ...] | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    causal_top_left: bool,
+) -> tuple[Tensor, Tensor]:
+    """Run a checked request on the kernels: a plain eager call (`signature`) is planned,
+    remembered in `served` under its signature and run; any other (tracing, autograd,
+    dispatch modes) goes through the torch op."""
+    if signature is None:
+        return _run_op(q, k, v, causal, scale, causal_top_left)
+    plan = _ops.dense_plan(q, k, v, causal, scale, causal_top_left)
+    return _ops.run_dense(remember(served, signature, plan), q, k, v)
 
 
 def _run_op(
