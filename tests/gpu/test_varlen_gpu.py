@@ -410,14 +410,21 @@ def test_kvcache_decode(d, dtype, h, hkv, layout) -> None:
     check_close(out, as_batched(expected(list(q), ks, vs, True, d**-0.5)), lse)
 
 
+# 320: a short cache (never split anyway); 1300: more key tiles than the short-cache rule
+# leaves unsplit, where the wave heuristic would split (the 4c75f04 fix: never for these).
+@pytest.mark.parametrize("capacity", [320, 1300])
 @pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged64"])
 @pytest.mark.parametrize(("dtype", "d"), CORNERS)
-def test_kvcache_decode_batch_filling_the_gpu(dtype, d, layout) -> None:
+def test_kvcache_decode_batch_filling_the_gpu(dtype, d, layout, capacity) -> None:
     """160 (sequence, KV head) tiles, more than the SMs: the `fills_gpu` decode kernel
     (two CTAs per SM at d128), never split, with odd and empty sequences among them."""
     lens = [(37 * i) % 300 for i in range(20)]  # 0, 37, ..., 1 to 296
+    if capacity > 320:
+        lens[7] = capacity  # one sequence fills its cache
     h, hkv = 32, 8
-    gen, ks, vs, k_cache, v_cache, table = kvcache_case(lens, 320, layout, h, hkv, d, dtype, 90)
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
+        lens, capacity, layout, h, hkv, d, dtype, 90
+    )
     q = randn(gen, len(lens), 1, h, d, dtype=dtype)
     out, lse = sparsek.attention_with_kvcache(
         q, k_cache, v_cache, int32(lens), table, return_lse=True
