@@ -233,6 +233,8 @@ def _decode_route(
 
 def run_dense(plan: DensePlan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Run a dense request by its `dense_plan` (no host synchronization: capturable)."""
+    if plan.decode is not None:  # allocates its own outputs
+        return plan.decode(q, k, v)
     out = _empty(plan.out_shape, plan.dtype, plan.device, plan.out_stride)
     lse = _empty(plan.lse_shape, torch.float32, plan.device, plan.lse_stride)
     if plan.answer != "launch":
@@ -240,8 +242,6 @@ def run_dense(plan: DensePlan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor,
             out.zero_()
             lse.fill_(float("-inf"))
         return out, lse
-    if plan.decode is not None:
-        return plan.decode(q, k, v)
     if not plan.readable or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % _ALIGN_BYTES:
         q, k, v = tma_compatible(q), tma_compatible(k), tma_compatible(v)
     counter = zeroed_counter(plan.device) if plan.counted else None
