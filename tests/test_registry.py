@@ -238,3 +238,15 @@ def test_two_ctas_per_sm_budget() -> None:
     assert build.can_implement(replace(too_big, ctas_per_sm=1)) == []
     two_warpgroups = FmhaFwdConfig(**{**base, "tile_m": 128}, tile_n=64, ctas_per_sm=2)
     assert any("ctas_per_sm=2 must be 1" in r for r in build.can_implement(two_warpgroups))
+
+
+def test_register_split_fits_the_register_file() -> None:
+    """Each (MMA warpgroups, CTAs per SM) register split fits the SM's register file, and
+    `setmaxnreg` takes per-thread counts that are multiples of 8 in [24, 256]."""
+    from cutedsl_kernels.hopper import limits
+
+    for (mma_warpgroups, ctas), (producer, mma) in limits.REGS_BY_MMA_WARPGROUPS.items():
+        per_cta = limits.THREADS_PER_WARPGROUP * (producer + mma_warpgroups * mma)
+        assert ctas * per_cta <= limits.REGISTER_FILE, (mma_warpgroups, ctas)
+        for regs in (producer, mma):
+            assert regs % 8 == 0 and 24 <= regs <= 256, (mma_warpgroups, ctas, regs)
