@@ -46,9 +46,7 @@ class FmhaFwdConfig:
             so that the loads of a CTA's next tile overlap this tile's epilogue: a static
             round robin over equal units (dense problems: a query tile; causal: a pair of
             tiles with as many key tiles together as any other pair), unless
-            `dynamic_schedule`. With `split_kv` (stream-K): exactly `num_ctas` CTAs, each
-            taking an equal share of all query tiles' key tiles, one or more (tile, key
-            range) pieces, each written to its own split slot.
+            `dynamic_schedule`.
         dynamic_schedule: (persistent) CTAs take work tiles one by one from a global
             counter (`mTileCounter`, zeroed before the launch): tiles of unequal work
             (packed queries and keys, which need it; causal query tiles, longest first

@@ -9,11 +9,6 @@ us; cuDNN reads a dense copy of the cache and is timed the same way. Every split
 output is compared with `num_splits=1` (a cell reads `ERR <max diff>` past 2e-2). Prints a
 markdown table: the evidence for (or against) the split heuristic `choose_splits`.
 
-`--stream-k` times, for the perf suite's decode rows (batch 1-128, context 1k-32k), the
-automatic plan with stream-K (`ops_varlen_cuda.stream_k_splits`) against the same plan
-with stream-K turned off, where the two differ (the first timed before and after the
-second, averaged), beside cuDNN.
-
 `--breakdown` times, for batch 1 at each split count, the whole call beside its two
 kernels alone (the other launch skipped, the same graph otherwise) and an empty call
 (one tiny kernel): where the time of a latency-bound decode step goes.
@@ -38,7 +33,7 @@ if str(_ROOT) not in sys.path:
 
 import sparsek  # noqa: E402
 from perf.timing import time_kernel  # noqa: E402
-from sparsek import ops_kvcache_cuda, ops_varlen_cuda  # noqa: E402
+from sparsek import ops_kvcache_cuda  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SPLITS = (1, 2, 4, 8, 16, 32)
@@ -158,68 +153,11 @@ def breakdown(context: int, block: int) -> str:
     return f"| {context} | " + " | ".join(cells) + f" | {floor:.1f} |"
 
 
-STREAM_K_CASES = [(b, c) for b in (1, 8, 32, 128) for c in (1024, 4096, 16384, 32768)]
-
-
-@contextlib.contextmanager
-def stream_k_off() -> Iterator[None]:
-    """Plans made inside never take stream-K (every launch fills its waves "enough")."""
-    saved = ops_varlen_cuda.STREAM_K_BELOW
-    ops_varlen_cuda.STREAM_K_BELOW = 0.0
-    ops_kvcache_cuda._PLANS.clear()
-    try:
-        yield
-    finally:
-        ops_varlen_cuda.STREAM_K_BELOW = saved
-        ops_kvcache_cuda._PLANS.clear()
-
-
-def plan_of(case: PagedDecode) -> str:
-    """The automatic plan: "stream-K <ctas>x<splits>", or its split count."""
-    plan = ops_kvcache_cuda.kvcache_plan(
-        case.q, case.k_cache, case.v_cache, case.seqlens, case.table, None, None, True, 0
-    )
-    assert isinstance(plan, ops_kvcache_cuda.KvcachePlan), plan
-    return f"stream-K {plan.ctas}x{plan.splits}" if plan.ctas else f"{plan.splits} splits"
-
-
-def stream_k_row(batch: int, context: int, block: int) -> str:
-    """One markdown row: both plans, us per call of each, their ratio, cuDNN's us."""
-    dev = torch.device("cuda")
-    case = paged_decode(batch, context, block)
-    on_plan = plan_of(case)
-    with stream_k_off():
-        off_plan = plan_of(case)
-    head = f"| {batch} | {context} | {block} | {on_plan} | {off_plan} |"
-    if on_plan == off_plan:
-        return head + " - | - | - | - | - |"
-    on = case.run(0)
-    timed = functools.partial(case.run, 0)
-    first = time_kernel(timed, dev, graph=True) * 1e3
-    with stream_k_off():
-        off = case.run(0)
-        off_us = time_kernel(timed, dev, graph=True) * 1e3
-    on_us = (first + time_kernel(timed, dev, graph=True) * 1e3) / 2
-    cudnn_us = time_kernel(case.cudnn(), dev, graph=True) * 1e3
-    err = (on.float() - off.float()).abs().max().item()
-    cells = f" {on_us:.1f} | {off_us:.1f} | {off_us / on_us:.3f} | {cudnn_us:.1f} | {err:.2g} |"
-    return head + cells
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--block", type=int, default=64, help="paged block size (tokens)")
     parser.add_argument("--breakdown", action="store_true", help="batch-1 time per kernel")
-    parser.add_argument("--stream-k", action="store_true", help="stream-K on / off")
     args = parser.parse_args()
-    if args.stream_k:
-        head = ["B", "context", "block", "plan", "plan without stream-K", "us", "us without",
-                "without / with", "cudnn us", "max diff"]  # fmt: skip
-        print("| " + " | ".join(head) + " |")
-        print("|---" * len(head) + "|")
-        for batch, context in STREAM_K_CASES:
-            print(stream_k_row(batch, context, args.block), flush=True)
-        return
     if args.breakdown:
         print("Batch 1, us per call: whole / split kernel alone / combine alone")
         head = ["context", *(f"s={s}" for s in (2, 4, 8, 16)), "empty call"]

@@ -15,10 +15,6 @@ How a request maps onto one kernel launch (plus the split-KV combine):
 - split-KV: when the (batch x heads x query tiles) CTAs cannot fill the GPU, the cache's
   key tiles are split across `num_splits` CTAs (chosen from the cache capacity, never from
   device values) and merged by the combine kernel.
-- stream-K (decode, automatic splits): where that launch would leave part of the last
-  wave of CTA slots idle (e.g. 128 CTAs on 132 SMs), one CTA per slot instead, each an
-  equal share of all tiles' key tiles, merged by the same combine
-  (`ops_varlen_cuda.stream_k_splits`).
 
 Everything above follows from shapes, strides, dtype, device and flags alone, so it is
 worked out once per distinct request (`kvcache_plan`, memoized) and a repeated request
@@ -48,7 +44,7 @@ from sparsek.ops import (
     tma_compatible,
     tma_strides_ok,
 )
-from sparsek.ops_varlen_cuda import _store_launcher, choose_splits, kernel_config, stream_k_splits
+from sparsek.ops_varlen_cuda import _store_launcher, choose_splits, kernel_config
 from sparsek.registry import Variant
 
 
@@ -86,7 +82,6 @@ class KvcachePlan:
     varlen_q: bool = False
     rows: int = 0  # query rows per sequence and kernel head (the kernel's max_seqlen_q)
     splits: int = 1
-    ctas: int = 0  # stream-K: CTAs to launch (the kernel's num_ctas), else 0
     kernel: KernelFn | None = None
     combine: KernelFn | None = None
 
@@ -189,8 +184,7 @@ def attention_with_kvcache(
         lse_part = ops._empty((plan.splits, *lse_k.shape), torch.float32, q.device)
         if cu_q is not None:  # rows past cu_seqlens_q[-1]: empty in every split
             lse_part.fill_(float("-inf"))
-        launch(q.device, kernel, q_k, k_cache, v_cache, o_part, lse_part, *bounds, plan.splits,
-               plan.ctas)  # fmt: skip
+        launch(q.device, kernel, q_k, k_cache, v_cache, o_part, lse_part, *bounds, plan.splits, 0)
         launch(q.device, plan.combine, o_part, lse_part, out_k, lse_k)
     if lse_rows is not lse:
         lse.copy_(lse_rows.t())
@@ -253,29 +247,18 @@ def _build_plan(
         rows, kernel_heads = seqlen_q, num_heads
 
     ctas = math.ceil(rows / config.tile_m) * kernel_heads * batch
-    sms = ops.num_sms(q.device.index)
-    if decode and num_splits <= 1 and ctas >= sms:
-        # A tile per SM or more without splitting: the two-CTAs-per-SM decode tiles, split
-        # by stream-K only (their CTAs fill under half of the CTA slots, where the wave
-        # heuristic would split a long cache).
+    if decode and num_splits <= 1 and ctas >= ops.num_sms(q.device.index):
+        # A tile per SM or more without splitting: the two-CTAs-per-SM decode tiles, which
+        # have no split-KV variant (their CTAs fill under half of the CTA slots, where the
+        # wave heuristic would split a long cache).
         variant = dataclasses.replace(variant, fills_gpu=True)
         config = kernel_config(q, v_cache, kernel_causal, variant)
         assert not isinstance(config, str), config  # a tuning of a variant served above
         splits = 1
     else:
-        splits = choose_splits(num_splits, ctas, math.ceil(capacity / config.tile_n), q.device)
-    stream_ctas = 0
-    if decode and num_splits == 0:
-        slots = sms * config.ctas_per_sm
         key_tiles = math.ceil(capacity / config.tile_n)
-        stream_splits = stream_k_splits(ctas, key_tiles, slots, ctas * splits)
-        if stream_splits:
-            variant = dataclasses.replace(variant, split_kv=True, stream_k=True)
-            splits, stream_ctas = stream_splits, slots
-    if stream_ctas:
-        kernel = _launcher(q.device, head_dim, q.dtype, kernel_causal, variant)
-        combine = _launcher(q.device, head_dim, q.dtype, None)
-    elif splits == 1:
+        splits = choose_splits(num_splits, ctas, key_tiles, q.device)
+    if splits == 1:
         kernel, combine = _launcher(q.device, head_dim, q.dtype, kernel_causal, variant), None
     else:
         split_variant = dataclasses.replace(variant, split_kv=True)
@@ -284,8 +267,8 @@ def _build_plan(
     return KvcachePlan(
         "launch", out_shape, lse_shape,
         packed_rows=packed and not decode, q_view=q_view, out_view=out_view, lse_view=lse_view,
-        lse_staging=lse_staging, varlen_q=varlen_q, rows=rows, splits=splits, ctas=stream_ctas,
-        kernel=kernel, combine=combine,
+        lse_staging=lse_staging, varlen_q=varlen_q, rows=rows, splits=splits, kernel=kernel,
+        combine=combine,
     )  # fmt: skip
 
 
@@ -295,8 +278,7 @@ def load_kvcache_kernels(
     """Load (compile on a cache miss) every kernel `attention_with_kvcache` may launch for
     packed queries over a cache of `page_size` (0: contiguous): decode (non-causal, one
     query per sequence), packed causal queries, each with and without split-KV, decode
-    of a batch that fills the GPU, stream-K decode over either decode tile, the combine,
-    and (paged) the cache update
+    of a batch that fills the GPU, the combine, and (paged) the cache update
     `store_paged_kv`. Serving engines call this before their first request or CUDA-graph
     capture.
 
@@ -310,9 +292,6 @@ def load_kvcache_kernels(
             _launcher(device, head_dim, dtype, causal, variant)
     fills_gpu = Variant(kv_layout=kv_layout, page_size=page_size, decode=True, fills_gpu=True)
     _launcher(device, head_dim, dtype, False, fills_gpu)
-    for fills in (False, True):  # stream-K over either decode tile
-        stream_k = dataclasses.replace(fills_gpu, fills_gpu=fills, split_kv=True, stream_k=True)
-        _launcher(device, head_dim, dtype, False, stream_k)
     _launcher(device, head_dim, dtype, None)
     if page_size:
         _store_launcher(device, head_dim, dtype)

@@ -5,8 +5,7 @@
   (0 / -inf) because rows past cu_seqlens_q[-1] belong to no sequence and no CTA writes
   them.
 - kernel_config: which registered config serves a request (memoized per device).
-- choose_splits / stream_k_splits: the split-KV factor and the stream-K split of
-  `sparsek.ops_kvcache_cuda` (attention_with_kvcache).
+- choose_splits: the split-KV factor of `sparsek.ops_kvcache_cuda` (attention_with_kvcache).
 - store_paged_kv: the paged KV-cache update kernel (vLLM's `do_kv_cache_update`).
 
 No host synchronization anywhere: every path is capturable in a CUDA graph once its
@@ -38,14 +37,6 @@ WAVE_EFFICIENCY = 0.95
 # none 19.5; at 4k, 8 tiles per split are even, at 16k 2 splits are 15% faster;
 # perf/results/h200/decode_splits_*.md).
 SHORT_CACHE_KEY_TILES = 8
-# Stream-K decode (`stream_k_splits`): one CTA per slot, equal shares of all key tiles,
-# where the launch it replaces fills its waves of CTA slots to less than STREAM_K_BELOW
-# (B8 x 8 KV heads split in 2: 128 of 132 SMs; B32 x 8 at two CTAs per SM: 256 of 264
-# slots), each CTA still walks at least STREAM_K_MIN_KEY_TILES key tiles (of the cache's
-# capacity), and no tile is shared by more CTAs than the combine merges in one load.
-STREAM_K_BELOW = 0.99
-STREAM_K_MIN_KEY_TILES = 8
-STREAM_K_MAX_SPLITS = 16
 
 
 def kernel_config(q: Tensor, v: Tensor, causal: bool, variant: Variant) -> FmhaFwdConfig | str:
@@ -166,27 +157,3 @@ def choose_splits(requested: int, ctas: int, key_tiles: int, device: torch.devic
     efficiency = [ctas * s / (sms * math.ceil(ctas * s / sms)) for s in range(1, limit + 1)]
     best = max(efficiency)
     return next(s for s, e in enumerate(efficiency, 1) if e >= WAVE_EFFICIENCY * best)
-
-
-def wave_efficiency(ctas: int, slots: int) -> float:
-    """CTAs / (waves x slots): how full the waves of `slots` CTA slots are, the last
-    counted whole."""
-    return ctas / (slots * math.ceil(ctas / slots))
-
-
-def stream_k_splits(tiles: int, key_tiles: int, slots: int, ctas: int) -> int:
-    """Split slots of a stream-K launch (`slots` CTAs sharing `tiles` query tiles of
-    `key_tiles` key tiles each, see `FmhaFwdConfig.persistent`): the most CTAs that share
-    one tile; 0 when the launch of `ctas` CTAs it would replace fills its waves to
-    STREAM_K_BELOW or more, when a CTA would get fewer than STREAM_K_MIN_KEY_TILES, or
-    when a tile would be shared by more than STREAM_K_MAX_SPLITS CTAs."""
-    if wave_efficiency(ctas, slots) >= STREAM_K_BELOW:
-        return 0
-    if tiles * key_tiles < STREAM_K_MIN_KEY_TILES * slots:
-        return 0
-    # CTAs c = t P // T .. ((t + 1) P - 1) // T share tile t (T tiles, P CTAs); with
-    # T >= P a tile spans less than one CTA's share, so at most two.
-    shared = max(
-        ((t + 1) * slots - 1) // tiles - t * slots // tiles + 1 for t in range(min(tiles, slots))
-    )
-    return shared if shared <= STREAM_K_MAX_SPLITS else 0

@@ -125,9 +125,6 @@ class Variant:
     decode: bool = False
     # (decode) at least one tile per SM without splitting: `_DECODE_FILLS_GPU_TUNING`.
     fills_gpu: bool = False
-    # (split_kv) stream-K: one CTA per slot (SMs x ctas_per_sm), each an equal share of
-    # every tile's key tiles (`FmhaFwdConfig.persistent` with split_kv).
-    stream_k: bool = False
     # Dense queries, at least LONG_SEQLEN_Q of them: causal tiles from `_LONG_CAUSAL_TUNING`
     # where it has a row (otherwise the same kernel as DENSE).
     long_q: bool = False
@@ -162,13 +159,6 @@ _VARIANTS: tuple[Variant, ...] = (
     *(
         Variant(kv_layout=kv, page_size=page, decode=True, fills_gpu=True)
         for kv, page in (("cache", 0), *(("paged", p) for p in _PRECOMPILED_PAGE_SIZES))
-    ),
-    *(
-        Variant(
-            kv_layout=kv, page_size=page, split_kv=True, decode=True, fills_gpu=fills, stream_k=True
-        )
-        for kv, page in (("cache", 0), *(("paged", p) for p in _PRECOMPILED_PAGE_SIZES))
-        for fills in (False, True)
     ),
     LONG_Q,
     ONE_WAVE,
@@ -325,10 +315,8 @@ def find(
             "decode variants are non-causal, with batched queries, over a 'cache' or 'paged' "
             f"kv_layout (got causal={is_causal}, {variant})"
         )
-    if variant.fills_gpu and (not variant.decode or variant.split_kv > variant.stream_k):
-        reasons.append(f"fills_gpu is a decode variant, split only by stream-K (got {variant})")
-    if variant.stream_k and not (variant.split_kv and variant.decode):
-        reasons.append(f"stream_k is a split-KV decode variant (got {variant})")
+    if variant.fills_gpu and (not variant.decode or variant.split_kv):
+        reasons.append(f"fills_gpu is a decode variant without split-KV (got {variant})")
     if (variant.long_q or variant.one_wave) and variant not in DENSE_VARIANTS:
         reasons.append(f"long_q and one_wave are dense variants, one at a time (got {variant})")
     if reasons:
@@ -411,8 +399,6 @@ def _make_config(
         tuning = _DECODE_TUNING.get((arch, head_dim), tuning)
     if fields.pop("fills_gpu"):
         tuning = _DECODE_FILLS_GPU_TUNING.get((arch, head_dim), tuning)
-    if fields.pop("stream_k"):
-        tuning = replace(tuning, persistent=True)
     return FmhaFwdConfig(
         arch=arch,
         head_dim=head_dim,

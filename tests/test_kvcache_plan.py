@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_kvcache import make_caches
 
-from sparsek import ops, ops_kvcache_cuda, ops_varlen_cuda
+from sparsek import ops, ops_kvcache_cuda
 from sparsek.reference import reference_attention
 from sparsek.reference_varlen import reference_attention_kvcache
 
@@ -36,9 +36,8 @@ def fake_kernel(causal: bool | None, variant):
 
     def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, counter, *scalars):
         scale, offset, rows, splits, ctas = scalars
-        assert cu_k is None and counter is None and offset == 0
-        assert (ctas > 0) == variant.stream_k
-        assert (splits > 1) == variant.split_kv or variant.stream_k
+        assert cu_k is None and counter is None and offset == 0 and ctas == 0
+        assert (splits > 1) == variant.split_kv
         assert (cu_q is not None) == variant.varlen_q and (table is not None) == (
             variant.kv_layout == "paged"
         )
@@ -125,62 +124,17 @@ def test_decode_filling_the_gpu_takes_its_own_tiles(
     assert variant.fills_gpu == fills and variant.decode and variant.split_kv != fills
 
 
-@pytest.mark.parametrize(("capacity", "stream_k"), [(300, False), (2000, True)])
-def test_decode_filling_the_gpu_is_split_by_stream_k_only(
-    fake_kernels, monkeypatch, capacity: int, stream_k: bool
-) -> None:
-    """Its tiles run two CTAs per SM: 5 tiles on 8 slots fill 5 / 8 of them. A short
-    cache (3 key tiles) stays unsplit; a long one (16 key tiles, 10 per CTA) is shared by
-    the 8 CTAs of a stream-K launch."""
+def test_decode_filling_the_gpu_is_never_split(fake_kernels, monkeypatch) -> None:
+    """Its tiles run two CTAs per SM and have no split variant: a long cache (16 key
+    tiles here) is not split either."""
     monkeypatch.setattr(ops, "num_sms", lambda index: 4)
     stand_in = ops_kvcache_cuda.kernel_config()  # the fixture's config of every variant
     monkeypatch.setattr(stand_in, "ctas_per_sm", 2)
-    (k, v), _, seqlens = make_caches(LENS, capacity, hkv=1)
+    (k, v), _, seqlens = make_caches(LENS, 2000, hkv=1)  # 16 key tiles of capacity
     q = torch.randn(len(LENS), 1, 4, 32)
     check(run(q, (k, v, seqlens)), reference(q, (k, v, seqlens)))
     (variant,) = {vt for _, vt in fake_kernels if vt is not None}
-    assert variant.fills_gpu and variant.split_kv == variant.stream_k == stream_k
-    (plan,) = ops_kvcache_cuda._PLANS.values()
-    assert not isinstance(plan, str)
-    assert (plan.ctas, plan.splits) == ((8, 3) if stream_k else (0, 1))
-
-
-@pytest.mark.parametrize(
-    ("tiles", "slots", "key_tiles"),
-    [(64, 132, 32), (256, 264, 16), (1024, 264, 8), (5, 8, 16), (9, 132, 300), (40, 132, 100)],
-)
-def test_stream_k_shares_cover_every_key_tile_once(tiles: int, slots: int, key_tiles: int) -> None:
-    """The kernel's stream-K loop (`HopperFmhaForward.run_tiles`, `stream_k_tile`,
-    `seqlen.key_share`) modelled here: CTA c takes units [c T, (c + 1) T) of T tiles of P
-    units each. Every key tile of every query tile is visited exactly once, each share
-    writes a slot below `stream_k_splits`, a tile's shares take slots 0, 1, ... and
-    exactly one share of each tile is its last."""
-    splits = ops_varlen_cuda.stream_k_splits(tiles, key_tiles, slots, ctas=1)
-    assert 1 <= splits <= ops_varlen_cuda.STREAM_K_MAX_SPLITS
-    visits = torch.zeros(tiles, key_tiles, dtype=torch.int64)
-    slots_of: dict[int, list[int]] = {t: [] for t in range(tiles)}
-    last_shares = torch.zeros(tiles, dtype=torch.int64)
-    for cta in range(slots):
-        tile = cta * tiles // slots
-        while tile * slots < (cta + 1) * tiles:
-            start = tile * slots
-            lo = max(cta * tiles, start) - start
-            hi = min((cta + 1) * tiles, start + slots) - start
-            visits[tile, key_tiles * lo // slots : key_tiles * hi // slots] += 1
-            slots_of[tile].append(cta - start // tiles)
-            last_shares[tile] += hi == slots
-            tile += 1
-    assert bool((visits == 1).all()) and bool((last_shares == 1).all())
-    assert all(s == list(range(len(s))) and len(s) <= splits for s in slots_of.values())
-    assert max(len(s) for s in slots_of.values()) == splits
-
-
-def test_stream_k_only_where_it_fills_idle_slots_with_enough_keys() -> None:
-    split = ops_varlen_cuda.stream_k_splits
-    assert split(64, 32, 132, ctas=128) == 3  # B8 x 8 KV heads split in 2: 128 of 132 SMs
-    assert split(64, 32, 132, ctas=132) == 0  # full waves already
-    assert split(64, 8, 132, ctas=64) == 0  # 1k context: under 8 key tiles per CTA
-    assert split(8, 256, 132, ctas=128) == 0  # B1: 17 CTAs would share a tile
+    assert variant.fills_gpu and not variant.split_kv
 
 
 def test_decode_packed_stages_lse_and_reads_strided_q(fake_kernels) -> None:

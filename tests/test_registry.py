@@ -155,24 +155,9 @@ def test_persistent_for_dense_and_packed() -> None:
         for c in (False, True)
     }
     assert one_wave <= set(kernels)
-    stream_k = {
-        registry.lookup("sm_90a", d, t, False, variant)
-        for d in (64, 128)
-        for t in ("float16", "bfloat16")
-        for kv, page in (("cache", 0), ("paged", 16), ("paged", 64))
-        for fills in (False, True)
-        for variant in [
-            registry.Variant(
-                kv_layout=kv, page_size=page, split_kv=True, decode=True, fills_gpu=fills,
-                stream_k=True,
-            )
-        ]
-    }  # fmt: skip
-    assert stream_k <= set(kernels) and len(stream_k) == 18  # d64: one decode tile
     for config in kernels:
         scheduled = config.kv_layout in ("dense", "varlen") and not config.split_kv
-        expected = (scheduled and config not in one_wave) or config in stream_k
-        assert config.persistent == expected, config.name
+        assert config.persistent == (scheduled and config not in one_wave), config.name
 
 
 @pytest.mark.parametrize(
@@ -181,8 +166,9 @@ def test_persistent_for_dense_and_packed() -> None:
         dict(varlen_q=True, kv_layout="cache"),
         dict(kv_layout="cache"),
         dict(kv_layout="paged", page_size=16, is_causal=True),
+        dict(kv_layout="cache", split_kv=True),
     ],
-    ids=["packed-cache", "cache", "paged-causal"],
+    ids=["packed-cache", "cache", "paged-causal", "split"],
 )
 def test_kernel_refuses_persistent_with_unequal_tiles(fields: dict) -> None:
     base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=False)
@@ -193,22 +179,6 @@ def test_kernel_refuses_persistent_with_unequal_tiles(fields: dict) -> None:
     dense = FmhaFwdConfig(**{**base, "is_causal": True, "persistent": True})
     packed = dict(varlen_q=True, kv_layout="varlen", persistent=True, dynamic_schedule=True)
     assert build.can_implement(dense) == build.can_implement(FmhaFwdConfig(**base, **packed)) == []
-
-
-@pytest.mark.parametrize(
-    "fields", [dict(kv_layout="cache"), dict(kv_layout="paged", page_size=16), dict()]
-)
-def test_persistent_split_kv_is_stream_k_over_queries_per_batch_entry(fields: dict) -> None:
-    base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=False, tile_m=64)
-    config = FmhaFwdConfig(**base, **fields, split_kv=True, persistent=True)
-    assert build.can_implement(config) == []
-    assert config.name.endswith("_split_ps")
-    refused = [
-        replace(config, dynamic_schedule=True),
-        FmhaFwdConfig(**base, kv_layout="cache", varlen_q=True, split_kv=True, persistent=True),
-    ]
-    for bad in refused:
-        assert any("stream-K" in r for r in build.can_implement(bad)), bad.name
 
 
 def test_dynamic_schedule_needs_persistent_and_packed_needs_it() -> None:

@@ -10,9 +10,6 @@ Vocabulary (see `FmhaFwdConfig.varlen_q` / `kv_layout`):
   bottom-right, seqlen_k - seqlen_q.
 - the key tiles a CTA visits are [n_min, n_max); with split-KV, `split` of `num_splits`
   takes an equal share of the tiles its query tile needs.
-- stream-K split-KV (`key_share`): CTA shares of a query tile's key tiles in proportion
-  to the share's units of `units` (consecutive shares meet exactly: every key tile is
-  visited once).
 - packed work tiles (`packed_tile`): for packed queries the grid enumerates query tiles
   of all sequences on one axis instead of (longest sequence's tiles) x batch. Sequence b
   owns slots [cu_q[b] // tile_m + b, ... + ceil(seqlen_q / tile_m)): these ranges are
@@ -99,17 +96,6 @@ class SeqInfo:
             n_min = split_idx * per_split
             n_max = cutlass.min(n_max, n_min + per_split)
         return n_min, n_max
-
-
-@cute.jit
-def key_share(
-    n_min: Int32, n_max: Int32, lo: Int32, hi: Int32, units: Int32
-) -> tuple[Int32, Int32]:
-    """Key tiles of units [lo, hi) of `units` spread over the tiles [n_min, n_max):
-    [n_min + count * lo // units, n_min + count * hi // units) of count = n_max - n_min
-    (none when n_max <= n_min)."""
-    count = cutlass.max(n_max - n_min, 0)
-    return n_min + count * lo // units, n_min + count * hi // units
 
 
 @cute.jit

@@ -28,12 +28,7 @@ Features and limits:
 - Split-KV (`split_kv`): batch index b * num_splits + split; each split visits an equal
   share of its query tile's key tiles and writes float32 O and LSE of its share to
   (num_splits, ...) partial tensors, merged by `common/split_combine.py`, whose launch
-  (PDL) every CTA allows at its start. Persistent split-KV (stream-K): `num_ctas` CTAs
-  instead, CTA c of P taking units [c T, (c + 1) T) of the T query tiles laid end to end
-  (P units each): it visits key tiles of one or more tiles in proportion to its units
-  (`seqlen.key_share`) and writes split slot c - first CTA of the tile; `num_splits`
-  covers the most CTAs a tile is shared by, and the CTA with a tile's last share writes
-  LSE -inf in the slots after it.
+  (PDL) every CTA allows at its start.
 
 Structure: one CTA per (query tile, head, batch); warp-specialized with TMA + mbarriers.
 Persistent (`FmhaFwdConfig.persistent`, dense problems): `num_ctas` CTAs (one per SM)
@@ -87,7 +82,7 @@ from cutedsl_kernels.common.fragments import (
     transpose_smem,
 )
 from cutedsl_kernels.common.online_softmax import OnlineSoftmax
-from cutedsl_kernels.common.seqlen import SeqInfo, key_share, packed_tile
+from cutedsl_kernels.common.seqlen import SeqInfo, packed_tile
 from cutedsl_kernels.config import FmhaFwdConfig
 from cutedsl_kernels.hopper import epilogue, limits
 from cutedsl_kernels.hopper.limits import (
@@ -266,7 +261,7 @@ class HopperFmhaForward:
         # Longest key range of a (head, batch) pair (packed: max_seqlen_q stands for it).
         key_rows = max_seqlen_q if const_expr(self.packed_tiles) else cute.size(mK.shape[0])
         l2_group = self.l2_group(cute.size(mQ.shape[2]) * batch, key_rows)
-        if const_expr(self.split_kv and not self.persistent):
+        if const_expr(self.split_kv):
             batch = batch * num_splits
         grid = [num_m_blocks, cute.size(mQ.shape[2]), batch]
         if const_expr(self.packed_tiles):
@@ -278,8 +273,6 @@ class HopperFmhaForward:
             if const_expr(not self.dynamic):
                 num_units = self.units_per_head(num_m_blocks) * cute.size(mQ.shape[2]) * batch
             grid = [cutlass.min(cutlass.max(num_ctas, 1), num_units), 1, 1]
-            if const_expr(self.split_kv):  # stream-K: every CTA asked for has a share
-                grid = [cutlass.max(num_ctas, 1), 1, 1]
         self.kernel(
             tma_Q,
             tma_K,
@@ -387,7 +380,7 @@ class HopperFmhaForward:
             pipeline.Agent.Thread, self.num_mma_threads // cute.arch.WARP_SIZE
         )
         q_releasers = mma_warps
-        if const_expr(self.persistent and not self.split_kv):
+        if const_expr(self.persistent):
             q_releasers = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
         pipeline_q = pipeline.PipelineTmaAsync.create(
             barrier_storage=storage.mbar_q.data_ptr(),
@@ -507,24 +500,6 @@ class HopperFmhaForward:
                     q_state, kv_state = step(work, *role_args, q_state, kv_state)
                     pipeline_sched.consumer_wait(sched_state)
                     tile = sched_tiles[0, sched_state.index]
-        elif const_expr(self.persistent and self.split_kv):
-            # Stream-K: CTA c of P takes units [c T, (c + 1) T) of the T tiles laid end to
-            # end, P units each, in (m_block, head, batch) order: equal shares of key
-            # tiles (of equal-length tiles) for every CTA, whatever T / P.
-            num_heads = cute.size(tensors[0].shape[2])
-            num_tiles = num_m_blocks * num_heads * cute.size(tensors[0].shape[3])
-            num_ctas = cute.arch.grid_dim()[0]
-            tile = block_m * num_tiles // num_ctas
-            while tile * num_ctas < (block_m + 1) * num_tiles:
-                work, last_share = self.stream_k_tile(
-                    tile, block_m, num_tiles, num_ctas, num_m_blocks, tensors, causal_offset
-                )
-                q_state, kv_state = step(work, *role_args, q_state, kv_state)
-                if const_expr(not producer):  # noqa: SIM102 (a const_expr stands alone)
-                    if last_share:
-                        # Slots past the tile's last share: no CTA writes them.
-                        self.mark_empty_splits(work, tensors, role_args[5], num_splits)
-                tile += 1
         elif const_expr(self.persistent):
             # Work units, (head, batch) by (head, batch): a query tile, or (causal) the
             # pair of the j-th tile from the last and the j-th from the first, whose key
@@ -674,56 +649,6 @@ class HopperFmhaForward:
             self.split_kv,
         )
         return WorkTile(m_block, head_idx, batch_idx, split_idx, info, n_min, n_max)
-
-    @cute.jit
-    def stream_k_tile(
-        self,
-        tile: Int32,
-        cta: Int32,
-        num_tiles: Int32,
-        num_ctas: Int32,
-        num_m_blocks: Int32,
-        tensors: tuple,
-        causal_offset: Int32,
-    ) -> tuple[WorkTile, cutlass.Boolean]:
-        """CTA `cta`'s share of work tile `tile` (stream-K, see `run_tiles`), and whether
-        the share is the tile's last. Tile t spans units [t P, (t + 1) P); the CTAs that
-        share it are c = t P // T ... ((t + 1) P - 1) // T, each writing split slot
-        c - t P // T of it with key tiles in proportion to its units."""
-        mQ, mK, _, _, _, _, mCuSeqlensQ, mCuSeqlensK, mSeqUsedK, _ = tensors
-        num_heads = cute.size(mQ.shape[2])
-        head_batch = tile // num_m_blocks
-        m_block = tile - head_batch * num_m_blocks
-        batch_idx = head_batch // num_heads
-        head_idx = head_batch - batch_idx * num_heads
-        if const_expr(self.is_causal):
-            m_block = num_m_blocks - 1 - m_block
-        info = SeqInfo.read(
-            batch_idx, mQ.shape[0], mK.shape[0], causal_offset, mCuSeqlensQ, mCuSeqlensK,
-            mSeqUsedK,
-        )  # fmt: skip
-        n_min, n_max = info.n_block_range(
-            m_block, self.tile_m, self.tile_n, self.is_causal, Int32(0), Int32(1), False
-        )
-        tile_start = tile * num_ctas
-        lo = cutlass.max(cta * num_tiles, tile_start) - tile_start
-        hi = cutlass.min((cta + 1) * num_tiles, tile_start + num_ctas) - tile_start
-        n_lo, n_hi = key_share(n_min, n_max, lo, hi, num_ctas)
-        split_idx = cta - tile_start // num_tiles
-        work = WorkTile(m_block, head_idx, batch_idx, split_idx, info, n_lo, n_hi)
-        return work, hi == num_ctas
-
-    @cute.jit
-    def mark_empty_splits(self, work: WorkTile, tensors: tuple, tidx: Int32, num_splits: Int32):
-        """Consumers, after a tile's last stream-K share (split slot `work.split_idx`):
-        LSE -inf in the later slots of its rows, so that the combine gives them no weight
-        (their O is never written, nor read)."""
-        mLSE = tensors[5]  # (s_q, h, b, split)
-        row0 = work.m_block * self.tile_m
-        for r in cutlass.range(tidx, self.tile_m, self.num_mma_threads, unroll=1):
-            if row0 + r < work.info.seqlen_q:
-                for s in cutlass.range(work.split_idx + 1, num_splits, unroll=1):
-                    mLSE[row0 + r, work.head_idx, work.batch_idx, s] = -Float32.inf
 
     @cute.jit
     def load(
@@ -941,10 +866,7 @@ class HopperFmhaForward:
             else:
                 self.store_o_tma(acc_O, tiled_mma_pv, tidx, sO, tma_O_seq, m_block, tma_atom_O)
         # Nested on purpose: a const_expr must not share an `if` with a runtime test.
-        if const_expr(self.persistent and self.split_kv):
-            # O went straight to global memory: every warp is done with Q.
-            pipeline_q.consumer_release(q_state)
-        elif const_expr(self.persistent):  # noqa: SIM102
+        if const_expr(self.persistent):  # noqa: SIM102
             # The storing warp has waited for the TMA store to read sO: Q's stage is free.
             if tidx < cute.arch.WARP_SIZE:
                 cute.arch.sync_warp()

@@ -79,16 +79,10 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
             "key lengths; 'cache' and 'paged' serve either query layout)"
         )
     packed = config.varlen_q and config.kv_layout == "varlen"
-    stream_k = config.persistent and config.split_kv
-    if stream_k and (config.varlen_q or config.dynamic_schedule):
+    if config.persistent and (config.split_kv or (config.is_varlen and not packed)):
         reasons.append(
-            "persistent split-KV (stream-K) serves a query axis per batch entry, with "
-            "dynamic_schedule=False"
-        )
-    elif config.persistent and not stream_k and config.is_varlen and not packed:
-        reasons.append(
-            "persistent kernels serve dense problems, packed queries with packed keys, "
-            "and (with split_kv) queries per batch entry over any key layout"
+            "persistent kernels serve dense problems and packed queries with packed keys, "
+            "without split-KV"
         )
     if config.dynamic_schedule and not config.persistent:
         reasons.append("dynamic_schedule needs persistent=True (it schedules persistent CTAs)")

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import sparsek
-from sparsek import ops, ops_kvcache_cuda, ops_varlen
+from sparsek import ops, ops_varlen
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
 
@@ -417,9 +417,7 @@ def test_kvcache_decode(d, dtype, h, hkv, layout) -> None:
 @pytest.mark.parametrize(("dtype", "d"), CORNERS)
 def test_kvcache_decode_batch_filling_the_gpu(dtype, d, layout, capacity) -> None:
     """160 (sequence, KV head) tiles, more than the SMs: the `fills_gpu` decode kernel
-    (two CTAs per SM at d128), with odd and empty sequences among them; unsplit over the
-    short cache, shared by one stream-K CTA per slot over the long one (160 tiles fill
-    under 2 / 3 of the slots' two waves, and each CTA gets >= 8 key tiles of capacity)."""
+    (two CTAs per SM at d128), never split, with odd and empty sequences among them."""
     lens = [(37 * i) % 300 for i in range(20)]  # 0, 37, ..., 1 to 296
     if capacity > 320:
         lens[7] = capacity  # one sequence fills its cache
@@ -433,42 +431,6 @@ def test_kvcache_decode_batch_filling_the_gpu(dtype, d, layout, capacity) -> Non
     )
     check_close(out, as_batched(expected(list(q), ks, vs, True, d**-0.5)), lse)
     assert any(key[4].fills_gpu for key in ops._LAUNCHERS if key[3] is not None)
-    plan = ops_kvcache_cuda.kvcache_plan(
-        q, k_cache, v_cache, int32(lens), table, None, None, True, 0
-    )
-    assert not isinstance(plan, str) and (plan.ctas > 0) == (capacity > 320)
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
-@pytest.mark.parametrize(("dtype", "d"), CORNERS)
-def test_kvcache_stream_k_decode_agrees_with_unsplit(dtype, d, layout) -> None:
-    """8 sequences x 8 KV heads: 64 tiles, split in 2 they would fill 128 of the SMs, so
-    automatic splits take stream-K (one CTA per SM, each an equal share of all tiles' key
-    tiles: shares cross tile boundaries and several CTAs write slots of one tile). Odd,
-    empty and full sequences; matches the reference and the unsplit kernel, and repeats
-    bit for bit."""
-    lens, h, hkv, capacity = [4096, 0, 1, 4095, 129, 2048, 3001, 77], 32, 8, 4096
-    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
-        lens, capacity, layout, h, hkv, d, dtype, seed=65 + d
-    )
-    q = randn(gen, len(lens), 1, h, d, dtype=dtype)
-    plan = ops_kvcache_cuda.kvcache_plan(
-        q, k_cache, v_cache, int32(lens), table, None, None, True, 0
-    )
-    assert not isinstance(plan, str) and plan.ctas == ops.num_sms(None) and plan.splits > 1
-    expect = as_batched(expected(list(q), ks, vs, True, d**-0.5))
-    outs = {}
-    for num_splits in (0, 1):
-        out, lse = sparsek.attention_with_kvcache(
-            q, k_cache, v_cache, int32(lens), table, num_splits=num_splits, return_lse=True
-        )
-        bounds = check_close(out, expect, lse)
-        outs[num_splits] = out
-    for seq, bound in enumerate(bounds):
-        diff = max_abs(outs[0][seq], outs[1][seq])
-        assert diff <= bound, f"stream-K vs unsplit, sequence {seq}: {diff:.3e} > {bound:.3e}"
-    again = sparsek.attention_with_kvcache(q, k_cache, v_cache, int32(lens), table)
-    assert torch.equal(again, outs[0])
 
 
 @pytest.mark.parametrize(("dtype", "d", "layout"), [
