@@ -13,6 +13,7 @@ time).
 
 import argparse
 import cProfile
+import dataclasses
 import pstats
 import time
 from collections.abc import Callable
@@ -59,6 +60,8 @@ def dense_rows() -> dict[str, Callable[[], object]]:
     scalars = (0.125, 0, 0, 1, ops.num_sms(q.device.index))
     plan = ops.dense_plan(q, k, v, False, 0.125, False)
     index = q.device.index
+    short = [t[:, :128].contiguous() for t in (q, k, v)]  # B1 H8 S128 D64
+    sq, sk, sv = (t.transpose(1, 2) for t in short)
     import tvm_ffi
 
     return {
@@ -104,7 +107,18 @@ def dense_rows() -> dict[str, Callable[[], object]]:
         "dense: ops._attention_cuda": lambda: ops._attention_cuda(q, k, v, False, 0.125, False),
         "dense: torch.ops op": lambda: torch.ops.sparsek.attention(q, k, v, False, 0.125, False),
         "dense: sparsek.attention": lambda: sparsek.attention(q, k, v),
+        # Returning the LSE allocates it; dropping it writes the plan's LSE scratch.
+        "dense: sparsek.attention, return_lse=True": lambda: sparsek.attention(
+            q, k, v, return_lse=True
+        ),
+        "dense: sparsek SDPA drop-in": lambda: sparsek.scaled_dot_product_attention(qt, kt, vt),
         "dense: torch sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt),
+        "dense S128: sparsek.attention": lambda: sparsek.attention(*short),
+        "dense S128: torch sdpa": lambda: F.scaled_dot_product_attention(sq, sk, sv),
+        # SDPA's fastest backend at S128 on the H200, called without SDPA's dispatch.
+        "dense S128: aten efficient attention": lambda: (
+            torch.ops.aten._scaled_dot_product_efficient_attention(sq, sk, sv, None, False)
+        ),
     }
 
 
@@ -155,10 +169,20 @@ def decode_rows() -> dict[str, Callable[[], object]]:
         combine(o_part, lse_part, out, lse)
 
     cuda_args = (q, k_cache, v_cache, seqlens, table, None, None, True, scale, 0)
+    # The plan with `torch.empty` allocations (no strides), as before perf/NOTES.md #38.
+    plan = ops_kvcache_cuda.kvcache_plan(*cuda_args[:8], 0)
+    assert isinstance(plan, ops_kvcache_cuda.KvcachePlan)
+    unstrided = dataclasses.replace(plan)
+    object.__setattr__(
+        unstrided, "allocations", {n: (shape, None) for n, (shape, _) in plan.allocations.items()}
+    )
     return {
         "decode: raw split + combine": raw,
         "decode: torch.empty x2": lambda: (torch.empty(8, 4, 128, device="cuda"),) * 2,
         "decode: ops_kvcache_cuda": lambda: ops_kvcache_cuda.attention_with_kvcache(*cuda_args),
+        "decode: ops_kvcache_cuda, torch.empty": lambda: ops_kvcache_cuda.attention_with_kvcache(
+            *cuda_args, unstrided
+        ),
         "decode: torch.ops op": lambda: torch.ops.sparsek.attention_with_kvcache(*cuda_args),
         "decode: sparsek API": lambda: sparsek.attention_with_kvcache(
             q, k_cache, v_cache, seqlens, table

@@ -87,7 +87,7 @@ def attention(
         signature = _eager_signature(q, k, v, softmax_scale, causal)
     plan = _SERVED.get(signature) if signature is not None else None
     if plan is not None:  # this signature passed every check below before
-        out, lse = _ops.run_dense(plan, q, k, v)
+        out, lse = _ops.run_dense(plan, q, k, v, return_lse)
         return (out, lse) if return_lse else out
     _check_flag("causal", causal)
     _check_flag("return_lse", return_lse)
@@ -158,7 +158,7 @@ def scaled_dot_product_attention(
     plan = _SERVED_SDPA.get(signature) if signature is not None else None
     if plan is not None:  # this signature passed every check below before
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        return _ops.run_dense(plan, q, k, v)[0].transpose(1, 2)
+        return _ops.run_dense(plan, q, k, v, False)[0].transpose(1, 2)
     _check_flag("is_causal", is_causal)
     _check_flag("enable_gqa", enable_gqa)
     if attn_mask is not None and not isinstance(attn_mask, Tensor):

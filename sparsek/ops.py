@@ -140,6 +140,9 @@ class DensePlan:
     counted: bool = False  # the kernel takes a zeroed tile counter (`tile_counter`)
     # softmax_scale, causal offset, max_seqlen_q (0: dense), splits, CTAs of a persistent launch
     scalars: tuple[float, int, int, int, int] = (1.0, 0, 0, 1, 1)
+    # A view (lse_shape) of the device's LSE scratch for calls that drop the LSE
+    # (`run_dense`); None for problems larger than LSE_SCRATCH_FLOATS.
+    lse_scratch: Tensor | None = field(default=None, compare=False, repr=False)
     # The outputs' contiguous strides (`torch.empty_strided` allocates faster than `empty`).
     out_stride: tuple[int, ...] = field(init=False)
     lse_stride: tuple[int, ...] = field(init=False)
@@ -207,10 +210,33 @@ def dense_plan(
         kernel=kernel,
         counted=takes_tile_counter(q.device, head_dim, q.dtype, causal, variant),
         scalars=(float(softmax_scale), offset, 0, 1, sms),
+        lse_scratch=lse_scratch(q.device, shapes[1]),
     ))  # fmt: skip
 
 
 _DENSE_PLANS: dict[tuple[object, ...], DensePlan] = {}
+
+# Dense calls that drop the LSE (`run_dense(..., lse_wanted=False)`: `sparsek.attention`
+# without return_lse, the SDPA drop-in) let the kernel write it into a per-device scratch
+# of this many float32 when it fits: on small problems a second allocation is a sixth of
+# the host's time per call (perf/NOTES.md #38). Nothing reads the scratch, so kernels
+# that overwrite one another's rows in it (other streams, graph replays) do no harm.
+LSE_SCRATCH_FLOATS = 1 << 16
+
+
+def lse_scratch(device: torch.device, shape: tuple[int, ...]) -> Tensor | None:
+    """A `shape` view of `device`'s LSE scratch; None when it is too small."""
+    size = math.prod(shape)
+    if size > LSE_SCRATCH_FLOATS:
+        return None
+    scratch = _LSE_SCRATCH.get(device)
+    if scratch is None:
+        scratch = torch.empty(LSE_SCRATCH_FLOATS, dtype=torch.float32, device=device)
+        _LSE_SCRATCH[device] = scratch
+    return scratch[:size].view(shape)
+
+
+_LSE_SCRATCH: dict[torch.device, Tensor] = {}
 
 
 def _decode_route(
@@ -231,12 +257,21 @@ def _decode_route(
     return lambda q, k, v: run(q, k, v, *meta, softmax_scale, 0, plan)
 
 
-def run_dense(plan: DensePlan, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Run a dense request by its `dense_plan` (no host synchronization: capturable)."""
+def run_dense(
+    plan: DensePlan, q: Tensor, k: Tensor, v: Tensor, lse_wanted: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Run a dense request by its `dense_plan` (no host synchronization: capturable).
+
+    `lse_wanted=False` (the caller drops the LSE): a small problem's kernel writes it into
+    the plan's `lse_scratch` instead of a fresh allocation; the returned lse is then that
+    scratch, which later calls overwrite."""
     if plan.decode is not None:  # allocates its own outputs
         return plan.decode(q, k, v)
     out = _empty(plan.out_shape, plan.dtype, plan.device, plan.out_stride)
-    lse = _empty(plan.lse_shape, torch.float32, plan.device, plan.lse_stride)
+    if lse_wanted or plan.lse_scratch is None:
+        lse = _empty(plan.lse_shape, torch.float32, plan.device, plan.lse_stride)
+    else:
+        lse = plan.lse_scratch
     if plan.answer != "launch":
         if plan.answer == "no_keys":
             out.zero_()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -39,6 +39,7 @@ from sparsek.cache import KernelFn
 from sparsek.ops import (
     _ALIGN_BYTES,
     _launcher,
+    contiguous_strides,
     launch,
     remember,
     tma_compatible,
@@ -84,6 +85,31 @@ class KvcachePlan:
     splits: int = 1
     kernel: KernelFn | None = None
     combine: KernelFn | None = None
+    # (shape, contiguous strides) of every allocation a call makes: out, lse, the lse
+    # staging buffer, the split-KV partial O and LSE (`torch.empty_strided` allocates
+    # faster than `torch.empty`).
+    allocations: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(
+        init=False, compare=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        lse_rows = self.lse_staging or self.lse_shape
+        if self.packed_rows:  # the kernel's outputs: out and lse unsqueezed
+            out_k, lse_k = (1, *self.out_shape), (1, *self.lse_shape)
+        else:
+            out_k = self.out_view.size if self.out_view else self.out_shape
+            lse_k = self.lse_view.size if self.lse_view else lse_rows
+        shapes = {
+            "out": self.out_shape, "lse": self.lse_shape, "lse_staging": lse_rows,
+            "o_part": (self.splits, *out_k), "lse_part": (self.splits, *lse_k),
+        }  # fmt: skip
+        allocations = {name: (shape, contiguous_strides(shape)) for name, shape in shapes.items()}
+        object.__setattr__(self, "allocations", allocations)
+
+    def empty(self, name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A fresh contiguous allocation `name` (see `allocations`)."""
+        shape, stride = self.allocations[name]
+        return ops._empty(shape, dtype, device, stride)
 
 
 def kvcache_plan(
@@ -146,8 +172,8 @@ def attention_with_kvcache(
         found = kvcache_plan(q, k_cache, v_cache, *meta, num_splits)
         assert not isinstance(found, str), found  # the caller checked
         plan = found
-    out = ops._empty(plan.out_shape, q.dtype, q.device)
-    lse = ops._empty(plan.lse_shape, torch.float32, q.device)
+    out = plan.empty("out", q.dtype, q.device)
+    lse = plan.empty("lse", torch.float32, q.device)
     if plan.answer != "launch":
         if plan.answer == "no_keys":
             out.zero_()
@@ -162,9 +188,7 @@ def attention_with_kvcache(
     kernel = plan.kernel
     assert kernel is not None
 
-    lse_rows = (
-        lse if plan.lse_staging is None else ops._empty(plan.lse_staging, lse.dtype, q.device)
-    )
+    lse_rows = lse if plan.lse_staging is None else plan.empty("lse_staging", lse.dtype, q.device)
     if plan.packed_rows:
         out.zero_()
         lse.fill_(float("-inf"))
@@ -180,8 +204,8 @@ def attention_with_kvcache(
     if plan.combine is None:
         launch(q.device, kernel, q_k, k_cache, v_cache, out_k, lse_k, *bounds, 1, 0)
     else:
-        o_part = ops._empty((plan.splits, *out_k.shape), torch.float32, q.device)
-        lse_part = ops._empty((plan.splits, *lse_k.shape), torch.float32, q.device)
+        o_part = plan.empty("o_part", torch.float32, q.device)
+        lse_part = plan.empty("lse_part", torch.float32, q.device)
         if cu_q is not None:  # rows past cu_seqlens_q[-1]: empty in every split
             lse_part.fill_(float("-inf"))
         launch(q.device, kernel, q_k, k_cache, v_cache, o_part, lse_part, *bounds, plan.splits, 0)

@@ -22,5 +22,6 @@ def fake_launch_path(
     monkeypatch.setattr(ops, "_LAUNCHERS", {})
     monkeypatch.setattr(ops, "_COUNTED", set())
     monkeypatch.setattr(ops, "_DENSE_PLANS", {})
+    monkeypatch.setattr(ops, "_LSE_SCRATCH", {})
     monkeypatch.setattr(ops, "num_sms", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: None)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsek
-from sparsek import api
+from sparsek import api, ops
 from sparsek.reference import reference_attention
 
 
@@ -255,6 +255,41 @@ def test_repeated_calls_skip_validation_but_bad_arguments_still_raise(served, mo
     monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
     sparsek.attention(q, k, k, causal=True, softmax_scale=1.0)
     assert len(calls) == 5 and validations == [6]  # 1 + scale x2, dtype, grad, arch
+
+
+def test_calls_that_drop_the_lse_write_it_to_a_shared_scratch(monkeypatch) -> None:
+    """Repeated calls without return_lse (and the SDPA drop-in) hand the kernel a view of
+    the device's LSE scratch instead of a fresh allocation, while problems larger than
+    the scratch, and calls that return the LSE, get their own."""
+    from fake_launch import fake_launch_path
+
+    lses: list[torch.Tensor] = []
+
+    def kernel(q, k, v, out, lse, *rest) -> None:
+        lses.append(lse)
+        out.fill_(3.0)
+        lse.fill_(4.0)
+
+    fake_launch_path(monkeypatch, lambda *a: a, kernel)
+    monkeypatch.setattr(api, "_SERVED", {})
+    monkeypatch.setattr(api, "_SERVED_SDPA", {})
+    monkeypatch.setattr(api, "_kernel_blockers", lambda *a: ())
+    monkeypatch.setattr(ops, "LSE_SCRATCH_FLOATS", 64)
+    small, large = rand(1, 8, 4, 32), rand(1, 24, 4, 32)  # 32 and 96 LSE rows
+    for _ in range(3):
+        sparsek.attention(small, small, small)
+    (scratch,) = ops._LSE_SCRATCH.values()
+    assert lses[1] is lses[2] and lses[1].data_ptr() == scratch.data_ptr()
+    assert lses[1].shape == (1, 4, 8) and lses[0] is not lses[1]  # the first call: planned
+    _, lse = sparsek.attention(small, small, small, return_lse=True)
+    assert lse is lses[-1] and lse.data_ptr() != scratch.data_ptr() and (lse == 4).all()
+    x = small.transpose(1, 2)
+    for _ in range(2):
+        sparsek.scaled_dot_product_attention(x, x, x)
+    assert lses[-1].data_ptr() == scratch.data_ptr()
+    for _ in range(2):
+        sparsek.attention(large, large, large)
+    assert all(lse.data_ptr() != scratch.data_ptr() for lse in lses[-2:])
 
 
 def test_memoized_calls_see_new_strides_and_pointers(served) -> None:

@@ -28,6 +28,9 @@ def fake_kernel(causal: bool | None, variant):
     """A stand-in for the kernel of (causal, variant); causal None: the combine."""
 
     def combine(o_part, lse_part, out, lse) -> None:
+        # The plan's precomputed partial shapes are the kernel views' with a split axis.
+        assert o_part.shape[1:] == out.shape and lse_part.shape[1:] == lse.shape
+        assert o_part.is_contiguous() and lse_part.is_contiguous()
         total = torch.logsumexp(lse_part, dim=0)  # -inf: a row that sees no key
         finite = torch.where(torch.isneginf(total), 0.0, total)
         weights = torch.exp(lse_part - finite).transpose(-1, -2).unsqueeze(-1)
