@@ -9,9 +9,12 @@ beside sparsek's dense kernel on the same problem and FlashAttention-4's varlen 
     python perf/ab_varlen.py --base /tmp/base --base-cache /tmp/base-cache
 
 d128 bf16, Hkv = H, cold L2, median (`perf.timing.time_kernel`); `new` is timed before and
-after `base` and averaged. Rows: equal lengths (where the dense kernel serves the same
-problem), the suite's mixed lengths, many short sequences. Prints a markdown table of
-TFLOP/s and ratios; `err` is max |new - base|.
+after `base` and averaged. `new+fill` is `new` after a zero fill of a buffer the size of
+out and a -inf fill of one the size of the LSE, the work the host did on every call
+before the kernels wrote the rows past the last sequence themselves (perf/NOTES.md #39).
+Rows: equal lengths (where the dense kernel serves the same problem), the suite's mixed
+lengths, many short sequences. Prints a markdown table of TFLOP/s and ratios; `err` is
+max |new - base|.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def base_cache(base: Path, root: Path) -> KernelCache:
     return KernelCache(root=root, toolchain=replace(dsl_toolchain(), source_files=lambda: files))
 
 
-COLUMNS = ("dense", "base", "new", "fa4")
+COLUMNS = ("dense", "base", "new", "new+fill", "fa4")
 
 
 def row(lens: list[int], h: int, causal: bool, base: KernelCache, fa4: object) -> str:
@@ -79,6 +82,15 @@ def row(lens: list[int], h: int, causal: bool, base: KernelCache, fa4: object) -
     t["base"] = tflops(run)
     ops._LAUNCHERS[key] = new_kernel
     t["new"] = (t["new"] + tflops(run)) / 2
+    out_fill = torch.empty_like(q)
+    lse_fill = torch.empty(h, total, device=dev)
+
+    def run_after_fills() -> None:
+        out_fill.zero_()
+        lse_fill.fill_(float("-inf"))
+        run()
+
+    t["new+fill"] = tflops(run_after_fills)
     if len(set(lens)) == 1:
         qd, kd, vd = (x.view(len(lens), lens[0], h, HEAD_DIM) for x in (q, k, v))
         t["dense"] = tflops(lambda: sparsek.attention(qd, kd, vd, causal=causal))
@@ -91,7 +103,9 @@ def row(lens: list[int], h: int, causal: bool, base: KernelCache, fa4: object) -
         )  # fmt: skip
     err = (out_new.float() - out_base.float()).abs().max().item()
     cells = [f"{t[n]:.0f}" if n in t else "-" for n in COLUMNS]
-    ratios = [f"{t['new'] / t[n]:.3f}" if n in t else "-" for n in ("base", "dense", "fa4")]
+    ratios = [
+        f"{t['new'] / t[n]:.3f}" if n in t else "-" for n in ("base", "new+fill", "dense", "fa4")
+    ]
     tag = f"{lens[0]}x{len(lens)}" if len(set(lens)) == 1 else f"mixed{len(lens)}"
     return "| " + " | ".join([tag, str(h), str(causal), *cells, *ratios, f"{err:.2g}"]) + " |"
 
@@ -111,7 +125,8 @@ def main() -> None:
         from flash_attn.cute.interface import flash_attn_varlen_func as fa4
     except ImportError:
         fa4 = None
-    head = ["lens", "H", "causal", *COLUMNS, "new/base", "new/dense", "new/fa4", "err"]
+    head = ["lens", "H", "causal", *COLUMNS, "new/base", "new/new+fill", "new/dense", "new/fa4"]
+    head.append("err")
     print("| " + " | ".join(head) + " |")
     print("|---" * len(head) + "|")
     for lens, h in CASES:

@@ -189,9 +189,7 @@ def attention_with_kvcache(
     assert kernel is not None
 
     lse_rows = lse if plan.lse_staging is None else plan.empty("lse_staging", lse.dtype, q.device)
-    if plan.packed_rows:
-        out.zero_()
-        lse.fill_(float("-inf"))
+    if plan.packed_rows:  # the kernel writes rows past cu_seqlens_q[-1] too (0, -inf)
         q_k, out_k, lse_k = q.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0)
     else:
         q_k = q if plan.q_view is None else plan.q_view.of(q)

@@ -81,10 +81,11 @@ def attention_varlen(
     lse = ops._empty((num_heads, total_q), torch.float32, q.device)
     if total_q == 0:
         return out, lse
-    out.zero_()
-    lse.fill_(float("-inf"))
-    if max_seqlen_q == 0 or k.shape[0] == 0:
+    if max_seqlen_q == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] < 2:
+        out.zero_()
+        lse.fill_(float("-inf"))
         return out, lse
+    # The kernel writes every row, those past cu_seqlens_q[-1] included (0 and -inf).
     kernel = _launcher(q.device, head_dim, q.dtype, causal, PACKED)
     counter = ops.tile_counter(q.device, head_dim, q.dtype, causal, PACKED)
     launch(

@@ -13,9 +13,11 @@ Vocabulary (see `FmhaFwdConfig.varlen_q` / `kv_layout`):
 - packed work tiles (`packed_tile`): for packed queries the grid enumerates query tiles
   of all sequences on one axis instead of (longest sequence's tiles) x batch. Sequence b
   owns slots [cu_q[b] // tile_m + b, ... + ceil(seqlen_q / tile_m)): these ranges are
-  disjoint and increasing in b, so total_q // tile_m + batch slots cover every tile and at
-  most one slot per sequence is left empty; a warp finds a slot's sequence with one
-  ballot per 32 sequences (`packed_batch`).
+  disjoint and increasing in b. The rows past the last sequence, [cu_q[batch], total_q)
+  (CUDA-graph padding), are one more entry b = batch without keys (`read_packed`), so
+  their tiles write O = 0 and LSE = -inf and the caller needs no memset. So
+  total_q // tile_m + batch + 1 slots cover every tile, and at most one slot per entry is
+  left empty; a warp finds a slot's entry with one ballot per 32 entries (`packed_batch`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,37 @@ class SeqInfo:
             causal_offset = seqlen_k - seqlen_q
         return SeqInfo(offset_q, seqlen_q, offset_k, seqlen_k, causal_offset)
 
+    @staticmethod
+    @cute.jit
+    def read_packed(
+        batch_idx: Int32,
+        total_q: Int32,
+        seqlen_k_static: Int32,
+        cu_seqlens_q: cute.Tensor,
+        cu_seqlens_k: cute.Tensor | None,
+        seqused_k: cute.Tensor | None,
+    ) -> SeqInfo:
+        """`read` for a packed work tile's entry (`packed_tile`): a sequence, or (b =
+        batch) the rows past the last one, which have no keys."""
+        last = cute.size(cu_seqlens_q.shape[0]) - 1
+        info = SeqInfo.read(
+            cutlass.min(batch_idx, last - 1),
+            total_q,
+            seqlen_k_static,
+            Int32(0),
+            cu_seqlens_q,
+            cu_seqlens_k,
+            seqused_k,
+        )
+        offset_q, seqlen_q = info.offset_q, info.seqlen_q
+        seqlen_k, causal_offset = info.seqlen_k, info.causal_offset
+        if batch_idx == last:
+            offset_q = cu_seqlens_q[last]
+            seqlen_q = total_q - offset_q
+            seqlen_k = Int32(0)
+            causal_offset = -seqlen_q
+        return SeqInfo(offset_q, seqlen_q, info.offset_k, seqlen_k, causal_offset)
+
     @cute.jit
     def n_block_range(
         self,
@@ -101,21 +134,26 @@ class SeqInfo:
 @cute.jit
 def packed_tile(
     cu_seqlens_q: cute.Tensor,
+    total_q: Int32,
     slot: Int32,
     tile_m: cutlass.Constexpr[int],
     last_first: cutlass.Constexpr[bool],
 ) -> tuple[Int32, Int32]:
-    """(batch entry, query tile) of packed work-tile `slot` (see the module docstring).
-    Every lane of the calling warp takes part (`packed_batch`).
+    """(batch entry, query tile) of packed work-tile `slot` (see the module docstring);
+    entry `batch` is the rows past the last sequence. Every lane of the calling warp
+    takes part (`packed_batch`).
 
-    A slot no tile owns gives a query tile past its sequence's end (the CTA does nothing).
+    A slot no tile owns gives a query tile past its entry's end (the CTA does nothing).
     `last_first`: a sequence's tiles are visited from its last one (causal: most keys).
     """
     batch_idx = packed_batch(cu_seqlens_q, slot, tile_m)
     first = cu_seqlens_q[batch_idx]
     m_block = slot - (first // tile_m + batch_idx)
     if const_expr(last_first):
-        tiles = cute.ceil_div(cu_seqlens_q[batch_idx + 1] - first, tile_m)
+        end = total_q
+        if batch_idx < cute.size(cu_seqlens_q.shape[0]) - 1:
+            end = cu_seqlens_q[batch_idx + 1]
+        tiles = cute.ceil_div(end - first, tile_m)
         if m_block < tiles:
             m_block = tiles - 1 - m_block
     return batch_idx, m_block
@@ -123,8 +161,9 @@ def packed_tile(
 
 @cute.jit
 def packed_batch(cu_seqlens_q: cute.Tensor, slot: Int32, tile_m: cutlass.Constexpr[int]) -> Int32:
-    """The batch entry owning packed work-tile `slot`: the largest b with
-    start(b) = cu_seqlens_q[b] // tile_m + b <= slot (start(0) = 0 <= slot).
+    """The batch entry owning packed work-tile `slot`: the largest b <= batch with
+    start(b) = cu_seqlens_q[b] // tile_m + b <= slot (start(0) = 0 <= slot; b = batch:
+    the rows past the last sequence).
 
     One warp, all lanes: a round reads the starts of 32 entries at once (lane i: entry
     base + i) and counts those at or before `slot` with a ballot. Starts increase with
@@ -133,19 +172,19 @@ def packed_batch(cu_seqlens_q: cute.Tensor, slot: Int32, tile_m: cutlass.Constex
     log2(batch) dependent loads, on every tile of every warp.
     """
     lane = cute.arch.lane_idx()
-    batch = cute.size(cu_seqlens_q.shape[0]) - 1
+    entries = cute.size(cu_seqlens_q.shape[0])  # batch + 1
     counted = Int32(0)
     base = Int32(0)
-    while base < batch:
+    while base < entries:
         entry = base + lane
         at_or_before = Int32(0)
         # Nested, not `and`: the load must not run past the array's end.
-        if entry < batch:  # noqa: SIM102
+        if entry < entries:  # noqa: SIM102
             if cu_seqlens_q[entry] // tile_m + entry <= slot:
                 at_or_before = Int32(1)
         found = cute.arch.popc(cute.arch.vote_ballot_sync(at_or_before != 0))
         counted += found
         base += cute.arch.WARP_SIZE
         if found < cute.arch.WARP_SIZE:
-            base = batch
-    return cutlass.max(counted - 1, 0)  # (no sequence at all: entry 0, whose tiles are empty)
+            base = entries
+    return cutlass.max(counted - 1, 0)

@@ -23,7 +23,9 @@ Features and limits:
   (query tile, head) of all sequences, heads fastest within groups of heads whose K/V of
   the longest sequence take up to `l2_group_mb` MiB (`seqlen.packed_tile`, `tile_coords`;
   split-KV launches instead cover the longest sequence per batch entry); tiles past a
-  sequence's end exit without work.
+  sequence's end exit without work. Packed query rows past the last sequence (up to
+  total_q: CUDA-graph padding) get O = 0 and LSE = -inf from the kernel itself (except
+  with split-KV, whose combine covers them).
   Causal is bottom-right per sequence.
 - Split-KV (`split_kv`): batch index b * num_splits + split; each split visits an equal
   share of its query tile's key tiles and writes float32 O and LSE of its share to
@@ -251,7 +253,7 @@ class HopperFmhaForward:
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
         if const_expr(self.packed_tiles):
             batch = 1  # (see `packed_tile`)
-            num_m_blocks = cute.size(mQ.shape[0]) // self.tile_m + cute.size(mCuSeqlensQ) - 1
+            num_m_blocks = cute.size(mQ.shape[0]) // self.tile_m + cute.size(mCuSeqlensQ)
         elif const_expr(self.varlen_q):
             num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
             batch = cute.size(mCuSeqlensQ.shape[0]) - 1
@@ -624,21 +626,28 @@ class HopperFmhaForward:
         m_block = block_m
         batch_idx, split_idx = batch_split, Int32(0)
         if const_expr(self.packed_tiles):
-            batch_idx, m_block = packed_tile(mCuSeqlensQ, block_m, self.tile_m, self.is_causal)
+            batch_idx, m_block = packed_tile(
+                mCuSeqlensQ, mQ.shape[0], block_m, self.tile_m, self.is_causal
+            )
         elif const_expr(self.is_causal):
             m_block = num_m_blocks - 1 - block_m
         if const_expr(self.split_kv):
             batch_idx = batch_split // num_splits
             split_idx = batch_split - batch_idx * num_splits
-        info = SeqInfo.read(
-            batch_idx,
-            mQ.shape[0],
-            mK.shape[0],
-            causal_offset,
-            mCuSeqlensQ,
-            mCuSeqlensK,
-            mSeqUsedK,
-        )
+        if const_expr(self.packed_tiles):
+            info = SeqInfo.read_packed(
+                batch_idx, mQ.shape[0], mK.shape[0], mCuSeqlensQ, mCuSeqlensK, mSeqUsedK
+            )
+        else:
+            info = SeqInfo.read(
+                batch_idx,
+                mQ.shape[0],
+                mK.shape[0],
+                causal_offset,
+                mCuSeqlensQ,
+                mCuSeqlensK,
+                mSeqUsedK,
+            )
         n_min, n_max = info.n_block_range(
             m_block,
             self.tile_m,
