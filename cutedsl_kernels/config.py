@@ -58,9 +58,6 @@ class FmhaFwdConfig:
         ctas_per_sm: CTAs each SM holds at once (launch bound; shared memory and registers
             are budgeted for it): with 2, one CTA's prologue and epilogue overlap the
             other's main loop.
-        l2_prefetch: the producer asks TMA to prefetch K/V into L2 this many key tiles
-            ahead of its loads (0: none), so more bytes are in flight per SM than the
-            shared-memory stages hold (bandwidth-bound decode).
     """
 
     arch: str
@@ -80,7 +77,6 @@ class FmhaFwdConfig:
     dynamic_schedule: bool = False
     l2_group_mb: int = 0
     ctas_per_sm: int = 1
-    l2_prefetch: int = 0
 
     @property
     def name(self) -> str:
@@ -98,7 +94,6 @@ class FmhaFwdConfig:
             f"{'_dyn' if self.dynamic_schedule else ''}"
             f"{f'_g{self.l2_group_mb}' if self.l2_group_mb else ''}"
             f"{f'_c{self.ctas_per_sm}' if self.ctas_per_sm != 1 else ''}"
-            f"{f'_pf{self.l2_prefetch}' if self.l2_prefetch else ''}"
         )
 
     @property

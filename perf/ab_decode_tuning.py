@@ -107,7 +107,6 @@ def main() -> None:
     parser.add_argument("--tile-n", type=int, help="candidate tile_n")
     parser.add_argument("--num-stages", type=int, help="candidate num_stages")
     parser.add_argument("--ctas-per-sm", type=int, help="candidate ctas_per_sm")
-    parser.add_argument("--l2-prefetch", type=int, help="candidate l2_prefetch (key tiles)")
     parser.add_argument("--every-batch", action="store_true", help="one row for all batches")
     parser.add_argument(
         "--block", type=int, nargs="+", default=[16], help="paged block sizes (tokens)"
@@ -125,7 +124,6 @@ def main() -> None:
             ("tile_n", args.tile_n),
             ("num_stages", args.num_stages),
             ("ctas_per_sm", args.ctas_per_sm),
-            ("l2_prefetch", args.l2_prefetch),
         )
         if value is not None
     }

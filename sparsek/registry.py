@@ -53,8 +53,6 @@ class Tuning:
     l2_group_mb: int = 0
     # CTAs resident per SM (budgeted shared memory and registers; see `FmhaFwdConfig`).
     ctas_per_sm: int = 1
-    # Key tiles the producer prefetches into L2 ahead of its loads.
-    l2_prefetch: int = 0
 
 
 # (arch, head_dim) -> tuning, measured on H100 and H200 (perf/NOTES.md). d128: 128x128

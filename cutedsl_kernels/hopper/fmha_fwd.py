@@ -703,13 +703,13 @@ class HopperFmhaForward:
             last_page = cutlass.max(cute.ceil_div(info.seqlen_k, page_size) - 1, 0)
             box_page = cute.make_rmem_tensor(boxes, Int32)
             box_in_page = cute.make_rmem_tensor(boxes, Int32)
-            sources = (tma_atom_K, tma_atom_V, mK_src, mV_src, sK, sV, page_row, last_page)
-            self.prefetch_first(sources, n_min, n_max)
             for i in cutlass.range(n_max - n_min, unroll=1):
                 n_block = n_max - 1 - i
-                self.prefetch_ahead(sources, i, n_min, n_max)
+                # Rows past the sequence end read its last page (masked anyway).
                 for j in cutlass.range_constexpr(boxes):
-                    box_page[j], box_in_page[j] = self.page_box(page_row, last_page, n_block, j)
+                    row = n_block * self.tile_n + j * self.kv_box_rows
+                    box_page[j] = page_row[cutlass.min(row // page_size, last_page)]
+                    box_in_page[j] = (row % page_size) // self.kv_box_rows
                 for atom, src, dst, pipe in (
                     (tma_atom_K, mK_src, sK, pipeline_k),
                     (tma_atom_V, mV_src, sV, pipeline_v),
@@ -745,11 +745,8 @@ class HopperFmhaForward:
             tVsV, tVgV = cpasync.tma_partition(
                 tma_atom_V, 0, cta, cute.group_modes(sV, 0, 2), cute.group_modes(gV, 0, 2)
             )
-            sources = (tma_atom_K, tma_atom_V, tKgK, tVgV)
-            self.prefetch_first(sources, n_min, n_max)
             for i in cutlass.range(n_max - n_min, unroll=1):
                 n_block = n_max - 1 - i
-                self.prefetch_ahead(sources, i, n_min, n_max)
                 for atom, src, dst, pipe in (
                     (tma_atom_K, tKgK, tKsK, pipeline_k),
                     (tma_atom_V, tVgV, tVsV, pipeline_v),
@@ -763,61 +760,6 @@ class HopperFmhaForward:
                     )
                 kv_state.advance()
         return q_state, kv_state
-
-    @cute.jit
-    def page_box(
-        self, page_row: cute.Tensor, last_page: Int32, n_block: Int32, j: int
-    ) -> tuple[Int32, Int32]:
-        """(page, box within the page) of box j of key tile `n_block`; rows past the
-        sequence end read its last page (masked anyway)."""
-        page_size = self.config.page_size
-        row = n_block * self.tile_n + j * self.kv_box_rows
-        page = page_row[cutlass.min(row // page_size, last_page)]
-        return page, (row % page_size) // self.kv_box_rows
-
-    @cute.jit
-    def prefetch_kv(self, sources: tuple, n_block: Int32):
-        """TMA prefetch of key tile `n_block` of K and V into L2. `sources`: the atoms and
-        the partitioned K/V tiles, or (paged) the atoms, K/V of the KV head, shared-memory
-        tiles (for the partition's shape), the page-table row and the last page."""
-        if const_expr(self.paged):
-            atom_K, atom_V, mK_src, mV_src, sK, sV, page_row, last_page = sources
-            box = (self.kv_box_rows, self.head_dim)
-            for j in cutlass.range_constexpr(self.tile_n // self.kv_box_rows):
-                page, in_page = self.page_box(page_row, last_page, n_block, j)
-                for atom, src, dst in ((atom_K, mK_src, sK), (atom_V, mV_src, sV)):
-                    _, tgBox = cpasync.tma_partition(
-                        atom,
-                        0,
-                        cute.make_layout(1),
-                        cute.group_modes(cute.local_tile(dst[None, None, 0], box, (0, 0)), 0, 2),
-                        cute.group_modes(
-                            cute.local_tile(src[None, None, page], box, (in_page, 0)), 0, 2
-                        ),
-                    )
-                    cute.prefetch(atom, tgBox)
-        else:
-            atom_K, atom_V, tKgK, tVgV = sources
-            cute.prefetch(atom_K, tKgK[None, n_block])
-            cute.prefetch(atom_V, tVgV[None, n_block])
-
-    @cute.jit
-    def prefetch_first(self, sources: tuple, n_min: Int32, n_max: Int32):
-        """Producer warp, before a tile's loads: L2 prefetch of the key tiles that the
-        first `num_stages` loads leave out, up to `l2_prefetch` ahead (visiting order)."""
-        for j in cutlass.range_constexpr(self.num_stages, self.config.l2_prefetch):
-            if j < n_max - n_min:
-                self.prefetch_kv(sources, n_max - 1 - j)
-
-    @cute.jit
-    def prefetch_ahead(self, sources: tuple, i: Int32, n_min: Int32, n_max: Int32):
-        """Producer warp, before the loads of visited tile i: L2 prefetch of the tile
-        `l2_prefetch` visits later (bytes in flight beyond the shared-memory stages)."""
-        ahead = self.config.l2_prefetch
-        # Nested on purpose: a const_expr must not share an `if` with a runtime test.
-        if const_expr(ahead > 0):  # noqa: SIM102
-            if i + ahead < n_max - n_min:
-                self.prefetch_kv(sources, n_max - 1 - i - ahead)
 
     @cute.jit
     def copy_kv_box(self, atom: cute.CopyAtom, gBox: cute.Tensor, sBox: cute.Tensor, bar):

@@ -65,8 +65,6 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
         reasons.append(f"tile_n={config.tile_n} must be a multiple of 16 in [16, 256]")
     if config.num_stages < 1:
         reasons.append(f"num_stages={config.num_stages} must be >= 1")
-    if config.l2_prefetch < 0:
-        reasons.append(f"l2_prefetch={config.l2_prefetch} must be >= 0")
     if config.kv_layout not in KV_LAYOUTS:
         reasons.append(f"kv_layout={config.kv_layout!r} is not one of {KV_LAYOUTS}")
     if config.kv_layout == "paged":
