@@ -7,9 +7,8 @@ How a request maps onto one kernel launch (plus the split-KV combine):
   the rows of one query tile (q read as (batch, group, kv_heads, d) in place), so each CTA
   reads its KV head's cache once for the whole group. With a single query the
   bottom-right causal mask hides nothing: the non-causal kernel runs.
-- other requests: the kv "cache" / "paged" kernel, with `varlen_q` for a packed q (whose
-  outputs are pre-filled 0 / -inf: rows past cu_seqlens_q[-1] belong to no sequence and
-  no CTA writes them).
+- other requests: the kv "cache" / "paged" kernel, with `varlen_q` for a packed q (the
+  kernel writes 0 / -inf to the rows past cu_seqlens_q[-1], which belong to no sequence).
 - decode with at least one (sequence, KV head) tile per SM: the `fills_gpu` tiles (two
   CTAs per SM), never split.
 - split-KV: when the (batch x heads x query tiles) CTAs cannot fill the GPU, the cache's
@@ -73,8 +72,8 @@ class KvcachePlan:
     out_shape: tuple[int, ...]
     lse_shape: tuple[int, ...]
     readable: bool = True
-    # q, out and lse as a batch of one packed sequence axis (unsqueezed), the outputs
-    # pre-filled 0 / -inf (rows past cu_seqlens_q[-1] belong to no sequence)
+    # q, out and lse as a batch of one packed sequence axis (unsqueezed); the kernel
+    # writes 0 / -inf to the rows past cu_seqlens_q[-1] (they belong to no sequence)
     packed_rows: bool = False
     q_view: View | None = None  # None: the tensor as it is
     out_view: View | None = None

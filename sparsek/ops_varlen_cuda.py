@@ -1,9 +1,9 @@
 """CUDA implementations of `sparsek::attention_varlen` and the pieces the KV-cache paths share.
 
 - attention_varlen: the `varlen_q` + kv "varlen" kernel over q/k/v viewed as a batch of
-  one packed sequence axis, bounds from cu_seqlens_q/k. Its output is pre-filled
-  (0 / -inf) because rows past cu_seqlens_q[-1] belong to no sequence and no CTA writes
-  them.
+  one packed sequence axis, bounds from cu_seqlens_q/k. The kernel writes every row: those
+  past cu_seqlens_q[-1] belong to no sequence and get 0 / -inf (`SeqInfo.read_packed`
+  in `cutedsl_kernels/common/seqlen.py`).
 - kernel_config: which registered config serves a request (memoized per device).
 - choose_splits: the split-KV factor of `sparsek.ops_kvcache_cuda` (attention_with_kvcache).
 - store_paged_kv: the paged KV-cache update kernel (vLLM's `do_kv_cache_update`).
