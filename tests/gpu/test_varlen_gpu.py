@@ -481,6 +481,26 @@ def test_kvcache_chunked_prefill(dtype, d, h, hkv, layout, causal) -> None:
     check_close(out, as_packed(per_seq), lse)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
+def test_kvcache_chunked_prefill_rows_past_the_last_sequence(layout, num_splits) -> None:
+    """Packed q with 150 rows past cu_seqlens_q[-1] (CUDA-graph padding, more than a query
+    tile): the kernel (unsplit) or the combine (split) writes them 0 / -inf into the
+    NaN-poisoned outputs; the host does not fill them."""
+    h, hkv, d, dtype = 32, 8, 128, torch.bfloat16
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
+        PREFILL_CACHE_LENS, PREFILL_CAPACITY, layout, h, hkv, d, dtype, seed=47
+    )
+    q = randn(gen, sum(PREFILL_Q_LENS) + 150, h, d, dtype=dtype)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, int32(PREFILL_CACHE_LENS), table,
+        cu_seqlens_q=cu_seqlens(PREFILL_Q_LENS), max_seqlen_q=max(PREFILL_Q_LENS),
+        causal=True, num_splits=num_splits, return_lse=True,
+    )  # fmt: skip
+    per_seq = expected(split_rows(q, PREFILL_Q_LENS), ks, vs, True, d**-0.5)
+    check_close(out, as_packed(per_seq, total_q=q.shape[0]), lse)
+
+
 def test_kvcache_multi_token_decode_batched() -> None:
     """4-D q with seqlen_q = 4 (speculative decoding), causal against cache_seqlens."""
     lens, h, hkv, d, dtype = [4, 5, 1000, 260], 32, 8, 128, torch.bfloat16
