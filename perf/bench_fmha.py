@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import datetime
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -80,6 +81,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-ms", type=float, default=25.0, help="kernel rows: warm-up time")
     p.add_argument("--rep-ms", type=float, default=100.0, help="kernel rows: timed span")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="time each case's providers this many times, in rounds with the provider order\n"
+        "rotated, and record each one's median (rows move a few %% between contexts)",
+    )
     p.add_argument(
         "--deadline-s",
         type=float,
@@ -333,6 +341,7 @@ class Runner:
             self._measure_copy_bandwidth()
         inputs: Inputs | None = None
         ref: torch.Tensor | None = None
+        ready: list[tuple[str, Callable[[], object], CheckResult, str]] = []
         for name in names:
             progress.step(f"{case.label()} {name}")
             reason = self._not_run_reason() or self.unavailable[name] or ""
@@ -347,8 +356,11 @@ class Runner:
             if reason or inputs is None or ref is None:
                 self._skip(case, name, case.kinds, reason)
                 continue
-            self._measure(case, self.providers[name], inputs, ref)
-        del inputs, ref
+            prepared = self._prepare(case, self.providers[name], inputs, ref)
+            if prepared is not None:
+                ready.append((name, *prepared))
+        self._time_rounds(case, ready)
+        del inputs, ref, ready
         if self.device.type == "cuda" and not self.broken:
             torch.cuda.empty_cache()
 
@@ -369,7 +381,12 @@ class Runner:
         size = f"{nbytes / 1024**2:.0f} MiB"
         print(f"copy bandwidth: {self.copy_gbps:.0f} GB/s ({size} copy)", file=sys.stderr)
 
-    def _measure(self, case: Case, provider: Provider, inputs: Inputs, ref: torch.Tensor) -> None:
+    def _prepare(
+        self, case: Case, provider: Provider, inputs: Inputs, ref: torch.Tensor
+    ) -> tuple[Callable[[], object], CheckResult, str] | None:
+        """The provider's call on these inputs, its output check and version (its first
+        call, which also compiles, is checked against `ref`); None (rows skipped) if it
+        fails."""
         from perf.providers import measuring, prepare_inputs
         from perf.reference import check_output
 
@@ -386,26 +403,49 @@ class Runner:
                     self._sync()
                 check = check_output(out, ref, self.dtype)
                 del out
-                version = provider.version()
+                return fn, check, provider.version()
             except Exception as exc:
                 hints = "; ".join(dict.fromkeys([*(str(w.message) for w in caught), *logged]))
                 reason = _describe(exc) + (f" [warnings: {hints}]" if hints else "")
                 self._after_error(reason)
                 self._skip(case, provider.name, case.kinds, reason)
-                return
+                return None
+
+    def _time_rounds(
+        self, case: Case, ready: list[tuple[str, Callable[[], object], CheckResult, str]]
+    ) -> None:
+        """Time every prepared provider and kind `--repeat` times, one round after another
+        with the provider order rotated by one each round, and record the medians."""
+        from perf.providers import measuring
+
+        times: dict[tuple[str, str], list[float]] = {}
+        notes: dict[tuple[str, str], str] = {}
+        failed: set[tuple[str, str]] = set()
+        for round_index in range(max(self.args.repeat, 1)):
+            shift = round_index % max(len(ready), 1)
+            for name, fn, _, _ in ready[shift:] + ready[:shift]:
+                for kind in case.kinds:
+                    if (name, kind) in failed:
+                        continue
+                    try:
+                        with measuring(self.providers[name]):
+                            if kind == "kernel" and case.suite == shapes.DECODE_SUITE:
+                                ms, note = self._time_replayed(fn)
+                            else:
+                                ms, note = self._time(kind, fn), ""
+                    except Exception as exc:
+                        reason = _describe(exc)
+                        self._after_error(reason)
+                        self._skip(case, name, (kind,), reason)
+                        failed.add((name, kind))
+                        continue
+                    times.setdefault((name, kind), []).append(ms)
+                    notes[(name, kind)] = note or notes.get((name, kind), "")
+        for name, _, check, version in ready:
             for kind in case.kinds:
-                note = ""
-                try:
-                    if kind == "kernel" and case.suite == shapes.DECODE_SUITE:
-                        ms, note = self._time_replayed(fn)
-                    else:
-                        ms = self._time(kind, fn)
-                except Exception as exc:
-                    reason = _describe(exc)
-                    self._after_error(reason)
-                    self._skip(case, provider.name, (kind,), reason)
-                    continue
-                self._measured(case, provider.name, kind, ms, check, version, note)
+                if (name, kind) in times and (name, kind) not in failed:
+                    ms = statistics.median(times[(name, kind)])
+                    self._measured(case, name, kind, ms, check, version, notes[(name, kind)])
 
     def _time_replayed(self, fn: Callable[[], object]) -> tuple[float, str]:
         """Decode rows: a call is a few short kernels (split-KV + combine) whose event-timed

@@ -229,3 +229,25 @@ def test_append_upgrades_an_old_header(tmp_path: Path) -> None:
         ("sparsek", "", "1"),
         ("sparsek_xformers", "None", "2"),
     ]
+
+
+def test_repeat_rotates_the_providers_and_records_medians(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--repeat 3`: each provider of a case is timed three times, in rounds whose order
+    starts one provider later each time, and its row holds the median. With strictly
+    increasing fake timings the medians are each provider's time in the second round,
+    where the order is sdpa_flash, sdpa_cudnn, sdpa_efficient, sparsek (fa4 refuses)."""
+    calls = iter(range(1, 1_000_000))
+    monkeypatch.setattr(bench_fmha.Runner, "_time", lambda self, kind, fn: float(next(calls)))
+    out = tmp_path / "rep"
+    argv = ["--dry-run", "--out", str(out), "--suites", "grid", "--quick", "--repeat", "3"]
+    assert bench_fmha.main(argv) == 0
+    rows = [r for r in report.read_csv(out / "results.csv") if r["status"] == "ok"]
+    first = rows[0]
+    keys = ("batch", "seqlen_q", "head_dim", "causal")
+    case_rows = {r["provider"]: float(r["ms"]) for r in rows if all(r[k] == first[k] for k in keys)}
+    assert set(case_rows) == {"sparsek", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient"}
+    ordered = sorted(case_rows, key=case_rows.__getitem__)
+    assert ordered == ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sparsek"]
+    assert case_rows["sdpa_flash"] == case_rows["sparsek"] - 3  # one round: 4 timings
