@@ -4,12 +4,9 @@ Two ways to write O, chosen per tile:
 - `store_o_tma`: registers -> shared memory (Q's buffer) -> one TMA store. TMA clips rows
   past the end of the tensor, not past the end of a packed sequence, so it serves tiles
   that end inside their tensor's own rows: dense problems, and full tiles of packed ones.
-- `store_o_rows`: registers -> shared memory (as above) -> global memory by 16-byte row
-  chunks, rows past `rows` skipped. Serves the partial last tile of a packed sequence,
-  where TMA would write into the next sequence's rows.
 - `store_o_direct`: registers -> global memory, element by element, rows past `rows`
-  skipped. Serves float32 split-KV partial outputs (which have no shared-memory staging
-  buffer of their type).
+  skipped. Serves the partial last tile of a packed sequence and float32 split-KV partial
+  outputs (which have no shared-memory staging buffer of their type).
 """
 
 from __future__ import annotations
@@ -37,60 +34,6 @@ def store_lse(lse: cute.Tensor, tScS: cute.Tensor, mLSE: cute.Tensor, row0: Int3
 
 
 @cute.jit
-def stage_o(
-    acc_O: cute.Tensor,
-    dtype: cutlass.Constexpr,
-    tiled_mma_pv: cute.TiledMma,
-    tidx: Int32,
-    num_mma_threads: cutlass.Constexpr[int],
-    sO: cute.Tensor,
-):
-    """O (float32 registers) -> sO as `dtype`, once every MMA warpgroup is done reading
-    sQ (the same bytes); returns when all of sO is written (every MMA thread)."""
-    rO = cute.make_rmem_tensor_like(acc_O, dtype)
-    rO.store(acc_O.load().to(dtype))
-    cute.arch.barrier(barrier_id=int(NamedBarrier.EPILOGUE), number_of_threads=num_mma_threads)
-    store_atom = sm90_utils.get_smem_store_op(LayoutEnum.ROW_MAJOR, dtype, Float32)
-    thr_store = cute.make_tiled_copy_C(store_atom, tiled_mma_pv).get_slice(tidx)
-    cute.copy(store_atom, thr_store.retile(rO), thr_store.partition_D(sO))
-
-
-@cute.jit
-def store_o_rows(
-    acc_O: cute.Tensor,
-    dtype: cutlass.Constexpr,
-    tiled_mma_pv: cute.TiledMma,
-    tidx: Int32,
-    num_mma_threads: cutlass.Constexpr[int],
-    sO: cute.Tensor,
-    gO: cute.Tensor,  # (tile_m, head_dim) global tensor of this tile
-    rows: Int32,
-):
-    """O -> sO -> global memory in 16-byte chunks of rows (coalesced), tile rows >= `rows`
-    skipped; sO is free again when this returns."""
-    stage_o(acc_O, dtype, tiled_mma_pv, tidx, num_mma_threads, sO)
-    cute.arch.barrier(
-        barrier_id=int(NamedBarrier.EPILOGUE_STORE), number_of_threads=num_mma_threads
-    )
-    vec = 128 // dtype.width
-    chunks = cute.size(sO, mode=[1]) // vec
-    atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), dtype, num_bits_per_copy=128)
-    threads = cute.make_ordered_layout((num_mma_threads // chunks, chunks), order=(1, 0))
-    tiled_copy = cute.make_tiled_copy_tv(atom, threads, cute.make_layout((1, vec)))
-    thr_copy = tiled_copy.get_slice(tidx)
-    tOsO = thr_copy.partition_S(sO)
-    tOgO = thr_copy.partition_D(gO)
-    tOcO = thr_copy.partition_D(cute.make_identity_tensor(gO.shape))
-    for m in cutlass.range_constexpr(cute.size(tOgO, mode=[1])):
-        if tOcO[0, m, 0][0] < rows:
-            cute.copy(atom, tOsO[None, m, None], tOgO[None, m, None])
-    # Every thread has read its chunks of sO: the Q stage under it may be reloaded.
-    cute.arch.barrier(
-        barrier_id=int(NamedBarrier.EPILOGUE_STORE), number_of_threads=num_mma_threads
-    )
-
-
-@cute.jit
 def store_o_tma(
     acc_O: cute.Tensor,
     dtype: cutlass.Constexpr,
@@ -102,7 +45,13 @@ def store_o_tma(
     tma_atom_O: cute.CopyAtom,
 ):
     """O -> sO -> TMA store (rows past the tensor's end are clipped by TMA)."""
-    stage_o(acc_O, dtype, tiled_mma_pv, tidx, num_mma_threads, sO)
+    rO = cute.make_rmem_tensor_like(acc_O, dtype)
+    rO.store(acc_O.load().to(dtype))
+    # Every MMA warpgroup must be done reading sQ before sO (same bytes) is written.
+    cute.arch.barrier(barrier_id=int(NamedBarrier.EPILOGUE), number_of_threads=num_mma_threads)
+    store_atom = sm90_utils.get_smem_store_op(LayoutEnum.ROW_MAJOR, dtype, Float32)
+    thr_store = cute.make_tiled_copy_C(store_atom, tiled_mma_pv).get_slice(tidx)
+    cute.copy(store_atom, thr_store.retile(rO), thr_store.partition_D(sO))
     cute.arch.fence_view_async_shared()  # make the st.shared visible to the TMA engine
     cute.arch.barrier(
         barrier_id=int(NamedBarrier.EPILOGUE_STORE), number_of_threads=num_mma_threads

@@ -871,16 +871,7 @@ class HopperFmhaForward:
                     self.store_o_tma(acc_O, tiled_mma_pv, tidx, sO, tma_O_seq, m_block, tma_atom_O)
                 else:
                     gO = cute.local_tile(mO_seq, tile, (m_block, 0))
-                    epilogue.store_o_rows(
-                        acc_O,
-                        self.dtype,
-                        tiled_mma_pv,
-                        tidx,
-                        self.num_mma_threads,
-                        sO,
-                        gO,
-                        info.seqlen_q - row0,
-                    )
+                    epilogue.store_o_direct(acc_O, tiled_mma_pv, tidx, gO, info.seqlen_q - row0)
             else:
                 self.store_o_tma(acc_O, tiled_mma_pv, tidx, sO, tma_O_seq, m_block, tma_atom_O)
         # Nested on purpose: a const_expr must not share an `if` with a runtime test.
