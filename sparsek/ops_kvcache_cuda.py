@@ -245,7 +245,9 @@ def _build_plan(
         return config
     if math.prod(out_shape) == 0:
         return KvcachePlan("empty", out_shape, lse_shape)
-    if capacity == 0 or seqlen_q == 0:
+    # No sequence at all (batch 0): every packed row is padding; the kernels index
+    # cu_seqlens_q / cache_seqlens by sequence, so nothing is launched.
+    if capacity == 0 or seqlen_q == 0 or batch == 0:
         return KvcachePlan("no_keys", out_shape, lse_shape)
     if not all(tma_strides_ok(t) for t in (q, k_cache, v_cache)):
         return KvcachePlan("launch", out_shape, lse_shape, readable=False)

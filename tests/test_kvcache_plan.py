@@ -225,3 +225,21 @@ def test_dense_single_queries_run_as_decode(fake_kernels, monkeypatch, causal, t
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
     assert all(variant.decode for causal_, variant in fake_kernels if causal_ is not None)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_packed_rows_without_any_sequence_launch_nothing(fake_kernels, paged) -> None:
+    """batch 0 (cu_seqlens_q = [0]) with padded packed rows and a nonzero max_seqlen_q: no
+    kernel runs (they index per sequence); every row is 0 / -inf."""
+    (k, v), (kp, vp, _), _ = make_caches(LENS, 300)
+    seqlens = torch.zeros(0, dtype=torch.int32)
+    caches = (
+        (kp, vp, seqlens, torch.zeros(0, 20, dtype=torch.int32))
+        if paged
+        else (k[:0], v[:0], seqlens)
+    )
+    q = torch.randn(7, 4, 32)
+    cu = torch.zeros(1, dtype=torch.int32)
+    out, lse = run(q, caches, cu=cu, max_q=5)
+    assert (out == 0).all() and torch.isneginf(lse).all() and lse.shape == (4, 7)
+    assert fake_kernels == []
