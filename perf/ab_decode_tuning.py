@@ -33,6 +33,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from cutedsl_kernels.config import FmhaFwdConfig  # noqa: E402
+from perf import timing  # noqa: E402
 from perf.decode_splits import SPLITS, paged_decode  # noqa: E402
 from sparsek import cache, ops, ops_kvcache_cuda, ops_varlen_cuda, registry  # noqa: E402
 from sparsek.registry import Tuning, Variant  # noqa: E402
@@ -72,8 +73,6 @@ def row(
 ) -> str:
     """One markdown row: us of each tuning, auto and best of `splits` split counts (best:
     auto when `splits` is empty), and cuDNN's."""
-    from perf.timing import time_kernel
-
     dev = torch.device("cuda")
     case = paged_decode(batch, context, block)
 
@@ -81,7 +80,7 @@ def row(
         use_tuning(tunings[name])
         out = case.run(0)
         times = {
-            s: time_kernel(functools.partial(case.run, s), dev, graph=True) * 1e3
+            s: timing.time_kernel(functools.partial(case.run, s), dev, graph=True) * 1e3
             for s in (0, *splits)
         }
         return times, case.auto_splits(), out
@@ -90,7 +89,7 @@ def row(
     second, auto_candidate, out_candidate = measure("candidate")
     again, _, _ = measure("current")
     current = {s: (first[s] + again[s]) / 2 for s in first}
-    cudnn_us = time_kernel(case.cudnn(), dev, graph=True) * 1e3
+    cudnn_us = timing.time_kernel(case.cudnn(), dev, graph=True) * 1e3
     best = {name: min(t, key=t.__getitem__) for name, t in (("a", current), ("b", second))}
     err = (out_candidate.float() - out_current.float()).abs().max().item()
     cells = [
@@ -113,7 +112,14 @@ def main() -> None:
     )
     parser.add_argument("--auto-only", action="store_true", help="time the automatic split only")
     parser.add_argument("--compile", action="store_true", help="only build the candidate")
+    parser.add_argument(
+        "--l2-flush",
+        choices=timing.L2_FLUSHES,
+        default=timing.L2_FLUSH,
+        help="how the L2 is emptied before each timed call (perf.timing.L2_FLUSH)",
+    )
     args = parser.parse_args()
+    timing.L2_FLUSH = args.l2_flush
     first = registry._DECODE_TUNING[(ARCH, HEAD_DIM)]
     current = (first, registry._DECODE_FILLS_GPU_TUNING.get((ARCH, HEAD_DIM), first))
     if args.every_batch:

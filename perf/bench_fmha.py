@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "rotated, and record each one's median (rows move a few %% between contexts)",
     )
     p.add_argument(
+        "--l2-flush",
+        choices=("read", "write"),
+        default="read",
+        help="how the L2 is emptied before each timed kernel call (perf.timing.L2_FLUSHES)",
+    )
+    p.add_argument(
         "--deadline-s",
         type=float,
         default=0.0,
@@ -371,7 +377,11 @@ class Runner:
         nbytes = COPY_BYTES_CUDA if self.device.type == "cuda" else COPY_BYTES_CPU
         try:
             self.copy_gbps = timing.copy_bandwidth_gbps(
-                self.device, nbytes, warmup_ms=self.args.warmup_ms, rep_ms=self.args.rep_ms
+                self.device,
+                nbytes,
+                warmup_ms=self.args.warmup_ms,
+                rep_ms=self.args.rep_ms,
+                l2_flush=self.args.l2_flush,
             )
         except Exception as exc:
             self.copy_gbps = 0.0
@@ -460,6 +470,7 @@ class Runner:
                 warmup_ms=self.args.warmup_ms,
                 rep_ms=self.args.rep_ms,
                 graph=True,
+                l2_flush=self.args.l2_flush,
             ), ""
         except Exception as exc:
             self._after_error(_describe(exc))
@@ -473,7 +484,11 @@ class Runner:
 
         if kind == "kernel":
             return timing.time_kernel(
-                fn, self.device, warmup_ms=self.args.warmup_ms, rep_ms=self.args.rep_ms
+                fn,
+                self.device,
+                warmup_ms=self.args.warmup_ms,
+                rep_ms=self.args.rep_ms,
+                l2_flush=self.args.l2_flush,
             )
         if kind == "eager":
             return timing.time_eager(fn, self.device)

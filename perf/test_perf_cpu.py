@@ -251,3 +251,17 @@ def test_repeat_rotates_the_providers_and_records_medians(
     ordered = sorted(case_rows, key=case_rows.__getitem__)
     assert ordered == ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sparsek"]
     assert case_rows["sdpa_flash"] == case_rows["sparsek"] - 3  # one round: 4 timings
+
+
+def test_l2_flush_choices() -> None:
+    """`time_kernel` takes the flushes the suite offers and names the argument otherwise."""
+    from perf import timing
+
+    assert timing.L2_FLUSH in timing.L2_FLUSHES
+    cpu = torch.device("cpu")
+    for flush in timing.L2_FLUSHES:
+        assert timing.time_kernel(lambda: None, cpu, rep_ms=1.0, l2_flush=flush) >= 0.0
+    with pytest.raises(ValueError, match="l2_flush='dirty'"):
+        timing.time_kernel(lambda: None, cpu, l2_flush="dirty")
+    assert bench_fmha.parse_args(["--l2-flush", "write", "--dry-run"]).l2_flush == "write"
+    assert bench_fmha.parse_args(["--dry-run"]).l2_flush == timing.L2_FLUSH

@@ -13,9 +13,18 @@ from collections.abc import Callable
 
 import torch
 
-# Larger than H100's 50 MiB L2: zeroing it before each timed call evicts the inputs,
-# so every provider starts from DRAM as in a real model step.
+# Larger than H100's 50 MiB L2: streaming it through the L2 before each timed call evicts
+# the inputs, so every provider starts from DRAM as in a real model step.
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
+# How `time_kernel` empties the L2 before each timed call (`l2_flush`):
+# "read" sums the buffer: the L2 then holds clean lines, as after a model step's weight
+#   reads (the default since perf/NOTES.md #45);
+# "write" zeroes it (triton's do_bench; this suite's results before #45): the L2 is then
+#   full of dirty lines, whose write-back to DRAM the timed call pays for as its own
+#   traffic evicts them (on the H200, a 128 MiB copy reads 3.93 TB/s after it against
+#   4.15 after a read flush).
+L2_FLUSHES = ("read", "write")
+L2_FLUSH = "read"
 
 
 class NotMeasurable(RuntimeError):
@@ -48,14 +57,19 @@ def time_kernel(
     min_reps: int = 10,
     max_reps: int = 1000,
     graph: bool = False,
+    l2_flush: str | None = None,
 ) -> float:
     """Median time of one call: warm-up, then `rep_ms` worth of individually timed calls.
 
-    On CUDA each call sits between two events with a fresh L2 flush before it; on CPU each
-    call is timed with perf_counter. `graph` (CUDA): the call is captured once in a CUDA
-    graph and its replays are timed, so a call of several kernels is timed without the
-    host's gaps between their launches (raises if `fn` cannot be captured).
+    On CUDA each call sits between two events with a fresh L2 flush before it (`l2_flush`,
+    one of `L2_FLUSHES`; None: `L2_FLUSH`); on CPU each call is timed with perf_counter.
+    `graph` (CUDA): the call is captured once in a CUDA graph and its replays are timed, so
+    a call of several kernels is timed without the host's gaps between their launches
+    (raises if `fn` cannot be captured).
     """
+    l2_flush = L2_FLUSH if l2_flush is None else l2_flush
+    if l2_flush not in L2_FLUSHES:
+        raise ValueError(f"l2_flush={l2_flush!r}: expected one of {L2_FLUSHES}")
     if graph and device.type == "cuda":
         fn = _captured(fn, device, warmup=3)
     est = _estimate_ms(fn, device)
@@ -69,12 +83,13 @@ def time_kernel(
             fn()
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
-    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    flush = torch.zeros(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    empty_l2 = flush.zero_ if l2_flush == "write" else lambda: flush.sum(dtype=torch.int32)
     starts = [_timing_event() for _ in range(reps)]
     ends = [_timing_event() for _ in range(reps)]
     _sync(device)
     for start_event, end_event in zip(starts, ends, strict=True):
-        flush.zero_()
+        empty_l2()
         start_event.record()
         fn()
         end_event.record()
@@ -136,7 +151,12 @@ def _captured(fn: Callable[[], object], device: torch.device, *, warmup: int) ->
 
 
 def copy_bandwidth_gbps(
-    device: torch.device, nbytes: int, *, warmup_ms: float = 25.0, rep_ms: float = 100.0
+    device: torch.device,
+    nbytes: int,
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    l2_flush: str | None = None,
 ) -> float:
     """GB/s (1e9 bytes/s) of a device-to-device copy of `nbytes`, counting bytes read + written.
 
@@ -145,5 +165,7 @@ def copy_bandwidth_gbps(
     """
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = time_kernel(lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    ms = time_kernel(
+        lambda: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms, l2_flush=l2_flush
+    )
     return 2 * nbytes / (ms * 1e-3) / 1e9
