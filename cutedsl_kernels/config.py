@@ -58,6 +58,9 @@ class FmhaFwdConfig:
         ctas_per_sm: CTAs each SM holds at once (launch bound; shared memory and registers
             are budgeted for it): with 2, one CTA's prologue and epilogue overlap the
             other's main loop.
+        kv_evict_first: K/V loads carry TMA's L2 evict-first hint: for kernels that read
+            every K/V byte once (decode), so that the stream does not push other lines
+            out of the L2.
     """
 
     arch: str
@@ -77,6 +80,7 @@ class FmhaFwdConfig:
     dynamic_schedule: bool = False
     l2_group_mb: int = 0
     ctas_per_sm: int = 1
+    kv_evict_first: bool = False
 
     @property
     def name(self) -> str:
@@ -94,6 +98,7 @@ class FmhaFwdConfig:
             f"{'_dyn' if self.dynamic_schedule else ''}"
             f"{f'_g{self.l2_group_mb}' if self.l2_group_mb else ''}"
             f"{f'_c{self.ctas_per_sm}' if self.ctas_per_sm != 1 else ''}"
+            f"{'_ef' if self.kv_evict_first else ''}"
         )
 
     @property

@@ -53,6 +53,8 @@ class Tuning:
     l2_group_mb: int = 0
     # CTAs resident per SM (budgeted shared memory and registers; see `FmhaFwdConfig`).
     ctas_per_sm: int = 1
+    # K/V loads hint the L2 to evict their lines first (each byte is read once: decode).
+    kv_evict_first: bool = False
 
 
 # (arch, head_dim) -> tuning, measured on H100 and H200 (perf/NOTES.md). d128: 128x128
@@ -98,9 +100,12 @@ PACKED_L2_GROUP_MB = 16
 # Decode (`Variant.decode`): a tile's rows are the few query heads that share a KV head,
 # so a 64-row tile (one MMA warpgroup) does half the tensor-core and softmax work of a
 # 128-row one for the same bytes of K/V (perf/NOTES.md #12).
+# d128 decode loads K/V evict-first (H200, perf/NOTES.md #45): with a clean L2, B1 16k
+# +7% / +1% (16- / 64-token pages), B8 4k +3% / +2%, the rest within +-1%; after a flush
+# that leaves the L2 full of dirty lines, +6-10% at 32-128 MiB of K/V, -3-6% from 512 MiB.
 _DECODE_TUNING: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 64): Tuning(tile_m=64, tile_n=128, num_stages=2),
-    ("sm_90a", 128): Tuning(tile_m=64, tile_n=128, num_stages=2),
+    ("sm_90a", 128): Tuning(tile_m=64, tile_n=128, num_stages=2, kv_evict_first=True),
 }
 # Decode with at least one (sequence, KV head) tile per SM (`Variant.fills_gpu`, never
 # split): two CTAs per SM, each one's prologue and epilogue under the other's main loop.
@@ -108,7 +113,7 @@ _DECODE_TUNING: dict[tuple[str, int], Tuning] = {
 # against 64x128 at 1: B128 1k +3-7%, B32 1k +5-6%, 4k +0-2%; at B <= 8 (fewer CTAs,
 # split) they are even or slower, and 64x64 at 1 CTA per SM is 2-8% slower everywhere.
 _DECODE_FILLS_GPU_TUNING: dict[tuple[str, int], Tuning] = {
-    ("sm_90a", 128): Tuning(tile_m=64, tile_n=64, num_stages=2, ctas_per_sm=2),
+    ("sm_90a", 128): Tuning(tile_m=64, tile_n=64, num_stages=2, ctas_per_sm=2, kv_evict_first=True),
 }
 
 

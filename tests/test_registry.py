@@ -124,6 +124,24 @@ def test_decode_variants_take_64_row_tiles(head_dim: int, layout: tuple[str, int
     assert config in registry.registered_kernels("sm_90a")
 
 
+def test_only_d128_decode_kernels_load_kv_evict_first() -> None:
+    """Decode reads each K/V byte once (evict-first, perf/NOTES.md #45); every other kernel
+    may read a key tile again from the L2 (another query tile or head), and d64 decode was
+    not measured."""
+    kernels = [c for c in registry.registered_kernels("sm_90a") if isinstance(c, FmhaFwdConfig)]
+    evict_first = {c for c in kernels if c.kv_evict_first}
+    assert evict_first == {
+        c for c in kernels if c.head_dim == 128 and c.tile_m == 64 and c.kv_layout != "dense"
+        and not c.varlen_q
+    }  # fmt: skip
+    assert {(c.kv_layout, c.split_kv, c.ctas_per_sm) for c in evict_first} == {
+        (layout, split, ctas)
+        for layout in ("cache", "paged")
+        for split, ctas in ((False, 1), (True, 1), (False, 2))
+    }
+    assert all(c.name.endswith("_ef") for c in evict_first)
+
+
 @pytest.mark.parametrize(
     ("causal", "variant"),
     [

@@ -19,7 +19,9 @@ Features and limits:
   token axis (a batch of 1 on the host side) and delimited by `cu_seqlens_q/k`; or keys
   in a per-batch cache with `seqused_k` keys used; or in pages of `page_size` rows reached
   through `page_table` (one TMA box of gcd(page_size, tile_n) rows per page piece, so any
-  page size that is a multiple of 16 works). Packed queries: one grid axis enumerates
+  page size that is a multiple of 16 works; the producer loads a key tile's page numbers
+  one tile ahead). `kv_evict_first`: K/V loads hint the L2 to evict them first (decode,
+  which reads each K/V byte once). Packed queries: one grid axis enumerates
   (query tile, head) of all sequences, heads fastest within groups of heads whose K/V of
   the longest sequence take up to `l2_group_mb` MiB (`seqlen.packed_tile`, `tile_coords`;
   split-KV launches instead cover the longest sequence per batch entry); tiles past a
@@ -95,6 +97,9 @@ from cutedsl_kernels.hopper.limits import (
     THREADS_PER_WARPGROUP,
 )
 from cutedsl_kernels.hopper.mainloop import Sm90Mainloop, start_turns
+
+# TMA's L2 cache hint "evict first" (the 64-bit policy CUTLASS's CacheHintSm90 names).
+TMA_EVICT_FIRST = 0x12F0000000000000
 
 
 class HopperFmhaForward:
@@ -701,15 +706,21 @@ class HopperFmhaForward:
             boxes = self.tile_n // self.kv_box_rows
             page_size = self.config.page_size
             last_page = cutlass.max(cute.ceil_div(info.seqlen_k, page_size) - 1, 0)
+            # Each key tile's page numbers are loaded one tile ahead, before the waits
+            # for the previous tile's K/V stages, which hide their latency.
             box_page = cute.make_rmem_tensor(boxes, Int32)
             box_in_page = cute.make_rmem_tensor(boxes, Int32)
+            next_page = cute.make_rmem_tensor(boxes, Int32)
+            next_in_page = cute.make_rmem_tensor(boxes, Int32)
+            if n_max > n_min:
+                self.page_boxes(page_row, n_max - 1, last_page, next_page, next_in_page)
             for i in cutlass.range(n_max - n_min, unroll=1):
                 n_block = n_max - 1 - i
-                # Rows past the sequence end read its last page (masked anyway).
                 for j in cutlass.range_constexpr(boxes):
-                    row = n_block * self.tile_n + j * self.kv_box_rows
-                    box_page[j] = page_row[cutlass.min(row // page_size, last_page)]
-                    box_in_page[j] = (row % page_size) // self.kv_box_rows
+                    box_page[j] = next_page[j]
+                    box_in_page[j] = next_in_page[j]
+                next_block = cutlass.max(n_block - 1, n_min)
+                self.page_boxes(page_row, next_block, last_page, next_page, next_in_page)
                 for atom, src, dst, pipe in (
                     (tma_atom_K, mK_src, sK, pipeline_k),
                     (tma_atom_V, mV_src, sV, pipeline_v),
@@ -757,9 +768,28 @@ class HopperFmhaForward:
                         src[None, n_block],
                         dst[None, kv_state.index],
                         tma_bar_ptr=pipe.producer_get_barrier(kv_state),
+                        cache_policy=self.kv_cache_policy(),
                     )
                 kv_state.advance()
         return q_state, kv_state
+
+    @cute.jit
+    def page_boxes(
+        self,
+        page_row: cute.Tensor,
+        n_block: Int32,
+        last_page: Int32,
+        box_page: cute.Tensor,
+        box_in_page: cute.Tensor,
+    ):
+        """Into `box_page` / `box_in_page`: the page of each (kv_box_rows, d) box of key
+        tile `n_block`, and the box's index inside that page. Rows past the sequence end
+        read its last page (masked anyway)."""
+        page_size = self.config.page_size
+        for j in cutlass.range_constexpr(self.tile_n // self.kv_box_rows):
+            row = n_block * self.tile_n + j * self.kv_box_rows
+            box_page[j] = page_row[cutlass.min(row // page_size, last_page)]
+            box_in_page[j] = (row % page_size) // self.kv_box_rows
 
     @cute.jit
     def copy_kv_box(self, atom: cute.CopyAtom, gBox: cute.Tensor, sBox: cute.Tensor, bar):
@@ -767,7 +797,11 @@ class HopperFmhaForward:
         tsBox, tgBox = cpasync.tma_partition(
             atom, 0, cute.make_layout(1), cute.group_modes(sBox, 0, 2), cute.group_modes(gBox, 0, 2)
         )
-        cute.copy(atom, tgBox, tsBox, tma_bar_ptr=bar)
+        cute.copy(atom, tgBox, tsBox, tma_bar_ptr=bar, cache_policy=self.kv_cache_policy())
+
+    def kv_cache_policy(self) -> cutlass.Int64 | None:
+        """The L2 hint of the K/V loads: evict-first (`kv_evict_first`), else none."""
+        return cutlass.Int64(TMA_EVICT_FIRST) if const_expr(self.config.kv_evict_first) else None
 
     @cute.jit
     def mma(
