@@ -1,8 +1,8 @@
-"""Same-process A/B of the decode kernels' tuning (d128) against a candidate, per split
-count, beside torch SDPA's cuDNN backend. The candidate applies the flags' changes to both
-decode rows (`registry._DECODE_TUNING`, and `_DECODE_FILLS_GPU_TUNING` for batches that
-fill the GPU); with `--every-batch` both sides serve every batch with the first row's
-tiles (as the #31 experiment did).
+"""Same-process A/B of the decode kernels' tuning (d128, or `--head-dim 64`) against a
+candidate, per split count, beside torch SDPA's cuDNN backend. The candidate applies the
+flags' changes to both decode rows (`registry._DECODE_TUNING`, and
+`_DECODE_FILLS_GPU_TUNING` for batches that fill the GPU); with `--every-batch` both sides
+serve every batch with the first row's tiles (as the #31 experiment did).
 
     # CPU (no GPU needed): compile the candidate's decode kernels into the cache
     CUTE_DSL_ARCH=sm_90a SPARSEK_ARCH=sm_90a \
@@ -10,7 +10,7 @@ tiles (as the #31 experiment did).
     # GPU: both tunings through sparsek.attention_with_kvcache in one process
     python perf/ab_decode_tuning.py --tile-n 64 --ctas-per-sm 2
 
-Paged decode, H32 Hkv8 d128 bf16, block 16 (`--block`, one or more), pages in random
+Paged decode, H32 Hkv8 bf16, block 16 (`--block`, one or more), pages in random
 order. Each call is timed as a CUDA-graph replay after an L2 flush
 (`perf.timing.time_kernel(graph=True)`), median, in us; the current tuning is timed before
 and after the candidate and averaged. Cells: current / candidate us at the automatic split
@@ -38,7 +38,8 @@ from perf.decode_splits import SPLITS, paged_decode  # noqa: E402
 from sparsek import cache, ops, ops_kvcache_cuda, ops_varlen_cuda, registry  # noqa: E402
 from sparsek.registry import Tuning, Variant  # noqa: E402
 
-ARCH, HEAD_DIM = "sm_90a", 128
+ARCH = "sm_90a"
+HEAD_DIM = 128  # `--head-dim`
 CASES = [
     (1, 1024), (1, 4096), (1, 16384), (8, 1024), (8, 4096), (8, 16384), (8, 32768),
     (32, 1024), (32, 4096), (32, 16384), (128, 1024), (128, 4096),
@@ -74,7 +75,7 @@ def row(
     """One markdown row: us of each tuning, auto and best of `splits` split counts (best:
     auto when `splits` is empty), and cuDNN's."""
     dev = torch.device("cuda")
-    case = paged_decode(batch, context, block)
+    case = paged_decode(batch, context, block, HEAD_DIM)
 
     def measure(name: str) -> tuple[dict[int, float], int | str, torch.Tensor]:
         use_tuning(tunings[name])
@@ -106,6 +107,10 @@ def main() -> None:
     parser.add_argument("--tile-n", type=int, help="candidate tile_n")
     parser.add_argument("--num-stages", type=int, help="candidate num_stages")
     parser.add_argument("--ctas-per-sm", type=int, help="candidate ctas_per_sm")
+    parser.add_argument(
+        "--kv-evict-first", action="store_true", help="candidate loads K/V evict-first"
+    )
+    parser.add_argument("--head-dim", type=int, choices=(64, 128), default=128)
     parser.add_argument("--every-batch", action="store_true", help="one row for all batches")
     parser.add_argument(
         "--block", type=int, nargs="+", default=[16], help="paged block sizes (tokens)"
@@ -120,6 +125,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     timing.L2_FLUSH = args.l2_flush
+    global HEAD_DIM
+    HEAD_DIM = args.head_dim
     first = registry._DECODE_TUNING[(ARCH, HEAD_DIM)]
     current = (first, registry._DECODE_FILLS_GPU_TUNING.get((ARCH, HEAD_DIM), first))
     if args.every_batch:
@@ -130,6 +137,7 @@ def main() -> None:
             ("tile_n", args.tile_n),
             ("num_stages", args.num_stages),
             ("ctas_per_sm", args.ctas_per_sm),
+            ("kv_evict_first", args.kv_evict_first or None),
         )
         if value is not None
     }

@@ -72,7 +72,7 @@ class PagedDecode:
         batch, context = self.table.shape[0], self.table.shape[1] * self.k_cache.shape[1]
         rows = self.table.flatten().long()
         k, v = (
-            c[rows].view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
+            c[rows].view(batch, context, KV_HEADS, c.shape[-1]).transpose(1, 2)
             for c in (self.k_cache, self.v_cache)
         )
         qt = self.q.transpose(1, 2)
@@ -84,14 +84,14 @@ class PagedDecode:
         return call
 
 
-def paged_decode(batch: int, context: int, block: int) -> PagedDecode:
-    """H32 Hkv8 d128 decode, every sequence `context` keys long (seeded: the same inputs
-    in every script and run)."""
+def paged_decode(batch: int, context: int, block: int, head_dim: int = HEAD_DIM) -> PagedDecode:
+    """H32 Hkv8 decode (d128 unless `head_dim`), every sequence `context` keys long (seeded:
+    the same inputs in every script and run)."""
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    q = torch.randn(batch, 1, HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(batch, 1, HEADS, head_dim, device=dev, dtype=torch.bfloat16)
     pages = batch * context // block
-    k_cache = torch.randn(pages, block, KV_HEADS, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    k_cache = torch.randn(pages, block, KV_HEADS, head_dim, device=dev, dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
     table = torch.randperm(pages, device=dev, dtype=torch.int32).view(batch, context // block)
     seqlens = torch.full((batch,), context, device=dev, dtype=torch.int32)

@@ -124,20 +124,18 @@ def test_decode_variants_take_64_row_tiles(head_dim: int, layout: tuple[str, int
     assert config in registry.registered_kernels("sm_90a")
 
 
-def test_only_d128_decode_kernels_load_kv_evict_first() -> None:
-    """Decode reads each K/V byte once (evict-first, perf/NOTES.md #45); every other kernel
-    may read a key tile again from the L2 (another query tile or head), and d64 decode was
-    not measured."""
+def test_only_decode_kernels_load_kv_evict_first() -> None:
+    """Decode reads each K/V byte once (evict-first, perf/NOTES.md #45, #49): every d128
+    decode kernel and d64's two-CTAs-per-SM ones (its split rows lose at B1: not there);
+    every other kernel may read a key tile again from the L2 (another query tile or head)."""
     kernels = [c for c in registry.registered_kernels("sm_90a") if isinstance(c, FmhaFwdConfig)]
     evict_first = {c for c in kernels if c.kv_evict_first}
-    assert evict_first == {
-        c for c in kernels if c.head_dim == 128 and c.tile_m == 64 and c.kv_layout != "dense"
-        and not c.varlen_q
-    }  # fmt: skip
-    assert {(c.kv_layout, c.split_kv, c.ctas_per_sm) for c in evict_first} == {
-        (layout, split, ctas)
+    decode = {c for c in kernels if c.tile_m == 64 and c.kv_layout != "dense" and not c.varlen_q}
+    assert evict_first == {c for c in decode if c.head_dim == 128 or c.ctas_per_sm == 2}
+    assert {(c.head_dim, c.kv_layout, c.split_kv, c.ctas_per_sm) for c in evict_first} == {
+        (d, layout, split, ctas)
         for layout in ("cache", "paged")
-        for split, ctas in ((False, 1), (True, 1), (False, 2))
+        for d, split, ctas in ((128, False, 1), (128, True, 1), (128, False, 2), (64, False, 2))
     }
     assert all(c.name.endswith("_ef") for c in evict_first)
 

@@ -417,7 +417,7 @@ def test_kvcache_decode(d, dtype, h, hkv, layout) -> None:
 @pytest.mark.parametrize(("dtype", "d"), CORNERS)
 def test_kvcache_decode_batch_filling_the_gpu(dtype, d, layout, capacity) -> None:
     """160 (sequence, KV head) tiles, more than the SMs: the `fills_gpu` decode kernel
-    (two CTAs per SM at d128), never split, with odd and empty sequences among them."""
+    (two CTAs per SM), never split, with odd and empty sequences among them."""
     lens = [(37 * i) % 300 for i in range(20)]  # 0, 37, ..., 1 to 296
     if capacity > 320:
         lens[7] = capacity  # one sequence fills its cache
