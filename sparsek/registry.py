@@ -112,8 +112,8 @@ _DECODE_TUNING: dict[tuple[str, int], Tuning] = {
 # d128 (H200, perf/NOTES.md #31): 64x64 tiles (83 KiB of shared memory) at 2 CTAs per SM
 # against 64x128 at 1: B128 1k +3-7%, B32 1k +5-6%, 4k +0-2%; at B <= 8 (fewer CTAs,
 # split) they are even or slower, and 64x64 at 1 CTA per SM is 2-8% slower everywhere.
-# d64 (H200, perf/NOTES.md #49): its 64x128 tile (73 KiB) at 2 CTAs per SM, evict-first,
-# against 1 CTA per SM: B32 +2-15%, B128 +5-17% (1k-16k; 0.81-0.96 of cuDNN before,
+# d64 (H200, perf/NOTES.md #49): its 64x128 tile (72 KiB of tiles) at 2 CTAs per SM, evict-first,
+# against 1 CTA per SM: B32 +2-15%, B128 +5-17% (1k-16k; 0.80-0.95 of cuDNN before,
 # 0.94-0.99 after); evict-first alone is within +-1% there, and -4% at B1 1k (split rows).
 _DECODE_FILLS_GPU_TUNING: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 64): Tuning(tile_m=64, tile_n=128, num_stages=2, ctas_per_sm=2, kv_evict_first=True),
