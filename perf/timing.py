@@ -18,7 +18,7 @@ import torch
 _L2_FLUSH_BYTES = 256 * 1024 * 1024
 # How `time_kernel` empties the L2 before each timed call (`l2_flush`):
 # "read" sums the buffer: the L2 then holds clean lines, as after a model step's weight
-#   reads (the default since perf/NOTES.md #45);
+#   reads (the default since perf/NOTES.md #46);
 # "write" zeroes it (triton's do_bench; this suite's results before #45): the L2 is then
 #   full of dirty lines, whose write-back to DRAM the timed call pays for as its own
 #   traffic evicts them (on the H200, a 128 MiB copy reads 3.93 TB/s after it against
