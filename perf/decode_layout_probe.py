@@ -10,13 +10,18 @@ H32 Hkv8 d128 bf16, one query per sequence. Two tables:
   2-CTAs-per-SM decode tile, 264 slots on 132 SMs. If the kernel were limited per CTA
   (not by DRAM), B33 would read ~3% more bytes per second than B32.
 - layout: the same keys read as vLLM's paged cache (pages in random order: the suite's
-  case), the same cache with pages in order, pages stored head-major ((pages, Hkv, block,
-  d) permuted to vLLM's shape, so one head's rows of a page are contiguous), and cuDNN on
-  the suite's dense copy ((B, Hkv, S, d) contiguous) and on a token-major copy ((B, S, Hkv,
-  d) transposed: each head's rows 2 KiB apart, like the paged cache).
+  case), the same cache with pages in order, with pages in random order within each 2 MiB
+  of a sequence's pages (the regions in random order), pages stored head-major ((pages,
+  Hkv, block, d) permuted to vLLM's shape, so one head's rows of a page are contiguous),
+  cuDNN on the suite's dense copy ((B, Hkv, S, d) contiguous) and on a token-major copy
+  ((B, S, Hkv, d) transposed: each head's rows 2 KiB apart, like the paged cache), and,
+  TIMING ONLY (wrong output), "all-heads": CTAs that each read every KV head of a
+  sequence (whole pages), as an MQA problem over pages of block x Hkv rows; its kernels
+  (pages of 128 / 512 rows) compile at first use.
 
 Cells: us per call (CUDA-graph replay after an L2 flush, median, mean over rounds) and
-GB/s of K + V read. Every sparsek column's output is checked against the first's.
+GB/s of K + V read. Every other column's output is checked against the first's. The
+header line also gives the copy bandwidth and torch's sum over 4 GiB.
 """
 
 from __future__ import annotations
@@ -138,7 +143,8 @@ def columns(batch: int, context: int, block: int, layouts: bool) -> dict[str, Ca
 
 
 def read_bandwidth_gbps(device: torch.device, nbytes: int) -> float:
-    """GB/s of a reduction over `nbytes` (a read-only stream: the ceiling decode aims at)."""
+    """GB/s of torch's sum over `nbytes`: a read-only stream (on the H200 it reads slower
+    than the decode kernels do, so it is no ceiling for them)."""
     words = torch.ones(nbytes // 4, dtype=torch.int32, device=device)
     ms = timing.time_kernel(lambda: words.sum(dtype=torch.int32), device)
     return nbytes / (ms * 1e-3) / 1e9
