@@ -1,53 +1,28 @@
-"""Compile, export and load FMHA kernels without a GPU (no torch here).
+"""Compile, export and load the kernels without a GPU (no torch here).
 
 Kernels are compiled against fake tensors with symbolic extents, so one compiled kernel
 serves every batch size, sequence length, head count and stride. They are compiled with
 TVM-FFI enabled: the loaded function takes framework tensors (anything with DLPack)
-directly and launches on the framework's current stream.
+directly and launches on the framework's current stream. Every kernel's arguments, by
+name and order: `abi.py`.
 
-Runtime signature of every compiled forward kernel (the contract with `sparsek`):
-
-    fn(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, tile_counter,
-       softmax_scale: float, causal_offset: int, max_seqlen_q: int, num_splits: int,
-       num_ctas: int)
-
-    q, out: (batch, seqlen_q, num_heads, head_dim)        dtype = config.dtype
-    k, v:   (batch, seqlen_k, num_kv_heads, head_dim)     dtype = config.dtype
-    lse:    (batch, num_heads, seqlen_q)                  float32, last dim contiguous
-    The last dim of q/k/v/out is contiguous; other strides are arbitrary multiples of 8
-    elements and base pointers are 16-byte aligned (TMA's rules). num_heads is a multiple
-    of num_kv_heads. seqlen_q >= 1, seqlen_k >= 1.
-    causal_offset (dense causal configs): key j is visible to query i iff j <= i + offset.
-    Rows with no visible key get out = 0 and lse = -inf.
-    Variable-length configs (see `FmhaFwdConfig`): `varlen_q` packs q/out/lse as a batch
-    of one, (1, total_q, ...) / (1, num_heads, total_q), delimited by cu_seqlens_q
-    (batch + 1 int32) with max_seqlen_q its longest sequence; kv_layout "varlen" packs
-    k/v likewise with cu_seqlens_k; "cache" takes seqused_k (batch int32) keys of each
-    batch entry; "paged" reads k/v as (num_pages, page_size, num_kv_heads, head_dim)
-    through page_table (batch, max_pages int32) with seqused_k. Metadata a config does
-    not use is passed as None; num_splits is 1 unless `split_kv`, where out and lse gain
-    a leading num_splits mode and are float32 partial results. tile_counter: a (1,) int32
-    tensor of zeros for `dynamic_schedule` configs (fresh per launch), else None.
-    num_ctas: the CTA count of a `persistent` launch (the SM count); ignored otherwise.
-
-The split-KV combine kernel (`CombineConfig`):
-
-    fn(o_partial, lse_partial, out, lse)   (see `common/split_combine.py`)
-
-The paged KV-cache update kernel (`KVStoreConfig`):
-
-    fn(k, v, k_cache, v_cache, slots)      (see `common/paged_kv_store.py`)
+Which class compiles a forward config is `FORWARD_KERNELS`' answer for its architecture
+(one row per architecture: the kernel class, and a DSL-free module whose
+`can_implement(config)` the registry asks on the launch path); the SIMT row kernels
+(split-KV combine, paged KV-cache update) serve every architecture.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,21 +46,54 @@ def dsl_version() -> str:
         return "missing"
 
 
+@dataclass(frozen=True)
+class ForwardKernel:
+    """One architecture's FMHA forward kernel, by module path (imported on use).
+
+    Attributes:
+        arch_prefix: the configs' `arch` starts with it ("sm_90" serves "sm_90a").
+        module, cls: where the kernel class lives (imports the DSL).
+        limits: a module whose `can_implement(config)` answers without importing the DSL.
+    """
+
+    arch_prefix: str
+    module: str
+    cls: str
+    limits: str
+
+
+# The architecture table: a new architecture is one row (and its folder).
+FORWARD_KERNELS: tuple[ForwardKernel, ...] = (
+    ForwardKernel(
+        "sm_90",
+        "cutedsl_kernels.hopper.fmha_fwd",
+        "HopperFmhaForward",
+        "cutedsl_kernels.hopper.limits",
+    ),
+)
+
+
+def forward_kernel(arch: str) -> ForwardKernel | None:
+    """The row of `FORWARD_KERNELS` serving `arch`, or None."""
+    return next((k for k in FORWARD_KERNELS if arch.startswith(k.arch_prefix)), None)
+
+
 def can_implement(config: KernelConfig) -> list[str]:
     """Reasons `config` cannot be compiled (empty when it can)."""
     if isinstance(config, CombineConfig):
-        from cutedsl_kernels.common.split_combine import SplitCombine
+        from cutedsl_kernels.simt.split_combine import SplitCombine
 
         return SplitCombine.can_implement(config)
     if isinstance(config, KVStoreConfig):
-        from cutedsl_kernels.common.paged_kv_store import PagedKVStore
+        from cutedsl_kernels.simt.paged_kv_store import PagedKVStore
 
         return PagedKVStore.can_implement(config)
-    if config.arch.startswith("sm_90"):
-        from cutedsl_kernels.hopper import limits  # no DSL import: launch path
-
-        return limits.can_implement(config)
-    return [f"arch={config.arch!r} has no FMHA forward kernel (supported: sm_90a)"]
+    row = forward_kernel(config.arch)
+    if row is None:
+        arches = ", ".join(f"{k.arch_prefix}*" for k in FORWARD_KERNELS)
+        return [f"arch={config.arch!r} has no FMHA forward kernel (supported: {arches})"]
+    limits: Any = importlib.import_module(row.limits)  # no DSL import: launch path
+    return list(limits.can_implement(config))
 
 
 def _set_target_arch(arch: str) -> None:
@@ -110,17 +118,17 @@ def compile_kernel(config: KernelConfig) -> Any:
 
     kernel: Any
     if isinstance(config, CombineConfig):
-        from cutedsl_kernels.common.split_combine import SplitCombine
+        from cutedsl_kernels.simt.split_combine import SplitCombine
 
         kernel = SplitCombine(config)
     elif isinstance(config, KVStoreConfig):
-        from cutedsl_kernels.common.paged_kv_store import PagedKVStore
+        from cutedsl_kernels.simt.paged_kv_store import PagedKVStore
 
         kernel = PagedKVStore(config)
     else:
-        from cutedsl_kernels.hopper.fmha_fwd import HopperFmhaForward
-
-        kernel = HopperFmhaForward(config)
+        row = forward_kernel(config.arch)
+        assert row is not None  # can_implement refused it otherwise
+        kernel = getattr(importlib.import_module(row.module), row.cls)(config)
     args = kernel.fake_arguments()
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     return cute.compile(kernel, *args, stream, options=f"--enable-tvm-ffi --gpu-arch {config.arch}")

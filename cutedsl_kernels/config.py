@@ -1,19 +1,114 @@
-"""Compile-time configuration of the FMHA forward kernels.
+"""Compile-time configuration of the FMHA kernels.
 
-A `FmhaFwdConfig` names one compiled kernel: everything that changes the generated code
-(architecture, head dim, dtype, causal masking, tile shape, pipeline depth) and nothing
-that does not (batch, sequence lengths, head counts and strides are runtime values).
-It is also the cache key's kernel part, so it is frozen and hashable.
+A `FmhaFwdConfig` names one compiled forward kernel: everything that changes the generated
+code (architecture, head dims, element types, mask, tile shape, pipeline depth, schedule)
+and nothing that does not (batch, sequence lengths, head counts and strides are runtime
+values). It is also the cache key's kernel part, so it and its parts are frozen and
+hashable.
+
+Two parts say *what* is computed and are shared by every architecture:
+- `ElementTypes`: the types of Q/K, V, O and the accumulators;
+- `MaskSpec`: which mask features the kernel is compiled with. Their sizes are runtime
+  arguments (the causal diagonal's alignment is `causal_offset`), so one kernel serves
+  every alignment and window size. A feature an architecture's kernel does not implement
+  yet is refused by its `can_implement`, with the reason.
+The rest says *how* (tiles, stages, schedule) and is chosen by the host's tuning tables.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The 16-bit element types every kernel takes today (Q/K, V and O of one type).
 SUPPORTED_DTYPES = ("float16", "bfloat16")
 
 # Where a kernel finds each batch's keys and values (see `FmhaFwdConfig.kv_layout`).
 KV_LAYOUTS = ("dense", "varlen", "cache", "paged")
+
+
+@dataclass(frozen=True)
+class ElementTypes:
+    """Element types of one kernel, by the DSL/torch name ("bfloat16", "float8_e4m3fn").
+
+    Attributes:
+        qk: Q and K (the first GEMM's operands).
+        v: V (the second GEMM's B operand).
+        out: O.
+        acc: the GEMM accumulators, the softmax statistics and the LSE.
+    """
+
+    qk: str
+    v: str
+    out: str
+    acc: str = "float32"
+
+    @classmethod
+    def uniform(cls, dtype: str) -> ElementTypes:
+        """Q, K, V and O all of `dtype`, float32 accumulators."""
+        return cls(dtype, dtype, dtype)
+
+    @property
+    def is_uniform(self) -> bool:
+        """Q, K, V and O share one type."""
+        return self.qk == self.v == self.out
+
+    @property
+    def name(self) -> str:
+        """Short name: the type itself when uniform with float32 accumulators."""
+        if self.is_uniform and self.acc == "float32":
+            return self.qk
+        return f"{self.qk}-{self.v}-{self.out}-acc{self.acc}"
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which scores a kernel masks or transforms before the softmax (compile-time switches;
+    their sizes are runtime arguments).
+
+    Attributes:
+        causal: key j is visible to query i iff j <= i + causal_offset (runtime: the
+            sequence-length difference aligns it bottom-right, 0 top-left; per-sequence
+            layouts align bottom-right).
+        window: sliding window: key j is visible iff i + offset - left <= j <= i + offset
+            + right (sizes at run time).
+        softcap: scores pass through softcap * tanh(s / softcap) (softcap at run time).
+        sinks: each head has a learned sink logit that joins the softmax's denominator.
+    """
+
+    causal: bool = False
+    window: bool = False
+    softcap: bool = False
+    sinks: bool = False
+
+    @property
+    def name(self) -> str:
+        """ "full", "causal", or the features joined by "+" (e.g. "causal+softcap")."""
+        parts = [f for f in ("causal", "window", "softcap", "sinks") if getattr(self, f)]
+        return "+".join(parts) or "full"
+
+
+CAUSAL = MaskSpec(causal=True)
+NO_MASK = MaskSpec()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a kernel finds each sequence's queries and keys (`FmhaFwdConfig`'s fields of
+    the same names): dense, packed, cached or paged; split-KV or not."""
+
+    varlen_q: bool = False
+    kv_layout: str = "dense"
+    page_size: int = 0
+    split_kv: bool = False
+
+    @property
+    def is_varlen(self) -> bool:
+        """Sequence lengths come per batch from metadata tensors (not from shapes)."""
+        return self.varlen_q or self.kv_layout != "dense"
+
+
+DENSE = Layout()
+PACKED = Layout(varlen_q=True, kv_layout="varlen")  # packed queries and keys (varlen)
 
 
 @dataclass(frozen=True)
@@ -22,10 +117,11 @@ class FmhaFwdConfig:
 
     Attributes:
         arch: target architecture, e.g. "sm_90a".
-        head_dim: head dimension of Q, K and V.
-        dtype: element type of Q/K/V/O, "float16" or "bfloat16".
-        is_causal: apply the causal mask `key <= query + causal_offset` (offset is a runtime
-            argument: Sk - Sq for bottom-right alignment, 0 for top-left).
+        head_dim: head dimension of Q and K.
+        dtypes: element types of Q/K, V, O and the accumulators.
+        mask: the mask features compiled in (see `MaskSpec`).
+        head_dim_v: head dimension of V and O; None (the default): `head_dim` (see
+            `value_head_dim`).
         tile_m: query rows per CTA tile.
         tile_n: key rows per main-loop step.
         num_stages: depth of the K/V shared-memory pipeline.
@@ -48,7 +144,7 @@ class FmhaFwdConfig:
             tiles with as many key tiles together as any other pair), unless
             `dynamic_schedule`.
         dynamic_schedule: (persistent) CTAs take work tiles one by one from a global
-            counter (`mTileCounter`, zeroed before the launch): tiles of unequal work
+            counter (`tile_counter`, zeroed before the launch): tiles of unequal work
             (packed queries and keys, which need it; causal query tiles, longest first
             within groups of heads whose K/V fit in L2) leave no SM idle at the end.
         l2_group_mb: (dynamic_schedule) the K/V MiB of the (head, batch) pairs whose
@@ -58,15 +154,16 @@ class FmhaFwdConfig:
         ctas_per_sm: CTAs each SM holds at once (launch bound; shared memory and registers
             are budgeted for it): with 2, one CTA's prologue and epilogue overlap the
             other's main loop.
-        kv_evict_first: K/V loads carry TMA's L2 evict-first hint: for kernels that read
+        kv_evict_first: K/V loads carry the L2 evict-first hint: for kernels that read
             every K/V byte once (decode), so that the stream does not push other lines
             out of the L2.
     """
 
     arch: str
     head_dim: int
-    dtype: str
-    is_causal: bool
+    dtypes: ElementTypes
+    mask: MaskSpec = NO_MASK
+    head_dim_v: int | None = None
     tile_m: int = 128
     tile_n: int = 128
     num_stages: int = 2
@@ -83,11 +180,18 @@ class FmhaFwdConfig:
     kv_evict_first: bool = False
 
     @property
+    def value_head_dim(self) -> int:
+        """Head dimension of V and O: `head_dim_v`, or `head_dim` when it is None."""
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
+
+    @property
     def name(self) -> str:
         """Short, filesystem-safe name, unique per config."""
-        mask = "causal" if self.is_causal else "full"
+        dims = f"d{self.head_dim}" + (
+            f"v{self.value_head_dim}" if self.value_head_dim != self.head_dim else ""
+        )
         return (
-            f"fmha_fwd_{self.arch}_d{self.head_dim}_{self.dtype}_{mask}"
+            f"fmha_fwd_{self.arch}_{dims}_{self.dtypes.name}_{self.mask.name}"
             f"_m{self.tile_m}n{self.tile_n}s{self.num_stages}"
             f"{'_ov' if self.intra_wg_overlap else ''}{'_pp' if self.wg_pingpong else ''}"
             f"{'_vq' if self.varlen_q else ''}"
@@ -99,17 +203,22 @@ class FmhaFwdConfig:
             f"{f'_g{self.l2_group_mb}' if self.l2_group_mb else ''}"
             f"{f'_c{self.ctas_per_sm}' if self.ctas_per_sm != 1 else ''}"
             f"{'_ef' if self.kv_evict_first else ''}"
-        )
+        ).replace("+", "_")
+
+    @property
+    def layout(self) -> Layout:
+        """The layout fields as a `Layout`."""
+        return Layout(self.varlen_q, self.kv_layout, self.page_size, self.split_kv)
 
     @property
     def is_varlen(self) -> bool:
         """Sequence lengths come per batch from metadata tensors (not from shapes)."""
-        return self.varlen_q or self.kv_layout != "dense"
+        return self.layout.is_varlen
 
 
 @dataclass(frozen=True)
 class CombineConfig:
-    """The split-KV combine kernel for one output type (see `common/split_combine.py`).
+    """The split-KV combine kernel for one output type (see `simt/split_combine.py`).
 
     Attributes:
         arch: target architecture, e.g. "sm_90a".
@@ -129,7 +238,7 @@ class CombineConfig:
 
 @dataclass(frozen=True)
 class KVStoreConfig:
-    """The paged KV-cache update kernel for one K/V type (see `common/paged_kv_store.py`).
+    """The paged KV-cache update kernel for one K/V type (see `simt/paged_kv_store.py`).
 
     Attributes:
         arch: target architecture, e.g. "sm_90a".

@@ -76,7 +76,8 @@ def _sha_from_git_dir(git_dir: Path) -> str:
 
 
 def dsl_version() -> str:
-    """nvidia-cutlass-dsl's version; the GPU machine has the DSL on PYTHONPATH, not installed."""
+    """nvidia-cutlass-dsl's version (from `cutlass` itself when the DSL is on PYTHONPATH
+    rather than installed)."""
     try:
         return importlib.metadata.version("nvidia-cutlass-dsl")
     except importlib.metadata.PackageNotFoundError:

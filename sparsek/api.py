@@ -1,9 +1,13 @@
 """Public entry points: `attention` (FlashAttention layout) and an SDPA drop-in.
 
-Both validate their inputs, then either run the `sparsek::attention` op (CUDA tensors a
-registered kernel can serve) or fall back to `torch.nn.functional.scaled_dot_product_attention`
-for everything else, logging each distinct fallback reason once. With `SPARSEK_STRICT=1` in
-the environment a fallback raises `UnsupportedError` instead.
+Both validate their inputs (`sparsek.validation`), then either run the `sparsek::attention`
+op (CUDA tensors a registered kernel can serve) or fall back to
+`torch.nn.functional.scaled_dot_product_attention` for everything else (`sparsek.routing`:
+each distinct fallback reason logged once; with `SPARSEK_STRICT=1` in the environment a
+fallback raises `UnsupportedError` instead).
+
+A plain eager call that passed validation and the kernel check is remembered by its
+signature (`_eager_signature`), so a repeated call builds one key and runs its plan.
 
 Strides: any strides are accepted. Inputs whose layout TMA cannot read are copied
 (contiguously) inside the op; the values, and so the result, are unchanged.
@@ -11,38 +15,18 @@ Strides: any strides are accepted. Inputs whose layout TMA cannot read are copie
 
 from __future__ import annotations
 
-import functools
-import logging
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsek import ops as _ops  # also registers torch.ops.sparsek.attention
-from sparsek.errors import UnsupportedError
-from sparsek.ops import remember
+from sparsek import memo, ops  # ops also registers the torch.ops.sparsek ops
+from sparsek.launch import dense
 from sparsek.reference import reference_attention
-from sparsek.registry import (
-    ARCH_ENV,
-    detect_arch,
-    dtype_name,
-    find,
-    registered_arches,
-    registered_head_dims,
-)
-
-logger = logging.getLogger(__name__)
-
-STRICT_ENV = "SPARSEK_STRICT"
-
-# Every head dim any architecture registers (a constant for torch.compile's sake).
-_REGISTERED_HEAD_DIMS: tuple[int, ...] = tuple(
-    sorted({d for arch in registered_arches() for d in registered_head_dims(arch)})
-)
-
-_logged_reasons: set[str] = set()
+from sparsek.registry import ARCH_ENV
+from sparsek.routing import dense_blockers, fallback, needs_grad
+from sparsek.validation import check_dropout, check_flag, check_qkv, resolve_scale
 
 
 def attention(
@@ -87,24 +71,24 @@ def attention(
         signature = _eager_signature(q, k, v, softmax_scale, causal)
     plan = _SERVED.get(signature) if signature is not None else None
     if plan is not None:  # this signature passed every check below before
-        out, lse = _ops.run_dense(plan, q, k, v, return_lse)
+        out, lse = dense.run_dense(plan, q, k, v, return_lse)
         return (out, lse) if return_lse else out
-    _check_flag("causal", causal)
-    _check_flag("return_lse", return_lse)
-    _check_qkv(("q", "k", "v"), q, k, v, layout="(batch, seqlen, heads, head_dim)", head_axis=2)
-    scale = _resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
+    check_qkv(("q", "k", "v"), q, k, v, layout="(batch, seqlen, heads, head_dim)", head_axis=2)
+    scale = resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
-    reasons = _kernel_blockers(q, k, v, causal)
+    reasons = dense_blockers(q, k, v, causal)
     if not reasons:
         result = _run_kernels(_SERVED, signature, q, k, v, causal, scale, False)
         return result if return_lse else result[0]
-    if q.device.type == "cpu" and not _needs_grad(q, k, v):
+    if q.device.type == "cpu" and not needs_grad(q, k, v):
         # The documented CPU path: the op's float32 reference (the correctness oracle).
         cpu_result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
             q, k, v, causal, scale, False
         )
         return cpu_result if return_lse else cpu_result[0]
-    _fallback(reasons)
+    fallback(reasons)
     if return_lse:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         ref_out, ref_lse = reference_attention(
@@ -158,22 +142,22 @@ def scaled_dot_product_attention(
     plan = _SERVED_SDPA.get(signature) if signature is not None else None
     if plan is not None:  # this signature passed every check below before
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        return _ops.run_dense(plan, q, k, v, False)[0].transpose(1, 2)
-    _check_flag("is_causal", is_causal)
-    _check_flag("enable_gqa", enable_gqa)
+        return dense.run_dense(plan, q, k, v, False)[0].transpose(1, 2)
+    check_flag("is_causal", is_causal)
+    check_flag("enable_gqa", enable_gqa)
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal=True cannot be combined; pass one of them")
-    _check_dropout(dropout_p)
+    check_dropout(dropout_p)
     if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
         # PyTorch's SDPA serves some nested inputs; sparsek's kernels none.
-        _fallback(("nested tensors are not supported by the kernels",))
+        fallback(("nested tensors are not supported by the kernels",))
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
-    _check_qkv(
+    check_qkv(
         ("query", "key", "value"),
         query,
         key,
@@ -183,7 +167,7 @@ def scaled_dot_product_attention(
         enable_gqa=enable_gqa,
     )
     head_dim = query.shape[-1]
-    resolved = _resolve_scale("scale", scale, head_dim)
+    resolved = resolve_scale("scale", scale, head_dim)
 
     reasons: tuple[str, ...] = ()
     if attn_mask is not None:
@@ -191,12 +175,12 @@ def scaled_dot_product_attention(
     elif dropout_p > 0.0:
         reasons = ("dropout_p > 0 is not supported by the kernels",)
     else:
-        reasons = _kernel_blockers(query, key, value, is_causal)
+        reasons = dense_blockers(query, key, value, is_causal)
     if not reasons:
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         out = _run_kernels(_SERVED_SDPA, signature, q, k, v, is_causal, resolved, True)[0]
         return out.transpose(1, 2)
-    _fallback(reasons)
+    fallback(reasons)
     return F.scaled_dot_product_attention(
         query,
         key,
@@ -207,123 +191,6 @@ def scaled_dot_product_attention(
         scale=scale,
         enable_gqa=enable_gqa,
     )
-
-
-# ---------------------------------------------------------------------------- validation
-
-
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def _check_dropout(dropout_p: object) -> None:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
-def _resolve_scale(name: str, scale: object, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{name} must be a float (finite, > 0) or None, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {scale}")
-    return float(scale)
-
-
-def check_strided(name: str, t: Tensor) -> None:
-    """`t` is a dense (strided, not nested) tensor: TypeError naming `name` otherwise."""
-    if t.is_nested:
-        raise TypeError(
-            f"{name} is a nested tensor; supported: dense tensors (layout torch.strided); "
-            "sequences of different lengths: sparsek.attention_varlen"
-        )
-    if t.layout is not torch.strided:
-        raise TypeError(f"{name} has layout {t.layout}; supported: torch.strided (dense)")
-
-
-def check_float_tensors(names: tuple[str, ...], tensors: tuple[object, ...], hint: str) -> None:
-    """Each of `tensors` is a dense floating-point torch.Tensor (TypeError naming it
-    otherwise)."""
-    for name, t in zip(names, tensors, strict=True):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        check_strided(name, t)
-        if not t.dtype.is_floating_point:
-            raise TypeError(
-                f"{name} has dtype {t.dtype}; supported: floating point {hint}".rstrip()
-            )
-
-
-def check_kv_matches_q(names: tuple[str, str, str], q: Tensor, k: Tensor, v: Tensor) -> None:
-    """Rules every attention entry point shares, whatever the layout (heads on dim -2 of
-    k after any batch/sequence dims; K and V alike but for the last dim).
-
-    Raises:
-        ValueError: k/v dtype or device differ from q's, v's shape differs from k's but for
-            the last dim, head_dim differs or is 0, or q's heads are no multiple of k's.
-    """
-    q_name, k_name, v_name = names
-    for name, t in ((k_name, k), (v_name, v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}.dtype={t.dtype} must equal {q_name}.dtype={q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}.device={t.device} must equal {q_name}.device={q.device}")
-    if v.shape[:-1] != k.shape[:-1]:
-        raise ValueError(
-            f"{v_name} shape {tuple(v.shape)} must match {k_name} shape {tuple(k.shape)} "
-            "except for the last dim"
-        )
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"{k_name} head_dim={k.shape[-1]} must equal {q_name} head_dim={q.shape[-1]}"
-        )
-    if q.shape[-1] == 0:
-        raise ValueError(f"{q_name} head_dim must be >= 1, got 0")
-
-
-def check_head_ratio(names: tuple[str, str, str], num_heads: int, num_kv_heads: int) -> None:
-    """num_heads must be a positive multiple of num_kv_heads (GQA/MQA)."""
-    if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"num_heads={num_heads} of {names[0]} must be a multiple of "
-            f"num_kv_heads={num_kv_heads} of {names[1]}"
-        )
-
-
-def _check_qkv(
-    names: tuple[str, str, str],
-    q: object,
-    k: object,
-    v: object,
-    *,
-    layout: str,
-    head_axis: int,
-    enable_gqa: bool = True,
-) -> None:
-    """Validate three attention tensors; `head_axis` is 2 for BSHD and 1 for BHSD."""
-    q_name, k_name, v_name = names
-    check_float_tensors(names, (q, k, v), "(kernels: float16, bfloat16; others fall back)")
-    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
-    for name, t in zip(names, (q, k, v), strict=True):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
-    for name, t in ((k_name, k), (v_name, v)):
-        if t.shape[0] != q.shape[0]:
-            raise ValueError(
-                f"{name} batch size {t.shape[0]} must equal {q_name} batch size {q.shape[0]}"
-            )
-    num_heads, num_kv_heads = q.shape[head_axis], k.shape[head_axis]
-    check_kv_matches_q(names, q, k, v)
-    check_head_ratio(names, num_heads, num_kv_heads)
-    if not enable_gqa and num_heads != num_kv_heads:
-        raise ValueError(
-            f"{q_name} has {num_heads} heads but {k_name} has {num_kv_heads}; "
-            "pass enable_gqa=True for grouped-query attention"
-        )
 
 
 # ---------------------------------------------------------------------------- dispatch
@@ -348,7 +215,7 @@ def _eager_signature(
     for flag in flags:
         if type(flag) is not bool:
             return None
-    # `plain_eager` and `_needs_grad`, inline: this runs on every call.
+    # `routing.plain_eager` and `routing.needs_grad`, inline: this runs on every call.
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
         return None
     if (q.requires_grad or k.requires_grad or v.requires_grad) and torch.is_grad_enabled():
@@ -365,16 +232,14 @@ def _eager_signature(
 
 # `_eager_signature` -> the plan of a call the kernels serve, per entry point (`attention`
 # reads (batch, seqlen, heads, head_dim) tensors, the SDPA drop-in (batch, heads, ...)).
-_SERVED: dict[tuple[object, ...], _ops.DensePlan] = {}
-_SERVED_SDPA: dict[tuple[object, ...], _ops.DensePlan] = {}
-
-
-def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+_SERVED: dict[tuple[object, ...], dense.DensePlan] = {}
+_SERVED_SDPA: dict[tuple[object, ...], dense.DensePlan] = {}
+memo.register(_SERVED.clear)
+memo.register(_SERVED_SDPA.clear)
 
 
 def _run_kernels(
-    served: dict[tuple[object, ...], _ops.DensePlan],
+    served: dict[tuple[object, ...], dense.DensePlan],
     signature: tuple[object, ...] | None,
     q: Tensor,
     k: Tensor,
@@ -387,107 +252,9 @@ def _run_kernels(
     remembered in `served` under its signature and run; any other (tracing, autograd,
     dispatch modes) goes through the torch op."""
     if signature is None:
-        return _run_op(q, k, v, causal, scale, causal_top_left)
-    plan = _ops.dense_plan(q, k, v, causal, scale, causal_top_left)
-    return _ops.run_dense(remember(served, signature, plan), q, k, v)
-
-
-def _run_op(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, top_left: bool
-) -> tuple[Tensor, Tensor]:
-    """torch.ops.sparsek.attention; in plain eager mode its CUDA kernel is called directly.
-
-    The dispatcher round trip (Python -> C++ -> Python kernel) is pure host overhead when
-    nothing can intercept the call: no torch.compile tracing, no dispatch mode (FakeTensor,
-    profilers, export), no tensor subclasses. Anything else goes through the op.
-    """
-    if plain_eager(q, k, v):
-        return _ops._attention_cuda(q, k, v, causal, scale, top_left)
-    result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(q, k, v, causal, scale, top_left)
-    return result
-
-
-def plain_eager(*tensors: Tensor) -> bool:
-    """Nothing can intercept an op call on these tensors: plain eager mode, plain tensors."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
-        return False
-    return all(type(t) is Tensor for t in tensors)
-
-
-def _kernel_blockers(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[str, ...]:
-    """Why the kernels cannot serve these (validated) inputs; empty when they can."""
-    if q.device.type != "cuda":
-        return (f"device={q.device.type}: the kernels run on CUDA devices only",)
-    if _needs_grad(q, k, v):
-        return ("backward is not implemented (an input requires grad)",)
-    if v.shape[-1] != q.shape[-1]:
-        return (f"value head_dim={v.shape[-1]} differs from query head_dim={q.shape[-1]}",)
-    index = q.device.index if q.device.index is not None else -1
-    if not torch.compiler.is_compiling():
-        return _eager_registry_blockers(
-            os.environ.get(ARCH_ENV), index, q.shape[-1], q.dtype, causal
-        )
-    reasons: tuple[str, ...] = _registry_blockers(
-        index, _static_head_dim(q.shape[-1]), dtype_name(q.dtype), causal
-    )
-    return reasons
-
-
-@functools.lru_cache(maxsize=256)
-def _eager_registry_blockers(
-    arch_override: str | None, device_index: int, head_dim: int, dtype: torch.dtype, causal: bool
-) -> tuple[str, ...]:
-    """`_registry_blockers` memoized for eager calls: the answer depends only on these
-    (`arch_override`: the SPARSEK_ARCH value, which `detect_arch` reads)."""
-    reasons: tuple[str, ...] = _registry_blockers(
-        device_index, int(head_dim), dtype_name(dtype), causal
-    )
-    return reasons
-
-
-def _static_head_dim(head_dim: int) -> int | None:
-    """`head_dim` as a Python int, or None when it is no registered head dim.
-
-    Under torch.compile(dynamic=True) the head dim is symbolic; comparing it with each
-    registered value guards on it and yields a constant the registry check can take.
-    """
-    if not torch.compiler.is_compiling():
-        return int(head_dim)
-    for candidate in _REGISTERED_HEAD_DIMS:
-        if head_dim == candidate:
-            return candidate
-    return None
-
-
-@torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
-def _registry_blockers(
-    device_index: int, head_dim: int | None, dtype: str, causal: bool
-) -> tuple[str, ...]:
-    """Registry answer for a CUDA device (constant under torch.compile: no tracing inside)."""
-    arch = detect_arch(None if device_index < 0 else device_index)
-    if arch is None:
-        return ("no CUDA device detected",)
-    if head_dim is None:
-        dims = ", ".join(str(d) for d in _REGISTERED_HEAD_DIMS)
-        return (f"head_dim is not supported (supported: {dims})",)
-    found = find(arch, head_dim, dtype, causal)
-    return tuple(found) if isinstance(found, tuple) else ()
-
-
-def _strict() -> bool:
-    return os.environ.get(STRICT_ENV, "") not in ("", "0")
-
-
-def _fallback(reasons: tuple[str, ...], action: str = "falling back to torch SDPA") -> None:
-    """Raise in strict mode, else log each distinct reason once (never while tracing)."""
-    if _strict():
-        raise UnsupportedError(f"sparsek kernels cannot run this input ({STRICT_ENV}=1)", reasons)
-    if torch.compiler.is_compiling():
-        return
-    message = "; ".join(reasons)
-    if message not in _logged_reasons:
-        _logged_reasons.add(message)
-        logger.warning("sparsek: %s: %s", action, message)
+        return ops.call_attention(q, k, v, causal, scale, causal_top_left)
+    plan = dense.dense_plan(q, k, v, causal, scale, causal_top_left)
+    return dense.run_dense(memo.remember(served, signature, plan), q, k, v)
 
 
 def _sdpa_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:

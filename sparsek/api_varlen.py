@@ -7,8 +7,8 @@ On CUDA both run the sm90 kernels through the `sparsek::attention_varlen` and
 `sparsek::attention_with_kvcache` ops. CPU tensors take the documented torch reference
 (`sparsek.reference_varlen`); anything else no kernel serves (another device, inputs that
 require grad, head_dim_v != head_dim, an unregistered head_dim or dtype) also runs the
-reference: correct but slow, logged once per reason through `sparsek.api`'s fallback
-logging, and an `UnsupportedError` under `SPARSEK_STRICT=1`.
+reference: correct but slow, logged once per reason (`sparsek.routing`), and an
+`UnsupportedError` under `SPARSEK_STRICT=1`.
 
 Validation reads shapes, dtypes and devices only, never tensor values (no host sync): the
 values of `cu_seqlens_*`, `cache_seqlens` and `block_table` are the caller's contract (the
@@ -21,34 +21,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsek import ops_kvcache_cuda, ops_varlen
-from sparsek.api import (
-    _check_flag,
-    _fallback,
-    _needs_grad,
-    _resolve_scale,
-    check_float_tensors,
-    check_head_ratio,
-    check_kv_matches_q,
-    check_strided,
-    plain_eager,
-)
-from sparsek.ops_kvcache_cuda import KvcachePlan
-from sparsek.ops_varlen_cuda import kernel_config
+from cutedsl_kernels.config import PACKED
+from sparsek import ops
+from sparsek.launch import kvcache, launcher
+from sparsek.launch.kvcache import KvcachePlan
 from sparsek.reference_varlen import (
     check_kvcache_values,
     check_varlen_values,
     reference_attention_kvcache,
     reference_attention_varlen,
 )
-from sparsek.registry import PACKED
+from sparsek.registry import mask_of
+from sparsek.routing import NEEDS_GRAD, needs_grad, plain_eager, route
+from sparsek.validation import (
+    check_attention_tensors,
+    check_cache,
+    check_flag,
+    check_index_tensor,
+    check_max_seqlen,
+    check_num_splits,
+    check_offsets_tensor,
+    check_query_layout,
+    resolve_scale,
+)
 
 __all__ = ["attention_varlen", "attention_with_kvcache"]
-
-NEEDS_GRAD = "backward is not implemented (an input requires grad)"
-
-# Paged caches: the kernels' K/V tiles are 16-token multiples (one MMA K-step of fp16/bf16).
-_BLOCK_SIZE_MULTIPLE = 16
 
 
 def attention_varlen(
@@ -101,41 +98,34 @@ def attention_varlen(
             max_seqlen below the longest sequence).
         UnsupportedError: `SPARSEK_STRICT=1` and no kernel serves a non-CPU input.
     """
-    _check_flag("causal", causal)
-    _check_flag("return_lse", return_lse)
-    _check_attention_tensors(("q", "k", "v"), q, k, v, q_layouts={3: "(total_q, heads, head_dim)"})
-    _check_offsets_tensor("cu_seqlens_q", cu_seqlens_q, q)
-    _check_offsets_tensor("cu_seqlens_k", cu_seqlens_k, q)
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
+    check_attention_tensors(("q", "k", "v"), q, k, v, q_layouts={3: "(total_q, heads, head_dim)"})
+    check_offsets_tensor("cu_seqlens_q", cu_seqlens_q, q)
+    check_offsets_tensor("cu_seqlens_k", cu_seqlens_k, q)
     if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
         raise ValueError(
             f"cu_seqlens_k has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has "
             f"{cu_seqlens_q.shape[0]}; both must have batch + 1"
         )
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    scale = _resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
+    check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    scale = resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
-    needs_grad = _needs_grad(q, k, v)
+    grad = needs_grad(q, k, v)
     if q.device.type != "cpu":
-        _route(NEEDS_GRAD if needs_grad else kernel_config(q, v, causal, PACKED))
-    if needs_grad:
+        route(NEEDS_GRAD if grad else launcher.kernel_config(q, v, mask_of(causal), PACKED))
+    if grad:
         # The op has no autograd formula; the reference itself is differentiable.
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
             check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         out, lse = reference_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            causal=causal, softmax_scale=scale, compute_dtype=_compute_dtype(q),
+            causal=causal, softmax_scale=scale, compute_dtype=ops.compute_dtype(q),
         )  # fmt: skip
         out, lse = out.to(q.dtype), lse.to(torch.float32)
     else:
-        # In plain eager mode on CUDA the op's CUDA kernel is called directly (see
-        # `sparsek.api._run_op`: the dispatcher round trip is pure host overhead there).
-        varlen_op = (
-            ops_varlen._attention_varlen_cuda
-            if q.is_cuda and plain_eager(q, k, v, cu_seqlens_q, cu_seqlens_k)
-            else torch.ops.sparsek.attention_varlen
-        )
-        out, lse = varlen_op(
+        out, lse = ops.call_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
         )
     return (out, lse) if return_lse else out
@@ -213,9 +203,9 @@ def attention_with_kvcache(
             shapes (cache_seqlens beyond the cache, block_table entries out of range).
         UnsupportedError: `SPARSEK_STRICT=1` and no kernel serves a non-CPU input.
     """
-    _check_flag("causal", causal)
-    _check_flag("return_lse", return_lse)
-    _check_attention_tensors(
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
+    check_attention_tensors(
         ("q", "k_cache", "v_cache"),
         q,
         k_cache,
@@ -225,174 +215,40 @@ def attention_with_kvcache(
             3: "(total_q, heads, head_dim) with cu_seqlens_q",
         },
     )
-    _check_index_tensor("cache_seqlens", cache_seqlens, q, "(batch,)", 1)
+    check_index_tensor("cache_seqlens", cache_seqlens, q, "(batch,)", 1)
     batch = cache_seqlens.shape[0]
-    _check_query_layout(q, cu_seqlens_q, max_seqlen_q, batch)
-    _check_cache(k_cache, block_table, q, batch)
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
-        raise TypeError(
-            "num_splits must be an int >= 0 (0: auto, 1: no split), "
-            f"got {type(num_splits).__name__}"
-        )
-    if num_splits < 0:
-        raise ValueError(f"num_splits must be >= 0 (0: auto, 1: no split), got {num_splits}")
-    scale = _resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
+    check_query_layout(q, cu_seqlens_q, max_seqlen_q, batch)
+    check_cache(k_cache, block_table, q, batch)
+    check_num_splits(num_splits)
+    scale = resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
     kv_args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q)
-    needs_grad = _needs_grad(q, k_cache, v_cache)
+    grad = needs_grad(q, k_cache, v_cache)
     plan: KvcachePlan | str | None = None
-    if needs_grad:
-        _route(NEEDS_GRAD)
+    if grad:
+        route(NEEDS_GRAD)
     elif q.is_cuda and plain_eager(*(t for t in kv_args if t is not None)):
         # Plain eager mode on CUDA: the request's launch plan (memoized per shape) both
         # answers whether a kernel serves it and runs it, past the dispatcher (see
-        # `sparsek.api._run_op`: that round trip is pure host overhead here).
-        plan = ops_kvcache_cuda.kvcache_plan(*kv_args, max_seqlen_q, causal, num_splits)
-        _route(plan)
+        # `ops.call_attention`: that round trip is pure host overhead here).
+        plan = kvcache.kvcache_plan(*kv_args, max_seqlen_q, causal, num_splits)
+        route(plan)
     elif q.device.type != "cpu":
-        _route(kernel_config(q, v_cache, causal, ops_varlen.kvcache_variant(kv_args)))
-    if needs_grad:
+        layout = kvcache.request_layout(k_cache, block_table, cu_seqlens_q)
+        route(launcher.kernel_config(q, v_cache, mask_of(causal), layout))
+    if grad:
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
             check_kvcache_values(q, k_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q)
         out, lse = reference_attention_kvcache(
             q, k_cache, v_cache, cache_seqlens, block_table,
             cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, causal=causal,
-            softmax_scale=scale, compute_dtype=_compute_dtype(q),
+            softmax_scale=scale, compute_dtype=ops.compute_dtype(q),
         )  # fmt: skip
         out, lse = out.to(q.dtype), lse.to(torch.float32)
     else:
         op_args = (*kv_args, max_seqlen_q, causal, scale, num_splits)
         if isinstance(plan, KvcachePlan):
-            out, lse = ops_kvcache_cuda.attention_with_kvcache(*op_args, plan)
+            out, lse = ops.attention_with_kvcache_cuda(*op_args, plan)
         else:
             out, lse = torch.ops.sparsek.attention_with_kvcache(*op_args)
     return (out, lse) if return_lse else out
-
-
-# ---------------------------------------------------------------------------- validation
-
-
-def _check_attention_tensors(
-    names: tuple[str, str, str],
-    q: object,
-    k: object,
-    v: object,
-    *,
-    q_layouts: dict[int, str],
-) -> None:
-    """q: one of `q_layouts`' ranks; k/v: the same rank as q (varlen) or 4-D (caches)."""
-    q_name, k_name, v_name = names
-    check_float_tensors(names, (q, k, v), "")
-    assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
-    if q.dim() not in q_layouts:
-        layouts = " or ".join(f"{rank}-D {text}" for rank, text in q_layouts.items())
-        raise ValueError(f"{q_name} must be {layouts}, got shape {tuple(q.shape)}")
-    kv_rank = 4 if len(q_layouts) > 1 else q.dim()
-    kv_layout = "(total_k, kv_heads, head_dim)" if kv_rank == 3 else (
-        "(batch, seqlen_cache, kv_heads, head_dim) or (num_blocks, block_size, kv_heads, head_dim)"
-    )  # fmt: skip
-    for name, t in ((k_name, k), (v_name, v)):
-        if t.dim() != kv_rank:
-            raise ValueError(f"{name} must be {kv_rank}-D {kv_layout}, got shape {tuple(t.shape)}")
-    check_kv_matches_q(names, q, k, v)
-    check_head_ratio(names, q.shape[-2], k.shape[-2])
-
-
-def _check_index_tensor(name: str, t: object, q: Tensor, layout: str, rank: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_strided(name, t)
-    if t.dtype != torch.int32:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: torch.int32")
-    if t.dim() != rank:
-        raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
-    if t.device != q.device:
-        raise ValueError(f"{name}.device={t.device} must equal q.device={q.device}")
-
-
-def _check_offsets_tensor(name: str, t: object, q: Tensor) -> None:
-    _check_index_tensor(name, t, q, "(batch + 1,)", 1)
-    assert isinstance(t, Tensor)
-    if t.shape[0] == 0:
-        raise ValueError(f"{name} must have batch + 1 >= 1 entries, got 0")
-
-
-def _check_max_seqlen(name: str, value: object) -> None:
-    # torch.SymInt: a Python int that torch.compile chose to trace symbolically.
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(
-            f"{name} must be a Python int >= 0 (not a tensor: reading it would synchronize), "
-            f"got {type(value).__name__}"
-        )
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-
-
-def _check_query_layout(q: Tensor, cu_seqlens_q: object, max_seqlen_q: object, batch: int) -> None:
-    if cu_seqlens_q is None:
-        if q.dim() != 4:
-            raise ValueError(
-                f"q has shape {tuple(q.shape)} (packed, 3-D) but cu_seqlens_q is None; pass "
-                "cu_seqlens_q and max_seqlen_q, or q as 4-D (batch, seqlen_q, heads, head_dim)"
-            )
-        if max_seqlen_q is not None:
-            raise ValueError(
-                "max_seqlen_q is only used with cu_seqlens_q (packed q); pass None for a 4-D q"
-            )
-        if q.shape[0] != batch:
-            raise ValueError(
-                f"q batch size {q.shape[0]} must equal batch={batch} (entries of cache_seqlens)"
-            )
-        return
-    _check_offsets_tensor("cu_seqlens_q", cu_seqlens_q, q)
-    assert isinstance(cu_seqlens_q, Tensor)
-    if q.dim() != 3:
-        raise ValueError(
-            f"q has shape {tuple(q.shape)} but cu_seqlens_q is given; packed queries must be "
-            "3-D (total_q, heads, head_dim)"
-        )
-    if cu_seqlens_q.shape[0] != batch + 1:
-        raise ValueError(
-            f"cu_seqlens_q has {cu_seqlens_q.shape[0]} entries; it must have batch + 1 = "
-            f"{batch + 1} (batch={batch} from cache_seqlens)"
-        )
-    if max_seqlen_q is None:
-        raise ValueError("max_seqlen_q is required with cu_seqlens_q (a Python int >= 0)")
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-
-
-def _check_cache(k_cache: Tensor, block_table: object, q: Tensor, batch: int) -> None:
-    if block_table is None:
-        if k_cache.shape[0] != batch:
-            raise ValueError(
-                f"k_cache batch size {k_cache.shape[0]} must equal batch={batch} (entries of "
-                "cache_seqlens); a paged cache needs block_table"
-            )
-        return
-    _check_index_tensor("block_table", block_table, q, "(batch, max_blocks)", 2)
-    assert isinstance(block_table, Tensor)
-    if block_table.shape[0] != batch:
-        raise ValueError(
-            f"block_table has {block_table.shape[0]} rows; it must have batch={batch} "
-            "(entries of cache_seqlens)"
-        )
-    block_size = k_cache.shape[1]
-    if block_size == 0 or block_size % _BLOCK_SIZE_MULTIPLE != 0:
-        raise ValueError(
-            f"block_size={block_size} (k_cache.shape[1]) is not supported for paged caches "
-            f"(supported: positive multiples of {_BLOCK_SIZE_MULTIPLE})"
-        )
-
-
-# ---------------------------------------------------------------------------- dispatch
-
-
-def _compute_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _route(found: object) -> None:
-    """`found`: what serves a non-CPU request (a kernel config or launch plan), or why
-    nothing does. Then the reference runs: log the reason once, or raise when strict."""
-    if isinstance(found, str):
-        _fallback((found,), action="slow path (torch reference)")

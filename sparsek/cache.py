@@ -50,7 +50,7 @@ OBJECT_NAME = "kernel.so"
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
 # Bump when the on-disk layout or manifest fields change: old entries then miss.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: configs with ElementTypes / MaskSpec parts
 
 KernelFn = Callable[..., None]
 

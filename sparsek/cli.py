@@ -1,6 +1,7 @@
 """Command line: `python -m sparsek {compile,info,cache,demo}`.
 
-- compile [--arch sm_90a]: compile every registered config for the arch into the cache.
+- compile [--arch sm_90a]: compile every registered config for the arch into the cache
+  (`sparsek.precompile`).
 - info: GPU, versions, support matrix, cache directory and entries.
 - cache clear: delete every cache entry.
 - demo: on a GPU, check against the reference and time vs torch SDPA; without one,
@@ -12,12 +13,12 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from collections.abc import Sequence
 
 import torch
 
 from sparsek import __version__, cache, registry
+from sparsek.precompile import precompile
 
 DEFAULT_ARCH = "sm_90a"
 
@@ -27,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "compile":
-        return cmd_compile(args.arch or registry.detect_arch() or DEFAULT_ARCH)
+        return precompile(args.arch or registry.detect_arch() or DEFAULT_ARCH)
     if args.command == "info":
         return cmd_info()
     if args.command == "cache":
@@ -54,26 +55,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_compile(arch: str) -> int:
-    """Compile every registered config for `arch`; one line per config; 1 on any failure."""
-    configs = registry.registered_kernels(arch)
-    if not configs:
-        print(f"no kernels registered for {arch} (registered: {registry.registered_arches()})")
-        return 1
-    print(f"compiling {len(configs)} kernels for {arch} into {cache.cache_dir()}")
-    failures = 0
-    for config in configs:
-        start = time.perf_counter()
-        try:
-            status = cache.compile_into_cache(config).value
-        except Exception as exc:  # report every config, then fail
-            failures += 1
-            status = f"FAILED ({type(exc).__name__}: {_first_line(exc)})"
-        print(f"  {config.name:<56} {time.perf_counter() - start:7.2f} s  {status}", flush=True)
-    print(f"{len(configs) - failures}/{len(configs)} kernels ready")
-    return 1 if failures else 0
-
-
 def cmd_info() -> int:
     """Print GPU, versions, the support matrix and the cache contents."""
     from cutedsl_kernels.build import dsl_version
@@ -92,7 +73,7 @@ def cmd_info() -> int:
     print(f"  {'arch':<9} {'head_dim':<9} {'tile_m':>6} {'tile_n':>6} {'stages':>6}")
     for arch in registry.registered_arches():
         for config in registry.registered_configs(arch):
-            if config.dtype == "float16" and not config.is_causal:
+            if config.dtypes.qk == "float16" and not config.mask.causal:
                 print(
                     f"  {arch:<9} {config.head_dim:<9} {config.tile_m:>6} {config.tile_n:>6}"
                     f" {config.num_stages:>6}"
@@ -110,11 +91,6 @@ def cmd_cache_clear() -> int:
     removed = cache.clear()
     print(f"removed {removed} entries from {cache.cache_dir()}")
     return 0
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else ""
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsek
-from sparsek.cli import cmd_compile
+from sparsek.precompile import precompile
 from sparsek.reference import reference_attention
 
 # (batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim, causal)
@@ -102,7 +102,7 @@ def _cuda_ms(fn: Callable[[], torch.Tensor], warmup: int = 5, reps: int = 30) ->
 def _cpu_demo() -> int:
     print("No CUDA GPU here: compiling the sm_90a kernels (no GPU needed to compile),")
     print("then running the CPU reference path. No sparsek kernel is executed on this machine.\n")
-    compile_rc = cmd_compile("sm_90a")
+    compile_rc = precompile("sm_90a")
     print("\nCPU reference path (torch.ops.sparsek.attention on CPU = float32 reference)")
     print("vs torch SDPA on the CPU, float32; errors against a float64 reference:")
     header = f"{'B':>2} {'Sq':>5} {'Sk':>5} {'H':>3} {'Hkv':>3} {'D':>4} {'causal':>6} "

@@ -51,9 +51,11 @@ def isolated_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
 
 @pytest.fixture(autouse=True)
 def _clean_registry_memo() -> Iterator[None]:
-    """Registry answers are memoized; tests that monkeypatch `can_implement` need a fresh memo."""
-    from sparsek import registry
+    """Registry answers, loaded kernels and launch plans are memoized; tests that
+    monkeypatch `can_implement` or fake the launch path need fresh memos (all of them:
+    `sparsek.memo.clear_all`), before and after each test."""
+    from sparsek import memo
 
-    registry.find.cache_clear()
+    memo.clear_all()
     yield
-    registry.find.cache_clear()
+    memo.clear_all()

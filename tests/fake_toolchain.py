@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cutedsl_kernels.config import FmhaFwdConfig
+from cutedsl_kernels.config import CAUSAL, ElementTypes, FmhaFwdConfig
 from sparsek.cache import KernelCache, Toolchain
 
 
@@ -65,7 +65,7 @@ def race_main(root: str, log: str, source: str, barrier: str, peers: int) -> Non
     """One racing process: wait for `peers` processes at the barrier, then compile."""
     compiler = FakeCompiler(Path(log), [Path(source)], delay=1.0)
     cache = KernelCache(root, compiler.toolchain())
-    config = FmhaFwdConfig("sm_90a", 128, "bfloat16", True)
+    config = FmhaFwdConfig("sm_90a", 128, ElementTypes.uniform("bfloat16"), CAUSAL)
     Path(barrier, f"ready-{os.getpid()}").touch()
     deadline = time.monotonic() + 60
     while len(list(Path(barrier).iterdir())) < peers and time.monotonic() < deadline:

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import sparsek
-from sparsek import api, ops
+from sparsek import api, routing
+from sparsek.launch import dense
 from sparsek.reference import reference_attention
 
 
 @pytest.fixture(autouse=True)
 def _fresh_log_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api, "_logged_reasons", set())
+    monkeypatch.setattr(routing, "_logged_reasons", set())
     monkeypatch.delenv("SPARSEK_STRICT", raising=False)
 
 
@@ -104,12 +105,12 @@ def test_sdpa_drop_in_dropout_falls_back_with_same_rng() -> None:
 
 def test_fallback_is_logged_once_per_reason(caplog: pytest.LogCaptureFixture) -> None:
     q = rand(1, 4, 2, 16)
-    with caplog.at_level(logging.WARNING, logger="sparsek.api"):
+    with caplog.at_level(logging.WARNING, logger="sparsek.routing"):
         for _ in range(3):
             sparsek.scaled_dot_product_attention(q, q, q)
         sparsek.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(2, 2, dtype=torch.bool))
         sparsek.attention(q, q, q)  # CPU: the documented reference path, not a fallback
-    messages = [r.getMessage() for r in caplog.records if r.name == "sparsek.api"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "sparsek.routing"]
     assert len(messages) == 2
     assert "device=cpu" in messages[0] and "attn_mask" in messages[1]
 
@@ -157,7 +158,7 @@ def test_strict_zero_means_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_requires_grad_is_a_fallback_reason() -> None:
     q = rand(1, 4, 2, 64).requires_grad_()
-    assert api._kernel_blockers(q, q, q, False) == (
+    assert routing.dense_blockers(q, q, q, False) == (
         "device=cpu: the kernels run on CUDA devices only",
     )
     out = sparsek.attention(q, q, q)
@@ -171,12 +172,12 @@ def test_registry_blockers_for_cuda_requests(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(build, "can_implement", lambda c: [])
     monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
-    assert api._registry_blockers(0, 128, "bfloat16", True) == ()
-    assert "head_dim=96" in api._registry_blockers(0, 96, "float16", False)[0]
-    assert "head_dim is not supported" in api._registry_blockers(0, None, "float16", False)[0]
-    assert "dtype=float32" in api._registry_blockers(0, 64, "float32", False)[0]
+    assert routing.registry_blockers(0, 128, "bfloat16", True) == ()
+    assert "head_dim=96" in routing.registry_blockers(0, 96, "float16", False)[0]
+    assert "head_dim is not supported" in routing.registry_blockers(0, None, "float16", False)[0]
+    assert "dtype=float32" in routing.registry_blockers(0, 64, "float32", False)[0]
     monkeypatch.setenv("SPARSEK_ARCH", "sm_80")
-    assert "arch=sm_80" in api._registry_blockers(0, 64, "float16", False)[0]
+    assert "arch=sm_80" in routing.registry_blockers(0, 64, "float16", False)[0]
 
 
 def test_import_is_light() -> None:
@@ -203,7 +204,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[tuple]]:
     """`sparsek.attention` on CPU tensors as if a kernel served them: the launch path is
     faked, the kernel check passes unless an input requires grad. Yields (validations so
     far, kernel calls)."""
-    from fake_launch import fake_launch_path
+    from fake_launch import fake_config, fake_launch_path
 
     calls: list[tuple] = []
 
@@ -213,17 +214,16 @@ def served(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[tuple]]:
         lse.fill_(4.0)
 
     validations = [0]
-    check_qkv = api._check_qkv
+    check_qkv = api.check_qkv
 
     def counted(*args, **kwargs) -> None:
         validations[0] += 1
         check_qkv(*args, **kwargs)
 
-    fake_launch_path(monkeypatch, lambda *a: a, kernel)
-    monkeypatch.setattr(api, "_SERVED", {})
-    monkeypatch.setattr(api, "_check_qkv", counted)
+    fake_launch_path(monkeypatch, fake_config, kernel)  # no plan or call memoized yet
+    monkeypatch.setattr(api, "check_qkv", counted)
     monkeypatch.setattr(
-        api, "_kernel_blockers", lambda q, k, v, c: ("grad",) if api._needs_grad(q, k, v) else ()
+        api, "dense_blockers", lambda q, k, v, c: ("grad",) if routing.needs_grad(q, k, v) else ()
     )
     return validations, calls
 
@@ -261,7 +261,7 @@ def test_calls_that_drop_the_lse_write_it_to_a_shared_scratch(monkeypatch) -> No
     """Repeated calls without return_lse (and the SDPA drop-in) hand the kernel a view of
     the device's LSE scratch instead of a fresh allocation, while problems larger than
     the scratch, and calls that return the LSE, get their own."""
-    from fake_launch import fake_launch_path
+    from fake_launch import fake_config, fake_launch_path
 
     lses: list[torch.Tensor] = []
 
@@ -270,15 +270,13 @@ def test_calls_that_drop_the_lse_write_it_to_a_shared_scratch(monkeypatch) -> No
         out.fill_(3.0)
         lse.fill_(4.0)
 
-    fake_launch_path(monkeypatch, lambda *a: a, kernel)
-    monkeypatch.setattr(api, "_SERVED", {})
-    monkeypatch.setattr(api, "_SERVED_SDPA", {})
-    monkeypatch.setattr(api, "_kernel_blockers", lambda *a: ())
-    monkeypatch.setattr(ops, "LSE_SCRATCH_FLOATS", 64)
+    fake_launch_path(monkeypatch, fake_config, kernel)  # no plan or call memoized yet
+    monkeypatch.setattr(api, "dense_blockers", lambda *a: ())
+    monkeypatch.setattr(dense, "LSE_SCRATCH_FLOATS", 64)
     small, large = rand(1, 8, 4, 32), rand(1, 24, 4, 32)  # 32 and 96 LSE rows
     for _ in range(3):
         sparsek.attention(small, small, small)
-    (scratch,) = ops._LSE_SCRATCH.values()
+    scratch = dense.lse_scratch(small.device, (dense.LSE_SCRATCH_FLOATS,))  # all of it
     assert lses[1] is lses[2] and lses[1].data_ptr() == scratch.data_ptr()
     assert lses[1].shape == (1, 4, 8) and lses[0] is not lses[1]  # the first call: planned
     _, lse = sparsek.attention(small, small, small, return_lse=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from fake_toolchain import FakeCompiler
 
-from cutedsl_kernels.config import FmhaFwdConfig
+from cutedsl_kernels.config import CAUSAL, NO_MASK, ElementTypes, FmhaFwdConfig
 from sparsek import cache as cache_mod
 from sparsek.cache import (
     MANIFEST_NAME,
@@ -31,8 +31,8 @@ from sparsek.cache import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = FmhaFwdConfig("sm_90a", 128, "bfloat16", True)
-OTHER = FmhaFwdConfig("sm_90a", 64, "float16", False)
+CONFIG = FmhaFwdConfig("sm_90a", 128, ElementTypes.uniform("bfloat16"), CAUSAL)
+OTHER = FmhaFwdConfig("sm_90a", 64, ElementTypes.uniform("float16"), NO_MASK)
 
 
 @pytest.fixture(autouse=True)

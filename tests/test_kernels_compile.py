@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cutedsl_kernels import build
-from cutedsl_kernels.config import FmhaFwdConfig
+from cutedsl_kernels.config import NO_MASK, ElementTypes, FmhaFwdConfig, MaskSpec
 from sparsek import registry
 
 CONFIGS = [
@@ -48,16 +48,16 @@ def test_registered_config_compiles_exports_and_loads(
 
 
 def test_kernels_accept_every_base_the_launch_path_passes() -> None:
-    """The launch path sends q, k, v and out with 16-byte-aligned bases (`ops._ALIGN_BYTES`,
+    """The launch path sends q, k, v and out with 16-byte-aligned bases (`tma.ALIGN_BYTES`,
     TMA's rule); a compiled signature that assumed more would reject such views at launch."""
     pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
     from cutedsl_kernels.hopper.fmha_fwd import HopperFmhaForward
-    from sparsek import ops
+    from sparsek.launch import tma
 
     for config in (c for c in CONFIGS if isinstance(c, FmhaFwdConfig)):
         q, k, v, out, lse, *_ = HopperFmhaForward(config).fake_arguments()
         aligns = [t._assumed_align for t in (q, k, v, out)]
-        assert aligns == [ops._ALIGN_BYTES] * 4, (config.name, aligns)
+        assert aligns == [tma.ALIGN_BYTES] * 4, (config.name, aligns)
         assert lse._assumed_align == 4
 
 
@@ -66,16 +66,21 @@ def test_kernels_accept_every_base_the_launch_path_passes() -> None:
     [
         ({"head_dim": 72}, "head_dim=72"),
         ({"head_dim": 512}, "head_dim=512"),
-        ({"dtype": "float32"}, "dtype='float32'"),
+        ({"dtypes": ElementTypes.uniform("float32")}, "dtypes='float32' are not supported"),
+        ({"dtypes": ElementTypes("bfloat16", "float16", "bfloat16")}, "are not supported"),
         ({"tile_m": 96}, "tile_m=96"),
         ({"tile_n": 100}, "tile_n=100"),
         ({"num_stages": 0}, "num_stages=0"),
         ({"head_dim": 256, "num_stages": 4}, "shared memory"),
         ({"arch": "sm_80"}, "sm_80"),
+        ({"head_dim_v": 64}, "head_dim_v=64 must equal head_dim=128"),
+        ({"mask": MaskSpec(window=True)}, "window not implemented"),
+        ({"mask": MaskSpec(causal=True, softcap=True)}, "softcap not implemented"),
+        ({"mask": MaskSpec(sinks=True)}, "sinks not implemented"),
     ],
 )
 def test_can_implement_gives_reasons(changes: dict, fragment: str) -> None:
-    base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=False)
+    base = dict(arch="sm_90a", head_dim=128, dtypes=ElementTypes.uniform("bfloat16"), mask=NO_MASK)
     config = FmhaFwdConfig(**{**base, **changes})
     reasons = build.can_implement(config)
     assert reasons, f"{config} should be rejected"
@@ -91,7 +96,7 @@ def test_config_names_are_unique() -> None:
 
 @pytest.fixture(scope="module")
 def compiled_d64() -> object:
-    return build.compile_kernel(FmhaFwdConfig("sm_90a", 64, "float16", is_causal=False))
+    return build.compile_kernel(FmhaFwdConfig("sm_90a", 64, ElementTypes.uniform("float16")))
 
 
 def test_warm_start_path_never_imports_the_dsl(compiled_d64: object, tmp_path: Path) -> None:
@@ -101,7 +106,8 @@ def test_warm_start_path_never_imports_the_dsl(compiled_d64: object, tmp_path: P
     probe = (
         "import sys; from cutedsl_kernels import build; "
         f"fn = build.load_kernel({str(lib)!r}, 'sparsek_fwd'); "
-        "from sparsek import registry; registry.lookup('sm_90a', 128, 'bfloat16', True); "
+        "from sparsek import registry; "
+        "registry.lookup('sm_90a', 128, 'bfloat16', registry.mask_of(True)); "
         "assert callable(fn); assert 'cutlass' not in sys.modules, 'DSL imported'"
     )
     done = subprocess.run(
@@ -118,3 +124,13 @@ def test_export_without_a_c_compiler_falls_back_to_the_object_file(
     build.export_kernel(compiled_d64, str(path), "sparsek_fwd")
     assert path.read_bytes()[16] == 1  # ELF e_type ET_REL: a relocatable object
     assert callable(build.load_kernel(str(path), "sparsek_fwd"))
+
+
+def test_scheduler_words_agree_with_the_shared_memory_budget() -> None:
+    """The DSL-free budget (`hopper.limits.SCHED_WORDS`, per work tile in flight) is the
+    kernel's own `WorkTile.NUM_WORDS` (`common/tile_scheduler.py`)."""
+    pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
+    from cutedsl_kernels.common.tile_scheduler import WorkTile
+    from cutedsl_kernels.hopper import limits
+
+    assert limits.SCHED_WORDS == WorkTile.NUM_WORDS

@@ -18,7 +18,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparsek
-from sparsek import api
+from sparsek import routing
 from sparsek.reference import reference_attention
 
 op = torch.ops.sparsek.attention_with_kvcache
@@ -27,7 +27,7 @@ i32 = torch.int32
 
 @pytest.fixture(autouse=True)
 def _fresh_log_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api, "_logged_reasons", set())
+    monkeypatch.setattr(routing, "_logged_reasons", set())
     monkeypatch.delenv("SPARSEK_STRICT", raising=False)
 
 
@@ -336,9 +336,9 @@ def test_malformed_input_is_rejected(
 def test_choose_splits_fills_whole_waves(
     monkeypatch: pytest.MonkeyPatch, ctas: int, key_tiles: int, expected: int
 ) -> None:
-    from sparsek import ops, ops_varlen_cuda
+    from sparsek.launch import launcher, splits
 
-    monkeypatch.setattr(ops, "num_sms", lambda index: 132)
+    monkeypatch.setattr(launcher, "num_sms", lambda index: 132)
     device = torch.device("cuda", 0)
-    assert ops_varlen_cuda.choose_splits(0, ctas, key_tiles, device) == expected
-    assert ops_varlen_cuda.choose_splits(3, ctas, key_tiles, device) == min(3, key_tiles)
+    assert splits.choose_splits(0, ctas, key_tiles, device) == expected
+    assert splits.choose_splits(3, ctas, key_tiles, device) == min(3, key_tiles)

@@ -1,4 +1,4 @@
-"""The CUDA launch plan of `attention_with_kvcache` (`sparsek.ops_kvcache_cuda`), on CPU.
+"""The CUDA launch plan of `attention_with_kvcache` (`sparsek.launch.kvcache`), on CPU.
 
 The kernels are replaced by torch stand-ins that follow their contract (the kernel: the
 attention of the rows it is handed, through the views the plan builds; split-KV: split 0
@@ -10,22 +10,26 @@ repeated request is served from the memo. The kernels' own numerics are GPU test
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 from test_kvcache import make_caches
 
-from sparsek import ops, ops_kvcache_cuda
+from cutedsl_kernels.config import DENSE, ElementTypes, FmhaFwdConfig, Layout
+from sparsek.launch import dense, kvcache, launcher
 from sparsek.reference import reference_attention
 from sparsek.reference_varlen import reference_attention_kvcache
+from sparsek.registry import dtype_name
+from sparsek.tuning import DECODE_WORKLOADS, Workload
 
 i32 = torch.int32
 LENS = [1, 17, 64, 129, 300]
 
 
-def fake_kernel(causal: bool | None, variant):
-    """A stand-in for the kernel of (causal, variant); causal None: the combine."""
+def fake_kernel(causal: bool | None, layout: Layout | None):
+    """A stand-in for the forward kernel of (causal, layout); causal None: the combine."""
 
     def combine(o_part, lse_part, out, lse) -> None:
         # The plan's precomputed partial shapes are the kernel views' with a split axis.
@@ -40,9 +44,9 @@ def fake_kernel(causal: bool | None, variant):
     def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, counter, *scalars):
         scale, offset, rows, splits, ctas = scalars
         assert cu_k is None and counter is None and offset == 0 and ctas == 0
-        assert (splits > 1) == variant.split_kv
-        assert (cu_q is not None) == variant.varlen_q and (table is not None) == (
-            variant.kv_layout == "paged"
+        assert (splits > 1) == layout.split_kv
+        assert (cu_q is not None) == layout.varlen_q and (table is not None) == (
+            layout.kv_layout == "paged"
         )
         packed = dict(cu_seqlens_q=cu_q, max_seqlen_q=rows) if cu_q is not None else {}
         o, s = reference_attention_kvcache(
@@ -61,27 +65,48 @@ def fake_kernel(causal: bool | None, variant):
     return combine if causal is None else attention
 
 
+class Kernels(list):
+    """The kernels the plans loaded, in order: (causal, layout, workload) of each forward
+    kernel, (None, None, None) of the combine. `asks` counts the plans' questions to
+    `launcher.kernel_config`: one per plan built (two for a decode batch that fills the
+    GPU), none for a request served from the memo."""
+
+    asks = 0
+
+
 @pytest.fixture
-def fake_kernels(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    built: list[tuple] = []
+def fake_kernels(monkeypatch: pytest.MonkeyPatch) -> Kernels:
+    built = Kernels()
     config = SimpleNamespace(tile_m=128, tile_n=128, ctas_per_sm=1)
-    monkeypatch.setattr(ops_kvcache_cuda, "_PLANS", {})
-    monkeypatch.setattr(ops_kvcache_cuda, "kernel_config", lambda *a: config)
-    monkeypatch.setattr(ops, "num_sms", lambda index: 132)
+
+    def kernel_config(*args: object) -> SimpleNamespace:
+        built.asks += 1
+        return config
+
+    monkeypatch.setattr(launcher, "kernel_config", kernel_config)
+    monkeypatch.setattr(launcher, "num_sms", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
-    def launcher(device, head_dim, dtype, causal, variant=None):
-        built.append((causal, variant))
-        return fake_kernel(causal, variant)
+    def forward_kernel(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
+        built.append((mask.causal, layout, workload))
+        identity = FmhaFwdConfig(
+            "sm_90a", head_dim, ElementTypes.uniform(dtype_name(dtype)), mask, **asdict(layout)
+        )
+        return launcher.ForwardKernel(fake_kernel(mask.causal, layout), identity)
 
-    monkeypatch.setattr(ops_kvcache_cuda, "_launcher", launcher)
+    def combine_kernel(device, head_dim, dtype):
+        built.append((None, None, None))
+        return fake_kernel(None, None)
+
+    monkeypatch.setattr(launcher, "forward_kernel", forward_kernel)
+    monkeypatch.setattr(launcher, "combine_kernel", combine_kernel)
     return built
 
 
 def run(q, caches, *, causal=True, num_splits=0, cu=None, max_q=None):
     k, v, seqlens, *table = caches
     args = (q, k, v, seqlens, table[0] if table else None, cu, max_q, causal)
-    return ops_kvcache_cuda.attention_with_kvcache(*args, 0.25, num_splits)
+    return kvcache.attention_with_kvcache(*args, 0.25, num_splits)
 
 
 def reference(q, caches, *, causal=True, cu=None, max_q=None):
@@ -107,8 +132,10 @@ def test_decode_batched(fake_kernels, paged, num_splits, h, hkv) -> None:
     q = torch.randn(len(LENS), 1, h, 32)
     check(run(q, caches, num_splits=num_splits), reference(q, caches))
     # Decode: the group's heads are the rows of non-causal, non-packed launches.
-    assert {c for c, _ in fake_kernels} <= {False, None}
-    assert all(vt is None or (vt.decode and not vt.varlen_q) for _, vt in fake_kernels)
+    assert {c for c, *_ in fake_kernels} <= {False, None}
+    assert all(
+        lt is None or (wl in DECODE_WORKLOADS and not lt.varlen_q) for _, lt, wl in fake_kernels
+    )
 
 
 @pytest.mark.parametrize(
@@ -118,26 +145,27 @@ def test_decode_filling_the_gpu_takes_its_own_tiles(
     fake_kernels, monkeypatch: pytest.MonkeyPatch, sms: int, num_splits: int, fills: bool
 ) -> None:
     """A decode batch of at least one (sequence, KV head) tile per SM is never split and
-    runs the `fills_gpu` tiles (unless splits are asked for); smaller ones do not."""
-    monkeypatch.setattr(ops, "num_sms", lambda index: sms)
+    runs the `DECODE_FILLS_GPU` tiles (unless splits are asked for); smaller ones do not."""
+    monkeypatch.setattr(launcher, "num_sms", lambda index: sms)
     (k, v), _, seqlens = make_caches(LENS, 300, hkv=1)  # 5 sequences x 1 KV head: 5 CTAs
     q = torch.randn(len(LENS), 1, 4, 32)
     check(run(q, (k, v, seqlens), num_splits=num_splits), reference(q, (k, v, seqlens)))
-    (variant,) = {vt for _, vt in fake_kernels if vt is not None}
-    assert variant.fills_gpu == fills and variant.decode and variant.split_kv != fills
+    ((layout, workload),) = {(lt, wl) for _, lt, wl in fake_kernels if lt is not None}
+    assert (workload is Workload.DECODE_FILLS_GPU) == fills and workload in DECODE_WORKLOADS
+    assert layout.split_kv != fills
 
 
 def test_decode_filling_the_gpu_is_never_split(fake_kernels, monkeypatch) -> None:
     """Its tiles run two CTAs per SM and have no split variant: a long cache (16 key
     tiles here) is not split either."""
-    monkeypatch.setattr(ops, "num_sms", lambda index: 4)
-    stand_in = ops_kvcache_cuda.kernel_config()  # the fixture's config of every variant
+    monkeypatch.setattr(launcher, "num_sms", lambda index: 4)
+    stand_in = launcher.kernel_config()  # the fixture's config of every request
     monkeypatch.setattr(stand_in, "ctas_per_sm", 2)
     (k, v), _, seqlens = make_caches(LENS, 2000, hkv=1)  # 16 key tiles of capacity
     q = torch.randn(len(LENS), 1, 4, 32)
     check(run(q, (k, v, seqlens)), reference(q, (k, v, seqlens)))
-    (variant,) = {vt for _, vt in fake_kernels if vt is not None}
-    assert variant.fills_gpu and not variant.split_kv
+    ((layout, workload),) = {(lt, wl) for _, lt, wl in fake_kernels if lt is not None}
+    assert workload is Workload.DECODE_FILLS_GPU and not layout.split_kv
 
 
 def test_decode_packed_stages_lse_and_reads_strided_q(fake_kernels) -> None:
@@ -177,8 +205,11 @@ def test_unreadable_inputs_are_copied_and_planned_again(fake_kernels) -> None:
     q = torch.randn(len(LENS), 1, 4, 36)[..., :32]  # head stride 36: not a multiple of 8
     misaligned = torch.randn(k.numel() + 1)[1:].view(k.shape).copy_(k)
     check(run(q, (misaligned, v, seqlens)), reference(q, (k, v, seqlens)))
-    readable = [p for p in ops_kvcache_cuda._PLANS.values() if p.readable]
-    assert len(ops_kvcache_cuda._PLANS) == 2 and len(readable) == 1
+    assert fake_kernels.asks == 2  # the request's plan, then the copies'
+    meta = (seqlens, None, None, None, True, 0)  # what `run` passes
+    assert not kvcache.kvcache_plan(q, misaligned, v, *meta).readable
+    assert kvcache.kvcache_plan(q.contiguous(), k, v, *meta).readable  # the copies' signature
+    assert fake_kernels.asks == 2  # both memoized
 
 
 def test_repeated_requests_reuse_the_plan(fake_kernels) -> None:
@@ -189,9 +220,9 @@ def test_repeated_requests_reuse_the_plan(fake_kernels) -> None:
     for _ in range(3):
         fresh = torch.randn_like(q)
         check(run(fresh, (k, v, seqlens)), reference(fresh, (k, v, seqlens)))
-    assert len(ops_kvcache_cuda._PLANS) == 1 and len(fake_kernels) == loads
+    assert fake_kernels.asks == 1 and len(fake_kernels) == loads  # one plan
     run(q[:2], (k[:2], v[:2], seqlens[:2]))  # another shape: another plan
-    assert len(ops_kvcache_cuda._PLANS) == 2
+    assert fake_kernels.asks == 2
 
 
 def test_empty_and_keyless_requests_launch_nothing(fake_kernels) -> None:
@@ -210,21 +241,27 @@ def test_empty_and_keyless_requests_launch_nothing(fake_kernels) -> None:
 def test_dense_single_queries_run_as_decode(fake_kernels, monkeypatch, causal, top_left, h, hkv):
     """`sparsek.attention` with one query per sequence: planned as KV-cache decode over the
     dense K/V (its heads grouped per KV head); a top-left causal query sees key 0 only."""
-    monkeypatch.setattr(ops, "_DENSE_PLANS", {})
-    monkeypatch.setattr(ops, "_launcher", lambda *a: pytest.fail("dense kernel loaded"))
+    cache_kernel = launcher.forward_kernel  # the fixture's
+
+    def forward_kernel(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
+        if layout == DENSE:
+            pytest.fail("dense kernel loaded")
+        return cache_kernel(device, head_dim, dtype, mask, layout, workload)
+
+    monkeypatch.setattr(launcher, "forward_kernel", forward_kernel)
     gen = torch.Generator().manual_seed(h + top_left)
     q = torch.randn(3, 1, h, 32, generator=gen)
     k, v = (torch.randn(3, 300, hkv, 32, generator=gen) for _ in range(2))
-    plan = ops.dense_plan(q, k, v, causal, 0.25, top_left)
+    plan = dense.dense_plan(q, k, v, causal, 0.25, top_left)
     assert plan.decode is not None
-    out, lse = ops.run_dense(plan, q, k, v)
+    out, lse = dense.run_dense(plan, q, k, v)
     want, want_lse = reference_attention(
         q, k, v, causal=causal, causal_top_left=top_left, softmax_scale=0.25,
         compute_dtype=torch.float64,
     )  # fmt: skip
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
-    assert all(variant.decode for causal_, variant in fake_kernels if causal_ is not None)
+    assert all(wl in DECODE_WORKLOADS for causal_, _, wl in fake_kernels if causal_ is not None)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])

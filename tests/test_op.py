@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fake_launch import fake_launch_path
+from fake_launch import fake_config, fake_launch_path
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparsek
-from sparsek import ops, registry
+from cutedsl_kernels.config import DENSE
+from sparsek import memo, ops, registry, routing, tuning
+from sparsek.launch import dense, launcher, tma
 from sparsek.reference import reference_attention
+from sparsek.tuning import Workload
 
 op = torch.ops.sparsek.attention
 
@@ -93,14 +96,14 @@ def test_torch_compile_public_api_cpu_fallback() -> None:
 def test_registry_check_is_constant_under_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA dispatch decision is folded to a constant (no tracing into the registry)."""
     from cutedsl_kernels import build
-    from sparsek import api
 
     monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
     monkeypatch.setattr(build, "can_implement", lambda c: [])
     torch._dynamo.reset()
 
     def f(x):
-        reasons = api._registry_blockers(0, api._static_head_dim(x.shape[-1]), "bfloat16", True)
+        head_dim = routing.static_head_dim(x.shape[-1])
+        reasons = routing.registry_blockers(0, head_dim, "bfloat16", True)
         return x + len(reasons)
 
     x = torch.zeros(4, 128)
@@ -129,7 +132,7 @@ class RecordingKernel:
 @pytest.fixture
 def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> RecordingKernel:
     kernel = RecordingKernel()
-    fake_launch_path(monkeypatch, lambda *a: a, kernel)
+    fake_launch_path(monkeypatch, fake_config, kernel)
     return kernel
 
 
@@ -144,7 +147,7 @@ def fake_kernel(monkeypatch: pytest.MonkeyPatch) -> RecordingKernel:
 )
 def test_launch_arguments(fake_kernel, sq, sk, causal, top_left, offset) -> None:
     q, k, v = inputs(sq=sq, sk=sk, bhsd=True)
-    out, lse = ops._attention_cuda(q, k, v, causal, 0.5, top_left)
+    out, lse = dense.attention(q, k, v, causal, 0.5, top_left)
     [(kq, kk, kv, kout, klse, scale, koff)] = fake_kernel.calls
     assert kq is q and kk is k and kv is v  # permuted BHSD views satisfy TMA: no copies
     assert kout is out and klse is lse and scale == 0.5 and koff == offset
@@ -154,7 +157,7 @@ def test_launch_arguments(fake_kernel, sq, sk, causal, top_left, offset) -> None
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 1, 1), (2, 0, 3, 4), (0, 5), (7,), ()])
 def test_contiguous_strides_match_torch(shape: tuple[int, ...]) -> None:
-    assert ops.contiguous_strides(shape) == torch.empty(shape).stride()
+    assert launcher.contiguous_strides(shape) == torch.empty(shape).stride()
 
 
 @pytest.mark.parametrize(
@@ -166,7 +169,7 @@ def test_contiguous_strides_match_torch(shape: tuple[int, ...]) -> None:
     ],
 )
 def test_zero_size_launches_nothing(fake_kernel, shape_q, shape_k) -> None:
-    out, _ = ops._attention_cuda(
+    out, _ = dense.attention(
         torch.randn(shape_q), torch.randn(shape_k), torch.randn(shape_k), True, 0.5, False
     )
     assert fake_kernel.calls == [] and out.shape == shape_q and out.numel() == 0
@@ -174,7 +177,7 @@ def test_zero_size_launches_nothing(fake_kernel, shape_q, shape_k) -> None:
 
 def test_no_keys_gives_zero_rows_without_launch(fake_kernel) -> None:
     q, k = torch.randn(2, 8, 4, 32), torch.randn(2, 0, 2, 32)
-    out, lse = ops._attention_cuda(q, k, k, False, 0.5, False)
+    out, lse = dense.attention(q, k, k, False, 0.5, False)
     assert fake_kernel.calls == []
     assert (out == 0).all() and torch.isneginf(lse).all()
 
@@ -186,44 +189,60 @@ def test_repeated_requests_reuse_their_plan_and_still_check_pointers(
     gets its own plan; a misaligned base is copied on every call even when its
     signature's plan says the strides are readable; unreadable strides are copied."""
     asked: list[tuple] = []
-    monkeypatch.setattr(ops, "get_kernel", lambda config: asked.append(config) or fake_kernel)
+    monkeypatch.setattr(launcher, "get_kernel", lambda config: asked.append(config) or fake_kernel)
     q, k, v = inputs(sq=9, sk=13, bhsd=True)
     for _ in range(3):
-        ops._attention_cuda(q, k, v, True, 0.5, False)
-    assert len(ops._DENSE_PLANS) == 1 and len(asked) == 1 and len(fake_kernel.calls) == 3
+        dense.attention(q, k, v, True, 0.5, False)
+    plan = dense.dense_plan(q, k, v, True, 0.5, False)
+    assert dense.dense_plan(q, k, v, True, 0.5, False) is plan  # memoized: planned once
+    assert len(asked) == 1 and len(fake_kernel.calls) == 3
     flat = torch.randn(q.numel() + 1)
     misaligned = flat[1:].view(q.shape)  # the contiguous signature, base 4 bytes off
     aligned = flat[:-1].view(q.shape)
     for query in (aligned, misaligned, aligned):
-        ops._attention_cuda(query, k, v, True, 0.5, False)
+        dense.attention(query, k, v, True, 0.5, False)
     sent = [call[0] for call in fake_kernel.calls[3:]]
-    assert sent[0] is aligned and sent[2] is aligned and len(ops._DENSE_PLANS) == 2
+    assert sent[0] is aligned and sent[2] is aligned
+    contiguous_plan = dense.dense_plan(aligned, k, v, True, 0.5, False)
+    assert contiguous_plan is not plan  # another stride: its own plan ...
+    # ... and one per signature, whatever its base pointer
+    assert dense.dense_plan(misaligned, k, v, True, 0.5, False) is contiguous_plan
     assert sent[1] is not misaligned and sent[1].data_ptr() % 16 == 0
     assert torch.equal(sent[1], misaligned)
     odd = torch.randn(2, 9, 4, 36)[..., :32]  # row stride 36: not a multiple of 8
-    ops._attention_cuda(odd, k, v, True, 0.5, False)
+    dense.attention(odd, k, v, True, 0.5, False)
     assert fake_kernel.calls[-1][0].is_contiguous() and torch.equal(fake_kernel.calls[-1][0], odd)
     assert len(asked) == 1  # one (head_dim, dtype, causal) kernel throughout
 
 
 def test_plan_memo_is_bounded(fake_kernel, monkeypatch) -> None:
-    monkeypatch.setattr(ops, "MAX_PLANS", 3)
+    """Past `memo.MAX_ENTRIES` plans the memo starts afresh: the oldest signatures are
+    planned again, the newest stay memoized."""
+    monkeypatch.setattr(memo, "MAX_ENTRIES", 3)
+    plans = []
     for sq in range(1, 6):
-        ops._attention_cuda(*inputs(sq=sq, sk=4), False, 0.5, False)
-    assert 1 <= len(ops._DENSE_PLANS) <= 3 and len(fake_kernel.calls) == 5
+        dense.attention(*inputs(sq=sq, sk=4), False, 0.5, False)
+        plans.append(dense.dense_plan(*inputs(sq=sq, sk=4), False, 0.5, False))
+    assert len(fake_kernel.calls) == 5
+    assert dense.dense_plan(*inputs(sq=5, sk=4), False, 0.5, False) is plans[-1]
+    assert dense.dense_plan(*inputs(sq=1, sk=4), False, 0.5, False) is not plans[0]
+    bounded: dict[int, int] = {}
+    for key in range(5):
+        memo.remember(bounded, key, key)
+        assert 1 <= len(bounded) <= 3
 
 
 def test_tma_compatible_copies_only_when_needed() -> None:
     base = torch.randn(2, 4, 16, 64)
     permuted = base.transpose(1, 2)
-    assert ops.tma_compatible(permuted) is permuted
-    assert ops.tma_compatible(base) is base
+    assert tma.tma_compatible(permuted) is permuted
+    assert tma.tma_compatible(base) is base
     bad_last = torch.randn(2, 16, 4, 128)[..., ::2]
     odd_stride = torch.randn(2, 16, 4, 68)[..., :64]
     misaligned = torch.randn(2 * 16 * 4 * 64 + 1)[1:].view(2, 16, 4, 64)
     expanded = torch.randn(1, 16, 4, 64).expand(3, 16, 4, 64)
     for t in (bad_last, odd_stride, misaligned, expanded):
-        fixed = ops.tma_compatible(t)
+        fixed = tma.tma_compatible(t)
         assert fixed is not t and fixed.is_contiguous() and fixed.data_ptr() % 16 == 0
         assert torch.equal(fixed, t)
 
@@ -231,60 +250,67 @@ def test_tma_compatible_copies_only_when_needed() -> None:
 def test_eager_calls_skip_the_dispatcher_but_modes_and_compile_do_not(monkeypatch) -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from sparsek import api
-
     calls = []
 
     def direct(q, k, v, causal, scale, top_left):
         calls.append("direct")
         return q, q.new_empty(q.shape[0], q.shape[2], q.shape[1])
 
-    monkeypatch.setattr(ops, "_attention_cuda", direct)
+    monkeypatch.setattr(dense, "attention", direct)
     q = torch.randn(1, 8, 2, 16)
-    api._run_op(q, q, q, False, 0.25, False)
+    ops.call_attention(q, q, q, False, 0.25, False)
     assert calls == ["direct"]
     with FakeTensorMode() as mode:
         fq = mode.from_tensor(q)
-        out, lse = api._run_op(fq, fq, fq, False, 0.25, False)  # through the op's fake impl
+        out, lse = ops.call_attention(fq, fq, fq, False, 0.25, False)  # the op's fake impl
     assert calls == ["direct"] and out.shape == q.shape and lse.shape == (1, 2, 8)
 
 
-def test_long_causal_queries_take_the_long_variant(fake_kernel, monkeypatch) -> None:
+def recording_lookup(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The (faked) registry lookups of kernel loads: each one's arguments."""
     asked: list[tuple] = []
-    monkeypatch.setattr(ops, "get_kernel", lambda config: asked.append(config) or fake_kernel)
-    n = registry.LONG_SEQLEN_Q
+    monkeypatch.setattr(launcher, "lookup", lambda *a: asked.append(a) or fake_config(*a))
+    return asked
+
+
+def test_long_causal_queries_take_the_long_workload(fake_kernel, monkeypatch) -> None:
+    asked = recording_lookup(monkeypatch)
+    loads: list[object] = []
+    monkeypatch.setattr(launcher, "get_kernel", lambda config: loads.append(config) or fake_kernel)
+    n = tuning.LONG_SEQLEN_Q
     for sq, causal in ((n, True), (n - 1, True), (n, False), (n + 1, True)):
         q, k = torch.randn(1, sq, 3, 32), torch.randn(1, sq, 1, 32)  # > 132 tiles of 64
-        ops._attention_cuda(q, k, k, causal, 0.5, False)
-    variants = [config[-1] for config in asked]  # `lookup` is faked: its arguments
-    assert variants == [registry.LONG_Q, registry.DENSE, registry.DENSE]  # memoized per key
-    assert len(fake_kernel.calls) == 4
+        dense.attention(q, k, k, causal, 0.5, False)
+    workloads = [args[-1] for args in asked]  # `lookup` is faked: its arguments
+    assert workloads == [Workload.LONG_Q, Workload.DEFAULT, Workload.DEFAULT]  # memoized per key
+    assert [args[4] for args in asked] == [DENSE] * 3
+    assert len(loads) == 3 and len(fake_kernel.calls) == 4
 
 
-def test_problems_of_one_wave_take_the_one_wave_variant(fake_kernel, monkeypatch) -> None:
+def test_problems_of_one_wave_take_the_one_wave_workload(fake_kernel, monkeypatch) -> None:
     """batch x heads x 64-row query tiles <= the SMs (132 here): ONE_WAVE, also for long
-    causal queries; one tile more: the other variants."""
-    asked: list[tuple] = []
-    monkeypatch.setattr(ops, "get_kernel", lambda config: asked.append(config) or fake_kernel)
+    causal queries; one tile more: the other workloads."""
+    asked = recording_lookup(monkeypatch)
     cases = [
-        ((1, 512, 8), False, registry.ONE_WAVE),
-        ((2, 33 * 64, 2), True, registry.ONE_WAVE),  # 132 tiles
-        ((2, 33 * 64 + 1, 2), False, registry.DENSE),  # 136
-        ((1, 1, 132), False, registry.ONE_WAVE),
-        ((1, 1, 133), True, registry.DENSE),
-        ((1, 66 * 64, 2), True, registry.ONE_WAVE),  # long causal, yet one wave
-        ((1, 4096, 3), True, registry.LONG_Q),
+        ((1, 512, 8), False, Workload.ONE_WAVE),
+        ((2, 33 * 64, 2), True, Workload.ONE_WAVE),  # 132 tiles
+        ((2, 33 * 64 + 1, 2), False, Workload.DEFAULT),  # 136
+        ((1, 1, 132), False, Workload.ONE_WAVE),
+        ((1, 1, 133), True, Workload.DEFAULT),
+        ((1, 66 * 64, 2), True, Workload.ONE_WAVE),  # long causal, yet one wave
+        ((1, 4096, 3), True, Workload.LONG_Q),
     ]
     for (b, sq, h), causal, want in cases:
-        assert ops.dense_variant(b, sq, h, causal, 132) == want, (b, sq, h, causal)
-    for (b, sq, h), causal, _ in cases[:3]:  # the plan asks for the variant's kernel
+        assert dense.dense_workload(b, sq, h, causal, 132) is want, (b, sq, h, causal)
+    for (b, sq, h), causal, _ in cases[:3]:  # the plan asks for the workload's kernel
         q, k = torch.randn(b, sq, h, 32), torch.randn(b, 7, 1, 32)
-        ops._attention_cuda(q, k, k, causal, 0.5, False)
-    assert [config[-1] for config in asked] == [c[-1] for c in cases[:3]]
+        dense.attention(q, k, k, causal, 0.5, False)
+    assert [args[-1] for args in asked] == [c[-1] for c in cases[:3]]
 
 
 def test_dynamic_kernels_get_a_zeroed_tile_counter_per_call(monkeypatch) -> None:
-    config = registry.lookup("sm_90a", 128, "bfloat16", True, registry.LONG_Q)
+    causal = registry.mask_of(True)
+    config = registry.lookup("sm_90a", 128, "bfloat16", causal, DENSE, Workload.LONG_Q)
     assert config.dynamic_schedule
     counters: list[torch.Tensor] = []
 
@@ -296,7 +322,28 @@ def test_dynamic_kernels_get_a_zeroed_tile_counter_per_call(monkeypatch) -> None
         counter.add_(7)  # what the kernel leaves behind must not reach the next call
 
     fake_launch_path(monkeypatch, lambda *a: config, kernel)
-    q = torch.randn(1, registry.LONG_SEQLEN_Q, 2, 128, dtype=torch.bfloat16)
+    q = torch.randn(1, tuning.LONG_SEQLEN_Q, 2, 128, dtype=torch.bfloat16)
     for _ in range(2):
-        ops._attention_cuda(q, q, q, True, 0.5, False)
+        dense.attention(q, q, q, True, 0.5, False)
     assert len(counters) == 2 and counters[0] is not counters[1]
+
+
+def test_clear_all_empties_the_launch_path_memos(fake_kernel, monkeypatch) -> None:
+    """`memo.clear_all` drops every memoized answer: plans, loaded kernels, registry
+    answers; the next request plans and loads again."""
+    loads: list[object] = []
+    monkeypatch.setattr(launcher, "get_kernel", lambda config: loads.append(config) or fake_kernel)
+    q, k, v = inputs(sq=9, sk=13)
+    dense.attention(q, k, v, True, 0.5, False)
+    plan = dense.dense_plan(q, k, v, True, 0.5, False)
+    mask = registry.mask_of(True)
+    kernel = launcher.forward_kernel(q.device, 32, q.dtype, mask, DENSE, Workload.ONE_WAVE)
+    assert kernel is plan.kernel and len(loads) == 1  # 8 query tiles: one wave
+    registry.find("sm_90a", 64, "bfloat16", registry.mask_of(False))
+    assert registry.find.cache_info().currsize > 0
+    memo.clear_all()
+    assert registry.find.cache_info().currsize == 0
+    assert dense.dense_plan(q, k, v, True, 0.5, False) is not plan
+    assert len(loads) == 2  # the kernel was loaded again for the new plan
+    dense.attention(q, k, v, True, 0.5, False)
+    assert len(loads) == 2 and len(fake_kernel.calls) == 2

@@ -12,9 +12,32 @@ import pytest
 import torch
 
 from cutedsl_kernels import build
-from cutedsl_kernels.config import FmhaFwdConfig
-from sparsek import registry
+from cutedsl_kernels.config import (
+    CAUSAL,
+    DENSE,
+    NO_MASK,
+    PACKED,
+    ElementTypes,
+    FmhaFwdConfig,
+    Layout,
+    MaskSpec,
+)
+from sparsek import memo, registry, tuning
 from sparsek.errors import UnsupportedError
+from sparsek.tuning import Tuning, Workload
+
+
+def fwd_config(
+    arch: str = "sm_90a",
+    head_dim: int = 128,
+    dtype: str = "bfloat16",
+    is_causal: bool = False,
+    **fields: object,
+) -> FmhaFwdConfig:
+    """`FmhaFwdConfig` by (arch, head_dim, dtype, causal) and any other fields by name."""
+    return FmhaFwdConfig(
+        arch, head_dim, ElementTypes.uniform(dtype), MaskSpec(causal=is_causal), **fields
+    )
 
 
 @pytest.fixture
@@ -25,13 +48,15 @@ def kernels_accept_all(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_sm90_table() -> None:
     configs = registry.registered_configs("sm_90a")
     assert len(configs) == 8
-    assert {(c.head_dim, c.dtype, c.is_causal) for c in configs} == {
+    assert {(c.head_dim, c.dtypes.qk, c.mask.causal) for c in configs} == {
         (d, t, c) for d in (64, 128) for t in ("float16", "bfloat16") for c in (False, True)
     }
-    tiles = {(c.head_dim, c.is_causal): (c.tile_m, c.tile_n, c.num_stages) for c in configs}
+    assert all(c.dtypes == ElementTypes.uniform(c.dtypes.qk) for c in configs)
+    assert all(c.value_head_dim == c.head_dim and c.mask in registry.MASKS for c in configs)
+    tiles = {(c.head_dim, c.mask.causal): (c.tile_m, c.tile_n, c.num_stages) for c in configs}
     assert tiles == {
         (64, False): (192, 128, 2),  # three MMA warpgroups: +15% at S=8k (perf/NOTES.md)
-        (64, True): (128, 128, 2),  # 192x128 for long queries (registry.LONG_Q)
+        (64, True): (128, 128, 2),  # 192x128 for long queries (Workload.LONG_Q)
         (128, False): (128, 128, 2),
         (128, True): (128, 128, 2),
     }
@@ -43,9 +68,12 @@ def test_sm90_table() -> None:
 @pytest.mark.usefixtures("kernels_accept_all")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, "bfloat16"])
 def test_lookup_returns_registered_config(dtype: torch.dtype | str) -> None:
-    config = registry.lookup("sm_90a", 128, dtype, True)
-    expected = FmhaFwdConfig("sm_90a", 128, "bfloat16", True, 128, 128, 2, persistent=True)
+    config = registry.lookup("sm_90a", 128, dtype, CAUSAL)
+    expected = fwd_config(
+        "sm_90a", 128, "bfloat16", True, tile_m=128, tile_n=128, num_stages=2, persistent=True
+    )
     assert config == expected
+    assert registry.lookup("sm_90a", 128, dtype, registry.mask_of(True)) == config
 
 
 @pytest.mark.usefixtures("kernels_accept_all")
@@ -62,7 +90,7 @@ def test_lookup_refusals_carry_every_reason(
     arch: str, head_dim: int, dtype: torch.dtype, fragments: list[str]
 ) -> None:
     with pytest.raises(UnsupportedError) as info:
-        registry.lookup(arch, head_dim, dtype, False)
+        registry.lookup(arch, head_dim, dtype, NO_MASK)
     assert isinstance(info.value, ValueError)
     text = " | ".join(info.value.reasons)
     for fragment in fragments:
@@ -73,7 +101,7 @@ def test_lookup_refusals_carry_every_reason(
 def test_lookup_reports_kernel_can_implement(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "can_implement", lambda c: ["smem budget exceeded", "too wide"])
     with pytest.raises(UnsupportedError) as info:
-        registry.lookup("sm_90a", 64, torch.float16, False)
+        registry.lookup("sm_90a", 64, torch.float16, NO_MASK)
     assert len(info.value.reasons) == 2
     assert "smem budget exceeded" in info.value.reasons[0]
     assert "fmha_fwd_sm_90a_d64_float16_full" in info.value.reasons[0]
@@ -85,14 +113,14 @@ def test_kernel_import_failure_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(build, "can_implement", broken)
     with pytest.raises(UnsupportedError, match="kernel module cannot be imported"):
-        registry.lookup("sm_90a", 128, torch.float16, True)
+        registry.lookup("sm_90a", 128, torch.float16, CAUSAL)
 
 
 def test_every_registered_config_is_implementable() -> None:
     """The real kernels accept every row of the table (imports the DSL, compiles nothing)."""
     for config in registry.registered_configs("sm_90a"):
         assert build.can_implement(config) == [], config.name
-        assert registry.lookup("sm_90a", config.head_dim, config.dtype, config.is_causal) == config
+        assert registry.lookup("sm_90a", config.head_dim, config.dtypes.qk, config.mask) == config
 
 
 def test_arch_detection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,13 +142,12 @@ def test_unsupported_error_keeps_reasons() -> None:
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("layout", [("cache", 0), ("paged", 16)])
-def test_decode_variants_take_64_row_tiles(head_dim: int, layout: tuple[str, int]) -> None:
+def test_decode_workloads_take_64_row_tiles(head_dim: int, layout: tuple[str, int]) -> None:
     kv_layout, page_size = layout
-    decode = registry.Variant(kv_layout=kv_layout, page_size=page_size, decode=True)
-    config = registry.lookup("sm_90a", head_dim, "bfloat16", False, decode)
+    cache = Layout(kv_layout=kv_layout, page_size=page_size)
+    config = registry.lookup("sm_90a", head_dim, "bfloat16", NO_MASK, cache, Workload.DECODE)
     assert config.tile_m == 64 and config.kv_layout == kv_layout and not config.varlen_q
-    plain = registry.Variant(kv_layout=kv_layout, page_size=page_size)
-    assert registry.lookup("sm_90a", head_dim, "bfloat16", False, plain).tile_m > 64
+    assert registry.lookup("sm_90a", head_dim, "bfloat16", NO_MASK, cache).tile_m > 64
     assert config in registry.registered_kernels("sm_90a")
 
 
@@ -141,22 +168,35 @@ def test_only_decode_kernels_load_kv_evict_first() -> None:
 
 
 @pytest.mark.parametrize(
-    ("causal", "variant"),
+    ("causal", "layout", "workload"),
     [
-        (True, registry.Variant(kv_layout="cache", decode=True)),
-        (False, registry.Variant(varlen_q=True, kv_layout="cache", decode=True)),
-        (False, registry.Variant(decode=True)),
+        (True, Layout(kv_layout="cache"), Workload.DECODE),
+        (False, Layout(varlen_q=True, kv_layout="cache"), Workload.DECODE),
+        (False, DENSE, Workload.DECODE),
+        (True, Layout(kv_layout="paged", page_size=16), Workload.DECODE_FILLS_GPU),
     ],
 )
-def test_decode_variants_refuse_what_decode_is_not(causal: bool, variant) -> None:
-    with pytest.raises(UnsupportedError, match="decode variants are non-causal") as info:
-        registry.lookup("sm_90a", 128, "bfloat16", causal, variant)
+def test_decode_workloads_refuse_what_decode_is_not(
+    causal: bool, layout: Layout, workload: Workload
+) -> None:
+    with pytest.raises(UnsupportedError, match="decode workloads are non-causal") as info:
+        registry.lookup("sm_90a", 128, "bfloat16", registry.mask_of(causal), layout, workload)
     assert len(info.value.reasons) == 1
+
+
+def test_decode_filling_the_gpu_is_never_split() -> None:
+    split = Layout(kv_layout="cache", split_kv=True)
+    with pytest.raises(UnsupportedError, match="never split") as info:
+        registry.lookup("sm_90a", 128, "bfloat16", NO_MASK, split, Workload.DECODE_FILLS_GPU)
+    assert len(info.value.reasons) == 1
+    assert registry.lookup("sm_90a", 128, "bfloat16", NO_MASK, split, Workload.DECODE).split_kv
 
 
 def test_persistent_for_dense_and_packed() -> None:
     kernels = [c for c in registry.registered_kernels("sm_90a") if isinstance(c, FmhaFwdConfig)]
-    persistent = {(c.head_dim, c.dtype, c.is_causal, c.varlen_q) for c in kernels if c.persistent}
+    persistent = {
+        (c.head_dim, c.dtypes.qk, c.mask.causal, c.varlen_q) for c in kernels if c.persistent
+    }
     assert persistent == {
         (d, t, c, v)
         for d in (64, 128)
@@ -165,10 +205,10 @@ def test_persistent_for_dense_and_packed() -> None:
         for v in (False, True)
     }
     one_wave = {
-        registry.lookup("sm_90a", d, t, c, registry.ONE_WAVE)
+        registry.lookup("sm_90a", d, t, m, DENSE, Workload.ONE_WAVE)
         for d in (64, 128)
         for t in ("float16", "bfloat16")
-        for c in (False, True)
+        for m in registry.MASKS
     }
     assert one_wave <= set(kernels)
     for config in kernels:
@@ -188,22 +228,22 @@ def test_persistent_for_dense_and_packed() -> None:
 )
 def test_kernel_refuses_persistent_with_unequal_tiles(fields: dict) -> None:
     base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=False)
-    config = FmhaFwdConfig(**{**base, **fields, "persistent": True})
+    config = fwd_config(**{**base, **fields, "persistent": True})
     reasons = build.can_implement(config)
     assert any("persistent kernels serve dense problems" in r for r in reasons)
-    assert build.can_implement(FmhaFwdConfig(**{**base, **fields})) == []
-    dense = FmhaFwdConfig(**{**base, "is_causal": True, "persistent": True})
+    assert build.can_implement(fwd_config(**{**base, **fields})) == []
+    dense = fwd_config(**{**base, "is_causal": True, "persistent": True})
     packed = dict(varlen_q=True, kv_layout="varlen", persistent=True, dynamic_schedule=True)
-    assert build.can_implement(dense) == build.can_implement(FmhaFwdConfig(**base, **packed)) == []
+    assert build.can_implement(dense) == build.can_implement(fwd_config(**base, **packed)) == []
 
 
 def test_dynamic_schedule_needs_persistent_and_packed_needs_it() -> None:
     base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=True)
-    reasons = build.can_implement(FmhaFwdConfig(**base, dynamic_schedule=True))
+    reasons = build.can_implement(fwd_config(**base, dynamic_schedule=True))
     assert any("dynamic_schedule needs persistent=True" in r for r in reasons)
-    static_packed = FmhaFwdConfig(**base, varlen_q=True, kv_layout="varlen", persistent=True)
+    static_packed = fwd_config(**base, varlen_q=True, kv_layout="varlen", persistent=True)
     assert any("need dynamic_schedule=True" in r for r in build.can_implement(static_packed))
-    dynamic_dense = FmhaFwdConfig(**base, persistent=True, dynamic_schedule=True, l2_group_mb=8)
+    dynamic_dense = fwd_config(**base, persistent=True, dynamic_schedule=True, l2_group_mb=8)
     assert build.can_implement(dynamic_dense) == []
     assert dynamic_dense.name.endswith("_ps_dyn_g8")
     for group_mb, dynamic in ((0, True), (8, False), (-8, True)):
@@ -215,44 +255,43 @@ def test_dynamic_schedule_needs_persistent_and_packed_needs_it() -> None:
         assert build.can_implement(replace(dynamic_packed, l2_group_mb=group_mb)) == []
     for config in (
         replace(dynamic_packed, l2_group_mb=-1),
-        FmhaFwdConfig(**base, varlen_q=True, kv_layout="cache", l2_group_mb=16),
+        fwd_config(**base, varlen_q=True, kv_layout="cache", l2_group_mb=16),
     ):
         assert any("l2_group_mb" in r for r in build.can_implement(config)), config
     for head_dim in (64, 128):
-        packed = registry.lookup("sm_90a", head_dim, "bfloat16", False, registry.PACKED)
-        assert packed.l2_group_mb == registry.PACKED_L2_GROUP_MB > 0
+        packed = registry.lookup("sm_90a", head_dim, "bfloat16", NO_MASK, PACKED)
+        assert packed.l2_group_mb == tuning.PACKED_L2_GROUP_MB > 0
 
 
 def test_long_causal_queries_take_their_own_tiles() -> None:
-    long_d64 = registry.lookup("sm_90a", 64, "bfloat16", True, registry.LONG_Q)
+    long_d64 = registry.lookup("sm_90a", 64, "bfloat16", CAUSAL, DENSE, Workload.LONG_Q)
     assert (long_d64.tile_m, long_d64.tile_n, long_d64.persistent) == (192, 128, True)
-    assert registry.lookup("sm_90a", 64, "bfloat16", True).tile_m == 128
-    # Long causal problems count their tiles out (longest first); the others are DENSE's.
-    long_d128 = registry.lookup("sm_90a", 128, "bfloat16", True, registry.LONG_Q)
-    dense_d128 = registry.lookup("sm_90a", 128, "bfloat16", True)
+    assert registry.lookup("sm_90a", 64, "bfloat16", CAUSAL).tile_m == 128
+    # Long causal problems count their tiles out (longest first); the others are DEFAULT's.
+    long_d128 = registry.lookup("sm_90a", 128, "bfloat16", CAUSAL, DENSE, Workload.LONG_Q)
+    dense_d128 = registry.lookup("sm_90a", 128, "bfloat16", CAUSAL)
     assert long_d64.dynamic_schedule and long_d128.dynamic_schedule
     assert not dense_d128.dynamic_schedule
     assert long_d128 == replace(dense_d128, dynamic_schedule=True, l2_group_mb=8)
     for head_dim in (64, 128):
-        args = ("sm_90a", head_dim, "bfloat16", False)
-        assert registry.lookup(*args, registry.LONG_Q) == registry.lookup(*args)
+        args = ("sm_90a", head_dim, "bfloat16", NO_MASK)
+        assert registry.lookup(*args, DENSE, Workload.LONG_Q) == registry.lookup(*args)
     kernels = registry.registered_kernels("sm_90a")
     assert len(kernels) == len(set(kernels)) and long_d64 in kernels
-    with pytest.raises(UnsupportedError, match="long_q and one_wave are dense variants"):
-        registry.lookup(
-            "sm_90a", 64, "bfloat16", True, registry.Variant(varlen_q=True, long_q=True)
-        )
+    for workload in (Workload.LONG_Q, Workload.ONE_WAVE):
+        with pytest.raises(UnsupportedError, match="is for dense layouts only"):
+            registry.lookup("sm_90a", 64, "bfloat16", CAUSAL, PACKED, workload)
 
 
 def test_two_ctas_per_sm_budget() -> None:
     """ctas_per_sm=2: one MMA warpgroup only (registers), half the SM's shared memory."""
     base = dict(arch="sm_90a", head_dim=128, dtype="bfloat16", is_causal=False, tile_m=64)
-    fits = FmhaFwdConfig(**base, tile_n=64, ctas_per_sm=2)
+    fits = fwd_config(**base, tile_n=64, ctas_per_sm=2)
     assert build.can_implement(fits) == [] and fits.name.endswith("_c2")
-    too_big = FmhaFwdConfig(**base, tile_n=128, ctas_per_sm=2)  # 144 KiB each
+    too_big = fwd_config(**base, tile_n=128, ctas_per_sm=2)  # 144 KiB each
     assert any("for 2 CTA(s) per SM" in r for r in build.can_implement(too_big))
     assert build.can_implement(replace(too_big, ctas_per_sm=1)) == []
-    two_warpgroups = FmhaFwdConfig(**{**base, "tile_m": 128}, tile_n=64, ctas_per_sm=2)
+    two_warpgroups = fwd_config(**{**base, "tile_m": 128}, tile_n=64, ctas_per_sm=2)
     assert any("ctas_per_sm=2 must be 1" in r for r in build.can_implement(two_warpgroups))
 
 
@@ -266,3 +305,54 @@ def test_register_split_fits_the_register_file() -> None:
         assert ctas * per_cta <= limits.REGISTER_FILE, (mma_warpgroups, ctas)
         for regs in (producer, mma):
             assert regs % 8 == 0 and 24 <= regs <= 256, (mma_warpgroups, ctas, regs)
+
+
+def test_override_swaps_a_row_within_the_block_and_restores_it() -> None:
+    """`tuning.override` changes what the registry answers inside the block only (the memos
+    of earlier answers are dropped on entry and exit), also when the block raises; None
+    removes the row, so the table below it applies."""
+    cache = Layout(kv_layout="cache")
+    args = ("sm_90a", 128, "bfloat16", NO_MASK, cache, Workload.DECODE)
+    row = tuning.DECODE[("sm_90a", 128)]
+    before = registry.lookup(*args)
+    assert (before.tile_m, before.tile_n, before.kv_evict_first) == (64, 128, True)
+    trial = Tuning(tile_m=64, tile_n=64, num_stages=3)
+    with tuning.override("decode", "sm_90a", 128, trial):
+        assert registry.find.cache_info().currsize == 0  # memoized answers dropped
+        assert tuning.DECODE[("sm_90a", 128)] == trial
+        inside = registry.lookup(*args)
+        assert (inside.tile_m, inside.tile_n, inside.num_stages) == (64, 64, 3)
+        assert not inside.kv_evict_first and inside.kv_layout == "cache"
+    assert registry.find.cache_info().currsize == 0
+    assert tuning.DECODE[("sm_90a", 128)] is row
+    assert registry.lookup(*args) == before
+    with tuning.override("decode", "sm_90a", 128, None):
+        assert ("sm_90a", 128) not in tuning.DECODE
+        base = tuning.BASE[("sm_90a", 128)]  # no decode row: the base row, not persistent
+        assert registry.lookup(*args) == registry.lookup(*args[:-1])
+        assert registry.lookup(*args).tile_m == base.tile_m > 64
+    assert tuning.DECODE[("sm_90a", 128)] is row
+    with (
+        pytest.raises(RuntimeError, match="inside"),
+        tuning.override("base", "sm_90a", 64, Tuning(64, 64, 1)),
+    ):
+        assert registry.lookup("sm_90a", 64, "float16", NO_MASK).tile_m == 64
+        raise RuntimeError("inside")
+    assert registry.lookup("sm_90a", 64, "float16", NO_MASK).tile_m == 192
+    tables = {"base", "causal", "long_causal", "one_wave", "decode", "decode_fills_gpu"}
+    assert set(tuning.TABLES) == tables
+    with pytest.raises(KeyError), tuning.override("no_such_table", "sm_90a", 128, trial):
+        pass  # pragma: no cover
+
+
+def test_clear_all_empties_registered_memos(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`memo.clear_all` empties every registered memo: the registry's, and one registered
+    here (on a copy of the list, so that it is forgotten after the test)."""
+    monkeypatch.setattr(memo, "_CLEARERS", list(memo._CLEARERS))
+    registry.lookup("sm_90a", 64, "bfloat16", CAUSAL)
+    assert registry.find.cache_info().currsize > 0
+    mine: dict[str, int] = {}
+    memo.register(mine.clear)
+    memo.remember(mine, "answer", 42)
+    memo.clear_all()
+    assert registry.find.cache_info().currsize == 0 and mine == {}

@@ -18,7 +18,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparsek
-from sparsek import api
+from sparsek import routing
 from sparsek.reference import reference_attention
 
 op = torch.ops.sparsek.attention_varlen
@@ -26,7 +26,7 @@ op = torch.ops.sparsek.attention_varlen
 
 @pytest.fixture(autouse=True)
 def _fresh_log_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api, "_logged_reasons", set())
+    monkeypatch.setattr(routing, "_logged_reasons", set())
     monkeypatch.delenv("SPARSEK_STRICT", raising=False)
 
 
@@ -153,11 +153,11 @@ ON_META = "device=meta: the kernels run on CUDA devices only"
 
 def test_non_cpu_inputs_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     q, k, v, cu_q, cu_k = (t.to("meta") for t in packed([3, 5], [4, 6]))
-    with caplog.at_level(logging.WARNING, logger="sparsek.api"):
+    with caplog.at_level(logging.WARNING, logger="sparsek.routing"):
         for _ in range(3):
             out = sparsek.attention_varlen(q, k, v, cu_q, cu_k, 5, 6)
     assert isinstance(out, torch.Tensor) and out.shape == (8, 4, 32) and out.device.type == "meta"
-    messages = [r.getMessage() for r in caplog.records if r.name == "sparsek.api"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "sparsek.routing"]
     assert len(messages) == 1 and ON_META in messages[0]
 
 
@@ -289,9 +289,11 @@ def test_launch_passes_a_zeroed_tile_counter_to_dynamic_kernels(monkeypatch, dyn
 
     from fake_launch import fake_launch_path
 
-    from sparsek import ops_varlen_cuda, registry
+    from cutedsl_kernels.config import PACKED
+    from sparsek import registry
+    from sparsek.launch import varlen
 
-    packed = registry.lookup("sm_90a", 128, "bfloat16", True, registry.PACKED)
+    packed = registry.lookup("sm_90a", 128, "bfloat16", registry.mask_of(True), PACKED)
     config = replace(packed, persistent=dynamic, dynamic_schedule=dynamic)
     seen: list[tuple] = []
 
@@ -303,7 +305,7 @@ def test_launch_passes_a_zeroed_tile_counter_to_dynamic_kernels(monkeypatch, dyn
     cu = torch.tensor([0, 3, 3, 133], dtype=torch.int32)
     q, k = torch.randn(133, 4, 128), torch.randn(133, 2, 128)
     for _ in range(2):  # the first call loads the kernel, the second finds it memoized
-        ops_varlen_cuda.attention_varlen(q, k, k, cu, cu, max(lens), True, 0.1)
+        varlen.attention_varlen(q, k, k, cu, cu, max(lens), True, 0.1)
     for args in seen:
         counter, scalars = args[9], args[10:]
         assert scalars == (0.1, 0, 130, 1, 132)

@@ -39,8 +39,8 @@ from vllm.v1.kv_cache_interface import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from sparsek.integrations import vllm_plugin
-from sparsek.integrations.vllm import (
+from sparsek.integrations.vllm import plugin as vllm_plugin
+from sparsek.integrations.vllm.backend import (
     SparseKBackend,
     SparseKImpl,
     SparseKMetadataBuilder,
@@ -77,7 +77,8 @@ def test_entry_point_registers_the_backend_in_a_fresh_process() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "sparsek.integrations.vllm.SparseKBackend"
+    backend = "sparsek.integrations.vllm.backend.SparseKBackend"
+    assert done.stdout.strip().splitlines()[-1] == backend
 
 
 def test_register_is_idempotent_and_resolves_the_class() -> None:

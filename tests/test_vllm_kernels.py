@@ -1,4 +1,4 @@
-"""`sparsek.integrations.vllm_kernels` on CPU (no vLLM needed): the vLLM backend's calls.
+"""`sparsek.integrations.vllm.kernels` on CPU (no vLLM needed): the vLLM backend's calls.
 
 Compared against: the cache written by plain Python indexing, token by token (store_kv),
 and float64 attention computed here per sequence from the dense K/V generated before they
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from sparsek.integrations import vllm_kernels
+from sparsek.integrations.vllm import kernels as vllm_kernels
 
 # KVCacheLayout: physical axis k is logical axis ORDER[k] of (L, B, H, N, C).
 LAYOUTS = {"LBNHC": (0, 1, 3, 2, 4), "LBHNC": (0, 1, 2, 3, 4)}
@@ -157,21 +157,34 @@ def test_load_kernels_compiles_every_kernel_the_backend_launches(
     split variants of the paged kernel for this block size, the combine and the cache
     update, each loaded once."""
     pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
-    from sparsek import ops, ops_varlen_cuda
+    from cutedsl_kernels.config import CombineConfig, FmhaFwdConfig, KVStoreConfig
+    from sparsek.launch import launcher
+    from sparsek.tuning import Workload
 
     monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
-    monkeypatch.setattr(ops, "_LAUNCHERS", {})
-    monkeypatch.setattr(ops_varlen_cuda, "_STORE_LAUNCHERS", {})
+    loaded: list[object] = []  # the configs of the kernels loaded, in order
+    get_kernel = launcher.get_kernel
+    monkeypatch.setattr(launcher, "get_kernel", lambda c: loaded.append(c) or get_kernel(c))
     device = torch.device("cuda", 0)  # only a key here: nothing is launched
     vllm_kernels.load_kernels(device, 64, torch.float16, 32)
-    fwd = {key[3:] for key in ops._LAUNCHERS}
-    assert {(causal, variant.varlen_q, variant.split_kv) for causal, variant in fwd} == {
+    fwd = [c for c in loaded if isinstance(c, FmhaFwdConfig)]
+    assert {(c.mask.causal, c.varlen_q, c.split_kv) for c in fwd} == {
         (False, False, False),  # decode: one query per sequence, group rows
         (False, False, True),
         (True, True, False),  # packed queries, causal
         (True, True, True),
-        (None, False, False),  # combine (stored under causal=None)
     }
-    paged = [variant for causal, variant in fwd if causal is not None]
-    assert all(v.kv_layout == "paged" and v.page_size == 32 for v in paged)
-    assert list(ops_varlen_cuda._STORE_LAUNCHERS) == [(0, 64, torch.float16)]
+    assert all(c.kv_layout == "paged" and c.page_size == 32 for c in fwd)
+    fills_gpu = launcher.forward_kernel(
+        device, 64, torch.float16, fwd[0].mask, fwd[0].layout, Workload.DECODE_FILLS_GPU
+    )
+    assert fills_gpu.config in fwd  # decode of a batch that fills the GPU
+    assert [c for c in loaded if isinstance(c, CombineConfig)] == [
+        CombineConfig("sm_90a", 64, "float16")
+    ]
+    assert [c for c in loaded if isinstance(c, KVStoreConfig)] == [
+        KVStoreConfig("sm_90a", 64, "float16")
+    ]
+    assert len(loaded) == len(fwd) + 2 == 7  # each kernel loaded once
+    vllm_kernels.load_kernels(device, 64, torch.float16, 32)
+    assert len(loaded) == 7  # ... and then served from the launch path's memos

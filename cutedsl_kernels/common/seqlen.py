@@ -1,4 +1,4 @@
-"""Per-CTA sequence bounds and key-tile range, shared by every attention kernel.
+"""Per-CTA sequence bounds, shared by every attention kernel.
 
 Vocabulary (see `FmhaFwdConfig.varlen_q` / `kv_layout`):
 - `offset_q` / `offset_k`: first token of this batch entry along a packed token axis
@@ -8,8 +8,7 @@ Vocabulary (see `FmhaFwdConfig.varlen_q` / `kv_layout`):
 - `causal_offset`: key j is visible to query i iff j <= i + causal_offset. Dense problems
   take it from the caller (bottom-right or top-left); per-sequence (varlen) problems align
   bottom-right, seqlen_k - seqlen_q.
-- the key tiles a CTA visits are [n_min, n_max); with split-KV, `split` of `num_splits`
-  takes an equal share of the tiles its query tile needs.
+- the key tiles a CTA visits: `block_ranges.n_block_range` of these bounds.
 - packed work tiles (`packed_tile`): for packed queries the grid enumerates query tiles
   of all sequences on one axis instead of (longest sequence's tiles) x batch. Sequence b
   owns slots [cu_q[b] // tile_m + b, ... + ceil(seqlen_q / tile_m)): these ranges are
@@ -25,8 +24,6 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 from cutlass import Int32, const_expr
-
-from cutedsl_kernels.common import causal_mask
 
 
 class SeqInfo:
@@ -101,34 +98,6 @@ class SeqInfo:
             seqlen_k = Int32(0)
             causal_offset = -seqlen_q
         return SeqInfo(offset_q, seqlen_q, info.offset_k, seqlen_k, causal_offset)
-
-    @cute.jit
-    def n_block_range(
-        self,
-        m_block: Int32,
-        tile_m: cutlass.Constexpr[int],
-        tile_n: cutlass.Constexpr[int],
-        is_causal: cutlass.Constexpr[bool],
-        split_idx: Int32,
-        num_splits: Int32,
-        split_kv: cutlass.Constexpr[bool],
-    ) -> tuple[Int32, Int32]:
-        """Key tiles [n_min, n_max) that query tile `m_block` visits (n_max <= n_min: none).
-
-        A query tile past the end of its sequence (packed batches launch for the longest
-        one) visits none.
-        """
-        n_max = causal_mask.n_block_max(
-            m_block, self.seqlen_q, self.seqlen_k, self.causal_offset, tile_m, tile_n, is_causal
-        )
-        n_min = Int32(0)
-        if m_block * tile_m >= self.seqlen_q:
-            n_max = Int32(0)
-        if const_expr(split_kv):
-            per_split = cute.ceil_div(n_max, num_splits)
-            n_min = split_idx * per_split
-            n_max = cutlass.min(n_max, n_min + per_split)
-        return n_min, n_max
 
 
 @cute.jit

@@ -18,8 +18,8 @@ from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import cpasync
 
 from cutedsl_kernels.common.dsl_compat import LayoutEnum
-from cutedsl_kernels.common.fragments import acc_rows_cols
 from cutedsl_kernels.common.named_barriers import NamedBarrier
+from cutedsl_kernels.hopper.fragments import acc_rows_cols
 
 
 @cute.jit

@@ -22,9 +22,10 @@ REGS_BY_MMA_WARPGROUPS = {
     (1, 2): (32, 224),
 }
 BARRIER_BYTES = 8
-ELEMENT_BYTES = 2  # fp16 / bf16
+ELEMENT_BYTES = 2  # fp16 / bf16, the only element types this kernel takes
 # Dynamic schedule: work tiles in flight from the producer warp to the consumers, each as
-# SCHED_WORDS int32 (`fmha_fwd.WorkTile.words`).
+# SCHED_WORDS int32 (`common/tile_scheduler.WorkTile.NUM_WORDS`, which imports the DSL;
+# tests/test_kernels_compile.py checks that the two agree).
 SCHED_STAGES = 2
 SCHED_WORDS = 12
 
@@ -49,10 +50,24 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
     reasons = []
     if not config.arch.startswith("sm_90"):
         reasons.append(f"arch={config.arch!r}: this kernel targets sm_90a")
-    if config.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype={config.dtype!r} is not supported (supported: {SUPPORTED_DTYPES})")
+    dtypes = config.dtypes
+    if not dtypes.is_uniform or dtypes.qk not in SUPPORTED_DTYPES or dtypes.acc != "float32":
+        reasons.append(
+            f"dtypes={dtypes.name!r} are not supported: Q, K, V and O of one type "
+            f"(supported: {', '.join(SUPPORTED_DTYPES)}) with float32 accumulators"
+        )
     if config.head_dim % 16 != 0 or not 16 <= config.head_dim <= 256:
         reasons.append(f"head_dim={config.head_dim} must be a multiple of 16 in [16, 256]")
+    if config.value_head_dim != config.head_dim:
+        reasons.append(
+            f"head_dim_v={config.value_head_dim} must equal head_dim={config.head_dim} on sm_90a"
+        )
+    unsupported = [f for f in ("window", "softcap", "sinks") if getattr(config.mask, f)]
+    if unsupported:
+        reasons.append(
+            f"mask={config.mask.name!r}: {', '.join(unsupported)} not implemented on sm_90a "
+            "(supported: no mask, causal)"
+        )
     mma_warpgroups = config.tile_m // ROWS_PER_MMA_WARPGROUP
     if config.tile_m % ROWS_PER_MMA_WARPGROUP or (mma_warpgroups, 1) not in REGS_BY_MMA_WARPGROUPS:
         reasons.append(f"tile_m={config.tile_m} must be 64, 128 or 192")

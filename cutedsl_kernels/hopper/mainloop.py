@@ -17,12 +17,14 @@ With `pingpong` (overlapped schedule, 2 or 3 MMA warpgroups), the warpgroups tak
 round robin, issuing their GEMMs (named barriers WG1_TURN..WG3_TURN), so one warpgroup's
 softmax hides under the others' GEMMs.
 
-With `sV_tail` (caches, whose slots past the used length may hold anything, NaN
+With `zero_v_tail` (caches, whose slots past the used length may hold anything, NaN
 included), each warpgroup zeroes the V rows past the sequence end in the first (top) tile
 before its PV GEMM: a masked key has P = 0, but 0 * NaN would still poison O.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import cutlass
 import cutlass.cute as cute
@@ -30,12 +32,14 @@ import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import warpgroup
 
-from cutedsl_kernels.common import causal_mask
-from cutedsl_kernels.common.convert import convert_pairs
-from cutedsl_kernels.common.fragments import acc_as_operand_a
+from cutedsl_kernels.common.block_ranges import first_masked_n_block
 from cutedsl_kernels.common.named_barriers import NamedBarrier
-from cutedsl_kernels.common.online_softmax import OnlineSoftmax
+from cutedsl_kernels.common.seqlen import SeqInfo
+from cutedsl_kernels.config import MaskSpec
+from cutedsl_kernels.hopper.convert import convert_pairs
+from cutedsl_kernels.hopper.fragments import acc_as_operand_a
 from cutedsl_kernels.hopper.limits import THREADS_PER_WARPGROUP
+from cutedsl_kernels.hopper.softmax import OnlineSoftmax, apply_mask
 
 
 @cute.jit
@@ -77,47 +81,93 @@ def start_turns(pingpong: cutlass.Constexpr[bool], wg_idx: Int32):
             )
 
 
+@dataclass(frozen=True)
+class MainloopSettings:
+    """Compile-time settings of the main loop (one per kernel configuration).
+
+    Attributes:
+        tile_m, tile_n: query rows of a CTA tile, key rows of a step.
+        v_dtype: V's DSL element type (`zero_v_tail` writes zeros of it).
+        mask: the mask features compiled in.
+        overlap: the overlapped schedule (`intra_wg_overlap`), else the serial one.
+        pingpong: the MMA warpgroups take turns issuing GEMMs.
+        num_mma_warpgroups: MMA warpgroups of a CTA.
+        zero_v_tail: zero the V rows past the sequence end in the first visited tile
+            (caches, whose unused slots may hold anything).
+    """
+
+    tile_m: int
+    tile_n: int
+    v_dtype: type
+    mask: MaskSpec
+    overlap: bool
+    pingpong: bool
+    num_mma_warpgroups: int
+    zero_v_tail: bool
+
+
+@dataclass
+class MmaOperands:
+    """One MMA warpgroup's GEMMs and operand views, loop-invariant over a work tile.
+
+    Attributes:
+        tiled_mma_qk, tiled_mma_pv: S = Q K^T (smem x smem) and O += P V (P in registers).
+        tSrQ: (MMA, MMA_M, MMA_K) this tile's Q stage.
+        tSrK: (MMA, MMA_N, MMA_K, STAGE) the K stages.
+        tOrVt: (MMA, MMA_N, MMA_K, STAGE) the V stages as V^T.
+        tOrP: (MMA, MMA_M, MMA_K) P as the register A operand.
+        tScS, t0ScS: this thread's and thread 0's partitions of the score tile's
+            coordinates (for the mask).
+        sV: the V stages (`zero_v_tail` writes into them).
+    """
+
+    tiled_mma_qk: cute.TiledMma
+    tiled_mma_pv: cute.TiledMma
+    tSrQ: cute.Tensor
+    tSrK: cute.Tensor
+    tOrVt: cute.Tensor
+    tOrP: cute.Tensor
+    tScS: cute.Tensor
+    t0ScS: cute.Tensor
+    sV: cute.Tensor
+
+
 class Sm90Mainloop:
-    """Loop-invariant operands of one work tile, and the steps over its key tiles."""
+    """The steps over one work tile's key tiles, for one MMA warpgroup.
+
+    Args:
+        settings: the kernel's `MainloopSettings`.
+        operands: this warpgroup's `MmaOperands` for the tile.
+        acc_O: (MMA, MMA_M, MMA_N) the output accumulator (rescaled and accumulated).
+        softmax: the rows' `OnlineSoftmax` state.
+        pipelines: (pipeline_k, pipeline_v).
+        m_block, info: the query tile and its sequence bounds (`SeqInfo`).
+        wg_idx: this MMA warpgroup's index.
+    """
 
     def __init__(
         self,
-        *,
-        tile_m: int,
-        tile_n: int,
-        dtype,
-        is_causal: bool,
-        pingpong: bool,
-        num_mma_warpgroups: int,
-        tiled_mma_qk: cute.TiledMma,
-        tiled_mma_pv: cute.TiledMma,
-        tSrQ: cute.Tensor,
-        tSrK: cute.Tensor,
-        tOrVt: cute.Tensor,
-        tOrP: cute.Tensor,
+        settings: MainloopSettings,
+        operands: MmaOperands,
         acc_O: cute.Tensor,
         softmax: OnlineSoftmax,
-        pipeline_k: pipeline.PipelineAsync,
-        pipeline_v: pipeline.PipelineAsync,
-        tScS: cute.Tensor,
-        t0ScS: cute.Tensor,
+        pipelines: tuple,
         m_block: Int32,
-        seqlen_k: Int32,
-        causal_offset: Int32,
+        info: SeqInfo,
         wg_idx: Int32,
-        sV_tail: cute.Tensor | None = None,
     ):
-        self.tile_m, self.tile_n, self.dtype = tile_m, tile_n, dtype
-        self.is_causal, self.pingpong = is_causal, pingpong
-        self.num_mma_warpgroups = num_mma_warpgroups
-        self.tiled_mma_qk, self.tiled_mma_pv = tiled_mma_qk, tiled_mma_pv
-        self.tSrQ, self.tSrK, self.tOrVt, self.tOrP = tSrQ, tSrK, tOrVt, tOrP
+        self.settings, self.operands = settings, operands
+        self.tile_m, self.tile_n = settings.tile_m, settings.tile_n
+        self.mask, self.pingpong = settings.mask, settings.pingpong
+        self.num_mma_warpgroups = settings.num_mma_warpgroups
+        self.tiled_mma_qk, self.tiled_mma_pv = operands.tiled_mma_qk, operands.tiled_mma_pv
+        self.tSrQ, self.tSrK = operands.tSrQ, operands.tSrK
+        self.tOrVt, self.tOrP = operands.tOrVt, operands.tOrP
+        self.tScS, self.t0ScS = operands.tScS, operands.t0ScS
         self.acc_O, self.softmax = acc_O, softmax
-        self.pipeline_k, self.pipeline_v = pipeline_k, pipeline_v
-        self.tScS, self.t0ScS = tScS, t0ScS
-        self.m_block, self.seqlen_k, self.causal_offset = m_block, seqlen_k, causal_offset
+        self.pipeline_k, self.pipeline_v = pipelines
+        self.m_block, self.seqlen_k, self.causal_offset = m_block, info.seqlen_k, info.causal_offset
         self.wg_idx = wg_idx
-        self.sV_tail = sV_tail
 
     # ------------------------------------------------------------ warpgroup turns
     @cute.jit
@@ -148,8 +198,8 @@ class Sm90Mainloop:
         )
 
     @cute.jit
-    def mask(self, acc_S: cute.Tensor, n_block: Int32):
-        causal_mask.apply_mask(
+    def mask_scores(self, acc_S: cute.Tensor, n_block: Int32):
+        apply_mask(
             acc_S,
             self.tScS,
             self.t0ScS,
@@ -159,15 +209,15 @@ class Sm90Mainloop:
             self.causal_offset,
             self.tile_m,
             self.tile_n,
-            self.is_causal,
+            self.mask,
         )
 
     @cute.jit
     def zero_v_tail(self, kv_state: pipeline.PipelineState, n_block: Int32):
         """Zero V rows >= seqlen_k of tile `n_block` (this warpgroup's view, then fence)."""
-        if const_expr(self.sV_tail is not None):
+        if const_expr(self.settings.zero_v_tail):
             self.pipeline_v.consumer_wait(kv_state)
-            sV = self.sV_tail[None, None, kv_state.index]
+            sV = self.operands.sV[None, None, kv_state.index]
             valid = self.seqlen_k - n_block * self.tile_n
             if valid < self.tile_n:
                 head_dim = cute.size(sV, mode=[1])
@@ -175,7 +225,7 @@ class Sm90Mainloop:
                 for e in cutlass.range(lane, self.tile_n * head_dim, THREADS_PER_WARPGROUP):
                     row = e // head_dim
                     if row >= valid:
-                        sV[row, e - row * head_dim] = self.dtype(0.0)
+                        sV[row, e - row * head_dim] = self.settings.v_dtype(0.0)
                 cute.arch.fence_view_async_shared()  # generic stores -> wgmma (async proxy)
                 cute.arch.barrier(
                     barrier_id=int(NamedBarrier.WG1_V_TAIL) + self.wg_idx,
@@ -203,7 +253,7 @@ class Sm90Mainloop:
         )
         self.pipeline_k.consumer_release(kv_state)
         if const_expr(masked):
-            self.mask(acc_S, n_block)
+            self.mask_scores(acc_S, n_block)
         row_scale = self.softmax.update(acc_S, is_first)
         if const_expr(not is_first):
             OnlineSoftmax.rescale(self.acc_O, row_scale)
@@ -238,7 +288,7 @@ class Sm90Mainloop:
             0,
         )
         self.pipeline_k.consumer_release(kv_state)
-        self.mask(acc_S, n_block)
+        self.mask_scores(acc_S, n_block)
         self.softmax.update(acc_S, True)
         convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
         self.zero_v_tail(kv_state, n_block)
@@ -277,7 +327,7 @@ class Sm90Mainloop:
         warpgroup.wait_group(1)  # S is ready; PV may still run
         self.pipeline_k.consumer_release(kv_state)
         if const_expr(masked):
-            self.mask(acc_S, n_block)
+            self.mask_scores(acc_S, n_block)
         row_scale = self.softmax.update(acc_S, False)
         warpgroup.wait_group(0)
         self.pipeline_v.consumer_release(v_state)
@@ -306,20 +356,20 @@ class Sm90Mainloop:
         kv_state: pipeline.PipelineState,
         n_min: Int32,
         n_max: Int32,
-        overlap: cutlass.Constexpr[bool],
     ) -> pipeline.PipelineState:
         """Visit key tiles n_max-1 .. n_min (n_max > n_min): masked ones first; returns the
         pipeline state past the last of them."""
         # The top key tile may be partial (and, causal, crosses the diagonal).
+        overlap = self.settings.overlap
         n_top = n_max - 1
         if const_expr(overlap):
             self.first_block(kv_state, n_top)
         else:
             kv_state = self.serial_step(kv_state, n_top, True, True)
-        if const_expr(self.is_causal):
+        if const_expr(self.mask.causal):
             n_mask_from = cutlass.max(
                 cutlass.min(
-                    causal_mask.first_masked_n_block(
+                    first_masked_n_block(
                         self.m_block, self.causal_offset, self.tile_m, self.tile_n
                     ),
                     n_top,

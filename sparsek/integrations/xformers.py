@@ -52,9 +52,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         f"({type(exc).__name__}: {exc}); install it with: pip install sparsek[xformers]"
     ) from exc
 
-from sparsek import api as _api
-from sparsek import api_varlen as _api_varlen
+from sparsek import api_varlen, ops
 from sparsek.registry import dtype_name
+from sparsek.routing import registry_blockers, static_head_dim
 
 __all__ = ["SparseKAttention"]
 
@@ -151,9 +151,7 @@ class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
             index = query.device.index if query.device.index is not None else -1
             causal = d.attn_bias is not None
             reasons.extend(
-                _api._registry_blockers(
-                    index, _api._static_head_dim(head_dim), dtype_name(query.dtype), causal
-                )
+                registry_blockers(index, static_head_dim(head_dim), dtype_name(query.dtype), causal)
             )
         return reasons
 
@@ -257,14 +255,14 @@ def _block_diagonal(
     cu_q = bias.q_seqinfo.seqstart.to(q.device)
     max_q = int(bias.q_seqinfo.max_seqlen)
     if where == "packed":
-        out, lse = _api_varlen.attention_varlen(
+        out, lse = api_varlen.attention_varlen(
             q3, k3, v3, cu_q, bias.k_seqinfo.seqstart.to(q.device), max_q,
             int(bias.k_seqinfo.max_seqlen), causal=causal, softmax_scale=scale, return_lse=True,
         )  # fmt: skip
     else:
         rows = bias.page_size if where == "paged" else bias.k_seqinfo.padding
         table = bias.block_tables.to(q.device) if where == "paged" else None
-        out, lse = _api_varlen.attention_with_kvcache(
+        out, lse = api_varlen.attention_with_kvcache(
             q3, k3.reshape(-1, rows, *k3.shape[1:]), v3.reshape(-1, rows, *v3.shape[1:]),
             bias.k_seqinfo.seqlen.to(q.device), table, cu_seqlens_q=cu_q, max_seqlen_q=max_q,
             causal=causal, softmax_scale=scale, return_lse=True,
@@ -314,6 +312,6 @@ def _attention_bshd(
 ) -> tuple[Tensor, Tensor]:
     """The sparsek op on BSHD tensors -> (out (B, Sq, H, Kv), lse (B, H, Sq) float32)."""
     if q.device.type == "cuda":
-        return _api._run_op(q, k, v, causal, scale, top_left)
+        return ops.call_attention(q, k, v, causal, scale, top_left)
     result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(q, k, v, causal, scale, top_left)
     return result

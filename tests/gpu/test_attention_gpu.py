@@ -5,7 +5,7 @@ is relative to PyTorch's own error in the same dtype:
     max|out - ref| <= 2 * max|sdpa_out - ref| + atol   (atol 1e-3 fp16, 2e-3 bf16)
 where sdpa_out is torch SDPA (with an explicit mask for bottom-right causal) in the input
 dtype. LSE is compared with the reference's LSE. Outputs are poisoned with NaN before each
-launch (through `sparsek.ops._empty`) so unwritten elements fail. Fallbacks are disabled
+launch (through `sparsek.launch.launcher.empty`) so unwritten elements fail. Fallbacks are disabled
 (`SPARSEK_STRICT=1`) so every check here runs a kernel.
 """
 
@@ -18,8 +18,12 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import sparsek
-from sparsek import api, ops, registry
+from cutedsl_kernels.config import DENSE, Layout, MaskSpec
+from sparsek import api, registry, tuning
+from sparsek.launch import dense, launcher
+from sparsek.launch.launcher import ForwardKernel
 from sparsek.reference import reference_attention
+from sparsek.tuning import Workload
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
 
@@ -50,7 +54,26 @@ def _strict_and_poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
     def poisoned(shape, dtype, device, stride=None):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ops, "_empty", poisoned)
+    monkeypatch.setattr(launcher, "empty", poisoned)
+
+
+Request = tuple[MaskSpec, Layout, Workload, ForwardKernel]
+
+
+@pytest.fixture
+def forward_kernels(monkeypatch: pytest.MonkeyPatch) -> list[Request]:
+    """Every forward kernel the launch paths ask for during the test (no plan is memoized
+    when it starts): (mask, layout, workload, the loaded kernel) of each request."""
+    asked: list[Request] = []
+    forward_kernel = launcher.forward_kernel
+
+    def recording(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
+        kernel = forward_kernel(device, head_dim, dtype, mask, layout, workload)
+        asked.append((mask, layout, workload, kernel))
+        return kernel
+
+    monkeypatch.setattr(launcher, "forward_kernel", recording)
+    return asked
 
 
 def make_qkv(b, sq, sk, h, hkv, d, dtype, *, bhsd_storage=False, seed=0):
@@ -97,18 +120,15 @@ def check_close(out, q, k, v, causal, top_left, lse=None):
 
 @pytest.fixture(params=["planned", "no_one_wave"])
 def one_wave(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """ "planned": each shape takes the variant `ops.dense_variant` plans (most SHAPES fit
-    in one wave: `registry.ONE_WAVE`); "no_one_wave": as if the GPU had no SM to spare,
-    so the same shapes run the DENSE (and LONG_Q) kernels. Returns whether one-wave
-    kernels may be planned."""
-    monkeypatch.setattr(ops, "_DENSE_PLANS", {})
-    monkeypatch.setattr(ops, "_LAUNCHERS", {})  # kernels stay loaded in the cache
-    monkeypatch.setattr(api, "_SERVED", {})
-    monkeypatch.setattr(api, "_SERVED_SDPA", {})
+    """ "planned": each shape takes the workload `dense.dense_workload` plans (most SHAPES
+    fit in one wave: `Workload.ONE_WAVE`); "no_one_wave": as if the GPU had no SM to spare,
+    so the same shapes run the DEFAULT (and LONG_Q) kernels. Returns whether one-wave
+    kernels may be planned. (No plan or loaded kernel is memoized when a test starts:
+    tests/conftest.py empties the memos; kernels stay loaded in the cache.)"""
     if request.param == "planned":
         return True
-    plan = ops.dense_variant
-    monkeypatch.setattr(ops, "dense_variant", lambda b, sq, h, c, sms: plan(b, sq, h, c, 0))
+    plan = dense.dense_workload
+    monkeypatch.setattr(dense, "dense_workload", lambda b, sq, h, c, sms: plan(b, sq, h, c, 0))
     return False
 
 
@@ -127,7 +147,9 @@ def run_checked(q, k, v, causal, top_left) -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize(("b", "sq", "sk", "h", "hkv", "causal"), SHAPES)
-def test_attention_bottom_right(b, sq, sk, h, hkv, causal, d, dtype, one_wave) -> None:
+def test_attention_bottom_right(
+    b, sq, sk, h, hkv, causal, d, dtype, one_wave, forward_kernels
+) -> None:
     q, k, v = make_qkv(b, sq, sk, h, hkv, d, dtype, seed=sq * 7 + sk)
     out, lse = sparsek.attention(q, k, v, causal=causal, return_lse=True)
     assert out.shape == q.shape and out.dtype == dtype
@@ -135,13 +157,13 @@ def test_attention_bottom_right(b, sq, sk, h, hkv, causal, d, dtype, one_wave) -
     if causal and sq > sk:
         assert (out[:, : sq - sk] == 0).all()
     # (One query per sequence runs as KV-cache decode, see test_single_queries_as_decode.)
-    fits = b * h * math.ceil(sq / registry.ONE_WAVE_TILE_M) <= ops.num_sms(q.device.index)
-    ran = any(key[-1] == registry.ONE_WAVE for key in ops._LAUNCHERS)
+    fits = b * h * math.ceil(sq / tuning.ONE_WAVE_TILE_M) <= launcher.num_sms(q.device.index)
+    ran = any(workload is Workload.ONE_WAVE for _, _, workload, _ in forward_kernels)
     assert ran == (one_wave and fits and sq > 1), "one-wave problems run one-wave kernels"
 
 
 # One query per sequence (batch, seqlen_k, num_heads, num_kv_heads): planned as KV-cache
-# decode over the dense K/V (`ops._decode_route`: heads grouped per KV head, split-KV).
+# decode over the dense K/V (`dense.decode_route`: heads grouped per KV head, split-KV).
 DECODE_SHAPES = [(1, 4096, 32, 8), (3, 1031, 8, 8), (8, 200, 16, 1), (2, 33000, 4, 2)]
 
 
@@ -153,11 +175,11 @@ def test_single_queries_as_decode(b, sk, h, hkv, mode, d, dtype) -> None:
     causal, top_left = mode != "full", mode == "causal_top_left"
     q, k, v = make_qkv(b, 1, sk, h, hkv, d, dtype, bhsd_storage=top_left, seed=sk + h)
     run_checked(q, k, v, causal, top_left)  # top-left: a causal query sees key 0 only
-    plan = ops.dense_plan(q, k, v, causal, d**-0.5, top_left)
+    plan = dense.dense_plan(q, k, v, causal, d**-0.5, top_left)
     assert plan.decode is not None, "planned as decode"
 
 
-# Causal requests of >= registry.LONG_SEQLEN_Q queries: the LONG_Q kernels, whose
+# Causal requests of >= tuning.LONG_SEQLEN_Q queries: the LONG_Q kernels, whose
 # persistent CTAs count their tiles out (more tiles than SMs, so CTAs take several).
 LONG_SHAPES = [
     (2, 4097, 4097, 4, 2, False),  # bottom-right = top-left, GQA 2:1
@@ -171,11 +193,12 @@ LONG_SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize(("b", "sq", "sk", "h", "hkv", "top_left"), LONG_SHAPES)
-def test_long_causal_queries(b, sq, sk, h, hkv, top_left, d, dtype) -> None:
+def test_long_causal_queries(b, sq, sk, h, hkv, top_left, d, dtype, forward_kernels) -> None:
     q, k, v = make_qkv(b, sq, sk, h, hkv, d, dtype, bhsd_storage=top_left, seed=sq + d)
     run_checked(q, k, v, True, top_left)
-    key = (q.device.index, d, dtype, True, registry.LONG_Q)
-    assert key in ops._COUNTED, "the long causal kernel takes its tiles from a counter"
+    [(mask, layout, workload, kernel)] = forward_kernels  # the request's kernel
+    assert (mask, layout, workload) == (registry.mask_of(True), DENSE, Workload.LONG_Q)
+    assert kernel.takes_tile_counter, "the long causal kernel takes its tiles from a counter"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])

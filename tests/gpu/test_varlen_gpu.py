@@ -18,10 +18,10 @@ must be exactly 0. LSE: float32, -inf exactly where the reference's is, elsewher
 rtol 1e-3 (log-domain: scores are exact products of the same fp16/bf16 inputs, so only
 fp32 accumulation error remains).
 
-Outputs are poisoned with NaN before each launch through the allocation seam `_empty`
-(in `sparsek.ops`, and in `sparsek.ops_varlen` once it has one) so unwritten elements fail;
-every output is also checked for NaN and against the reference. Fallbacks are disabled
-(`SPARSEK_STRICT=1`) so every check here runs a kernel.
+Outputs are poisoned with NaN before each launch through the allocation seam of every
+launch path (`sparsek.launch.launcher.empty`) so unwritten elements fail; every output is
+also checked for NaN and against the reference. Fallbacks are disabled (`SPARSEK_STRICT=1`)
+so every check here runs a kernel.
 
 Cache slots past `cache_seqlens`, spare blocks and block-table columns past a sequence's last
 block hold random garbage (large keys: reading them changes the result), and in the last
@@ -40,7 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import sparsek
-from sparsek import ops, ops_varlen
+from cutedsl_kernels.config import DENSE
+from sparsek.launch import launcher
+from sparsek.tuning import Workload
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
 
@@ -62,17 +64,29 @@ GARBAGE_SCALE = 8.0
 
 
 @pytest.fixture(autouse=True)
-def _strict_and_poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+def strict_and_poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPARSEK_STRICT", "1")
 
     def poisoned(shape, dtype, device, stride=None):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    # The varlen/KV-cache ops allocate through `ops._empty` or an `_empty` of their own (same
-    # signature); without either, the NaN checks and the reference comparison remain.
-    for module in (ops, ops_varlen):
-        if hasattr(module, "_empty"):
-            monkeypatch.setattr(module, "_empty", poisoned)
+    # Every launch path (dense, varlen, KV cache) allocates its outputs through it.
+    monkeypatch.setattr(launcher, "empty", poisoned)
+
+
+@pytest.fixture
+def workloads(monkeypatch: pytest.MonkeyPatch) -> list[Workload]:
+    """The workload of every forward kernel the launch paths ask for during the test (no
+    plan is memoized when it starts: tests/conftest.py empties the memos)."""
+    asked: list[Workload] = []
+    forward_kernel = launcher.forward_kernel
+
+    def recording(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
+        asked.append(workload)
+        return forward_kernel(device, head_dim, dtype, mask, layout, workload)
+
+    monkeypatch.setattr(launcher, "forward_kernel", recording)
+    return asked
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -415,9 +429,9 @@ def test_kvcache_decode(d, dtype, h, hkv, layout) -> None:
 @pytest.mark.parametrize("capacity", [320, 1300])
 @pytest.mark.parametrize("layout", ["contiguous", "paged16", "paged64"])
 @pytest.mark.parametrize(("dtype", "d"), CORNERS)
-def test_kvcache_decode_batch_filling_the_gpu(dtype, d, layout, capacity) -> None:
-    """160 (sequence, KV head) tiles, more than the SMs: the `fills_gpu` decode kernel
-    (two CTAs per SM), never split, with odd and empty sequences among them."""
+def test_kvcache_decode_batch_filling_the_gpu(dtype, d, layout, capacity, workloads) -> None:
+    """160 (sequence, KV head) tiles, more than the SMs: the `DECODE_FILLS_GPU` decode
+    kernel (two CTAs per SM), never split, with odd and empty sequences among them."""
     lens = [(37 * i) % 300 for i in range(20)]  # 0, 37, ..., 1 to 296
     if capacity > 320:
         lens[7] = capacity  # one sequence fills its cache
@@ -430,7 +444,7 @@ def test_kvcache_decode_batch_filling_the_gpu(dtype, d, layout, capacity) -> Non
         q, k_cache, v_cache, int32(lens), table, return_lse=True
     )
     check_close(out, as_batched(expected(list(q), ks, vs, True, d**-0.5)), lse)
-    assert any(key[4].fills_gpu for key in ops._LAUNCHERS if key[3] is not None)
+    assert Workload.DECODE_FILLS_GPU in workloads
 
 
 @pytest.mark.parametrize(("dtype", "d", "layout"), [

@@ -1,5 +1,5 @@
 """The kernel calls of sparsek's vLLM backend on an H100, without vLLM (it cannot be
-installed on the GPU machine): `sparsek.integrations.vllm_kernels`, which
+installed on the GPU machine): `sparsek.integrations.vllm.kernels`, which
 `SparseKImpl.do_kv_cache_update` / `SparseKImpl.forward` call unchanged.
 
 The cache is built the way vLLM 0.33 allocates it: one buffer per group of layers, viewed
@@ -26,17 +26,17 @@ import torch
 from test_varlen_gpu import (
     DEVICE,
     GARBAGE_SCALE,
-    _strict_and_poisoned,  # noqa: F401  (autouse fixture: strict mode, NaN outputs)
     as_packed,
     check_close,
     expected,
     generator,
     int32,
     randn,
+    strict_and_poisoned,  # noqa: F401  (autouse fixture: strict mode, NaN outputs)
 )
 from torch import Tensor
 
-from sparsek.integrations import vllm_kernels
+from sparsek.integrations.vllm import kernels as vllm_kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
 

@@ -4,7 +4,7 @@ Compared against: a float64 softmax over q k^T * scale plus the bias's `material
 (xFormers' definition of each mask). Tolerance is relative to PyTorch's own error in the
 same dtype: max|out - ref| <= 2 * max|sdpa - ref| + atol (atol 1e-3 fp16, 2e-3 bf16), where
 sdpa is torch SDPA with the materialized bias as its mask. Outputs are poisoned with NaN
-before each launch (through `sparsek.ops._empty`) so unwritten elements fail.
+before each launch (through `sparsek.launch.launcher.empty`) so unwritten elements fail.
 
 xFormers' own C++/CUDA extension need not load here (its operators then refuse CUDA
 inputs); sparsek's operator does not use it.
@@ -20,8 +20,8 @@ xops = pytest.importorskip("xformers.ops", reason="xformers is not installed")
 from xformers.ops.fmha import attn_bias as ab  # noqa: E402
 from xformers.ops.fmha.common import Inputs  # noqa: E402
 
-from sparsek import ops  # noqa: E402
 from sparsek.integrations.xformers import SparseKAttention  # noqa: E402
+from sparsek.launch import dense, launcher  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
 
@@ -53,7 +53,7 @@ def _poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
     def poisoned(shape, dtype, device, stride=None):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ops, "_empty", poisoned)
+    monkeypatch.setattr(launcher, "empty", poisoned)
 
 
 def make_qkv(q_shape, sk, dtype, seed=0):
@@ -105,14 +105,14 @@ def check_close(out, q, k, v, bias, lse=None):
 def test_forward_matches_reference(q_shape, sk, dtype, bias, monkeypatch) -> None:
     q, k, v = make_qkv(q_shape, sk, dtype, seed=sum(q_shape) + sk)
     copied: list[bool] = []
-    original = ops.tma_compatible
+    original = dense.tma_compatible
 
     def recording(t):
         result = original(t)
         copied.append(result is not t)
         return result
 
-    monkeypatch.setattr(ops, "tma_compatible", recording)
+    monkeypatch.setattr(dense, "tma_compatible", recording)
     assert SparseKAttention.not_supported_reasons(Inputs(q, k, v, bias)) == []
     out = xops.memory_efficient_attention_forward(q, k, v, bias, op=SparseKAttention)
     assert out.shape == q.shape and out.dtype == dtype

@@ -1,0 +1,153 @@
+"""Score processing of the sm90 MMA warpgroups: the element-wise mask, then the online
+softmax over key tiles, in registers, with exp2 and the scale folded in.
+
+Masking (`apply_mask`): the scores of one key tile that the mask hides are set to -inf;
+the main loop calls it only for the tiles `common/block_ranges.py` says need it (the
+sequence end, the causal diagonal).
+
+For each query row the kernel keeps the running maximum `m` of the raw scores and the
+running sum `l` of `exp2(s * scale_log2 - m * scale_log2)` over the keys seen so far.
+A new key tile updates them and returns the factor `exp2((m_old - m_new) * scale_log2)`
+by which the partial output must be rescaled. At the end, `O /= l` and
+`lse = (m * scale_log2 + log2(l)) * ln 2` (natural log, what FlashAttention returns).
+
+Rows that have seen only masked (-inf) scores keep `m = -inf`; exponents are then taken
+against 0 so they stay 0 instead of NaN, and such rows finish with O = 0, lse = -inf.
+
+Each thread holds a few full rows' worth of columns split across the 4 threads of a quad
+(the MMA accumulator layout), so row reductions end with a 4-lane butterfly. The row sum
+is reduced across the quad only once, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32
+
+from cutedsl_kernels.config import MaskSpec
+from cutedsl_kernels.hopper.fragments import acc_rows_cols
+
+LN2 = math.log(2.0)
+LANES_PER_ROW = 4  # wgmma accumulators spread one row's columns over a quad
+ILP_CHAINS = 4  # independent reduction chains: a serial chain stalls on each op's latency
+
+
+def _add(a, b):
+    return a + b
+
+
+@cute.jit
+def reduce_ilp(row: cute.Tensor, op: cutlass.Constexpr) -> Float32:
+    """Reduce a register row (size a multiple of ILP_CHAINS) with interleaved chains."""
+    chains = [row[j] for j in range(ILP_CHAINS)]
+    for i in cutlass.range_constexpr(ILP_CHAINS, cute.size(row), ILP_CHAINS):
+        for j in cutlass.range_constexpr(ILP_CHAINS):
+            chains[j] = op(chains[j], row[i + j])
+    return op(op(chains[0], chains[1]), op(chains[2], chains[3]))
+
+
+class OnlineSoftmax:
+    """Running max/sum for the rows one thread owns (state lives in registers)."""
+
+    def __init__(self, scale_log2: Float32, num_rows: int):
+        self.scale_log2 = scale_log2
+        self.row_max = cute.make_rmem_tensor(num_rows, Float32)
+        self.row_sum = cute.make_rmem_tensor(num_rows, Float32)
+
+    @cute.jit
+    def reset(self) -> None:
+        self.row_max.fill(-Float32.inf)
+        self.row_sum.fill(0.0)
+
+    @cute.jit
+    def update(self, acc_s: cute.Tensor, is_first: cutlass.Constexpr[bool]) -> cute.Tensor:
+        """Turn scores `acc_s` into unnormalized probabilities in place.
+
+        Returns the per-row factor to rescale the output accumulator by.
+        """
+        s_rc = acc_rows_cols(acc_s)
+        row_scale = cute.make_rmem_tensor_like(self.row_max, Float32)
+        for r in cutlass.range_constexpr(cute.size(self.row_max)):
+            row = s_rc[r, None]
+            prev_max = self.row_max[r]
+            cur_max = cute.arch.fmax(reduce_ilp(row, cute.arch.fmax), prev_max)
+            cur_max = cute.arch.warp_reduction(
+                cur_max, cute.arch.fmax, threads_in_group=LANES_PER_ROW
+            )
+            self.row_max[r] = cur_max
+            # A row with no visible key yet: take exponents against 0 (they are all -inf).
+            safe_max = Float32(0.0) if cur_max == -Float32.inf else cur_max
+            max_scaled = safe_max * self.scale_log2
+            row.store(cute.math.exp2(row.load() * self.scale_log2 - max_scaled, fastmath=True))
+            tile_sum = reduce_ilp(row, _add)
+            if cutlass.const_expr(is_first):
+                row_scale[r] = Float32(1.0)
+                self.row_sum[r] = tile_sum
+            else:
+                scale = cute.math.exp2(prev_max * self.scale_log2 - max_scaled, fastmath=True)
+                row_scale[r] = scale
+                self.row_sum[r] = self.row_sum[r] * scale + tile_sum
+        return row_scale
+
+    @cute.jit
+    def finalize(self) -> cute.Tensor:
+        """Reduce the row sums, turn `row_sum` into the LSE; return 1/l per row.
+
+        After this call `self.row_sum[r]` holds the natural-log LSE of row r.
+        """
+        inv_sum = cute.make_rmem_tensor_like(self.row_max, Float32)
+        for r in cutlass.range_constexpr(cute.size(self.row_sum)):
+            total = cute.arch.warp_reduction(self.row_sum[r], _add, threads_in_group=LANES_PER_ROW)
+            empty = total == Float32(0.0) or total != total
+            inv_sum[r] = cute.arch.rcp_approx(Float32(1.0) if empty else total)
+            lse = (
+                self.row_max[r] * self.scale_log2 + cute.math.log2(total, fastmath=True)
+            ) * Float32(LN2)
+            self.row_sum[r] = -Float32.inf if empty else lse
+        return inv_sum
+
+    @staticmethod
+    @cute.jit
+    def rescale(acc_o: cute.Tensor, row_scale: cute.Tensor) -> None:
+        """Multiply each accumulator row by its factor."""
+        o_rc = acc_rows_cols(acc_o)
+        for r in cutlass.range_constexpr(cute.size(row_scale)):
+            o_rc[r, None].store(o_rc[r, None].load() * row_scale[r])
+
+
+@cute.jit
+def apply_mask(
+    acc_s: cute.Tensor,
+    t_coords: cute.Tensor,
+    t0_coords: cute.Tensor,
+    m_block: Int32,
+    n_block: Int32,
+    seqlen_k: Int32,
+    causal_offset: Int32,
+    tile_m: cutlass.Constexpr[int],
+    tile_n: cutlass.Constexpr[int],
+    mask: cutlass.Constexpr[MaskSpec],
+) -> None:
+    """Set masked scores of one (tile_m, tile_n) tile to -inf.
+
+    `t_coords` / `t0_coords` are this thread's and thread 0's partitions of the tile's
+    identity tensor, so that the per-element test compares against compile-time column
+    offsets (thread 0's) and a per-row limit shifted by this thread's own offset.
+    """
+    s_rc = acc_rows_cols(acc_s)
+    c_rc = acc_rows_cols(t_coords)
+    c0_rc = acc_rows_cols(t0_coords)
+    thread_col = c_rc[0, 0][1]
+    seqlen_limit = seqlen_k - n_block * tile_n - thread_col
+    for r in cutlass.range_constexpr(cute.size(s_rc, mode=[0])):
+        col_limit = seqlen_limit
+        if cutlass.const_expr(mask.causal):
+            row = m_block * tile_m + c_rc[r, 0][0]
+            causal_limit = row + causal_offset + 1 - n_block * tile_n - thread_col
+            col_limit = cutlass.min(col_limit, causal_limit)
+        for c in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
+            if c0_rc[0, c][1] >= col_limit:
+                s_rc[r, c] = -Float32.inf

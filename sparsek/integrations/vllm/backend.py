@@ -1,0 +1,327 @@
+"""sparsek as a vLLM V1 attention backend: `SPARSEK` (written against vllm 0.33.0).
+
+    pip install sparsek[vllm]
+    vllm serve MODEL --attention-backend SPARSEK
+    LLM(model, attention_backend="SPARSEK")
+
+The name is registered by the `vllm.general_plugins` entry point
+(`sparsek.integrations.vllm.plugin:register`), which vLLM runs in every process before
+it reads the backend name. This module holds the backend itself:
+
+  * `SparseKBackend` declares what it serves (the selector refuses anything else, with
+    the reasons from `validate_configuration`): decoder self-attention, causal; head
+    sizes and compute capabilities with a registered sparsek kernel (64 and 128 on 9.0);
+    float16 / bfloat16 with a KV cache of the same dtype ("auto"); kernel block sizes that
+    are multiples of 16. Not supported (refused): sliding window, attention sinks,
+    ALiBi, logits soft cap, encoder / cross attention, fp8 KV caches, MLA, DCP/PCP,
+    fused output quantization, batch invariance.
+  * `SparseKImpl.do_kv_cache_update` writes the step's new K/V into the paged cache
+    (slots < 0 skipped); `SparseKImpl.forward` runs every sequence of the batch
+    (decodes, chunked prefills, prefills, mixed) in one `sparsek.attention_with_kvcache`
+    call over vLLM's cache, read in place (see `sparsek.integrations.vllm.kernels`).
+  * `SparseKMetadataBuilder` passes vLLM's persistent metadata tensors through (no host
+    synchronization, no allocation) and loads every kernel the layer group can need when
+    it is created, before the first request and before CUDA-graph capture. FULL CUDA
+    graphs: uniform single-token decode batches (`UNIFORM_SINGLE_TOKEN_DECODE`); other
+    batches run under piecewise graphs.
+
+KV-cache layout: vLLM's per-layer cache, logically (num_blocks, num_kv_heads, block_size,
+2 * head_size), in any `KVCacheLayout` (LBNHC, vLLM's default, is token-major per block);
+the kernels read K and V as strided views of it, without copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+try:
+    from vllm.v1.attention.backend import (
+        AttentionBackend,
+        AttentionCGSupport,
+        AttentionImpl,
+        AttentionLayer,
+        AttentionMetadataBuilder,
+        AttentionType,
+        CommonAttentionMetadata,
+        MultipleOf,
+    )
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "sparsek.integrations.vllm.backend needs vLLM 0.33, which is not installed "
+        f"({type(exc).__name__}: {exc}); install it with: pip install sparsek[vllm]"
+    ) from exc
+
+from sparsek import registry
+from sparsek.integrations.vllm import kernels
+from sparsek.integrations.vllm.plugin import BACKEND_NAME
+
+__all__ = ["BACKEND_NAME", "SparseKBackend", "SparseKImpl", "SparseKMetadata"]
+
+# Kernel block sizes (vLLM's "block_size", the kernels' page size): multiples of this.
+BLOCK_SIZE_MULTIPLE = 16
+
+
+@dataclass
+class SparseKMetadata:
+    """Per-step metadata shared by a layer group (views of vLLM's persistent buffers)."""
+
+    num_actual_tokens: int
+    max_query_len: int
+    query_start_loc: Tensor  # (num_reqs + 1,) int32
+    max_seq_len: int
+    seq_lens: Tensor  # (num_reqs,) int32, cached tokens including this step's
+    block_table: Tensor  # (num_reqs, max_blocks) int32
+    slot_mapping: Tensor  # (num_tokens,) int64, -1 for padding
+
+
+class SparseKBackend(AttentionBackend):  # type: ignore[misc]
+    """vLLM attention backend running sparsek's paged-KV kernels."""
+
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
+    supported_kv_cache_dtypes: ClassVar[list[Any]] = ["auto", "float16", "bfloat16"]
+    # vLLM calls do_kv_cache_update before forward.
+    forward_includes_kv_cache_update: bool = False
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[SparseKImpl]:
+        return SparseKImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[SparseKMetadataBuilder]:
+        return SparseKMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec: Any = None) -> list[int | MultipleOf]:
+        return [MultipleOf(BLOCK_SIZE_MULTIPLE)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        arches = registry.registered_arches()
+        return sorted({d for arch in arches for d in registry.registered_head_dims(arch)})
+
+    @classmethod
+    def supports_compute_capability(cls, capability: Any) -> bool:
+        arch = registry.arch_from_capability((capability.major, capability.minor))
+        return arch in registry.registered_arches()
+
+    @classmethod
+    def validate_configuration(cls, **config: Any) -> list[str]:
+        """vLLM's checks (reasons, empty = supported), each naming the value and what is
+        supported. vLLM's selector calls this with keyword arguments only."""
+        reasons: list[str] = super().validate_configuration(**config)
+        capability = config["device_capability"]
+        supported_capabilities = ", ".join(
+            f"{major}.{minor}"
+            for (major, minor), arch in registry.ARCH_BY_CAPABILITY.items()
+            if arch in registry.registered_arches()
+        )
+        detail = {
+            "head_size not supported": f"head_size={config['head_size']} is not supported "
+            f"(supported: {', '.join(map(str, cls.get_supported_head_sizes()))})",
+            "dtype not supported": f"dtype={config['dtype']} is not supported (supported: "
+            f"{', '.join(map(registry.dtype_name, cls.supported_dtypes))})",
+            "kv_cache_dtype not supported": f"kv_cache_dtype={config['kv_cache_dtype']} is "
+            f"not supported (supported: {', '.join(cls.supported_kv_cache_dtypes)})",
+            "block_size not supported": f"block_size={config['block_size']} is not supported "
+            f"(supported: multiples of {BLOCK_SIZE_MULTIPLE})",
+            "compute capability not supported": "compute capability "
+            f"{capability.major}.{capability.minor} is not supported "
+            f"(supported: {supported_capabilities})",
+        }
+        return [detail.get(reason, reason) for reason in reasons]
+
+    @classmethod
+    def supports_combination(
+        cls,
+        head_size: int,
+        dtype: torch.dtype,
+        kv_cache_dtype: Any,
+        block_size: int | None,
+        use_mla: bool,
+        has_sink: bool,
+        use_sparse: bool,
+        use_mm_prefix: bool,
+        device_capability: Any,
+    ) -> str | None:
+        arch = registry.arch_from_capability((device_capability.major, device_capability.minor))
+        dims = registry.registered_head_dims(arch)  # empty for an unregistered arch
+        if dims and head_size not in dims:
+            return f"head_size={head_size} has no sparsek kernel on {arch}: {dims}"
+        cache_dtype = _cache_dtype_name(kv_cache_dtype)
+        known = cache_dtype in cls.supported_kv_cache_dtypes  # else refused already
+        if known and cache_dtype not in (None, registry.dtype_name(dtype)):
+            return (
+                f"kv_cache_dtype={kv_cache_dtype} differs from the model dtype "
+                f"{registry.dtype_name(dtype)}: sparsek reads a cache of the model's dtype"
+            )
+        return None
+
+
+def _cache_dtype_name(kv_cache_dtype: Any) -> str | None:
+    """ "float16" / "bfloat16" for an explicit cache dtype; None for "auto" (the model's)."""
+    if kv_cache_dtype in (None, "auto"):
+        return None
+    return str(kv_cache_dtype)
+
+
+class SparseKImpl(AttentionImpl[SparseKMetadata]):  # type: ignore[misc]
+    """One attention layer: cache update and forward over vLLM's paged cache."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra: Any,
+    ) -> None:
+        reasons = unsupported_layer_reasons(
+            alibi_slopes, sliding_window, kv_cache_dtype, logits_soft_cap, attn_type, extra
+        )
+        if reasons:
+            raise NotImplementedError(
+                f"the {BACKEND_NAME} attention backend cannot run this layer: " + "; ".join(reasons)
+            )
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: Tensor,
+        value: Tensor,
+        kv_cache: Tensor,
+        slot_mapping: Tensor,
+    ) -> None:
+        """Write this step's keys/values into the layer's paged cache (slots < 0 skipped)."""
+        k_cache, v_cache = kernels.split_kv_cache(kv_cache, self.head_size)
+        kernels.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        kv_cache: Tensor,
+        attn_metadata: SparseKMetadata,
+        output: Tensor,
+        output_scale: Tensor | None = None,
+        output_block_scale: Tensor | None = None,
+    ) -> Tensor:
+        """Attention of the step's queries over the cache (already updated) -> output."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError(
+                f"the {BACKEND_NAME} attention backend does not fuse output quantization"
+            )
+        if attn_metadata is None:  # vLLM's memory-profiling run: no cache, no metadata
+            return output.fill_(0)
+        n = attn_metadata.num_actual_tokens
+        k_cache, v_cache = kernels.split_kv_cache(kv_cache, self.head_size)
+        kernels.paged_attention(
+            query[:n],
+            k_cache,
+            v_cache,
+            attn_metadata.query_start_loc,
+            attn_metadata.seq_lens,
+            attn_metadata.block_table,
+            attn_metadata.max_query_len,
+            self.scale,
+            output[:n],
+        )
+        return output
+
+
+def unsupported_layer_reasons(
+    alibi_slopes: list[float] | None,
+    sliding_window: int | None,
+    kv_cache_dtype: str,
+    logits_soft_cap: float | None,
+    attn_type: str,
+    extra: dict[str, Any],
+) -> list[str]:
+    """Why `SparseKImpl` cannot run a layer with these arguments (empty: it can)."""
+    reasons = []
+    if alibi_slopes is not None:
+        reasons.append("alibi_slopes: ALiBi is not supported")
+    if sliding_window is not None and sliding_window >= 0:
+        reasons.append(
+            f"sliding_window={sliding_window}: sliding-window attention is not supported"
+        )
+    if kv_cache_dtype not in SparseKBackend.supported_kv_cache_dtypes:
+        supported = ", ".join(map(str, SparseKBackend.supported_kv_cache_dtypes))
+        reasons.append(f"kv_cache_dtype={kv_cache_dtype} is not supported ({supported})")
+    if logits_soft_cap:
+        reasons.append(f"logits_soft_cap={logits_soft_cap}: soft capping is not supported")
+    if attn_type != AttentionType.DECODER:
+        reasons.append(f"attn_type={attn_type}: only decoder self-attention is supported")
+    for name, value in extra.items():
+        if value is not None and value is not False:
+            reasons.append(f"{name}={value!r} is not supported")
+    return reasons
+
+
+class SparseKMetadataBuilder(AttentionMetadataBuilder[SparseKMetadata]):  # type: ignore[misc]
+    """Builds `SparseKMetadata` from vLLM's common metadata; loads kernels when created."""
+
+    # FULL graphs for pure single-token decode batches; other batches: piecewise.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = (
+        AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    )
+
+    def __init__(
+        self,
+        kv_cache_spec: Any,
+        layer_names: list[str],
+        vllm_config: Any,
+        device: torch.device,
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if torch.device(device).type == "cuda":
+            kernels.load_kernels(
+                torch.device(device),
+                kv_cache_spec.head_size,
+                kv_cache_spec.dtype,
+                kv_cache_spec.block_size,
+            )
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> SparseKMetadata:
+        cm = common_attn_metadata
+        if cm.causal is not True:
+            raise NotImplementedError(
+                f"the {BACKEND_NAME} attention backend runs causal attention only "
+                f"(got causal={cm.causal!r})"
+            )
+        return SparseKMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            max_query_len=cm.max_query_len,
+            query_start_loc=cm.query_start_loc,
+            max_seq_len=cm.max_seq_len,
+            seq_lens=cm.seq_lens,
+            block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping,
+        )

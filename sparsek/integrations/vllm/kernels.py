@@ -1,0 +1,183 @@
+"""The calls sparsek's vLLM backend makes, on vLLM's KV-cache layout; no vLLM import.
+
+vLLM 0.33 hands each attention layer its cache as one tensor, logically
+(num_blocks, num_kv_heads, block_size, 2 * head_size): K in the first head_size channels,
+V in the last. The physical order of those axes is vLLM's `KVCacheLayout` (LBNHC by
+default: per block, token-major (block_size, num_kv_heads, 2 * head_size)). Every layout
+gives K and V as strided views (num_blocks, block_size, num_kv_heads, head_size): the
+layout `sparsek.attention_with_kvcache` reads, with the strides TMA accepts, so the
+kernels read vLLM's cache in place, whatever its layout (`split_kv_cache` refuses a cache
+they could not read without a copy).
+
+  split_kv_cache  kv_cache -> (k_cache, v_cache) views
+  store_kv        write new tokens' K/V at their slots (block * block_size + offset),
+                  skipping slots < 0 (padding): sparsek's cache-update kernel on CUDA (no
+                  host synchronization: capturable in a CUDA graph), torch ops elsewhere
+  paged_attention a batch of sequences mixing decodes, chunked prefills and prefills:
+                  one `attention_with_kvcache` call (packed queries, causal bottom-right
+                  per sequence) written into vLLM's preallocated output
+  load_kernels    load (compile on a cache miss) every kernel paged_attention may launch
+
+These are what the GPU tests (tests/gpu/test_vllm_gpu.py) check against float64 attention
+on a cache filled by `store_kv`, so the backend's device path is tested without vLLM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sparsek import api_varlen
+from sparsek.launch import kv_store, kvcache
+from sparsek.launch.tma import tma_readable
+
+
+def split_kv_cache(kv_cache: Tensor, head_size: int) -> tuple[Tensor, Tensor]:
+    """K and V views (num_blocks, block_size, num_kv_heads, head_size) of a layer's cache.
+
+    Args:
+        kv_cache: (num_blocks, num_kv_heads, block_size, 2 * head_size), any strides.
+        head_size: channels of K (and of V).
+
+    Raises:
+        ValueError: the shape is not the one above, or the kernels could not read a view
+            in place (head channels not contiguous, or strides/base not 16-byte aligned).
+    """
+    if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
+        raise ValueError(
+            "kv_cache must be (num_blocks, num_kv_heads, block_size, 2 * head_size) with "
+            f"head_size={head_size}, got shape {tuple(kv_cache.shape)}"
+        )
+    per_token = kv_cache.transpose(1, 2)  # (num_blocks, block_size, num_kv_heads, 2 * D)
+    k_cache = _canonical_singleton_strides(per_token[..., :head_size])
+    v_cache = _canonical_singleton_strides(per_token[..., head_size:])
+    for name, view in (("K", k_cache), ("V", v_cache)):
+        if view.numel() and not tma_readable(view):
+            raise ValueError(
+                f"kv_cache: the {name} view has strides {view.stride()} (elements) at "
+                f"address {view.data_ptr():#x}; sparsek's kernels read the cache in place "
+                "and need contiguous head channels, other strides multiples of 8 elements "
+                "and a 16-byte-aligned base"
+            )
+    return k_cache, v_cache
+
+
+def _canonical_singleton_strides(view: Tensor) -> Tensor:
+    """`view` with each size-1 axis given the stride a contiguous tensor would have.
+
+    Such an axis is never stepped along, so its stride is arbitrary (vLLM leaves odd ones,
+    e.g. num_kv_heads = 1 under tensor parallelism); TMA still checks it.
+    """
+    strides = list(view.stride())
+    for dim in range(view.dim() - 1, -1, -1):
+        if view.shape[dim] == 1:
+            inner = dim + 1
+            strides[dim] = 1 if inner == view.dim() else strides[inner] * view.shape[inner]
+    if strides == list(view.stride()):
+        return view
+    return view.as_strided(view.shape, strides)
+
+
+def store_kv(
+    key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+) -> None:
+    """Write token i's key/value at slot `slot_mapping[i]` of the paged caches, in place.
+
+    Args:
+        key, value: (num_tokens, num_kv_heads, head_size) in the caches' dtype; rows past
+            len(slot_mapping) ignored (CUDA-graph padding).
+        k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_size) views.
+        slot_mapping: (n,) integer slots block * block_size + offset; slots < 0 are
+            padding and write nothing.
+
+    CUDA: sparsek's cache-update kernel (one launch, no host synchronization: capturable
+    in a CUDA graph). Elsewhere: `store_kv_reference`.
+    """
+    if key.dtype != k_cache.dtype or value.dtype != v_cache.dtype:
+        raise ValueError(
+            f"key/value dtype ({key.dtype}, {value.dtype}) must match the cache's "
+            f"({k_cache.dtype}, {v_cache.dtype})"
+        )
+    if key.is_cuda:
+        key = key if key.stride(-1) == 1 else key.contiguous()
+        value = value if value.stride(-1) == 1 else value.contiguous()
+        kv_store.store_paged_kv(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+
+
+def store_kv_reference(
+    key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+) -> None:
+    """`store_kv` in torch operations, on any device (the CPU path and the kernel's oracle).
+
+    Every token is scattered in one indexed write without reading its validity back to
+    the host: padding rows are sent to the largest slot of the batch carrying that
+    slot's own new key/value (or, if no slot is valid, to slot 0 carrying its current
+    content), so every index written more than once receives equal values and the
+    result does not depend on the scatter's order.
+    """
+    n = slot_mapping.shape[0]
+    if n == 0:
+        return
+    slots = slot_mapping.to(torch.int64)
+    valid = slots >= 0
+    # Device tensors only (indexing with a 0-d tensor would read it back: a sync).
+    largest = torch.argmax(slots, keepdim=True)  # (1,): the largest slot's token
+    top = slots.gather(0, largest)
+    target = torch.where(valid, slots, top.clamp_min(0))
+    block_size = k_cache.shape[1]
+    index = (target // block_size, target % block_size)
+    any_valid = (top >= 0).view(1, 1, 1)
+    for new, cache in ((key[:n], k_cache), (value[:n], v_cache)):
+        filler = torch.where(any_valid, new.index_select(0, largest), cache[0, 0].unsqueeze(0))
+        rows = torch.where(valid[:, None, None], new, filler)
+        cache.index_put_(index, rows)
+
+
+def paged_attention(
+    query: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    query_start_loc: Tensor,
+    seq_lens: Tensor,
+    block_table: Tensor,
+    max_query_len: int,
+    softmax_scale: float,
+    output: Tensor,
+) -> Tensor:
+    """Causal attention of each sequence's new queries over its cached tokens -> output.
+
+    Args:
+        query: (num_tokens, num_heads, head_size), sequences packed by query_start_loc.
+        k_cache, v_cache: from `split_kv_cache`, holding every sequence's tokens (the new
+            ones included, as `store_kv` wrote them).
+        query_start_loc: (num_seqs + 1,) int32 offsets into query.
+        seq_lens: (num_seqs,) int32, cached tokens per sequence including the new ones.
+        block_table: (num_seqs, max_blocks) int32.
+        max_query_len: Python int >= every sequence's number of new queries.
+        softmax_scale: multiplier of q k^T.
+        output: (num_tokens, num_heads, head_size), written in place and returned.
+    """
+    out = api_varlen.attention_with_kvcache(
+        query,
+        k_cache,
+        v_cache,
+        seq_lens,
+        block_table,
+        cu_seqlens_q=query_start_loc,
+        max_seqlen_q=max_query_len,
+        causal=True,
+        softmax_scale=softmax_scale,
+    )
+    assert isinstance(out, Tensor)
+    return output.copy_(out)
+
+
+def load_kernels(device: torch.device, head_size: int, dtype: torch.dtype, block_size: int) -> None:
+    """Load every kernel `paged_attention` may launch on `device`, compiling on a miss.
+
+    Raises:
+        UnsupportedError: no kernel serves (head_size, dtype, block_size) on the device.
+    """
+    kvcache.load_kvcache_kernels(device, head_size, dtype, block_size)
