@@ -16,11 +16,9 @@ parallel processes, `--only` keeps the kernels whose name contains a substring.
 from __future__ import annotations
 
 import argparse
-import atexit
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,11 +36,9 @@ def _names(package: str, arch: str) -> list[str]:
     return [config.name for config in registry.registered_kernels(arch)]
 
 
-def _worker_setup(base: str, arch: str) -> None:
-    """Each compiling process: the DSL keeps each kernel's PTX (and writes it to a file, in
-    a directory removed at exit), targets `arch`, and finds the base packages."""
-    dump = tempfile.mkdtemp(prefix="sparsek-ptx-")
-    atexit.register(shutil.rmtree, dump, True)
+def _worker_setup(base: str, arch: str, dump: str) -> None:
+    """Each compiling process: the DSL keeps each kernel's PTX (and writes it to a file
+    under `dump`), targets `arch`, and finds the base packages."""
     os.environ.update(CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=dump, CUTE_DSL_ARCH=arch)
     sys.path.insert(0, base)
 
@@ -74,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     old_names = set(_names("sparsek_base", args.arch))
     jobs = [("sparsek", args.arch, n) for n in new_names]
     jobs += [("sparsek_base", args.arch, n) for n in new_names if n in old_names]
-    setup = (base, args.arch)
-    with ProcessPoolExecutor(args.jobs, initializer=_worker_setup, initargs=setup) as pool:
-        digests = list(pool.map(_digest, jobs))
+    with tempfile.TemporaryDirectory(prefix="sparsek-ptx-") as dump:
+        setup = (base, args.arch, dump)
+        with ProcessPoolExecutor(args.jobs, initializer=_worker_setup, initargs=setup) as pool:
+            digests = list(pool.map(_digest, jobs))
     new = dict(digests[: len(new_names)])
     old = dict(digests[len(new_names) :])
     commit = (args.base / "COMMIT").read_text().strip()
