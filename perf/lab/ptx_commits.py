@@ -37,9 +37,12 @@ def _names(package: str, arch: str) -> list[str]:
 
 
 def _worker_setup(base: str, arch: str, dump: str) -> None:
-    """Each compiling process: the DSL keeps each kernel's PTX (and writes it to a file
-    under `dump`), targets `arch`, and finds the base packages."""
-    os.environ.update(CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=dump, CUTE_DSL_ARCH=arch)
+    """Each compiling process: the DSL keeps each kernel's PTX (and writes it to a file in
+    a directory of its own under `dump`: the file names, cut short, collide between
+    kernels, and the PTX is read back from them), targets `arch`, and finds the base
+    packages."""
+    own = tempfile.mkdtemp(dir=dump)
+    os.environ.update(CUTE_DSL_KEEP="ptx", CUTE_DSL_DUMP_DIR=own, CUTE_DSL_ARCH=arch)
     sys.path.insert(0, base)
 
 
