@@ -160,27 +160,27 @@ def run(base: Path, out: Path | None, rounds: int) -> None:
             row.call(mod)()
     torch.cuda.synchronize()
     times: dict[str, dict[str, list[float]]] = {r.name: {"base": [], "new": []} for r in rows}
+    commit = (base / "COMMIT").read_text().strip()
     for r in range(rounds):
         order = ("base", "new") if r % 2 == 0 else ("new", "base")
         for row in rows:
             for version in order:
                 times[row.name][version].append(row.measure(row.call(versions[version])))
-        print(f"round {r + 1}/{rounds} done", flush=True)
-    commit = (base / "COMMIT").read_text().strip()
-    lines = [
-        f"A/B: this checkout (new) against {commit} (base), {torch.cuda.get_device_name()}, "
-        f"{rounds} rounds in alternating order; medians.",
-        "",
-        "| row | unit | base | new | new / base |",
-        "|---|---|---|---|---|",
-    ]
-    for row in rows:
-        old, new = (statistics.median(times[row.name][v]) for v in ("base", "new"))
-        lines.append(f"| {row.name} | {row.unit} | {old:.2f} | {new:.2f} | {new / old:.3f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out is not None:
-        out.write_text(text)
+        # The table so far after each round: a run cut short still leaves one.
+        lines = [
+            f"A/B: this checkout (new) against {commit} (base), {torch.cuda.get_device_name()}, "
+            f"{r + 1} of {rounds} rounds in alternating order; medians.",
+            "",
+            "| row | unit | base | new | new / base |",
+            "|---|---|---|---|---|",
+        ]
+        for row in rows:
+            old, new = (statistics.median(times[row.name][v]) for v in ("base", "new"))
+            lines.append(f"| {row.name} | {row.unit} | {old:.2f} | {new:.2f} | {new / old:.3f} |")
+        text = "\n".join(lines) + "\n"
+        print(text, flush=True)
+        if out is not None:
+            out.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
