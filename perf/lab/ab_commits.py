@@ -99,7 +99,7 @@ def _rows(device: Any) -> list[Row]:
         return lambda: mod.attention(*qkv, causal=causal)
 
     def tflops(fn: Callable[[], object], gflop: float) -> float:
-        return gflop / time_kernel(fn, device) / 1e3
+        return gflop / time_kernel(fn, device)  # GFLOP per ms = TFLOP/s
 
     def decode_call(mod: Any, args: tuple[torch.Tensor, ...]) -> Callable[[], object]:
         return lambda: mod.attention_with_kvcache(*args)
