@@ -100,6 +100,7 @@ class Layout:
     kv_layout: str = "dense"
     page_size: int = 0
     split_kv: bool = False
+    single_query: bool = False
 
     @property
     def is_varlen(self) -> bool:
@@ -136,6 +137,12 @@ class FmhaFwdConfig:
             keys per batch. Every layout but "dense" aligns the causal diagonal
             bottom-right per sequence.
         page_size: rows per page ("paged" only; a multiple of 16), else 0.
+        single_query: (varlen_q, "cache" / "paged") decode of packed queries: every
+            sequence has at most one query token (total_q == batch), and the query heads
+            sharing a KV head are one tile's rows, so q, out and lse are read as
+            (total_q, group, num_kv_heads, ...). Sequence b's token is cu_seqlens_q[b]
+            when it has one; otherwise its CTA writes O = 0, LSE = -inf to one of the
+            rows no sequence owns (`seqlen.SeqInfo.read_single_query`).
         split_kv: the key range of each query tile is split across `num_splits` CTAs that
             write float32 partial outputs and LSEs for a combine kernel to merge.
         persistent: launch at most `num_ctas` CTAs (one per SM) that loop over work units,
@@ -173,6 +180,7 @@ class FmhaFwdConfig:
     kv_layout: str = "dense"
     page_size: int = 0
     split_kv: bool = False
+    single_query: bool = False
     persistent: bool = False
     dynamic_schedule: bool = False
     l2_group_mb: int = 0
@@ -194,7 +202,7 @@ class FmhaFwdConfig:
             f"fmha_fwd_{self.arch}_{dims}_{self.dtypes.name}_{self.mask.name}"
             f"_m{self.tile_m}n{self.tile_n}s{self.num_stages}"
             f"{'_ov' if self.intra_wg_overlap else ''}{'_pp' if self.wg_pingpong else ''}"
-            f"{'_vq' if self.varlen_q else ''}"
+            f"{'_vq' if self.varlen_q else ''}{'1' if self.single_query else ''}"
             f"{'' if self.kv_layout == 'dense' else '_kv' + self.kv_layout}"
             f"{f'{self.page_size}' if self.kv_layout == 'paged' else ''}"
             f"{'_split' if self.split_kv else ''}"
@@ -208,7 +216,9 @@ class FmhaFwdConfig:
     @property
     def layout(self) -> Layout:
         """The layout fields as a `Layout`."""
-        return Layout(self.varlen_q, self.kv_layout, self.page_size, self.split_kv)
+        return Layout(
+            self.varlen_q, self.kv_layout, self.page_size, self.split_kv, self.single_query
+        )
 
     @property
     def is_varlen(self) -> bool:

@@ -70,11 +70,16 @@ PRECOMPILED: tuple[tuple[Layout, Workload], ...] = (
         for split in (False, True)
     ),
     *(
-        (Layout(False, kv, page, split), Workload.DECODE)
+        (Layout(packed, kv, page, split, single_query=packed), Workload.DECODE)
+        for packed in (False, True)
         for kv, page in _CACHES
         for split in (False, True)
     ),
-    *((Layout(False, kv, page), Workload.DECODE_FILLS_GPU) for kv, page in _CACHES),
+    *(
+        (Layout(packed, kv, page, single_query=packed), Workload.DECODE_FILLS_GPU)
+        for packed in (False, True)
+        for kv, page in _CACHES
+    ),
     (DENSE, Workload.LONG_Q),
     (DENSE, Workload.ONE_WAVE),
 )
@@ -230,12 +235,14 @@ def find(
         supported = ", ".join(m.name for m in MASKS)
         reasons.append(f"mask={mask.name} is not supported (supported: {supported})")
     if workload in DECODE_WORKLOADS and (
-        mask.causal or layout.varlen_q or layout.kv_layout == "dense"
+        mask.causal or layout.varlen_q != layout.single_query or layout.kv_layout == "dense"
     ):
         reasons.append(
-            "decode workloads are non-causal, with batched queries, over a 'cache' or "
-            f"'paged' kv_layout (got mask={mask.name}, {layout})"
+            "decode workloads are non-causal, with batched queries or single-query packed "
+            f"ones, over a 'cache' or 'paged' kv_layout (got mask={mask.name}, {layout})"
         )
+    if layout.single_query and workload not in DECODE_WORKLOADS:
+        reasons.append(f"single_query layouts serve decode workloads only (got {layout})")
     if workload is Workload.DECODE_FILLS_GPU and layout.split_kv:
         reasons.append(f"decode that fills the GPU is never split (got {layout})")
     if workload in (Workload.LONG_Q, Workload.ONE_WAVE) and layout != DENSE:

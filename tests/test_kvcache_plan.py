@@ -48,13 +48,24 @@ def fake_kernel(causal: bool | None, layout: Layout | None):
         assert (cu_q is not None) == layout.varlen_q and (table is not None) == (
             layout.kv_layout == "paged"
         )
-        packed = dict(cu_seqlens_q=cu_q, max_seqlen_q=rows) if cu_q is not None else {}
-        o, s = reference_attention_kvcache(
-            q[0] if cu_q is not None else q, k, v, seqused, table, causal=causal,
-            softmax_scale=scale, compute_dtype=torch.float64, **packed,
-        )  # fmt: skip
-        if cu_q is not None:
-            o, s = o[None], s[None]
+        if layout.single_query:  # the token of sequence b (see `seqlen.SeqInfo`)
+            first, count = cu_q[:-1], cu_q[1:] - cu_q[:-1]
+            empty_before = torch.arange(len(count)) - first
+            token = torch.where(count > 0, first, cu_q[-1] + empty_before).long()
+            keys = torch.where(count > 0, seqused, 0)
+            o, s = reference_attention_kvcache(
+                q[token], k, v, keys, table, causal=causal, softmax_scale=scale,
+                compute_dtype=torch.float64,
+            )  # fmt: skip
+            o, s = torch.empty_like(o).index_copy_(0, token, o), s[token.argsort()]
+        else:
+            packed = dict(cu_seqlens_q=cu_q, max_seqlen_q=rows) if cu_q is not None else {}
+            o, s = reference_attention_kvcache(
+                q[0] if cu_q is not None else q, k, v, seqused, table, causal=causal,
+                softmax_scale=scale, compute_dtype=torch.float64, **packed,
+            )  # fmt: skip
+            if cu_q is not None:
+                o, s = o[None], s[None]
         if splits > 1:  # split 0 owns every key, the others none
             out.zero_()
             lse.fill_(float("-inf"))
@@ -175,6 +186,26 @@ def test_decode_packed_stages_lse_and_reads_strided_q(fake_kernels) -> None:
     got = run(q, (k, v, seqlens), num_splits=2, cu=cu, max_q=1)
     check(got, reference(q, (k, v, seqlens), cu=cu, max_q=1))
     assert got[1].shape == (8, len(LENS))  # (num_heads, total_q)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize(
+    "cu", [[0, 0, 1, 2], [0, 1, 1, 2, 2, 3], [0, 0, 0, 0], [0, 1, 2, 3]], ids=str
+)
+def test_decode_packed_follows_cu_seqlens_q(fake_kernels, paged, num_splits, cu) -> None:
+    """Packed decode (max_seqlen_q 1, total_q == batch) with empty sequences anywhere: each
+    token is its own sequence's (through cu_seqlens_q, on the device), the tokens no
+    sequence owns get 0 / -inf, and the plan is the same for every cu_seqlens_q."""
+    lens = [40, 17, 300, 5, 129][: len(cu) - 1]
+    (k, v), (kp, vp, table), seqlens = make_caches(lens, 300, hkv=2)
+    caches = (kp, vp, seqlens, table) if paged else (k, v, seqlens)
+    cu_q = torch.tensor(cu, dtype=i32)
+    q = torch.randn(len(lens), 8, 32)
+    got = run(q, caches, num_splits=num_splits, cu=cu_q, max_q=1)
+    check(got, reference(q, caches, cu=cu_q, max_q=1))
+    assert torch.isneginf(got[1][:, cu[-1] :]).all()
+    assert all(lt is None or lt.single_query for _, lt, _ in fake_kernels)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])

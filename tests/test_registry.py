@@ -157,7 +157,11 @@ def test_only_decode_kernels_load_kv_evict_first() -> None:
     every other kernel may read a key tile again from the L2 (another query tile or head)."""
     kernels = [c for c in registry.registered_kernels("sm_90a") if isinstance(c, FmhaFwdConfig)]
     evict_first = {c for c in kernels if c.kv_evict_first}
-    decode = {c for c in kernels if c.tile_m == 64 and c.kv_layout != "dense" and not c.varlen_q}
+    decode = {
+        c
+        for c in kernels
+        if c.tile_m == 64 and c.kv_layout != "dense" and (c.single_query or not c.varlen_q)
+    }
     assert evict_first == {c for c in decode if c.head_dim == 128 or c.ctas_per_sm == 2}
     assert {(c.head_dim, c.kv_layout, c.split_kv, c.ctas_per_sm) for c in evict_first} == {
         (d, layout, split, ctas)

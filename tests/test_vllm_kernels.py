@@ -168,11 +168,11 @@ def test_load_kernels_compiles_every_kernel_the_backend_launches(
     device = torch.device("cuda", 0)  # only a key here: nothing is launched
     vllm_kernels.load_kernels(device, 64, torch.float16, 32)
     fwd = [c for c in loaded if isinstance(c, FmhaFwdConfig)]
-    assert {(c.mask.causal, c.varlen_q, c.split_kv) for c in fwd} == {
-        (False, False, False),  # decode: one query per sequence, group rows
-        (False, False, True),
-        (True, True, False),  # packed queries, causal
-        (True, True, True),
+    assert {(c.mask.causal, c.varlen_q, c.single_query, c.split_kv) for c in fwd} == {
+        (False, True, True, False),  # decode: one packed query per sequence, group rows
+        (False, True, True, True),
+        (True, True, False, False),  # packed queries, causal
+        (True, True, False, True),
     }
     assert all(c.kv_layout == "paged" and c.page_size == 32 for c in fwd)
     fills_gpu = launcher.forward_kernel(

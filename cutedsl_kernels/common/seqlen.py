@@ -17,6 +17,12 @@ Vocabulary (see `FmhaFwdConfig.varlen_q` / `kv_layout`):
   their tiles write O = 0 and LSE = -inf and the caller needs no memset. So
   total_q // tile_m + batch + 1 slots cover every tile, and at most one slot per entry is
   left empty; a warp finds a slot's entry with one ballot per 32 entries (`packed_batch`).
+- single-query decode (`FmhaFwdConfig.single_query`): at most one query token per
+  sequence and total_q == batch, so the sequences without a token are exactly as many as
+  the tokens past cu_q[batch]. Sequence b reads and writes token cu_q[b] when it has one,
+  else token cu_q[batch] + (b - cu_q[b]) (b - cu_q[b] counts the empty sequences before
+  b) with no keys: every token is written once, for any valid cu_q, without a memset.
+  `offset_q` is that token's index on the batch axis (`query_position`).
 """
 
 from __future__ import annotations
@@ -67,6 +73,26 @@ class SeqInfo:
         if per_sequence:
             causal_offset = seqlen_k - seqlen_q
         return SeqInfo(offset_q, seqlen_q, offset_k, seqlen_k, causal_offset)
+
+    @staticmethod
+    @cute.jit
+    def read_single_query(
+        batch_idx: Int32,
+        rows: Int32,
+        cu_seqlens_q: cute.Tensor,
+        seqused_k: cute.Tensor,
+    ) -> SeqInfo:
+        """`read` for single-query decode (see the module docstring): `rows` query rows
+        (the group's heads) of token `offset_q`, with sequence b's keys if it has a token
+        and none otherwise."""
+        first = cu_seqlens_q[batch_idx]
+        offset_q = first
+        seqlen_k = seqused_k[batch_idx]
+        if cu_seqlens_q[batch_idx + 1] == first:
+            last = cute.size(cu_seqlens_q.shape[0]) - 1
+            offset_q = cu_seqlens_q[last] + batch_idx - first
+            seqlen_k = Int32(0)
+        return SeqInfo(offset_q, rows, Int32(0), seqlen_k, seqlen_k - rows)
 
     @staticmethod
     @cute.jit
@@ -157,3 +183,14 @@ def packed_batch(cu_seqlens_q: cute.Tensor, slot: Int32, tile_m: cutlass.Constex
         if found < cute.arch.WARP_SIZE:
             base = entries
     return cutlass.max(counted - 1, 0)
+
+
+def query_position(
+    batch_idx: Int32, info: SeqInfo, varlen_q: bool, single_query: bool
+) -> tuple[Int32 | int, Int32 | int]:
+    """(batch index, first row) of a work tile's queries, outputs and LSE: single-query
+    decode tokens are batch entries (`offset_q`, from row 0); packed queries live in batch
+    entry 0 from row `offset_q`; otherwise entry `batch_idx` (`offset_q` is 0)."""
+    if single_query:
+        return info.offset_q, 0
+    return (0 if varlen_q else batch_idx), info.offset_q

@@ -160,9 +160,11 @@ class TileScheduler:
         self.mask = config.mask
         self.causal = config.mask.causal
         self.varlen_q, self.split_kv = config.varlen_q, config.split_kv
+        # Single-query decode: one tile per (KV head, sequence), as without varlen_q.
+        self.single_query = config.single_query
         self.persistent, self.dynamic = config.persistent, config.dynamic_schedule
         # Packed queries: one grid axis over the query tiles of all sequences.
-        self.packed_tiles = config.varlen_q and not config.split_kv
+        self.packed_tiles = config.varlen_q and not config.split_kv and not config.single_query
         self.l2_group_mb = config.l2_group_mb
         # K and V bytes of one key row (`l2_group`).
         self.kv_row_bytes = (
@@ -185,7 +187,7 @@ class TileScheduler:
         if const_expr(self.packed_tiles):
             batch = 1  # (see `packed_tile`)
             num_m_blocks = cute.size(mQ.shape[0]) // self.tile_m + cute.size(mCuSeqlensQ)
-        elif const_expr(self.varlen_q):
+        elif const_expr(self.varlen_q and not self.single_query):
             num_m_blocks = cute.ceil_div(max_seqlen_q, self.tile_m)
             batch = cute.size(mCuSeqlensQ.shape[0]) - 1
         else:
@@ -375,7 +377,11 @@ class TileScheduler:
         if const_expr(self.split_kv):
             batch_idx = batch_split // params.num_splits
             split_idx = batch_split - batch_idx * params.num_splits
-        if const_expr(self.packed_tiles):
+        if const_expr(self.single_query):
+            info = SeqInfo.read_single_query(
+                batch_idx, mQ.shape[0], params.cu_seqlens_q, params.seqused_k
+            )
+        elif const_expr(self.packed_tiles):
             info = SeqInfo.read_packed(
                 batch_idx,
                 mQ.shape[0],

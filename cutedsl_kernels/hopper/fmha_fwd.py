@@ -71,6 +71,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutedsl_kernels.abi import FmhaFwdArgs
 from cutedsl_kernels.common.dsl_compat import LayoutEnum, OperandMajorMode, SmemAllocator
 from cutedsl_kernels.common.dtypes import dsl_type
+from cutedsl_kernels.common.seqlen import query_position
 from cutedsl_kernels.common.tile_scheduler import SchedulerParams, TileScheduler, WorkTile
 from cutedsl_kernels.config import FmhaFwdConfig
 from cutedsl_kernels.hopper import epilogue, limits
@@ -132,8 +133,9 @@ class HopperFmhaForward:
             overlap=config.intra_wg_overlap,
             pingpong=self.pingpong,
             num_mma_warpgroups=self.num_mma_warpgroups,
-            # Caches: the slots past a sequence's used length may hold anything.
-            zero_v_tail=config.kv_layout in ("cache", "paged"),
+            # Caches: the slots past a sequence's used length may hold anything; packed
+            # keys: the rows past the last sequence (padding, e.g. torch.empty).
+            zero_v_tail=config.kv_layout in ("cache", "paged", "varlen"),
         )
 
     # ------------------------------------------------------------------ capability
@@ -531,9 +533,15 @@ class HopperFmhaForward:
                 t0ScS,
                 sV,
             )
+            v_rows = None
+            if const_expr(self.kv_layout == "varlen"):
+                # Only rows past the last sequence may be padding: the next sequences'
+                # rows are masked (P = 0) and hold data.
+                cu_k = tensors.mCuSeqlensK
+                v_rows = cu_k[cute.size(cu_k.shape[0]) - 1] - info.offset_k
             mainloop = Sm90Mainloop(
                 self.mainloop, operands, acc_O, softmax, (pipeline_k, pipeline_v), m_block, info,
-                wg_idx,
+                wg_idx, v_rows,
             )  # fmt: skip
             kv_state = mainloop.run(kv_state, n_min, n_max)
 
@@ -568,7 +576,9 @@ class HopperFmhaForward:
         this tile's Q stage `q_stage` of `sQ` and a TMA store, or straight to global memory
         (split-KV partials; a packed sequence's partial last tile)."""
         info, m_block = work.info, work.m_block
-        q_batch = 0 if const_expr(self.varlen_q) else work.batch_idx
+        q_batch, q_row = query_position(
+            work.batch_idx, info, self.varlen_q, self.config.single_query
+        )
         mO, mLSE = tensors.mO, tensors.mLSE
         row0 = m_block * self.tile_m
         if const_expr(self.split_kv):
@@ -577,8 +587,8 @@ class HopperFmhaForward:
         else:
             mO_seq = mO[None, None, work.head_idx, q_batch]
             mLSE_seq = mLSE[None, work.head_idx, q_batch]
-        mO_seq = cute.domain_offset((info.offset_q, 0), mO_seq)
-        mLSE_seq = cute.domain_offset((info.offset_q,), mLSE_seq)
+        mO_seq = cute.domain_offset((q_row, 0), mO_seq)
+        mLSE_seq = cute.domain_offset((q_row,), mLSE_seq)
         epilogue.store_lse(lse, tScS, mLSE_seq, row0, info.seqlen_q)
         tile = (self.tile_m, self.head_dim)
         sO = sQ[None, None, q_stage]
@@ -587,9 +597,9 @@ class HopperFmhaForward:
             epilogue.store_o_direct(acc_O, tiled_mma_pv, tidx, gO, info.seqlen_q - row0)
         else:
             tma_O_seq = cute.domain_offset(
-                (info.offset_q, 0), tensors.tma_O[None, None, work.head_idx, q_batch]
+                (q_row, 0), tensors.tma_O[None, None, work.head_idx, q_batch]
             )
-            if const_expr(self.varlen_q):
+            if const_expr(self.varlen_q and not self.config.single_query):
                 # TMA would write past this sequence's end into the next one's rows.
                 if row0 + self.tile_m <= info.seqlen_q:
                     self.store_o_tma(acc_O, tiled_mma_pv, tidx, sO, tma_O_seq, m_block, tma_atom_O)

@@ -6,7 +6,7 @@ of the DSL keeps a warm start (kernel loaded from the disk cache) from importing
 
 from __future__ import annotations
 
-from cutedsl_kernels.config import KV_LAYOUTS, SUPPORTED_DTYPES, FmhaFwdConfig
+from cutedsl_kernels.config import KV_LAYOUTS, NO_MASK, SUPPORTED_DTYPES, FmhaFwdConfig
 
 SMEM_CAPACITY_BYTES = 227 * 1024  # H100 opt-in shared memory per CTA
 SM_SMEM_BYTES = 228 * 1024  # per SM, of which 1 KiB per resident CTA is reserved
@@ -92,6 +92,16 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
         reasons.append(
             "varlen_q and kv_layout='varlen' go together (packed queries need per-sequence "
             "key lengths; 'cache' and 'paged' serve either query layout)"
+        )
+    if config.single_query and not (
+        config.varlen_q
+        and config.kv_layout in ("cache", "paged")
+        and config.mask == NO_MASK
+        and not config.persistent
+    ):
+        reasons.append(
+            "single_query (decode of packed queries) needs varlen_q, a 'cache' or 'paged' "
+            "kv_layout, no mask (one query sees every key) and a non-persistent launch"
         )
     packed = config.varlen_q and config.kv_layout == "varlen"
     if config.persistent and (config.split_kv or (config.is_varlen and not packed)):

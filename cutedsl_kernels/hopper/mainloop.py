@@ -18,8 +18,9 @@ round robin, issuing their GEMMs (named barriers WG1_TURN..WG3_TURN), so one war
 softmax hides under the others' GEMMs.
 
 With `zero_v_tail` (caches, whose slots past the used length may hold anything, NaN
-included), each warpgroup zeroes the V rows past the sequence end in the first (top) tile
-before its PV GEMM: a masked key has P = 0, but 0 * NaN would still poison O.
+included; packed keys, whose rows past the last sequence may be padding), each warpgroup
+zeroes the V rows past the data in the first (top) tile before its PV GEMM: a masked key
+has P = 0, but 0 * NaN would still poison O.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ class MainloopSettings:
         overlap: the overlapped schedule (`intra_wg_overlap`), else the serial one.
         pingpong: the MMA warpgroups take turns issuing GEMMs.
         num_mma_warpgroups: MMA warpgroups of a CTA.
-        zero_v_tail: zero the V rows past the sequence end in the first visited tile
-            (caches, whose unused slots may hold anything).
+        zero_v_tail: zero the V rows past the data (`Sm90Mainloop`'s `v_rows`) in the
+            first visited tile (caches, whose unused slots may hold anything; packed keys,
+            whose rows past the last sequence may be padding).
     """
 
     tile_m: int
@@ -143,6 +145,9 @@ class Sm90Mainloop:
         pipelines: (pipeline_k, pipeline_v).
         m_block, info: the query tile and its sequence bounds (`SeqInfo`).
         wg_idx: this MMA warpgroup's index.
+        v_rows: (`zero_v_tail`) key rows from the sequence's first that hold data, at
+            least its own (packed keys: up to the last sequence's end; V rows past them
+            may be padding); None: the sequence's own rows.
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class Sm90Mainloop:
         m_block: Int32,
         info: SeqInfo,
         wg_idx: Int32,
+        v_rows: Int32 | None = None,
     ):
         self.settings, self.operands = settings, operands
         self.tile_m, self.tile_n = settings.tile_m, settings.tile_n
@@ -168,6 +174,7 @@ class Sm90Mainloop:
         self.pipeline_k, self.pipeline_v = pipelines
         self.m_block, self.seqlen_k, self.causal_offset = m_block, info.seqlen_k, info.causal_offset
         self.wg_idx = wg_idx
+        self.v_rows = info.seqlen_k if v_rows is None else v_rows
 
     # ------------------------------------------------------------ warpgroup turns
     @cute.jit
@@ -214,12 +221,13 @@ class Sm90Mainloop:
 
     @cute.jit
     def zero_v_tail(self, kv_state: pipeline.PipelineState, n_block: Int32):
-        """Zero V rows >= seqlen_k of tile `n_block` (this warpgroup's view, then fence)."""
+        """Zero V rows >= `v_rows` of tile `n_block` (this warpgroup's view, then fence)."""
         if const_expr(self.settings.zero_v_tail):
-            self.pipeline_v.consumer_wait(kv_state)
             sV = self.operands.sV[None, None, kv_state.index]
-            valid = self.seqlen_k - n_block * self.tile_n
+            valid = self.v_rows - n_block * self.tile_n
             if valid < self.tile_n:
+                # Only a tile with rows to zero waits for V here, ahead of its PV GEMM.
+                self.pipeline_v.consumer_wait(kv_state)
                 head_dim = cute.size(sV, mode=[1])
                 lane = cute.arch.thread_idx()[0] % THREADS_PER_WARPGROUP
                 for e in cutlass.range(lane, self.tile_n * head_dim, THREADS_PER_WARPGROUP):

@@ -20,6 +20,7 @@ import cutlass.pipeline as pipeline
 from cutlass import Int32, const_expr
 from cutlass.cute.nvgpu import cpasync
 
+from cutedsl_kernels.common.seqlen import query_position
 from cutedsl_kernels.common.tile_scheduler import WorkTile
 from cutedsl_kernels.config import FmhaFwdConfig
 from cutedsl_kernels.hopper.tensors import FwdTensors
@@ -59,11 +60,12 @@ class Sm90Producer:
         tma_atom_Q, tma_atom_K, tma_atom_V = atoms
         pipeline_q, pipeline_k, pipeline_v = pipelines
         info, m_block, n_min, n_max = work.info, work.m_block, work.n_min, work.n_max
-        # Packed queries live in one batch entry, offset to their sequence's first token.
-        q_batch = 0 if const_expr(self.varlen_q) else work.batch_idx
+        q_batch, q_row = query_position(
+            work.batch_idx, info, self.varlen_q, self.config.single_query
+        )
         head_kv = work.head_idx // (mQ.shape[2] // mK.shape[2])
         cta = cute.make_layout(1)
-        mQ_seq = cute.domain_offset((info.offset_q, 0), mQ[None, None, work.head_idx, q_batch])
+        mQ_seq = cute.domain_offset((q_row, 0), mQ[None, None, work.head_idx, q_batch])
         gQ = cute.local_tile(mQ_seq, (self.tile_m, self.head_dim), (m_block, 0))
         # ((ATOM, REST), STAGE)
         tQsQ, tQgQ = cpasync.tma_partition(

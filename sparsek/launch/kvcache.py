@@ -6,7 +6,9 @@ How a request maps onto one kernel launch (plus the split-KV combine):
   max_seqlen_q is 1 and total_q == batch): the query heads that share a KV head become
   the rows of one query tile (q read as (batch, group, kv_heads, d) in place), so each CTA
   reads its KV head's cache once for the whole group. With a single query the
-  bottom-right causal mask hides nothing: the non-causal kernel runs.
+  bottom-right causal mask hides nothing: the non-causal kernel runs. A packed q takes
+  the `single_query` kernels, which find each sequence's token through cu_seqlens_q (any
+  valid one: empty sequences, padding tokens) on the device.
 - other requests: the kv "cache" / "paged" kernel, with `varlen_q` for a packed q (the
   kernel writes 0 / -inf to the rows past cu_seqlens_q[-1], which belong to no sequence).
 - decode with at least one (sequence, KV head) tile per SM: `Workload.DECODE_FILLS_GPU`
@@ -205,7 +207,7 @@ def attention_with_kvcache(
         else:
             o_part = plan.empty("o_part", torch.float32, q.device)
             lse_part = plan.empty("lse_part", torch.float32, q.device)
-            if cu_q is not None:  # rows past cu_seqlens_q[-1]: empty in every split
+            if plan.packed_rows:  # rows past cu_seqlens_q[-1]: empty in every split
                 lse_part.fill_(float("-inf"))
             call_fmha_fwd(
                 kernel.fn, q_k, k_cache, v_cache, o_part, lse_part,
@@ -244,9 +246,9 @@ def _build_plan(
     paged = block_table is not None
     capacity = (block_table.shape[1] if block_table is not None else 1) * k_cache.shape[1]
     decode = seqlen_q == 1 and (not packed or q.shape[0] == batch)
-    varlen_q, kernel_causal = (False, False) if decode else (packed, causal)
+    kernel_causal = causal and not decode
     kv_layout, page_size = ("paged", k_cache.shape[1]) if paged else ("cache", 0)
-    layout = Layout(varlen_q, kv_layout, page_size)
+    layout = Layout(packed, kv_layout, page_size, single_query=decode and packed)
     mask = mask_of(kernel_causal)
     workload = Workload.DECODE if decode else Workload.DEFAULT
     config = launcher.kernel_config(q, v_cache, mask, layout, workload)
@@ -299,7 +301,7 @@ def _build_plan(
     return KvcachePlan(
         "launch", out_shape, lse_shape,
         packed_rows=packed and not decode, q_view=q_view, out_view=out_view, lse_view=lse_view,
-        lse_staging=lse_staging, varlen_q=varlen_q, rows=rows, splits=splits, kernel=kernel,
+        lse_staging=lse_staging, varlen_q=packed, rows=rows, splits=splits, kernel=kernel,
         combine=combine,
     )  # fmt: skip
 
@@ -318,14 +320,14 @@ def load_kvcache_kernels(
         UnsupportedError: no registered kernel serves one of them.
     """
     kv_layout = "paged" if page_size else "cache"
-    for varlen_q, causal, workload in (
-        (False, False, Workload.DECODE),
-        (True, True, Workload.DEFAULT),
+    for single_query, causal, workload in (
+        (True, False, Workload.DECODE),
+        (False, True, Workload.DEFAULT),
     ):
         for split in (False, True):
-            layout = Layout(varlen_q, kv_layout, page_size, split)
+            layout = Layout(True, kv_layout, page_size, split, single_query)
             launcher.forward_kernel(device, head_dim, dtype, mask_of(causal), layout, workload)
-    fills_gpu = Layout(kv_layout=kv_layout, page_size=page_size)
+    fills_gpu = Layout(True, kv_layout, page_size, single_query=True)
     launcher.forward_kernel(
         device, head_dim, dtype, mask_of(False), fills_gpu, Workload.DECODE_FILLS_GPU
     )

@@ -376,6 +376,27 @@ def test_varlen_rows_past_the_last_sequence() -> None:
     check_close(out, expect, lse)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("dtype", "d"), CORNERS)
+@pytest.mark.parametrize(
+    ("lens_q", "lens_k"), [([3, 0, 130], [5, 9, 130]), ([200, 7], [64, 1])], ids=["tail", "short"]
+)
+def test_varlen_nan_padding_stays_out(lens_q, lens_k, dtype, d, causal) -> None:
+    """Rows past cu_seqlens_q/k[-1] hold NaN (torch.empty padding, as serving engines
+    allocate): the last sequence's partial key tile reads them, and they must not reach
+    any output (0 * NaN in P V); the padding q rows get 0 / -inf."""
+    q, k, v = varlen_inputs(lens_q, lens_k, 8, 2, d, dtype, seed=15 + d)
+    nan = float("nan")
+    q = torch.cat([q, torch.full((5, 8, d), nan, dtype=dtype, device=DEVICE)])
+    k, v = (torch.cat([t, torch.full((70, 2, d), nan, dtype=dtype, device=DEVICE)]) for t in (k, v))
+    out, lse = sparsek.attention_varlen(
+        q, k, v, cu_seqlens(lens_q), cu_seqlens(lens_k), max(lens_q), max(lens_k),
+        causal=causal, return_lse=True,
+    )  # fmt: skip
+    expect = varlen_expected(q, k, v, lens_q, lens_k, causal, d**-0.5, total_q=q.shape[0])
+    check_close(out, expect, lse)
+
+
 def test_varlen_deterministic() -> None:
     lens_q, _, h, hkv = VARLEN_CASES["gqa-mixed"]
     q, k, v = varlen_inputs(lens_q, lens_q, h, hkv, 128, torch.bfloat16, seed=14)
@@ -464,6 +485,54 @@ def test_kvcache_decode_packed_queries(dtype, d, layout) -> None:
     )  # fmt: skip
     assert lse.shape == (h, batch)
     check_close(out, as_packed(expected(split_rows(q, [1] * batch), ks, vs, True, d**-0.5)), lse)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 0], ids=["no-split", "3-splits", "auto"])
+@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
+@pytest.mark.parametrize("q_lens", [[0, 1, 1, 0, 1], [1, 0, 0, 0, 0], [0] * 5], ids=str)
+def test_kvcache_decode_packed_with_empty_sequences(q_lens, layout, num_splits) -> None:
+    """Packed decode (max_seqlen_q 1, total_q == batch) where some sequences have no query:
+    every token is its own sequence's, and the tokens past cu_seqlens_q[-1] (no sequence)
+    get out 0 and lse -inf."""
+    h, hkv, d, dtype, batch = 32, 8, 128, torch.bfloat16, len(DECODE_LENS)
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(
+        DECODE_LENS, DECODE_CAPACITY, layout, h, hkv, d, dtype, seed=31
+    )
+    q = randn(gen, batch, h, d, dtype=dtype)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, int32(DECODE_LENS), table, cu_seqlens_q=cu_seqlens(q_lens),
+        max_seqlen_q=1, num_splits=num_splits, return_lse=True,
+    )  # fmt: skip
+    check_packed_decode(out, lse, q, ks, vs, q_lens)
+
+
+def test_kvcache_decode_packed_with_empty_sequences_filling_the_gpu(workloads) -> None:
+    """The same through the `DECODE_FILLS_GPU` tiles: 48 sequences x 8 KV heads, every
+    third sequence without a query."""
+    h, hkv, d, dtype = 32, 8, 128, torch.bfloat16
+    lens = [(53 * i) % 700 + 1 for i in range(48)]
+    q_lens = [0 if i % 3 == 1 else 1 for i in range(48)]
+    gen, ks, vs, k_cache, v_cache, table = kvcache_case(lens, 704, "paged16", h, hkv, d, dtype, 33)
+    q = randn(gen, len(lens), h, d, dtype=dtype)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, int32(lens), table, cu_seqlens_q=cu_seqlens(q_lens),
+        max_seqlen_q=1, return_lse=True,
+    )  # fmt: skip
+    check_packed_decode(out, lse, q, ks, vs, q_lens)
+    assert Workload.DECODE_FILLS_GPU in workloads
+
+
+def check_packed_decode(out, lse, q, ks, vs, q_lens: list[int]) -> None:
+    """Packed decode results: token i is the i-th sequence with a query, the rest 0/-inf."""
+    owned = [b for b, n in enumerate(q_lens) if n]
+    padding = slice(len(owned), None)
+    assert (out[padding] == 0).all() and torch.isneginf(lse[:, padding]).all()
+    if owned:
+        per_seq = expected(
+            split_rows(q, [1] * len(owned)), [ks[b] for b in owned], [vs[b] for b in owned],
+            True, q.shape[-1] ** -0.5,
+        )  # fmt: skip
+        check_close(out, as_packed(per_seq, total_q=len(q_lens)), lse)
 
 
 # New queries per sequence (the last q_len tokens of cache_seqlens[b]): fresh prefill
