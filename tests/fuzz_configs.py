@@ -39,7 +39,7 @@ SEED_ENV = "SPARSEK_FUZZ_SEED"
 COUNT_ENV = "SPARSEK_FUZZ_CONFIGS"
 ONLY_ENV = "SPARSEK_FUZZ_ONLY"  # comma-separated config indexes: run just those
 REPORT_ENV = "SPARSEK_FUZZ_REPORT"  # a file path: the summary is written there too
-JOBS_ENV = "SPARSEK_FUZZ_JOBS"  # processes that precompile the kernel pool
+JOBS_ENV = "SPARSEK_FUZZ_JOBS"  # processes that precompile the kernel pool (0: none)
 DEFAULT_SEED = 20261207
 DEFAULT_COUNT = 600
 
@@ -464,6 +464,8 @@ class PoolReport:
     failures: tuple[str, ...]  # "<kernel name>: <error>"
 
     def line(self) -> str:
+        if not self.jobs:
+            return f"kernel pool: not precompiled ({JOBS_ENV}=0): kernels compile at first use"
         failed = f", {len(self.failures)} failed" if self.failures else ""
         return (
             f"kernel pool: {self.kernels} kernels ready in {self.seconds:.0f} s "
@@ -475,10 +477,13 @@ def precompile(kernels: Sequence[KernelConfig], jobs: int) -> PoolReport:
     """Compile `kernels` into the disk cache (`SPARSEK_CACHE_DIR`) with `jobs` processes, so
     that each loads in ~60 ms at first use instead of compiling (2-3 s each; the pool has
     ~170). A kernel that fails here is reported and compiles (or fails) again at first use.
+    `jobs` 0: nothing is precompiled (a rerun of a few configs compiles only theirs).
     """
+    jobs = min(jobs, len(kernels))
+    if jobs <= 0:
+        return PoolReport(0, 0, 0.0, ())
     start = time.perf_counter()
     failures: list[str] = []
-    jobs = max(1, min(jobs, len(kernels)))
     if jobs == 1:
         for kernel in kernels:
             try:
@@ -489,16 +494,19 @@ def precompile(kernels: Sequence[KernelConfig], jobs: int) -> PoolReport:
         # spawn: the workers import the DSL afresh (a fork of a process that has loaded
         # CUDA is unsafe); they inherit the environment, so the same cache directory.
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            futures = {pool.submit(cache.compile_into_cache, k): k for k in kernels}
-            for future in concurrent.futures.as_completed(futures):
-                error = future.exception()
-                if error is not None:
-                    name = futures[future].name
-                    failures.append(f"{name}: {type(error).__name__}: {error}")
+        try:
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+                futures = {pool.submit(cache.compile_into_cache, k): k for k in kernels}
+                for future in concurrent.futures.as_completed(futures):
+                    error = future.exception()
+                    if error is not None:
+                        name = futures[future].name
+                        failures.append(f"{name}: {type(error).__name__}: {error}")
+        except Exception as exc:  # no pool: every kernel compiles at first use instead
+            failures.append(f"the process pool: {type(exc).__name__}: {exc}")
     return PoolReport(len(kernels), jobs, time.perf_counter() - start, tuple(failures))
 
 
 def default_jobs() -> int:
-    """`SPARSEK_FUZZ_JOBS`, else one process per CPU up to 16."""
+    """`SPARSEK_FUZZ_JOBS` (0: no precompile), else one process per CPU up to 16."""
     return env_int(JOBS_ENV, min(os.cpu_count() or 1, 16))

@@ -237,3 +237,4 @@ def test_precompile_fills_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert report.failures == () and report.jobs == 2
     assert len(list(tmp_path.rglob("manifest.json"))) == len(kernels)
     assert "2 kernels ready" in report.line()
+    assert "not precompiled" in precompile(kernels, jobs=0).line()

@@ -21,7 +21,7 @@ lengths, Sq != Sk, GQA/MQA, strided, padded and misaligned views, permuted block
 Environment: `SPARSEK_FUZZ_SEED` (default 20261207), `SPARSEK_FUZZ_CONFIGS` (default 600),
 `SPARSEK_FUZZ_ONLY=3,17` (run those indexes of that list), `SPARSEK_FUZZ_REPORT=<file>`
 (the summary is written there too), `SPARSEK_FUZZ_JOBS` (processes that precompile the
-kernel pool first; default one per CPU up to 16).
+kernel pool first; default one per CPU up to 16; 0 skips it, for a rerun of a few configs).
 
 Every config runs, whatever fails before it; the test prints one summary line (configs
 tried and failed per path) and each failure with its full config repr, then fails if any
