@@ -14,6 +14,7 @@ MARKERS = {
     "sm90": "needs a Hopper (compute capability 9.0) GPU",
     "sm100": "needs a Blackwell (compute capability 10.0) GPU",
     "slow": "takes more than a few seconds",
+    "fuzz": "the seeded randomized GPU test (tests/gpu/test_fuzz_gpu.py)",
 }
 CAPABILITY_MARKERS = {"sm90": (9, 0), "sm100": (10, 0)}
 

@@ -1,14 +1,14 @@
 """sparsek's varlen and KV-cache kernels on an H100, through `sparsek.attention_varlen` and
 `sparsek.attention_with_kvcache`.
 
-Compared against: a float64 attention computed in this file, one sequence at a time, on dense
-per-sequence tensors: cut out of the packed inputs (varlen), or generated before they are
-written into the cache (KV cache: the expected values never read the cache layout, the block
-table or unused slots). Bottom-right causal per sequence; a row that sees no key is 0 with
-lse -inf. sparsek's own reference is not used for expected values.
+Compared against: a float64 attention (`tests/attention_oracle.py`), one sequence at a time,
+on dense per-sequence tensors: cut out of the packed inputs (varlen), or generated before they
+are written into the cache (KV cache: the expected values never read the cache layout, the
+block table or unused slots). Bottom-right causal per sequence; a row that sees no key is 0
+with lse -inf. sparsek's own reference is not used for expected values.
 
 Tolerance, as in test_attention_gpu.py, relative to PyTorch's own error in the same dtype,
-applied to each sequence's rows (max over that sequence):
+applied to each sequence's rows (max over that sequence; `tests/attention_oracle.py`):
     max|out - ref| <= 2 * max|sdpa_out - ref| + atol   (atol 1e-3 fp16, 2e-3 bf16)
 where sdpa_out is torch SDPA in the input dtype, per sequence, with an explicit bottom-right
 mask (K/V heads repeated, so SDPA picks its flash / memory-efficient kernels). The factor 2
@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-import torch.nn.functional as F
+from attention_oracle import ATOL, LSE_ATOL, LSE_RTOL, max_abs, reference_f64, sdpa_in_dtype
 from torch import Tensor
 
 import sparsek
@@ -47,8 +47,6 @@ from sparsek.tuning import Workload
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
 
 DEVICE = "cuda"
-ATOL = {torch.float16: 1e-3, torch.bfloat16: 2e-3}
-LSE_ATOL, LSE_RTOL = 2e-3, 1e-3
 DTYPES = [torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp16", "bf16"]
 HEAD_DIMS = [64, 128]
@@ -116,48 +114,6 @@ def split_rows(x: Tensor, lens: list[int]) -> list[Tensor]:
 # ---------------------------------------------------------------------------- expected values
 
 
-def visible_keys(sq: int, sk: int, causal: bool) -> Tensor:
-    """(sq, sk) bool: query i sees key j; bottom-right causal: j <= i + sk - sq."""
-    if not causal:
-        return torch.ones(sq, sk, dtype=torch.bool, device=DEVICE)
-    rows = torch.arange(sq, device=DEVICE).view(sq, 1)
-    cols = torch.arange(sk, device=DEVICE).view(1, sk)
-    return cols <= rows + (sk - sq)
-
-
-def reference_f64(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
-    """One sequence in float64: softmax(q k^T * scale) v and its log-sum-exp.
-
-    q: (sq, H, D); k: (sk, Hkv, D); v: (sk, Hkv, Dv) -> out (sq, H, Dv), lse (H, sq).
-    A row with no visible key: out 0, lse -inf.
-    """
-    sq, h, d = q.shape
-    sk, hkv, dv = v.shape
-    group = h // hkv
-    qf = q.double().reshape(sq, hkv, group, d)  # GQA: query head hkv * group + g
-    scores = torch.einsum("qhgd,khd->hgqk", qf, k.double()) * scale
-    scores = scores.masked_fill(~visible_keys(sq, sk, causal), -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)  # (Hkv, group, sq); -inf for rows with no key
-    probs = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
-    out = torch.einsum("hgqk,khd->qhgd", probs, v.double())
-    return out.reshape(sq, h, dv), lse.reshape(h, sq)
-
-
-def sdpa_in_dtype(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:
-    """One sequence through torch SDPA in the inputs' dtype (PyTorch's own error): (sq, H, Dv)."""
-    sq, h, _ = q.shape
-    sk, hkv, dv = v.shape
-    if sq == 0 or sk == 0:
-        return q.new_zeros(sq, h, dv)
-    visible = visible_keys(sq, sk, causal)
-    qt = q.transpose(0, 1).unsqueeze(0)
-    kt, vt = (t.repeat_interleave(h // hkv, dim=1).transpose(0, 1).unsqueeze(0) for t in (k, v))
-    mask = None if bool(visible.all()) else visible
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)[0]
-    # SDPA leaves NaN (or anything) in rows with no visible key; the contract there is 0.
-    return out.transpose(0, 1).masked_fill(~visible.any(dim=1).view(sq, 1, 1), 0)
-
-
 class Expected(NamedTuple):
     """What a call must return, in the output's layout, and where each sequence's rows are."""
 
@@ -198,10 +154,6 @@ def as_packed(per_seq, total_q: int | None = None) -> Expected:
         sdpa = torch.cat([sdpa, sdpa.new_zeros(extra, *sdpa.shape[1:])])
         lse = torch.cat([lse, lse.new_full((lse.shape[0], extra), -math.inf)], dim=1)
     return Expected(out, lse, sdpa, parts)
-
-
-def max_abs(a: Tensor, b: Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 def check_close(out: Tensor, expect: Expected, lse: Tensor | None = None) -> list[float]:
