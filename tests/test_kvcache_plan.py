@@ -311,3 +311,31 @@ def test_packed_rows_without_any_sequence_launch_nothing(fake_kernels, paged) ->
     out, lse = run(q, caches, cu=cu, max_q=5)
     assert (out == 0).all() and torch.isneginf(lse).all() and lse.shape == (4, 7)
     assert fake_kernels == []
+
+
+def test_decode_plan_first_made_during_graph_capture(fake_kernels, monkeypatch) -> None:
+    """A dense single-query plan first made while a CUDA graph is captured: its device
+    work (the cache-length fill) is recorded, not run (simulated: the fill leaves garbage
+    while capturing). Later eager calls must not read that unfilled tensor."""
+    capture = {"on": True}
+    real_full = torch.full
+
+    def full(*args, **kwargs):
+        tensor = real_full(*args, **kwargs)
+        return tensor.fill_(-7) if capture["on"] else tensor  # recorded, not run
+
+    monkeypatch.setattr(torch, "full", full)
+    monkeypatch.setattr(launcher, "capturing", lambda device: capture["on"], raising=False)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 1, 8, 32, generator=gen)
+    k, v = (torch.randn(3, 300, 2, 32, generator=gen) for _ in range(2))
+    plan = dense.dense_plan(q, k, v, True, 0.25, False)
+    assert plan.decode is not None and plan.lse_scratch is None
+    capture["on"] = False  # the capture ended; eager calls follow
+    for _ in range(2):
+        out, lse = dense.run_dense(dense.dense_plan(q, k, v, True, 0.25, False), q, k, v)
+        want, want_lse = reference_attention(
+            q, k, v, causal=True, softmax_scale=0.25, compute_dtype=torch.float64
+        )
+        torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)

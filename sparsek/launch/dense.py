@@ -180,6 +180,8 @@ def lse_scratch(device: torch.device, shape: tuple[int, ...]) -> Tensor | None:
         return None
     scratch = _LSE_SCRATCH.get(device)
     if scratch is None:
+        if launcher.capturing(device):  # the graph's pool would own it: not a scratch to keep
+            return None
         scratch = torch.empty(LSE_SCRATCH_FLOATS, dtype=torch.float32, device=device)
         _LSE_SCRATCH[device] = scratch
     return scratch[:size].view(shape)
@@ -195,14 +197,23 @@ def decode_route(
     """A dense request with one query per sequence, which sees its first `visible` keys,
     as decode against a contiguous KV cache (`attention_with_kvcache`): the query heads
     of a KV head share one tile, and split-KV fills the GPU when the batch does not. None
-    when no decode kernel serves it (the dense kernels do)."""
-    seqlens = torch.full((q.shape[0],), visible, dtype=torch.int32, device=q.device)
-    meta = (seqlens, None, None, None, False)
-    plan = kvcache.kvcache_plan(q, k, v, *meta, 0)
+    when no decode kernel serves it (the dense kernels do).
+
+    The cache lengths (`visible` per sequence) are looked up per call, not held by the
+    plan: a plan first made during CUDA-graph capture must not keep a tensor whose fill
+    only the graph runs (`launcher.filled_int32`)."""
+    batch, device = q.shape[0], q.device
+    tail = (None, None, None, False)
+    plan = kvcache.kvcache_plan(q, k, v, launcher.filled_int32(device, batch, visible), *tail, 0)
     if isinstance(plan, str):
         return None
     run = kvcache.attention_with_kvcache
-    return lambda q, k, v: run(q, k, v, *meta, softmax_scale, 0, plan)
+
+    def decode(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        seqlens = launcher.filled_int32(device, batch, visible)
+        return run(q, k, v, seqlens, *tail, softmax_scale, 0, plan)
+
+    return decode
 
 
 def run_dense(

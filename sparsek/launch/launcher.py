@@ -201,6 +201,32 @@ def zeroed_counter(device: torch.device) -> Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
+def capturing(device: torch.device) -> bool:
+    """`device` is a CUDA device whose current stream is being captured into a graph:
+    device work is recorded, not run, and allocations come from the graph's private pool
+    (freed with it)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def filled_int32(device: torch.device, length: int, value: int) -> Tensor:
+    """A (length,) int32 tensor of `value`, kept per (device, length, value) once made
+    outside CUDA-graph capture. Made during capture it is a fresh tensor whose fill the
+    graph records (so it holds `value` when the graph runs, which is all a captured launch
+    needs) and is not kept: it is not filled now, and its memory is the graph's."""
+    key = (device, length, value)
+    kept = _FILLED.get(key)
+    if kept is not None:
+        return kept
+    tensor = torch.full((length,), value, dtype=torch.int32, device=device)
+    if not capturing(device):
+        _FILLED[key] = tensor
+    return tensor
+
+
+_FILLED: dict[tuple[torch.device, int, int], Tensor] = {}
+memo.register(_FILLED.clear)
+
+
 def empty(
     shape: tuple[int, ...],
     dtype: torch.dtype,

@@ -296,6 +296,25 @@ def test_cuda_graph_capture_and_replay() -> None:
         assert torch.equal(out, sparsek.attention(q, k, v, causal=True))
 
 
+@pytest.mark.parametrize("seqlen_q", [1, 300], ids=["decode", "dense"])
+def test_plan_first_made_during_cuda_graph_capture(seqlen_q: int) -> None:
+    """The kernels are loaded (by a request one key shorter), but this request's launch
+    plan is first made inside the capture, where device work is recorded, not run: the
+    eager calls after the capture and the graph's replays must both be right."""
+    sparsek.attention(*make_qkv(3, seqlen_q, 299, 8, 2, 64, torch.float16), causal=True)
+    torch.cuda.synchronize()
+    q, k, v = make_qkv(3, seqlen_q, 300, 8, 2, 64, torch.float16, seed=7)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sparsek.attention(q, k, v, causal=True)
+    eager = sparsek.attention(q, k, v, causal=True)
+    torch.cuda.synchronize()
+    check_close(eager, q, k, v, causal=True, top_left=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_close(captured, q, k, v, causal=True, top_left=False)
+
+
 def test_unsupported_head_dim_falls_back_or_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = make_qkv(1, 64, 64, 4, 4, 96, torch.float16)
     with pytest.raises(sparsek.UnsupportedError, match="head_dim=96"):
