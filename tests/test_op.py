@@ -78,6 +78,45 @@ def test_torch_compile_one_graph_for_all_seqlens() -> None:
     assert counter.frame_count == 1
 
 
+def compiled_frames(fn, seqlens, mark_seqlen_dynamic: bool = False) -> int:
+    """Frames `torch.compile(fn, fullgraph=True, dynamic=True)` compiles over B2 H8 d128
+    bf16 q/k/v of these sequence lengths (`mark_seqlen_dynamic`: the sequence dim is
+    marked dynamic on every input before the call, the user-side way out of duck sizing)."""
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    for s in seqlens:
+        gen = torch.Generator().manual_seed(s)
+        q, k, v = (torch.randn(2, s, 8, 128, generator=gen).bfloat16() for _ in range(3))
+        if mark_seqlen_dynamic:
+            for t in (q, k, v):
+                torch._dynamo.mark_dynamic(t, 1)
+        torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+    return counter.frame_count
+
+
+def test_torch_compile_dynamic_recompiles_only_for_duck_sizing() -> None:
+    """`sparsek.attention` under torch.compile(dynamic=True) at seqlen 128, 300, 1000: the
+    one recompile is torch's duck sizing (the first call's seqlen 128 equals head_dim 128,
+    so dynamo assumes they are one size and guards on it), which torch SDPA gets too; no
+    guard of sparsek's own specialises a size. Marking the sequence dim dynamic (or
+    `torch.fx.experimental._config.use_duck_shape = False`) gives one frame."""
+
+    def ours(q, k, v):
+        return sparsek.attention(q, k, v, causal=True)
+
+    def sdpa(q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        return out.transpose(1, 2)
+
+    duck = (128, 300, 1000)
+    assert compiled_frames(ours, duck) == compiled_frames(sdpa, duck) <= 2
+    assert compiled_frames(ours, duck, mark_seqlen_dynamic=True) == 1
+    assert compiled_frames(ours, (129, 300, 1000)) == 1
+
+
 def test_torch_compile_public_api_cpu_fallback() -> None:
     """The Python layer (validation, dispatch, fallback) traces without graph breaks."""
     torch._dynamo.reset()
