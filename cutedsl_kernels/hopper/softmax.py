@@ -13,6 +13,7 @@ by which the partial output must be rescaled. At the end, `O /= l` and
 
 Rows that have seen only masked (-inf) scores keep `m = -inf`; exponents are then taken
 against 0 so they stay 0 instead of NaN, and such rows finish with O = 0, lse = -inf.
+NaN in a row's scores (NaN in Q or K) makes its sum NaN, hence its O and LSE NaN.
 
 Each thread holds a few full rows' worth of columns split across the 4 threads of a quad
 (the MMA accumulator layout), so row reductions end with a 4-lane butterfly. The row sum
@@ -101,7 +102,9 @@ class OnlineSoftmax:
         inv_sum = cute.make_rmem_tensor_like(self.row_max, Float32)
         for r in cutlass.range_constexpr(cute.size(self.row_sum)):
             total = cute.arch.warp_reduction(self.row_sum[r], _add, threads_in_group=LANES_PER_ROW)
-            empty = total == Float32(0.0) or total != total
+            # Only a row without a visible key sums to 0. A NaN sum (NaN in Q or K) stays
+            # NaN: the row's O and LSE come out NaN, as the math says.
+            empty = total == Float32(0.0)
             inv_sum[r] = cute.arch.rcp_approx(Float32(1.0) if empty else total)
             lse = (
                 self.row_max[r] * self.scale_log2 + cute.math.log2(total, fastmath=True)

@@ -315,6 +315,25 @@ def test_plan_first_made_during_cuda_graph_capture(seqlen_q: int) -> None:
     check_close(captured, q, k, v, causal=True, top_left=False)
 
 
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_nan_in_nan_out(where: str, causal: bool) -> None:
+    """One NaN element in q, k or v: exactly the outputs (and LSEs) the float64 reference
+    makes NaN are NaN (q: its row; k: every row that sees that key, LSE included; v: those
+    rows' outputs, LSE finite), and every other element is still right."""
+    q, k, v = make_qkv(2, 300, 300, 8, 2, 64, torch.bfloat16, seed=9)
+    target = {"q": q, "k": k, "v": v}[where]
+    target[1, 137, 1, 5] = float("nan")
+    out, lse = sparsek.attention(q, k, v, causal=causal, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, causal=causal, compute_dtype=torch.float64)
+    assert torch.isnan(ref).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isnan(lse), torch.isnan(ref_lse))
+    assert torch.isnan(ref_lse).any() == (where != "v")
+    finite = ~torch.isnan(ref)
+    assert (out.double()[finite] - ref[finite]).abs().max().item() < 2e-2
+
+
 def test_unsupported_head_dim_falls_back_or_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = make_qkv(1, 64, 64, 4, 4, 96, torch.float16)
     with pytest.raises(sparsek.UnsupportedError, match="head_dim=96"):
