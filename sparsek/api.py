@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsek import memo, ops  # ops also registers the torch.ops.sparsek ops
-from sparsek.launch import dense
+from sparsek.launch import dense, tma
 from sparsek.reference import reference_attention
 from sparsek.registry import ARCH_ENV
 from sparsek.routing import dense_blockers, fallback, needs_grad
@@ -253,6 +253,7 @@ def _run_kernels(
     dispatch modes) goes through the torch op."""
     if signature is None:
         return ops.call_attention(q, k, v, causal, scale, causal_top_left)
+    k, v = tma.one_kv_head(k, v)
     plan = dense.dense_plan(q, k, v, causal, scale, causal_top_left)
     return dense.run_dense(memo.remember(served, signature, plan), q, k, v)
 

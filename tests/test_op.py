@@ -386,3 +386,30 @@ def test_clear_all_empties_the_launch_path_memos(fake_kernel, monkeypatch) -> No
     assert len(loads) == 2  # the kernel was loaded again for the new plan
     dense.attention(q, k, v, True, 0.5, False)
     assert len(loads) == 2 and len(fake_kernel.calls) == 2
+
+
+def test_kv_expanded_over_heads_is_read_in_place(fake_kernel) -> None:
+    """K/V broadcast over heads (`expand` of one head: stride 0) reach the kernel as their
+    one KV head, a view of the caller's storage (MQA), not as a copy of 4 equal heads."""
+    q, k1, v1 = inputs(sq=9, sk=13, hkv=1)
+    k, v = k1.expand(2, 13, 4, 32), v1.expand(2, 13, 4, 32)
+    dense.attention(q, k, v, True, 0.5, False)
+    [(_, kk, kv, *_)] = fake_kernel.calls
+    assert kk.shape == (2, 13, 1, 32) and kk.data_ptr() == k1.data_ptr()
+    assert kv.shape == (2, 13, 1, 32) and kv.data_ptr() == v1.data_ptr()
+
+
+def test_one_kv_head_is_exact() -> None:
+    """Attention over expanded K/V equals attention over their one head (the reference)."""
+    q, k1, v1 = inputs(sq=9, sk=13, hkv=1)
+    k, v = k1.expand(2, 13, 4, 32), v1.expand(2, 13, 4, 32)
+    k_one, v_one = tma.one_kv_head(k, v)
+    assert k_one.shape[2] == 1 and v_one.shape[2] == 1
+    for got, want in zip(
+        reference_attention(q, k_one, v_one, causal=True, compute_dtype=torch.float64),
+        reference_attention(q, k, v, causal=True, compute_dtype=torch.float64),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want)
+    other = k1.expand(2, 13, 4, 32).contiguous()
+    assert tma.one_kv_head(other, v)[0] is other  # not broadcast: as it is

@@ -28,7 +28,7 @@ from sparsek import memo
 from sparsek.errors import UnsupportedError
 from sparsek.launch import kvcache, launcher
 from sparsek.launch.launcher import ForwardKernel, contiguous_strides
-from sparsek.launch.tma import ALIGN_BYTES, tma_compatible, tma_strides_ok
+from sparsek.launch.tma import ALIGN_BYTES, one_kv_head, tma_compatible, tma_strides_ok
 from sparsek.reference import causal_offset
 from sparsek.registry import mask_of
 from sparsek.tuning import LONG_SEQLEN_Q, ONE_WAVE_TILE_M, Workload
@@ -82,6 +82,7 @@ def attention(
         UnsupportedError: no registered kernel serves the request (callers wanting a
             fallback decide before calling).
     """
+    k, v = one_kv_head(k, v)
     return run_dense(dense_plan(q, k, v, causal, softmax_scale, causal_top_left), q, k, v)
 
 

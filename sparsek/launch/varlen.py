@@ -15,7 +15,7 @@ from torch import Tensor
 from cutedsl_kernels.abi import call_fmha_fwd
 from cutedsl_kernels.config import PACKED
 from sparsek.launch import launcher
-from sparsek.launch.tma import tma_compatible
+from sparsek.launch.tma import one_kv_head, tma_compatible
 from sparsek.registry import mask_of
 
 
@@ -39,6 +39,7 @@ def attention_varlen(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
+    k, v = one_kv_head(k, v)
     # The kernel writes every row, those past cu_seqlens_q[-1] included (0 and -inf).
     kernel = launcher.forward_kernel(q.device, head_dim, q.dtype, mask_of(causal), PACKED)
     counter = launcher.zeroed_counter(q.device) if kernel.takes_tile_counter else None

@@ -334,6 +334,19 @@ def test_nan_in_nan_out(where: str, causal: bool) -> None:
     assert (out.double()[finite] - ref[finite]).abs().max().item() < 2e-2
 
 
+def test_kv_expanded_over_heads() -> None:
+    """K/V of one head expanded over 8 (stride 0, read in place as MQA) give what the
+    materialised copies give, through the API and the SDPA drop-in."""
+    q, k1, v1 = make_qkv(2, 300, 257, 8, 1, 128, torch.bfloat16, seed=21)
+    k, v = k1.expand(2, 257, 8, 128), v1.expand(2, 257, 8, 128)
+    out = sparsek.attention(q, k, v, causal=True)
+    check_close(out, q, k.contiguous(), v.contiguous(), causal=True, top_left=False)
+    sdpa = sparsek.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+    )
+    check_close(sdpa.transpose(1, 2), q, k.contiguous(), v.contiguous(), causal=True, top_left=True)
+
+
 def test_unsupported_head_dim_falls_back_or_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v = make_qkv(1, 64, 64, 4, 4, 96, torch.float16)
     with pytest.raises(sparsek.UnsupportedError, match="head_dim=96"):
