@@ -40,6 +40,7 @@ from cutlass import Int32, const_expr
 
 from cutedsl_kernels.common.block_ranges import n_block_range
 from cutedsl_kernels.common.dtypes import dsl_type
+from cutedsl_kernels.common.grid import fold_batch, unfold_batch
 from cutedsl_kernels.common.seqlen import SeqInfo, packed_tile
 from cutedsl_kernels.config import FmhaFwdConfig
 
@@ -198,7 +199,8 @@ class TileScheduler:
         l2_group = self.l2_group(heads * batch, key_rows)
         if const_expr(self.split_kv):
             batch = batch * num_splits
-        grid = [num_m_blocks, heads, batch]
+        grid_x, grid_z = fold_batch(num_m_blocks, batch)
+        grid = [grid_x, heads, grid_z]
         if const_expr(self.packed_tiles):
             # Heads vary fastest: the CTAs dispatched together share a query tile's length
             # (hence work), and the long sequences' tiles are not left for the end.
@@ -303,6 +305,8 @@ class TileScheduler:
                 block_m, head_idx, _ = self.tile_coords(
                     block_m, num_m_blocks, num_heads, params.l2_group, params
                 )
+            else:  # a batch past the grid's z limit runs folded into x
+                block_m, batch_split = unfold_batch(block_m, batch_split, num_m_blocks)
             step(self.work_tile(block_m, head_idx, batch_split, params), *role_args, *states)
 
     @cute.jit

@@ -40,6 +40,7 @@ from cutlass.cute.nvgpu import cpasync
 from cutedsl_kernels.abi import CombineArgs
 from cutedsl_kernels.common.dsl_compat import SmemAllocator
 from cutedsl_kernels.common.dtypes import dsl_type
+from cutedsl_kernels.common.grid import fold_batch, unfold_batch
 from cutedsl_kernels.config import CombineConfig
 from cutedsl_kernels.simt.rows import (
     LANES,
@@ -92,12 +93,9 @@ class SplitCombine:
         stream,
     ):
         heads = cute.size(mO.shape[2])
+        grid_x, grid_z = fold_batch(cute.size(mO.shape[1]), cute.size(mO.shape[0]))
         self.kernel(mOPartial, mLSEPartial, mO, mLSE).launch(
-            grid=[
-                cute.size(mO.shape[1]),
-                cute.ceil_div(heads, WARPS_PER_CTA),
-                cute.size(mO.shape[0]),
-            ],
+            grid=[grid_x, cute.ceil_div(heads, WARPS_PER_CTA), grid_z],
             block=[WARPS_PER_CTA * LANES, 1, 1],
             stream=stream,
             use_pdl=True,
@@ -123,6 +121,7 @@ class SplitCombine:
         # be read before that grid has finished and flushed.
         cute.arch.griddepcontrol_wait()
         s, head_block, b = cute.arch.block_idx()
+        s, b = unfold_batch(s, b, mO.shape[1])  # batches past the grid's z limit
         tidx, _, _ = cute.arch.thread_idx()
         warp = cute.arch.make_warp_uniform(tidx // LANES)
         lane = tidx % LANES

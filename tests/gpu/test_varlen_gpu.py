@@ -487,6 +487,41 @@ def check_packed_decode(out, lse, q, ks, vs, q_lens: list[int]) -> None:
         check_close(out, as_packed(per_seq, total_q=len(q_lens)), lse)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2], ids=["no-split", "2-splits"])
+def test_kvcache_decode_batch_past_the_grid_z_limit(num_splits: int) -> None:
+    """70,000 sequences (x 2 splits: 140,000 batch entries), more than a grid's z extent
+    (65,535): the forward and the combine launches fold the batch into x. Checked against
+    a vectorised float64 reference and torch SDPA's own error."""
+    batch, capacity, h, hkv, d, dtype = 70_000, 32, 4, 1, 64, torch.bfloat16
+    gen = generator(71)
+    q = randn(gen, batch, 1, h, d, dtype=dtype)
+    k, v = (randn(gen, batch, capacity, hkv, d, dtype=dtype) for _ in range(2))
+    lens = torch.randint(0, capacity + 1, (batch,), device=DEVICE, generator=gen)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k, v, lens.int(), num_splits=num_splits, return_lse=True
+    )
+    visible = torch.arange(capacity, device=DEVICE) < lens[:, None]  # (B, S)
+    scale = d**-0.5
+    kf, vf = (t.double().expand(batch, capacity, h, d) for t in (k, v))
+    scores = torch.einsum("bqhd,bshd->bhqs", q.double(), kf) * scale
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    ref_lse = torch.logsumexp(scores, dim=-1)  # (B, H, 1)
+    probs = torch.exp(scores - ref_lse.unsqueeze(-1)).nan_to_num(0.0)
+    ref = torch.einsum("bhqs,bshd->bqhd", probs, vf)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), kf.to(dtype).transpose(1, 2), vf.to(dtype).transpose(1, 2),
+        attn_mask=visible[:, None, None, :], scale=scale,
+    ).transpose(1, 2).nan_to_num(0.0)  # fmt: skip
+    assert not torch.isnan(out).any()
+    err, err_sdpa = max_abs(out, ref), max_abs(sdpa, ref)
+    assert err <= 2 * err_sdpa + ATOL[dtype], (err, err_sdpa)
+    has_keys = lens > 0
+    assert torch.isneginf(lse[~has_keys]).all()
+    torch.testing.assert_close(
+        lse[has_keys].double(), ref_lse[has_keys], atol=LSE_ATOL, rtol=LSE_RTOL
+    )
+
+
 # New queries per sequence (the last q_len tokens of cache_seqlens[b]): fresh prefill
 # (q_len == cache len), chunks after a prefix, a sequence with no new query, one decode
 # token, and a sequence at the contiguous cache's full capacity.
