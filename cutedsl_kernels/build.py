@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import importlib
+import importlib.util
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +48,173 @@ def dsl_version() -> str:
         return version("nvidia-cutlass-dsl")
     except PackageNotFoundError:
         return "missing"
+
+
+# CUTE_DSL_* settings that leave a compiled kernel unchanged: the DSL's own
+# `affects_compile=False` settings (nvidia-cutlass-dsl 4.8; tests/test_cache.py compares this
+# set with the DSL's), and ARCH, which `compile_kernel` sets from the config (in the key).
+# Every other CUTE_DSL_* variable, known to this list or not, is part of the toolchain identity.
+CUTE_DSL_ENV_NOT_IN_KEY = frozenset(
+    {
+        "ARCH",
+        "CACHE_DIR",
+        "DISABLE_FILE_CACHING",
+        "DUMP_DIR",
+        "ENABLE_OPTIMIZATION_WARNINGS",
+        "FILTER_STACKTRACE",
+        "JIT_CACHE_MAX_ELEMS",
+        "JIT_TIME_PROFILING",
+        "KEEP",
+        "KEEP_CUBIN",
+        "KEEP_IR",
+        "KEEP_PTX",
+        "KEEP_SASS",
+        "LOG_AUTOTUNE",
+        "LOG_LEVEL",
+        "LOG_TO_CONSOLE",
+        "LOG_TO_FILE",
+        "NO_CACHE",
+        "PRINT_AFTER_PREPROCESSOR",
+        "PRINT_IR",
+        "SHOW_STACKTRACE",
+        "WARNINGS_IGNORE",
+    }
+)
+_CUTE_DSL_ENV_PREFIX = "CUTE_DSL_"
+_RUNTIME_LIBRARY = "libcute_dsl_runtime.so"
+_CUTLASS_IR = re.compile(r"^_cutlass_ir\.cu(\d+)\..*\.so$")
+_LOADED_CUTLASS_IR = "cutlass._mlir._mlir_libs._cutlass_ir"
+
+
+def toolchain_identity() -> dict[str, str]:
+    """Everything besides the kernel sources that changes an exported kernel, read without
+    importing the DSL (the warm start path never imports it).
+
+    - dsl: nvidia-cutlass-dsl's version when `cutlass` is imported from that distribution,
+      else `source-<hash>` of the `cutlass` package's Python files (a checkout on sys.path),
+      else "missing".
+    - dsl_flavour: the CUDA flavour of the DSL's compiler (cu12, cu13), picked as the DSL
+      picks it (`cutlass/_mlir/_mlir_libs/__init__.py`); dsl_compiler: the DSL's own
+      fingerprint of that compiler library.
+    - tvm_ffi: apache-tvm-ffi's version (or source hash), as for the DSL.
+    - cute_dsl_env: every CUTE_DSL_* variable not in `CUTE_DSL_ENV_NOT_IN_KEY`.
+    """
+    cutlass_dir = _package_dir("cutlass")
+    flavour = dsl_flavour()
+    return {
+        "dsl": _distribution_identity("cutlass", "nvidia-cutlass-dsl"),
+        "dsl_flavour": flavour,
+        "dsl_compiler": _compiler_fingerprint(cutlass_dir, flavour),
+        "tvm_ffi": _distribution_identity("tvm_ffi", "apache-tvm-ffi"),
+        "cute_dsl_env": ";".join(
+            f"{name}={value}"
+            for name, value in sorted(os.environ.items())
+            if name.startswith(_CUTE_DSL_ENV_PREFIX)
+            and name[len(_CUTE_DSL_ENV_PREFIX) :] not in CUTE_DSL_ENV_NOT_IN_KEY
+        ),
+    }
+
+
+def dsl_flavour() -> str:
+    """The CUDA flavour ("cu12", "cu13") of the DSL compiler this process uses or would use.
+
+    The DSL loads one `_cutlass_ir.cu<N>` library: the newest installed flavour that the
+    CUDA driver supports, the newest installed one without a driver. "none" without a DSL.
+    """
+    loaded = sys.modules.get(_LOADED_CUTLASS_IR)
+    match = _CUTLASS_IR.match(Path(getattr(loaded, "__file__", "") or "").name)
+    if match:
+        return f"cu{match.group(1)}"
+    cutlass_dir = _package_dir("cutlass")
+    libs = cutlass_dir / "_mlir" / "_mlir_libs" if cutlass_dir else None
+    if libs is None or not libs.is_dir():
+        return "none"
+    installed = sorted(int(m.group(1)) for p in libs.iterdir() if (m := _CUTLASS_IR.match(p.name)))
+    if not installed:
+        return "none"
+    if len(installed) > 1:
+        driver = _cuda_driver_major()
+        supported = [v for v in installed if driver is None or v <= driver]
+        installed = supported or installed
+    return f"cu{installed[-1]}"
+
+
+def dsl_runtime_library() -> Path | None:
+    """The DSL runtime library (`libcute_dsl_runtime.so`) of this environment, found where
+    the DSL finds it ($CUTE_DSL_LIBS, else the flavour's folder of the installed package)
+    without importing the DSL; None when it is not there."""
+    explicit = os.environ.get("CUTE_DSL_LIBS", "")
+    for path in explicit.split(os.pathsep):
+        if path.endswith(_RUNTIME_LIBRARY) and Path(path).is_file():
+            return Path(path)
+    root = _package_dir("nvidia_cutlass_dsl")
+    if root is None:
+        return None
+    for folder in (root / dsl_flavour() / "lib", root / "lib"):
+        if (folder / _RUNTIME_LIBRARY).is_file():
+            return folder / _RUNTIME_LIBRARY
+    return None
+
+
+def _package_dir(module: str) -> Path | None:
+    """Folder of the package `module` as an import would find it (without importing it)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.origin and spec.origin not in ("namespace", "built-in"):
+        return Path(spec.origin).resolve().parent
+    locations = list(spec.submodule_search_locations or [])
+    return Path(locations[0]).resolve() if locations else None
+
+
+def _distribution_identity(module: str, distribution: str) -> str:
+    """`distribution`'s version when `module` is imported from its install, else a hash of
+    the module's Python files (a source checkout or an editable install), else "missing"."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import distribution as find_distribution
+
+    package = _package_dir(module)
+    if package is None:
+        return "missing"
+    try:
+        dist = find_distribution(distribution)
+    except PackageNotFoundError:
+        dist = None
+    if dist is not None and package.is_relative_to(Path(str(dist.locate_file(""))).resolve()):
+        return str(dist.version)
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        if "__pycache__" not in path.parts:
+            digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return f"source-{digest.hexdigest()[:16]}"
+
+
+def _compiler_fingerprint(cutlass_dir: Path | None, flavour: str) -> str:
+    """The DSL's build-generated fingerprint of its compiler library (a small Python file
+    beside it), hashed; "unknown" where there is none."""
+    if cutlass_dir is None:
+        return "unknown"
+    path = cutlass_dir / "_mlir" / "_mlir_libs" / f"_cutlass_ir_version_{flavour}.py"
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError:
+        return "unknown"
+
+
+def _cuda_driver_major() -> int | None:
+    """The CUDA major version the driver supports (the DSL asks the same way), or None."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int(0)
+        if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return version.value // 1000
 
 
 @dataclass(frozen=True)
@@ -140,7 +311,8 @@ def export_kernel(compiled: Any, path: str, function_name: str) -> None:
     With a C compiler on PATH (`$CC`, cc, gcc) the object is linked into a shared library
     that `load_kernel` opens with TVM-FFI alone, without importing the DSL (the DSL import
     dominates a warm process start). Otherwise `path` holds the relocatable object, which
-    `load_kernel` opens through the DSL.
+    `load_kernel` opens through the DSL. Either way the file names no folder of the
+    compiling environment: it loads in any environment with the same toolchain.
     """
     obj = f"{path}.o.tmp"
     try:
@@ -152,30 +324,35 @@ def export_kernel(compiled: Any, path: str, function_name: str) -> None:
 
 
 def _link_shared(obj: str, path: str) -> bool:
-    """Link `obj` against the DSL and TVM-FFI runtimes into the shared library `path`."""
+    """Link `obj` against the DSL and TVM-FFI runtimes into the shared library `path`.
+
+    No RUNPATH: the library needs the runtimes by name only (their sonames), and
+    `load_kernel` loads the loading environment's runtimes first. A path into this venv
+    would tie the entry to it (a moved venv, a cache shared across venvs or containers).
+    """
     compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc") if c and shutil.which(c)), None)
     if compiler is None:
         return False
     from cutlass.runtime import find_runtime_libraries
 
     libs = [lib for lib in find_runtime_libraries(enable_tvm_ffi=True) if Path(lib).exists()]
-    rpaths = [f"-Wl,-rpath,{Path(lib).parent}" for lib in libs]
-    cmd = [compiler, "-shared", "-o", path, obj, *libs, *rpaths]
+    cmd = [compiler, "-shared", "-o", path, obj, *libs]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     return done.returncode == 0
 
 
 def load_kernel(path: str, function_name: str) -> Callable[..., None]:
-    """Load an exported kernel; the result is callable with framework tensors."""
-    if _is_shared_library(path):
-        import tvm_ffi
+    """Load an exported kernel; the result is callable with framework tensors.
 
+    Raises:
+        RuntimeError: the DSL runtime library is not installed in this environment.
+    """
+    if _is_shared_library(path):
+        import tvm_ffi  # loads this environment's libtvm_ffi.so
+
+        _load_dsl_runtime()
         with _with_suffix(path, ".so") as lib:  # TVM-FFI picks its loader by suffix
-            try:
-                module = tvm_ffi.load_module(lib)
-            except Exception:  # runtime libraries moved since linking (a copied cache)
-                _preload_dsl_runtime()
-                module = tvm_ffi.load_module(lib)
+            module = tvm_ffi.load_module(lib)
         fn: Callable[..., None] = module[function_name]
         return fn
     import cutlass.cute as cute
@@ -204,13 +381,28 @@ def _is_shared_library(path: str) -> bool:
     return header[:4] == b"\x7fELF" and int.from_bytes(header[16:18], "little") == 3
 
 
-_preloaded: list[ctypes.CDLL] = []
+_runtime: list[ctypes.CDLL] = []
 
 
-def _preload_dsl_runtime() -> None:
-    """Load the DSL's runtime libraries globally, where the DSL itself would find them."""
-    from cutlass.runtime import find_runtime_libraries
-
-    for lib in find_runtime_libraries(enable_tvm_ffi=True):
-        if Path(lib).exists():
-            _preloaded.append(ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL))
+def _load_dsl_runtime() -> None:
+    """Load this environment's DSL runtime library once, so that a kernel's need of
+    `libcute_dsl_runtime.so` (by soname, no path) resolves to it."""
+    if _runtime:
+        return
+    library = dsl_runtime_library()
+    if library is None:  # an install laid out otherwise: ask the DSL (imports it)
+        try:
+            from cutlass.runtime import find_runtime_libraries
+        except ImportError as exc:
+            raise RuntimeError(
+                f"cannot load sparsek kernels: {_RUNTIME_LIBRARY} not found (no CuTe DSL "
+                "installed; install nvidia-cutlass-dsl, or set CUTE_DSL_LIBS to the library)"
+            ) from exc
+        found = [Path(p) for p in find_runtime_libraries(enable_tvm_ffi=False)]
+        library = next((p for p in found if p.name == _RUNTIME_LIBRARY and p.is_file()), None)
+        if library is None:
+            raise RuntimeError(
+                f"cannot load sparsek kernels: the CuTe DSL finds no {_RUNTIME_LIBRARY} "
+                "(reinstall nvidia-cutlass-dsl, or set CUTE_DSL_LIBS to the library)"
+            )
+    _runtime.append(ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL))

@@ -1,62 +1,91 @@
 """Compile-at-first-use kernel cache: memory, then disk, then the CuTe DSL compiler.
 
 A kernel is identified by a `CacheKey`: its config (`FmhaFwdConfig`, `CombineConfig`,
-`KVStoreConfig`), the DSL version and a hash of every kernel source file (so editing a
-kernel or upgrading the DSL yields a new entry; old entries stay until `clear()`).
-Lookups go:
+`KVStoreConfig`), the DSL version, the rest of the toolchain's identity (TVM-FFI version,
+the DSL's CUDA flavour and compiler, CUTE_DSL_* codegen settings: `build.toolchain_identity`)
+and a hash of every kernel source file, so changing any of them yields a new entry. Entries
+that this install no longer produces are "stale": `prune()` (`python -m sparsek cache prune`)
+removes them. Lookups go:
 
     memory dict[CacheKey] --miss--> disk entry (sha256-verified) --miss/corrupt--> compile
 
-Disk layout, under `cache_dir()`:
+The disk layout, locks and upkeep are `sparsek.cache_store`'s. Multi-process safety: the
+compiling process holds the entry's exclusive lock, re-checks the entry after acquiring it
+(someone else may have finished), writes every file to a temporary name in the entry and
+renames it into place (readers see nothing or a complete file), writes the manifest last,
+and loads the kernel before letting go. A valid entry is checked and loaded under the
+shared lock, so `prune`/`clear` in another process never delete a kernel between its check
+and its load. Readers verify the manifest's sha256: a corrupt
+entry is reported once (a `CacheWarning` and a log line) and rebuilt; an object without a
+manifest (a build killed before its end) and orphaned temporary files are removed and
+built again silently.
 
-    <arch>/<key digest>/
-        kernel.so       exported kernel (host launcher + cubin), loaded with TVM-FFI: a
-                        shared library, or the DSL's object file where no C compiler exists
-        manifest.json   key fields, sha256 and size of kernel.so; written last (commit marker)
-        .lock           flock'ed while one process compiles this entry
-
-Multi-process safety: the compiling process holds an exclusive `fcntl.flock` on the entry's
-`.lock`, re-checks the entry after acquiring it (someone else may have finished), writes
-every file to a temporary name in the same directory and `os.replace`s it into place, so
-readers see either nothing or a complete file. Readers verify the manifest's sha256; a
-corrupt or truncated entry is reported once (a `CacheWarning` and a log line) and rebuilt.
+A cache directory that cannot be written (read-only, full) is reported once per process
+(`CacheWarning`); kernels are then compiled into a private temporary directory, loaded and
+used as usual, but not kept.
 """
 
 from __future__ import annotations
 
 import enum
-import fcntl
 import hashlib
-import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cutedsl_kernels.config import KernelConfig
+from sparsek import cache_store
+from sparsek.cache_store import (
+    LOCK_NAME,
+    MANIFEST_NAME,
+    OBJECT_NAME,
+    CacheEntry,
+    PruneResult,
+)
+
+__all__ = [
+    "CACHE_ENV",
+    "FORMAT_VERSION",
+    "LOCK_NAME",
+    "MANIFEST_NAME",
+    "OBJECT_NAME",
+    "CacheEntry",
+    "CacheKey",
+    "CacheStatus",
+    "CacheWarning",
+    "KernelCache",
+    "PruneResult",
+    "Toolchain",
+    "cache_dir",
+    "clear",
+    "compile_into_cache",
+    "default_cache",
+    "dsl_toolchain",
+    "get_kernel",
+    "list_entries",
+    "prune",
+    "source_hash",
+]
 
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SPARSEK_CACHE_DIR"
-OBJECT_NAME = "kernel.so"
-MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".lock"
 # Bump when the on-disk layout or manifest fields change: old entries then miss.
-FORMAT_VERSION = 2  # 2: configs with ElementTypes / MaskSpec parts
+FORMAT_VERSION = 3  # 3: toolchain identity in the key, manifest key fields under "key"
 
 KernelFn = Callable[..., None]
 
 
 class CacheWarning(RuntimeWarning):
-    """A cache entry was found corrupt or incomplete and is being rebuilt."""
+    """The disk cache is not used as intended: a corrupt entry is being rebuilt, or the
+    cache directory cannot be written and kernels are compiled in memory."""
 
 
 class CacheStatus(str, enum.Enum):
@@ -64,19 +93,25 @@ class CacheStatus(str, enum.Enum):
 
     MEMORY = "memory"  # already loaded in this process
     DISK = "disk"  # valid entry on disk
-    COMPILED = "compiled"  # no entry: compiled and stored
-    REBUILT = "rebuilt"  # corrupt or incomplete entry: compiled again
+    COMPILED = "compiled"  # no entry (or an unfinished one): compiled and stored
+    REBUILT = "rebuilt"  # corrupt entry: compiled again
+    UNCACHED = "uncached"  # the cache directory cannot be written: compiled, not stored
 
 
 @dataclass(frozen=True)
 class Toolchain:
-    """What the cache needs from the kernel layer; injectable so tests need no DSL."""
+    """What the cache needs from the kernel layer; injectable so tests need no DSL.
+
+    `identity` returns the toolchain's parts besides the DSL version that change a compiled
+    kernel (name -> value); None stands for none.
+    """
 
     compile: Callable[[KernelConfig], Any]
     export: Callable[[Any, str, str], None]
     load: Callable[[str, str], KernelFn]
     dsl_version: Callable[[], str]
     source_files: Callable[[], Sequence[Path]]
+    identity: Callable[[], Mapping[str, str]] | None = None
 
 
 def dsl_toolchain() -> Toolchain:
@@ -89,32 +124,39 @@ def dsl_toolchain() -> Toolchain:
         load=build.load_kernel,
         dsl_version=build.dsl_version,
         source_files=build.kernel_source_files,
+        identity=build.toolchain_identity,
     )
 
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything that changes a compiled kernel's bytes."""
+    """Everything that changes a compiled kernel's bytes.
+
+    `toolchain` holds `Toolchain.identity()`'s items, sorted (a tuple keeps the key hashable).
+    """
 
     config: KernelConfig
     dsl_version: str
     source_hash: str
+    toolchain: tuple[tuple[str, str], ...] = ()
+
+    def identity_fields(self) -> dict[str, Any]:
+        """The key fields every entry of one install shares; an entry whose values differ
+        is stale."""
+        return _identity_fields(self.dsl_version, self.source_hash, self.toolchain)
 
     def fields(self) -> dict[str, Any]:
         """JSON-ready key fields (also stored in the manifest)."""
         return {
-            "format": FORMAT_VERSION,
+            **self.identity_fields(),
             "kernel": self.config.name,  # kinds of config may share field values
             "config": asdict(self.config),
-            "dsl_version": self.dsl_version,
-            "source_hash": self.source_hash,
         }
 
     @property
     def digest(self) -> str:
         """Directory name of this key's entry: a short hash of `fields()`."""
-        blob = json.dumps(self.fields(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:24]
+        return cache_store.key_digest(self.fields())
 
     @property
     def function_name(self) -> str:
@@ -122,16 +164,19 @@ class CacheKey:
         return f"sparsek_{self.config.name}"
 
 
-@dataclass(frozen=True)
-class CacheEntry:
-    """One on-disk entry as `list_entries` reports it."""
+# (DSL version, source hash, toolchain identity items): what every key of one install shares.
+_Identity = tuple[str, str, tuple[tuple[str, str], ...]]
 
-    path: Path
-    arch: str
-    name: str
-    size: int
-    valid: bool
-    problem: str | None
+
+def _identity_fields(
+    dsl_version: str, sources: str, toolchain: tuple[tuple[str, str], ...]
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "dsl_version": dsl_version,
+        "toolchain": dict(toolchain),
+        "source_hash": sources,
+    }
 
 
 def cache_dir() -> Path:
@@ -160,6 +205,15 @@ def source_hash(files: Sequence[Path], dsl_version: str) -> str:
     return h.hexdigest()
 
 
+class _StoreFailed(Exception):
+    """A kernel compiled, but the cache directory refused it (`cause`)."""
+
+    def __init__(self, compiled: Any, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.compiled = compiled
+        self.cause = cause
+
+
 class KernelCache:
     """Memory + disk cache of compiled kernels; see the module docstring.
 
@@ -172,7 +226,7 @@ class KernelCache:
         self._root = Path(root) if root is not None else None
         self._toolchain = toolchain
         self._kernels: dict[CacheKey, KernelFn] = {}
-        self._identity: tuple[str, str] | None = None
+        self._identity: _Identity | None = None
         self._lock = threading.Lock()
 
     @property
@@ -188,21 +242,37 @@ class KernelCache:
         return self._toolchain
 
     def key(self, config: KernelConfig) -> CacheKey:
-        """The cache key of `config` (DSL version and source hash computed once)."""
+        """The cache key of `config` (the toolchain's identity computed once)."""
+        return CacheKey(config, *self._toolchain_identity())
+
+    def current_fields(self) -> dict[str, Any]:
+        """The key fields this install writes into every entry (`CacheKey.identity_fields`)."""
+        return _identity_fields(*self._toolchain_identity())
+
+    def _toolchain_identity(self) -> _Identity:
         if self._identity is None:
-            version = self.toolchain.dsl_version()
-            self._identity = (version, source_hash(self.toolchain.source_files(), version))
-        return CacheKey(config, *self._identity)
+            toolchain = self.toolchain
+            version = toolchain.dsl_version()
+            parts = toolchain.identity() if toolchain.identity is not None else {}
+            self._identity = (
+                version,
+                source_hash(toolchain.source_files(), version),
+                tuple(sorted((str(k), str(v)) for k, v in parts.items())),
+            )
+        return self._identity
 
     def entry_dir(self, key: CacheKey) -> Path:
         """Directory of `key`'s entry (it may not exist)."""
         return self.root / key.config.arch / key.digest
 
     def get_kernel(self, config: KernelConfig) -> KernelFn:
-        """The loaded kernel for `config`, compiling it on first use.
+        """The loaded kernel for `config`, compiling it on first use (in memory, with one
+        `CacheWarning`, where the cache directory cannot be written).
 
         Raises:
             ValueError: the kernel layer rejects `config`.
+            RuntimeError: neither the cache directory nor a temporary directory can hold
+                the compiled kernel.
         """
         key = self.key(config)
         fn = self._kernels.get(key)
@@ -211,166 +281,149 @@ class KernelCache:
         with self._lock:
             fn = self._kernels.get(key)
             if fn is None:
-                path, _ = self._ensure_on_disk(key)
-                fn = self.toolchain.load(str(path), key.function_name)
+                fn, _ = self._obtain(key, load=True)
+                assert fn is not None
                 self._kernels[key] = fn
         return fn
 
     def compile_into_cache(self, config: KernelConfig) -> CacheStatus:
-        """Make sure `config` has a valid disk entry, without loading it (no GPU needed)."""
+        """Make sure `config` has a valid disk entry, without loading it (no GPU needed).
+
+        Returns `CacheStatus.UNCACHED` (after compiling) where the cache cannot be written.
+        """
         key = self.key(config)
         if key in self._kernels:
             return CacheStatus.MEMORY
         with self._lock:
-            _, status = self._ensure_on_disk(key)
+            _, status = self._obtain(key, load=False)
         return status
 
     def list_entries(self) -> list[CacheEntry]:
-        """Every entry directory under `root`, verified (sha256 of its object)."""
-        entries = []
-        for entry in sorted(self.root.glob("*/*")):
-            if not entry.is_dir():
-                continue
-            manifest = _read_manifest(entry)
-            problem = _verify(entry, manifest, expected=None)
-            name = str(manifest.get("function_name", "?")) if manifest else "?"
-            size = int(manifest.get("size", 0)) if manifest else 0
-            entries.append(
-                CacheEntry(entry, entry.parent.name, name, size, problem is None, problem)
-            )
-        return entries
+        """Every entry sparsek wrote under `root`, verified, with its staleness."""
+        return cache_store.list_entries(self.root, self.current_fields())
+
+    def prune(self, *, everything: bool = False) -> PruneResult:
+        """Remove stale, unfinished and corrupt entries (`everything`: every entry sparsek
+        wrote), each under its lock; entries in use by another process are left alone."""
+        return cache_store.prune(self.root, self.current_fields(), everything=everything)
 
     def clear(self) -> int:
-        """Delete every disk entry and forget loaded kernels; returns the entries removed."""
-        removed = 0
+        """Remove every entry sparsek wrote (nothing else under `root`) and forget loaded
+        kernels; returns the entries removed."""
         with self._lock:
             self._kernels.clear()
-            root = self.root
-            if root.is_dir():
-                for arch_dir in root.iterdir():
-                    if arch_dir.is_dir():
-                        removed += sum(1 for e in arch_dir.iterdir() if e.is_dir())
-                        shutil.rmtree(arch_dir, ignore_errors=True)
-        return removed
+            return self.prune(everything=True).removed
 
-    def _ensure_on_disk(self, key: CacheKey) -> tuple[Path, CacheStatus]:
+    def _obtain(self, key: CacheKey, load: bool) -> tuple[KernelFn | None, CacheStatus]:
+        """The kernel of `key` (loaded if `load`) and how it was obtained. A valid entry is
+        checked and loaded under its shared lock, a missing or broken one built and loaded
+        under its exclusive lock: nobody removes it in between."""
         entry = self.entry_dir(key)
-        if _verify(entry, _read_manifest(entry), key) is None:
-            return entry / OBJECT_NAME, CacheStatus.DISK
-        entry.mkdir(parents=True, exist_ok=True)
-        with _file_lock(entry / LOCK_NAME):
-            # Another process may have built the entry while we waited for the lock.
-            problem = _verify(entry, _read_manifest(entry), key)
-            if problem is None:
-                return entry / OBJECT_NAME, CacheStatus.DISK
-            status = CacheStatus.COMPILED
-            if problem != _MISSING:
-                _warn_once(entry, problem)
-                status = CacheStatus.REBUILT
-                for name in (MANIFEST_NAME, OBJECT_NAME):
-                    (entry / name).unlink(missing_ok=True)
-            self._build(key, entry)
-        return entry / OBJECT_NAME, status
+        expected = key.fields()
+        try:
+            with cache_store.locked(entry, shared=True):
+                if cache_store.verify(entry, expected) is None:
+                    return self._load(key, entry, load), CacheStatus.DISK
+            with cache_store.locked(entry):
+                status = self._build_unless_valid(key, entry, expected)
+                return self._load(key, entry, load), status
+        except _StoreFailed as failed:
+            return self._in_memory(key, failed.compiled, load, failed.cause)
+        except cache_store.CacheDirError as exc:  # no entry directory or lock file
+            return self._in_memory(key, None, load, exc)
+
+    def _load(self, key: CacheKey, entry: Path, load: bool) -> KernelFn | None:
+        return self.toolchain.load(str(entry / OBJECT_NAME), key.function_name) if load else None
+
+    def _build_unless_valid(
+        self, key: CacheKey, entry: Path, expected: Mapping[str, Any]
+    ) -> CacheStatus:
+        """Under the entry's exclusive lock: build it unless another process just did."""
+        problem = cache_store.verify(entry, expected)
+        if problem is None:
+            return CacheStatus.DISK
+        status = CacheStatus.COMPILED
+        if problem not in (cache_store.MISSING, cache_store.UNFINISHED):
+            _warn_once(str(entry), f"corrupt kernel cache entry {entry} ({problem}); rebuilding it")
+            status = CacheStatus.REBUILT
+        # Whatever is left is a killed or damaged build's: nobody else holds the lock.
+        for name in (MANIFEST_NAME, OBJECT_NAME):
+            (entry / name).unlink(missing_ok=True)
+        cache_store.remove_temp_files(entry)
+        self._build(key, entry)
+        return status
 
     def _build(self, key: CacheKey, entry: Path) -> None:
         start = time.perf_counter()
         compiled = self.toolchain.compile(key.config)
-        fd, tmp = tempfile.mkstemp(prefix=".kernel-", suffix=".so", dir=entry)
-        os.close(fd)
         try:
-            self.toolchain.export(compiled, tmp, key.function_name)
-            sha, size = _sha256_file(Path(tmp))
-            os.replace(tmp, entry / OBJECT_NAME)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        manifest = {
-            **key.fields(),
-            "name": key.config.name,
-            "function_name": key.function_name,
-            "object": OBJECT_NAME,
-            "sha256": sha,
-            "size": size,
-            "compile_seconds": round(time.perf_counter() - start, 3),
-            "created_unix": int(time.time()),
-        }
-        _atomic_write(entry / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True))
+            fd, tmp = tempfile.mkstemp(prefix=".kernel-", suffix=".so", dir=entry)
+            os.close(fd)
+            try:
+                self.toolchain.export(compiled, tmp, key.function_name)
+                sha, size = cache_store.sha256_file(Path(tmp))
+                os.replace(tmp, entry / OBJECT_NAME)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            cache_store.write_manifest(
+                entry,
+                key.fields(),
+                function_name=key.function_name,
+                object=OBJECT_NAME,
+                sha256=sha,
+                size=size,
+                compile_seconds=round(time.perf_counter() - start, 3),
+                created_unix=int(time.time()),
+            )
+        except Exception as exc:  # a full disk fails in the exporter's own words too
+            (entry / OBJECT_NAME).unlink(missing_ok=True)
+            cache_store.remove_temp_files(entry)
+            raise _StoreFailed(compiled, exc) from exc
         logger.info("sparsek: compiled %s into %s", key.config.name, entry)
 
+    def _in_memory(
+        self, key: CacheKey, compiled: Any, load: bool, cause: BaseException
+    ) -> tuple[KernelFn | None, CacheStatus]:
+        """Compile (unless done) and load `key` from a private temporary directory."""
+        _warn_once(
+            f"root:{self.root}",
+            f"kernel cache {self.root} cannot be written ({cause}); compiling kernels in "
+            f"memory, again in every process (set ${CACHE_ENV} to a writable directory)",
+        )
+        if compiled is None:
+            compiled = self.toolchain.compile(key.config)
+        if not load:
+            return None, CacheStatus.UNCACHED
+        try:
+            private = tempfile.TemporaryDirectory(prefix="sparsek-kernel-")
+        except OSError as exc:
+            raise self._unstorable(key, cause, exc) from exc
+        with private as tmp:
+            path = os.path.join(tmp, OBJECT_NAME)
+            try:
+                self.toolchain.export(compiled, path, key.function_name)
+            except OSError as exc:
+                raise self._unstorable(key, cause, exc) from exc
+            fn = self.toolchain.load(path, key.function_name)  # mapped: removing it is fine
+        return fn, CacheStatus.UNCACHED
 
-_MISSING = "missing"
+    def _unstorable(self, key: CacheKey, cause: BaseException, exc: OSError) -> RuntimeError:
+        return RuntimeError(
+            f"sparsek: cannot store kernel {key.config.name}: the cache {self.root} failed "
+            f"({cause}) and so did a temporary directory ({exc}); free space, or set "
+            f"${CACHE_ENV} or $TMPDIR to a writable directory"
+        )
+
+
 _warned: set[str] = set()
 
 
-def _read_manifest(entry: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((entry / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _verify(entry: Path, manifest: dict[str, Any] | None, expected: CacheKey | None) -> str | None:
-    """None when the entry is complete and intact, else what is wrong with it."""
-    obj = entry / OBJECT_NAME
-    if manifest is None:
-        if not (entry / MANIFEST_NAME).exists() and not obj.exists():
-            return _MISSING
-        return "manifest missing or unreadable"
-    if (
-        expected is not None
-        and {k: manifest.get(k) for k in expected.fields()} != expected.fields()
-    ):
-        return "manifest key does not match the entry's key"
-    if not obj.is_file():
-        return f"{OBJECT_NAME} missing"
-    sha, size = _sha256_file(obj)
-    if size != manifest.get("size"):
-        return f"{OBJECT_NAME} is {size} bytes, manifest says {manifest.get('size')} (truncated?)"
-    if sha != manifest.get("sha256"):
-        return f"{OBJECT_NAME} sha256 does not match the manifest"
-    return None
-
-
-def _warn_once(entry: Path, problem: str) -> None:
-    if str(entry) in _warned:
+def _warn_once(what: str, message: str) -> None:
+    if what in _warned:
         return
-    _warned.add(str(entry))
-    message = f"sparsek: corrupt kernel cache entry {entry} ({problem}); rebuilding it"
-    logger.warning(message)
-    warnings.warn(message, CacheWarning, stacklevel=4)
-
-
-def _sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    _warned.add(what)
+    logger.warning("sparsek: %s", message)
+    warnings.warn(f"sparsek: {message}", CacheWarning, stacklevel=5)
 
 
 _default = KernelCache()
@@ -392,10 +445,16 @@ def compile_into_cache(config: KernelConfig) -> CacheStatus:
 
 
 def list_entries() -> list[CacheEntry]:
-    """Entries of the default cache."""
+    """Entries of the default cache (only those sparsek wrote)."""
     return _default.list_entries()
 
 
+def prune(*, everything: bool = False) -> PruneResult:
+    """Remove the default cache's stale, unfinished and corrupt entries (`everything`:
+    every entry sparsek wrote)."""
+    return _default.prune(everything=everything)
+
+
 def clear() -> int:
-    """Remove every entry of the default cache; returns how many were removed."""
+    """Remove every entry sparsek wrote in the default cache; returns how many."""
     return _default.clear()
