@@ -188,9 +188,11 @@ def kvcache_call(
     num_splits: int,
     cache_lens: list[int] | None = None,
     heads: tuple[int, int] = (8, 2),
+    total_q: int | None = None,
 ) -> Result:
-    """attention_with_kvcache: packed q (`q_lens`, causal chunked prefill) or, with
-    `q_lens` None, one query per sequence as a 4-D q (decode)."""
+    """attention_with_kvcache: packed q (`q_lens`, causal chunked prefill; `total_q`
+    rows, those past the sequences' owned by none) or, with `q_lens` None, one query per
+    sequence as a 4-D q (decode)."""
     lens = cache_lens or [5, 300, 0, 1000, 129]
     (h, hkv), d = heads, setup.head_dim
     cache = make_cache(setup, lens, hkv, page)
@@ -202,7 +204,7 @@ def kvcache_call(
         ref, _ = reference_attention_kvcache(q, *args, compute_dtype=torch.float64)
         return compared(setup, out, ref)
     cu, top = setup.int32([0, *itertools.accumulate(q_lens)]), max(q_lens)
-    q = setup.randn(sum(q_lens), h, d)
+    q = setup.randn(total_q or sum(q_lens), h, d)
     out = sparsek.attention_with_kvcache(
         q, *args, cu_seqlens_q=cu, max_seqlen_q=top, num_splits=num_splits
     )
@@ -230,6 +232,13 @@ def paged(setup: Setup) -> Result:
 
 def paged_decode(setup: Setup) -> Result:
     return kvcache_call(setup, paged_block(setup), None, num_splits=1)
+
+
+def paged_decode_packed(setup: Setup) -> Result:
+    """Packed decode (single-query kernels): one token per sequence or none, the tokens
+    past cu_seqlens_q[-1] owned by no sequence (0 / -inf), split in 2."""
+    q_lens = [1, 0, 1, 1, 0]
+    return kvcache_call(setup, paged_block(setup), q_lens, num_splits=2, total_q=len(q_lens))
 
 
 def split_kv(setup: Setup) -> Result:
@@ -297,6 +306,11 @@ CASES: dict[str, Case] = {
         Case("kvcache_decode", "contiguous KV cache, decode, unsplit", kvcache_decode),
         Case("paged", "paged KV cache, packed q, unsplit", paged),
         Case("paged_decode", "paged KV cache, decode, unsplit", paged_decode),
+        Case(
+            "paged_decode_packed",
+            "paged KV cache, packed decode with empty sequences, 2 splits + combine",
+            paged_decode_packed,
+        ),
         Case("split_kv", "paged decode, 4 splits + combine", split_kv),
         Case(
             "split_kv_prefill", "contiguous cache, packed q, 3 splits + combine", split_kv_prefill
