@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="print the planned rows and exit")
     p.add_argument("--dry-run", action="store_true", help="fake providers, CPU, tiny shapes")
     p.add_argument("--append", action="store_true", help="append to an existing results.csv")
-    p.add_argument("--git-sha", help="record this sha (when .git is not on the machine)")
+    p.add_argument("--git-sha", help="record this sha (when running from a copy without .git)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-ms", type=float, default=25.0, help="kernel rows: warm-up time")
     p.add_argument("--rep-ms", type=float, default=100.0, help="kernel rows: timed span")

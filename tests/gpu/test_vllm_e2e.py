@@ -1,11 +1,11 @@
 """End to end: vLLM generates with `--attention-backend SPARSEK` what it generates with its
 own FLASH_ATTN backend (greedy decoding of a tiny random-weight Llama created locally).
 
-Needs a Hopper GPU *and* vllm 0.33.0 with sparsek installed. Neither machine this project
-has offers both (CI is CPU-only; the lent GPU machine cannot install vLLM: no network, a
-torch 2.11 image), so this test has NOT been run yet: run it by hand where both exist,
+Needs a Hopper GPU *and* vllm 0.33.0 with sparsek installed in the same environment. CI is
+CPU-only, and the GPU runs so far used torch 2.11, beside which vLLM 0.33 (it pins torch
+2.14) cannot be installed, so this test has NOT been run yet. Where both exist:
 
-    pip install -e .[vllm] && pytest -m slow tests/gpu/test_vllm_e2e.py
+    pip install -e ".[vllm]" && pytest -m slow tests/gpu/test_vllm_e2e.py
 
 Compared against: FLASH_ATTN's tokens, with vLLM's own criterion for two backends that
 round differently: identical until the first step where they differ, and at that step each

@@ -1,5 +1,5 @@
-"""The kernel calls of sparsek's vLLM backend on an H100, without vLLM (it cannot be
-installed on the GPU machine): `sparsek.integrations.vllm.kernels`, which
+"""The kernel calls of sparsek's vLLM backend on an H100, without vLLM (they need only
+sparsek and torch; vLLM 0.33 pins torch 2.14): `sparsek.integrations.vllm.kernels`, which
 `SparseKImpl.do_kv_cache_update` / `SparseKImpl.forward` call unchanged.
 
 The cache is built the way vLLM 0.33 allocates it: one buffer per group of layers, viewed
