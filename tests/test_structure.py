@@ -29,7 +29,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_PACKAGES = ("sparsek", "cutedsl_kernels", "perf", "tests")
-SKIPPED_DIRS = ("__pycache__", ".devdeps", ".scratch")
+SKIPPED_DIRS = ("__pycache__",)
 MAX_KERNEL_FILE_LINES = 800
 # Nodes that open a scope of their own: their names are not the enclosing scope's.
 SCOPE_NODES = (
@@ -48,7 +48,8 @@ SCOPE_NODES = (
 
 
 def is_skipped_dir(name: str) -> bool:
-    return name in SKIPPED_DIRS or name.startswith(".venv")
+    """Caches, and hidden folders (virtual environments, local scratch): not the project's."""
+    return name in SKIPPED_DIRS or name.startswith(".")
 
 
 def python_files(root: Path, top: str) -> list[Path]:
