@@ -25,7 +25,7 @@ from sparsek import memo, ops  # ops also registers the torch.ops.sparsek ops
 from sparsek.launch import dense, tma
 from sparsek.reference import reference_attention
 from sparsek.registry import ARCH_ENV
-from sparsek.routing import dense_blockers, fallback, needs_grad
+from sparsek.routing import NEEDS_GRAD, Path, dense_blockers, fallback, forward_path
 from sparsek.validation import check_dropout, check_flag, check_qkv, resolve_scale
 
 
@@ -64,7 +64,10 @@ def attention(
         ValueError: wrong rank, mismatched batch / seqlen_k / num_kv_heads / head_dim /
             dtype / device, num_heads not a multiple of num_kv_heads, or a non-finite or
             non-positive `softmax_scale`.
-        UnsupportedError: no kernel fits and `SPARSEK_STRICT=1` forbids the fallback.
+        UnsupportedError: `SPARSEK_STRICT=1` forbids the fallback of a call no kernel
+            serves: an input requires grad (on any device, CPU included), or a non-CPU
+            input no kernel fits. CPU tensors without grad run the reference, never an
+            error.
     """
     signature = None
     if type(return_lse) is bool:  # (no key part: it changes neither checks nor plan)
@@ -78,16 +81,17 @@ def attention(
     check_qkv(("q", "k", "v"), q, k, v, layout="(batch, seqlen, heads, head_dim)", head_axis=2)
     scale = resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
-    reasons = dense_blockers(q, k, v, causal)
-    if not reasons:
-        result = _run_kernels(_SERVED, signature, q, k, v, causal, scale, False)
-        return result if return_lse else result[0]
-    if q.device.type == "cpu" and not needs_grad(q, k, v):
+    path = forward_path(q, k, v)
+    if path is Path.CPU:
         # The documented CPU path: the op's float32 reference (the correctness oracle).
         cpu_result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
             q, k, v, causal, scale, False
         )
         return cpu_result if return_lse else cpu_result[0]
+    reasons = (NEEDS_GRAD,) if path is Path.AUTOGRAD else dense_blockers(q, k, v, causal)
+    if not reasons:
+        result = _run_kernels(_SERVED, signature, q, k, v, causal, scale, False)
+        return result if return_lse else result[0]
     fallback(reasons)
     if return_lse:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32

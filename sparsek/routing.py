@@ -1,10 +1,20 @@
 """Kernel or fallback: whether sparsek's kernels serve a checked request, and what happens
 when they do not.
 
-A request the kernels cannot serve (another device, inputs that require grad, an
-unregistered head dim or dtype, ...) falls back: dense calls to PyTorch's SDPA, the varlen
-and KV-cache calls to the torch reference. Each distinct reason is logged once; with
-`SPARSEK_STRICT=1` in the environment a fallback raises `UnsupportedError` instead.
+One rule for CPU tensors and inputs that require grad, shared by the entry points
+(`attention`, `attention_varlen`, `attention_with_kvcache`; `forward_path`):
+
+  * an input requires grad (and grad mode is on): a fallback on every device, CPU included,
+    because the kernels and the torch ops are forward only. A differentiable torch path
+    runs; the reason is `NEEDS_GRAD`.
+  * otherwise CPU tensors take the documented CPU path (the torch reference), which is
+    not a fallback: nothing is logged and `SPARSEK_STRICT=1` does not refuse it.
+  * otherwise the kernels are asked; a request they cannot serve (another device, an
+    unregistered head dim or dtype, ...) falls back: dense calls to PyTorch's SDPA, the
+    varlen and KV-cache calls to the torch reference.
+
+Each distinct fallback reason is logged once; with `SPARSEK_STRICT=1` in the environment a
+fallback raises `UnsupportedError` instead.
 
 Under torch.compile the decision is made at trace time from constants
 (`registry_blockers` is an `assume_constant_result`), so it does not break graphs.
@@ -12,6 +22,7 @@ Under torch.compile the decision is made at trace time from constants
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import os
@@ -78,6 +89,30 @@ def needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+class Path(enum.Enum):
+    """Where a checked request goes first (`choose_path`)."""
+
+    KERNELS = "kernels"  # ask the kernels; a fallback when none serves the request
+    CPU = "cpu"  # the documented CPU path: not a fallback
+    AUTOGRAD = "autograd"  # an input requires grad: a differentiable torch path, a fallback
+
+
+def choose_path(device_type: str, grad: bool) -> Path:
+    """The rule every entry point applies to CPU tensors and inputs that require grad
+    (see the module docstring); `grad`: `needs_grad` of the inputs. A pure function of
+    its arguments, so the CUDA answers are testable without a GPU."""
+    if grad:
+        return Path.AUTOGRAD
+    if device_type == "cpu":
+        return Path.CPU
+    return Path.KERNELS
+
+
+def forward_path(q: Tensor, *others: Tensor) -> Path:
+    """`choose_path` for these inputs: q's device, and whether any of them needs grad."""
+    return choose_path(q.device.type, needs_grad(q, *others))
+
+
 def plain_eager(*tensors: Tensor) -> bool:
     """Nothing can intercept an op call on these tensors: plain eager mode (no
     torch.compile tracing, no dispatch mode such as FakeTensor, profilers or export),
@@ -88,14 +123,23 @@ def plain_eager(*tensors: Tensor) -> bool:
 
 
 def dense_blockers(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[str, ...]:
-    """Why the kernels cannot serve these (validated) dense inputs; empty when they can."""
-    if q.device.type != "cuda":
-        return (f"device={q.device.type}: the kernels run on CUDA devices only",)
+    """Why the kernels cannot serve these (validated) dense inputs; empty when they can.
+    An input that requires grad is named before the device (`choose_path`'s order)."""
     if needs_grad(q, k, v):
         return (NEEDS_GRAD,)
+    if q.device.type != "cuda":
+        return (f"device={q.device.type}: the kernels run on CUDA devices only",)
+    return cuda_dense_blockers(q.device.index, q, v, causal)
+
+
+def cuda_dense_blockers(
+    device_index: int | None, q: Tensor, v: Tensor, causal: bool
+) -> tuple[str, ...]:
+    """`dense_blockers` for inputs without grad on CUDA device `device_index` (None: the
+    current one). Reads q's and v's shapes and dtype only, not their device."""
     if v.shape[-1] != q.shape[-1]:
         return (f"value head_dim={v.shape[-1]} differs from query head_dim={q.shape[-1]}",)
-    index = q.device.index if q.device.index is not None else -1
+    index = device_index if device_index is not None else -1
     if not torch.compiler.is_compiling():
         return _eager_registry_blockers(
             os.environ.get(ARCH_ENV), index, q.shape[-1], q.dtype, causal

@@ -31,6 +31,11 @@ def rand(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype)
 
 
+def as_if_on_cuda(q: torch.Tensor, *others: torch.Tensor) -> routing.Path:
+    """`routing.forward_path` as it answers for CUDA tensors (a stand-in for `api`'s)."""
+    return routing.choose_path("cuda", routing.needs_grad(q, *others))
+
+
 @pytest.mark.parametrize(
     ("sq", "sk", "h", "hkv", "causal"),
     [(16, 16, 4, 4, True), (7, 19, 4, 1, True), (19, 7, 4, 2, True), (12, 30, 6, 3, False)],
@@ -127,7 +132,7 @@ def test_attention_on_cpu_runs_the_reference_op_even_in_strict_mode(monkeypatch)
 @pytest.mark.parametrize(
     ("call", "fragment"),
     [
-        (lambda q: sparsek.attention(q.requires_grad_(), q, q), "device=cpu"),
+        (lambda q: sparsek.attention(q.requires_grad_(), q, q), "requires grad"),
         (lambda q: sparsek.scaled_dot_product_attention(q, q, q), "device=cpu"),
         (
             lambda q: sparsek.scaled_dot_product_attention(q, q, q, attn_mask=q[..., :4] > 0),
@@ -158,9 +163,7 @@ def test_strict_zero_means_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_requires_grad_is_a_fallback_reason() -> None:
     q = rand(1, 4, 2, 64).requires_grad_()
-    assert routing.dense_blockers(q, q, q, False) == (
-        "device=cpu: the kernels run on CUDA devices only",
-    )
+    assert routing.dense_blockers(q, q, q, False) == (routing.NEEDS_GRAD,)
     out = sparsek.attention(q, q, q)
     assert isinstance(out, torch.Tensor)
     out.sum().backward()  # the SDPA fallback is differentiable
@@ -221,6 +224,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[tuple]]:
         check_qkv(*args, **kwargs)
 
     fake_launch_path(monkeypatch, fake_config, kernel)  # no plan or call memoized yet
+    monkeypatch.setattr(api, "forward_path", as_if_on_cuda)
     monkeypatch.setattr(api, "check_qkv", counted)
     monkeypatch.setattr(
         api, "dense_blockers", lambda q, k, v, c: ("grad",) if routing.needs_grad(q, k, v) else ()
@@ -271,6 +275,7 @@ def test_calls_that_drop_the_lse_write_it_to_a_shared_scratch(monkeypatch) -> No
         lse.fill_(4.0)
 
     fake_launch_path(monkeypatch, fake_config, kernel)  # no plan or call memoized yet
+    monkeypatch.setattr(api, "forward_path", as_if_on_cuda)
     monkeypatch.setattr(api, "dense_blockers", lambda *a: ())
     monkeypatch.setattr(dense, "LSE_SCRATCH_FLOATS", 64)
     small, large = rand(1, 8, 4, 32), rand(1, 24, 4, 32)  # 32 and 96 LSE rows
