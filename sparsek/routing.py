@@ -1,17 +1,19 @@
 """Kernel or fallback: whether sparsek's kernels serve a checked request, and what happens
 when they do not.
 
-One rule for CPU tensors and inputs that require grad, shared by the entry points
-(`attention`, `attention_varlen`, `attention_with_kvcache`; `forward_path`):
+One rule for CPU tensors and inputs that require grad, shared by every entry point
+(`attention`, `scaled_dot_product_attention`, `attention_varlen`, `attention_with_kvcache`;
+`forward_path`):
 
   * an input requires grad (and grad mode is on): a fallback on every device, CPU included,
     because the kernels and the torch ops are forward only. A differentiable torch path
     runs; the reason is `NEEDS_GRAD`.
-  * otherwise CPU tensors take the documented CPU path (the torch reference), which is
-    not a fallback: nothing is logged and `SPARSEK_STRICT=1` does not refuse it.
+  * otherwise CPU tensors take the documented CPU path (the torch reference; the SDPA
+    drop-in: PyTorch's SDPA), which is not a fallback: nothing is logged and
+    `SPARSEK_STRICT=1` does not refuse it.
   * otherwise the kernels are asked; a request they cannot serve (another device, an
-    unregistered head dim or dtype, ...) falls back: dense calls to PyTorch's SDPA, the
-    varlen and KV-cache calls to the torch reference.
+    unregistered head dim or dtype, an `attn_mask`, ...) falls back: dense calls to
+    PyTorch's SDPA, the varlen and KV-cache calls to the torch reference.
 
 Each distinct fallback reason is logged once; with `SPARSEK_STRICT=1` in the environment a
 fallback raises `UnsupportedError` instead.
@@ -25,7 +27,9 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import math
 import os
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
@@ -148,6 +152,69 @@ def cuda_dense_blockers(
         index, static_head_dim(q.shape[-1]), dtype_name(q.dtype), causal
     )
     return reasons
+
+
+def sdpa_blockers(
+    query: object,
+    key: object,
+    value: object,
+    attn_mask: object,
+    dropout_p: object,
+    is_causal: object,
+    scale: object,
+    enable_gqa: object,
+) -> tuple[str, ...]:
+    """Why the kernels cannot serve this call of the SDPA drop-in as PyTorch's SDPA would
+    answer it, judged from the arguments alone (grad, device and registry:
+    `forward_path`, `dense_blockers`); empty when the kernels' layout fits.
+
+    Never raises: arguments PyTorch rejects get a reason too. The drop-in hands every
+    call with a reason to PyTorch, which answers it or raises its own error.
+    """
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
+        return ("query, key and value are not all tensors",)
+    q, k, v = query, key, value
+    if q.is_nested or k.is_nested or v.is_nested:
+        return ("nested tensors are not supported by the kernels",)
+    if any(t.layout is not torch.strided for t in (q, k, v)):
+        return ("the kernels read dense tensors only (layout torch.strided)",)
+    if attn_mask is not None:
+        return ("attn_mask tensors are not supported by the kernels",)
+    if not _real(dropout_p) or dropout_p != 0:
+        return (f"dropout_p={dropout_p!r}: the kernels do not apply dropout (supported: 0.0)",)
+    if type(is_causal) is not bool or type(enable_gqa) is not bool:
+        return ("is_causal and enable_gqa must be bools",)
+    if scale is not None and not (_real(scale) and math.isfinite(scale) and scale > 0):
+        return (f"scale={scale!r} (kernels: a finite float > 0, or None)",)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return (f"{_shapes(q, k, v)}: the kernels serve 4-D (batch, heads, seqlen, head_dim)",)
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        return ("query, key and value differ in dtype or device",)
+    if k.shape[0] != q.shape[0] or v.shape[:-1] != k.shape[:-1] or k.shape[-1] != q.shape[-1]:
+        return (
+            f"{_shapes(q, k, v)}: the kernels need one batch size, key and value alike but "
+            "for the last dim, and one head_dim for query and key",
+        )
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if (
+        num_kv_heads == 0
+        or num_heads % num_kv_heads != 0
+        or (num_heads != num_kv_heads and not enable_gqa)
+    ):
+        return (
+            f"num_heads={num_heads} with num_kv_heads={num_kv_heads} (kernels: equal, or "
+            "a multiple with enable_gqa=True)",
+        )
+    return ()
+
+
+def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
+    return f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}"
+
+
+def _real(x: object) -> TypeGuard[float]:
+    """`x` is a Python int or float (bool excluded), as the kernels take it."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @functools.lru_cache(maxsize=256)

@@ -30,14 +30,6 @@ def check_flag(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
-def check_dropout(dropout_p: object) -> None:
-    """`dropout_p` is a real number in [0, 1)."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-
-
 def resolve_scale(name: str, scale: object, head_dim: int) -> float:
     """The softmax scale: `scale` (a finite real > 0) or 1/sqrt(head_dim) when None."""
     if scale is None:
@@ -141,7 +133,6 @@ def check_qkv(
     *,
     layout: str,
     head_axis: int,
-    enable_gqa: bool = True,
 ) -> None:
     """Validate three attention tensors; `head_axis` is 2 for BSHD and 1 for BHSD."""
     q_name, k_name, v_name = names
@@ -158,11 +149,6 @@ def check_qkv(
     num_heads, num_kv_heads = q.shape[head_axis], k.shape[head_axis]
     check_kv_matches_q(names, q, k, v)
     check_head_ratio(names, num_heads, num_kv_heads)
-    if not enable_gqa and num_heads != num_kv_heads:
-        raise ValueError(
-            f"{q_name} has {num_heads} heads but {k_name} has {num_kv_heads}; "
-            "pass enable_gqa=True for grouped-query attention"
-        )
 
 
 def check_attention_tensors(

@@ -1,7 +1,7 @@
 """One rule for CPU tensors and inputs that require grad, in every entry point.
 
-Compared against: the rule `sparsek.routing` documents, for `attention`, `attention_varlen`
-and `attention_with_kvcache` alike: an input that requires grad (grad
+Compared against: the rule `sparsek.routing` documents, for `attention`, the SDPA drop-in,
+`attention_varlen` and `attention_with_kvcache` alike: an input that requires grad (grad
 mode on) is a fallback on every device (logged once as `NEEDS_GRAD`, `UnsupportedError`
 under `SPARSEK_STRICT=1`); other CPU tensors take the documented CPU path (never logged,
 never refused); tensors of a device without kernels (meta here) are a fallback naming the
@@ -34,6 +34,12 @@ def attention(device: str, grad: bool) -> object:
     return sparsek.attention(q, k, v, causal=True)
 
 
+def drop_in(device: str, grad: bool) -> object:
+    q = randn(1, 4, 5, 16, device=device).requires_grad_(grad)
+    k, v = randn(1, 2, 7, 16, device=device), randn(1, 2, 7, 16, device=device)
+    return sparsek.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 def varlen(device: str, grad: bool) -> object:
     q = randn(8, 4, 16, device=device).requires_grad_(grad)
     k, v = randn(10, 2, 16, device=device), randn(10, 2, 16, device=device)
@@ -51,6 +57,7 @@ def kvcache(device: str, grad: bool) -> object:
 
 ENTRY_POINTS: dict[str, Callable[[str, bool], object]] = {
     "attention": attention,
+    "drop-in": drop_in,
     "varlen": varlen,
     "kvcache": kvcache,
 }
