@@ -140,7 +140,7 @@ def test_wheel_contents_and_metadata(tmp_path: Path) -> None:
     assert metadata.get_payload().startswith("# sparsek")
     requires = metadata.get_all("Requires-Dist")
     assert not [r for r in requires if "numpy" in r or "dlpack" in r]
-    assert set(metadata.get_all("Provides-Extra")) == {"cu13", "test", "xformers", "vllm"}
+    assert set(metadata.get_all("Provides-Extra")) == {"cu13", "test", "docs", "xformers", "vllm"}
     assert metadata.get_all("Project-URL")
     assert "sparsek = sparsek.cli:main" in entry_points
     assert "sparsek = sparsek.integrations.vllm.plugin:register" in entry_points
