@@ -52,6 +52,12 @@ if [ "$MODE" = demo ]; then
   exec "$PY" -m sparsek demo
 fi
 
+# The docs site's tools (the `docs` extra), for `mkdocs build --strict` below.
+if ! "$PY" -c "import mkdocs, mkdocstrings_handlers.python" 2>/dev/null; then
+  echo "== installing the docs tools"
+  "$PY" -m pip install -q -e ".[test,docs]"
+fi
+
 # xFormers, for the integration tests (tests/test_xformers_*.py), pinned by the `xformers`
 # extra in pyproject.toml. --no-deps: its requirements (torch>=2.10, numpy) are either met
 # by the torch installed above or unused, and pip must not re-resolve torch. Its C++/CUDA
@@ -67,6 +73,7 @@ echo "== installing $XFORMERS_SPEC (--no-deps)"
 echo "== ruff check";   "$VENV/bin/ruff" check .
 echo "== ruff format";  "$VENV/bin/ruff" format --check .
 echo "== mypy";         "$VENV/bin/mypy" sparsek perf
+echo "== docs";         "$VENV/bin/mkdocs" build --strict --quiet -d "$ROOT/build/site"
 echo "== pytest"
 set +e
 "$PY" -m pytest -q

@@ -6,15 +6,36 @@
     out = sparsek.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k)   # packed sequences
     out = sparsek.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
 
-Importing sparsek does not import the CuTe DSL: kernels are compiled (or loaded from the
-on-disk cache) at first use.
+`import sparsek` imports neither torch nor the CuTe DSL: the entry points (and torch) are
+imported at their first use, which also registers the `torch.ops.sparsek` ops
+(`import sparsek.ops` registers them alone). The command line (`sparsek --help`,
+`--version`) therefore starts in milliseconds instead of seconds. Kernels are compiled (or
+loaded from the on-disk cache) at first use.
 """
 
-from sparsek.api import attention, scaled_dot_product_attention
-from sparsek.api_varlen import attention_varlen, attention_with_kvcache
-from sparsek.errors import UnsupportedError
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The one place the version is written: pyproject.toml reads it (`[tool.setuptools.dynamic]`).
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from sparsek.api import attention, scaled_dot_product_attention
+    from sparsek.api_varlen import attention_varlen, attention_with_kvcache
+    from sparsek.errors import UnsupportedError
+
+# Public name -> the module defining it. The first access imports the module and binds the
+# name in this module's namespace, so later accesses (every `sparsek.attention(...)` call)
+# are plain attribute lookups that never reach `__getattr__`.
+_LAZY = {
+    "attention": "sparsek.api",
+    "scaled_dot_product_attention": "sparsek.api",
+    "attention_varlen": "sparsek.api_varlen",
+    "attention_with_kvcache": "sparsek.api_varlen",
+    "UnsupportedError": "sparsek.errors",
+}
 
 __all__ = [
     "UnsupportedError",
@@ -24,3 +45,17 @@ __all__ = [
     "attention_with_kvcache",
     "scaled_dot_product_attention",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public entry point at its first use (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -1,10 +1,14 @@
 """Public entry points: `attention` (FlashAttention layout) and an SDPA drop-in.
 
-Both validate their inputs (`sparsek.validation`), then either run the `sparsek::attention`
-op (CUDA tensors a registered kernel can serve) or fall back to
-`torch.nn.functional.scaled_dot_product_attention` for everything else (`sparsek.routing`:
-each distinct fallback reason logged once; with `SPARSEK_STRICT=1` in the environment a
-fallback raises `UnsupportedError` instead).
+`attention` validates its inputs (`sparsek.validation`); the drop-in checks only whether
+the kernels serve a call (`routing.sdpa_blockers`) and leaves the rest to PyTorch's SDPA,
+so it accepts and rejects what SDPA does. Then, by `sparsek.routing`'s rule: inputs that
+require grad fall back (on every device), other CPU tensors take the documented CPU path
+(the op's reference; the drop-in: SDPA), and the rest run the `sparsek::attention` op
+where a registered kernel serves them, else fall back to
+`torch.nn.functional.scaled_dot_product_attention` (each distinct fallback reason logged
+once; with `SPARSEK_STRICT=1` in the environment a fallback raises `UnsupportedError`
+instead).
 
 A plain eager call that passed validation and the kernel check is remembered by its
 signature (`_eager_signature`), so a repeated call builds one key and runs its plan.
@@ -25,8 +29,15 @@ from sparsek import memo, ops  # ops also registers the torch.ops.sparsek ops
 from sparsek.launch import dense, tma
 from sparsek.reference import reference_attention
 from sparsek.registry import ARCH_ENV
-from sparsek.routing import dense_blockers, fallback, needs_grad
-from sparsek.validation import check_dropout, check_flag, check_qkv, resolve_scale
+from sparsek.routing import (
+    NEEDS_GRAD,
+    Path,
+    dense_blockers,
+    fallback,
+    forward_path,
+    sdpa_blockers,
+)
+from sparsek.validation import check_flag, check_qkv, resolve_scale
 
 
 def attention(
@@ -64,7 +75,10 @@ def attention(
         ValueError: wrong rank, mismatched batch / seqlen_k / num_kv_heads / head_dim /
             dtype / device, num_heads not a multiple of num_kv_heads, or a non-finite or
             non-positive `softmax_scale`.
-        UnsupportedError: no kernel fits and `SPARSEK_STRICT=1` forbids the fallback.
+        UnsupportedError: `SPARSEK_STRICT=1` forbids the fallback of a call no kernel
+            serves: an input requires grad (on any device, CPU included), or a non-CPU
+            input no kernel fits. CPU tensors without grad run the reference, never an
+            error.
     """
     signature = None
     if type(return_lse) is bool:  # (no key part: it changes neither checks nor plan)
@@ -78,16 +92,17 @@ def attention(
     check_qkv(("q", "k", "v"), q, k, v, layout="(batch, seqlen, heads, head_dim)", head_axis=2)
     scale = resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
-    reasons = dense_blockers(q, k, v, causal)
-    if not reasons:
-        result = _run_kernels(_SERVED, signature, q, k, v, causal, scale, False)
-        return result if return_lse else result[0]
-    if q.device.type == "cpu" and not needs_grad(q, k, v):
+    path = forward_path(q, k, v)
+    if path is Path.CPU:
         # The documented CPU path: the op's float32 reference (the correctness oracle).
         cpu_result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
             q, k, v, causal, scale, False
         )
         return cpu_result if return_lse else cpu_result[0]
+    reasons = (NEEDS_GRAD,) if path is Path.AUTOGRAD else dense_blockers(q, k, v, causal)
+    if not reasons:
+        result = _run_kernels(_SERVED, signature, q, k, v, causal, scale, False)
+        return result if return_lse else result[0]
     fallback(reasons)
     if return_lse:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -110,31 +125,41 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """Drop-in for `torch.nn.functional.scaled_dot_product_attention`.
 
-    Same layout and semantics as PyTorch: (batch, heads, seqlen, head_dim), top-left aligned
-    `is_causal`. The kernels serve 4-D float16/bfloat16 CUDA inputs of a registered head_dim
-    without `attn_mask` or dropout; everything else goes to PyTorch's SDPA.
+    Same arguments, layout and semantics as PyTorch's SDPA (top-left aligned
+    `is_causal`), and the same answer: a call the kernels serve returns what SDPA returns
+    (within SDPA's own rounding), every other call is handed to SDPA itself, so what it
+    accepts (any rank >= 2, broadcast batch dims, masks, dropout, any scale) gives its
+    result and what it rejects raises its exception.
+
+    The kernels serve 4-D float16/bfloat16 CUDA inputs of a registered head_dim (value's
+    equal to query's) with one batch size, `num_heads` equal to `num_kv_heads` or a
+    multiple with `enable_gqa`, no `attn_mask`, `dropout_p=0`, a finite `scale > 0` or
+    None, and no input that requires grad. CPU tensors that do not require grad go to
+    SDPA as the documented CPU path (not a fallback); any other call SDPA answers is a
+    fallback: logged once per reason, or `UnsupportedError` under `SPARSEK_STRICT=1`,
+    raised after SDPA has checked the arguments (inputs that require grad count as a
+    fallback on every device: see `sparsek.routing`).
 
     Args:
-        query: (batch, num_heads, seqlen_q, head_dim).
-        key: (batch, num_kv_heads, seqlen_k, head_dim).
-        value: (batch, num_kv_heads, seqlen_k, head_dim_v).
-        attn_mask: boolean or additive mask broadcastable to (batch, num_heads, seqlen_q,
-            seqlen_k), or None. Any mask falls back to PyTorch.
-        dropout_p: dropout probability in [0, 1); > 0 falls back to PyTorch.
+        query: (..., num_heads, seqlen_q, head_dim); the kernels: (batch, num_heads,
+            seqlen_q, head_dim).
+        key: (..., num_kv_heads, seqlen_k, head_dim).
+        value: (..., num_kv_heads, seqlen_k, head_dim_v).
+        attn_mask: boolean or additive mask broadcastable to (..., num_heads, seqlen_q,
+            seqlen_k), or None. Any mask goes to PyTorch.
+        dropout_p: dropout probability; > 0 goes to PyTorch.
         is_causal: top-left aligned causal mask (query i sees key j iff j <= i).
-        scale: multiplier of query key^T; finite and > 0; 1/sqrt(head_dim) when None.
+        scale: multiplier of query key^T; 1/sqrt(head_dim) when None.
         enable_gqa: allow num_kv_heads < num_heads (num_heads must be a multiple).
 
     Returns:
-        (batch, num_heads, seqlen_q, head_dim_v), dtype of query.
+        (..., num_heads, seqlen_q, head_dim_v), dtype of query.
 
     Raises:
-        TypeError: a tensor argument is not a tensor or not floating point, `attn_mask` is
-            neither a tensor nor None, a flag is not a bool, or a number is not a real number.
-        ValueError: wrong rank or mismatched shapes/dtypes/devices, num_heads != num_kv_heads
-            without `enable_gqa`, `attn_mask` together with `is_causal`, `dropout_p`
-            outside [0, 1), or a non-finite or non-positive `scale`.
-        UnsupportedError: no kernel fits and `SPARSEK_STRICT=1` forbids the fallback.
+        RuntimeError, TypeError: whatever PyTorch's SDPA raises for arguments it rejects
+            (mismatched shapes, dtypes or devices, a flag that is not a bool, ...).
+        UnsupportedError: the kernels do not serve the call and `SPARSEK_STRICT=1`
+            forbids the fallback.
     """
     signature = None
     if attn_mask is None and type(dropout_p) is float and dropout_p == 0.0:
@@ -143,54 +168,31 @@ def scaled_dot_product_attention(
     if plan is not None:  # this signature passed every check below before
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         return dense.run_dense(plan, q, k, v, False)[0].transpose(1, 2)
-    check_flag("is_causal", is_causal)
-    check_flag("enable_gqa", enable_gqa)
-    if attn_mask is not None and not isinstance(attn_mask, Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask is not None and is_causal:
-        raise ValueError("attn_mask and is_causal=True cannot be combined; pass one of them")
-    check_dropout(dropout_p)
-    if any(isinstance(t, Tensor) and t.is_nested for t in (query, key, value)):
-        # PyTorch's SDPA serves some nested inputs; sparsek's kernels none.
-        fallback(("nested tensors are not supported by the kernels",))
+    path = Path.KERNELS
+    if isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor):
+        path = forward_path(query, key, value)
+    if path is Path.CPU:
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
             is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
         )  # fmt: skip
-    check_qkv(
-        ("query", "key", "value"),
-        query,
-        key,
-        value,
-        layout="(batch, heads, seqlen, head_dim)",
-        head_axis=1,
-        enable_gqa=enable_gqa,
-    )
-    head_dim = query.shape[-1]
-    resolved = resolve_scale("scale", scale, head_dim)
-
-    reasons: tuple[str, ...] = ()
-    if attn_mask is not None:
-        reasons = ("attn_mask tensors are not supported by the kernels",)
-    elif dropout_p > 0.0:
-        reasons = ("dropout_p > 0 is not supported by the kernels",)
+    if path is Path.AUTOGRAD:
+        reasons: tuple[str, ...] = (NEEDS_GRAD,)
     else:
-        reasons = dense_blockers(query, key, value, is_causal)
+        call = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        reasons = sdpa_blockers(*call) or dense_blockers(query, key, value, is_causal)
     if not reasons:
+        resolved = resolve_scale("scale", scale, query.shape[-1])
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         out = _run_kernels(_SERVED_SDPA, signature, q, k, v, is_causal, resolved, True)[0]
         return out.transpose(1, 2)
+    # PyTorch first: arguments it rejects raise its own error, never a fallback's.
+    result = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+        is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+    )  # fmt: skip
     fallback(reasons)
-    return F.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attn_mask,
-        dropout_p=dropout_p,
-        is_causal=is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-    )
+    return result
 
 
 # ---------------------------------------------------------------------------- dispatch

@@ -4,11 +4,12 @@
     out = sparsek.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
 
 On CUDA both run the sm90 kernels through the `sparsek::attention_varlen` and
-`sparsek::attention_with_kvcache` ops. CPU tensors take the documented torch reference
-(`sparsek.reference_varlen`); anything else no kernel serves (another device, inputs that
-require grad, head_dim_v != head_dim, an unregistered head_dim or dtype) also runs the
-reference: correct but slow, logged once per reason (`sparsek.routing`), and an
-`UnsupportedError` under `SPARSEK_STRICT=1`.
+`sparsek::attention_with_kvcache` ops. CPU tensors that do not require grad take the
+documented torch reference (`sparsek.reference_varlen`; not a fallback); anything else no
+kernel serves (inputs that require grad, on any device; another device, head_dim_v !=
+head_dim, an unregistered head_dim or dtype) also runs the reference: correct but slow,
+logged once per reason, and an `UnsupportedError` under `SPARSEK_STRICT=1` (the rule of
+every entry point: `sparsek.routing`).
 
 Validation reads shapes, dtypes and devices only, never tensor values (no host sync): the
 values of `cu_seqlens_*`, `cache_seqlens` and `block_table` are the caller's contract (the
@@ -32,7 +33,7 @@ from sparsek.reference_varlen import (
     reference_attention_varlen,
 )
 from sparsek.registry import mask_of
-from sparsek.routing import NEEDS_GRAD, needs_grad, plain_eager, route
+from sparsek.routing import NEEDS_GRAD, Path, forward_path, plain_eager, route
 from sparsek.validation import (
     check_attention_tensors,
     check_cache,
@@ -96,7 +97,9 @@ def attention_varlen(
             non-finite or non-positive `softmax_scale`. For CPU tensors also metadata values
             that contradict the shapes (decreasing offsets, offsets past the end, a
             max_seqlen below the longest sequence).
-        UnsupportedError: `SPARSEK_STRICT=1` and no kernel serves a non-CPU input.
+        UnsupportedError: `SPARSEK_STRICT=1` and no kernel serves the call: an input
+            requires grad (on any device, CPU included), or a non-CPU input no kernel
+            fits. CPU tensors without grad run the reference, never an error.
     """
     check_flag("causal", causal)
     check_flag("return_lse", return_lse)
@@ -112,10 +115,12 @@ def attention_varlen(
     check_max_seqlen("max_seqlen_k", max_seqlen_k)
     scale = resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
-    grad = needs_grad(q, k, v)
-    if q.device.type != "cpu":
-        route(NEEDS_GRAD if grad else launcher.kernel_config(q, v, mask_of(causal), PACKED))
-    if grad:
+    path = forward_path(q, k, v)
+    if path is Path.AUTOGRAD:
+        route(NEEDS_GRAD)
+    elif path is Path.KERNELS:
+        route(launcher.kernel_config(q, v, mask_of(causal), PACKED))
+    if path is Path.AUTOGRAD:
         # The op has no autograd formula; the reference itself is differentiable.
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
             check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -201,7 +206,9 @@ def attention_with_kvcache(
             negative `max_seqlen_q` or `num_splits`; a non-finite or non-positive
             `softmax_scale`. For CPU tensors also metadata values that contradict the
             shapes (cache_seqlens beyond the cache, block_table entries out of range).
-        UnsupportedError: `SPARSEK_STRICT=1` and no kernel serves a non-CPU input.
+        UnsupportedError: `SPARSEK_STRICT=1` and no kernel serves the call: an input
+            requires grad (on any device, CPU included), or a non-CPU input no kernel
+            fits. CPU tensors without grad run the reference, never an error.
     """
     check_flag("causal", causal)
     check_flag("return_lse", return_lse)
@@ -223,20 +230,20 @@ def attention_with_kvcache(
     scale = resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
 
     kv_args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q)
-    grad = needs_grad(q, k_cache, v_cache)
+    path = forward_path(q, k_cache, v_cache)
     plan: KvcachePlan | str | None = None
-    if grad:
+    if path is Path.AUTOGRAD:
         route(NEEDS_GRAD)
-    elif q.is_cuda and plain_eager(*(t for t in kv_args if t is not None)):
+    elif path is Path.KERNELS and q.is_cuda and plain_eager(*(t for t in kv_args if t is not None)):
         # Plain eager mode on CUDA: the request's launch plan (memoized per shape) both
         # answers whether a kernel serves it and runs it, past the dispatcher (see
         # `ops.call_attention`: that round trip is pure host overhead here).
         plan = kvcache.kvcache_plan(*kv_args, max_seqlen_q, causal, num_splits)
         route(plan)
-    elif q.device.type != "cpu":
+    elif path is Path.KERNELS:
         layout = kvcache.request_layout(k_cache, block_table, cu_seqlens_q)
         route(launcher.kernel_config(q, v_cache, mask_of(causal), layout))
-    if grad:
+    if path is Path.AUTOGRAD:
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
             check_kvcache_values(q, k_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q)
         out, lse = reference_attention_kvcache(

@@ -18,15 +18,19 @@ shared lock, so `prune`/`clear` in another process never delete a kernel between
 and its load. Readers verify the manifest's sha256: a corrupt
 entry is reported once (a `CacheWarning` and a log line) and rebuilt; an object without a
 manifest (a build killed before its end) and orphaned temporary files are removed and
-built again silently.
+built again silently. A build that raises (a rejected config, Ctrl-C) removes its entry
+before it lets go of the lock.
 
 A cache directory that cannot be written (read-only, full) is reported once per process
 (`CacheWarning`); kernels are then compiled into a private temporary directory, loaded and
-used as usual, but not kept.
+used as usual, but not kept. `compile_into_cache(..., require_disk=True)` (what
+`sparsek compile` calls: filling the cache is its purpose) raises `CacheUnwritableError`
+instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import logging
@@ -39,6 +43,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import platformdirs
 
 from cutedsl_kernels.config import KernelConfig
 from sparsek import cache_store
@@ -59,6 +65,7 @@ __all__ = [
     "CacheEntry",
     "CacheKey",
     "CacheStatus",
+    "CacheUnwritableError",
     "CacheWarning",
     "KernelCache",
     "PruneResult",
@@ -86,6 +93,11 @@ KernelFn = Callable[..., None]
 class CacheWarning(RuntimeWarning):
     """The disk cache is not used as intended: a corrupt entry is being rebuilt, or the
     cache directory cannot be written and kernels are compiled in memory."""
+
+
+class CacheUnwritableError(OSError):
+    """The cache directory cannot hold a kernel (read-only, full, not a directory) and the
+    caller asked for the disk entry itself (`compile_into_cache(..., require_disk=True)`)."""
 
 
 class CacheStatus(str, enum.Enum):
@@ -182,14 +194,13 @@ def _identity_fields(
 def cache_dir() -> Path:
     """Root of the on-disk cache.
 
-    `$SPARSEK_CACHE_DIR` if set, else `$XDG_CACHE_HOME/sparsek`, else `~/.cache/sparsek`.
+    `$SPARSEK_CACHE_DIR` if set, else the user's cache directory for "sparsek"
+    (platformdirs): `$XDG_CACHE_HOME/sparsek`, else `~/.cache/sparsek` on Linux.
     """
     explicit = os.environ.get(CACHE_ENV)
     if explicit:
         return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "sparsek"
+    return Path(platformdirs.user_cache_dir("sparsek", appauthor=False))
 
 
 def source_hash(files: Sequence[Path], dsl_version: str) -> str:
@@ -286,16 +297,23 @@ class KernelCache:
                 self._kernels[key] = fn
         return fn
 
-    def compile_into_cache(self, config: KernelConfig) -> CacheStatus:
+    def compile_into_cache(
+        self, config: KernelConfig, *, require_disk: bool = False
+    ) -> CacheStatus:
         """Make sure `config` has a valid disk entry, without loading it (no GPU needed).
 
-        Returns `CacheStatus.UNCACHED` (after compiling) where the cache cannot be written.
+        Returns `CacheStatus.UNCACHED` (after compiling) where the cache cannot be written,
+        unless `require_disk`.
+
+        Raises:
+            CacheUnwritableError: `require_disk` and the cache cannot be written (raised
+                before compiling where the entry's directory cannot be made).
         """
         key = self.key(config)
-        if key in self._kernels:
+        if key in self._kernels and not require_disk:
             return CacheStatus.MEMORY
         with self._lock:
-            _, status = self._obtain(key, load=False)
+            _, status = self._obtain(key, load=False, in_memory=not require_disk)
         return status
 
     def list_entries(self) -> list[CacheEntry]:
@@ -314,10 +332,13 @@ class KernelCache:
             self._kernels.clear()
             return self.prune(everything=True).removed
 
-    def _obtain(self, key: CacheKey, load: bool) -> tuple[KernelFn | None, CacheStatus]:
+    def _obtain(
+        self, key: CacheKey, load: bool, in_memory: bool = True
+    ) -> tuple[KernelFn | None, CacheStatus]:
         """The kernel of `key` (loaded if `load`) and how it was obtained. A valid entry is
         checked and loaded under its shared lock, a missing or broken one built and loaded
-        under its exclusive lock: nobody removes it in between."""
+        under its exclusive lock: nobody removes it in between. Where the cache cannot be
+        written, the kernel is compiled in memory, or (not `in_memory`) that is raised."""
         entry = self.entry_dir(key)
         expected = key.fields()
         try:
@@ -325,12 +346,27 @@ class KernelCache:
                 if cache_store.verify(entry, expected) is None:
                     return self._load(key, entry, load), CacheStatus.DISK
             with cache_store.locked(entry):
-                status = self._build_unless_valid(key, entry, expected)
+                try:
+                    status = self._build_unless_valid(key, entry, expected)
+                except BaseException:  # a rejected config, Ctrl-C: leave no unfinished entry
+                    if cache_store.verify(entry, expected) is not None:
+                        _remove_unfinished(entry)
+                    raise
                 return self._load(key, entry, load), status
         except _StoreFailed as failed:
+            if not in_memory:
+                raise self._unwritable(failed.cause) from failed.cause
             return self._in_memory(key, failed.compiled, load, failed.cause)
         except cache_store.CacheDirError as exc:  # no entry directory or lock file
+            if not in_memory:
+                raise self._unwritable(exc) from exc
             return self._in_memory(key, None, load, exc)
+
+    def _unwritable(self, cause: BaseException) -> CacheUnwritableError:
+        return CacheUnwritableError(
+            f"the kernel cache {self.root} cannot be written ({cause}); make it writable, "
+            f"or set ${CACHE_ENV} to a writable directory"
+        )
 
     def _load(self, key: CacheKey, entry: Path, load: bool) -> KernelFn | None:
         return self.toolchain.load(str(entry / OBJECT_NAME), key.function_name) if load else None
@@ -415,6 +451,20 @@ class KernelCache:
         )
 
 
+def _remove_unfinished(entry: Path) -> None:
+    """Remove what a build that did not finish left in `entry` (object, manifest, temporary
+    files), then its lock file and directory; the caller holds the exclusive lock. Best
+    effort: a read-only directory keeps them (the next build removes them)."""
+    with contextlib.suppress(OSError):
+        for name in (MANIFEST_NAME, OBJECT_NAME):
+            (entry / name).unlink(missing_ok=True)
+        cache_store.remove_temp_files(entry)
+        # A process waiting for this lock finds its file gone and makes a new one
+        # (`cache_store.locked`), as after `prune`.
+        (entry / LOCK_NAME).unlink(missing_ok=True)
+        entry.rmdir()
+
+
 _warned: set[str] = set()
 
 
@@ -439,9 +489,13 @@ def get_kernel(config: KernelConfig) -> KernelFn:
     return _default.get_kernel(config)
 
 
-def compile_into_cache(config: KernelConfig) -> CacheStatus:
-    """Compile `config` into the default disk cache if needed (no GPU needed)."""
-    return _default.compile_into_cache(config)
+def compile_into_cache(config: KernelConfig, *, require_disk: bool = False) -> CacheStatus:
+    """Compile `config` into the default disk cache if needed (no GPU needed).
+
+    Raises:
+        CacheUnwritableError: `require_disk` and the cache cannot be written.
+    """
+    return _default.compile_into_cache(config, require_disk=require_disk)
 
 
 def list_entries() -> list[CacheEntry]:

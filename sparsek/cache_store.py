@@ -184,6 +184,14 @@ def is_temp_file(name: str) -> bool:
     return name.startswith(TEMP_PREFIXES)
 
 
+# Why fcntl.flock and not the `filelock` package (which the cache would otherwise use):
+# loaders take a shared lock beside the builders' and prune's exclusive one, also on a
+# lock file opened read-only (a cache on a read-only mount); prune deletes the lock file
+# of an entry it removes while others wait on it (they notice and open the new one); a
+# killed holder's lock goes with its process. filelock's FileLock (flock) is exclusive
+# only; its ReadWriteLock (>= 3.21) keeps the lock in an SQLite database, which refuses a
+# read-only file and must not be deleted under its holders; its SoftReadWriteLock (marker
+# files for NFS) keeps a killed holder's lock until its lease expires (90 s by default).
 @contextlib.contextmanager
 def locked(entry: Path, *, shared: bool = False, wait: bool = True) -> Iterator[bool]:
     """Hold the entry's lock while the block runs; yields whether it is held.

@@ -1,103 +1,287 @@
-"""Command line: `python -m sparsek {compile,info,cache,demo}`.
+"""Command line: `sparsek COMMAND` (console script), or `python -m sparsek COMMAND`.
 
-- compile [--arch sm_90a]: compile every registered config for the arch into the cache
-  (`sparsek.precompile`).
-- info: GPU, versions, toolchain identity, support matrix, cache directory and size.
+- compile [--arch sm_90a] [--head-dim D..] [--dtype T..] [--path P..] [--jobs N] [-v]:
+  compile the registered kernels (all, or those the filters select) into the cache
+  (`sparsek.precompile`); a progress bar; Ctrl-C stops cleanly; a cache directory that
+  cannot be written is an error.
+- info [--json]: versions, toolchain identity, GPUs, the support matrix (arch x head dim x
+  dtype x path x mask) and a summary of the cache.
 - cache list: every entry with its arch, size, age and state (current, stale, unfinished,
   corrupt); stale entries were made by another DSL, toolchain or kernel source.
 - cache prune [--all]: remove stale, unfinished and corrupt entries (`--all`: every entry).
 - cache clear: the same as `cache prune --all`. Only entries sparsek wrote are removed
   (the cache directory may be shared), each under its lock; entries in use are left alone.
 - demo: on a GPU, check against the reference and time vs torch SDPA; without one,
-  compile the kernels for sm_90a and run the CPU reference path.
+  compile the kernels the demo shows for sm_90a and compare the CPU reference path with
+  torch SDPA.
+- validate: the demo's correctness check alone (no timing, no compiling ahead); exit
+  status 0 when it passes, 1 when not.
+
+Start-up imports the standard library and `sparsek.__version__` only: `--help`, `--version`
+and argument errors never import torch (2-4 s); each command imports what it uses.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-import time
+import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
+from sparsek import __version__
 
-from sparsek import __version__, cache, registry
-from sparsek.precompile import precompile
+if TYPE_CHECKING:
+    from sparsek import cache
 
 DEFAULT_ARCH = "sm_90a"
+# The kernels' element types and the paths of `sparsek.precompile.PATHS` (kept here so that
+# building the parser imports nothing; tests/test_cli.py checks they agree).
+DTYPES = ("float16", "bfloat16")
+PATHS = ("dense", "varlen", "kvcache", "paged")
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    # torch warns at import where numpy is missing (sparsek never needs it): not this
+    # command's business. The filter holds in this process only, never in a user's program.
+    warnings.filterwarnings("ignore", "Failed to initialize NumPy", UserWarning)
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "compile":
-        return precompile(args.arch or registry.detect_arch() or DEFAULT_ARCH)
-    if args.command == "info":
-        return cmd_info()
-    if args.command == "cache":
-        if args.action == "list":
-            return cmd_cache_list()
-        return cmd_cache_prune(everything=args.action == "clear" or args.all)
-    if args.command == "demo":
-        from sparsek.demo import run_demo
-
-        return run_demo()
-    parser.print_help()
-    return 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sparsek", description="sparsek command line")
-    sub = parser.add_subparsers(dest="command")
-    p_compile = sub.add_parser("compile", help="compile every registered kernel for an arch")
-    p_compile.add_argument(
-        "--arch", help=f"target, e.g. sm_90a (default: this GPU, else {DEFAULT_ARCH})"
+    parser = argparse.ArgumentParser(
+        prog="sparsek",
+        description="sparsek: fused attention kernels for NVIDIA Hopper (CuTe DSL).",
+        epilog="`python -m sparsek` takes the same commands.",
     )
-    sub.add_parser("info", help="GPU, versions, support matrix and cache")
+    parser.add_argument("--version", action="version", version=f"sparsek {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_compile = sub.add_parser(
+        "compile",
+        help="compile kernels into the cache (all registered ones, or those selected)",
+        description="Compile the registered kernels of an architecture into the kernel "
+        "cache (no GPU needed). Filters combine: --head-dim 128 --dtype bfloat16 compiles "
+        "the bfloat16 d128 kernels of every path.",
+    )
+    p_compile.add_argument(
+        "--arch", help=f"target, e.g. sm_90a (default: this GPU's, else {DEFAULT_ARCH})"
+    )
+    p_compile.add_argument(
+        "--head-dim", type=int, nargs="+", action="extend", metavar="D", help="only these"
+    )
+    p_compile.add_argument(
+        "--dtype",
+        nargs="+",
+        action="extend",
+        choices=DTYPES,
+        metavar="T",
+        help=f"only these element types ({', '.join(DTYPES)})",
+    )
+    p_compile.add_argument(
+        "--path",
+        nargs="+",
+        action="extend",
+        choices=PATHS,
+        metavar="P",
+        help="only the kernels of these paths: dense (attention, the SDPA drop-in), varlen "
+        "(attention_varlen), kvcache and paged (attention_with_kvcache: contiguous, paged)",
+    )
+    p_compile.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="compile in N processes (default 1; 0: one per CPU)",
+    )
+    p_compile.add_argument("-v", "--verbose", action="store_true", help="one line per kernel")
+    p_compile.set_defaults(run=_cmd_compile)
+
+    p_info = sub.add_parser("info", help="versions, GPUs, support matrix, cache summary")
+    p_info.add_argument("--json", action="store_true", help="one JSON object, for machines")
+    p_info.set_defaults(run=lambda args: cmd_info(as_json=args.json))
+
     p_cache = sub.add_parser("cache", help="list and remove kernel cache entries")
-    actions = p_cache.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="every entry: arch, size, age, current or stale")
+    actions = p_cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p_list = actions.add_parser("list", help="every entry: arch, size, age, current or stale")
+    p_list.set_defaults(run=lambda args: cmd_cache_list())
     p_prune = actions.add_parser("prune", help="remove stale, unfinished and corrupt entries")
     p_prune.add_argument("--all", action="store_true", help="remove every entry sparsek wrote")
-    actions.add_parser("clear", help="remove every entry sparsek wrote (prune --all)")
-    sub.add_parser("demo", help="check and time the kernels (or the reference without a GPU)")
+    p_prune.set_defaults(run=lambda args: cmd_cache_prune(everything=args.all))
+    p_clear = actions.add_parser("clear", help="remove every entry sparsek wrote (prune --all)")
+    p_clear.set_defaults(run=lambda args: cmd_cache_prune(everything=True))
+
+    p_demo = sub.add_parser("demo", help="check and time the kernels (the reference on CPU)")
+    p_demo.set_defaults(run=_cmd_demo)
+    p_validate = sub.add_parser(
+        "validate", help="the demo's correctness check alone; exit status 0 or 1"
+    )
+    p_validate.set_defaults(run=_cmd_validate)
     return parser
 
 
-def cmd_info() -> int:
-    """Print GPU, versions, the support matrix and the cache's size."""
-    from cutedsl_kernels.build import dsl_version, toolchain_identity
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sparsek.demo import run_demo
 
-    print(f"sparsek {__version__}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, DSL {dsl_version()}")
-    identity = ", ".join(f"{k}={v or '-'}" for k, v in toolchain_identity().items())
-    print(f"toolchain (part of every kernel's cache key): {identity}")
+    return run_demo()
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from sparsek.demo import run_validate
+
+    return run_validate()
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    import os
+
+    from sparsek import precompile, registry
+
+    arch = args.arch or registry.detect_arch() or DEFAULT_ARCH
+    known = registry.registered_arches()
+    if arch not in known:
+        print(f"no kernels registered for {arch} (registered: {', '.join(known)})")
+        return 1
+    configs = precompile.select_kernels(
+        arch, head_dims=args.head_dim, dtypes=args.dtype, paths=args.path
+    )
+    if not configs:
+        dims = ", ".join(str(d) for d in registry.registered_head_dims(arch))
+        print(f"no kernel of {arch} matches the filters (registered head dims: {dims})")
+        return 1
+    jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
+    return precompile.precompile(arch, configs, jobs=jobs, verbose=args.verbose)
+
+
+def info_report() -> dict[str, Any]:
+    """What `info` prints, as JSON-ready data (`info --json`).
+
+    "support" has one row per (arch, head_dim, dtype): its kernel count and, per path
+    (`sparsek.precompile.PATHS`), the masks its kernels take.
+    """
+    import platform
+
+    import torch
+
+    from cutedsl_kernels.build import dsl_version, toolchain_identity
+    from cutedsl_kernels.config import FmhaFwdConfig
+    from sparsek import cache, precompile, registry
+
+    gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             cap = torch.cuda.get_device_capability(i)
-            arch = registry.arch_from_capability(cap)
-            print(f"GPU {i}: {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]} -> {arch})")
-    else:
-        print("GPU: none (CUDA not available); kernels can still be compiled for sm_90a")
-    print(f"selected arch: {registry.detect_arch() or '-'} (override: ${registry.ARCH_ENV})")
-    print("\nsupport matrix (dtype: float16, bfloat16; causal and non-causal):")
-    print(f"  {'arch':<9} {'head_dim':<9} {'tile_m':>6} {'tile_n':>6} {'stages':>6}")
+            gpus.append(
+                {
+                    "index": i,
+                    "name": torch.cuda.get_device_name(i),
+                    "capability": f"{cap[0]}.{cap[1]}",
+                    "arch": registry.arch_from_capability(cap),
+                }
+            )
+    support: dict[tuple[str, int, str], dict[str, Any]] = {}
+    registered: dict[str, set[str]] = {}
     for arch in registry.registered_arches():
-        for config in registry.registered_configs(arch):
-            if config.dtypes.qk == "float16" and not config.mask.causal:
-                print(
-                    f"  {arch:<9} {config.head_dim:<9} {config.tile_m:>6} {config.tile_n:>6}"
-                    f" {config.num_stages:>6}"
-                )
-    print(f"\ncache: {_cache_summary(cache.list_entries())}")
-    print("  (`python -m sparsek cache list` lists the entries, `cache prune` removes stale ones)")
+        configs = registry.registered_kernels(arch)
+        registered[arch] = {cache.default_cache().key(c).function_name for c in configs}
+        for config in configs:
+            key = (arch, config.head_dim, precompile.kernel_dtype(config))
+            row = support.setdefault(key, {"kernels": 0, "paths": {}})
+            row["kernels"] += 1
+            for path in precompile.kernel_paths(config):
+                masks = row["paths"].setdefault(path, [])
+                if isinstance(config, FmhaFwdConfig) and config.mask.name not in masks:
+                    masks.append(config.mask.name)
+    entries = cache.list_entries()
+    current = {e.name for e in entries if e.state == "current"}
+    states = [e.state for e in entries]
+    return {
+        "sparsek": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dsl": dsl_version(),
+        "toolchain": toolchain_identity(),
+        "gpus": gpus,
+        "arch": registry.detect_arch(),
+        "paths": precompile.PATHS,
+        "support": [
+            {"arch": a, "head_dim": d, "dtype": t, **row} for (a, d, t), row in support.items()
+        ],
+        "cache": {
+            "dir": str(cache.cache_dir()),
+            "entries": len(entries),
+            "bytes": sum(e.disk_bytes for e in entries),
+            "states": {s: states.count(s) for s in sorted(set(states))},
+            "compiled": {
+                arch: {"current": len(names & current), "registered": len(names)}
+                for arch, names in registered.items()
+            },
+        },
+    }
+
+
+def cmd_info(as_json: bool = False) -> int:
+    """Print versions, GPUs, the support matrix and a summary of the cache."""
+    report = info_report()
+    if as_json:
+        import json
+
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"sparsek {report['sparsek']}")
+    print(f"python {report['python']}, torch {report['torch']}, DSL {report['dsl']}")
+    identity = ", ".join(f"{k}={v or '-'}" for k, v in report["toolchain"].items())
+    print(f"toolchain (part of every kernel's cache key): {identity}")
+    for gpu in report["gpus"]:
+        print(f"GPU {gpu['index']}: {gpu['name']} (sm_{gpu['capability']} -> {gpu['arch']})")
+    if not report["gpus"]:
+        print(f"GPU: none (CUDA not available); kernels can still be compiled for {DEFAULT_ARCH}")
+    print(f"selected arch: {report['arch'] or '-'} (override: $SPARSEK_ARCH)")
+    _print_support(report["support"], report["paths"])
+    summary = report["cache"]
+    states = ", ".join(f"{n} {s}" for s, n in summary["states"].items())
+    counts = f"{summary['entries']} entries, {_size(summary['bytes'])}"
+    print(f"\ncache: {summary['dir']} ({counts}{': ' + states if states else ''})")
+    for arch, compiled in summary["compiled"].items():
+        print(f"  {arch}: {compiled['current']} of {compiled['registered']} kernels compiled")
+    print("  (`sparsek cache list` lists the entries, `sparsek cache prune` removes stale ones)")
     return 0
+
+
+def _print_support(rows: list[dict[str, Any]], paths: dict[str, str]) -> None:
+    """The support matrix: a line per (arch, head_dim, dtype), the masks of each path."""
+    print("\nsupport matrix (masks per path; anything else falls back to torch SDPA):")
+    width = 14
+    head = "".join(f" {p:<{width}}" for p in paths)
+    print(f"  {'arch':<8} {'head_dim':>8}  {'dtype':<9}{head} {'kernels':>7}")
+    for row in rows:
+        cells = "".join(f" {', '.join(row['paths'].get(p, [])) or '-':<{width}}" for p in paths)
+        print(f"  {row['arch']:<8} {row['head_dim']:>8}  {row['dtype']:<9}{cells}", end="")
+        print(f" {row['kernels']:>7}")
+    print("  paths:")
+    for path, entry in paths.items():
+        print(f"    {path:<8} {entry}")
+    print("  masks: full = none; causal = bottom-right aligned (top-left in the SDPA drop-in)")
 
 
 def cmd_cache_list() -> int:
     """Print every entry of the cache: arch, size on disk, age, state, kernel."""
+    import time
+
+    from sparsek import cache
+
     entries = cache.list_entries()
     print(f"cache: {_cache_summary(entries)}")
     if entries:
@@ -112,6 +296,8 @@ def cmd_cache_list() -> int:
 
 def cmd_cache_prune(everything: bool) -> int:
     """Remove stale, unfinished and corrupt entries (every entry with `everything`)."""
+    from sparsek import cache
+
     root = cache.default_cache().root
     try:
         result = cache.prune(everything=everything)
@@ -125,6 +311,8 @@ def cmd_cache_prune(everything: bool) -> int:
 
 
 def _cache_summary(entries: Sequence[cache.CacheEntry]) -> str:
+    from sparsek import cache
+
     total = _size(sum(e.disk_bytes for e in entries))
     states = [e.state for e in entries]
     counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(sorted(states)))

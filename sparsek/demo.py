@@ -1,12 +1,20 @@
-"""`python -m sparsek demo`: a short, honest tour.
+"""`sparsek demo` and `sparsek validate`: a short, honest tour, and its check alone.
 
-With a CUDA GPU: sparsek.attention is checked against the float64 reference (next to
-torch SDPA's own error in the same dtype) and timed against torch SDPA (CUDA events,
-median of repeated runs after warm-up). This is a smoke test, not a benchmark: perf/ has those.
+Each shape runs `sparsek.attention` and torch's own SDPA
+(`torch.nn.functional.scaled_dot_product_attention`) on the same inputs, both compared
+with a float64 reference (`sparsek.reference`). sparsek passes when its error is within
+twice SDPA's plus a small atol: `max|out - ref| <= 2 * max|sdpa - ref| + atol`.
 
-Without a GPU: the kernels are compiled for sm_90a (no GPU needed), and the CPU reference
-path of the `sparsek::attention` op is run and compared with torch SDPA on the CPU; no
-kernel is executed, and the demo says so.
+With a CUDA GPU: bfloat16 on the GPU's kernels, timed against torch SDPA (CUDA events,
+median of repeated runs after warm-up). A smoke test, not a benchmark: perf/ has those.
+
+Without a GPU: first the sm_90a kernels these shapes would run on a Hopper GPU (bfloat16)
+are compiled into the cache, with a progress bar (no GPU needed to compile; `sparsek
+compile` compiles every kernel); then float32 on the CPU, where `sparsek.attention` runs
+its reference path. No sparsek kernel is executed, and the demo says so.
+
+`validate` runs the same checks without timing and without compiling ahead; its exit
+status says whether they passed.
 """
 
 from __future__ import annotations
@@ -14,26 +22,62 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import sparsek
-from sparsek.precompile import precompile
+from cutedsl_kernels.config import FmhaFwdConfig
 from sparsek.reference import reference_attention
 
-# (batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim, causal)
+
+@dataclass(frozen=True)
+class Shape:
+    """One demo problem; tensors are (batch, seqlen, heads, head_dim)."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+
+    def row(self) -> str:
+        return (
+            f"{self.batch:>2} {self.seqlen_q:>5} {self.seqlen_k:>5} {self.heads:>3} "
+            f"{self.kv_heads:>3} {self.head_dim:>4} {self.causal!s:>6}"
+        )
+
+
+HEADER = f"{'B':>2} {'Sq':>5} {'Sk':>5} {'H':>3} {'Hkv':>3} {'D':>4} {'causal':>6}"
 GPU_SHAPES = [
-    (2, 1024, 1024, 16, 16, 128, False),
-    (2, 1024, 1024, 16, 16, 128, True),
-    (4, 2048, 2048, 16, 4, 64, True),
-    (1, 4096, 4096, 32, 8, 128, False),
+    Shape(2, 1024, 1024, 16, 16, 128, False),
+    Shape(2, 1024, 1024, 16, 16, 128, True),
+    Shape(4, 2048, 2048, 16, 4, 64, True),
+    Shape(1, 4096, 4096, 32, 8, 128, False),
 ]
 CPU_SHAPES = [
-    (1, 128, 128, 4, 4, 64, False),
-    (1, 129, 257, 4, 1, 64, True),
-    (2, 64, 64, 8, 2, 128, True),
+    Shape(1, 128, 128, 4, 4, 64, False),
+    Shape(1, 129, 257, 4, 1, 64, True),
+    Shape(2, 64, 64, 8, 2, 128, True),
 ]
+# atol of the check, per dtype: a rounding step of the output near 1.
+ATOL = {torch.bfloat16: 2e-3, torch.float32: 1e-5}
+CPU_ARCH = "sm_90a"  # what the CPU demo compiles for
+
+
+@dataclass
+class Case:
+    """One shape's inputs, its two runners and their errors against float64."""
+
+    shape: Shape
+    run_sparsek: Callable[[], torch.Tensor]
+    run_sdpa: Callable[[], torch.Tensor]
+    err: float
+    err_sdpa: float
+    ok: bool
 
 
 def run_demo() -> int:
@@ -43,45 +87,88 @@ def run_demo() -> int:
     return _cpu_demo()
 
 
-def _gpu_demo() -> int:
-    device = torch.cuda.get_device_name()
-    print(f"sparsek {sparsek.__version__} demo on {device} (bfloat16)")
-    header = f"{'B':>2} {'Sq':>5} {'Sk':>5} {'H':>3} {'Hkv':>3} {'D':>4} {'causal':>6} "
-    print(header + f"{'err sparsek':>12} {'err sdpa':>10} {'ms sparsek':>11} {'ms sdpa':>9}")
+def run_validate() -> int:
+    """The demo's correctness check alone (no timing, no compiling ahead): 0 when every
+    shape passes, 1 when not."""
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    where = torch.cuda.get_device_name() if cuda else "the CPU (reference path)"
+    print(f"sparsek {sparsek.__version__} validate on {where}, {_name(dtype)}")
+    return 0 if check_table(GPU_SHAPES if cuda else CPU_SHAPES, device, dtype) else 1
+
+
+def check_table(
+    shapes: list[Shape],
+    device: str,
+    dtype: torch.dtype,
+    timer: Callable[[Callable[[], torch.Tensor]], float] | None = None,
+) -> bool:
+    """Print a row per shape (errors, times with a `timer`, the check) and the verdict;
+    returns whether every shape passed."""
+    timing = f" {'ms sparsek':>11} {'ms sdpa':>9}" if timer else ""
+    print(f"{HEADER} {'err sparsek':>12} {'err sdpa':>10}{timing}  check")
     ok = True
-    for b, sq, sk, h, hkv, d, causal in GPU_SHAPES:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (
-            torch.randn(b, s, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-            for s, n in ((sq, h), (sk, hkv), (sk, hkv))
+    for shape in shapes:
+        case = make_case(shape, device, dtype)
+        ok &= case.ok
+        times = f" {timer(case.run_sparsek):>11.3f} {timer(case.run_sdpa):>9.3f}" if timer else ""
+        verdict = "ok" if case.ok else "FAILED"
+        print(f"{shape.row()} {case.err:>12.2e} {case.err_sdpa:>10.2e}{times}  {verdict}")
+    print(_verdict(ok, dtype))
+    return ok
+
+
+def make_case(shape: Shape, device: str, dtype: torch.dtype) -> Case:
+    """Inputs of `shape` (seeded), both runners, and the check of their first outputs."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (
+        torch.randn(shape.batch, s, n, shape.head_dim, device=device, dtype=dtype, generator=gen)
+        for s, n in (
+            (shape.seqlen_q, shape.heads),
+            (shape.seqlen_k, shape.kv_heads),
+            (shape.seqlen_k, shape.kv_heads),
         )
-        ref, _ = reference_attention(q, k, v, causal=causal, compute_dtype=torch.float64)
+    )
+    exact, _ = reference_attention(q, k, v, causal=shape.causal, compute_dtype=torch.float64)
 
-        def run_sparsek(
-            q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v, causal: bool = causal
-        ) -> torch.Tensor:
-            out = sparsek.attention(q, k, v, causal=causal)
-            assert isinstance(out, torch.Tensor)
-            return out
+    def run_sparsek() -> torch.Tensor:
+        out = sparsek.attention(q, k, v, causal=shape.causal)
+        assert isinstance(out, torch.Tensor)
+        return out
 
-        def run_sdpa(
-            q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v, causal: bool = causal
-        ) -> torch.Tensor:
-            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-            gqa = qt.shape[1] != kt.shape[1]
-            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=gqa)
-            return out.transpose(1, 2)
+    run_sdpa = _torch_sdpa(q, k, v, shape.causal)
+    err = (run_sparsek().double() - exact).abs().max().item()
+    err_sdpa = (run_sdpa().double() - exact).abs().max().item()
+    ok = err <= 2 * err_sdpa + ATOL[dtype]
+    return Case(shape, run_sparsek, run_sdpa, err, err_sdpa, ok)
 
-        err = (run_sparsek().double() - ref).abs().max().item()
-        err_sdpa = (run_sdpa().double() - ref).abs().max().item()
-        ok &= err <= 2 * err_sdpa + 2e-3
-        ms, ms_sdpa = _cuda_ms(run_sparsek), _cuda_ms(run_sdpa)
-        print(
-            f"{b:>2} {sq:>5} {sk:>5} {h:>3} {hkv:>3} {d:>4} {causal!s:>6} "
-            f"{err:>12.2e} {err_sdpa:>10.2e} {ms:>11.3f} {ms_sdpa:>9.3f}"
+
+def _torch_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> Callable[[], torch.Tensor]:
+    """torch SDPA on (batch, seqlen, heads, head_dim) inputs, causal aligned bottom-right
+    like sparsek's (SDPA's `is_causal` is top-left: the same only where Sq == Sk)."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    mask = None
+    if causal and seqlen_q != seqlen_k:
+        visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+        mask = visible.tril(diagonal=seqlen_k - seqlen_q)
+    is_causal = causal and mask is None
+    gqa = qt.shape[1] != kt.shape[1]
+
+    def run() -> torch.Tensor:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
         )
-    print("correctness:", "OK" if ok else "FAILED (error above 2x SDPA's + 2e-3)")
-    return 0 if ok else 1
+        return out.transpose(1, 2)
+
+    return run
+
+
+def _gpu_demo() -> int:
+    print(f"sparsek {sparsek.__version__} demo on {torch.cuda.get_device_name()} (bfloat16)")
+    return 0 if check_table(GPU_SHAPES, "cuda", torch.bfloat16, _cuda_ms) else 1
 
 
 def _cuda_ms(fn: Callable[[], torch.Tensor], warmup: int = 5, reps: int = 30) -> float:
@@ -99,48 +186,33 @@ def _cuda_ms(fn: Callable[[], torch.Tensor], warmup: int = 5, reps: int = 30) ->
     return statistics.median(times)
 
 
+def demo_kernels() -> list[FmhaFwdConfig]:
+    """The sm_90a kernels `CPU_SHAPES` would run on a Hopper GPU in bfloat16 (each distinct
+    (head_dim, mask) once)."""
+    from sparsek import registry
+
+    wanted = dict.fromkeys((s.head_dim, s.causal) for s in CPU_SHAPES)
+    return [
+        registry.lookup(CPU_ARCH, head_dim, torch.bfloat16, registry.mask_of(causal))
+        for head_dim, causal in wanted
+    ]
+
+
 def _cpu_demo() -> int:
-    print("No CUDA GPU here: compiling the sm_90a kernels (no GPU needed to compile),")
-    print("then running the CPU reference path. No sparsek kernel is executed on this machine.\n")
-    compile_rc = precompile("sm_90a")
-    print("\nCPU reference path (torch.ops.sparsek.attention on CPU = float32 reference)")
-    print("vs torch SDPA on the CPU, float32; errors against a float64 reference:")
-    header = f"{'B':>2} {'Sq':>5} {'Sk':>5} {'H':>3} {'Hkv':>3} {'D':>4} {'causal':>6} "
-    print(header + f"{'err ref-op':>11} {'err sdpa':>10} {'ms ref-op':>10} {'ms sdpa':>8}")
-    for b, sq, sk, h, hkv, d, causal in CPU_SHAPES:
-        gen = torch.Generator().manual_seed(0)
-        q, k, v = (
-            torch.randn(b, s, n, d, generator=gen) for s, n in ((sq, h), (sk, hkv), (sk, hkv))
-        )
-        exact, _ = reference_attention(q, k, v, causal=causal, compute_dtype=torch.float64)
-        scale = d**-0.5
+    from sparsek.precompile import INTERRUPTED, precompile
 
-        def run_op(
-            q: torch.Tensor = q,
-            k: torch.Tensor = k,
-            v: torch.Tensor = v,
-            causal: bool = causal,
-            scale: float = scale,
-        ) -> torch.Tensor:
-            out: torch.Tensor = torch.ops.sparsek.attention(q, k, v, causal, scale, False)[0]
-            return out
-
-        def run_sdpa(
-            q: torch.Tensor = q, k: torch.Tensor = k, v: torch.Tensor = v, causal: bool = causal
-        ) -> torch.Tensor:
-            out = sparsek.attention(q, k, v, causal=causal)  # CPU: falls back to torch SDPA
-            assert isinstance(out, torch.Tensor)
-            return out
-
-        err = (run_op().double() - exact).abs().max().item()
-        err_sdpa = (run_sdpa().double() - exact).abs().max().item()
-        print(
-            f"{b:>2} {sq:>5} {sk:>5} {h:>3} {hkv:>3} {d:>4} {causal!s:>6} "
-            f"{err:>11.2e} {err_sdpa:>10.2e} {_cpu_ms(run_op):>10.3f} {_cpu_ms(run_sdpa):>8.3f}"
-        )
+    print("No CUDA GPU here: compiling the sm_90a kernels these shapes would run on a Hopper")
+    print("GPU (no GPU needed to compile; `sparsek compile` compiles all of them), then")
+    print("running the CPU reference path. No sparsek kernel is executed on this machine.\n")
+    compile_rc = precompile(CPU_ARCH, demo_kernels())
+    if compile_rc == INTERRUPTED:
+        return compile_rc
+    print("\nsparsek.attention on the CPU (its float32 reference path) vs torch SDPA on the")
+    print("CPU, float32; errors against a float64 reference:")
+    ok = check_table(CPU_SHAPES, "cpu", torch.float32, _cpu_ms)
     if compile_rc:
-        print("\nkernel compilation FAILED for at least one config (see above)")
-    return compile_rc
+        print("kernel compilation FAILED (see above)")
+    return 1 if compile_rc or not ok else 0
 
 
 def _cpu_ms(fn: Callable[[], torch.Tensor], reps: int = 5) -> float:
@@ -151,3 +223,12 @@ def _cpu_ms(fn: Callable[[], torch.Tensor], reps: int = 5) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def _verdict(ok: bool, dtype: torch.dtype) -> str:
+    rule = f"error within 2x torch SDPA's + {ATOL[dtype]:g}"
+    return f"correctness: {'OK' if ok else 'FAILED'} ({rule})"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -28,6 +28,8 @@ import math
 import torch
 from torch import Tensor
 
+from sparsek.validation import bad_entries
+
 
 def reference_attention_varlen(
     q: Tensor,
@@ -188,15 +190,23 @@ def check_kvcache_values(
         block_size = k_cache.shape[1]
         capacity = block_table.shape[1] * block_size
         where = f"block_table max_blocks={block_table.shape[1]} x block_size={block_size}"
-    if bool((lens < 0).any()) or bool((lens > capacity).any()):
-        raise ValueError(f"cache_seqlens={lens.tolist()} must lie in [0, {capacity}] ({where})")
+    outside = (lens < 0) | (lens > capacity)
+    if bool(outside.any()):
+        raise ValueError(
+            f"cache_seqlens must lie in [0, {capacity}] ({where}); outside it: "
+            + bad_entries("cache_seqlens", lens, outside)
+        )
     if block_table is not None:
         used = _used_blocks(lens, block_table.shape[1], k_cache.shape[1])
-        entries = block_table.long()[used]
-        if bool(((entries < 0) | (entries >= k_cache.shape[0])).any()):
+        entries = block_table.long()
+        outside = used & ((entries < 0) | (entries >= k_cache.shape[0]))
+        if bool(outside.any()):
+            listing = bad_entries(
+                "block_table", entries, outside, of=int(used.sum()), counted="entries in use"
+            )
             raise ValueError(
                 "block_table entries of the blocks in use must lie in "
-                f"[0, num_blocks={k_cache.shape[0]}), got {sorted(set(entries.tolist()))}"
+                f"[0, num_blocks={k_cache.shape[0]}); outside it: {listing}"
             )
     if cu_seqlens_q is not None and max_seqlen_q is not None:
         _check_offsets("cu_seqlens_q", cu_seqlens_q, "q", q.shape[0], "max_seqlen_q", max_seqlen_q)
@@ -207,8 +217,13 @@ def _check_offsets(
 ) -> None:
     offsets = cu.long()
     lens = offsets[1:] - offsets[:-1]
-    if bool((offsets < 0).any()) or bool((lens < 0).any()):
-        raise ValueError(f"{name} must be non-negative and non-decreasing, got {offsets.tolist()}")
+    bad = offsets < 0
+    bad[1:] |= lens < 0  # an entry below the one before it
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must be non-negative and non-decreasing; negative or below the entry "
+            f"before: {bad_entries(name, offsets, bad)}"
+        )
     if offsets.numel() and int(offsets[-1]) > total:
         raise ValueError(f"{name}[-1]={int(offsets[-1])} exceeds the {total} rows of {target}")
     longest = int(lens.max()) if lens.numel() else 0

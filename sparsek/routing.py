@@ -1,10 +1,22 @@
 """Kernel or fallback: whether sparsek's kernels serve a checked request, and what happens
 when they do not.
 
-A request the kernels cannot serve (another device, inputs that require grad, an
-unregistered head dim or dtype, ...) falls back: dense calls to PyTorch's SDPA, the varlen
-and KV-cache calls to the torch reference. Each distinct reason is logged once; with
-`SPARSEK_STRICT=1` in the environment a fallback raises `UnsupportedError` instead.
+One rule for CPU tensors and inputs that require grad, shared by every entry point
+(`attention`, `scaled_dot_product_attention`, `attention_varlen`, `attention_with_kvcache`;
+`forward_path`):
+
+  * an input requires grad (and grad mode is on): a fallback on every device, CPU included,
+    because the kernels and the torch ops are forward only. A differentiable torch path
+    runs; the reason is `NEEDS_GRAD`.
+  * otherwise CPU tensors take the documented CPU path (the torch reference; the SDPA
+    drop-in: PyTorch's SDPA), which is not a fallback: nothing is logged and
+    `SPARSEK_STRICT=1` does not refuse it.
+  * otherwise the kernels are asked; a request they cannot serve (another device, an
+    unregistered head dim or dtype, an `attn_mask`, ...) falls back: dense calls to
+    PyTorch's SDPA, the varlen and KV-cache calls to the torch reference.
+
+Each distinct fallback reason is logged once; with `SPARSEK_STRICT=1` in the environment a
+fallback raises `UnsupportedError` instead.
 
 Under torch.compile the decision is made at trace time from constants
 (`registry_blockers` is an `assume_constant_result`), so it does not break graphs.
@@ -12,9 +24,12 @@ Under torch.compile the decision is made at trace time from constants
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
+import math
 import os
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
@@ -78,6 +93,30 @@ def needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+class Path(enum.Enum):
+    """Where a checked request goes first (`choose_path`)."""
+
+    KERNELS = "kernels"  # ask the kernels; a fallback when none serves the request
+    CPU = "cpu"  # the documented CPU path: not a fallback
+    AUTOGRAD = "autograd"  # an input requires grad: a differentiable torch path, a fallback
+
+
+def choose_path(device_type: str, grad: bool) -> Path:
+    """The rule every entry point applies to CPU tensors and inputs that require grad
+    (see the module docstring); `grad`: `needs_grad` of the inputs. A pure function of
+    its arguments, so the CUDA answers are testable without a GPU."""
+    if grad:
+        return Path.AUTOGRAD
+    if device_type == "cpu":
+        return Path.CPU
+    return Path.KERNELS
+
+
+def forward_path(q: Tensor, *others: Tensor) -> Path:
+    """`choose_path` for these inputs: q's device, and whether any of them needs grad."""
+    return choose_path(q.device.type, needs_grad(q, *others))
+
+
 def plain_eager(*tensors: Tensor) -> bool:
     """Nothing can intercept an op call on these tensors: plain eager mode (no
     torch.compile tracing, no dispatch mode such as FakeTensor, profilers or export),
@@ -88,14 +127,23 @@ def plain_eager(*tensors: Tensor) -> bool:
 
 
 def dense_blockers(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[str, ...]:
-    """Why the kernels cannot serve these (validated) dense inputs; empty when they can."""
-    if q.device.type != "cuda":
-        return (f"device={q.device.type}: the kernels run on CUDA devices only",)
+    """Why the kernels cannot serve these (validated) dense inputs; empty when they can.
+    An input that requires grad is named before the device (`choose_path`'s order)."""
     if needs_grad(q, k, v):
         return (NEEDS_GRAD,)
+    if q.device.type != "cuda":
+        return (f"device={q.device.type}: the kernels run on CUDA devices only",)
+    return cuda_dense_blockers(q.device.index, q, v, causal)
+
+
+def cuda_dense_blockers(
+    device_index: int | None, q: Tensor, v: Tensor, causal: bool
+) -> tuple[str, ...]:
+    """`dense_blockers` for inputs without grad on CUDA device `device_index` (None: the
+    current one). Reads q's and v's shapes and dtype only, not their device."""
     if v.shape[-1] != q.shape[-1]:
         return (f"value head_dim={v.shape[-1]} differs from query head_dim={q.shape[-1]}",)
-    index = q.device.index if q.device.index is not None else -1
+    index = device_index if device_index is not None else -1
     if not torch.compiler.is_compiling():
         return _eager_registry_blockers(
             os.environ.get(ARCH_ENV), index, q.shape[-1], q.dtype, causal
@@ -104,6 +152,69 @@ def dense_blockers(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[str, 
         index, static_head_dim(q.shape[-1]), dtype_name(q.dtype), causal
     )
     return reasons
+
+
+def sdpa_blockers(
+    query: object,
+    key: object,
+    value: object,
+    attn_mask: object,
+    dropout_p: object,
+    is_causal: object,
+    scale: object,
+    enable_gqa: object,
+) -> tuple[str, ...]:
+    """Why the kernels cannot serve this call of the SDPA drop-in as PyTorch's SDPA would
+    answer it, judged from the arguments alone (grad, device and registry:
+    `forward_path`, `dense_blockers`); empty when the kernels' layout fits.
+
+    Never raises: arguments PyTorch rejects get a reason too. The drop-in hands every
+    call with a reason to PyTorch, which answers it or raises its own error.
+    """
+    if not (isinstance(query, Tensor) and isinstance(key, Tensor) and isinstance(value, Tensor)):
+        return ("query, key and value are not all tensors",)
+    q, k, v = query, key, value
+    if q.is_nested or k.is_nested or v.is_nested:
+        return ("nested tensors are not supported by the kernels",)
+    if any(t.layout is not torch.strided for t in (q, k, v)):
+        return ("the kernels read dense tensors only (layout torch.strided)",)
+    if attn_mask is not None:
+        return ("attn_mask tensors are not supported by the kernels",)
+    if not _real(dropout_p) or dropout_p != 0:
+        return (f"dropout_p={dropout_p!r}: the kernels do not apply dropout (supported: 0.0)",)
+    if type(is_causal) is not bool or type(enable_gqa) is not bool:
+        return ("is_causal and enable_gqa must be bools",)
+    if scale is not None and not (_real(scale) and math.isfinite(scale) and scale > 0):
+        return (f"scale={scale!r} (kernels: a finite float > 0, or None)",)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return (f"{_shapes(q, k, v)}: the kernels serve 4-D (batch, heads, seqlen, head_dim)",)
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        return ("query, key and value differ in dtype or device",)
+    if k.shape[0] != q.shape[0] or v.shape[:-1] != k.shape[:-1] or k.shape[-1] != q.shape[-1]:
+        return (
+            f"{_shapes(q, k, v)}: the kernels need one batch size, key and value alike but "
+            "for the last dim, and one head_dim for query and key",
+        )
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    if (
+        num_kv_heads == 0
+        or num_heads % num_kv_heads != 0
+        or (num_heads != num_kv_heads and not enable_gqa)
+    ):
+        return (
+            f"num_heads={num_heads} with num_kv_heads={num_kv_heads} (kernels: equal, or "
+            "a multiple with enable_gqa=True)",
+        )
+    return ()
+
+
+def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
+    return f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}"
+
+
+def _real(x: object) -> TypeGuard[float]:
+    """`x` is a Python int or float (bool excluded), as the kernels take it."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @functools.lru_cache(maxsize=256)

@@ -4,9 +4,9 @@ use them too).
 Checks read Python values, shapes, dtypes, strides and devices, never tensor values (no
 host synchronization): the values of `cu_seqlens_*`, `cache_seqlens` and `block_table`
 are the caller's contract (the ops check them for CPU tensors, where that is cheap; see
-`sparsek.reference_varlen`). Each check raises `TypeError` (wrong kind of argument) or
-`ValueError` (wrong value or shape) with a message that names the argument and says what
-is supported.
+`sparsek.reference_varlen`, whose messages list bad values through `bad_entries`). Each
+check raises `TypeError` (wrong kind of argument) or `ValueError` (wrong value or shape)
+with a message that names the argument and says what is supported.
 """
 
 from __future__ import annotations
@@ -19,19 +19,15 @@ from torch import Tensor
 # Paged caches: the kernels' K/V tiles are 16-token multiples (one MMA K-step of fp16/bf16).
 BLOCK_SIZE_MULTIPLE = 16
 
+# A message about bad tensor values names this many of them and counts the rest, so it
+# stays one line long whatever the tensor's size (10k bad entries once made 59 KB).
+SHOWN_ENTRIES = 3
+
 
 def check_flag(name: str, value: object) -> None:
     """`value` is a bool (TypeError naming `name` otherwise)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def check_dropout(dropout_p: object) -> None:
-    """`dropout_p` is a real number in [0, 1)."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def resolve_scale(name: str, scale: object, head_dim: int) -> float:
@@ -43,6 +39,30 @@ def resolve_scale(name: str, scale: object, head_dim: int) -> float:
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {scale}")
     return float(scale)
+
+
+def bad_entries(
+    name: str, values: Tensor, bad: Tensor, of: int | None = None, counted: str = "entries"
+) -> str:
+    """The entries of `values` where `bad` holds, for an error message: the first
+    `SHOWN_ENTRIES` with their indices, then how many there are, e.g.
+    "cache_seqlens[3]=5000, [17]=6000, [20]=-1, ... (1234 of 10000 entries)".
+
+    Args:
+        name: the argument's name.
+        values: the tensor (read on the host: for tensors whose values may be read).
+        bad: bool, `values`' shape.
+        of: the total the count is out of; values.numel() when None.
+        counted: what the total counts ("entries in use", ...).
+    """
+    index = bad.nonzero()
+    shown = [
+        f"[{', '.join(str(i) for i in at)}]={values[tuple(at)].item()}"
+        for at in index[:SHOWN_ENTRIES].tolist()
+    ]
+    more = ", ..." if index.shape[0] > SHOWN_ENTRIES else ""
+    total = values.numel() if of is None else of
+    return f"{name}{', '.join(shown)}{more} ({index.shape[0]} of {total} {counted})"
 
 
 def check_strided(name: str, t: Tensor) -> None:
@@ -113,7 +133,6 @@ def check_qkv(
     *,
     layout: str,
     head_axis: int,
-    enable_gqa: bool = True,
 ) -> None:
     """Validate three attention tensors; `head_axis` is 2 for BSHD and 1 for BHSD."""
     q_name, k_name, v_name = names
@@ -130,11 +149,6 @@ def check_qkv(
     num_heads, num_kv_heads = q.shape[head_axis], k.shape[head_axis]
     check_kv_matches_q(names, q, k, v)
     check_head_ratio(names, num_heads, num_kv_heads)
-    if not enable_gqa and num_heads != num_kv_heads:
-        raise ValueError(
-            f"{q_name} has {num_heads} heads but {k_name} has {num_kv_heads}; "
-            "pass enable_gqa=True for grouped-query attention"
-        )
 
 
 def check_attention_tensors(

@@ -31,6 +31,11 @@ def rand(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype)
 
 
+def as_if_on_cuda(q: torch.Tensor, *others: torch.Tensor) -> routing.Path:
+    """`routing.forward_path` as it answers for CUDA tensors (a stand-in for `api`'s)."""
+    return routing.choose_path("cuda", routing.needs_grad(q, *others))
+
+
 @pytest.mark.parametrize(
     ("sq", "sk", "h", "hkv", "causal"),
     [(16, 16, 4, 4, True), (7, 19, 4, 1, True), (19, 7, 4, 2, True), (12, 30, 6, 3, False)],
@@ -105,14 +110,17 @@ def test_sdpa_drop_in_dropout_falls_back_with_same_rng() -> None:
 
 def test_fallback_is_logged_once_per_reason(caplog: pytest.LogCaptureFixture) -> None:
     q = rand(1, 4, 2, 16)
+    meta = q.to("meta")  # a device no kernel serves, unlike the CPU (the documented path)
     with caplog.at_level(logging.WARNING, logger="sparsek.routing"):
         for _ in range(3):
-            sparsek.scaled_dot_product_attention(q, q, q)
-        sparsek.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(2, 2, dtype=torch.bool))
-        sparsek.attention(q, q, q)  # CPU: the documented reference path, not a fallback
+            sparsek.scaled_dot_product_attention(meta, meta, meta)
+        mask = torch.ones(2, 2, dtype=torch.bool)
+        sparsek.scaled_dot_product_attention(meta, meta, meta, attn_mask=mask.to("meta"))
+        sparsek.scaled_dot_product_attention(q, q, q, attn_mask=mask)  # CPU: not either
+        sparsek.attention(q, q, q)
     messages = [r.getMessage() for r in caplog.records if r.name == "sparsek.routing"]
     assert len(messages) == 2
-    assert "device=cpu" in messages[0] and "attn_mask" in messages[1]
+    assert "device=meta" in messages[0] and "attn_mask" in messages[1]
 
 
 def test_attention_on_cpu_runs_the_reference_op_even_in_strict_mode(monkeypatch) -> None:
@@ -127,8 +135,8 @@ def test_attention_on_cpu_runs_the_reference_op_even_in_strict_mode(monkeypatch)
 @pytest.mark.parametrize(
     ("call", "fragment"),
     [
-        (lambda q: sparsek.attention(q.requires_grad_(), q, q), "device=cpu"),
-        (lambda q: sparsek.scaled_dot_product_attention(q, q, q), "device=cpu"),
+        (lambda q: sparsek.attention(q.requires_grad_(), q, q), "requires grad"),
+        (lambda q: sparsek.scaled_dot_product_attention(q, q, q), "device=meta"),
         (
             lambda q: sparsek.scaled_dot_product_attention(q, q, q, attn_mask=q[..., :4] > 0),
             "attn_mask",
@@ -136,7 +144,7 @@ def test_attention_on_cpu_runs_the_reference_op_even_in_strict_mode(monkeypatch)
         (lambda q: sparsek.scaled_dot_product_attention(q, q, q, dropout_p=0.1), "dropout_p"),
         (
             lambda q: sparsek.scaled_dot_product_attention(
-                *[torch.nested.nested_tensor([q[0], q[0, :, :2]], layout=torch.jagged)] * 3
+                *[torch.nested.nested_tensor([q[0], q[0, :2]], layout=torch.jagged)] * 3
             ),
             "nested tensors",
         ),
@@ -144,8 +152,10 @@ def test_attention_on_cpu_runs_the_reference_op_even_in_strict_mode(monkeypatch)
 )
 def test_strict_mode_turns_fallbacks_into_errors(monkeypatch, call, fragment) -> None:
     monkeypatch.setenv("SPARSEK_STRICT", "1")
+    # The drop-in's CPU calls are its documented CPU path: ask as if on a CUDA device.
+    monkeypatch.setattr(api, "forward_path", as_if_on_cuda)
     with pytest.raises(sparsek.UnsupportedError) as info:
-        call(rand(1, 4, 4, 16))
+        call(rand(1, 4, 4, 16).to("meta") if "device" in fragment else rand(1, 4, 4, 16))
     assert any(fragment in r for r in info.value.reasons)
     assert "SPARSEK_STRICT=1" in str(info.value)
 
@@ -158,9 +168,7 @@ def test_strict_zero_means_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_requires_grad_is_a_fallback_reason() -> None:
     q = rand(1, 4, 2, 64).requires_grad_()
-    assert routing.dense_blockers(q, q, q, False) == (
-        "device=cpu: the kernels run on CUDA devices only",
-    )
+    assert routing.dense_blockers(q, q, q, False) == (routing.NEEDS_GRAD,)
     out = sparsek.attention(q, q, q)
     assert isinstance(out, torch.Tensor)
     out.sum().backward()  # the SDPA fallback is differentiable
@@ -201,9 +209,9 @@ def test_import_is_light() -> None:
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[tuple]]:
-    """`sparsek.attention` on CPU tensors as if a kernel served them: the launch path is
-    faked, the kernel check passes unless an input requires grad. Yields (validations so
-    far, kernel calls)."""
+    """`sparsek.attention` and the drop-in on CPU tensors as if a kernel served them: the
+    launch path is faked, the kernel check passes unless an input requires grad. Yields
+    (validations so far, kernel calls)."""
     from fake_launch import fake_config, fake_launch_path
 
     calls: list[tuple] = []
@@ -213,15 +221,19 @@ def served(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[tuple]]:
         out.fill_(3.0)
         lse.fill_(4.0)
 
-    validations = [0]
-    check_qkv = api.check_qkv
+    validations = [0]  # calls of `attention`'s validation or the drop-in's kernel check
 
-    def counted(*args, **kwargs) -> None:
-        validations[0] += 1
-        check_qkv(*args, **kwargs)
+    def counted(check):
+        def call(*args, **kwargs):
+            validations[0] += 1
+            return check(*args, **kwargs)
+
+        return call
 
     fake_launch_path(monkeypatch, fake_config, kernel)  # no plan or call memoized yet
-    monkeypatch.setattr(api, "check_qkv", counted)
+    monkeypatch.setattr(api, "forward_path", as_if_on_cuda)
+    monkeypatch.setattr(api, "check_qkv", counted(api.check_qkv))
+    monkeypatch.setattr(api, "sdpa_blockers", counted(api.sdpa_blockers))
     monkeypatch.setattr(
         api, "dense_blockers", lambda q, k, v, c: ("grad",) if routing.needs_grad(q, k, v) else ()
     )
@@ -271,6 +283,7 @@ def test_calls_that_drop_the_lse_write_it_to_a_shared_scratch(monkeypatch) -> No
         lse.fill_(4.0)
 
     fake_launch_path(monkeypatch, fake_config, kernel)  # no plan or call memoized yet
+    monkeypatch.setattr(api, "forward_path", as_if_on_cuda)
     monkeypatch.setattr(api, "dense_blockers", lambda *a: ())
     monkeypatch.setattr(dense, "LSE_SCRATCH_FLOATS", 64)
     small, large = rand(1, 8, 4, 32), rand(1, 24, 4, 32)  # 32 and 96 LSE rows
@@ -313,9 +326,9 @@ def test_sdpa_drop_in_memoizes_apart_from_attention(served) -> None:
     assert calls[-1][0].shape == (1, 8, 2, 32)  # the kernel reads (batch, seqlen, heads, dim)
     sparsek.attention(x, x, x, causal=True)  # same tensors, other layout: its own plan
     assert validations == [2] and len(api._SERVED) == len(api._SERVED_SDPA) == 1
-    with pytest.raises(TypeError, match="is_causal must be a bool"):
+    with pytest.raises(TypeError, match="'is_causal' must be bool"):  # torch's own check
         sparsek.scaled_dot_product_attention(x, x, x, is_causal=1)
-    with pytest.raises(ValueError, match="dropout_p must be in"):
+    with pytest.raises(RuntimeError, match="dropout probability"):  # torch's own check
         sparsek.scaled_dot_product_attention(x, x, x, dropout_p=1.5)
     mask = torch.ones(8, 8, dtype=torch.bool).tril()
     masked = sparsek.scaled_dot_product_attention(x, x, x, attn_mask=mask)  # falls back

@@ -585,8 +585,48 @@ def test_full_cache_dir_compiles_in_memory(
     assert kernel() == make_cache(tmp_path / "other", compiler).get_kernel(CONFIG)()
     assert compiler.count() == 2  # one compile here, one for the reference
     entry = cache.entry_dir(cache.key(CONFIG))
-    assert [p.name for p in entry.iterdir()] == [LOCK_NAME]  # nothing partial left
-    assert cache.list_entries()[0].state == "unfinished"
+    assert not entry.exists() and cache.list_entries() == []  # nothing partial left
+
+
+def test_require_disk_raises_before_compiling_on_a_read_only_cache(
+    tmp_path: Path, compiler: FakeCompiler, read_only: list[Path]
+) -> None:
+    """What `sparsek compile` asks for: the entry on disk, or an error (no in-memory
+    compile, no warning)."""
+    cache = make_cache(tmp_path, compiler)
+    read_only.append(cache.root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(cache_mod.CacheUnwritableError, match=r"cannot be written.*Read-only"):
+            cache.compile_into_cache(CONFIG, require_disk=True)
+    assert compiler.count() == 0
+
+
+def test_require_disk_raises_on_a_full_cache(tmp_path: Path, source: Path) -> None:
+    compiler = FakeCompiler(tmp_path / "log", [source])
+
+    def export(compiled: dict[str, object], path: str, function_name: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    cache = KernelCache(tmp_path / "cache", replace(compiler.toolchain(), export=export))
+    with pytest.raises(cache_mod.CacheUnwritableError, match="No space left on device"):
+        cache.compile_into_cache(CONFIG, require_disk=True)
+    assert cache.list_entries() == []
+
+
+def test_interrupted_build_leaves_no_entry(tmp_path: Path, compiler: FakeCompiler) -> None:
+    """Ctrl-C during a compile: the entry directory and its lock file go too (no
+    "unfinished" entry in `cache list`), and the next build starts clean."""
+    interrupted = replace(compiler.toolchain(), compile=_interrupt)
+    cache = KernelCache(tmp_path / "cache", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.compile_into_cache(CONFIG)
+    assert cache.list_entries() == [] and not cache.entry_dir(cache.key(CONFIG)).exists()
+    assert make_cache(tmp_path, compiler).compile_into_cache(CONFIG) is CacheStatus.COMPILED
+
+
+def _interrupt(config: object) -> object:
+    raise KeyboardInterrupt
 
 
 def test_no_writable_directory_at_all_is_a_clear_error(

@@ -1,23 +1,38 @@
-"""`python -m sparsek` commands, with the default cache swapped for a fake-compiler cache.
+"""`sparsek` / `python -m sparsek` commands, mostly with the default cache swapped for a
+fake-compiler cache (the tests marked `slow` compile a few kernels with the real DSL).
 
-Compared against: the documented command behaviour (one line per config, exit status,
+Compared against: the documented command behaviour (`sparsek.cli`, `sparsek.precompile`,
+`sparsek.demo`): a summary line (one line per kernel with -v), exit status, filters that
+select exactly the kernels of a head dim, dtype or path; one message and no compile where
+the cache cannot be written; Ctrl-C ends with one line, status 130 and no unfinished entry;
+`--help` and `--version` without torch; `info` and `info --json` agree with the registry
+and the cache; the demo compiles only its own kernels and compares with torch's SDPA;
 cache listing with sizes, ages and states, pruning stale entries, clearing only what
-sparsek wrote).
+sparsek wrote.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from fake_toolchain import FakeCompiler
 
-from sparsek import cache, cli, registry
+import sparsek
+from cutedsl_kernels.config import SUPPORTED_DTYPES, FmhaFwdConfig
+from sparsek import cache, cli, demo, precompile, registry
 from sparsek.cache import KernelCache
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -34,23 +49,421 @@ def fake_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCompiler:
 NUM_KERNELS = len(registry.registered_kernels("sm_90a"))
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m sparsek ARGS` in a fresh process."""
+    return run_python("-m", "sparsek", *args, env=env)
+
+
+def run_python(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` in a fresh process (the code of `-c` dedented), output captured."""
+    if args[0] == "-c":
+        args = ("-c", textwrap.dedent(args[1]), *args[2:])
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+# ------------------------------------------------------------------------------- start-up
+
+
+def test_help_and_version_do_not_import_torch() -> None:
+    """`--help` took 5-11 s on a CPU machine: it imported torch and torch._dynamo."""
+    result = run_python(
+        "-c",
+        """
+        import sys
+        from sparsek import cli
+        for argv in (["--help"], ["--version"], ["compile", "--help"]):
+            try:
+                cli.main(argv)
+            except SystemExit:
+                pass
+        heavy = [m for m in ("torch", "cutlass", "tvm_ffi") if m in sys.modules]
+        assert not heavy, heavy
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: sparsek" in result.stdout and "--jobs N" in result.stdout
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"sparsek {sparsek.__version__}"
+
+
+def test_no_command_prints_help() -> None:
+    result = run_cli()
+    assert result.returncode == 2 and "usage: sparsek" in result.stdout
+
+
+def test_parser_choices_match_the_library() -> None:
+    assert cli.DTYPES == SUPPORTED_DTYPES
+    assert tuple(precompile.PATHS) == cli.PATHS
+
+
+def test_import_is_lazy_and_binds_each_entry_point_once() -> None:
+    result = run_python(
+        "-c",
+        """
+        import sys
+        import sparsek
+        assert "torch" not in sys.modules and "sparsek.api" not in sys.modules
+        from sparsek import attention_varlen  # imports sparsek.api_varlen (and torch)
+        import torch
+        assert hasattr(torch.ops.sparsek, "attention_varlen")  # registered by the first use
+        attention = sparsek.attention
+        assert vars(sparsek)["attention"] is attention  # bound: no __getattr__ from now on
+        assert set(sparsek.__all__) <= set(dir(sparsek))
+        try:
+            sparsek.no_such_name
+        except AttributeError as exc:
+            assert "no_such_name" in str(exc)
+        else:
+            raise AssertionError("no AttributeError")
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_first_use_inside_torch_compile() -> None:
+    """A fresh process whose first touch of `sparsek.attention` is inside a compiled
+    function (fullgraph): the lazy import must not break the trace."""
+    result = run_python(
+        "-c",
+        """
+        import torch
+        import sparsek
+        def f(q, k, v):
+            return sparsek.attention(q, k, v, causal=True)
+        q = torch.randn(1, 16, 2, 64)
+        out = torch.compile(f, fullgraph=True, backend="eager")(q, q, q)
+        assert torch.allclose(out, sparsek.attention(q, q, q, causal=True))
+        """,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# -------------------------------------------------------------------------------- compile
+
+
 def test_compile_then_info_then_clear(fake_cache: FakeCompiler, capsys) -> None:
     n = NUM_KERNELS
     assert n > 8
     assert cli.main(["compile", "--arch", "sm_90a"]) == 0
     out = capsys.readouterr().out
-    assert out.count(" compiled") == n and f"{n}/{n} kernels ready" in out
-    assert cli.main(["compile", "--arch", "sm_90a"]) == 0
-    assert capsys.readouterr().out.count(" disk") == n
+    assert f"compiling {n} kernels for sm_90a" in out
+    assert f"{n}/{n} kernels ready in " in out and f"({n} compiled)" in out
+    assert len(out.splitlines()) == 2  # a summary, not a line per kernel
+    assert cli.main(["compile", "--arch", "sm_90a", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" disk\n") == n and f"({n} already cached)" in out
     assert fake_cache.count() == n
 
     assert cli.main(["info"]) == 0
     info = capsys.readouterr().out
-    assert "support matrix" in info and "sm_90a" in info and f"({n} entries, " in info
-    assert f"{n} current)" in info and "toolchain (part of every kernel's cache key): dsl=" in info
+    assert "support matrix" in info and f"({n} entries, " in info and f"{n} current)" in info
+    assert f"sm_90a: {n} of {n} kernels compiled" in info
+    assert "toolchain (part of every kernel's cache key): dsl=" in info
 
     assert cli.main(["cache", "clear"]) == 0
     assert f"removed {n} entries" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "check"),
+    [
+        (["--head-dim", "64"], lambda c: c.head_dim == 64),
+        (["--dtype", "bfloat16"], lambda c: precompile.kernel_dtype(c) == "bfloat16"),
+        (["--path", "dense"], lambda c: isinstance(c, FmhaFwdConfig) and c.kv_layout == "dense"),
+        (
+            ["--head-dim", "128", "--dtype", "float16", "--path", "varlen", "paged"],
+            lambda c: (
+                c.head_dim == 128
+                and precompile.kernel_dtype(c) == "float16"
+                and set(precompile.kernel_paths(c)) & {"varlen", "paged"}
+            ),
+        ),
+    ],
+)
+def test_compile_filters_select_exactly_their_kernels(
+    fake_cache: FakeCompiler, argv: list[str], check, capsys
+) -> None:
+    expected = [c for c in registry.registered_kernels("sm_90a") if check(c)]
+    assert 0 < len(expected) < NUM_KERNELS
+    assert cli.main(["compile", "--arch", "sm_90a", *argv]) == 0
+    assert f"{len(expected)}/{len(expected)} kernels ready" in capsys.readouterr().out
+    compiled = [line.split()[1] for line in fake_cache.log.read_text().splitlines()]
+    assert compiled == [c.name for c in expected]
+
+
+def test_kernel_paths_cover_every_kernel_and_the_helpers_of_cache_paths() -> None:
+    kernels = registry.registered_kernels("sm_90a")
+    paths = {c.name: precompile.kernel_paths(c) for c in kernels}
+    assert all(p and set(p) <= set(precompile.PATHS) for p in paths.values())
+    combine = [c for c in kernels if c.name.startswith("fmha_combine")]
+    store = [c for c in kernels if c.name.startswith("kv_store")]
+    assert combine and all(paths[c.name] == ("kvcache", "paged") for c in combine)
+    assert store and all(paths[c.name] == ("paged",) for c in store)
+
+
+def test_compile_filter_without_a_match(fake_cache: FakeCompiler, capsys) -> None:
+    assert cli.main(["compile", "--arch", "sm_90a", "--head-dim", "96"]) == 1
+    assert "no kernel of sm_90a matches the filters (registered head dims: 64, 128)" in (
+        capsys.readouterr().out
+    )
+    assert fake_cache.count() == 0
+
+
+def test_compile_failure_exits_nonzero(tmp_path: Path, monkeypatch, capsys) -> None:
+    failing = FakeCompiler(tmp_path / "log", [Path(__file__)], fail=True)
+    monkeypatch.setattr(cache, "_default", KernelCache(tmp_path / "c", failing.toolchain()))
+    assert cli.main(["compile", "--arch", "sm_90a", "--head-dim", "64"]) == 1
+    out = capsys.readouterr().out
+    n = len(precompile.select_kernels("sm_90a", head_dims=[64]))
+    assert out.count("FAILED (ValueError: cannot compile") == n
+    assert f"0/{n} kernels ready" in out and f"({n} failed)" in out
+
+
+def test_compile_unknown_arch(capsys) -> None:
+    assert cli.main(["compile", "--arch", "sm_80"]) == 1
+    assert "no kernels registered for sm_80 (registered: sm_90a)" in capsys.readouterr().out
+
+
+def test_compile_into_an_unwritable_cache_stops_at_once_with_one_message(
+    fake_cache: FakeCompiler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The reported bug: 168 identical lines, and each kernel compiled in memory for
+    nothing (the cache falls back to that; filling the cache is what `compile` is for)."""
+    real_open, real_mkdir = os.open, os.mkdir
+    root = tmp_path / "cache"
+
+    def refused(path: object) -> bool:
+        return Path(str(path)).is_relative_to(root)
+
+    def mkdir(path: object, *args: object, **kwargs: object) -> None:
+        if refused(path):  # simulated: tests may run as root, where chmod stops nothing
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        real_mkdir(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def open_(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and refused(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    assert cli.main(["compile", "--arch", "sm_90a"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1  # "compiling N kernels ..."
+    assert captured.err.count("\n") == 1
+    assert f"error: the kernel cache {root} cannot be written" in captured.err
+    assert "Read-only file system" in captured.err and "SPARSEK_CACHE_DIR" in captured.err
+    assert fake_cache.count() == 0
+
+
+def test_ctrl_c_during_compile_finishes_that_kernel_and_stops(
+    fake_cache: FakeCompiler, monkeypatch: pytest.MonkeyPatch, capfd
+) -> None:
+    """The reported bug: a 60-line traceback. A real SIGINT, in the middle of the third
+    compile: that kernel finishes, no other starts, one line says so."""
+    compiles = fake_cache.compile
+
+    def interrupted_third(config: FmhaFwdConfig) -> object:
+        if fake_cache.count() == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return compiles(config)
+
+    monkeypatch.setattr(fake_cache, "compile", interrupted_third)
+    monkeypatch.setattr(cache, "_default", KernelCache(None, fake_cache.toolchain()))
+    assert cli.main(["compile", "--arch", "sm_90a"]) == precompile.INTERRUPTED
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [
+        "Ctrl-C: finishing the kernels being compiled, starting no other "
+        "(Ctrl-C again to stop at once)",
+        f"interrupted: 3/{NUM_KERNELS} kernels ready after 0 s; "
+        "run the same command again to compile the rest",
+    ]
+    assert [e.state for e in cache.list_entries()] == ["current"] * 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
+    """Ctrl-C twice: the process ends at once (status 130), the kernel in flight is left
+    unfinished (the next build of it removes what it left)."""
+    script = f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(REPO / "tests")!r})
+from pathlib import Path
+from fake_toolchain import FakeCompiler
+from sparsek import cache, cli
+from sparsek.cache import KernelCache
+
+compiler = FakeCompiler(Path({str(tmp_path / "log")!r}), [Path({str(tmp_path / "k.py")!r})])
+compiles = compiler.compile
+
+def slow_second(config):
+    if compiler.count() == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+    return compiles(config)
+
+compiler.compile = slow_second
+cache._default = KernelCache(None, compiler.toolchain())
+sys.exit(cli.main(["compile", "--arch", "sm_90a"]))
+"""
+    (tmp_path / "k.py").write_text("# kernel\n")
+    start = time.monotonic()
+    result = run_python("-c", script, env={"SPARSEK_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == precompile.INTERRUPTED and time.monotonic() - start < 25
+    lines = [line for line in result.stderr.splitlines() if line]
+    assert lines[0].startswith("Ctrl-C: finishing") and len(lines) == 2
+    assert lines[1].startswith("interrupted again: stopping now"), result.stderr
+
+
+@pytest.mark.slow
+def test_jobs_compile_in_processes_and_ctrl_c_stops_them(tmp_path: Path) -> None:
+    """The real DSL in 2 spawned processes: every selected kernel lands in the cache; then
+    SIGINT to the process group (what a terminal's Ctrl-C does) in the middle of a second
+    run ends it with two lines of output; the kernels in flight finish, none is left
+    unfinished."""
+    pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
+    env = {"SPARSEK_CACHE_DIR": str(tmp_path / "cache")}
+    select = ["--head-dim", "64", "--dtype", "float16", "--path", "dense"]
+    result = run_cli("compile", "--arch", "sm_90a", "--jobs", "2", *select, env=env)
+    n = len(
+        precompile.select_kernels("sm_90a", head_dims=[64], dtypes=["float16"], paths=["dense"])
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"into {tmp_path / 'cache'} in 2 processes" in result.stdout
+    assert f"{n}/{n} kernels ready" in result.stdout
+    assert len(list((tmp_path / "cache").rglob("manifest.json"))) == n
+
+    command = ["compile", "--arch", "sm_90a", "-j", "2", "--path", "kvcache"]
+    for ready in (1, 2):  # right after a kernel finished (the worker is between two kernels)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sparsek", *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env},
+            start_new_session=True,  # a process group of its own, as a terminal's job
+        )
+        before = len(list((tmp_path / "cache").rglob("manifest.json")))
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "cache").rglob("manifest.json"))) < before + ready:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == precompile.INTERRUPTED, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 2 and lines[1].startswith("interrupted: "), err
+        entries = KernelCache(tmp_path / "cache").list_entries()
+        assert all(e.state == "current" for e in entries)
+
+
+# ----------------------------------------------------------------------------------- info
+
+
+def test_info_json_matches_the_registry_and_the_cache(fake_cache: FakeCompiler, capsys) -> None:
+    configs = precompile.select_kernels("sm_90a", head_dims=[128], dtypes=["bfloat16"])
+    for config in configs:
+        cache.compile_into_cache(config)
+    assert cli.main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sparsek"] == sparsek.__version__ and report["torch"] == torch.__version__
+    rows = report["support"]
+    dims = registry.registered_head_dims("sm_90a")
+    assert {(r["arch"], r["head_dim"], r["dtype"]) for r in rows} == {
+        ("sm_90a", d, t) for d in dims for t in SUPPORTED_DTYPES
+    }
+    assert sum(r["kernels"] for r in rows) == NUM_KERNELS
+    for row in rows:
+        assert set(row["paths"]) == set(precompile.PATHS)
+        assert all(masks == ["full", "causal"] for masks in row["paths"].values())
+    summary = report["cache"]
+    assert summary["entries"] == len(configs) and summary["states"] == {"current": len(configs)}
+    assert summary["compiled"] == {"sm_90a": {"current": len(configs), "registered": NUM_KERNELS}}
+    assert summary["bytes"] == sum(e.disk_bytes for e in cache.list_entries())
+
+
+def test_info_prints_a_matrix_and_a_summary_not_the_entries(
+    fake_cache: FakeCompiler, capsys
+) -> None:
+    for config in registry.registered_kernels("sm_90a")[:5]:
+        cache.compile_into_cache(config)
+    assert cli.main(["info"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.split()[:3] == ["arch", "head_dim", "dtype"])
+    assert header.split()[3:] == [*precompile.PATHS, "kernels"]
+    matrix = [line.split() for line in lines if line.startswith("  sm_90a ")]
+    assert len(matrix) == 4 and all(row[3:5] == ["full,", "causal"] for row in matrix)
+    assert not any("fmha_fwd" in line for line in lines)
+    assert "  sm_90a: 5 of " in "\n".join(lines)
+
+
+def test_module_entry_point_runs() -> None:
+    result = run_cli("info")
+    assert result.returncode == 0, result.stderr
+    assert f"sparsek {sparsek.__version__}" in result.stdout
+
+
+# ----------------------------------------------------------------------- demo, validate
+
+
+def test_cpu_demo_compiles_only_its_kernels_and_compares_with_torch_sdpa(
+    fake_cache: FakeCompiler, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sdpa_calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        sdpa_calls.append(args[0].shape)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    assert cli.main(["demo"]) == 0
+    out = capsys.readouterr().out
+    kernels = demo.demo_kernels()
+    assert 0 < fake_cache.count() == len(kernels) <= len(demo.CPU_SHAPES)
+    assert {(c.head_dim, c.mask.causal) for c in kernels} == {
+        (s.head_dim, s.causal) for s in demo.CPU_SHAPES
+    }
+    assert f"{len(kernels)}/{len(kernels)} kernels ready" in out
+    assert "correctness: OK" in out
+    # torch's SDPA ran for every shape, on (batch, heads, seqlen, head_dim) tensors.
+    seen = {tuple(shape) for shape in sdpa_calls}
+    for s in demo.CPU_SHAPES:
+        assert (s.batch, s.heads, s.seqlen_q, s.head_dim) in seen
+
+
+def test_validate_passes_on_cpu_and_fails_on_a_wrong_answer(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["validate"]) == 0
+    out = capsys.readouterr().out
+    assert "correctness: OK" in out and " ms " not in out
+    assert out.count(" ok\n") == len(demo.CPU_SHAPES)
+
+    attention = sparsek.attention
+    monkeypatch.setattr(sparsek, "attention", lambda *a, **k: attention(*a, **k) * 1.01)
+    assert cli.main(["validate"]) == 1
+    assert "correctness: FAILED" in capsys.readouterr().out
+
+
+def test_causal_sq_ne_sk_runs_bottom_right_in_both_columns() -> None:
+    case = demo.make_case(demo.Shape(1, 33, 70, 2, 1, 64, True), "cpu", torch.float32)
+    assert case.ok and case.err_sdpa < 1e-5
+
+
+# ---------------------------------------------------------------------------------- cache
 
 
 def test_cache_list_then_prune_stale(
@@ -93,28 +506,6 @@ def test_cache_clear_in_a_shared_folder_keeps_other_files(
     assert "removed 1 entries" in capsys.readouterr().out
     assert (other / "table.csv").read_text() == "a,b\n"
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["other-project"]
-
-
-def test_compile_failure_exits_nonzero(tmp_path: Path, monkeypatch, capsys) -> None:
-    failing = FakeCompiler(tmp_path / "log", [Path(__file__)], fail=True)
-    monkeypatch.setattr(cache, "_default", KernelCache(tmp_path / "c", failing.toolchain()))
-    assert cli.main(["compile", "--arch", "sm_90a"]) == 1
-    out = capsys.readouterr().out
-    assert out.count("FAILED (ValueError") == NUM_KERNELS
-    assert f"0/{NUM_KERNELS} kernels ready" in out
-
-
-def test_compile_unknown_arch(capsys) -> None:
-    assert cli.main(["compile", "--arch", "sm_80"]) == 1
-    assert "no kernels registered for sm_80" in capsys.readouterr().out
-
-
-def test_module_entry_point_runs() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "sparsek", "info"], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert "sparsek 0.1.0" in result.stdout
 
 
 def test_cache_prune_on_a_read_only_cache_says_so(

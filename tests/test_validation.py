@@ -1,7 +1,9 @@
-"""Malformed inputs to `sparsek.attention` and `sparsek.scaled_dot_product_attention`.
+"""Malformed inputs to `sparsek.attention`, and short messages about large bad tensors.
 
 Compared against: the documented error contract (TypeError for wrong kinds of values,
-ValueError for wrong shapes/values), with a message that names the offending argument.
+ValueError for wrong shapes/values), with a message that names the offending argument;
+for tensors of bad values, a message that lists the first few and counts them. (The SDPA
+drop-in raises what torch's SDPA raises: `tests/test_sdpa_parity.py`.)
 """
 
 from __future__ import annotations
@@ -19,14 +21,8 @@ def bshd(b=2, s=8, h=4, d=64, dtype=torch.float32):
     return torch.randn(b, s, h, d, dtype=dtype)
 
 
-def bhsd(b=2, h=4, s=8, d=64, dtype=torch.float32):
-    return torch.randn(b, h, s, d, dtype=dtype)
-
-
 Q, K, V = bshd(), bshd(), bshd()
-QS, KS, VS = bhsd(), bhsd(), bhsd()
 att = sparsek.attention
-sdpa = sparsek.scaled_dot_product_attention
 
 MALFORMED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("q-not-tensor", lambda: att([[1.0]], K, V), TypeError, "q must be a torch.Tensor"),
@@ -70,34 +66,6 @@ MALFORMED: list[tuple[str, Callable[[], object], type[Exception], str]] = [
         TypeError,
         "return_lse must be a bool",
     ),
-    ("sdpa-query-list", lambda: sdpa([1.0], KS, VS), TypeError, "query must be a torch.Tensor"),
-    ("sdpa-key-3d", lambda: sdpa(QS, KS[0], VS), ValueError, "key must be 4-D"),
-    ("sdpa-value-sparse", lambda: sdpa(QS, KS, VS.to_sparse()), TypeError, "value has layout"),
-    (
-        "sdpa-mask-list",
-        lambda: sdpa(QS, KS, VS, attn_mask=[[True]]),
-        TypeError,
-        "attn_mask must be",
-    ),
-    (
-        "sdpa-mask-and-causal",
-        lambda: sdpa(QS, KS, VS, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True),
-        ValueError,
-        "attn_mask and is_causal",
-    ),
-    ("sdpa-dropout-1", lambda: sdpa(QS, KS, VS, dropout_p=1.0), ValueError, "dropout_p"),
-    ("sdpa-dropout-neg", lambda: sdpa(QS, KS, VS, dropout_p=-0.1), ValueError, "dropout_p"),
-    ("sdpa-dropout-str", lambda: sdpa(QS, KS, VS, dropout_p="0"), TypeError, "dropout_p"),
-    ("sdpa-is-causal-none", lambda: sdpa(QS, KS, VS, is_causal=None), TypeError, "is_causal"),
-    ("sdpa-scale-neg", lambda: sdpa(QS, KS, VS, scale=-1.0), ValueError, "scale must be"),
-    ("sdpa-gqa-disabled", lambda: sdpa(bhsd(h=8), KS, VS), ValueError, "enable_gqa=True"),
-    ("sdpa-enable-gqa-int", lambda: sdpa(QS, KS, VS, enable_gqa=1), TypeError, "enable_gqa"),
-    (
-        "sdpa-value-heads",
-        lambda: sdpa(QS, KS, bhsd(h=2), enable_gqa=True),
-        ValueError,
-        "value shape",
-    ),
 ]
 
 
@@ -126,3 +94,62 @@ def test_any_strides_are_accepted(q: torch.Tensor) -> None:
     want = att(q.contiguous(), k, v)
     assert isinstance(out, torch.Tensor) and isinstance(want, torch.Tensor)
     torch.testing.assert_close(out, want)
+
+
+# ------------------------------------------------------ bad values of large tensors
+
+BATCH = 10_000
+i32 = torch.int32
+
+
+def assert_short(error: pytest.ExceptionInfo[ValueError], *fragments: str) -> None:
+    message = str(error.value)
+    assert len(message) < 500, f"{len(message)} characters"
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_bad_cache_seqlens_of_a_large_batch_make_a_short_message() -> None:
+    q = torch.randn(BATCH, 1, 2, 8)
+    cache = torch.randn(BATCH, 16, 1, 8)
+    seqlens = torch.randint(1, 17, (BATCH,), dtype=i32)
+    seqlens[3], seqlens[17], seqlens[20:1251] = 5000, -1, 17  # 1233 bad entries
+    with pytest.raises(ValueError) as error:
+        sparsek.attention_with_kvcache(q, cache, cache, seqlens)
+    assert_short(
+        error,
+        "cache_seqlens must lie in [0, 16]",
+        "cache_seqlens[3]=5000, [17]=-1, [20]=17, ...",
+        f"(1233 of {BATCH} entries)",
+    )
+
+
+def test_bad_block_table_of_a_large_batch_makes_a_short_message() -> None:
+    q = torch.randn(BATCH, 1, 2, 8)
+    blocks = torch.randn(2 * BATCH, 16, 1, 8)
+    table = torch.arange(2 * BATCH, dtype=i32).view(BATCH, 2)
+    seqlens = torch.full((BATCH,), 20, dtype=i32)  # both blocks of every sequence in use
+    table[5:, 1] = 2 * BATCH
+    with pytest.raises(ValueError) as error:
+        sparsek.attention_with_kvcache(q, blocks, blocks, seqlens, table)
+    assert_short(
+        error,
+        "block_table entries",
+        f"block_table[5, 1]={2 * BATCH}, [6, 1]",
+        f"({BATCH - 5} of {2 * BATCH} entries in use)",
+    )
+
+
+def test_bad_cu_seqlens_of_a_large_batch_make_a_short_message() -> None:
+    q = torch.randn(2 * BATCH, 2, 8)
+    cu = torch.arange(BATCH + 1, dtype=i32) * 2
+    cu[7] = 1  # below the entry before it
+    cu[100:] = -1
+    with pytest.raises(ValueError) as error:
+        sparsek.attention_varlen(q, q, q, cu, torch.arange(BATCH + 1, dtype=i32), 2, 1)
+    assert_short(
+        error,
+        "cu_seqlens_q must be non-negative and non-decreasing",
+        "cu_seqlens_q[7]=1, [100]=-1, [101]=-1, ...",
+        f"({BATCH - 98} of {BATCH + 1} entries)",
+    )

@@ -440,4 +440,5 @@ def test_import_without_xformers_says_how_to_install() -> None:
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
-    assert "pip install sparsek[xformers]" in result.stdout
+    assert "pip install xformers==0.0.35" in result.stdout
+    assert "in a sparsek checkout: pip install '.[xformers]'" in result.stdout

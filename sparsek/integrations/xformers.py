@@ -49,7 +49,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
         "sparsek.integrations.xformers needs xFormers, which is not installed "
-        f"({type(exc).__name__}: {exc}); install it with: pip install sparsek[xformers]"
+        f"({type(exc).__name__}: {exc}); install the release it is written against: "
+        "pip install xformers==0.0.35 (or, in a sparsek checkout: pip install '.[xformers]')"
     ) from exc
 
 from sparsek import api_varlen, ops

@@ -1,6 +1,6 @@
 """sparsek as a vLLM V1 attention backend: `SPARSEK` (written against vllm 0.33.0).
 
-    pip install sparsek[vllm]
+    pip install ".[vllm]"                # in a sparsek checkout (pins vllm==0.33.0)
     vllm serve MODEL --attention-backend SPARSEK
     LLM(model, attention_backend="SPARSEK")
 
@@ -52,7 +52,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
         "sparsek.integrations.vllm.backend needs vLLM 0.33, which is not installed "
-        f"({type(exc).__name__}: {exc}); install it with: pip install sparsek[vllm]"
+        f"({type(exc).__name__}: {exc}); install the release it is written against: "
+        "pip install vllm==0.33.0 (or, in a sparsek checkout: pip install '.[vllm]')"
     ) from exc
 
 from sparsek import registry
