@@ -61,8 +61,13 @@ def _run_in_image(*command: str) -> subprocess.CompletedProcess[str]:
 
 
 def _ok(done: subprocess.CompletedProcess[str], what: Sequence[str]) -> str:
-    assert done.returncode == 0, f"{' '.join(what)}: {done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    if done.returncode != 0:  # the output's tail, not the whole CompletedProcess
+        pytest.fail(f"{' '.join(what)} exited {done.returncode}:\n{_tail(done)}", pytrace=False)
     return done.stdout
+
+
+def _tail(done: subprocess.CompletedProcess[str]) -> str:
+    return f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +78,7 @@ def prod_image() -> str:
         args += ["--base", LOCAL_BASE]
     if HOST_CA.is_file():
         args += ["--ca-cert", str(HOST_CA)]
-    done = subprocess.run([*args, "prod"], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"build failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    _ok(subprocess.run([*args, "prod"], capture_output=True, text=True, check=False), args)
     return IMAGE
 
 
