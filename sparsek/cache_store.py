@@ -191,7 +191,7 @@ def is_temp_file(name: str) -> bool:
 # killed holder's lock goes with its process. filelock's FileLock (flock) is exclusive
 # only; its ReadWriteLock (>= 3.21) keeps the lock in an SQLite database, which refuses a
 # read-only file and must not be deleted under its holders; its SoftReadWriteLock (marker
-# files for NFS) keeps a killed holder's lock until its lease expires (90 s by default).
+# files for NFS) keeps a killed holder's lock until it times out (90 s by default).
 @contextlib.contextmanager
 def locked(entry: Path, *, shared: bool = False, wait: bool = True) -> Iterator[bool]:
     """Hold the entry's lock while the block runs; yields whether it is held.
