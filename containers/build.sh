@@ -48,8 +48,14 @@ BUILDER="$(sparsek_builder)" || {
   exit 1
 }
 
-# The build's local inputs (containers/local/, mounted only while pip runs).
+# The build's local inputs (containers/local/, mounted only while pip runs). One build of this
+# checkout at a time: another would replace or delete them mid-build.
 LOCAL="$HERE/local"
+exec 9>"$LOCAL/.build.lock"
+if ! flock -n 9; then
+  echo "== waiting for the other containers/build.sh of this checkout to finish"
+  flock 9
+fi
 rm -rf "$LOCAL/wheels" "$LOCAL/ca.pem"
 ARGS=(-f "$HERE/Dockerfile" --target "$TARGET" -t "$TAG")
 [ -z "$BASE" ] || ARGS+=(--build-arg "BASE=$BASE")

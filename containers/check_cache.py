@@ -7,9 +7,9 @@ loading a kernel opens its shared library, launching is what needs the GPU):
 
 It checks that the cache holds a current entry for every registered kernel of the arch,
 that each entry is a shared library (linked where the cache was compiled, so it loads
-with TVM-FFI alone), and that loading all of them leaves the CuTe DSL (`cutlass`)
-unimported. It prints the time to import sparsek, to load the first kernel (what a warm
-first call adds to the import) and to load every kernel.
+with TVM-FFI alone) readable by every user, and that loading all of them leaves the CuTe
+DSL (`cutlass`) unimported. It prints the time to import sparsek, to load the first kernel
+(what a warm first call adds to the import) and to load every kernel.
 
 `--object-entry` also measures the other kind of entry, a relocatable object (what a
 compile without a C compiler writes, which loads through the DSL): it compiles the first
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from stat import S_IROTH
 
 START = time.perf_counter()
 import sparsek  # noqa: E402, F401  (timed: the import is part of a first call)
@@ -82,6 +83,9 @@ def main() -> int:
         problems.append(f"{len(configs) - len(current)} registered kernels have no current entry")
     if kinds.count(ELF_SHARED) != len(kinds):
         problems.append("some entries are not shared libraries (compiled without a C compiler?)")
+    private = [p for e in current for p in e.path.iterdir() if not p.stat().st_mode & S_IROTH]
+    if private:
+        problems.append(f"{len(private)} cache files only their owner can read, e.g. {private[0]}")
 
     before = time.perf_counter()
     cache.get_kernel(configs[0])
