@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 # The one place the version is written: pyproject.toml reads it (`[tool.setuptools.dynamic]`).
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from sparsek.api import attention, scaled_dot_product_attention

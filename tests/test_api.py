@@ -195,7 +195,7 @@ def test_import_is_light() -> None:
         "dt = time.perf_counter() - t; "
         "heavy = ('cutlass', 'xformers', 'vllm', 'tvm_ffi'); "
         "bad = [m for m in sys.modules if m.split('.')[0] in heavy]; "
-        "assert not bad, bad; assert sparsek.__version__ == '0.1.0'; print(dt)"
+        "assert not bad, bad; assert sparsek.__version__ == '0.2.0'; print(dt)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
