@@ -23,7 +23,11 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90, pytest.mark.slow]
-vllm = pytest.importorskip("vllm", reason="needs vllm 0.33.0 (pip install sparsek[vllm])")
+vllm = pytest.importorskip(
+    "vllm",
+    reason='needs vllm 0.33.0: pip install ".[vllm]" in a sparsek clone, or '
+    '"dist/sparsek-0.2.0-py3-none-any.whl[vllm]" from a built wheel',
+)
 
 TOP_K = 5
 PROMPT_LENGTHS = (1, 5, 37, 300, 700)  # decode from one token up to a chunk of prefill
