@@ -238,7 +238,10 @@ def _open_lock(entry: Path, shared: bool) -> int | None:
         try:
             entry.mkdir(parents=True, exist_ok=True)
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except FileNotFoundError:  # the entry was removed between mkdir and open
+        except (FileNotFoundError, FileExistsError):
+            # The entry was removed between mkdir and open; or another process made it
+            # and a third removed it again before mkdir could see a directory there
+            # (`Path.mkdir(exist_ok=True)` raises FileExistsError then).
             continue
         except OSError as exc:
             raise CacheDirError(exc.errno, f"{exc.strerror}: {exc.filename}") from exc

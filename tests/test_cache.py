@@ -31,6 +31,7 @@ from fake_toolchain import FakeCompiler
 from cutedsl_kernels import build
 from cutedsl_kernels.config import CAUSAL, NO_MASK, ElementTypes, FmhaFwdConfig
 from sparsek import cache as cache_mod
+from sparsek import cache_store
 from sparsek.cache import (
     FORMAT_VERSION,
     LOCK_NAME,
@@ -656,3 +657,25 @@ class _held:
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)
+
+
+def test_lock_survives_entry_removed_under_mkdir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Another process makes the entry and a third (`cache clear`) removes it between
+    mkdir's attempt and its check, so `Path.mkdir(exist_ok=True)` raises FileExistsError:
+    taking the lock tries again instead of calling the cache unwritable."""
+    entry = tmp_path / "sm_90a" / "entry"
+    real_mkdir = Path.mkdir
+    raced: list[Path] = []
+
+    def racing_mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if self == entry and not raced:
+            raced.append(self)
+            raise FileExistsError(errno.EEXIST, "File exists", str(self))
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    with cache_store.locked(entry) as held:
+        assert held
+    assert raced == [entry]
