@@ -21,6 +21,13 @@ Forward kernels (`FmhaFwdConfig`):
     bytes and base pointers are 16-byte aligned (TMA's rules). num_heads is a multiple
     of num_kv_heads. seqlen_q >= 1, seqlen_k >= 1.
     causal_offset (dense causal configs): key j is visible to query i iff j <= i + offset.
+    window_left, window_right (`MaskSpec.window` configs): key j is visible to query i iff
+    i + offset - left <= j <= i + offset + right (offset: causal_offset, or per sequence
+    seqlen_k - seqlen_q); a negative size is unbounded. softcap (`MaskSpec.softcap`, > 0):
+    scores become softcap * tanh(scale * s / softcap). sinks (`MaskSpec.sinks`, not split):
+    float32 (rows, num_heads), the sink logit of query row r of head h at
+    [min(r, rows - 1), h] (rows = 1 for one logit per head; the decode views that make a
+    KV head's query heads the rows pass (group, num_kv_heads)); else None.
     Rows with no visible key get out = 0 and lse = -inf.
     Variable-length configs (see `FmhaFwdConfig`): `varlen_q` packs q/out/lse as a batch
     of one, (1, total_q, ...) / (1, num_heads, total_q), delimited by cu_seqlens_q
@@ -56,8 +63,12 @@ class FmhaFwdArgs(NamedTuple):
     seqused_k: Any = None
     page_table: Any = None
     tile_counter: Any = None
+    sinks: Any = None
     softmax_scale: float = 1.0
     causal_offset: int = 0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
     max_seqlen_q: int = 0
     num_splits: int = 1
     num_ctas: int = 1
@@ -75,8 +86,12 @@ def call_fmha_fwd(
     seqused_k: Any = None,
     page_table: Any = None,
     tile_counter: Any = None,
+    sinks: Any = None,
     softmax_scale: float = 1.0,
     causal_offset: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
     max_seqlen_q: int = 0,
     num_splits: int = 1,
     num_ctas: int = 1,
@@ -84,7 +99,8 @@ def call_fmha_fwd(
     """`kernel(*FmhaFwdArgs(...))` without building the tuple: arguments by name."""
     kernel(
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, tile_counter,
-        softmax_scale, causal_offset, max_seqlen_q, num_splits, num_ctas,
+        sinks, softmax_scale, causal_offset, window_left, window_right, softcap,
+        max_seqlen_q, num_splits, num_ctas,
     )  # fmt: skip
 
 

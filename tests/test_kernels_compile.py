@@ -74,9 +74,17 @@ def test_kernels_accept_every_base_the_launch_path_passes() -> None:
         ({"head_dim": 256, "num_stages": 4}, "shared memory"),
         ({"arch": "sm_80"}, "sm_80"),
         ({"head_dim_v": 64}, "head_dim_v=64 must equal head_dim=128"),
-        ({"mask": MaskSpec(window=True)}, "window not implemented"),
-        ({"mask": MaskSpec(causal=True, softcap=True)}, "softcap not implemented"),
-        ({"mask": MaskSpec(sinks=True)}, "sinks not implemented"),
+        ({"mask": MaskSpec(causal=True, window=True)}, "a causal window is the window"),
+        (
+            {
+                "mask": MaskSpec(window=True),
+                "varlen_q": True,
+                "kv_layout": "paged",
+                "page_size": 16,
+                "single_query": True,
+            },
+            "neither causal nor window",
+        ),
     ],
 )
 def test_can_implement_gives_reasons(changes: dict, fragment: str) -> None:
@@ -87,6 +95,30 @@ def test_can_implement_gives_reasons(changes: dict, fragment: str) -> None:
     assert any(fragment in r for r in reasons), reasons
     with pytest.raises(ValueError, match="cannot compile"):
         build.compile_kernel(config)
+
+
+# One kernel of each mask feature (and all of them) on each kind of key layout: the
+# dense persistent kernel, packed varlen with the dynamic schedule, paged split-KV.
+MASK_LAYOUTS = (
+    {"persistent": True},
+    {"varlen_q": True, "kv_layout": "varlen", "persistent": True, "dynamic_schedule": True},
+    {"kv_layout": "paged", "page_size": 16, "split_kv": True, "tile_m": 64},
+)
+MASK_FEATURES = (
+    MaskSpec(window=True),
+    MaskSpec(causal=True, softcap=True),
+    MaskSpec(sinks=True),
+    MaskSpec(window=True, softcap=True, sinks=True),
+)
+
+
+@pytest.mark.parametrize("layout", MASK_LAYOUTS, ids=lambda d: "-".join(map(str, d.values())))
+@pytest.mark.parametrize("mask", MASK_FEATURES, ids=lambda m: m.name)
+def test_mask_features_compile(mask: MaskSpec, layout: dict) -> None:
+    """Window, softcap and sinks compile into every kind of kernel (numerics: tests/gpu)."""
+    config = FmhaFwdConfig("sm_90a", 128, ElementTypes.uniform("bfloat16"), mask=mask, **layout)
+    assert build.can_implement(config) == []
+    assert build.compile_kernel(config) is not None
 
 
 def test_config_names_are_unique() -> None:

@@ -38,7 +38,7 @@ import cutlass.cute as cute
 import cutlass.pipeline as pipeline
 from cutlass import Int32, const_expr
 
-from cutedsl_kernels.common.block_ranges import n_block_range
+from cutedsl_kernels.common.block_ranges import Window, n_block_range
 from cutedsl_kernels.common.dtypes import dsl_type
 from cutedsl_kernels.common.grid import fold_batch, unfold_batch
 from cutedsl_kernels.common.seqlen import SeqInfo, packed_tile
@@ -121,6 +121,7 @@ class SchedulerParams:
         tile_counter: (dynamic) the zeroed global tile counter.
         pipeline_sched, sched_tiles: (dynamic) the producer -> consumer work-tile pipeline
             and its shared-memory words (NUM_WORDS x stages).
+        window: (`MaskSpec.window`) the band's sizes, else None.
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class SchedulerParams:
         tile_counter: cute.Tensor | None,
         pipeline_sched: pipeline.PipelineAsync | None,
         sched_tiles: cute.Tensor,
+        window: Window | None = None,
     ):
         self.mQ, self.mK = mQ, mK
         self.cu_seqlens_q, self.cu_seqlens_k, self.seqused_k = cu_seqlens_q, cu_seqlens_k, seqused_k
@@ -145,6 +147,7 @@ class SchedulerParams:
         self.tile_counter, self.pipeline_sched, self.sched_tiles = (
             tile_counter, pipeline_sched, sched_tiles,
         )  # fmt: skip
+        self.window = window
 
 
 class TileScheduler:
@@ -415,6 +418,7 @@ class TileScheduler:
             split_idx,
             params.num_splits,
             self.split_kv,
+            params.window,
         )
         return WorkTile(m_block, head_idx, batch_idx, split_idx, info, n_min, n_max)
 

@@ -6,14 +6,18 @@ Computes, for every (batch b, query head h, query row i):
     LSE[b, h, i]  = log(sum_j exp(scale * Q . K))          (natural log, float32)
 
 with h_kv = h // (num_heads // num_kv_heads) (GQA/MQA read K/V in place, no copies) and,
-with `mask.causal`, only keys j <= i + causal_offset visible. Rows with no visible key give
-O = 0 and LSE = -inf.
+with `mask.causal`, only keys j <= i + causal_offset visible; with `mask.window`, only keys
+i + causal_offset - left <= j <= i + causal_offset + right (runtime sizes, negative:
+unbounded); with `mask.softcap`, scores softcap * tanh(scale * s / softcap) in place of
+scale * s; with `mask.sinks`, head h's sink logit joins the softmax denominator of every
+row that sees a key (the LSE includes it; split-KV: the combine adds it). Rows with no
+visible key give O = 0 and LSE = -inf.
 
 Features and limits (`limits.can_implement` says why a config is refused):
 - fp16 / bf16 in and out (Q, K, V and O of one type), fp32 accumulation; head_dim a
   multiple of 16 up to 256 whose tiles fit shared memory (the registry enables 64 and
-  128); head_dim_v = head_dim; masks: none or causal (`MaskSpec` names window, softcap and
-  sinks, which this kernel does not implement yet).
+  128); head_dim_v = head_dim; masks (`MaskSpec`): none, causal or window, each with
+  or without softcap and sinks (a causal window is the window with right size 0).
 - Any seqlen_q, seqlen_k >= 1; residual tiles are zero-filled by TMA and masked.
 - Layout (batch, seqlen, heads, head_dim) with any strides that TMA accepts (last dim
   contiguous, others multiples of 16 bytes); one compiled kernel serves every shape. The
@@ -69,6 +73,7 @@ from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from cutedsl_kernels.abi import FmhaFwdArgs
+from cutedsl_kernels.common.block_ranges import Window
 from cutedsl_kernels.common.dsl_compat import LayoutEnum, OperandMajorMode, SmemAllocator
 from cutedsl_kernels.common.dtypes import dsl_type
 from cutedsl_kernels.common.seqlen import query_position
@@ -89,7 +94,7 @@ from cutedsl_kernels.hopper.mainloop import (
     start_turns,
 )
 from cutedsl_kernels.hopper.producer import Sm90Producer
-from cutedsl_kernels.hopper.softmax import OnlineSoftmax
+from cutedsl_kernels.hopper.softmax import OnlineSoftmax, SoftmaxArgs
 from cutedsl_kernels.hopper.tensors import FwdTensors
 
 
@@ -175,12 +180,24 @@ class HopperFmhaForward:
             seqused_k=tensor(Int32, (cute.sym_int(),), 4) if has_used_k else None,
             page_table=tensor(Int32, (cute.sym_int(), cute.sym_int()), 4) if self.paged else None,
             tile_counter=tensor(Int32, (1,), 4) if self.dynamic else None,
+            sinks=self._fake_sinks(),
             softmax_scale=Float32(1.0),
             causal_offset=Int32(0),
+            window_left=Int32(-1),
+            window_right=Int32(-1),
+            softcap=Float32(0.0),
             max_seqlen_q=Int32(1),
             num_splits=Int32(1),
             num_ctas=Int32(1),
         )
+
+    def _fake_sinks(self):
+        """(rows, heads) float32 sink logits, any strides (see `abi`), or None."""
+        if not self.config.mask.sinks or self.split_kv:
+            return None
+        shape = (cute.sym_int(), cute.sym_int())
+        strides = (cute.sym_int64(), cute.sym_int64())
+        return cute.runtime.make_fake_tensor(Float32, shape, stride=strides, assumed_align=4)
 
     # ------------------------------------------------------------------ host side
     @cute.jit
@@ -196,8 +213,12 @@ class HopperFmhaForward:
         mSeqUsedK: cute.Tensor | None,  # (b,) int32, kv_layout "cache" / "paged"
         mPageTable: cute.Tensor | None,  # (b, max_pages) int32, kv_layout "paged"
         mTileCounter: cute.Tensor | None,  # (1,) int32, zeros: dynamic_schedule
+        mSinks: cute.Tensor | None,  # (rows, h) float32: mask.sinks, not split_kv
         softmax_scale: Float32,
         causal_offset: Int32,
+        window_left: Int32,  # mask.window; negative: unbounded
+        window_right: Int32,
+        softcap: Float32,  # mask.softcap, > 0
         max_seqlen_q: Int32,
         num_splits: Int32,
         num_ctas: Int32,  # persistent: CTAs to launch (the SM count); ignored otherwise
@@ -269,6 +290,13 @@ class HopperFmhaForward:
             sched_tiles: cute.struct.MemRange[Int32, WorkTile.NUM_WORDS * SCHED_STAGES]
 
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
+        softcap_pre_scale = None
+        if const_expr(self.config.mask.softcap):
+            # tanh(s * softmax_scale / softcap), then softmax with scale softcap.
+            softcap_pre_scale = softmax_scale / softcap
+            scale_log2 = softcap * Float32(math.log2(math.e))
+        if const_expr(not self.config.mask.window):
+            window_left, window_right = None, None
         grid, num_m_blocks, l2_group = self.scheduler.launch_grid(
             mQ, mK, mCuSeqlensQ, max_seqlen_q, num_splits, num_ctas
         )
@@ -284,6 +312,7 @@ class HopperFmhaForward:
             mSeqUsedK,
             mPageTable,
             mTileCounter,
+            mSinks,
             tma_atom_Q,
             tma_atom_K,
             tma_atom_V,
@@ -294,7 +323,10 @@ class HopperFmhaForward:
             tiled_mma_qk,
             tiled_mma_pv,
             scale_log2,
+            softcap_pre_scale,
             causal_offset,
+            window_left,
+            window_right,
             num_splits,
             num_m_blocks,
             l2_group,
@@ -341,6 +373,7 @@ class HopperFmhaForward:
         mSeqUsedK: cute.Tensor | None,
         mPageTable: cute.Tensor | None,
         mTileCounter: cute.Tensor | None,
+        mSinks: cute.Tensor | None,
         tma_atom_Q: cute.CopyAtom,
         tma_atom_K: cute.CopyAtom,
         tma_atom_V: cute.CopyAtom,
@@ -351,7 +384,10 @@ class HopperFmhaForward:
         tiled_mma_qk: cute.TiledMma,
         tiled_mma_pv: cute.TiledMma,
         scale_log2: Float32,
+        softcap_pre_scale: Float32 | None,
         causal_offset: Int32,
+        window_left: Int32 | None,
+        window_right: Int32 | None,
         num_splits: Int32,
         num_m_blocks: Int32,
         l2_group: Int32,
@@ -382,6 +418,10 @@ class HopperFmhaForward:
         tensors = FwdTensors(
             mQ, mK, mV, tma_O, mO, mLSE, mCuSeqlensQ, mCuSeqlensK, mSeqUsedK, mPageTable
         )
+        window = None
+        if const_expr(self.config.mask.window):
+            window = Window(window_left, window_right)
+        softmax_args = SoftmaxArgs(scale_log2, softcap_pre_scale, mSinks)
         schedule = SchedulerParams(
             mQ,
             mK,
@@ -395,6 +435,7 @@ class HopperFmhaForward:
             mTileCounter,
             pipeline_sched,
             storage.sched_tiles.get_tensor(cute.make_layout((WorkTile.NUM_WORDS, SCHED_STAGES))),
+            window,
         )
         pipeline.pipeline_init_wait()
 
@@ -414,7 +455,10 @@ class HopperFmhaForward:
             wg_idx = cute.arch.make_warp_uniform(tidx // THREADS_PER_WARPGROUP)
             start_turns(self.pingpong, wg_idx)
             mmas = (tiled_mma_qk, tiled_mma_pv)
-            role_args = (tensors, smem_tiles, pipelines, mmas, tma_atom_O, tidx, wg_idx, scale_log2)
+            role_args = (
+                tensors, smem_tiles, pipelines, mmas, tma_atom_O, tidx, wg_idx, softmax_args,
+                window,
+            )  # fmt: skip
             states = self.pipeline_states(pipeline.PipelineUserType.Consumer)
             self.scheduler.run(False, self.mma, role_args, states, schedule)
 
@@ -487,7 +531,8 @@ class HopperFmhaForward:
         tma_atom_O: cute.CopyAtom | None,
         tidx: Int32,
         wg_idx: Int32,
-        scale_log2: Float32,
+        softmax_args: SoftmaxArgs,
+        window: Window | None,
         q_state: pipeline.PipelineState,
         kv_state: pipeline.PipelineState,
     ) -> tuple[pipeline.PipelineState, pipeline.PipelineState]:
@@ -517,7 +562,9 @@ class HopperFmhaForward:
         cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
         tScS = thr_mma_qk.partition_C(cS)
         t0ScS = tiled_mma_qk.get_slice(0).partition_C(cS)
-        softmax = OnlineSoftmax(scale_log2, num_rows=cute.size(acc_rows_cols(tScS), mode=[0]))
+        softmax = OnlineSoftmax(
+            softmax_args.scale_log2, num_rows=cute.size(acc_rows_cols(tScS), mode=[0])
+        )
         softmax.reset()
 
         pipeline_q.consumer_wait(q_state)  # loaded for every tile, even one without keys
@@ -541,11 +588,14 @@ class HopperFmhaForward:
                 v_rows = cu_k[cute.size(cu_k.shape[0]) - 1] - info.offset_k
             mainloop = Sm90Mainloop(
                 self.mainloop, operands, acc_O, softmax, (pipeline_k, pipeline_v), m_block, info,
-                wg_idx, v_rows,
+                wg_idx, v_rows, window, softmax_args.softcap_pre_scale,
             )  # fmt: skip
             kv_state = mainloop.run(kv_state, n_min, n_max)
 
-        inv_sum = softmax.finalize()
+        sinks = None
+        if const_expr(softmax_args.sinks is not None):
+            sinks = softmax_args.row_sinks(tScS, m_block * self.tile_m, work.head_idx)
+        inv_sum = softmax.finalize(sinks)
         OnlineSoftmax.rescale(acc_O, inv_sum)
         self.store_tile(work, tensors, sQ, q_state.index, acc_O, softmax.row_sum, tScS,
                         tiled_mma_pv, tma_atom_O, tidx)  # fmt: skip

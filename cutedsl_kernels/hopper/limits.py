@@ -6,7 +6,7 @@ of the DSL keeps a warm start (kernel loaded from the disk cache) from importing
 
 from __future__ import annotations
 
-from cutedsl_kernels.config import KV_LAYOUTS, NO_MASK, SUPPORTED_DTYPES, FmhaFwdConfig
+from cutedsl_kernels.config import KV_LAYOUTS, SUPPORTED_DTYPES, FmhaFwdConfig
 
 SMEM_CAPACITY_BYTES = 227 * 1024  # H100 opt-in shared memory per CTA
 SM_SMEM_BYTES = 228 * 1024  # per SM, of which 1 KiB per resident CTA is reserved
@@ -62,11 +62,10 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
         reasons.append(
             f"head_dim_v={config.value_head_dim} must equal head_dim={config.head_dim} on sm_90a"
         )
-    unsupported = [f for f in ("window", "softcap", "sinks") if getattr(config.mask, f)]
-    if unsupported:
+    if config.mask.causal and config.mask.window:
         reasons.append(
-            f"mask={config.mask.name!r}: {', '.join(unsupported)} not implemented on sm_90a "
-            "(supported: no mask, causal)"
+            f"mask={config.mask.name!r}: a causal window is the window with right size 0 "
+            "(compile mask=window and pass window_right=0)"
         )
     mma_warpgroups = config.tile_m // ROWS_PER_MMA_WARPGROUP
     if config.tile_m % ROWS_PER_MMA_WARPGROUP or (mma_warpgroups, 1) not in REGS_BY_MMA_WARPGROUPS:
@@ -96,12 +95,14 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
     if config.single_query and not (
         config.varlen_q
         and config.kv_layout in ("cache", "paged")
-        and config.mask == NO_MASK
+        and not config.mask.causal
+        and not config.mask.window
         and not config.persistent
     ):
         reasons.append(
             "single_query (decode of packed queries) needs varlen_q, a 'cache' or 'paged' "
-            "kv_layout, no mask (one query sees every key) and a non-persistent launch"
+            "kv_layout, neither causal nor window (its rows are the heads of one query, "
+            "which sees every key) and a non-persistent launch"
         )
     packed = config.varlen_q and config.kv_layout == "varlen"
     if config.persistent and (config.split_kv or (config.is_varlen and not packed)):

@@ -33,14 +33,18 @@ import cutlass.pipeline as pipeline
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import warpgroup
 
-from cutedsl_kernels.common.block_ranges import first_masked_n_block
+from cutedsl_kernels.common.block_ranges import (
+    Window,
+    first_masked_n_block,
+    first_unmasked_left_n_block,
+)
 from cutedsl_kernels.common.named_barriers import NamedBarrier
 from cutedsl_kernels.common.seqlen import SeqInfo
 from cutedsl_kernels.config import MaskSpec
 from cutedsl_kernels.hopper.convert import convert_pairs
 from cutedsl_kernels.hopper.fragments import acc_as_operand_a
 from cutedsl_kernels.hopper.limits import THREADS_PER_WARPGROUP
-from cutedsl_kernels.hopper.softmax import OnlineSoftmax, apply_mask
+from cutedsl_kernels.hopper.softmax import OnlineSoftmax, apply_mask, apply_softcap
 
 
 @cute.jit
@@ -148,6 +152,9 @@ class Sm90Mainloop:
         v_rows: (`zero_v_tail`) key rows from the sequence's first that hold data, at
             least its own (packed keys: up to the last sequence's end; V rows past them
             may be padding); None: the sequence's own rows.
+        window: (`MaskSpec.window`) the band's runtime sizes.
+        softcap_pre_scale: (`MaskSpec.softcap`) softmax_scale / softcap, the factor of the
+            scores inside the tanh.
     """
 
     def __init__(
@@ -161,6 +168,8 @@ class Sm90Mainloop:
         info: SeqInfo,
         wg_idx: Int32,
         v_rows: Int32 | None = None,
+        window: Window | None = None,
+        softcap_pre_scale: Float32 | None = None,
     ):
         self.settings, self.operands = settings, operands
         self.tile_m, self.tile_n = settings.tile_m, settings.tile_n
@@ -175,6 +184,7 @@ class Sm90Mainloop:
         self.m_block, self.seqlen_k, self.causal_offset = m_block, info.seqlen_k, info.causal_offset
         self.wg_idx = wg_idx
         self.v_rows = info.seqlen_k if v_rows is None else v_rows
+        self.window, self.softcap_pre_scale = window, softcap_pre_scale
 
     # ------------------------------------------------------------ warpgroup turns
     @cute.jit
@@ -205,6 +215,11 @@ class Sm90Mainloop:
         )
 
     @cute.jit
+    def softcap_scores(self, acc_S: cute.Tensor):
+        if const_expr(self.mask.softcap):
+            apply_softcap(acc_S, self.softcap_pre_scale)
+
+    @cute.jit
     def mask_scores(self, acc_S: cute.Tensor, n_block: Int32):
         apply_mask(
             acc_S,
@@ -217,6 +232,7 @@ class Sm90Mainloop:
             self.tile_m,
             self.tile_n,
             self.mask,
+            self.window,
         )
 
     @cute.jit
@@ -260,6 +276,7 @@ class Sm90Mainloop:
             0,
         )
         self.pipeline_k.consumer_release(kv_state)
+        self.softcap_scores(acc_S)
         if const_expr(masked):
             self.mask_scores(acc_S, n_block)
         row_scale = self.softmax.update(acc_S, is_first)
@@ -296,6 +313,7 @@ class Sm90Mainloop:
             0,
         )
         self.pipeline_k.consumer_release(kv_state)
+        self.softcap_scores(acc_S)
         self.mask_scores(acc_S, n_block)
         self.softmax.update(acc_S, True)
         convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
@@ -334,6 +352,7 @@ class Sm90Mainloop:
         self.pass_turn()
         warpgroup.wait_group(1)  # S is ready; PV may still run
         self.pipeline_k.consumer_release(kv_state)
+        self.softcap_scores(acc_S)
         if const_expr(masked):
             self.mask_scores(acc_S, n_block)
         row_scale = self.softmax.update(acc_S, False)
@@ -358,6 +377,22 @@ class Sm90Mainloop:
         self.pipeline_v.consumer_release(kv_state)
 
     # ------------------------------------------------------------ whole loop
+    @cute.jit
+    def steps(
+        self,
+        kv_state: pipeline.PipelineState,
+        n_from: Int32,
+        n_to: Int32,
+        masked: cutlass.Constexpr[bool],
+    ) -> pipeline.PipelineState:
+        """Key tiles n_from-1 down to n_to (none when n_to >= n_from), after the first."""
+        for i in cutlass.range(n_from - n_to, unroll=1):
+            if const_expr(self.settings.overlap):
+                kv_state = self.overlapped_step(kv_state, n_from - 1 - i, masked)
+            else:
+                kv_state = self.serial_step(kv_state, n_from - 1 - i, False, masked)
+        return kv_state
+
     @cute.jit
     def run(
         self,
@@ -384,17 +419,41 @@ class Sm90Mainloop:
                 ),
                 n_min,
             )
-            for i in cutlass.range(n_top - n_mask_from, unroll=1):
-                if const_expr(overlap):
-                    kv_state = self.overlapped_step(kv_state, n_top - 1 - i, True)
-                else:
-                    kv_state = self.serial_step(kv_state, n_top - 1 - i, False, True)
+            kv_state = self.steps(kv_state, n_top, n_mask_from, True)
             n_top = n_mask_from
-        for i in cutlass.range(n_top - n_min, unroll=1):
-            if const_expr(overlap):
-                kv_state = self.overlapped_step(kv_state, n_top - 1 - i, False)
-            else:
-                kv_state = self.serial_step(kv_state, n_top - 1 - i, False, False)
+        if const_expr(self.mask.window):
+            # Tiles crossing the right edge, then those inside the band, then those
+            # crossing the left edge (`block_ranges`); a negative size has no edge.
+            window = self.window
+            n_mask_from = n_top
+            if window.right >= 0:
+                n_mask_from = cutlass.max(
+                    cutlass.min(
+                        first_masked_n_block(
+                            self.m_block, self.causal_offset, self.tile_m, self.tile_n,
+                            window.right,
+                        ),
+                        n_top,
+                    ),
+                    n_min,
+                )  # fmt: skip
+            kv_state = self.steps(kv_state, n_top, n_mask_from, True)
+            n_full_from = n_min
+            if window.left >= 0:
+                n_full_from = cutlass.max(
+                    cutlass.min(
+                        first_unmasked_left_n_block(
+                            self.m_block, self.causal_offset, self.tile_m, self.tile_n,
+                            window.left,
+                        ),
+                        n_mask_from,
+                    ),
+                    n_min,
+                )  # fmt: skip
+            kv_state = self.steps(kv_state, n_mask_from, n_full_from, False)
+            kv_state = self.steps(kv_state, n_full_from, n_min, True)
+        else:
+            kv_state = self.steps(kv_state, n_top, n_min, False)
         if const_expr(overlap):
             self.last_pv(kv_state)
             kv_state.advance()

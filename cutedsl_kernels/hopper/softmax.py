@@ -1,9 +1,14 @@
-"""Score processing of the sm90 MMA warpgroups: the element-wise mask, then the online
-softmax over key tiles, in registers, with exp2 and the scale folded in.
+"""Score processing of the sm90 MMA warpgroups: the logit softcap, the element-wise mask,
+then the online softmax over key tiles, in registers, with exp2 and the scale folded in.
+
+Softcap (`apply_softcap`, with `MaskSpec.softcap`): each raw score s becomes
+tanh(s * softmax_scale / softcap) (hardware tanh.approx), and the softmax scale becomes
+softcap, so the softmax sees softcap * tanh(softmax_scale * s / softcap). It runs before
+the mask (tanh(-inf) would be -1, not -inf).
 
 Masking (`apply_mask`): the scores of one key tile that the mask hides are set to -inf;
 the main loop calls it only for the tiles `common/block_ranges.py` says need it (the
-sequence end, the causal diagonal).
+sequence end, the causal diagonal, a window's edges).
 
 For each query row the kernel keeps the running maximum `m` of the raw scores and the
 running sum `l` of `exp2(s * scale_log2 - m * scale_log2)` over the keys seen so far.
@@ -14,6 +19,12 @@ by which the partial output must be rescaled. At the end, `O /= l` and
 Rows that have seen only masked (-inf) scores keep `m = -inf`; exponents are then taken
 against 0 so they stay 0 instead of NaN, and such rows finish with O = 0, lse = -inf.
 NaN in a row's scores (NaN in Q or K) makes its sum NaN, hence its O and LSE NaN.
+
+Sinks (`MaskSpec.sinks`): head h's sink logit joins the denominator of each of its rows
+that sees at least one key, at finalization: l += exp(sink - m * scale); the LSE then
+includes it, log(exp(sink) + sum_j exp(scale * s_j)), and O = sum_j p_j V_j with the
+sink's share of the probability going to no value. A row without keys stays O = 0,
+lse = -inf. Split-KV partials leave the sink out (the combine adds it once).
 
 Each thread holds a few full rows' worth of columns split across the 4 threads of a quad
 (the MMA accumulator layout), so row reductions end with a 4-lane butterfly. The row sum
@@ -26,12 +37,14 @@ import math
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, const_expr
 
+from cutedsl_kernels.common.block_ranges import Window
 from cutedsl_kernels.config import MaskSpec
 from cutedsl_kernels.hopper.fragments import acc_rows_cols
 
 LN2 = math.log(2.0)
+LOG2_E = math.log2(math.e)
 LANES_PER_ROW = 4  # wgmma accumulators spread one row's columns over a quad
 ILP_CHAINS = 4  # independent reduction chains: a serial chain stalls on each op's latency
 
@@ -48,6 +61,37 @@ def reduce_ilp(row: cute.Tensor, op: cutlass.Constexpr) -> Float32:
         for j in cutlass.range_constexpr(ILP_CHAINS):
             chains[j] = op(chains[j], row[i + j])
     return op(op(chains[0], chains[1]), op(chains[2], chains[3]))
+
+
+class SoftmaxArgs:
+    """The softmax's runtime inputs, one set per launch.
+
+    Attributes:
+        scale_log2: the scores' scale in log2 units (softcap: softcap * log2(e)).
+        softcap_pre_scale: (`MaskSpec.softcap`) softmax_scale / softcap, else None.
+        sinks: (`MaskSpec.sinks`, not split-KV) float32 (rows, heads) sink logits (see
+            `abi`), else None.
+    """
+
+    def __init__(
+        self,
+        scale_log2: Float32,
+        softcap_pre_scale: Float32 | None,
+        sinks: cute.Tensor | None,
+    ):
+        self.scale_log2, self.softcap_pre_scale, self.sinks = scale_log2, softcap_pre_scale, sinks
+
+    @cute.jit
+    def row_sinks(self, t_coords: cute.Tensor, row0: Int32, head: Int32) -> cute.Tensor:
+        """The sink logit of each row this thread owns (rows row0 + the tile's), as a
+        register tensor: `sinks[min(row, rows - 1), head]`."""
+        c_rc = acc_rows_cols(t_coords)
+        num_rows = cute.size(c_rc, mode=[0])
+        out = cute.make_rmem_tensor(num_rows, Float32)
+        last = cute.size(self.sinks.shape[0]) - 1
+        for r in cutlass.range_constexpr(num_rows):
+            out[r] = self.sinks[cutlass.min(row0 + c_rc[r, 0][0], last), head]
+        return out
 
 
 class OnlineSoftmax:
@@ -94,14 +138,23 @@ class OnlineSoftmax:
         return row_scale
 
     @cute.jit
-    def finalize(self) -> cute.Tensor:
+    def finalize(self, sinks: cute.Tensor | None = None) -> cute.Tensor:
         """Reduce the row sums, turn `row_sum` into the LSE; return 1/l per row.
 
-        After this call `self.row_sum[r]` holds the natural-log LSE of row r.
+        `sinks`: each row's sink logit (natural log, `SoftmaxArgs.row_sinks`), added to
+        the denominator of every row that saw a key; None: no sinks. After this call
+        `self.row_sum[r]` holds the natural-log LSE of row r.
         """
         inv_sum = cute.make_rmem_tensor_like(self.row_max, Float32)
         for r in cutlass.range_constexpr(cute.size(self.row_sum)):
             total = cute.arch.warp_reduction(self.row_sum[r], _add, threads_in_group=LANES_PER_ROW)
+            if const_expr(sinks is not None):  # noqa: SIM102 (a const_expr apart from a runtime test)
+                # exp(sink - m * scale); a row without keys (m = -inf) keeps total 0.
+                if self.row_max[r] != -Float32.inf:
+                    total += cute.math.exp2(
+                        sinks[r] * Float32(LOG2_E) - self.row_max[r] * self.scale_log2,
+                        fastmath=True,
+                    )
             # Only a row without a visible key sums to 0. A NaN sum (NaN in Q or K) stays
             # NaN: the row's O and LSE come out NaN, as the math says.
             empty = total == Float32(0.0)
@@ -133,12 +186,13 @@ def apply_mask(
     tile_m: cutlass.Constexpr[int],
     tile_n: cutlass.Constexpr[int],
     mask: cutlass.Constexpr[MaskSpec],
+    window: Window | None = None,
 ) -> None:
     """Set masked scores of one (tile_m, tile_n) tile to -inf.
 
     `t_coords` / `t0_coords` are this thread's and thread 0's partitions of the tile's
     identity tensor, so that the per-element test compares against compile-time column
-    offsets (thread 0's) and a per-row limit shifted by this thread's own offset.
+    offsets (thread 0's) and per-row limits shifted by this thread's own offset.
     """
     s_rc = acc_rows_cols(acc_s)
     c_rc = acc_rows_cols(t_coords)
@@ -151,6 +205,28 @@ def apply_mask(
             row = m_block * tile_m + c_rc[r, 0][0]
             causal_limit = row + causal_offset + 1 - n_block * tile_n - thread_col
             col_limit = cutlass.min(col_limit, causal_limit)
-        for c in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
-            if c0_rc[0, c][1] >= col_limit:
-                s_rc[r, c] = -Float32.inf
+        if cutlass.const_expr(mask.window):
+            # Visible: left_limit <= column < col_limit (a negative size: no edge).
+            row = m_block * tile_m + c_rc[r, 0][0]
+            diagonal = row + causal_offset - n_block * tile_n - thread_col
+            if window.right >= 0:
+                col_limit = cutlass.min(col_limit, diagonal + window.right + 1)
+            left_limit = Int32(-tile_n)
+            if window.left >= 0:
+                left_limit = diagonal - window.left
+            for c in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
+                col = c0_rc[0, c][1]
+                if col >= col_limit or col < left_limit:
+                    s_rc[r, c] = -Float32.inf
+        else:
+            for c in cutlass.range_constexpr(cute.size(s_rc, mode=[1])):
+                if c0_rc[0, c][1] >= col_limit:
+                    s_rc[r, c] = -Float32.inf
+
+
+@cute.jit
+def apply_softcap(acc_s: cute.Tensor, pre_scale: Float32) -> None:
+    """Scores s -> tanh(s * pre_scale) in place (pre_scale = softmax_scale / softcap; the
+    softmax's scale is softcap, see the module docstring)."""
+    for i in cutlass.range_constexpr(cute.size(acc_s)):
+        acc_s[i] = cute.math.tanh(acc_s[i] * pre_scale, fastmath=True)
