@@ -8,7 +8,8 @@ and what the `sparsek::attention` op runs on CPU tensors; it is not a fast path
 Masking semantics match the kernels' contract: with `causal=True`, key j is visible to
 query i iff `j <= i + offset`, where offset = seqlen_k - seqlen_q (bottom-right aligned,
 the default, as in FlashAttention) or 0 (`causal_top_left=True`, as in torch SDPA's
-`is_causal`). A row with no visible key gets out = 0 and lse = -inf.
+`is_causal`). Sliding windows, softcap and sinks follow `sparsek.masks` (windows align
+like causal). A row with no visible key gets out = 0 and lse = -inf.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from sparsek.masks import make_mask, reference_scores, reference_softmax, visible
 
 
 def causal_offset(seqlen_q: int, seqlen_k: int, causal_top_left: bool) -> int:
@@ -31,6 +34,9 @@ def reference_attention(
     causal: bool = False,
     causal_top_left: bool = False,
     softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference multi-head attention in (batch, seqlen, heads, head_dim) layout.
@@ -45,12 +51,15 @@ def reference_attention(
         causal_top_left: align the causal diagonal top-left (offset 0) instead of
             bottom-right (offset seqlen_k - seqlen_q). Ignored when `causal` is False.
         softmax_scale: multiplier of QK^T; 1/sqrt(head_dim) when None.
+        window_size, softcap, sinks: sliding window (left, right), logit softcap and
+            (num_heads,) sink logits, as `sparsek.masks` defines them.
         compute_dtype: torch.float32 or torch.float64; inputs are upcast to it.
 
     Returns:
         out: (batch, seqlen_q, num_heads, head_dim_v) in `compute_dtype`, contiguous.
         lse: (batch, num_heads, seqlen_q) in `compute_dtype`: log-sum-exp of the scaled,
-            masked scores of each row (natural log); -inf for rows with no visible key.
+            masked scores of each row (natural log; with sinks, the sink included); -inf
+            for rows with no visible key.
 
     Raises:
         ValueError: `compute_dtype` is not float32/float64, or num_heads is not a
@@ -70,18 +79,14 @@ def reference_attention(
         kf = kf.repeat_interleave(group, dim=2)
         vf = vf.repeat_interleave(group, dim=2)
 
-    scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
-    if causal:
-        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-        offset = causal_offset(seqlen_q, seqlen_k, causal_top_left)
-        rows = torch.arange(seqlen_q, device=q.device).unsqueeze(1)
-        cols = torch.arange(seqlen_k, device=q.device).unsqueeze(0)
-        scores = scores.masked_fill(cols > rows + offset, float("-inf"))
-
-    lse = torch.logsumexp(scores, dim=-1)
-    # Fully masked rows: lse = -inf; subtract 0 instead so exp(-inf - 0) = 0 (not NaN),
-    # which makes their output exactly 0 without a data-dependent branch.
-    shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - shift.unsqueeze(-1))
+    mask = make_mask(causal, window_size, softcap, sinks is not None)
+    scores = reference_scores(torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale, mask.softcap)
+    seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    rows = torch.arange(seqlen_q, device=q.device).unsqueeze(1)
+    cols = torch.arange(seqlen_k, device=q.device).unsqueeze(0)
+    shown = visible(rows, cols, causal_offset(seqlen_q, seqlen_k, causal_top_left), mask)
+    if shown is not None:
+        scores = scores.masked_fill(~shown, float("-inf"))
+    probs, lse = reference_softmax(scores, sinks)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vf).contiguous()
     return out, lse

@@ -1,0 +1,167 @@
+"""The mask arguments (sliding window, softcap, sinks): their checks, canonical form and the
+reference's semantics.
+
+Compared against: a per-element loop over (query, key) in float64 written from the
+definitions in `sparsek/masks.py` (FlashAttention's window convention), independent of the
+reference's vectorized masking.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cutedsl_kernels.config import MaskSpec
+from sparsek.masks import CAUSAL, NO_MASK, Mask, check_mask_args, make_mask
+from sparsek.reference import reference_attention
+
+
+def loop_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    window: tuple[int, int],
+    softcap: float,
+    sinks: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one batch entry, (seqlen, heads, dim), one score at a time."""
+    seqlen_q, heads, _ = q.shape
+    seqlen_k, kv_heads, dim_v = v.shape
+    group = heads // kv_heads
+    left, right = window
+    if causal:
+        right = 0
+    out = torch.zeros(seqlen_q, heads, dim_v, dtype=torch.float64)
+    lse = torch.full((heads, seqlen_q), -math.inf, dtype=torch.float64)
+    for h in range(heads):
+        for i in range(seqlen_q):
+            diagonal = i + seqlen_k - seqlen_q
+            logits, values = [], []
+            for j in range(seqlen_k):
+                if right >= 0 and j > diagonal + right:
+                    continue
+                if left >= 0 and j < diagonal - left:
+                    continue
+                s = scale * float(q[i, h] @ k[j, h // group])
+                if softcap > 0:
+                    s = softcap * math.tanh(s / softcap)
+                logits.append(s)
+                values.append(v[j, h // group])
+            if not logits:
+                continue
+            terms = logits + ([float(sinks[h])] if sinks is not None else [])
+            top = max(terms)
+            total = sum(math.exp(t - top) for t in terms)
+            lse[h, i] = top + math.log(total)
+            for s, value in zip(logits, values, strict=True):
+                out[i, h] += math.exp(s - lse[h, i]) * value
+    return out, lse
+
+
+CASES = [
+    # (seqlen_q, seqlen_k, causal, window, softcap, with sinks)
+    (7, 7, False, (2, 1), 0.0, False),
+    (5, 9, True, (3, -1), 0.0, False),  # causal window, Sq < Sk
+    (9, 5, False, (-1, 0), 0.0, False),  # = causal, Sq > Sk: early rows see nothing
+    (6, 11, False, (0, 0), 0.0, False),  # each row sees its diagonal key only
+    (6, 6, False, (20, 20), 0.0, False),  # wider than the sequence
+    (8, 8, True, (-1, -1), 5.0, False),  # softcap
+    (7, 10, False, (-1, -1), 0.0, True),  # sinks
+    (9, 4, True, (1, -1), 2.0, True),  # all of them, some rows without keys
+]
+
+
+@pytest.mark.parametrize(("sq", "sk", "causal", "window", "softcap", "with_sinks"), CASES)
+def test_reference_matches_the_definitions(
+    sq: int, sk: int, causal: bool, window: tuple[int, int], softcap: float, with_sinks: bool
+) -> None:
+    gen = torch.Generator().manual_seed(sq * 100 + sk)
+    heads, kv_heads, dim = 4, 2, 8
+    q = torch.randn(1, sq, heads, dim, generator=gen, dtype=torch.float64) * 2
+    k = torch.randn(1, sk, kv_heads, dim, generator=gen, dtype=torch.float64) * 2
+    v = torch.randn(1, sk, kv_heads, dim, generator=gen, dtype=torch.float64)
+    sinks = torch.randn(heads, generator=gen) if with_sinks else None
+    scale = dim**-0.5
+    out, lse = reference_attention(
+        q, k, v, causal=causal, softmax_scale=scale, window_size=window, softcap=softcap,
+        sinks=sinks, compute_dtype=torch.float64,
+    )  # fmt: skip
+    want_out, want_lse = loop_attention(q[0], k[0], v[0], causal, window, softcap, sinks, scale)
+    torch.testing.assert_close(out[0], want_out, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(lse[0], want_lse, atol=1e-12, rtol=1e-10)
+    if sq > sk and (causal or window == (-1, 0)):
+        assert torch.isneginf(lse[0, :, 0]).all() and (out[0, 0] == 0).all()
+
+
+def test_sinks_take_probability_from_the_values() -> None:
+    """A sink far above every score leaves almost nothing for the values; -inf sinks are
+    no sinks at all."""
+    q, k, v = (torch.randn(1, 5, 2, 8, dtype=torch.float64) for _ in range(3))
+    plain, plain_lse = reference_attention(q, k, v, compute_dtype=torch.float64)
+    none, none_lse = reference_attention(
+        q, k, v, sinks=torch.full((2,), -math.inf), compute_dtype=torch.float64
+    )
+    torch.testing.assert_close(none, plain)
+    torch.testing.assert_close(none_lse, plain_lse)
+    big, big_lse = reference_attention(
+        q, k, v, sinks=torch.full((2,), 50.0), compute_dtype=torch.float64
+    )
+    assert big.abs().max() < 1e-15
+    torch.testing.assert_close(big_lse, torch.full_like(big_lse, 50.0))
+
+
+@pytest.mark.parametrize(
+    ("causal", "window", "softcap", "sinks", "want"),
+    [
+        (False, (-1, -1), 0.0, False, NO_MASK),
+        (True, (-1, -1), 0.0, False, CAUSAL),
+        (False, (-1, 0), 0.0, False, CAUSAL),  # FlashAttention: (-1, 0) is causal
+        (True, (-1, 7), 0.0, False, CAUSAL),  # causal sets right to 0
+        (True, (4, -1), 0.0, False, Mask(window_left=4, window_right=0)),
+        (False, (4, 2), 0.0, False, Mask(window_left=4, window_right=2)),
+        (True, (-1, -1), 30.0, True, Mask(causal=True, softcap=30.0, sinks=True)),
+    ],
+)
+def test_make_mask_is_canonical(
+    causal: bool, window: tuple[int, int], softcap: float, sinks: bool, want: Mask
+) -> None:
+    assert make_mask(causal, window, softcap, sinks) == want
+
+
+def test_mask_spec_names_the_kernel_features() -> None:
+    assert make_mask(True, (128, -1), 30.0, True).spec == MaskSpec(
+        window=True, softcap=True, sinks=True
+    )
+    assert make_mask(False, (-1, -1)).spec == MaskSpec()
+    assert CAUSAL.spec == MaskSpec(causal=True) and CAUSAL.is_plain
+
+
+@pytest.mark.parametrize(
+    ("window", "softcap", "sinks", "error", "fragment"),
+    [
+        ((-2, 0), 0.0, None, ValueError, r"window_size=\(-2, 0\)"),
+        ((1,), 0.0, None, TypeError, "window_size must be a pair"),
+        ((1.5, 2), 0.0, None, TypeError, "window_size must be a pair"),
+        ((True, 2), 0.0, None, TypeError, "window_size must be a pair"),
+        ((-1, -1), -1.0, None, ValueError, "softcap=-1.0"),
+        ((-1, -1), math.inf, None, ValueError, "softcap=inf"),
+        ((-1, -1), "30", None, TypeError, "softcap must be a real number"),
+        ((-1, -1), 0.0, [0.0] * 4, TypeError, "sinks must be a float32 tensor"),
+        ((-1, -1), 0.0, torch.zeros(4, dtype=torch.float16), TypeError, "sinks must be float32"),
+        ((-1, -1), 0.0, torch.zeros(3), ValueError, r"\(num_heads,\) = \(4,\)"),
+    ],
+)
+def test_bad_mask_arguments_name_the_argument(
+    window: object, softcap: object, sinks: object, error: type, fragment: str
+) -> None:
+    with pytest.raises(error, match=fragment):
+        check_mask_args(window, softcap, sinks, num_heads=4, device=torch.device("cpu"))
+
+
+def test_good_mask_arguments_pass() -> None:
+    got = check_mask_args([3, -1], 30, torch.zeros(4), num_heads=4, device=torch.device("cpu"))
+    assert got == ((3, -1), 30.0)
