@@ -27,6 +27,7 @@ from torch import Tensor
 
 from sparsek import memo, ops  # ops also registers the torch.ops.sparsek ops
 from sparsek.launch import dense, tma
+from sparsek.masks import CAUSAL, NO_MASK, Mask, check_mask_args, make_mask
 from sparsek.reference import reference_attention
 from sparsek.registry import ARCH_ENV
 from sparsek.routing import (
@@ -39,6 +40,9 @@ from sparsek.routing import (
 )
 from sparsek.validation import check_flag, check_qkv, resolve_scale
 
+# The default window_size (no window); an identity check finds it on the fast path.
+NO_WINDOW = (-1, -1)
+
 
 def attention(
     q: Tensor,
@@ -47,6 +51,9 @@ def attention(
     *,
     causal: bool = False,
     softmax_scale: float | None = None,
+    window_size: tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head attention, softmax(q k^T * scale) v, in (batch, seqlen, heads, head_dim) layout.
@@ -63,6 +70,15 @@ def attention(
         v: (batch, seqlen_k, num_kv_heads, head_dim_v), same dtype and device as q.
         causal: apply the bottom-right aligned causal mask.
         softmax_scale: multiplier of q k^T; finite and > 0; 1/sqrt(head_dim) when None.
+        window_size: (left, right) sliding window, aligned like causal: query i sees key j
+            iff i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right;
+            -1 is unbounded (`causal` sets right to 0). (-1, -1): no window.
+        softcap: > 0: scores s become softcap * tanh(s / softcap) before the softmax
+            (Gemma 2); 0: none.
+        sinks: (num_heads,) float32 sink logits on q's device (gpt-oss): each joins the
+            softmax denominator of its head's rows, taking probability from the values.
+            The LSE then includes it: log(exp(sink) + sum_j exp(s_j)) for a row that sees
+            a key (-inf for a row that sees none).
         return_lse: also return the log-sum-exp of each row.
 
     Returns:
@@ -71,10 +87,13 @@ def attention(
 
     Raises:
         TypeError: a tensor argument is not a tensor or not floating point; `causal` or
-            `return_lse` is not a bool; `softmax_scale` is not a real number.
+            `return_lse` is not a bool; `softmax_scale` or `softcap` is not a real number;
+            `window_size` is not a pair of ints; `sinks` is not a float32 tensor.
         ValueError: wrong rank, mismatched batch / seqlen_k / num_kv_heads / head_dim /
-            dtype / device, num_heads not a multiple of num_kv_heads, or a non-finite or
-            non-positive `softmax_scale`.
+            dtype / device, num_heads not a multiple of num_kv_heads, a non-finite or
+            non-positive `softmax_scale`, a window size below -1, a negative or
+            non-finite `softcap`, or `sinks` of another shape than (num_heads,) or on
+            another device than q.
         UnsupportedError: `SPARSEK_STRICT=1` forbids the fallback of a call no kernel
             serves: an input requires grad (on any device, CPU included), or a non-CPU
             input no kernel fits. CPU tensors without grad run the reference, never an
@@ -83,34 +102,47 @@ def attention(
     signature = None
     if type(return_lse) is bool:  # (no key part: it changes neither checks nor plan)
         signature = _eager_signature(q, k, v, softmax_scale, causal)
+        if signature is not None and not (
+            window_size is NO_WINDOW and type(softcap) is float and softcap == 0.0 and sinks is None
+        ):  # (the defaults: the signature as it is)
+            signature = _mask_signature(signature, window_size, softcap, sinks)
     plan = _SERVED.get(signature) if signature is not None else None
     if plan is not None:  # this signature passed every check below before
-        out, lse = dense.run_dense(plan, q, k, v, return_lse)
+        out, lse = dense.run_dense(plan, q, k, v, return_lse, sinks)
         return (out, lse) if return_lse else out
     check_flag("causal", causal)
     check_flag("return_lse", return_lse)
     check_qkv(("q", "k", "v"), q, k, v, layout="(batch, seqlen, heads, head_dim)", head_axis=2)
     scale = resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
+    window, cap = check_mask_args(
+        window_size, softcap, sinks, num_heads=q.shape[2], device=q.device
+    )
+    mask = make_mask(causal, window, cap, sinks is not None)
 
-    path = forward_path(q, k, v)
+    path = forward_path(q, k, v, *(() if sinks is None else (sinks,)))
     if path is Path.CPU:
         # The documented CPU path: the op's float32 reference (the correctness oracle).
         cpu_result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
-            q, k, v, causal, scale, False
-        )
+            q, k, v, mask.causal, scale, False, mask.window_left, mask.window_right,
+            mask.softcap, sinks,
+        )  # fmt: skip
         return cpu_result if return_lse else cpu_result[0]
-    reasons = (NEEDS_GRAD,) if path is Path.AUTOGRAD else dense_blockers(q, k, v, causal)
+    reasons = (NEEDS_GRAD,) if path is Path.AUTOGRAD else dense_blockers(q, k, v, mask.spec)
     if not reasons:
-        result = _run_kernels(_SERVED, signature, q, k, v, causal, scale, False)
+        result = _run_kernels(_SERVED, signature, q, k, v, mask, scale, False, sinks)
         return result if return_lse else result[0]
     fallback(reasons)
-    if return_lse:
+    if return_lse or not mask.is_plain:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         ref_out, ref_lse = reference_attention(
-            q, k, v, causal=causal, softmax_scale=scale, compute_dtype=compute
-        )
-        return ref_out.to(q.dtype), ref_lse.to(torch.float32)
-    return _sdpa_bshd(q, k, v, causal, scale)
+            q, k, v, causal=mask.causal, softmax_scale=scale,
+            window_size=(mask.window_left, mask.window_right), softcap=mask.softcap,
+            sinks=sinks, compute_dtype=compute,
+        )  # fmt: skip
+        if return_lse:
+            return ref_out.to(q.dtype), ref_lse.to(torch.float32)
+        return ref_out.to(q.dtype)
+    return _sdpa_bshd(q, k, v, mask.causal, scale)
 
 
 def scaled_dot_product_attention(
@@ -180,11 +212,13 @@ def scaled_dot_product_attention(
         reasons: tuple[str, ...] = (NEEDS_GRAD,)
     else:
         call = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        reasons = sdpa_blockers(*call) or dense_blockers(query, key, value, is_causal)
+        mask_spec = (CAUSAL if is_causal is True else NO_MASK).spec
+        reasons = sdpa_blockers(*call) or dense_blockers(query, key, value, mask_spec)
     if not reasons:
         resolved = resolve_scale("scale", scale, query.shape[-1])
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out = _run_kernels(_SERVED_SDPA, signature, q, k, v, is_causal, resolved, True)[0]
+        mask = CAUSAL if is_causal else NO_MASK
+        out = _run_kernels(_SERVED_SDPA, signature, q, k, v, mask, resolved, True)[0]
         return out.transpose(1, 2)
     # PyTorch first: arguments it rejects raise its own error, never a fallback's.
     result = F.scaled_dot_product_attention(
@@ -246,18 +280,40 @@ def _run_kernels(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    causal: bool,
+    mask: Mask,
     scale: float,
     causal_top_left: bool,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run a checked request on the kernels: a plain eager call (`signature`) is planned,
     remembered in `served` under its signature and run; any other (tracing, autograd,
     dispatch modes) goes through the torch op."""
     if signature is None:
-        return ops.call_attention(q, k, v, causal, scale, causal_top_left)
+        return ops.call_attention(q, k, v, mask.causal, scale, causal_top_left, mask, sinks)
     k, v = tma.one_kv_head(k, v)
-    plan = dense.dense_plan(q, k, v, causal, scale, causal_top_left)
-    return dense.run_dense(memo.remember(served, signature, plan), q, k, v)
+    plan = dense.dense_plan(q, k, v, mask, scale, causal_top_left)
+    return dense.run_dense(memo.remember(served, signature, plan), q, k, v, sinks=sinks)
+
+
+def _mask_signature(
+    signature: tuple[object, ...], window_size: object, softcap: object, sinks: object
+) -> tuple[object, ...] | None:
+    """`signature` extended by the mask arguments, or None (not memoized) unless they are
+    of the exact types validation accepts: a tuple of two ints, a float, a plain tensor
+    (whose shape, dtype, device and grad flag validation reads)."""
+    if (
+        type(window_size) is not tuple
+        or len(window_size) != 2
+        or type(window_size[0]) is not int
+        or type(window_size[1]) is not int
+        or type(softcap) is not float
+    ):
+        return None
+    if sinks is None:
+        return (*signature, window_size, softcap, None)
+    if type(sinks) is not Tensor or sinks.requires_grad:
+        return None
+    return (*signature, window_size, softcap, sinks.shape, sinks.dtype, sinks.device)
 
 
 def _sdpa_bshd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tensor:

@@ -128,7 +128,9 @@ def check_mask_args(
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise TypeError(f"softcap must be a real number (0 for none), got {type(softcap).__name__}")
     cap = float(softcap)
-    if not math.isfinite(cap) or cap < 0:
+    # Comparisons rather than math.isfinite: under torch.compile a float argument may be
+    # symbolic, and a comparison is what Dynamo guards on (NaN fails both).
+    if not (0 <= cap < math.inf):
         raise ValueError(f"softcap={softcap!r} must be finite and >= 0 (0 for none)")
     if sinks is not None:
         if not isinstance(sinks, Tensor):
@@ -175,13 +177,14 @@ def reference_scores(scores: Tensor, softcap: float) -> Tensor:
 
 
 def reference_softmax(scores: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(probabilities, lse) over the last axis of masked scores (-inf where hidden),
-    (..., heads, rows, keys); `sinks` (heads,) join each row's denominator when the row
-    sees a key. A row without keys: probabilities 0, lse -inf."""
+    """(probabilities, lse) over the last axis of masked scores (-inf where hidden);
+    `sinks`, broadcastable to lse's shape (the scores' without the key axis), join each
+    row's denominator when the row sees a key. A row without keys: probabilities 0,
+    lse -inf."""
     lse = torch.logsumexp(scores, dim=-1)
     empty = torch.isneginf(lse)
     if sinks is not None:
-        sink = sinks.to(scores.dtype).view(-1, 1).expand_as(lse)
+        sink = sinks.to(scores.dtype).expand_as(lse)
         lse = torch.where(empty, lse, torch.logaddexp(lse, sink))
     # Rows without keys: subtract 0 instead so exp(-inf - 0) = 0 (not NaN).
     shift = torch.where(empty, torch.zeros_like(lse), lse)

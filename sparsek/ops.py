@@ -1,6 +1,8 @@
 """The three torch ops: one opaque node each for eager, torch.compile and CUDA graphs.
 
-    torch.ops.sparsek.attention(q, k, v, causal, softmax_scale, causal_top_left) -> (out, lse)
+    torch.ops.sparsek.attention(q, k, v, causal, softmax_scale, causal_top_left,
+                                window_left=-1, window_right=-1, softcap=0.0,
+                                sinks=None) -> (out, lse)
 
     q:   (batch, seqlen_q, num_heads, head_dim)
     k:   (batch, seqlen_k, num_kv_heads, head_dim)
@@ -29,6 +31,9 @@
     out:     like q with head_dim_v, q.dtype, contiguous
     lse:     (batch, num_heads, seqlen_q) or, packed, (num_heads, total_q); float32
 
+The mask arguments (sliding window, softcap, sinks: (num_heads,) float32) are those of
+`sparsek.masks`, checked by the entry points (the ops trust them); a sinks tensor is a
+graph input like q.
 Semantics are those of `sparsek.reference` / `sparsek.reference_varlen` (bottom-right
 causal per sequence for the varlen and cache ops, rows that see no key -> out 0, lse
 -inf). `num_splits` is a hint for the split-KV decode kernel (0 = choose, 1 = no split);
@@ -61,6 +66,7 @@ from torch import Tensor
 from cutedsl_kernels.config import PACKED
 from sparsek.launch import dense, kvcache, launcher, varlen
 from sparsek.launch.kvcache import KvcachePlan
+from sparsek.masks import NO_MASK, Mask
 from sparsek.reference import reference_attention
 from sparsek.reference_varlen import (
     check_kvcache_values,
@@ -77,7 +83,8 @@ from sparsek.routing import plain_eager
 _LIB = torch.library.Library("sparsek", "DEF")  # type: ignore[no-untyped-call]
 _LIB.define(  # type: ignore[no-untyped-call]
     "attention(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
-    "bool causal_top_left) -> (Tensor, Tensor)"
+    "bool causal_top_left, int window_left=-1, int window_right=-1, float softcap=0.0, "
+    "Tensor? sinks=None) -> (Tensor, Tensor)"
 )
 _LIB.define(  # type: ignore[no-untyped-call]
     "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
@@ -106,6 +113,10 @@ def attention_reference(
     causal: bool,
     softmax_scale: float,
     causal_top_left: bool,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention` on any device without a kernel path: the reference."""
     out, lse = reference_attention(
@@ -115,6 +126,9 @@ def attention_reference(
         causal=causal,
         causal_top_left=causal_top_left,
         softmax_scale=softmax_scale,
+        window_size=(window_left, window_right),
+        softcap=softcap,
+        sinks=sinks,
         compute_dtype=compute_dtype(q),
     )
     return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
@@ -128,6 +142,10 @@ def _attention_fake(
     causal: bool,
     softmax_scale: float,
     causal_top_left: bool,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, seqlen_q, num_heads, _ = q.shape
     out = q.new_empty((batch, seqlen_q, num_heads, v.shape[-1]))
@@ -136,14 +154,23 @@ def _attention_fake(
 
 
 def call_attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, causal_top_left: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    causal_top_left: bool,
+    mask: Mask = NO_MASK,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """torch.ops.sparsek.attention; in plain eager mode its CUDA kernel is called directly
-    (the dispatcher round trip, Python -> C++ -> Python, is pure host overhead there)."""
+    """torch.ops.sparsek.attention (`mask`'s window and softcap, `sinks`); in plain eager
+    mode its CUDA kernel is called directly (the dispatcher round trip, Python -> C++ ->
+    Python, is pure host overhead there)."""
+    extra = (mask.window_left, mask.window_right, mask.softcap, sinks)
     if plain_eager(q, k, v):
-        return dense.attention(q, k, v, causal, scale, causal_top_left)
+        return dense.attention(q, k, v, causal, scale, causal_top_left, *extra)
     result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
-        q, k, v, causal, scale, causal_top_left
+        q, k, v, causal, scale, causal_top_left, *extra
     )
     return result
 

@@ -87,6 +87,6 @@ def reference_attention(
     shown = visible(rows, cols, causal_offset(seqlen_q, seqlen_k, causal_top_left), mask)
     if shown is not None:
         scores = scores.masked_fill(~shown, float("-inf"))
-    probs, lse = reference_softmax(scores, sinks)
+    probs, lse = reference_softmax(scores, None if sinks is None else sinks.view(-1, 1))
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vf).contiguous()
     return out, lse

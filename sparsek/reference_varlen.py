@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor
 
+from sparsek.masks import Mask, make_mask, reference_scores, reference_softmax, visible
 from sparsek.validation import bad_entries
 
 
@@ -42,6 +43,9 @@ def reference_attention_varlen(
     *,
     causal: bool = False,
     softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """Reference attention over packed variable-length sequences.
@@ -59,6 +63,8 @@ def reference_attention_varlen(
         max_seqlen_k: >= every key length (keys past it are not seen).
         causal: bottom-right aligned causal mask per sequence.
         softmax_scale: multiplier of q k^T; 1/sqrt(head_dim) when None.
+        window_size, softcap, sinks: sliding window (aligned like causal, per sequence),
+            logit softcap and (num_heads,) sink logits, as `sparsek.masks` defines them.
         compute_dtype: torch.float32 or torch.float64; inputs are upcast to it.
 
     Returns:
@@ -71,13 +77,14 @@ def reference_attention_varlen(
             multiple of num_kv_heads.
     """
     _check_compute(compute_dtype, q.shape[1], k.shape[1])
+    mask = make_mask(causal, window_size, softcap, sinks is not None)
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     k_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     q_pad = _unpack(q, cu_seqlens_q, q_lens, max_seqlen_q)
     k_pad = _unpack(k, cu_seqlens_k, k_lens, max_seqlen_k)
     v_pad = _unpack(v, cu_seqlens_k, k_lens, max_seqlen_k)
     out_pad, lse_pad = _padded_attention(
-        q_pad, k_pad, v_pad, q_lens, k_lens, causal, softmax_scale, compute_dtype
+        q_pad, k_pad, v_pad, q_lens, k_lens, mask, sinks, softmax_scale, compute_dtype
     )
     return _pack(out_pad, lse_pad, cu_seqlens_q, q.shape[0])
 
@@ -93,6 +100,9 @@ def reference_attention_kvcache(
     max_seqlen_q: int | None = None,
     causal: bool = True,
     softmax_scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """Reference attention of new queries against a KV cache (contiguous or paged).
@@ -114,6 +124,8 @@ def reference_attention_kvcache(
         max_seqlen_q: >= every query length of a packed q; None for a 4-D q.
         causal: bottom-right aligned causal mask per sequence.
         softmax_scale: multiplier of q k^T; 1/sqrt(head_dim) when None.
+        window_size, softcap, sinks: sliding window (aligned like causal, per sequence),
+            logit softcap and (num_heads,) sink logits, as `sparsek.masks` defines them.
         compute_dtype: torch.float32 or torch.float64; inputs are upcast to it.
 
     Returns:
@@ -126,6 +138,7 @@ def reference_attention_kvcache(
             of num_kv_heads, or a packed q comes without `max_seqlen_q`.
     """
     _check_compute(compute_dtype, q.shape[-2], k_cache.shape[2])
+    mask = make_mask(causal, window_size, softcap, sinks is not None)
     k_lens = cache_seqlens.long()
     if block_table is None:
         k_pad, v_pad = k_cache, v_cache
@@ -135,14 +148,14 @@ def reference_attention_kvcache(
         batch, seqlen_q = q.shape[0], q.shape[1]
         q_lens = torch.full((batch,), seqlen_q, dtype=torch.long, device=q.device)
         return _padded_attention(
-            q, k_pad, v_pad, q_lens, k_lens, causal, softmax_scale, compute_dtype
+            q, k_pad, v_pad, q_lens, k_lens, mask, sinks, softmax_scale, compute_dtype
         )
     if max_seqlen_q is None:
         raise ValueError("max_seqlen_q is required with cu_seqlens_q (packed queries)")
     q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     q_pad = _unpack(q, cu_seqlens_q, q_lens, max_seqlen_q)
     out_pad, lse_pad = _padded_attention(
-        q_pad, k_pad, v_pad, q_lens, k_lens, causal, softmax_scale, compute_dtype
+        q_pad, k_pad, v_pad, q_lens, k_lens, mask, sinks, softmax_scale, compute_dtype
     )
     return _pack(out_pad, lse_pad, cu_seqlens_q, q.shape[0])
 
@@ -309,7 +322,8 @@ def _padded_attention(
     v: Tensor,
     q_lens: Tensor,
     k_lens: Tensor,
-    causal: bool,
+    mask: Mask,
+    sinks: Tensor | None,
     softmax_scale: float | None,
     compute_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
@@ -334,16 +348,14 @@ def _padded_attention(
     vf = v.to(compute_dtype).masked_fill(~key_valid.view(batch, seqlen_k, 1, 1), 0)
 
     # (batch, num_kv_heads, group, seqlen_q, seqlen_k): GQA without repeating K/V.
-    scores = torch.einsum("bqhgd,bkhd->bhgqk", qf, kf) * scale
-    visible = key_valid & (rows < q_len)
-    if causal:
-        visible &= cols <= rows + (k_len - q_len)
-    scores = scores.masked_fill(~visible.view(batch, 1, 1, seqlen_q, seqlen_k), -math.inf)
-
-    lse = torch.logsumexp(scores, dim=-1)
-    # Fully masked rows: lse = -inf; subtract 0 instead so exp(-inf - 0) = 0 (not NaN).
-    shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - shift.unsqueeze(-1))
+    scores = reference_scores(torch.einsum("bqhgd,bkhd->bhgqk", qf, kf) * scale, mask.softcap)
+    seen = key_valid & (rows < q_len)
+    shown = visible(rows, cols, k_len - q_len, mask)
+    if shown is not None:
+        seen &= shown
+    scores = scores.masked_fill(~seen.view(batch, 1, 1, seqlen_q, seqlen_k), -math.inf)
+    head_sinks = None if sinks is None else sinks.view(num_kv_heads, group, 1)
+    probs, lse = reference_softmax(scores, head_sinks)
     out = torch.einsum("bhgqk,bkhd->bqhgd", probs, vf)
     out = out.reshape(batch, seqlen_q, num_heads, vf.shape[-1]).contiguous()
     return out, lse.reshape(batch, num_heads, seqlen_q).contiguous()

@@ -51,9 +51,19 @@ ARCH_BY_CAPABILITY: dict[tuple[int, int], str] = {
     (10, 0): "sm_100a",
 }
 
-# Dtypes and masks every registered row is compiled for.
+# Dtypes and masks every registered row is compiled for (and precompiled).
 DTYPES: tuple[str, ...] = SUPPORTED_DTYPES
 MASKS: tuple[MaskSpec, ...] = (NO_MASK, CAUSAL)
+
+# Every mask the kernels serve, compiled at first use beyond `MASKS`: none, causal or a
+# sliding window, each with or without a logit softcap and attention sinks.
+SERVED_MASKS: tuple[MaskSpec, ...] = tuple(
+    MaskSpec(causal=causal, window=window, softcap=softcap, sinks=sinks)
+    for causal, window in ((False, False), (True, False), (False, True))
+    for softcap in (False, True)
+    for sinks in (False, True)
+)
+MASK_BY_NAME: dict[str, MaskSpec] = {m.name: m for m in SERVED_MASKS}
 
 # (layout, workload) pairs precompiled by `python -m sparsek compile` (and compile-tested
 # in CI) beside the dense kernels: attention_varlen, and attention_with_kvcache over a
@@ -231,15 +241,19 @@ def find(
             )
     if dtype not in DTYPES:
         reasons.append(f"dtype={dtype} is not supported (supported: {', '.join(DTYPES)})")
-    if mask not in MASKS:
-        supported = ", ".join(m.name for m in MASKS)
+    if mask not in SERVED_MASKS:
+        supported = ", ".join(m.name for m in SERVED_MASKS)
         reasons.append(f"mask={mask.name} is not supported (supported: {supported})")
     if workload in DECODE_WORKLOADS and (
-        mask.causal or layout.varlen_q != layout.single_query or layout.kv_layout == "dense"
+        mask.causal
+        or mask.window
+        or layout.varlen_q != layout.single_query
+        or layout.kv_layout == "dense"
     ):
         reasons.append(
-            "decode workloads are non-causal, with batched queries or single-query packed "
-            f"ones, over a 'cache' or 'paged' kv_layout (got mask={mask.name}, {layout})"
+            "decode workloads are neither causal nor windowed, with batched queries or "
+            "single-query packed ones, over a 'cache' or 'paged' kv_layout (got "
+            f"mask={mask.name}, {layout})"
         )
     if layout.single_query and workload not in DECODE_WORKLOADS:
         reasons.append(f"single_query layouts serve decode workloads only (got {layout})")

@@ -34,14 +34,15 @@ from typing import TypeGuard
 import torch
 from torch import Tensor
 
+from cutedsl_kernels.config import MaskSpec
 from sparsek import memo
 from sparsek.errors import UnsupportedError
 from sparsek.registry import (
     ARCH_ENV,
+    MASK_BY_NAME,
     detect_arch,
     dtype_name,
     find,
-    mask_of,
     registered_arches,
     registered_head_dims,
 )
@@ -126,18 +127,19 @@ def plain_eager(*tensors: Tensor) -> bool:
     return all(type(t) is Tensor for t in tensors)
 
 
-def dense_blockers(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[str, ...]:
-    """Why the kernels cannot serve these (validated) dense inputs; empty when they can.
-    An input that requires grad is named before the device (`choose_path`'s order)."""
+def dense_blockers(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> tuple[str, ...]:
+    """Why the kernels cannot serve these (validated) dense inputs with `mask`'s kernel
+    features; empty when they can. An input that requires grad is named before the
+    device (`choose_path`'s order)."""
     if needs_grad(q, k, v):
         return (NEEDS_GRAD,)
     if q.device.type != "cuda":
         return (f"device={q.device.type}: the kernels run on CUDA devices only",)
-    return cuda_dense_blockers(q.device.index, q, v, causal)
+    return cuda_dense_blockers(q.device.index, q, v, mask)
 
 
 def cuda_dense_blockers(
-    device_index: int | None, q: Tensor, v: Tensor, causal: bool
+    device_index: int | None, q: Tensor, v: Tensor, mask: MaskSpec
 ) -> tuple[str, ...]:
     """`dense_blockers` for inputs without grad on CUDA device `device_index` (None: the
     current one). Reads q's and v's shapes and dtype only, not their device."""
@@ -145,11 +147,9 @@ def cuda_dense_blockers(
         return (f"value head_dim={v.shape[-1]} differs from query head_dim={q.shape[-1]}",)
     index = device_index if device_index is not None else -1
     if not torch.compiler.is_compiling():
-        return _eager_registry_blockers(
-            os.environ.get(ARCH_ENV), index, q.shape[-1], q.dtype, causal
-        )
+        return _eager_registry_blockers(os.environ.get(ARCH_ENV), index, q.shape[-1], q.dtype, mask)
     reasons: tuple[str, ...] = registry_blockers(
-        index, static_head_dim(q.shape[-1]), dtype_name(q.dtype), causal
+        index, static_head_dim(q.shape[-1]), dtype_name(q.dtype), mask.name
     )
     return reasons
 
@@ -219,12 +219,16 @@ def _real(x: object) -> TypeGuard[float]:
 
 @functools.lru_cache(maxsize=256)
 def _eager_registry_blockers(
-    arch_override: str | None, device_index: int, head_dim: int, dtype: torch.dtype, causal: bool
+    arch_override: str | None,
+    device_index: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    mask: MaskSpec,
 ) -> tuple[str, ...]:
     """`registry_blockers` memoized for eager calls: the answer depends only on these
     (`arch_override`: the SPARSEK_ARCH value, which `detect_arch` reads)."""
     reasons: tuple[str, ...] = registry_blockers(
-        device_index, int(head_dim), dtype_name(dtype), causal
+        device_index, int(head_dim), dtype_name(dtype), mask.name
     )
     return reasons
 
@@ -248,16 +252,21 @@ def static_head_dim(head_dim: int) -> int | None:
 
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def registry_blockers(
-    device_index: int, head_dim: int | None, dtype: str, causal: bool
+    device_index: int, head_dim: int | None, dtype: str, mask_name: str
 ) -> tuple[str, ...]:
-    """Registry answer for a dense request on CUDA device `device_index` (-1: the current
-    one); empty when a kernel serves it. A constant under torch.compile (no tracing
-    inside)."""
+    """Registry answer for a dense request with the mask named `mask_name` (`MaskSpec.name`)
+    on CUDA device `device_index` (-1: the current one); empty when a kernel serves it. A
+    constant under torch.compile (no tracing inside; the mask goes by name, a string
+    constant)."""
     arch = detect_arch(None if device_index < 0 else device_index)
     if arch is None:
         return ("no CUDA device detected",)
     if head_dim is None:
         dims = ", ".join(str(d) for d in REGISTERED_HEAD_DIMS)
         return (f"head_dim is not supported (supported: {dims})",)
-    found = find(arch, head_dim, dtype, mask_of(causal))
+    mask = MASK_BY_NAME.get(mask_name)
+    if mask is None:
+        supported = ", ".join(MASK_BY_NAME)
+        return (f"mask={mask_name} is not supported (supported: {supported})",)
+    found = find(arch, head_dim, dtype, mask)
     return tuple(found) if isinstance(found, tuple) else ()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsek
+from cutedsl_kernels.config import NO_MASK
 from sparsek import api, routing
 from sparsek.launch import dense
 from sparsek.reference import reference_attention
@@ -168,7 +169,7 @@ def test_strict_zero_means_off(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_requires_grad_is_a_fallback_reason() -> None:
     q = rand(1, 4, 2, 64).requires_grad_()
-    assert routing.dense_blockers(q, q, q, False) == (routing.NEEDS_GRAD,)
+    assert routing.dense_blockers(q, q, q, NO_MASK) == (routing.NEEDS_GRAD,)
     out = sparsek.attention(q, q, q)
     assert isinstance(out, torch.Tensor)
     out.sum().backward()  # the SDPA fallback is differentiable
@@ -180,12 +181,12 @@ def test_registry_blockers_for_cuda_requests(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(build, "can_implement", lambda c: [])
     monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
-    assert routing.registry_blockers(0, 128, "bfloat16", True) == ()
-    assert "head_dim=96" in routing.registry_blockers(0, 96, "float16", False)[0]
-    assert "head_dim is not supported" in routing.registry_blockers(0, None, "float16", False)[0]
-    assert "dtype=float32" in routing.registry_blockers(0, 64, "float32", False)[0]
+    assert routing.registry_blockers(0, 128, "bfloat16", "causal") == ()
+    assert "head_dim=96" in routing.registry_blockers(0, 96, "float16", "full")[0]
+    assert "head_dim is not supported" in routing.registry_blockers(0, None, "float16", "full")[0]
+    assert "dtype=float32" in routing.registry_blockers(0, 64, "float32", "full")[0]
     monkeypatch.setenv("SPARSEK_ARCH", "sm_80")
-    assert "arch=sm_80" in routing.registry_blockers(0, 64, "float16", False)[0]
+    assert "arch=sm_80" in routing.registry_blockers(0, 64, "float16", "full")[0]
 
 
 def test_import_is_light() -> None:

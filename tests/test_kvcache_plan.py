@@ -19,6 +19,7 @@ from test_kvcache import make_caches
 
 from cutedsl_kernels.config import DENSE, ElementTypes, FmhaFwdConfig, Layout
 from sparsek.launch import dense, kvcache, launcher
+from sparsek.masks import CAUSAL, make_mask
 from sparsek.reference import reference_attention
 from sparsek.reference_varlen import reference_attention_kvcache
 from sparsek.registry import dtype_name
@@ -41,9 +42,10 @@ def fake_kernel(causal: bool | None, layout: Layout | None):
         out.copy_((weights * o_part).sum(dim=0))
         lse.copy_(total)
 
-    def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, counter, *scalars):
-        scale, offset, rows, splits, ctas = scalars
+    def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, counter, sinks, *scalars):
+        scale, offset, left, right, softcap, rows, splits, ctas = scalars
         assert cu_k is None and counter is None and offset == 0 and ctas == 0
+        assert sinks is None and (left, right, softcap) == (-1, -1, 0.0)  # no mask features
         assert (splits > 1) == layout.split_kv
         assert (cu_q is not None) == layout.varlen_q and (table is not None) == (
             layout.kv_layout == "paged"
@@ -283,7 +285,7 @@ def test_dense_single_queries_run_as_decode(fake_kernels, monkeypatch, causal, t
     gen = torch.Generator().manual_seed(h + top_left)
     q = torch.randn(3, 1, h, 32, generator=gen)
     k, v = (torch.randn(3, 300, hkv, 32, generator=gen) for _ in range(2))
-    plan = dense.dense_plan(q, k, v, causal, 0.25, top_left)
+    plan = dense.dense_plan(q, k, v, make_mask(causal), 0.25, top_left)
     assert plan.decode is not None
     out, lse = dense.run_dense(plan, q, k, v)
     want, want_lse = reference_attention(
@@ -329,11 +331,11 @@ def test_decode_plan_first_made_during_graph_capture(fake_kernels, monkeypatch) 
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(3, 1, 8, 32, generator=gen)
     k, v = (torch.randn(3, 300, 2, 32, generator=gen) for _ in range(2))
-    plan = dense.dense_plan(q, k, v, True, 0.25, False)
+    plan = dense.dense_plan(q, k, v, CAUSAL, 0.25, False)
     assert plan.decode is not None and plan.lse_scratch is None
     capture["on"] = False  # the capture ended; eager calls follow
     for _ in range(2):
-        out, lse = dense.run_dense(dense.dense_plan(q, k, v, True, 0.25, False), q, k, v)
+        out, lse = dense.run_dense(dense.dense_plan(q, k, v, CAUSAL, 0.25, False), q, k, v)
         want, want_lse = reference_attention(
             q, k, v, causal=True, softmax_scale=0.25, compute_dtype=torch.float64
         )

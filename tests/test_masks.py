@@ -165,3 +165,72 @@ def test_bad_mask_arguments_name_the_argument(
 def test_good_mask_arguments_pass() -> None:
     got = check_mask_args([3, -1], 30, torch.zeros(4), num_heads=4, device=torch.device("cpu"))
     assert got == ((3, -1), 30.0)
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def test_attention_on_cpu_takes_the_mask_arguments() -> None:
+    """`sparsek.attention` on CPU tensors runs the op's reference with the masks: window,
+    softcap and sinks reach it (against the per-element loop), the LSE includes the sink."""
+    import sparsek
+
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 6, 4, 8, generator=gen)
+    k, v = torch.randn(1, 9, 2, 8, generator=gen), torch.randn(1, 9, 2, 8, generator=gen)
+    sinks = torch.randn(4, generator=gen)
+    out, lse = sparsek.attention(
+        q, k, v, causal=True, window_size=(2, -1), softcap=3.0, sinks=sinks, return_lse=True
+    )
+    want_out, want_lse = loop_attention(
+        q[0].double(), k[0].double(), v[0].double(), True, (2, -1), 3.0, sinks, 8**-0.5
+    )
+    torch.testing.assert_close(out[0].double(), want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[0].double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"window_size": (-3, 0)}, ValueError, "window_size"),
+        ({"window_size": 4}, TypeError, "window_size must be a pair"),
+        ({"softcap": -1.0}, ValueError, "softcap"),
+        ({"sinks": torch.zeros(3)}, ValueError, "sinks has shape"),
+        ({"sinks": torch.zeros(4, dtype=torch.float64)}, TypeError, "sinks must be float32"),
+    ],
+)
+def test_attention_rejects_bad_mask_arguments(kwargs: dict, error: type, fragment: str) -> None:
+    import sparsek
+
+    q = torch.randn(1, 5, 4, 8)
+    with pytest.raises(error, match=fragment):
+        sparsek.attention(q, q[:, :, :2], q[:, :, :2], **kwargs)
+
+
+def test_the_op_takes_sinks_as_an_input_under_compile() -> None:
+    """torch.compile(fullgraph=True) traces the op with a sinks tensor (a graph input: new
+    values change the result without a recompile)."""
+    import sparsek
+
+    q = torch.randn(1, 5, 2, 8)
+    fn = torch.compile(
+        lambda q, s: sparsek.attention(q, q, q, window_size=(1, 1), sinks=s), fullgraph=True
+    )
+    first = fn(q, torch.zeros(2))
+    second = fn(q, torch.full((2,), 30.0))
+    want = sparsek.attention(q, q, q, window_size=(1, 1), sinks=torch.full((2,), 30.0))
+    torch.testing.assert_close(second, want)
+    assert not torch.allclose(first, second)
+
+
+def test_op_schema_and_fake_of_the_mask_arguments() -> None:
+    from torch.library import opcheck
+
+    import sparsek.ops  # noqa: F401
+
+    q = torch.randn(1, 5, 4, 8)
+    k = torch.randn(1, 7, 2, 8)
+    args = (q, k, k, True, 0.25, False, 3, -1, 2.0, torch.randn(4))
+    opcheck(torch.ops.sparsek.attention.default, args)
+    out, lse = torch.ops.sparsek.attention(q, k, k, False, 0.25, False)  # defaults: no mask
+    assert out.shape == q.shape and lse.shape == (1, 4, 5)

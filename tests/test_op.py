@@ -17,6 +17,7 @@ import sparsek
 from cutedsl_kernels.config import DENSE
 from sparsek import memo, ops, registry, routing, tuning
 from sparsek.launch import dense, launcher, tma
+from sparsek.masks import CAUSAL, NO_MASK
 from sparsek.reference import reference_attention
 from sparsek.tuning import Workload
 
@@ -142,7 +143,7 @@ def test_registry_check_is_constant_under_compile(monkeypatch: pytest.MonkeyPatc
 
     def f(x):
         head_dim = routing.static_head_dim(x.shape[-1])
-        reasons = routing.registry_blockers(0, head_dim, "bfloat16", True)
+        reasons = routing.registry_blockers(0, head_dim, "bfloat16", "causal")
         return x + len(reasons)
 
     x = torch.zeros(4, 128)
@@ -157,13 +158,15 @@ def test_registry_check_is_constant_under_compile(monkeypatch: pytest.MonkeyPatc
 class RecordingKernel:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        self.masks: list[tuple] = []
 
     def __call__(self, q, k, v, out, lse, *rest) -> None:
         # Dense launches pass no sequence metadata or tile counter, max_seqlen_q 0, one
         # split and the SM count (a persistent kernel's CTAs).
-        *metadata, scale, offset, max_seqlen_q, splits, ctas = rest
+        *metadata, sinks, scale, offset, left, right, softcap, max_seqlen_q, splits, ctas = rest
         assert (*metadata, max_seqlen_q, splits, ctas) == (None, None, None, None, None, 0, 1, 132)
         self.calls.append((q, k, v, out, lse, scale, offset))
+        self.masks.append((left, right, softcap, sinks))
         out.fill_(1.0)
         lse.fill_(2.0)
 
@@ -192,6 +195,27 @@ def test_launch_arguments(fake_kernel, sq, sk, causal, top_left, offset) -> None
     assert kout is out and klse is lse and scale == 0.5 and koff == offset
     assert out.shape == q.shape and lse.shape == (2, 4, sq)
     assert out.is_contiguous() and lse.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    ("causal", "window", "softcap", "want_window", "want_offset"),
+    [
+        (False, (-1, -1), 0.0, (-1, -1), 0),  # no mask: no offset either
+        (True, (-1, -1), 0.0, (-1, -1), 8),
+        (True, (5, -1), 0.0, (5, 0), 8),  # causal window: right 0
+        (False, (5, 3), 30.0, (5, 3), 8),  # windows align bottom-right like causal
+    ],
+)
+def test_launch_arguments_of_masks(
+    fake_kernel, causal, window, softcap, want_window, want_offset
+) -> None:
+    q, k, v = inputs(sq=16, sk=24, bhsd=True)
+    sinks = torch.randn(4)
+    dense.attention(q, k, v, causal, 0.5, False, *window, softcap, sinks)
+    [(*_, scale, offset)] = fake_kernel.calls
+    [(left, right, cap, ksinks)] = fake_kernel.masks
+    assert (left, right, cap, offset, scale) == (*want_window, softcap, want_offset, 0.5)
+    assert ksinks.shape == (1, 4) and ksinks.data_ptr() == sinks.data_ptr()
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 1, 1), (2, 0, 3, 4), (0, 5), (7,), ()])
@@ -232,8 +256,8 @@ def test_repeated_requests_reuse_their_plan_and_still_check_pointers(
     q, k, v = inputs(sq=9, sk=13, bhsd=True)
     for _ in range(3):
         dense.attention(q, k, v, True, 0.5, False)
-    plan = dense.dense_plan(q, k, v, True, 0.5, False)
-    assert dense.dense_plan(q, k, v, True, 0.5, False) is plan  # memoized: planned once
+    plan = dense.dense_plan(q, k, v, CAUSAL, 0.5, False)
+    assert dense.dense_plan(q, k, v, CAUSAL, 0.5, False) is plan  # memoized: planned once
     assert len(asked) == 1 and len(fake_kernel.calls) == 3
     flat = torch.randn(q.numel() + 1)
     misaligned = flat[1:].view(q.shape)  # the contiguous signature, base 4 bytes off
@@ -242,10 +266,10 @@ def test_repeated_requests_reuse_their_plan_and_still_check_pointers(
         dense.attention(query, k, v, True, 0.5, False)
     sent = [call[0] for call in fake_kernel.calls[3:]]
     assert sent[0] is aligned and sent[2] is aligned
-    contiguous_plan = dense.dense_plan(aligned, k, v, True, 0.5, False)
+    contiguous_plan = dense.dense_plan(aligned, k, v, CAUSAL, 0.5, False)
     assert contiguous_plan is not plan  # another stride: its own plan ...
     # ... and one per signature, whatever its base pointer
-    assert dense.dense_plan(misaligned, k, v, True, 0.5, False) is contiguous_plan
+    assert dense.dense_plan(misaligned, k, v, CAUSAL, 0.5, False) is contiguous_plan
     assert sent[1] is not misaligned and sent[1].data_ptr() % 16 == 0
     assert torch.equal(sent[1], misaligned)
     odd = torch.randn(2, 9, 4, 36)[..., :32]  # row stride 36: not a multiple of 8
@@ -261,10 +285,10 @@ def test_plan_memo_is_bounded(fake_kernel, monkeypatch) -> None:
     plans = []
     for sq in range(1, 6):
         dense.attention(*inputs(sq=sq, sk=4), False, 0.5, False)
-        plans.append(dense.dense_plan(*inputs(sq=sq, sk=4), False, 0.5, False))
+        plans.append(dense.dense_plan(*inputs(sq=sq, sk=4), NO_MASK, 0.5, False))
     assert len(fake_kernel.calls) == 5
-    assert dense.dense_plan(*inputs(sq=5, sk=4), False, 0.5, False) is plans[-1]
-    assert dense.dense_plan(*inputs(sq=1, sk=4), False, 0.5, False) is not plans[0]
+    assert dense.dense_plan(*inputs(sq=5, sk=4), NO_MASK, 0.5, False) is plans[-1]
+    assert dense.dense_plan(*inputs(sq=1, sk=4), NO_MASK, 0.5, False) is not plans[0]
     bounded: dict[int, int] = {}
     for key in range(5):
         memo.remember(bounded, key, key)
@@ -291,7 +315,7 @@ def test_eager_calls_skip_the_dispatcher_but_modes_and_compile_do_not(monkeypatc
 
     calls = []
 
-    def direct(q, k, v, causal, scale, top_left):
+    def direct(q, k, v, causal, scale, top_left, *mask_args):
         calls.append("direct")
         return q, q.new_empty(q.shape[0], q.shape[2], q.shape[1])
 
@@ -355,7 +379,9 @@ def test_dynamic_kernels_get_a_zeroed_tile_counter_per_call(monkeypatch) -> None
 
     def kernel(q, k, v, out, lse, *rest) -> None:
         *metadata, counter = rest[:5]
-        assert metadata == [None, None, None, None] and rest[5:] == (0.5, 0, 0, 1, 132)
+        # no sinks; scale, offset, window, softcap, max_seqlen_q, splits, SMs
+        assert metadata == [None, None, None, None] and rest[5] is None
+        assert rest[6:] == (0.5, 0, -1, -1, 0.0, 0, 1, 132)
         assert counter.dtype == torch.int32 and counter.tolist() == [0]
         counters.append(counter)
         counter.add_(7)  # what the kernel leaves behind must not reach the next call
@@ -374,7 +400,7 @@ def test_clear_all_empties_the_launch_path_memos(fake_kernel, monkeypatch) -> No
     monkeypatch.setattr(launcher, "get_kernel", lambda config: loads.append(config) or fake_kernel)
     q, k, v = inputs(sq=9, sk=13)
     dense.attention(q, k, v, True, 0.5, False)
-    plan = dense.dense_plan(q, k, v, True, 0.5, False)
+    plan = dense.dense_plan(q, k, v, CAUSAL, 0.5, False)
     mask = registry.mask_of(True)
     kernel = launcher.forward_kernel(q.device, 32, q.dtype, mask, DENSE, Workload.ONE_WAVE)
     assert kernel is plan.kernel and len(loads) == 1  # 8 query tiles: one wave
@@ -382,7 +408,7 @@ def test_clear_all_empties_the_launch_path_memos(fake_kernel, monkeypatch) -> No
     assert registry.find.cache_info().currsize > 0
     memo.clear_all()
     assert registry.find.cache_info().currsize == 0
-    assert dense.dense_plan(q, k, v, True, 0.5, False) is not plan
+    assert dense.dense_plan(q, k, v, CAUSAL, 0.5, False) is not plan
     assert len(loads) == 2  # the kernel was loaded again for the new plan
     dense.attention(q, k, v, True, 0.5, False)
     assert len(loads) == 2 and len(fake_kernel.calls) == 2

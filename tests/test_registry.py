@@ -183,7 +183,7 @@ def test_only_decode_kernels_load_kv_evict_first() -> None:
 def test_decode_workloads_refuse_what_decode_is_not(
     causal: bool, layout: Layout, workload: Workload
 ) -> None:
-    with pytest.raises(UnsupportedError, match="decode workloads are non-causal") as info:
+    with pytest.raises(UnsupportedError, match="decode workloads are neither causal") as info:
         registry.lookup("sm_90a", 128, "bfloat16", registry.mask_of(causal), layout, workload)
     assert len(info.value.reasons) == 1
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import sparsek
+from cutedsl_kernels.config import CAUSAL, NO_MASK
 from sparsek import routing
 from sparsek.routing import NEEDS_GRAD
 
@@ -138,7 +139,7 @@ def test_cuda_dense_blockers_read_no_device(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(build, "can_implement", lambda config: [])
     monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
     q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
-    assert routing.cuda_dense_blockers(0, q, q, True) == ()
-    assert "value head_dim=32" in routing.cuda_dense_blockers(0, q, q[..., :32], True)[0]
-    assert "head_dim=32" in routing.cuda_dense_blockers(0, q[..., :32], q[..., :32], False)[0]
-    assert "dtype=float32" in routing.cuda_dense_blockers(None, q.float(), q.float(), False)[0]
+    assert routing.cuda_dense_blockers(0, q, q, CAUSAL) == ()
+    assert "value head_dim=32" in routing.cuda_dense_blockers(0, q, q[..., :32], CAUSAL)[0]
+    assert "head_dim=32" in routing.cuda_dense_blockers(0, q[..., :32], q[..., :32], NO_MASK)[0]
+    assert "dtype=float32" in routing.cuda_dense_blockers(None, q.float(), q.float(), NO_MASK)[0]

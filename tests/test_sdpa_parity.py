@@ -264,7 +264,7 @@ def float32_kernel(causal: bool) -> Callable[..., None]:
     """A stand-in for a compiled forward kernel: attention in float32 over the (batch,
     seqlen, heads, head_dim) tensors it is launched with."""
 
-    def kernel(q, k, v, out, lse, cu_q, cu_k, used_k, pages, counter, scale, offset, *rest):
+    def kernel(q, k, v, out, lse, cu_q, cu_k, used_k, pages, counter, sinks, scale, offset, *rest):
         groups = q.shape[2] // k.shape[2]
         qf = q.float().transpose(1, 2)
         kf, vf = (t.float().transpose(1, 2).repeat_interleave(groups, dim=1) for t in (k, v))
@@ -297,7 +297,7 @@ def as_on_sm90(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         api, "forward_path", lambda q, *o: routing.choose_path("cuda", routing.needs_grad(q, *o))
     )
     monkeypatch.setattr(
-        api, "dense_blockers", lambda q, k, v, causal: routing.cuda_dense_blockers(0, q, v, causal)
+        api, "dense_blockers", lambda q, k, v, mask: routing.cuda_dense_blockers(0, q, v, mask)
     )
     handed = [0]
 

@@ -308,8 +308,10 @@ def test_launch_passes_a_zeroed_tile_counter_to_dynamic_kernels(monkeypatch, dyn
     for _ in range(2):  # the first call loads the kernel, the second finds it memoized
         varlen.attention_varlen(q, k, k, cu, cu, max(lens), True, 0.1)
     for args in seen:
-        counter, scalars = args[9], args[10:]
-        assert scalars == (0.1, 0, 130, 1, 132)
+        counter, sinks, scalars = args[9], args[10], args[11:]
+        # softmax_scale, causal_offset, window (unbounded), softcap (off), max_seqlen_q,
+        # num_splits, num_ctas
+        assert sinks is None and scalars == (0.1, 0, -1, -1, 0.0, 130, 1, 132)
         if dynamic:
             assert counter.dtype == torch.int32 and counter.tolist() == [0]
         else:

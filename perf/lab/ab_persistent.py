@@ -46,6 +46,7 @@ from perf.shapes import varlen_seqlens, visible_pairs  # noqa: E402
 from perf.timing import time_graph, time_kernel  # noqa: E402
 from sparsek.cache import get_kernel  # noqa: E402
 from sparsek.launch import dense, launcher  # noqa: E402
+from sparsek.masks import make_mask  # noqa: E402
 from sparsek.reference_varlen import reference_attention_varlen  # noqa: E402
 from sparsek.registry import detect_arch, lookup, mask_of  # noqa: E402
 from sparsek.tuning import LONG_SEQLEN_Q, Workload  # noqa: E402
@@ -99,7 +100,7 @@ def dense_runs(
     errs = []
     for name, config in configs.items():
         if config is None:
-            plan = dense.dense_plan(q, k, v, causal, d**-0.5, False)
+            plan = dense.dense_plan(q, k, v, make_mask(causal), d**-0.5, False)
 
             def planned(plan: dense.DensePlan = plan) -> torch.Tensor:
                 return dense.run_dense(plan, q, k, v)[0]

@@ -38,6 +38,7 @@ from cutedsl_kernels.abi import call_combine, call_fmha_fwd  # noqa: E402
 from cutedsl_kernels.config import Layout  # noqa: E402
 from sparsek import ops, routing  # noqa: E402
 from sparsek.launch import dense, kvcache, launcher, tma  # noqa: E402
+from sparsek.masks import NO_MASK  # noqa: E402
 from sparsek.registry import mask_of  # noqa: E402
 from sparsek.tuning import Workload  # noqa: E402
 
@@ -77,7 +78,7 @@ def dense_rows() -> dict[str, Callable[[], object]]:
     out, lse = torch.empty_like(q), torch.empty(1, 8, 512, device="cuda")
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     sms = launcher.num_sms(q.device.index)
-    plan = dense.dense_plan(q, k, v, False, 0.125, False)
+    plan = dense.dense_plan(q, k, v, NO_MASK, 0.125, False)
     index = q.device.index
     short = [t[:, :128].contiguous() for t in (q, k, v)]  # B1 H8 S128 D64
     sq, sk, sv = (t.transpose(1, 2) for t in short)
@@ -119,9 +120,9 @@ def dense_rows() -> dict[str, Callable[[], object]]:
         "dense: raw call, fresh q view": lambda: raw(q.view(q.shape), out, lse),
         "dense: q.view alone": lambda: q.view(q.shape),
         "dense: raw call, device guard": guarded,
-        "dense: kernel check (memo)": lambda: routing.dense_blockers(q, k, v, False),
+        "dense: kernel check (memo)": lambda: routing.dense_blockers(q, k, v, NO_MASK.spec),
         "dense: registry check (no memo)": lambda: routing.registry_blockers(
-            0, 64, "bfloat16", False
+            0, 64, "bfloat16", "full"
         ),
         "dense: 3x tma.tma_readable": lambda: [tma.tma_readable(t) for t in (q, k, v)],
         "dense: dense.run_dense (planned)": lambda: dense.run_dense(plan, q, k, v),

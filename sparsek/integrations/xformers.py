@@ -150,9 +150,9 @@ class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
             and value.shape[-1] == head_dim
         ):
             index = query.device.index if query.device.index is not None else -1
-            causal = d.attn_bias is not None
+            mask = "causal" if d.attn_bias is not None else "full"
             reasons.extend(
-                registry_blockers(index, static_head_dim(head_dim), dtype_name(query.dtype), causal)
+                registry_blockers(index, static_head_dim(head_dim), dtype_name(query.dtype), mask)
             )
         return reasons
 

@@ -8,7 +8,9 @@ place) follows from its signature (shapes, strides, dtype, device, flags) and is
 out once (`dense_plan`), so a repeated request pays for a dictionary lookup, two
 allocations and the launch. Inputs whose strides or alignment break TMA's rules are
 copied first; zero-size problems and seqlen_k == 0 are answered without a launch; one
-query per sequence runs the KV-cache decode kernels (`decode_route`). No host
+query per sequence runs the KV-cache decode kernels (`decode_route`; without window,
+softcap or sinks). Masks (`sparsek.masks.Mask`): causal, sliding window, softcap and sinks
+choose the kernel's `MaskSpec`; their sizes are launch arguments. No host
 synchronization on this path, so it can be captured in a CUDA graph (after one warm-up
 call has compiled/loaded the kernel).
 """
@@ -29,8 +31,8 @@ from sparsek.errors import UnsupportedError
 from sparsek.launch import kvcache, launcher
 from sparsek.launch.launcher import ForwardKernel, contiguous_strides
 from sparsek.launch.tma import ALIGN_BYTES, one_kv_head, tma_compatible, tma_strides_ok
+from sparsek.masks import Mask, make_mask
 from sparsek.reference import causal_offset
-from sparsek.registry import mask_of
 from sparsek.tuning import LONG_SEQLEN_Q, ONE_WAVE_TILE_M, Workload
 
 
@@ -55,6 +57,10 @@ class DensePlan:
     decode: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
     softmax_scale: float = 1.0
     causal_offset: int = 0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
+    sinks: bool = False  # the kernel takes sink logits (passed per call)
     num_ctas: int = 1  # CTAs of a persistent launch (the SM count)
     # A view (lse_shape) of the device's LSE scratch for calls that drop the LSE
     # (`run_dense`); None for problems larger than LSE_SCRATCH_FLOATS.
@@ -75,22 +81,29 @@ def attention(
     causal: bool,
     softmax_scale: float,
     causal_top_left: bool,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The CUDA implementation of `sparsek::attention` (see the module docstring).
+    """The CUDA implementation of `sparsek::attention` (see the module docstring; the mask
+    arguments as `sparsek.masks` defines them, already checked).
 
     Raises:
         UnsupportedError: no registered kernel serves the request (callers wanting a
             fallback decide before calling).
     """
     k, v = one_kv_head(k, v)
-    return run_dense(dense_plan(q, k, v, causal, softmax_scale, causal_top_left), q, k, v)
+    mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
+    plan = dense_plan(q, k, v, mask, softmax_scale, causal_top_left)
+    return run_dense(plan, q, k, v, sinks=sinks)
 
 
 def dense_plan(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    causal: bool,
+    mask: Mask,
     softmax_scale: float,
     causal_top_left: bool,
 ) -> DensePlan:
@@ -101,12 +114,12 @@ def dense_plan(
     """
     key = (
         q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, q.device,
-        causal, softmax_scale, causal_top_left,
+        mask, softmax_scale, causal_top_left,
     )  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         plan = memo.remember(
-            _PLANS, key, _build_plan(q, k, v, causal, softmax_scale, causal_top_left)
+            _PLANS, key, _build_plan(q, k, v, mask, softmax_scale, causal_top_left)
         )
     return plan
 
@@ -119,7 +132,7 @@ def _build_plan(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    causal: bool,
+    mask: Mask,
     softmax_scale: float,
     causal_top_left: bool,
 ) -> DensePlan:
@@ -135,23 +148,28 @@ def _build_plan(
             "no sparsek kernel for this input",
             [f"value head_dim={v.shape[-1]} must equal query head_dim={head_dim}"],
         )
-    offset = causal_offset(seqlen_q, seqlen_k, causal_top_left) if causal else 0
-    if seqlen_q == 1:
+    causal = mask.causal
+    offset = 0
+    if causal or mask.window:
+        offset = causal_offset(seqlen_q, seqlen_k, causal_top_left)
+    if seqlen_q == 1 and (mask.is_plain):
         visible = min(seqlen_k, offset + 1) if causal else seqlen_k
         decode = decode_route(q, k, v, visible, softmax_scale)
         if decode is not None:
             return DensePlan("launch", *shapes, q.dtype, q.device, decode=decode)
     sms = launcher.num_sms(q.device.index)
     workload = dense_workload(batch, seqlen_q, num_heads, causal, sms)
-    kernel = launcher.forward_kernel(
-        q.device, head_dim, q.dtype, mask_of(causal), workload=workload
-    )
+    kernel = launcher.forward_kernel(q.device, head_dim, q.dtype, mask.spec, workload=workload)
     return DensePlan(
         "launch", *shapes, q.dtype, q.device,
         readable=all(tma_strides_ok(t) for t in (q, k, v)),
         kernel=kernel,
         softmax_scale=float(softmax_scale),
         causal_offset=offset,
+        window_left=mask.window_left,
+        window_right=mask.window_right,
+        softcap=mask.softcap,
+        sinks=mask.sinks,
         num_ctas=sms,
         lse_scratch=lse_scratch(q.device, shapes[1]),
     )  # fmt: skip
@@ -218,13 +236,19 @@ def decode_route(
 
 
 def run_dense(
-    plan: DensePlan, q: Tensor, k: Tensor, v: Tensor, lse_wanted: bool = True
+    plan: DensePlan,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    lse_wanted: bool = True,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run a dense request by its `dense_plan` (no host synchronization: capturable).
 
     `lse_wanted=False` (the caller drops the LSE): a small problem's kernel writes it into
     the plan's `lse_scratch` instead of a fresh allocation; the returned lse is then that
-    scratch, which later calls overwrite."""
+    scratch, which later calls overwrite. `sinks`: the (num_heads,) sink logits of a plan
+    made with sinks."""
     if plan.decode is not None:  # allocates its own outputs
         return plan.decode(q, k, v)
     out = launcher.empty(plan.out_shape, plan.dtype, plan.device, plan.out_stride)
@@ -246,8 +270,12 @@ def run_dense(
         call_fmha_fwd(
             kernel.fn, q, k, v, out, lse,
             tile_counter=counter,
+            sinks=None if sinks is None else sinks.view(1, -1),  # one logit per head
             softmax_scale=plan.softmax_scale,
             causal_offset=plan.causal_offset,
+            window_left=plan.window_left,
+            window_right=plan.window_right,
+            softcap=plan.softcap,
             num_ctas=plan.num_ctas,
         )  # fmt: skip
     return out, lse
