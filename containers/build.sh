@@ -73,9 +73,9 @@ trap 'rm -rf "$LOCAL/wheels" "$LOCAL/ca.pem"' EXIT
 RUNTIME="$(sparsek_oci_runtime)"
 case "$BUILDER" in
   docker) CMD=(docker build) ;;
-  podman) CMD=(podman build --layers --pull=false --ignorefile "$HERE/Dockerfile.dockerignore") ;;
+  podman) CMD=(podman build --layers --force-rm --pull=false --ignorefile "$HERE/Dockerfile.dockerignore") ;;
   buildah)
-    CMD=(buildah bud --layers --pull=false --network host
+    CMD=(buildah bud --layers --force-rm --pull=false --network host
          --ignorefile "$HERE/Dockerfile.dockerignore") ;;
 esac
 if [ "$BUILDER" != docker ] && [ -n "$RUNTIME" ]; then
