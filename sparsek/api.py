@@ -27,7 +27,7 @@ from torch import Tensor
 
 from sparsek import memo, ops  # ops also registers the torch.ops.sparsek ops
 from sparsek.launch import dense, tma
-from sparsek.masks import CAUSAL, NO_MASK, Mask, check_mask_args, make_mask
+from sparsek.masks import CAUSAL, NO_MASK, NO_WINDOW, Mask, check_mask_args, make_mask
 from sparsek.reference import reference_attention
 from sparsek.registry import ARCH_ENV
 from sparsek.routing import (
@@ -39,9 +39,6 @@ from sparsek.routing import (
     sdpa_blockers,
 )
 from sparsek.validation import check_flag, check_qkv, resolve_scale
-
-# The default window_size (no window); an identity check finds it on the fast path.
-NO_WINDOW = (-1, -1)
 
 
 def attention(

@@ -3,6 +3,9 @@
     out = sparsek.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k)
     out = sparsek.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
 
+Both take the mask arguments of `sparsek.attention` (`causal`, `window_size`, `softcap`,
+`sinks`; see `sparsek.masks`), aligned per sequence.
+
 On CUDA both run the sm90 kernels through the `sparsek::attention_varlen` and
 `sparsek::attention_with_kvcache` ops. CPU tensors that do not require grad take the
 documented torch reference (`sparsek.reference_varlen`; not a fallback); anything else no
@@ -26,13 +29,13 @@ from cutedsl_kernels.config import PACKED
 from sparsek import ops
 from sparsek.launch import kvcache, launcher
 from sparsek.launch.kvcache import KvcachePlan
+from sparsek.masks import NO_WINDOW, check_mask_args, make_mask
 from sparsek.reference_varlen import (
     check_kvcache_values,
     check_varlen_values,
     reference_attention_kvcache,
     reference_attention_varlen,
 )
-from sparsek.registry import mask_of
 from sparsek.routing import NEEDS_GRAD, Path, forward_path, plain_eager, route
 from sparsek.validation import (
     check_attention_tensors,
@@ -60,6 +63,9 @@ def attention_varlen(
     *,
     causal: bool = False,
     softmax_scale: float | None = None,
+    window_size: tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a batch of packed variable-length sequences (FlashAttention's varlen API).
@@ -81,6 +87,13 @@ def attention_varlen(
         max_seqlen_k: Python int >= the longest key sequence.
         causal: apply the bottom-right aligned causal mask per sequence.
         softmax_scale: multiplier of q k^T; finite and > 0; 1/sqrt(head_dim) when None.
+        window_size: (left, right) sliding window, aligned like causal per sequence:
+            query i sees key j iff i + k_len - q_len - left <= j <= i + k_len - q_len +
+            right; -1 is unbounded (`causal` sets right to 0). (-1, -1): no window.
+        softcap: > 0: scores s become softcap * tanh(s / softcap) before the softmax;
+            0: none.
+        sinks: (num_heads,) float32 sink logits on q's device: each joins the softmax
+            denominator of its head's rows (the LSE includes it for rows that see a key).
         return_lse: also return the log-sum-exp of each row.
 
     Returns:
@@ -90,13 +103,16 @@ def attention_varlen(
     Raises:
         TypeError: a tensor argument is not a tensor or has the wrong kind of dtype
             (q/k/v floating point, cu_seqlens int32); a max_seqlen is not a Python int;
-            `causal` or `return_lse` is not a bool; `softmax_scale` is not a real number.
+            `causal` or `return_lse` is not a bool; `softmax_scale` or `softcap` is not a
+            real number; `window_size` is not a pair of ints; `sinks` is not a float32
+            tensor.
         ValueError: wrong rank, mismatched dtype / device / num_kv_heads / head_dim,
             num_heads not a multiple of num_kv_heads, cu_seqlens_q and cu_seqlens_k of
-            different lengths (both must be batch + 1), a negative max_seqlen, or a
-            non-finite or non-positive `softmax_scale`. For CPU tensors also metadata values
-            that contradict the shapes (decreasing offsets, offsets past the end, a
-            max_seqlen below the longest sequence).
+            different lengths (both must be batch + 1), a negative max_seqlen, a
+            non-finite or non-positive `softmax_scale`, a window size below -1, a negative
+            or non-finite `softcap`, or `sinks` not (num_heads,) on q's device. For CPU
+            tensors also metadata values that contradict the shapes (decreasing offsets,
+            offsets past the end, a max_seqlen below the longest sequence).
         UnsupportedError: `SPARSEK_STRICT=1` and no kernel serves the call: an input
             requires grad (on any device, CPU included), or a non-CPU input no kernel
             fits. CPU tensors without grad run the reference, never an error.
@@ -114,25 +130,32 @@ def attention_varlen(
     check_max_seqlen("max_seqlen_q", max_seqlen_q)
     check_max_seqlen("max_seqlen_k", max_seqlen_k)
     scale = resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
+    window, cap = check_mask_args(
+        window_size, softcap, sinks, num_heads=q.shape[1], device=q.device
+    )
+    mask = make_mask(causal, window, cap, sinks is not None)
 
-    path = forward_path(q, k, v)
+    path = forward_path(q, k, v, *(() if sinks is None else (sinks,)))
     if path is Path.AUTOGRAD:
         route(NEEDS_GRAD)
     elif path is Path.KERNELS:
-        route(launcher.kernel_config(q, v, mask_of(causal), PACKED))
+        route(launcher.kernel_config(q, v, mask.spec, PACKED))
     if path is Path.AUTOGRAD:
         # The op has no autograd formula; the reference itself is differentiable.
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
             check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         out, lse = reference_attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            causal=causal, softmax_scale=scale, compute_dtype=ops.compute_dtype(q),
+            causal=mask.causal, softmax_scale=scale,
+            window_size=(mask.window_left, mask.window_right), softcap=mask.softcap,
+            sinks=sinks, compute_dtype=ops.compute_dtype(q),
         )  # fmt: skip
         out, lse = out.to(q.dtype), lse.to(torch.float32)
     else:
         out, lse = ops.call_attention_varlen(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
-        )
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask.causal,
+            scale, mask, sinks,
+        )  # fmt: skip
     return (out, lse) if return_lse else out
 
 
@@ -147,6 +170,9 @@ def attention_with_kvcache(
     max_seqlen_q: int | None = None,
     causal: bool = True,
     softmax_scale: float | None = None,
+    window_size: tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
     num_splits: int = 0,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -184,9 +210,17 @@ def attention_with_kvcache(
         causal: apply the bottom-right aligned causal mask per sequence (the default:
             decoding is causal).
         softmax_scale: multiplier of q k^T; finite and > 0; 1/sqrt(head_dim) when None.
+        window_size: (left, right) sliding window, aligned like causal per sequence:
+            query i sees cache position j iff i + cache_len - q_len - left <= j <=
+            i + cache_len - q_len + right; -1 is unbounded (`causal` sets right to 0).
+            (-1, -1): no window.
+        softcap: > 0: scores s become softcap * tanh(s / softcap) before the softmax;
+            0: none.
+        sinks: (num_heads,) float32 sink logits on q's device: each joins the softmax
+            denominator of its head's rows (the LSE includes it for rows that see a key).
         num_splits: split-KV hint for the decode kernel: 0 chooses, 1 does not split,
             n > 1 asks for n splits. It never changes the result (recorded for the
-            kernel; the reference ignores it).
+            kernel; the reference ignores it). Calls with `sinks` run unsplit.
         return_lse: also return the log-sum-exp of each row.
 
     Returns:
@@ -198,14 +232,17 @@ def attention_with_kvcache(
         TypeError: a tensor argument is not a tensor or has the wrong kind of dtype
             (q/k_cache/v_cache floating point; cache_seqlens, block_table, cu_seqlens_q
             int32); `max_seqlen_q` or `num_splits` is not a Python int; a flag is not a
-            bool; `softmax_scale` is not a real number.
+            bool; `softmax_scale` or `softcap` is not a real number; `window_size` is not
+            a pair of ints; `sinks` is not a float32 tensor.
         ValueError: wrong rank; q's layout does not match the presence of `cu_seqlens_q`
             / `max_seqlen_q`; mismatched batch (cache_seqlens, q, k_cache, block_table,
             cu_seqlens_q) / dtype / device / num_kv_heads / head_dim; num_heads not a
             multiple of num_kv_heads; a paged block_size that is not a multiple of 16; a
             negative `max_seqlen_q` or `num_splits`; a non-finite or non-positive
-            `softmax_scale`. For CPU tensors also metadata values that contradict the
-            shapes (cache_seqlens beyond the cache, block_table entries out of range).
+            `softmax_scale`; a window size below -1, a negative or non-finite `softcap`,
+            or `sinks` not (num_heads,) on q's device. For CPU tensors also metadata
+            values that contradict the shapes (cache_seqlens beyond the cache, block_table
+            entries out of range).
         UnsupportedError: `SPARSEK_STRICT=1` and no kernel serves the call: an input
             requires grad (on any device, CPU included), or a non-CPU input no kernel
             fits. CPU tensors without grad run the reference, never an error.
@@ -228,9 +265,13 @@ def attention_with_kvcache(
     check_cache(k_cache, block_table, q, batch)
     check_num_splits(num_splits)
     scale = resolve_scale("softmax_scale", softmax_scale, q.shape[-1])
+    window, cap = check_mask_args(
+        window_size, softcap, sinks, num_heads=q.shape[-2], device=q.device
+    )
+    mask = make_mask(causal, window, cap, sinks is not None)
 
     kv_args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q)
-    path = forward_path(q, k_cache, v_cache)
+    path = forward_path(q, k_cache, v_cache, *(() if sinks is None else (sinks,)))
     plan: KvcachePlan | str | None = None
     if path is Path.AUTOGRAD:
         route(NEEDS_GRAD)
@@ -238,22 +279,24 @@ def attention_with_kvcache(
         # Plain eager mode on CUDA: the request's launch plan (memoized per shape) both
         # answers whether a kernel serves it and runs it, past the dispatcher (see
         # `ops.call_attention`: that round trip is pure host overhead here).
-        plan = kvcache.kvcache_plan(*kv_args, max_seqlen_q, causal, num_splits)
+        plan = kvcache.kvcache_plan(*kv_args, max_seqlen_q, mask, num_splits)
         route(plan)
     elif path is Path.KERNELS:
         layout = kvcache.request_layout(k_cache, block_table, cu_seqlens_q)
-        route(launcher.kernel_config(q, v_cache, mask_of(causal), layout))
+        route(launcher.kernel_config(q, v_cache, mask.spec, layout))
     if path is Path.AUTOGRAD:
         if q.device.type == "cpu" and not torch.compiler.is_compiling():
             check_kvcache_values(q, k_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q)
         out, lse = reference_attention_kvcache(
             q, k_cache, v_cache, cache_seqlens, block_table,
-            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, causal=causal,
-            softmax_scale=scale, compute_dtype=ops.compute_dtype(q),
+            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, causal=mask.causal,
+            softmax_scale=scale, window_size=(mask.window_left, mask.window_right),
+            softcap=mask.softcap, sinks=sinks, compute_dtype=ops.compute_dtype(q),
         )  # fmt: skip
         out, lse = out.to(q.dtype), lse.to(torch.float32)
     else:
-        op_args = (*kv_args, max_seqlen_q, causal, scale, num_splits)
+        extra = (mask.window_left, mask.window_right, mask.softcap, sinks)
+        op_args = (*kv_args, max_seqlen_q, mask.causal, scale, num_splits, *extra)
         if isinstance(plan, KvcachePlan):
             out, lse = ops.attention_with_kvcache_cuda(*op_args, plan)
         else:

@@ -32,6 +32,8 @@ from torch import Tensor
 from cutedsl_kernels.config import MaskSpec
 
 UNBOUNDED = -1
+# The entry points' default window_size (no window); the dense fast path finds it by identity.
+NO_WINDOW = (UNBOUNDED, UNBOUNDED)
 
 
 @dataclass(frozen=True)

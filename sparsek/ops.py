@@ -11,7 +11,9 @@
     lse: (batch, num_heads, seqlen_q), float32, contiguous (natural-log log-sum-exp)
 
     torch.ops.sparsek.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                       max_seqlen_k, causal, softmax_scale) -> (out, lse)
+                                       max_seqlen_k, causal, softmax_scale,
+                                       window_left=-1, window_right=-1, softcap=0.0,
+                                       sinks=None) -> (out, lse)
 
     q:   (total_q, num_heads, head_dim)          cu_seqlens_q: (batch + 1,) int32
     k:   (total_k, num_kv_heads, head_dim)       cu_seqlens_k: (batch + 1,) int32
@@ -21,7 +23,9 @@
 
     torch.ops.sparsek.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
                                              cu_seqlens_q, max_seqlen_q, causal,
-                                             softmax_scale, num_splits) -> (out, lse)
+                                             softmax_scale, num_splits, window_left=-1,
+                                             window_right=-1, softcap=0.0,
+                                             sinks=None) -> (out, lse)
 
     q:       (batch, seqlen_q, num_heads, head_dim)  [cu_seqlens_q, max_seqlen_q None]
          or  (total_q, num_heads, head_dim)          [cu_seqlens_q (batch + 1,) int32]
@@ -31,9 +35,10 @@
     out:     like q with head_dim_v, q.dtype, contiguous
     lse:     (batch, num_heads, seqlen_q) or, packed, (num_heads, total_q); float32
 
-The mask arguments (sliding window, softcap, sinks: (num_heads,) float32) are those of
-`sparsek.masks`, checked by the entry points (the ops trust them); a sinks tensor is a
-graph input like q.
+The mask arguments of all three (sliding window, softcap, sinks: (num_heads,) float32)
+are those of `sparsek.masks`, checked by the entry points (the ops trust them); a sinks
+tensor is a graph input like q.
+
 Semantics are those of `sparsek.reference` / `sparsek.reference_varlen` (bottom-right
 causal per sequence for the varlen and cache ops, rows that see no key -> out 0, lse
 -inf). `num_splits` is a hint for the split-KV decode kernel (0 = choose, 1 = no split);
@@ -66,7 +71,7 @@ from torch import Tensor
 from cutedsl_kernels.config import PACKED
 from sparsek.launch import dense, kvcache, launcher, varlen
 from sparsek.launch.kvcache import KvcachePlan
-from sparsek.masks import NO_MASK, Mask
+from sparsek.masks import NO_MASK, Mask, make_mask
 from sparsek.reference import reference_attention
 from sparsek.reference_varlen import (
     check_kvcache_values,
@@ -74,7 +79,6 @@ from sparsek.reference_varlen import (
     reference_attention_kvcache,
     reference_attention_varlen,
 )
-from sparsek.registry import mask_of
 from sparsek.routing import plain_eager
 
 # A plain `torch.library.Library` op rather than `torch.library.custom_op`: the latter
@@ -88,13 +92,15 @@ _LIB.define(  # type: ignore[no-untyped-call]
 )
 _LIB.define(  # type: ignore[no-untyped-call]
     "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-    "SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float softmax_scale) "
+    "SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float softmax_scale, "
+    "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None) "
     "-> (Tensor, Tensor)"
 )
 _LIB.define(  # type: ignore[no-untyped-call]
     "attention_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
     "Tensor? block_table, Tensor? cu_seqlens_q, SymInt? max_seqlen_q, bool causal, "
-    "float softmax_scale, int num_splits) -> (Tensor, Tensor)"
+    "float softmax_scale, int num_splits, int window_left=-1, int window_right=-1, "
+    "float softcap=0.0, Tensor? sinks=None) -> (Tensor, Tensor)"
 )
 
 
@@ -188,6 +194,10 @@ def attention_varlen_reference(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention_varlen` without a kernel: the reference (values checked on CPU)."""
     if q.device.type == "cpu":
@@ -202,6 +212,9 @@ def attention_varlen_reference(
         max_seqlen_k,
         causal=causal,
         softmax_scale=softmax_scale,
+        window_size=(window_left, window_right),
+        softcap=softcap,
+        sinks=sinks,
         compute_dtype=compute_dtype(q),
     )
     return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
@@ -218,6 +231,10 @@ def _attention_varlen_fake(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     total_q, num_heads, _ = q.shape
     out = q.new_empty((total_q, num_heads, v.shape[-1]))
@@ -235,14 +252,20 @@ def attention_varlen_cuda(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention_varlen` on CUDA: the packed kernel, or the reference when no
     kernel serves the request."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    if isinstance(launcher.kernel_config(q, v, mask_of(causal), PACKED), str):
-        return attention_varlen_reference(*args, softmax_scale)
+    mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
+    if isinstance(launcher.kernel_config(q, v, mask.spec, PACKED), str):
+        extra = (window_left, window_right, softcap, sinks)
+        return attention_varlen_reference(*args, softmax_scale, *extra)
     return varlen.attention_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, softmax_scale
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, mask, softmax_scale, sinks
     )
 
 
@@ -256,12 +279,16 @@ def call_attention_varlen(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    mask: Mask = NO_MASK,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """torch.ops.sparsek.attention_varlen, past the dispatcher in plain eager mode on CUDA."""
+    """torch.ops.sparsek.attention_varlen (`mask`'s window and softcap, `sinks`), past the
+    dispatcher in plain eager mode on CUDA."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    extra = (mask.window_left, mask.window_right, mask.softcap, sinks)
     if q.is_cuda and plain_eager(q, k, v, cu_seqlens_q, cu_seqlens_k):
-        return attention_varlen_cuda(*args, softmax_scale)
-    result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention_varlen(*args, softmax_scale)
+        return attention_varlen_cuda(*args, softmax_scale, *extra)
+    result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention_varlen(*args, softmax_scale, *extra)
     return result
 
 
@@ -279,6 +306,10 @@ def attention_with_kvcache_reference(
     causal: bool,
     softmax_scale: float,
     num_splits: int,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention_with_kvcache` without a kernel: the reference (values checked
     on CPU)."""
@@ -294,6 +325,9 @@ def attention_with_kvcache_reference(
         max_seqlen_q=max_seqlen_q,
         causal=causal,
         softmax_scale=softmax_scale,
+        window_size=(window_left, window_right),
+        softcap=softcap,
+        sinks=sinks,
         compute_dtype=compute_dtype(q),
     )
     return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
@@ -311,6 +345,10 @@ def _attention_with_kvcache_fake(
     causal: bool,
     softmax_scale: float,
     num_splits: int,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     head_dim_v = v_cache.shape[-1]
     if cu_seqlens_q is None:
@@ -335,15 +373,21 @@ def attention_with_kvcache_cuda(
     causal: bool,
     softmax_scale: float,
     num_splits: int,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
     plan: KvcachePlan | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention_with_kvcache` on CUDA: the request's kernels (`plan`: its
     `kvcache.kvcache_plan` if the caller has it), or the reference when none serves it."""
     args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q, causal)
-    found = plan if plan is not None else kvcache.kvcache_plan(*args, num_splits)
+    mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
+    found = plan if plan is not None else kvcache.kvcache_plan(*args[:-1], mask, num_splits)
     if isinstance(found, str):
-        return attention_with_kvcache_reference(*args, softmax_scale, num_splits)
-    return kvcache.attention_with_kvcache(*args, softmax_scale, num_splits, found)
+        extra = (window_left, window_right, softcap, sinks)
+        return attention_with_kvcache_reference(*args, softmax_scale, num_splits, *extra)
+    return kvcache.attention_with_kvcache(*args[:-1], mask, softmax_scale, num_splits, found, sinks)
 
 
 _LIB.impl("attention", attention_reference, "CompositeExplicitAutograd")  # type: ignore[no-untyped-call]

@@ -76,6 +76,10 @@ def test_kernels_accept_every_base_the_launch_path_passes() -> None:
         ({"head_dim_v": 64}, "head_dim_v=64 must equal head_dim=128"),
         ({"mask": MaskSpec(causal=True, window=True)}, "a causal window is the window"),
         (
+            {"mask": MaskSpec(sinks=True), "kv_layout": "paged", "page_size": 16, "split_kv": True},
+            "the combine does not add it",
+        ),
+        (
             {
                 "mask": MaskSpec(window=True),
                 "varlen_q": True,
@@ -104,6 +108,8 @@ MASK_LAYOUTS = (
     {"varlen_q": True, "kv_layout": "varlen", "persistent": True, "dynamic_schedule": True},
     {"kv_layout": "paged", "page_size": 16, "split_kv": True, "tile_m": 64},
 )
+# Sinks run unsplit (a split's partial result leaves the sink out): paged without split_kv.
+PAGED_UNSPLIT = {"kv_layout": "paged", "page_size": 16, "tile_m": 64}
 MASK_FEATURES = (
     MaskSpec(window=True),
     MaskSpec(causal=True, softcap=True),
@@ -116,6 +122,8 @@ MASK_FEATURES = (
 @pytest.mark.parametrize("mask", MASK_FEATURES, ids=lambda m: m.name)
 def test_mask_features_compile(mask: MaskSpec, layout: dict) -> None:
     """Window, softcap and sinks compile into every kind of kernel (numerics: tests/gpu)."""
+    if mask.sinks and layout.get("split_kv"):
+        layout = PAGED_UNSPLIT
     config = FmhaFwdConfig("sm_90a", 128, ElementTypes.uniform("bfloat16"), mask=mask, **layout)
     assert build.can_implement(config) == []
     assert build.compile_kernel(config) is not None

@@ -45,8 +45,26 @@ def fake_kernel(causal: bool | None, layout: Layout | None):
     def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, counter, sinks, *scalars):
         scale, offset, left, right, softcap, rows, splits, ctas = scalars
         assert cu_k is None and counter is None and offset == 0 and ctas == 0
-        assert sinks is None and (left, right, softcap) == (-1, -1, 0.0)  # no mask features
         assert (splits > 1) == layout.split_kv
+        assert sinks is None or (splits == 1 and sinks.dim() == 2)  # (rows, heads), unsplit
+        mask = dict(causal=causal, window_size=(left, right), softcap=softcap)
+
+        def reference(qx, keys, **kwargs):
+            """The kernel's rows: sinks[min(row, rows - 1), head] for row i of qx."""
+            kw = dict(softmax_scale=scale, compute_dtype=torch.float64, **mask, **kwargs)
+            if sinks is None or sinks.shape[0] == 1:
+                heads = None if sinks is None else sinks[0]
+                return reference_attention_kvcache(qx, k, v, keys, table, sinks=heads, **kw)
+            # Per-row sinks: a tile's rows are heads of one query (no causal mask, no window).
+            assert qx.dim() == 4 and not causal and (left, right) == (-1, -1)
+            parts = [
+                reference_attention_kvcache(
+                    qx[:, i : i + 1], k, v, keys, table, sinks=sinks[min(i, len(sinks) - 1)], **kw
+                )
+                for i in range(qx.shape[1])
+            ]
+            return torch.cat([o for o, _ in parts], 1), torch.cat([s for _, s in parts], 2)
+
         assert (cu_q is not None) == layout.varlen_q and (table is not None) == (
             layout.kv_layout == "paged"
         )
@@ -55,17 +73,11 @@ def fake_kernel(causal: bool | None, layout: Layout | None):
             empty_before = torch.arange(len(count)) - first
             token = torch.where(count > 0, first, cu_q[-1] + empty_before).long()
             keys = torch.where(count > 0, seqused, 0)
-            o, s = reference_attention_kvcache(
-                q[token], k, v, keys, table, causal=causal, softmax_scale=scale,
-                compute_dtype=torch.float64,
-            )  # fmt: skip
+            o, s = reference(q[token], keys)
             o, s = torch.empty_like(o).index_copy_(0, token, o), s[token.argsort()]
         else:
             packed = dict(cu_seqlens_q=cu_q, max_seqlen_q=rows) if cu_q is not None else {}
-            o, s = reference_attention_kvcache(
-                q[0] if cu_q is not None else q, k, v, seqused, table, causal=causal,
-                softmax_scale=scale, compute_dtype=torch.float64, **packed,
-            )  # fmt: skip
+            o, s = reference(q[0] if cu_q is not None else q, seqused, **packed)
             if cu_q is not None:
                 o, s = o[None], s[None]
         if splits > 1:  # split 0 owns every key, the others none
@@ -116,17 +128,24 @@ def fake_kernels(monkeypatch: pytest.MonkeyPatch) -> Kernels:
     return built
 
 
-def run(q, caches, *, causal=True, num_splits=0, cu=None, max_q=None):
+def run(
+    q, caches, *, causal=True, num_splits=0, cu=None, max_q=None, window=(-1, -1), softcap=0.0,
+    sinks=None,
+):  # fmt: skip
     k, v, seqlens, *table = caches
-    args = (q, k, v, seqlens, table[0] if table else None, cu, max_q, causal)
-    return kvcache.attention_with_kvcache(*args, 0.25, num_splits)
+    mask = make_mask(causal, window, softcap, sinks is not None)
+    args = (q, k, v, seqlens, table[0] if table else None, cu, max_q, mask)
+    return kvcache.attention_with_kvcache(*args, 0.25, num_splits, None, sinks)
 
 
-def reference(q, caches, *, causal=True, cu=None, max_q=None):
+def reference(
+    q, caches, *, causal=True, cu=None, max_q=None, window=(-1, -1), softcap=0.0, sinks=None
+):
     k, v, seqlens, *table = caches
     return reference_attention_kvcache(
         q, k, v, seqlens, table[0] if table else None, cu_seqlens_q=cu, max_seqlen_q=max_q,
-        causal=causal, softmax_scale=0.25, compute_dtype=torch.float64,
+        causal=causal, softmax_scale=0.25, window_size=window, softcap=softcap, sinks=sinks,
+        compute_dtype=torch.float64,
     )  # fmt: skip
 
 
@@ -239,7 +258,7 @@ def test_unreadable_inputs_are_copied_and_planned_again(fake_kernels) -> None:
     misaligned = torch.randn(k.numel() + 1)[1:].view(k.shape).copy_(k)
     check(run(q, (misaligned, v, seqlens)), reference(q, (k, v, seqlens)))
     assert fake_kernels.asks == 2  # the request's plan, then the copies'
-    meta = (seqlens, None, None, None, True, 0)  # what `run` passes
+    meta = (seqlens, None, None, None, CAUSAL, 0)  # what `run` passes
     assert not kvcache.kvcache_plan(q, misaligned, v, *meta).readable
     assert kvcache.kvcache_plan(q.contiguous(), k, v, *meta).readable  # the copies' signature
     assert fake_kernels.asks == 2  # both memoized
@@ -341,3 +360,61 @@ def test_decode_plan_first_made_during_graph_capture(fake_kernels, monkeypatch) 
         )
         torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
+# (window, softcap, with sinks): each mask feature on its own and all together.
+MASKS = [
+    ((-1, -1), 0.0, True),
+    ((-1, -1), 5.0, False),
+    ((37, -1), 0.0, False),
+    ((20, 3), 4.0, True),
+]
+
+
+def sinks_for(h: int) -> torch.Tensor:
+    return torch.linspace(-1.0, 2.0, h)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "3-splits"])
+@pytest.mark.parametrize(("window", "softcap", "with_sinks"), MASKS, ids=str)
+def test_decode_with_masks(fake_kernels, paged, num_splits, window, softcap, with_sinks) -> None:
+    """Batched and packed decode: softcap and sinks keep the heads-as-rows tiles (sinks read
+    per (group row, KV head), never split); a window takes one row per head (each row's
+    own position), the causal mask of a single query dropped in neither."""
+    (k, v), (kp, vp, table), seqlens = make_caches(LENS, 300, hkv=2)
+    caches = (kp, vp, seqlens, table) if paged else (k, v, seqlens)
+    mask = dict(window=window, softcap=softcap, sinks=sinks_for(8) if with_sinks else None)
+    q = torch.randn(len(LENS), 1, 8, 32)
+    check(run(q, caches, num_splits=num_splits, **mask), reference(q, caches, **mask))
+    cu = torch.tensor([0, 1, 1, 2, 3, 4, 5], dtype=i32)  # an empty sequence, a padding token
+    lens6 = [40, 0, 17, 300, 5, 129]
+    (k6, v6), _, seqlens6 = make_caches(lens6, 300, hkv=2)
+    caches_6 = (k6, v6, seqlens6)
+    packed = torch.randn(6, 8, 32)
+    got = run(packed, caches_6, num_splits=num_splits, cu=cu, max_q=1, **mask)
+    check(got, reference(packed, caches_6, cu=cu, max_q=1, **mask))
+    windowed = window != (-1, -1)
+    layouts = [(lt, wl) for _, lt, wl in fake_kernels if lt is not None]
+    assert all((wl in DECODE_WORKLOADS) != windowed for _, wl in layouts)
+    assert all(not lt.single_query for lt, _ in layouts) if windowed else True
+    if with_sinks:
+        assert all(not lt.split_kv for lt, _ in layouts) and (None, None, None) not in fake_kernels
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize(("window", "softcap", "with_sinks"), MASKS, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunked_prefill_with_masks(fake_kernels, num_splits, window, softcap, with_sinks, causal):
+    lens = [5, 40, 300, 3]
+    q_lens = [2, 7, 1, 3]
+    _, (kp, vp, table), seqlens = make_caches(lens, 300, hkv=2)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=i32)
+    q = torch.randn(int(cu[-1]) + 4, 4, 32)
+    caches = (kp, vp, seqlens, table)
+    mask = dict(
+        causal=causal, window=window, softcap=softcap, sinks=sinks_for(4) if with_sinks else None
+    )
+    got = run(q, caches, num_splits=num_splits, cu=cu, max_q=max(q_lens), **mask)
+    check(got, reference(q, caches, cu=cu, max_q=max(q_lens), **mask))
+    assert (got[0][-4:] == 0).all() and torch.isneginf(got[1][:, -4:]).all()

@@ -234,3 +234,139 @@ def test_op_schema_and_fake_of_the_mask_arguments() -> None:
     opcheck(torch.ops.sparsek.attention.default, args)
     out, lse = torch.ops.sparsek.attention(q, k, k, False, 0.25, False)  # defaults: no mask
     assert out.shape == q.shape and lse.shape == (1, 4, 5)
+
+
+# ----------------------------------------------------------- varlen and KV cache
+
+
+def _sequences(gen: torch.Generator, q_lens: list[int], k_lens: list[int], heads: int = 4):
+    """Per-sequence (q, k, v) in (1, len, heads|2, 8) and their packed forms."""
+    seqs = [
+        (
+            torch.randn(1, sq, heads, 8, generator=gen),
+            torch.randn(1, sk, 2, 8, generator=gen),
+            torch.randn(1, sk, 2, 8, generator=gen),
+        )
+        for sq, sk in zip(q_lens, k_lens, strict=True)
+    ]
+    return seqs, [torch.cat([s[i][0] for s in seqs]) for i in range(3)]
+
+
+def _cu(lens: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+
+
+MASK_KWARGS = [
+    {"causal": True, "window_size": (2, -1), "softcap": 3.0, "with_sinks": True},
+    {"causal": False, "window_size": (3, 1), "softcap": 0.0, "with_sinks": False},
+    {"causal": False, "window_size": (-1, -1), "softcap": 0.0, "with_sinks": True},
+]
+
+
+@pytest.mark.parametrize("case", MASK_KWARGS, ids=str)
+def test_attention_varlen_on_cpu_takes_the_mask_arguments(case: dict) -> None:
+    """Each sequence of a packed batch is masked as its own dense problem (bottom-right per
+    sequence, the per-element loop); empty sequences and rows without keys give 0 / -inf."""
+    import sparsek
+
+    gen = torch.Generator().manual_seed(3)
+    q_lens, k_lens = [4, 0, 6, 3], [7, 5, 6, 0]
+    seqs, (q, k, v) = _sequences(gen, q_lens, k_lens)
+    sinks = torch.randn(4, generator=gen) if case["with_sinks"] else None
+    mask = {"window_size": case["window_size"], "softcap": case["softcap"], "sinks": sinks}
+    out, lse = sparsek.attention_varlen(
+        q, k, v, _cu(q_lens), _cu(k_lens), max(q_lens), max(k_lens),
+        causal=case["causal"], return_lse=True, **mask,
+    )  # fmt: skip
+    row = 0
+    for (qs, ks, vs), n in zip(seqs, q_lens, strict=True):
+        want_out, want_lse = loop_attention(
+            qs[0].double(), ks[0].double(), vs[0].double(), case["causal"],
+            case["window_size"], case["softcap"], sinks, 8**-0.5,
+        )  # fmt: skip
+        torch.testing.assert_close(out[row : row + n].double(), want_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[:, row : row + n].double(), want_lse, atol=1e-5, rtol=1e-5)
+        row += n
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("case", MASK_KWARGS, ids=str)
+def test_attention_with_kvcache_on_cpu_takes_the_mask_arguments(paged: bool, case: dict) -> None:
+    """Decode and chunked prefill against a cache: the new queries are the last tokens, the
+    mask aligned to each sequence's cache length (the per-element loop)."""
+    from test_kvcache import make_caches
+
+    import sparsek
+
+    gen = torch.Generator().manual_seed(5)
+    lens, q_lens = [9, 1, 14], [3, 1, 5]
+    (k, v), (kp, vp, table), seqlens = make_caches(lens, 16, hkv=2, d=8)
+    caches = (kp, vp, seqlens, table) if paged else (k, v, seqlens)
+    sinks = torch.randn(4, generator=gen) if case["with_sinks"] else None
+    mask = {"window_size": case["window_size"], "softcap": case["softcap"], "sinks": sinks}
+    q = torch.randn(sum(q_lens), 4, 8, generator=gen)
+    out, lse = sparsek.attention_with_kvcache(
+        q, *caches, cu_seqlens_q=_cu(q_lens), max_seqlen_q=max(q_lens), causal=case["causal"],
+        return_lse=True, **mask,
+    )  # fmt: skip
+    row = 0
+    for b, (n, length) in enumerate(zip(q_lens, lens, strict=True)):
+        want_out, want_lse = loop_attention(
+            q[row : row + n].double(), k[b, :length].double(), v[b, :length].double(),
+            case["causal"], case["window_size"], case["softcap"], sinks, 8**-0.5,
+        )  # fmt: skip
+        torch.testing.assert_close(out[row : row + n].double(), want_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[:, row : row + n].double(), want_lse, atol=1e-5, rtol=1e-5)
+        row += n
+    decode_q = torch.randn(3, 1, 4, 8, generator=gen)
+    out = sparsek.attention_with_kvcache(decode_q, *caches, causal=case["causal"], **mask)
+    for b, length in enumerate(lens):
+        want_out, _ = loop_attention(
+            decode_q[b].double(), k[b, :length].double(), v[b, :length].double(),
+            case["causal"], case["window_size"], case["softcap"], sinks, 8**-0.5,
+        )  # fmt: skip
+        torch.testing.assert_close(out[b].double(), want_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"window_size": (0, -2)}, ValueError, "window_size"),
+        ({"softcap": float("nan")}, ValueError, "softcap"),
+        ({"sinks": torch.zeros(2)}, ValueError, "sinks has shape"),
+    ],
+)
+def test_varlen_and_kvcache_reject_bad_mask_arguments(
+    kwargs: dict, error: type, fragment: str
+) -> None:
+    import sparsek
+
+    q, k = torch.randn(5, 4, 8), torch.randn(5, 2, 8)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(error, match=fragment):
+        sparsek.attention_varlen(q, k, k, cu, cu, 5, 5, **kwargs)
+    cache = torch.randn(1, 8, 2, 8)
+    with pytest.raises(error, match=fragment):
+        sparsek.attention_with_kvcache(
+            q[:1, None], cache, cache, torch.tensor([5], dtype=torch.int32), **kwargs
+        )
+
+
+def test_varlen_and_kvcache_op_schemas_take_the_mask_arguments() -> None:
+    from test_kvcache import make_caches
+    from torch.library import opcheck
+
+    import sparsek.ops  # noqa: F401
+
+    q, k = torch.randn(9, 4, 8), torch.randn(11, 2, 8)
+    cu_q, cu_k = _cu([4, 5]), _cu([6, 5])
+    opcheck(
+        torch.ops.sparsek.attention_varlen.default,
+        (q, k, k, cu_q, cu_k, 5, 6, True, 0.25, 2, -1, 3.0, torch.randn(4)),
+    )
+    (kc, vc), _, seqlens = make_caches([6, 5], 8, hkv=2, d=8)
+    kc, vc = kc.nan_to_num(), vc.nan_to_num()
+    opcheck(
+        torch.ops.sparsek.attention_with_kvcache.default,
+        (q, kc, vc, seqlens, None, cu_q, 5, True, 0.25, 0, 3, 1, 2.0, torch.randn(4)),
+    )

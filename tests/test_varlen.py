@@ -293,6 +293,7 @@ def test_launch_passes_a_zeroed_tile_counter_to_dynamic_kernels(monkeypatch, dyn
     from cutedsl_kernels.config import PACKED
     from sparsek import registry
     from sparsek.launch import varlen
+    from sparsek.masks import CAUSAL, make_mask
 
     packed = registry.lookup("sm_90a", 128, "bfloat16", registry.mask_of(True), PACKED)
     config = replace(packed, persistent=dynamic, dynamic_schedule=dynamic)
@@ -306,8 +307,12 @@ def test_launch_passes_a_zeroed_tile_counter_to_dynamic_kernels(monkeypatch, dyn
     cu = torch.tensor([0, 3, 3, 133], dtype=torch.int32)
     q, k = torch.randn(133, 4, 128), torch.randn(133, 2, 128)
     for _ in range(2):  # the first call loads the kernel, the second finds it memoized
-        varlen.attention_varlen(q, k, k, cu, cu, max(lens), True, 0.1)
-    for args in seen:
+        varlen.attention_varlen(q, k, k, cu, cu, max(lens), CAUSAL, 0.1)
+    # A window, softcap and sinks: sizes and cap as scalars, sinks as a (1, heads) view.
+    head_sinks = torch.arange(4.0)
+    windowed = make_mask(False, (7, 2), 3.0, sinks=True)
+    varlen.attention_varlen(q, k, k, cu, cu, max(lens), windowed, 0.1, head_sinks)
+    for args in seen[:2]:
         counter, sinks, scalars = args[9], args[10], args[11:]
         # softmax_scale, causal_offset, window (unbounded), softcap (off), max_seqlen_q,
         # num_splits, num_ctas
@@ -316,4 +321,7 @@ def test_launch_passes_a_zeroed_tile_counter_to_dynamic_kernels(monkeypatch, dyn
             assert counter.dtype == torch.int32 and counter.tolist() == [0]
         else:
             assert counter is None
-    assert len(seen) == 2
+    sinks, scalars = seen[2][10], seen[2][11:]
+    assert sinks.shape == (1, 4) and torch.equal(sinks[0], head_sinks)
+    assert scalars == (0.1, 0, 7, 2, 3.0, 130, 1, 132)
+    assert len(seen) == 3

@@ -67,6 +67,11 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
             f"mask={config.mask.name!r}: a causal window is the window with right size 0 "
             "(compile mask=window and pass window_right=0)"
         )
+    if config.mask.sinks and config.split_kv:
+        reasons.append(
+            "mask with sinks and split_kv: a split's partial result leaves the sink out "
+            "and the combine does not add it (run sinks unsplit)"
+        )
     mma_warpgroups = config.tile_m // ROWS_PER_MMA_WARPGROUP
     if config.tile_m % ROWS_PER_MMA_WARPGROUP or (mma_warpgroups, 1) not in REGS_BY_MMA_WARPGROUPS:
         reasons.append(f"tile_m={config.tile_m} must be 64, 128 or 192")

@@ -38,6 +38,7 @@ import sparsek  # noqa: E402
 from cutedsl_kernels.abi import call_combine, call_fmha_fwd  # noqa: E402
 from perf.timing import time_kernel  # noqa: E402
 from sparsek.launch import kvcache, launcher  # noqa: E402
+from sparsek.masks import CAUSAL  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SPLITS = (1, 2, 4, 8, 16, 32)
@@ -65,7 +66,7 @@ class PagedDecode:
     def plan(self, splits: int = 0) -> kvcache.KvcachePlan | str:
         """The launch plan of `run(splits)` (or why no kernel serves the request)."""
         return kvcache.kvcache_plan(
-            self.q, self.k_cache, self.v_cache, self.seqlens, self.table, None, None, True, splits
+            self.q, self.k_cache, self.v_cache, self.seqlens, self.table, None, None, CAUSAL, splits
         )
 
     def auto_splits(self) -> int | str:

@@ -38,7 +38,7 @@ from cutedsl_kernels.abi import call_combine, call_fmha_fwd  # noqa: E402
 from cutedsl_kernels.config import Layout  # noqa: E402
 from sparsek import ops, routing  # noqa: E402
 from sparsek.launch import dense, kvcache, launcher, tma  # noqa: E402
-from sparsek.masks import NO_MASK  # noqa: E402
+from sparsek.masks import CAUSAL, NO_MASK  # noqa: E402
 from sparsek.registry import mask_of  # noqa: E402
 from sparsek.tuning import Workload  # noqa: E402
 
@@ -184,7 +184,8 @@ def decode_rows() -> dict[str, Callable[[], object]]:
         )  # fmt: skip
         call_combine(combine, o_part, lse_part, out, lse)
 
-    cuda_args = (q, k_cache, v_cache, seqlens, table, None, None, True, scale, 0)
+    op_args = (q, k_cache, v_cache, seqlens, table, None, None, True, scale, 0)
+    cuda_args = (q, k_cache, v_cache, seqlens, table, None, None, CAUSAL, scale, 0)
     # The plan with `torch.empty` allocations (no strides), as before perf/NOTES.md #38.
     plan = kvcache.kvcache_plan(*cuda_args[:8], 0)
     assert isinstance(plan, kvcache.KvcachePlan)
@@ -201,7 +202,7 @@ def decode_rows() -> dict[str, Callable[[], object]]:
         "decode: kvcache.attention_with_kvcache, torch.empty": lambda: (
             kvcache.attention_with_kvcache(*cuda_args, unstrided)
         ),
-        "decode: torch.ops op": lambda: torch.ops.sparsek.attention_with_kvcache(*cuda_args),
+        "decode: torch.ops op": lambda: torch.ops.sparsek.attention_with_kvcache(*op_args),
         "decode: sparsek API": lambda: sparsek.attention_with_kvcache(
             q, k_cache, v_cache, seqlens, table
         ),

@@ -31,7 +31,7 @@ from sparsek.errors import UnsupportedError
 from sparsek.launch import kvcache, launcher
 from sparsek.launch.launcher import ForwardKernel, contiguous_strides
 from sparsek.launch.tma import ALIGN_BYTES, one_kv_head, tma_compatible, tma_strides_ok
-from sparsek.masks import Mask, make_mask
+from sparsek.masks import NO_MASK, Mask, make_mask
 from sparsek.reference import causal_offset
 from sparsek.tuning import LONG_SEQLEN_Q, ONE_WAVE_TILE_M, Workload
 
@@ -222,7 +222,7 @@ def decode_route(
     plan: a plan first made during CUDA-graph capture must not keep a tensor whose fill
     only the graph runs (`launcher.filled_int32`)."""
     batch, device = q.shape[0], q.device
-    tail = (None, None, None, False)
+    tail = (None, None, None, NO_MASK)
     plan = kvcache.kvcache_plan(q, k, v, launcher.filled_int32(device, batch, visible), *tail, 0)
     if isinstance(plan, str):
         return None

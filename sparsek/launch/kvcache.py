@@ -16,6 +16,11 @@ How a request maps onto one kernel launch (plus the split-KV combine):
 - split-KV: when the (batch x heads x query tiles) CTAs cannot fill the GPU, the cache's
   key tiles are split across `num_splits` CTAs (chosen from the cache capacity, never from
   device values) and merged by the combine kernel.
+- masks (`sparsek.masks.Mask`): softcap and sinks keep the routes above; sinks run unsplit
+  (a split's partial result leaves the sink out) and are read per kernel row: one per head,
+  or, where a tile's rows are a KV head's query heads, as a (group, kv_heads) view. A
+  sliding window needs each row's own query position, so a windowed decode takes the
+  one-row-per-head route of the other requests.
 
 Everything above follows from shapes, strides, dtype, device and flags alone, so it is
 worked out once per distinct request (`kvcache_plan`, memoized) and a repeated request
@@ -43,7 +48,7 @@ from sparsek.launch import launcher
 from sparsek.launch.launcher import ForwardKernel, contiguous_strides
 from sparsek.launch.splits import choose_splits
 from sparsek.launch.tma import ALIGN_BYTES, tma_compatible, tma_strides_ok
-from sparsek.registry import mask_of
+from sparsek.masks import CAUSAL, NO_MASK, Mask
 from sparsek.tuning import Workload
 
 
@@ -81,6 +86,8 @@ class KvcachePlan:
     varlen_q: bool = False
     rows: int = 0  # query rows per sequence and kernel head (the kernel's max_seqlen_q)
     splits: int = 1
+    mask: Mask = NO_MASK  # the kernel's (causal dropped where a single query sees every key)
+    sinks_view: View | None = None  # (rows, heads) of the (num_heads,) sinks; None: (1, H)
     kernel: ForwardKernel | None = None
     combine: KernelFn | None = None
     # (shape, contiguous strides) of every allocation a call makes: out, lse, the lse
@@ -118,11 +125,11 @@ def kvcache_plan(
     block_table: Tensor | None,
     cu_seqlens_q: Tensor | None,
     max_seqlen_q: int | None,
-    causal: bool,
+    mask: Mask,
     num_splits: int,
 ) -> KvcachePlan | str:
-    """The plan of this request (loading its kernels on first use), or why no kernel serves
-    it. Shapes as in `sparsek.ops`; arguments already validated."""
+    """The plan of this request with `mask` (loading its kernels on first use), or why no
+    kernel serves it. Shapes as in `sparsek.ops`; arguments already validated."""
     key = (
         q.shape,
         q.stride(),
@@ -136,14 +143,14 @@ def kvcache_plan(
         None if block_table is None else block_table.shape[1],
         cu_seqlens_q is None,
         max_seqlen_q,
-        causal,
+        mask,
         num_splits,
     )
     found = _PLANS.get(key)
     if found is None:
         found = memo.remember(_PLANS, key, _build_plan(
             q, k_cache, v_cache, cache_seqlens.shape[0], block_table, cu_seqlens_q,
-            max_seqlen_q, causal, num_splits,
+            max_seqlen_q, mask, num_splits,
         ))  # fmt: skip
     return found
 
@@ -160,13 +167,15 @@ def attention_with_kvcache(
     block_table: Tensor | None,
     cu_seqlens_q: Tensor | None,
     max_seqlen_q: int | None,
-    causal: bool,
+    mask: Mask,
     softmax_scale: float,
     num_splits: int,
     plan: KvcachePlan | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Run a request a kernel serves (`plan`: its `kvcache_plan`, looked up when None)."""
-    meta = (cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q, causal)
+    """Run a request a kernel serves (`plan`: its `kvcache_plan`, looked up when None);
+    `sinks`: the (num_heads,) sink logits of a mask with sinks."""
+    meta = (cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q, mask)
     if plan is None:
         found = kvcache_plan(q, k_cache, v_cache, *meta, num_splits)
         assert not isinstance(found, str), found  # the caller checked
@@ -183,7 +192,9 @@ def attention_with_kvcache(
         q, k_cache, v_cache = (tma_compatible(t) for t in (q, k_cache, v_cache))
         found = kvcache_plan(q, k_cache, v_cache, *meta, num_splits)
         assert not isinstance(found, str) and found.readable, found
-        return attention_with_kvcache(q, k_cache, v_cache, *meta, softmax_scale, num_splits, found)
+        return attention_with_kvcache(
+            q, k_cache, v_cache, *meta, softmax_scale, num_splits, found, sinks
+        )
     kernel = plan.kernel
     assert kernel is not None
 
@@ -197,12 +208,18 @@ def attention_with_kvcache(
     cu_q = cu_seqlens_q.contiguous() if plan.varlen_q and cu_seqlens_q is not None else None
     table = block_table.contiguous() if block_table is not None else None
     seqused_k = cache_seqlens.contiguous()
+    kmask = plan.mask
     with launcher.device_guard(q.device):
         if plan.combine is None:
+            if sinks is not None:  # one logit per kernel (row, head)
+                sinks = sinks.contiguous()
+                sinks = sinks.view(1, -1) if plan.sinks_view is None else plan.sinks_view.of(sinks)
             call_fmha_fwd(
                 kernel.fn, q_k, k_cache, v_cache, out_k, lse_k,
-                cu_seqlens_q=cu_q, seqused_k=seqused_k, page_table=table,
+                cu_seqlens_q=cu_q, seqused_k=seqused_k, page_table=table, sinks=sinks,
                 softmax_scale=float(softmax_scale), max_seqlen_q=plan.rows, num_ctas=0,
+                window_left=kmask.window_left, window_right=kmask.window_right,
+                softcap=kmask.softcap,
             )  # fmt: skip
         else:
             o_part = plan.empty("o_part", torch.float32, q.device)
@@ -213,7 +230,8 @@ def attention_with_kvcache(
                 kernel.fn, q_k, k_cache, v_cache, o_part, lse_part,
                 cu_seqlens_q=cu_q, seqused_k=seqused_k, page_table=table,
                 softmax_scale=float(softmax_scale), max_seqlen_q=plan.rows,
-                num_splits=plan.splits, num_ctas=0,
+                num_splits=plan.splits, num_ctas=0, window_left=kmask.window_left,
+                window_right=kmask.window_right, softcap=kmask.softcap,
             )  # fmt: skip
             call_combine(plan.combine, o_part, lse_part, out_k, lse_k)
     if lse_rows is not lse:
@@ -229,7 +247,7 @@ def _build_plan(
     block_table: Tensor | None,
     cu_seqlens_q: Tensor | None,
     max_seqlen_q: int | None,
-    causal: bool,
+    mask: Mask,
     num_splits: int,
 ) -> KvcachePlan | str:
     num_heads, head_dim = q.shape[-2], q.shape[-1]
@@ -245,13 +263,15 @@ def _build_plan(
         out_shape, lse_shape = (batch, seqlen_q, num_heads, head_dim), (batch, num_heads, seqlen_q)
     paged = block_table is not None
     capacity = (block_table.shape[1] if block_table is not None else 1) * k_cache.shape[1]
-    decode = seqlen_q == 1 and (not packed or q.shape[0] == batch)
-    kernel_causal = causal and not decode
+    # One query per sequence, its heads as a tile's rows; a window needs each row's position.
+    decode = seqlen_q == 1 and (not packed or q.shape[0] == batch) and not mask.window
+    if decode and mask.causal:  # a sequence's single query sees every key
+        mask = dataclasses.replace(mask, causal=False)
     kv_layout, page_size = ("paged", k_cache.shape[1]) if paged else ("cache", 0)
     layout = Layout(packed, kv_layout, page_size, single_query=decode and packed)
-    mask = mask_of(kernel_causal)
+    spec = mask.spec
     workload = Workload.DECODE if decode else Workload.DEFAULT
-    config = launcher.kernel_config(q, v_cache, mask, layout, workload)
+    config = launcher.kernel_config(q, v_cache, spec, layout, workload)
     if isinstance(config, str):
         return config
     if math.prod(out_shape) == 0:
@@ -264,7 +284,7 @@ def _build_plan(
         return KvcachePlan("launch", out_shape, lse_shape, readable=False)
 
     group = num_heads // num_kv_heads
-    q_view = out_view = lse_view = None
+    q_view = out_view = lse_view = sinks_view = None
     lse_staging = None
     if decode:
         # (batch, group, kv_heads, d): head h = kv_head * group + g, the group's heads
@@ -277,6 +297,8 @@ def _build_plan(
         if packed:  # lse (num_heads, batch) is not row-contiguous per group: stage it
             lse_staging = (batch, num_heads)
         rows, kernel_heads = group, num_kv_heads
+        # sinks[g, kv_head] is head kv_head * group + g's logit
+        sinks_view = View((group, num_kv_heads), (1, group))
     else:
         rows, kernel_heads = seqlen_q, num_heads
 
@@ -286,8 +308,10 @@ def _build_plan(
         # have no split-KV variant (their CTAs fill under half of the CTA slots, where the
         # wave heuristic would split a long cache).
         workload = Workload.DECODE_FILLS_GPU
-        config = launcher.kernel_config(q, v_cache, mask, layout, workload)
+        config = launcher.kernel_config(q, v_cache, spec, layout, workload)
         assert not isinstance(config, str), config  # a tuning of a request served above
+        splits = 1
+    elif mask.sinks:  # a split's partial result leaves the sink out
         splits = 1
     else:
         key_tiles = math.ceil(capacity / config.tile_n)
@@ -297,12 +321,12 @@ def _build_plan(
     else:
         layout = dataclasses.replace(layout, split_kv=True)
         combine = launcher.combine_kernel(q.device, head_dim, q.dtype)
-    kernel = launcher.forward_kernel(q.device, head_dim, q.dtype, mask, layout, workload)
+    kernel = launcher.forward_kernel(q.device, head_dim, q.dtype, spec, layout, workload)
     return KvcachePlan(
         "launch", out_shape, lse_shape,
         packed_rows=packed and not decode, q_view=q_view, out_view=out_view, lse_view=lse_view,
-        lse_staging=lse_staging, varlen_q=packed, rows=rows, splits=splits, kernel=kernel,
-        combine=combine,
+        lse_staging=lse_staging, varlen_q=packed, rows=rows, splits=splits, mask=mask,
+        sinks_view=sinks_view if mask.sinks else None, kernel=kernel, combine=combine,
     )  # fmt: skip
 
 
@@ -326,10 +350,11 @@ def load_kvcache_kernels(
     ):
         for split in (False, True):
             layout = Layout(True, kv_layout, page_size, split, single_query)
-            launcher.forward_kernel(device, head_dim, dtype, mask_of(causal), layout, workload)
+            spec = (CAUSAL if causal else NO_MASK).spec
+            launcher.forward_kernel(device, head_dim, dtype, spec, layout, workload)
     fills_gpu = Layout(True, kv_layout, page_size, single_query=True)
     launcher.forward_kernel(
-        device, head_dim, dtype, mask_of(False), fills_gpu, Workload.DECODE_FILLS_GPU
+        device, head_dim, dtype, NO_MASK.spec, fills_gpu, Workload.DECODE_FILLS_GPU
     )
     launcher.combine_kernel(device, head_dim, dtype)
     if page_size:
