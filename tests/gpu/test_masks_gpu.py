@@ -122,3 +122,140 @@ def test_a_window_visits_only_its_band() -> None:
     causal = time_ms(lambda: sparsek.attention(q, k, v, causal=True))
     windowed = time_ms(lambda: sparsek.attention(q, k, v, causal=True, window_size=(1024, -1)))
     assert windowed < 0.5 * causal, (windowed, causal)
+
+
+# ---------------------------------------------------------------- varlen and KV cache
+
+
+def check_sequences(out, lse, pieces, mask_args, dtype) -> None:
+    """`out` (rows, H, D) / `lse` (H, rows) of packed rows against each sequence's dense
+    float64 reference (bottom-right per sequence) with the tolerance of the module
+    docstring; pieces: (q_b, k_b, v_b, rows) with q_b (1, n, H, D), rows its row indexes."""
+    causal, window, softcap, sinks = mask_args
+    errors, bounds = [], []
+    for q_b, k_b, v_b, rows in pieces:
+        scale = q_b.shape[-1] ** -0.5
+        ref, ref_lse = reference_attention(
+            q_b, k_b, v_b, causal=causal, softmax_scale=scale, window_size=window,
+            softcap=softcap, sinks=sinks, compute_dtype=torch.float64,
+        )  # fmt: skip
+        peer = peer_attention(q_b, k_b, v_b, causal, window, softcap, sinks, scale)
+        got = out[rows].double()
+        assert not got.isnan().any()
+        errors.append((got - ref[0]).abs().max().item())
+        bounds.append((peer[0].double() - ref[0]).abs().max().item())
+        empty = torch.isneginf(ref_lse[0])  # (H, n)
+        got_lse = lse[:, rows]
+        assert torch.equal(torch.isneginf(got_lse), empty)
+        torch.testing.assert_close(
+            got_lse[~empty].double(), ref_lse[0][~empty], atol=2e-3, rtol=1e-3
+        )
+    assert max(errors) <= 2 * max(bounds) + ATOL[dtype], (max(errors), max(bounds))
+
+
+# (causal, window, softcap, sinks): each feature, and all of them
+SEQ_MASKS = [
+    (True, (64, -1), 0.0, False),
+    (False, (40, 17), 0.0, False),
+    (True, (-1, -1), 20.0, False),
+    (True, (-1, -1), 0.0, True),
+    (True, (96, -1), 30.0, True),
+]
+
+
+def mask_inputs(case, h, gen):
+    causal, window, softcap, with_sinks = case
+    sinks = torch.randn(h, device="cuda", generator=gen) * 2 if with_sinks else None
+    return causal, window, softcap, sinks
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", SEQ_MASKS, ids=str)
+def test_varlen_masks_match_the_reference(case, head_dim, dtype) -> None:
+    """Packed sequences (an empty one, Sq != Sk, odd lengths) with NaN K/V padding past
+    the last sequence: each sequence masked bottom-right on its own."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q_lens, k_lens, h, hkv = [130, 0, 257, 1, 64], [300, 40, 257, 77, 0], 8, 2
+    mask_args = mask_inputs(case, h, gen)
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
+    total_q, total_k = int(cu_q[-1]), int(cu_k[-1])
+    q = torch.randn(total_q + 3, h, head_dim, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(total_k + 50, hkv, head_dim, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(total_k + 50, hkv, head_dim, device="cuda", dtype=dtype, generator=gen)
+    k[total_k:], v[total_k:] = float("nan"), float("nan")
+    causal, window, softcap, sinks = mask_args
+    out, lse = sparsek.attention_varlen(
+        q, k, v, cu_q.cuda(), cu_k.cuda(), max(q_lens), max(k_lens), causal=causal,
+        window_size=window, softcap=softcap, sinks=sinks, return_lse=True,
+    )  # fmt: skip
+    pieces = []
+    for b, (nq, nk) in enumerate(zip(q_lens, k_lens, strict=True)):
+        if nq == 0:
+            continue
+        rows = torch.arange(int(cu_q[b]), int(cu_q[b]) + nq, device="cuda")
+        keys = slice(int(cu_k[b]), int(cu_k[b]) + nk)
+        pieces.append((q[rows][None], k[keys][None], v[keys][None], rows))
+    check_sequences(out, lse, pieces, mask_args, dtype)
+    assert (out[total_q:] == 0).all() and torch.isneginf(lse[:, total_q:]).all()
+
+
+def paged_cache(lens, capacity, hkv, d, dtype, gen, page=16):
+    """(contiguous k, v) and the same tokens in shuffled pages (NaN past each length)."""
+    batch = len(lens)
+    k = torch.randn(batch, capacity, hkv, d, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(batch, capacity, hkv, d, device="cuda", dtype=dtype, generator=gen)
+    for b, n in enumerate(lens):
+        k[b, n:], v[b, n:] = float("nan"), float("nan")
+    blocks = capacity // page
+    order = torch.randperm(batch * blocks, device="cuda", generator=gen)
+    table = order.view(batch, blocks).to(torch.int32)
+    kp = torch.empty(batch * blocks, page, hkv, d, device="cuda", dtype=dtype)
+    vp = torch.empty_like(kp)
+    kp[order] = k.reshape(batch * blocks, page, hkv, d)
+    vp[order] = v.reshape(batch * blocks, page, hkv, d)
+    return k, v, kp, vp, table
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "3-splits"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("case", SEQ_MASKS, ids=str)
+def test_kvcache_masks_match_the_reference(case, paged, num_splits, dtype) -> None:
+    """Decode (one query per sequence, GQA heads as a tile's rows unless windowed) and
+    chunked prefill over a contiguous or paged cache, split or not (sinks run unsplit)."""
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    lens, h, hkv, d, capacity = [700, 1, 129, 1024, 33], 8, 2, 128, 1024
+    mask_args = mask_inputs(case, h, gen)
+    causal, window, softcap, sinks = mask_args
+    k, v, kp, vp, table = paged_cache(lens, capacity, hkv, d, dtype, gen)
+    caches = (kp, vp) if paged else (k, v)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    tables = {"block_table": table} if paged else {}
+    mask = {"causal": causal, "window_size": window, "softcap": softcap, "sinks": sinks}
+
+    decode_q = torch.randn(len(lens), 1, h, d, device="cuda", dtype=dtype, generator=gen)
+    out, lse = sparsek.attention_with_kvcache(
+        decode_q, *caches, seqlens, **tables, num_splits=num_splits, return_lse=True, **mask
+    )
+    pieces = [
+        (decode_q[b : b + 1], k[b : b + 1, :n], v[b : b + 1, :n], torch.tensor([b], device="cuda"))
+        for b, n in enumerate(lens)
+    ]
+    check_sequences(out[:, 0], lse[:, :, 0].T, pieces, mask_args, dtype)
+
+    q_lens = [100, 1, 129, 3, 0]
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), h, d, device="cuda", dtype=dtype, generator=gen)
+    out, lse = sparsek.attention_with_kvcache(
+        q, *caches, seqlens, **tables, cu_seqlens_q=cu_q.cuda(), max_seqlen_q=max(q_lens),
+        num_splits=num_splits, return_lse=True, **mask,
+    )  # fmt: skip
+    pieces = []
+    for b, (nq, n) in enumerate(zip(q_lens, lens, strict=True)):
+        if nq == 0:
+            continue
+        rows = torch.arange(int(cu_q[b]), int(cu_q[b]) + nq, device="cuda")
+        pieces.append((q[rows][None], k[b : b + 1, :n], v[b : b + 1, :n], rows))
+    check_sequences(out, lse, pieces, mask_args, dtype)
