@@ -109,20 +109,28 @@ class CombineArgs(NamedTuple):
 
     o_partial: float32 (splits, batch, seqlen, heads, head_dim); lse_partial: float32
     (splits, batch, heads, seqlen); out: (batch, seqlen, heads, head_dim) of the config's
-    dtype; lse: float32 (batch, heads, seqlen).
+    dtype; lse: float32 (batch, heads, seqlen); sinks (`CombineConfig.sinks`, else None):
+    float32 (rows, heads), row (b, s, h) reads sinks[min(s, rows - 1), h], as the forward
+    kernel reads its sinks.
     """
 
     o_partial: Any
     lse_partial: Any
     out: Any
     lse: Any
+    sinks: Any = None
 
 
 def call_combine(
-    kernel: Callable[..., None], o_partial: Any, lse_partial: Any, out: Any, lse: Any
+    kernel: Callable[..., None],
+    o_partial: Any,
+    lse_partial: Any,
+    out: Any,
+    lse: Any,
+    sinks: Any = None,
 ) -> None:
     """`kernel(*CombineArgs(...))`: arguments by name."""
-    kernel(o_partial, lse_partial, out, lse)
+    kernel(o_partial, lse_partial, out, lse, sinks)
 
 
 class KVStoreArgs(NamedTuple):

@@ -234,16 +234,20 @@ class CombineConfig:
         arch: target architecture, e.g. "sm_90a".
         head_dim: head dimension of the output (a multiple of 32).
         dtype: element type of the merged output, "float16" or "bfloat16".
+        sinks: the rows' sink logits join the merged denominator (`MaskSpec.sinks`: the
+            split-KV partials leave them out).
     """
 
     arch: str
     head_dim: int
     dtype: str
+    sinks: bool = False
 
     @property
     def name(self) -> str:
         """Short, filesystem-safe name, unique per config."""
-        return f"fmha_combine_{self.arch}_d{self.head_dim}_{self.dtype}"
+        sinks = "_sinks" if self.sinks else ""
+        return f"fmha_combine_{self.arch}_d{self.head_dim}_{self.dtype}{sinks}"
 
 
 @dataclass(frozen=True)

@@ -191,13 +191,16 @@ def lookup(
     raise UnsupportedError(f"no sparsek kernel for {request}", found)
 
 
-def lookup_combine(arch: str, head_dim: int, dtype: torch.dtype | str) -> CombineConfig:
-    """The split-KV combine kernel for outputs of `head_dim` and `dtype`.
+def lookup_combine(
+    arch: str, head_dim: int, dtype: torch.dtype | str, sinks: bool = False
+) -> CombineConfig:
+    """The split-KV combine kernel for outputs of `head_dim` and `dtype` (adding the rows'
+    sink logits when `sinks`).
 
     Raises:
         UnsupportedError: the combine kernel cannot serve it (reasons attached).
     """
-    config = CombineConfig(arch, head_dim, dtype_name(dtype))
+    config = CombineConfig(arch, head_dim, dtype_name(dtype), sinks)
     reasons = kernel_can_implement(config)
     if reasons:
         raise UnsupportedError(f"no split-KV combine kernel for {config.name}", reasons)

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from cutedsl_kernels import build
-from cutedsl_kernels.config import NO_MASK, ElementTypes, FmhaFwdConfig, MaskSpec
+from cutedsl_kernels.config import (
+    NO_MASK,
+    CombineConfig,
+    ElementTypes,
+    FmhaFwdConfig,
+    MaskSpec,
+)
 from sparsek import registry
 
 CONFIGS = [
@@ -77,7 +83,7 @@ def test_kernels_accept_every_base_the_launch_path_passes() -> None:
         ({"mask": MaskSpec(causal=True, window=True)}, "a causal window is the window"),
         (
             {"mask": MaskSpec(sinks=True), "kv_layout": "paged", "page_size": 16, "split_kv": True},
-            "the combine does not add it",
+            "the combine adds them",
         ),
         (
             {
@@ -108,7 +114,7 @@ MASK_LAYOUTS = (
     {"varlen_q": True, "kv_layout": "varlen", "persistent": True, "dynamic_schedule": True},
     {"kv_layout": "paged", "page_size": 16, "split_kv": True, "tile_m": 64},
 )
-# Sinks run unsplit (a split's partial result leaves the sink out): paged without split_kv.
+# A split kernel leaves sinks out (the combine adds them): sinks compile unsplit.
 PAGED_UNSPLIT = {"kv_layout": "paged", "page_size": 16, "tile_m": 64}
 MASK_FEATURES = (
     MaskSpec(window=True),
@@ -126,6 +132,13 @@ def test_mask_features_compile(mask: MaskSpec, layout: dict) -> None:
         layout = PAGED_UNSPLIT
     config = FmhaFwdConfig("sm_90a", 128, ElementTypes.uniform("bfloat16"), mask=mask, **layout)
     assert build.can_implement(config) == []
+    assert build.compile_kernel(config) is not None
+
+
+def test_combine_with_sinks_compiles() -> None:
+    """The split-KV combine that adds the rows' sink logits (numerics: tests/gpu)."""
+    config = CombineConfig("sm_90a", 128, "bfloat16", sinks=True)
+    assert config.name.endswith("_sinks") and build.can_implement(config) == []
     assert build.compile_kernel(config) is not None
 
 

@@ -70,7 +70,7 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
     if config.mask.sinks and config.split_kv:
         reasons.append(
             "mask with sinks and split_kv: a split's partial result leaves the sink out "
-            "and the combine does not add it (run sinks unsplit)"
+            "(compile the split kernel without sinks; the combine adds them)"
         )
     mma_warpgroups = config.tile_m // ROWS_PER_MMA_WARPGROUP
     if config.tile_m % ROWS_PER_MMA_WARPGROUP or (mma_warpgroups, 1) not in REGS_BY_MMA_WARPGROUPS:

@@ -9,6 +9,13 @@ disjoint key ranges:
     O      = sum_p w_p O_p / sum_p w_p            (0 when every range is empty)
     LSE    = m + log(sum_p w_p)                   (-inf when every range is empty)
 
+With sinks (`CombineConfig.sinks`; the partials leave them out), a row that saw a key
+adds its sink logit z to the denominator, without a value:
+
+    LSE'   = log(exp(LSE) + exp(z))     O' = O * exp(LSE - LSE')
+
+and a row that saw none stays 0 / -inf (`sparsek.masks`' rule for every path).
+
 Shapes: o_partial float32 (P, b, s, h, d), lse_partial float32 (P, b, h, s); out
 (b, s, h, d) in the config's dtype, lse float32 (b, h, s). Packed (varlen) problems pass
 b = 1 and s = total tokens. Last dims contiguous; any other strides.
@@ -34,7 +41,7 @@ import math
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, const_expr
 from cutlass.cute.nvgpu import cpasync
 
 from cutedsl_kernels.abi import CombineArgs
@@ -81,7 +88,16 @@ class SplitCombine:
             lse_partial=fake_rows_tensor(Float32, (splits, batch, heads, seqlen)),
             out=fake_rows_tensor(self.dtype, (batch, seqlen, heads, d)),
             lse=fake_rows_tensor(Float32, (batch, heads, seqlen)),
+            sinks=self._fake_sinks(),
         )
+
+    def _fake_sinks(self):
+        """(rows, heads) float32 sink logits, any strides, or None without sinks."""
+        if not self.config.sinks:
+            return None
+        shape = (cute.sym_int(), cute.sym_int())
+        strides = (cute.sym_int64(), cute.sym_int64())
+        return cute.runtime.make_fake_tensor(Float32, shape, stride=strides, assumed_align=4)
 
     @cute.jit
     def __call__(
@@ -90,11 +106,12 @@ class SplitCombine:
         mLSEPartial: cute.Tensor,
         mO: cute.Tensor,
         mLSE: cute.Tensor,
+        mSinks: cute.Tensor | None,
         stream,
     ):
         heads = cute.size(mO.shape[2])
         grid_x, grid_z = fold_batch(cute.size(mO.shape[1]), cute.size(mO.shape[0]))
-        self.kernel(mOPartial, mLSEPartial, mO, mLSE).launch(
+        self.kernel(mOPartial, mLSEPartial, mO, mLSE, mSinks).launch(
             grid=[grid_x, cute.ceil_div(heads, WARPS_PER_CTA), grid_z],
             block=[WARPS_PER_CTA * LANES, 1, 1],
             stream=stream,
@@ -102,7 +119,14 @@ class SplitCombine:
         )
 
     @cute.kernel
-    def kernel(self, mOp: cute.Tensor, mLSEp: cute.Tensor, mO: cute.Tensor, mLSE: cute.Tensor):
+    def kernel(
+        self,
+        mOp: cute.Tensor,
+        mLSEp: cute.Tensor,
+        mO: cute.Tensor,
+        mLSE: cute.Tensor,
+        mSinks: cute.Tensor | None,
+    ):
         per_load, cols = self.splits_per_load, self.cols_per_lane
         smem = SmemAllocator()
         # Per warp: one group's LSEs and partial O rows, copied in by cp.async.
@@ -142,11 +166,28 @@ class SplitCombine:
                 cute.arch.sync_warp()  # every lane is done with the group's smem
             empty = total == Float32(0.0)
             inv_total = Float32(0.0) if empty else Float32(1.0) / total
+            lse = -Float32.inf if empty else row_max + cute.math.log(total)
+            if const_expr(mSinks is not None):  # noqa: SIM102 (a const_expr apart from a runtime test)
+                if not empty:
+                    lse, inv_total = self.add_sink(mSinks, s, h, lse, inv_total)
             col0 = lane * cols
             for c in cutlass.range_constexpr(cols):
                 mO[b, s, h, col0 + c] = (acc[c] * inv_total).to(self.dtype)
             if lane == 0:
-                mLSE[b, h, s] = -Float32.inf if empty else row_max + cute.math.log(total)
+                mLSE[b, h, s] = lse
+
+    @cute.jit
+    def add_sink(
+        self, mSinks: cute.Tensor, s: Int32, h: Int32, lse: Float32, inv_total: Float32
+    ) -> tuple[Float32, Float32]:
+        """Row (s, h)'s sink logit z joins a row that saw a key: the LSE becomes
+        log(exp(lse) + exp(z)) and the output scale exp(lse - LSE') times the old one."""
+        log2e = Float32(math.log2(math.e))
+        sink = Float32(mSinks[cutlass.min(s, cute.size(mSinks.shape[0]) - 1), h])
+        top = cute.arch.fmax(lse, sink)
+        keys = cute.math.exp2((lse - top) * log2e, fastmath=True)
+        both = keys + cute.math.exp2((sink - top) * log2e, fastmath=True)
+        return top + cute.math.log(both), inv_total * keys / both
 
     @cute.jit
     def load_group(

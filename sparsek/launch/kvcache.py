@@ -16,9 +16,9 @@ How a request maps onto one kernel launch (plus the split-KV combine):
 - split-KV: when the (batch x heads x query tiles) CTAs cannot fill the GPU, the cache's
   key tiles are split across `num_splits` CTAs (chosen from the cache capacity, never from
   device values) and merged by the combine kernel.
-- masks (`sparsek.masks.Mask`): softcap and sinks keep the routes above; sinks run unsplit
-  (a split's partial result leaves the sink out) and are read per kernel row: one per head,
-  or, where a tile's rows are a KV head's query heads, as a (group, kv_heads) view. A
+- masks (`sparsek.masks.Mask`): softcap and sinks keep the routes above. Sinks are read
+  per kernel row: one per head, or, where a tile's rows are a KV head's query heads, as a
+  (group, kv_heads) view; split-KV partials leave them out and the combine adds them. A
   sliding window needs each row's own query position, so a windowed decode takes the
   one-row-per-head route of the other requests.
 
@@ -209,11 +209,11 @@ def attention_with_kvcache(
     table = block_table.contiguous() if block_table is not None else None
     seqused_k = cache_seqlens.contiguous()
     kmask = plan.mask
+    if sinks is not None:  # one logit per kernel (row, head), for the kernel or the combine
+        sinks = sinks.contiguous()
+        sinks = sinks.view(1, -1) if plan.sinks_view is None else plan.sinks_view.of(sinks)
     with launcher.device_guard(q.device):
         if plan.combine is None:
-            if sinks is not None:  # one logit per kernel (row, head)
-                sinks = sinks.contiguous()
-                sinks = sinks.view(1, -1) if plan.sinks_view is None else plan.sinks_view.of(sinks)
             call_fmha_fwd(
                 kernel.fn, q_k, k_cache, v_cache, out_k, lse_k,
                 cu_seqlens_q=cu_q, seqused_k=seqused_k, page_table=table, sinks=sinks,
@@ -233,7 +233,7 @@ def attention_with_kvcache(
                 num_splits=plan.splits, num_ctas=0, window_left=kmask.window_left,
                 window_right=kmask.window_right, softcap=kmask.softcap,
             )  # fmt: skip
-            call_combine(plan.combine, o_part, lse_part, out_k, lse_k)
+            call_combine(plan.combine, o_part, lse_part, out_k, lse_k, sinks)
     if lse_rows is not lse:
         lse.copy_(lse_rows.t())
     return out, lse
@@ -311,8 +311,6 @@ def _build_plan(
         config = launcher.kernel_config(q, v_cache, spec, layout, workload)
         assert not isinstance(config, str), config  # a tuning of a request served above
         splits = 1
-    elif mask.sinks:  # a split's partial result leaves the sink out
-        splits = 1
     else:
         key_tiles = math.ceil(capacity / config.tile_n)
         splits = choose_splits(num_splits, ctas, key_tiles, q.device)
@@ -320,7 +318,8 @@ def _build_plan(
         combine = None
     else:
         layout = dataclasses.replace(layout, split_kv=True)
-        combine = launcher.combine_kernel(q.device, head_dim, q.dtype)
+        spec = dataclasses.replace(spec, sinks=False)  # partials leave sinks to the combine
+        combine = launcher.combine_kernel(q.device, head_dim, q.dtype, mask.sinks)
     kernel = launcher.forward_kernel(q.device, head_dim, q.dtype, spec, layout, workload)
     return KvcachePlan(
         "launch", out_shape, lse_shape,

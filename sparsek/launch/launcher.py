@@ -51,7 +51,7 @@ class ForwardKernel:
 ForwardKey = tuple[int | None, int, torch.dtype, MaskSpec, Layout, Workload]
 _FORWARD: dict[ForwardKey, ForwardKernel] = {}
 # (device index, head_dim, dtype) -> loaded combine / paged KV-cache update kernel.
-_COMBINE: dict[tuple[int | None, int, torch.dtype], KernelFn] = {}
+_COMBINE: dict[tuple[int | None, int, torch.dtype, bool], KernelFn] = {}
 _KV_STORE: dict[tuple[int | None, int, torch.dtype], KernelFn] = {}
 for _memo in (_FORWARD, _COMBINE, _KV_STORE):
     memo.register(_memo.clear)
@@ -82,16 +82,19 @@ def forward_kernel(
     return kernel
 
 
-def combine_kernel(device: torch.device, head_dim: int, dtype: torch.dtype) -> KernelFn:
-    """The loaded split-KV combine kernel for outputs of `head_dim` and `dtype`.
+def combine_kernel(
+    device: torch.device, head_dim: int, dtype: torch.dtype, sinks: bool = False
+) -> KernelFn:
+    """The loaded split-KV combine kernel for outputs of `head_dim` and `dtype` (adding
+    sink logits when `sinks`).
 
     Raises:
         UnsupportedError: no CUDA device, or the combine kernel cannot serve it.
     """
-    key = (device.index, head_dim, dtype)
+    key = (device.index, head_dim, dtype, sinks)
     kernel = _COMBINE.get(key)
     if kernel is None:
-        config_for = functools.partial(lookup_combine, head_dim=head_dim, dtype=dtype)
+        config_for = functools.partial(lookup_combine, head_dim=head_dim, dtype=dtype, sinks=sinks)
         kernel = _COMBINE[key] = load(device, config_for)
     return kernel
 

@@ -224,7 +224,8 @@ def paged_cache(lens, capacity, hkv, d, dtype, gen, page=16):
 @pytest.mark.parametrize("case", SEQ_MASKS, ids=str)
 def test_kvcache_masks_match_the_reference(case, paged, num_splits, dtype) -> None:
     """Decode (one query per sequence, GQA heads as a tile's rows unless windowed) and
-    chunked prefill over a contiguous or paged cache, split or not (sinks run unsplit)."""
+    chunked prefill over a contiguous or paged cache, split or not (split partials leave
+    the sinks to the combine)."""
     gen = torch.Generator(device="cuda").manual_seed(13)
     lens, h, hkv, d, capacity = [700, 1, 129, 1024, 33], 8, 2, 128, 1024
     mask_args = mask_inputs(case, h, gen)
