@@ -137,12 +137,15 @@ class FmhaFwdConfig:
             keys per batch. Every layout but "dense" aligns the causal diagonal
             bottom-right per sequence.
         page_size: rows per page ("paged" only; a multiple of 16), else 0.
-        single_query: (varlen_q, "cache" / "paged") decode of packed queries: every
-            sequence has at most one query token (total_q == batch), and the query heads
-            sharing a KV head are one tile's rows, so q, out and lse are read as
-            (total_q, group, num_kv_heads, ...). Sequence b's token is cu_seqlens_q[b]
-            when it has one; otherwise its CTA writes O = 0, LSE = -inf to one of the
-            rows no sequence owns (`seqlen.SeqInfo.read_single_query`).
+        single_query: ("cache" / "paged") decode: every sequence has at most one query
+            token, the sequence's last, and the query heads sharing a KV head are one
+            tile's rows, so q, out and lse are read as (batch, group, num_kv_heads, ...);
+            masks (a window) place every row at that token. With varlen_q (packed
+            queries, total_q == batch), sequence b's token is cu_seqlens_q[b] when it has
+            one; otherwise its CTA writes O = 0, LSE = -inf to one of the rows no
+            sequence owns (`seqlen.SeqInfo.read_single_query`). Without varlen_q, batch
+            entry b is sequence b's token (a plain mask reads no position: batched
+            decode without a window runs without this flag).
         split_kv: the key range of each query tile is split across `num_splits` CTAs that
             write float32 partial outputs and LSEs for a combine kernel to merge.
         persistent: launch at most `num_ctas` CTAs (one per SM) that loop over work units,

@@ -249,14 +249,14 @@ def find(
         reasons.append(f"mask={mask.name} is not supported (supported: {supported})")
     if workload in DECODE_WORKLOADS and (
         mask.causal
-        or mask.window
-        or layout.varlen_q != layout.single_query
         or layout.kv_layout == "dense"
+        or (layout.varlen_q and not layout.single_query)
+        or (mask.window and not layout.single_query)
     ):
         reasons.append(
-            "decode workloads are neither causal nor windowed, with batched queries or "
-            "single-query packed ones, over a 'cache' or 'paged' kv_layout (got "
-            f"mask={mask.name}, {layout})"
+            "decode workloads are non-causal over a 'cache' or 'paged' kv_layout, with "
+            "batched queries or single-query ones (single-query with a window: its rows "
+            f"share one position) (got mask={mask.name}, {layout})"
         )
     if layout.single_query and workload not in DECODE_WORKLOADS:
         reasons.append(f"single_query layouts serve decode workloads only (got {layout})")

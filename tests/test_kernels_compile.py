@@ -8,6 +8,7 @@ and that it loads back (what the disk cache relies on). Numerics run on the GPU
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -87,14 +88,15 @@ def test_kernels_accept_every_base_the_launch_path_passes() -> None:
         ),
         (
             {
-                "mask": MaskSpec(window=True),
+                "mask": MaskSpec(causal=True),
                 "varlen_q": True,
                 "kv_layout": "paged",
                 "page_size": 16,
                 "single_query": True,
             },
-            "neither causal nor window",
+            "no causal mask",
         ),
+        ({"single_query": True}, "needs a 'cache' or 'paged' kv_layout"),
     ],
 )
 def test_can_implement_gives_reasons(changes: dict, fragment: str) -> None:
@@ -113,6 +115,9 @@ MASK_LAYOUTS = (
     {"persistent": True},
     {"varlen_q": True, "kv_layout": "varlen", "persistent": True, "dynamic_schedule": True},
     {"kv_layout": "paged", "page_size": 16, "split_kv": True, "tile_m": 64},
+    # decode: a tile's rows are one token's heads (batched and packed queries)
+    {"kv_layout": "cache", "single_query": True, "tile_m": 64},
+    {"varlen_q": True, "kv_layout": "paged", "page_size": 16, "single_query": True, "tile_m": 64},
 )
 # A split kernel leaves sinks out (the combine adds them): sinks compile unsplit.
 PAGED_UNSPLIT = {"kv_layout": "paged", "page_size": 16, "tile_m": 64}
@@ -130,6 +135,8 @@ def test_mask_features_compile(mask: MaskSpec, layout: dict) -> None:
     """Window, softcap and sinks compile into every kind of kernel (numerics: tests/gpu)."""
     if mask.sinks and layout.get("split_kv"):
         layout = PAGED_UNSPLIT
+    if mask.causal and layout.get("single_query"):
+        mask = dataclasses.replace(mask, causal=False)  # one query: every key is before it
     config = FmhaFwdConfig("sm_90a", 128, ElementTypes.uniform("bfloat16"), mask=mask, **layout)
     assert build.can_implement(config) == []
     assert build.compile_kernel(config) is not None

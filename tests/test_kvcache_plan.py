@@ -55,16 +55,27 @@ def fake_kernel(causal: bool | None, layout: Layout | None):
         mask = dict(causal=causal, window_size=(left, right), softcap=softcap)
 
         def reference(qx, keys, **kwargs):
-            """The kernel's rows: sinks[min(row, rows - 1), head] for row i of qx."""
+            """The kernel's rows: sinks[min(row, rows - 1), head] for row i of qx;
+            single_query: every row is the sequence's last token (its own one-row query)."""
             kw = dict(softmax_scale=scale, compute_dtype=torch.float64, **mask, **kwargs)
-            if sinks is None or sinks.shape[0] == 1:
+            per_row = layout.single_query or (sinks is not None and sinks.shape[0] > 1)
+            if not per_row:
                 heads = None if sinks is None else sinks[0]
                 return reference_attention_kvcache(qx, k, v, keys, table, sinks=heads, **kw)
-            # Per-row sinks: a tile's rows are heads of one query (no causal mask, no window).
-            assert qx.dim() == 4 and not causal and (left, right) == (-1, -1)
+            # A tile's rows are heads of one query: no causal mask; a window only for
+            # single_query kernels (whose masks place every row at that query).
+            assert qx.dim() == 4 and not causal
+            assert layout.single_query or (left, right) == (-1, -1)
+            sinks_ = sinks if sinks is not None else [None]
             parts = [
                 reference_attention_kvcache(
-                    qx[:, i : i + 1], k, v, keys, table, sinks=sinks[min(i, len(sinks) - 1)], **kw
+                    qx[:, i : i + 1],
+                    k,
+                    v,
+                    keys,
+                    table,
+                    sinks=sinks_[min(i, len(sinks_) - 1)],
+                    **kw,
                 )
                 for i in range(qx.shape[1])
             ]
@@ -73,7 +84,7 @@ def fake_kernel(causal: bool | None, layout: Layout | None):
         assert (cu_q is not None) == layout.varlen_q and (table is not None) == (
             layout.kv_layout == "paged"
         )
-        if layout.single_query:  # the token of sequence b (see `seqlen.SeqInfo`)
+        if layout.single_query and layout.varlen_q:  # the token of sequence b (`SeqInfo`)
             first, count = cu_q[:-1], cu_q[1:] - cu_q[:-1]
             empty_before = torch.arange(len(count)) - first
             token = torch.where(count > 0, first, cu_q[-1] + empty_before).long()
@@ -384,9 +395,9 @@ def sinks_for(h: int) -> torch.Tensor:
 @pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "3-splits"])
 @pytest.mark.parametrize(("window", "softcap", "with_sinks"), MASKS, ids=str)
 def test_decode_with_masks(fake_kernels, paged, num_splits, window, softcap, with_sinks) -> None:
-    """Batched and packed decode: softcap and sinks keep the heads-as-rows tiles (sinks read
-    per (group row, KV head); split-KV partials leave them to the combine); a window takes
-    one row per head (each row's own position)."""
+    """Batched and packed decode keep the heads-as-rows tiles with every mask: sinks read per
+    (group row, KV head), left to the combine by split-KV partials; a window takes the
+    single_query kernels, whose rows all sit at the sequence's last token."""
     (k, v), (kp, vp, table), seqlens = make_caches(LENS, 300, hkv=2)
     caches = (kp, vp, seqlens, table) if paged else (k, v, seqlens)
     mask = dict(window=window, softcap=softcap, sinks=sinks_for(8) if with_sinks else None)
@@ -401,8 +412,9 @@ def test_decode_with_masks(fake_kernels, paged, num_splits, window, softcap, wit
     check(got, reference(packed, caches_6, cu=cu, max_q=1, **mask))
     windowed = window != (-1, -1)
     layouts = [(lt, wl) for _, lt, wl in fake_kernels if lt is not None]
-    assert all((wl in DECODE_WORKLOADS) != windowed for _, wl in layouts)
-    assert all(not lt.single_query for lt, _ in layouts) if windowed else True
+    # Decode tiles every time; batched queries take the single_query kernels for a window.
+    assert all(wl in DECODE_WORKLOADS for _, wl in layouts)
+    assert all(lt.single_query == (lt.varlen_q or windowed) for lt, _ in layouts)
     assert any(lt.split_kv for lt, _ in layouts) == (num_splits > 1)
 
 

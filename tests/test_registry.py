@@ -172,20 +172,31 @@ def test_only_decode_kernels_load_kv_evict_first() -> None:
 
 
 @pytest.mark.parametrize(
-    ("causal", "layout", "workload"),
+    ("mask", "layout", "workload"),
     [
-        (True, Layout(kv_layout="cache"), Workload.DECODE),
-        (False, Layout(varlen_q=True, kv_layout="cache"), Workload.DECODE),
-        (False, DENSE, Workload.DECODE),
-        (True, Layout(kv_layout="paged", page_size=16), Workload.DECODE_FILLS_GPU),
+        (CAUSAL, Layout(kv_layout="cache"), Workload.DECODE),
+        (NO_MASK, Layout(varlen_q=True, kv_layout="cache"), Workload.DECODE),
+        (NO_MASK, DENSE, Workload.DECODE),
+        (CAUSAL, Layout(kv_layout="paged", page_size=16), Workload.DECODE_FILLS_GPU),
+        # A window reads the query's position: batched decode needs the single_query rows.
+        (MaskSpec(window=True), Layout(kv_layout="cache"), Workload.DECODE),
     ],
 )
 def test_decode_workloads_refuse_what_decode_is_not(
-    causal: bool, layout: Layout, workload: Workload
+    mask: MaskSpec, layout: Layout, workload: Workload
 ) -> None:
-    with pytest.raises(UnsupportedError, match="decode workloads are neither causal") as info:
-        registry.lookup("sm_90a", 128, "bfloat16", registry.mask_of(causal), layout, workload)
+    with pytest.raises(UnsupportedError, match="decode workloads are non-causal") as info:
+        registry.lookup("sm_90a", 128, "bfloat16", mask, layout, workload)
     assert len(info.value.reasons) == 1
+
+
+def test_windowed_decode_takes_single_query_rows() -> None:
+    """Batched or packed, a windowed decode is served by single_query kernels."""
+    window = MaskSpec(window=True, sinks=True)
+    for varlen_q in (False, True):
+        layout = Layout(varlen_q=varlen_q, kv_layout="paged", page_size=16, single_query=True)
+        config = registry.lookup("sm_90a", 128, "bfloat16", window, layout, Workload.DECODE)
+        assert config.single_query and config.mask == window
 
 
 def test_decode_filling_the_gpu_is_never_split() -> None:

@@ -22,7 +22,10 @@ Vocabulary (see `FmhaFwdConfig.varlen_q` / `kv_layout`):
   the tokens past cu_q[batch]. Sequence b reads and writes token cu_q[b] when it has one,
   else token cu_q[batch] + (b - cu_q[b]) (b - cu_q[b] counts the empty sequences before
   b) with no keys: every token is written once, for any valid cu_q, without a memset.
-  `offset_q` is that token's index on the batch axis (`query_position`).
+  `offset_q` is that token's index on the batch axis (`query_position`). Batched queries
+  (no varlen_q) take the same tiles: sequence b's token is batch entry b. Either way the
+  tile's rows are the heads of one token, the sequence's last: `causal_offset` is
+  seqlen_k - 1 for every row (`rows_share_position` in the masks).
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class SeqInfo:
             last = cute.size(cu_seqlens_q.shape[0]) - 1
             offset_q = cu_seqlens_q[last] + batch_idx - first
             seqlen_k = Int32(0)
-        return SeqInfo(offset_q, rows, Int32(0), seqlen_k, seqlen_k - rows)
+        return SeqInfo(offset_q, rows, Int32(0), seqlen_k, seqlen_k - 1)
 
     @staticmethod
     @cute.jit
@@ -191,6 +194,6 @@ def query_position(
     """(batch index, first row) of a work tile's queries, outputs and LSE: single-query
     decode tokens are batch entries (`offset_q`, from row 0); packed queries live in batch
     entry 0 from row `offset_q`; otherwise entry `batch_idx` (`offset_q` is 0)."""
-    if single_query:
+    if single_query and varlen_q:
         return info.offset_q, 0
     return (0 if varlen_q else batch_idx), info.offset_q

@@ -384,7 +384,7 @@ class TileScheduler:
         if const_expr(self.split_kv):
             batch_idx = batch_split // params.num_splits
             split_idx = batch_split - batch_idx * params.num_splits
-        if const_expr(self.single_query):
+        if const_expr(self.single_query and self.varlen_q):
             info = SeqInfo.read_single_query(
                 batch_idx, mQ.shape[0], params.cu_seqlens_q, params.seqused_k
             )
@@ -407,6 +407,10 @@ class TileScheduler:
                 params.cu_seqlens_k,
                 params.seqused_k,
             )
+            if const_expr(self.single_query):  # batched decode: rows are one token's heads
+                info = SeqInfo(
+                    info.offset_q, info.seqlen_q, info.offset_k, info.seqlen_k, info.seqlen_k - 1
+                )
         n_min, n_max = n_block_range(
             m_block,
             info.seqlen_q,

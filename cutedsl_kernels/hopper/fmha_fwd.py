@@ -141,6 +141,7 @@ class HopperFmhaForward:
             # Caches: the slots past a sequence's used length may hold anything; packed
             # keys: the rows past the last sequence (padding, e.g. torch.empty).
             zero_v_tail=config.kv_layout in ("cache", "paged", "varlen"),
+            rows_share_position=config.single_query,
         )
 
     # ------------------------------------------------------------------ capability

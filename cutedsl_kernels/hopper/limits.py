@@ -98,16 +98,12 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
             "key lengths; 'cache' and 'paged' serve either query layout)"
         )
     if config.single_query and not (
-        config.varlen_q
-        and config.kv_layout in ("cache", "paged")
-        and not config.mask.causal
-        and not config.mask.window
-        and not config.persistent
+        config.kv_layout in ("cache", "paged") and not config.mask.causal and not config.persistent
     ):
         reasons.append(
-            "single_query (decode of packed queries) needs varlen_q, a 'cache' or 'paged' "
-            "kv_layout, neither causal nor window (its rows are the heads of one query, "
-            "which sees every key) and a non-persistent launch"
+            "single_query (decode: a tile's rows are the heads of one query token, the "
+            "sequence's last) needs a 'cache' or 'paged' kv_layout, no causal mask (that "
+            "query sees every key; a window is allowed) and a non-persistent launch"
         )
     packed = config.varlen_q and config.kv_layout == "varlen"
     if config.persistent and (config.split_kv or (config.is_varlen and not packed)):

@@ -100,6 +100,8 @@ class MainloopSettings:
         zero_v_tail: zero the V rows past the data (`Sm90Mainloop`'s `v_rows`) in the
             first visited tile (caches, whose unused slots may hold anything; packed keys,
             whose rows past the last sequence may be padding).
+        rows_share_position: the tile's rows are the query heads of one token
+            (`FmhaFwdConfig.single_query`): masks place every row at the tile's first.
     """
 
     tile_m: int
@@ -110,6 +112,7 @@ class MainloopSettings:
     pingpong: bool
     num_mma_warpgroups: int
     zero_v_tail: bool
+    rows_share_position: bool = False
 
 
 @dataclass
@@ -233,6 +236,7 @@ class Sm90Mainloop:
             self.tile_n,
             self.mask,
             self.window,
+            self.settings.rows_share_position,
         )
 
     @cute.jit

@@ -187,12 +187,15 @@ def apply_mask(
     tile_n: cutlass.Constexpr[int],
     mask: cutlass.Constexpr[MaskSpec],
     window: Window | None = None,
+    rows_share_position: cutlass.Constexpr[bool] = False,
 ) -> None:
     """Set masked scores of one (tile_m, tile_n) tile to -inf.
 
     `t_coords` / `t0_coords` are this thread's and thread 0's partitions of the tile's
     identity tensor, so that the per-element test compares against compile-time column
     offsets (thread 0's) and per-row limits shifted by this thread's own offset.
+    `rows_share_position`: every row is the query at the tile's first row (the heads of
+    one token as rows), so the causal and window limits are the same for all of them.
     """
     s_rc = acc_rows_cols(acc_s)
     c_rc = acc_rows_cols(t_coords)
@@ -201,13 +204,14 @@ def apply_mask(
     seqlen_limit = seqlen_k - n_block * tile_n - thread_col
     for r in cutlass.range_constexpr(cute.size(s_rc, mode=[0])):
         col_limit = seqlen_limit
+        row = m_block * tile_m
+        if cutlass.const_expr(not rows_share_position):
+            row += c_rc[r, 0][0]
         if cutlass.const_expr(mask.causal):
-            row = m_block * tile_m + c_rc[r, 0][0]
             causal_limit = row + causal_offset + 1 - n_block * tile_n - thread_col
             col_limit = cutlass.min(col_limit, causal_limit)
         if cutlass.const_expr(mask.window):
             # Visible: left_limit <= column < col_limit (a negative size: no edge).
-            row = m_block * tile_m + c_rc[r, 0][0]
             diagonal = row + causal_offset - n_block * tile_n - thread_col
             if window.right >= 0:
                 col_limit = cutlass.min(col_limit, diagonal + window.right + 1)

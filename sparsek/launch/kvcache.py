@@ -16,11 +16,12 @@ How a request maps onto one kernel launch (plus the split-KV combine):
 - split-KV: when the (batch x heads x query tiles) CTAs cannot fill the GPU, the cache's
   key tiles are split across `num_splits` CTAs (chosen from the cache capacity, never from
   device values) and merged by the combine kernel.
-- masks (`sparsek.masks.Mask`): softcap and sinks keep the routes above. Sinks are read
-  per kernel row: one per head, or, where a tile's rows are a KV head's query heads, as a
-  (group, kv_heads) view; split-KV partials leave them out and the combine adds them. A
-  sliding window needs each row's own query position, so a windowed decode takes the
-  one-row-per-head route of the other requests.
+- masks (`sparsek.masks.Mask`) keep the routes above. A windowed decode takes the
+  `single_query` kernels for batched queries too (their masks place every row, a head, at
+  the sequence's last token), so each CTA reads only its window's key tiles, once per KV
+  head. Sinks are read per kernel row: one per head, or, where a tile's rows are a KV
+  head's query heads, as a (group, kv_heads) view; split-KV partials leave them out and
+  the combine adds them.
 
 Everything above follows from shapes, strides, dtype, device and flags alone, so it is
 worked out once per distinct request (`kvcache_plan`, memoized) and a repeated request
@@ -263,12 +264,15 @@ def _build_plan(
         out_shape, lse_shape = (batch, seqlen_q, num_heads, head_dim), (batch, num_heads, seqlen_q)
     paged = block_table is not None
     capacity = (block_table.shape[1] if block_table is not None else 1) * k_cache.shape[1]
-    # One query per sequence, its heads as a tile's rows; a window needs each row's position.
-    decode = seqlen_q == 1 and (not packed or q.shape[0] == batch) and not mask.window
+    # One query per sequence, its heads as a tile's rows.
+    decode = seqlen_q == 1 and (not packed or q.shape[0] == batch)
     if decode and mask.causal:  # a sequence's single query sees every key
         mask = dataclasses.replace(mask, causal=False)
     kv_layout, page_size = ("paged", k_cache.shape[1]) if paged else ("cache", 0)
-    layout = Layout(packed, kv_layout, page_size, single_query=decode and packed)
+    # Batched decode without a window reads no query position: the kernels without the
+    # single_query flag serve it.
+    single_query = decode and (packed or mask.window)
+    layout = Layout(packed, kv_layout, page_size, single_query=single_query)
     spec = mask.spec
     workload = Workload.DECODE if decode else Workload.DEFAULT
     config = launcher.kernel_config(q, v_cache, spec, layout, workload)
