@@ -3,13 +3,17 @@
 Compared against: a float64 softmax over q k^T * scale plus the bias's own
 `materialize(...)` (xFormers' definition of each mask), with the tolerance relative to
 PyTorch SDPA's error in the same dtype: max|out - ref| <= 2 * max|sdpa - ref| + 1e-3.
-Also checked: the operator's declared capabilities, `not_supported_reasons` for each
-unsupported input, that expanded (stride-0) GQA/MQA K/V reach sparsek without a copy, the
+Local (sliding-window) biases are compared the same way, with windows smaller and larger
+than the sequences, and their conversion to sparsek's window is also checked exactly
+(boolean masks over every small shape) and shown to matter (a window one key off fails
+the comparison). Also checked: the operator's declared capabilities, `not_supported_reasons`
+for each unsupported input, that expanded (stride-0) GQA/MQA K/V reach sparsek without a copy, the
 fake-CUDA head-dim / capability checks, torch.compile, and the ImportError without xFormers.
 """
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -29,6 +33,32 @@ from sparsek.integrations.xformers import SparseKAttention  # noqa: E402
 ATOL = 1e-3
 SUPPORTED_BIASES = [None, ab.LowerTriangularMask(), ab.LowerTriangularFromBottomRightMask()]
 BIAS_IDS = ["none", "top_left", "bottom_right"]
+# Dense local biases: windows of one key (the diagonal alone), a few keys, one-sided, and
+# wider than every sequence below.
+LOCAL_BIASES = [
+    ab.LocalAttentionFromBottomRightMask(window_left=0, window_right=0),
+    ab.LocalAttentionFromBottomRightMask(window_left=1, window_right=2),
+    ab.LocalAttentionFromBottomRightMask(window_left=3, window_right=0),
+    ab.LocalAttentionFromBottomRightMask(window_left=0, window_right=4),
+    ab.LocalAttentionFromBottomRightMask(window_left=200, window_right=200),
+    ab.LowerTriangularFromBottomRightLocalAttentionMask(1),
+    ab.LowerTriangularFromBottomRightLocalAttentionMask(2),
+    ab.LowerTriangularFromBottomRightLocalAttentionMask(5),
+    ab.LowerTriangularFromBottomRightLocalAttentionMask(200),
+]
+
+
+def bias_id(bias: object) -> str:
+    """Test id: the bias type and, for a local bias, its window as xFormers states it."""
+    name = type(bias).__name__
+    if hasattr(bias, "window_left"):
+        return f"{name}({bias.window_left},{bias.window_right})"
+    if hasattr(bias, "_window_size"):
+        return f"{name}({bias._window_size})"
+    return name
+
+
+LOCAL_IDS = [bias_id(b) for b in LOCAL_BIASES]
 
 
 def folded(t: torch.Tensor) -> torch.Tensor:
@@ -141,7 +171,7 @@ def test_capabilities() -> None:
     }
     assert (
         set(op.SUPPORTED_ATTN_BIAS_TYPES)
-        == {type(b) for b in SUPPORTED_BIASES}
+        == {type(b) for b in SUPPORTED_BIASES + LOCAL_BIASES}
         | {type(b) for b, _ in block_diagonal_cases()}
         | paged
     )
@@ -149,7 +179,7 @@ def test_capabilities() -> None:
         assert type(bias) not in op.SUPPORTED_ATTN_BIAS_TYPES
 
 
-@pytest.mark.parametrize("bias", SUPPORTED_BIASES, ids=BIAS_IDS)
+@pytest.mark.parametrize("bias", SUPPORTED_BIASES + LOCAL_BIASES, ids=BIAS_IDS + LOCAL_IDS)
 def test_supported_inputs_have_no_reasons(bias) -> None:
     assert SparseKAttention.not_supported_reasons(Inputs(*bmhk(), attn_bias=bias)) == []
 
@@ -160,7 +190,7 @@ def test_supported_inputs_have_no_reasons(bias) -> None:
 # (index into varlen_biases(), words every reason list must contain)
 REFUSED_BLOCK_DIAGONAL = [
     (1, "as many queries as keys"),  # top-left causal, blocks of unequal q/k lengths
-    (3, "local"),
+    (3, "as many queries as keys"),  # top-left causal local, blocks of unequal lengths
     (6, "page_size=4"),
     (7, "page_size=4"),
     (8, "not supported"),  # gappy keys
@@ -178,8 +208,17 @@ def test_unsupported_block_diagonal_biases_refused(index, words) -> None:
         xops.memory_efficient_attention_forward(q, k, v, bias, op=SparseKAttention)
 
 
+def test_top_left_local_refusal_names_the_bottom_right_bias() -> None:
+    bias = varlen_biases()[3]
+    q, k, v = bmhk(b=1, sq=8, sk=10)
+    reasons = SparseKAttention.not_supported_reasons(Inputs(q, k, v, attn_bias=bias))
+    assert any("BlockDiagonalCausalLocalAttentionFromBottomRightMask" in r for r in reasons)
+
+
 def block_diagonal_cases() -> list[tuple[object, tuple[int, int]]]:
-    """(bias, (query rows, key rows)) for every supported block-diagonal bias type."""
+    """(bias, (query rows, key rows)) for every supported block-diagonal bias type; the
+    local ones with windows of one key, a few keys and wider than every block, over
+    blocks with fewer, as many and more queries than keys, and empty blocks."""
     cpu = torch.device("cpu")
     block = ab.BlockDiagonalMask.from_seqlens([3, 17, 0, 9], [5, 17, 4, 1], device=cpu)
     keys_ge_queries = ab.BlockDiagonalMask.from_seqlens([3, 17, 0, 9], [5, 17, 4, 11], device=cpu)
@@ -188,18 +227,43 @@ def block_diagonal_cases() -> list[tuple[object, tuple[int, int]]]:
     offset = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
         [3, 5, 1], 32, [20, 7, 32], device=cpu
     )
+    # Local padded-key blocks: more queries than keys (8 vs 3), none, fewer, no keys.
+    local_padded = ab.BlockDiagonalPaddedKeysMask.from_seqlens(
+        [8, 0, 5, 4], 24, [3, 6, 24, 0], device=cpu
+    )
+    local_offset = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+        [8, 5, 4], 24, [3, 24, 11], device=cpu
+    )
     return [
         (block, (29, 27)),
         (keys_ge_queries.make_causal_from_bottomright(), (29, 37)),
         (square.make_causal(), (29, 29)),
         (padded, (9, 96)),
         (offset, (9, 96)),
+        *(
+            (keys_ge_queries.make_local_attention_from_bottomright(w), (29, 37))
+            for w in (1, 3, 100)
+        ),
+        *((square.make_local_attention(w), (29, 29)) for w in (1, 4, 100)),
+        *(
+            (local_padded.make_local_attention(left, right), (17, 96))
+            for left, right in ((0, 0), (2, 1), (0, 3), (100, 100))
+        ),
+        *(
+            (
+                ab.BlockDiagonalCausalLocalAttentionPaddedKeysMask(
+                    q_seqinfo=local_offset.q_seqinfo,
+                    k_seqinfo=local_offset.k_seqinfo,
+                    _window_size=w,
+                ),
+                (17, 72),
+            )
+            for w in (1, 3, 100)
+        ),
     ]
 
 
-@pytest.mark.parametrize(
-    "case", block_diagonal_cases(), ids=lambda c: type(c[0]).__name__ + str(c[1][1])
-)
+@pytest.mark.parametrize("case", block_diagonal_cases(), ids=lambda c: bias_id(c[0]) + str(c[1]))
 @pytest.mark.parametrize("layout", ["bmhk", "bmghk"])
 def test_block_diagonal_numerics(case, layout) -> None:
     bias, (mq, mk) = case
@@ -240,15 +304,18 @@ def test_paged_block_diagonal_matches_padded(index) -> None:
     torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
 
 
+class OtherLocalMask(ab.LocalAttentionFromBottomRightMask):
+    """A local bias type the operator does not know (a user's subclass)."""
+
+
 @pytest.mark.parametrize(
     ("bias", "words"),
     [
         (torch.zeros(2, 4, 17, 23, dtype=torch.float16), "tensor"),
         (ab.LowerTriangularMaskWithTensorBias(torch.zeros(2, 4, 17, 23)), "tensor"),
-        (ab.LocalAttentionFromBottomRightMask(window_left=2, window_right=1), "local"),
-        (ab.LowerTriangularFromBottomRightMask().make_local_attention(4), "local"),
+        (OtherLocalMask(window_left=2, window_right=1), "local"),
     ],
-    ids=["tensor", "causal_plus_tensor", "local", "causal_local"],
+    ids=["tensor", "causal_plus_tensor", "other_local"],
 )
 def test_other_biases_refused(bias, words) -> None:
     reasons = SparseKAttention.not_supported_reasons(Inputs(*bmhk(), attn_bias=bias))
@@ -294,6 +361,8 @@ def test_fake_cuda_inputs_checked_against_registry(monkeypatch: pytest.MonkeyPat
     # xFormers' own CUDA extension does not load here; sparsek does not need it.
     assert reasons(128) == []
     assert reasons(64, torch.float16, ab.LowerTriangularMask()) == []
+    assert reasons(128, bias=ab.LocalAttentionFromBottomRightMask(3, 2)) == []
+    assert reasons(64, torch.float16, ab.LowerTriangularFromBottomRightLocalAttentionMask(8)) == []
     assert any("head_dim=96" in r and "64, 128" in r for r in reasons(96))
     capability[0] = (8, 0)
     monkeypatch.setenv("SPARSEK_ARCH", "sm_80")
@@ -303,7 +372,7 @@ def test_fake_cuda_inputs_checked_against_registry(monkeypatch: pytest.MonkeyPat
 # ---------------------------------------------------------------------------- numerics
 
 
-@pytest.mark.parametrize("bias", SUPPORTED_BIASES, ids=BIAS_IDS)
+@pytest.mark.parametrize("bias", SUPPORTED_BIASES + LOCAL_BIASES, ids=BIAS_IDS + LOCAL_IDS)
 @pytest.mark.parametrize(
     ("b", "sq", "sk", "h", "d"),
     [(2, 17, 17, 4, 64), (1, 33, 70, 2, 128), (2, 45, 13, 3, 64), (1, 1, 31, 2, 48)],
@@ -329,7 +398,7 @@ def test_custom_scale_and_bmk() -> None:
     check(out.unsqueeze(2), q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), None, scale=0.3)
 
 
-@pytest.mark.parametrize("bias", SUPPORTED_BIASES, ids=BIAS_IDS)
+@pytest.mark.parametrize("bias", SUPPORTED_BIASES + LOCAL_BIASES, ids=BIAS_IDS + LOCAL_IDS)
 @pytest.mark.parametrize(
     ("sq", "sk", "g", "h"),
     [(19, 19, 2, 3), (9, 40, 1, 4), (40, 9, 3, 1)],
@@ -355,9 +424,9 @@ def record_op(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, ...]]
     calls: list[tuple[torch.Tensor, ...]] = []
     original = sx._attention_bshd
 
-    def recording(q, k, v, causal, scale, top_left):
+    def recording(q, k, v, *args):
         calls.append((q, k, v))
-        return original(q, k, v, causal, scale, top_left)
+        return original(q, k, v, *args)
 
     monkeypatch.setattr(sx, "_attention_bshd", recording)
     return calls
@@ -393,10 +462,107 @@ def test_bmhk_mqa_expanded_kv_without_copy(monkeypatch: pytest.MonkeyPatch) -> N
     check(out, q, k, v, bias)
 
 
+# ---------------------------------------------------------------------------- windows
+
+
+def visible_keys(bias, mq: int, mk: int) -> torch.Tensor:
+    """Which keys each query sees through the operator, exactly: equal scores (q = k = 0)
+    and one-hot values (value j = e_j) make out[i, j] = 1 / (keys row i sees) when row i
+    sees key j, else 0. -> bool (mq, mk)."""
+    q = torch.zeros(1, mq, 1, mk, dtype=torch.float16)
+    v = torch.eye(mk, dtype=torch.float16).view(1, mk, 1, mk)
+    out = xops.memory_efficient_attention_forward(
+        q, q.new_zeros(v.shape), v, bias, op=SparseKAttention
+    )
+    return out[0, :, 0] > 0
+
+
+def materialized(bias, mq: int, mk: int) -> torch.Tensor:
+    return bias.materialize((mq, mk), dtype=torch.float32).isfinite()
+
+
+def dense_local_biases(size: int) -> list[object]:
+    bands = itertools.product(range(size), repeat=2)
+    return [ab.LocalAttentionFromBottomRightMask(left, right) for left, right in bands] + [
+        ab.LowerTriangularFromBottomRightLocalAttentionMask(w) for w in range(1, size + 1)
+    ]
+
+
+@pytest.mark.parametrize("sk", range(1, 8), ids=lambda n: f"sk{n}")
+def test_dense_local_masks_exact(sk) -> None:
+    """Every (Sq, Sk) up to 7 x 7 and every window up to 6 keys each side (beyond the
+    longest sequence): the keys the operator lets each query see are exactly the
+    finite entries of the bias's own `materialize(...)`."""
+    for sq, bias in itertools.product(range(1, 8), dense_local_biases(7)):
+        got = visible_keys(bias, sq, sk)
+        assert torch.equal(got, materialized(bias, sq, sk)), (bias_id(bias), sq, sk)
+
+
+@pytest.mark.parametrize(
+    "case", block_diagonal_cases()[5:], ids=lambda c: bias_id(c[0]) + str(c[1])
+)
+def test_block_diagonal_local_masks_exact(case) -> None:
+    bias, (mq, mk) = case
+    assert torch.equal(visible_keys(bias, mq, mk), materialized(bias, mq, mk))
+
+
+def block_diagonal_case(name: str) -> tuple[object, tuple[int, int]]:
+    """The case of `block_diagonal_cases()` whose bias has this `bias_id`."""
+    (case,) = (c for c in block_diagonal_cases() if bias_id(c[0]) == name)
+    return case
+
+
+OFF_BY_ONE = [
+    (ab.LocalAttentionFromBottomRightMask(window_left=2, window_right=1), (9, 9)),
+    (ab.LocalAttentionFromBottomRightMask(window_left=2, window_right=1), (5, 11)),
+    (ab.LowerTriangularFromBottomRightLocalAttentionMask(3), (11, 7)),
+    block_diagonal_case("BlockDiagonalCausalLocalAttentionFromBottomRightMask(3)"),
+    block_diagonal_case("BlockDiagonalCausalLocalAttentionMask(4)"),
+    block_diagonal_case("BlockDiagonalLocalAttentionPaddedKeysMask(2,1)"),
+    block_diagonal_case("BlockDiagonalCausalLocalAttentionPaddedKeysMask(3)"),
+]
+
+
+def off_by_one_params() -> list[object]:
+    """(bias, shape, shift) for each case: the window's left side one key wider and
+    narrower, and for a two-sided band its right side too (a causal window's right side
+    is the causal mask's)."""
+    params = []
+    for bias, shape in OFF_BY_ONE:
+        sides = [(1, 0), (-1, 0)] + ([(0, 1), (0, -1)] if hasattr(bias, "window_right") else [])
+        params += [
+            pytest.param(bias, shape, shift, id=f"{bias_id(bias)}{shape}{shift}") for shift in sides
+        ]
+    return params
+
+
+@pytest.mark.parametrize(("bias", "shape", "shift"), off_by_one_params())
+def test_window_one_key_off_fails_the_comparisons(
+    monkeypatch: pytest.MonkeyPatch, bias, shape, shift
+) -> None:
+    """The tests above catch a window conversion one key off on either side: with the
+    window shifted, both the exact mask and the float64 comparison fail."""
+    mq, mk = shape
+    left, right = sx._window(bias)
+    shifted = (left + shift[0], right + shift[1])
+    monkeypatch.setattr(sx, "_window", lambda b: shifted)
+    assert not torch.equal(visible_keys(bias, mq, mk), materialized(bias, mq, mk))
+    q, k, v = bmhk(1, mq, mk, 2, 64, seed=3)
+    out, lse = xops.memory_efficient_attention_forward_requires_grad(
+        q, k, v, bias, op=SparseKAttention
+    )
+    with pytest.raises(AssertionError):
+        check(out, q, k, v, bias, lse=lse)
+
+
 # ---------------------------------------------------------------------------- torch.compile
 
 
-@pytest.mark.parametrize("bias", SUPPORTED_BIASES, ids=BIAS_IDS)
+@pytest.mark.parametrize(
+    "bias",
+    [*SUPPORTED_BIASES, LOCAL_BIASES[1], LOCAL_BIASES[7]],
+    ids=[*BIAS_IDS, LOCAL_IDS[1], LOCAL_IDS[7]],
+)
 def test_torch_compile_fullgraph_with_bias_argument(bias) -> None:
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("inductor")

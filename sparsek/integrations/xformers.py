@@ -16,18 +16,29 @@ Supported (everything else is refused by `not_supported_reasons`, with the reaso
   * dtypes: float16, bfloat16; key/value head_dim equal to query's;
   * attn_bias: None, LowerTriangularMask (causal, top-left aligned),
     LowerTriangularFromBottomRightMask (causal, bottom-right aligned); custom `scale`;
+    local (sliding-window) biases, aligned bottom-right as sparsek's `window_size`:
+    LocalAttentionFromBottomRightMask(window_left, window_right) (window (window_left,
+    window_right): each bound inclusive) and LowerTriangularFromBottomRightLocalAttentionMask
+    (window_size) (causal, the window_size keys ending on the diagonal: window
+    (window_size - 1, 0));
     block-diagonal (variable-length) biases on sparsek's varlen kernels:
     BlockDiagonalMask, BlockDiagonalCausalFromBottomRightMask, BlockDiagonalCausalMask
     (when every block has as many queries as keys, where top-left = bottom-right),
     BlockDiagonalPaddedKeysMask and BlockDiagonalCausalWithOffsetPaddedKeysMask (keys in
     a padded per-sequence cache) and their Paged... variants (keys in a paged cache;
-    page_size a multiple of 16);
+    page_size a multiple of 16); their local forms, the window converted as above and
+    aligned per block: BlockDiagonalCausalLocalAttentionFromBottomRightMask,
+    BlockDiagonalCausalLocalAttentionMask (when every block has as many queries as keys),
+    BlockDiagonalLocalAttentionPaddedKeysMask and
+    BlockDiagonalCausalLocalAttentionPaddedKeysMask;
   * layouts: BMK, BMHK and BMGHK. Grouped-query / multi-query attention is expressed in
     xFormers by expanding K/V along the head axis with stride 0; such K/V are narrowed
     back to their real heads (a view, no copy) and run as sparsek's GQA.
 
-Not supported: gappy-keys and local-window masks; tensor biases; dropout; a custom
-output dtype; partial attention; and backward (inputs that require grad are refused).
+Not supported: gappy-keys masks; top-left block-diagonal masks (BlockDiagonalCausalMask,
+BlockDiagonalCausalLocalAttentionMask) with a block whose query and key counts differ;
+tensor biases; dropout; a custom output dtype; partial attention; and backward (inputs
+that require grad are refused).
 
 Shapes handed to xFormers: output like the query with value's head_dim; LSE (when asked
 for, `needs_gradient=True`) float32 of shape (B, H, Mq) for BMHK or (B, G, H, Mq) for BMGHK
@@ -54,6 +65,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from sparsek import api_varlen, ops
+from sparsek.masks import NO_WINDOW, make_mask
 from sparsek.registry import dtype_name
 from sparsek.routing import registry_blockers, static_head_dim
 
@@ -70,16 +82,44 @@ _BLOCK_DIAGONAL: dict[type, tuple[str, bool]] = {
     _xbias.BlockDiagonalMask: ("packed", False),
     _xbias.BlockDiagonalCausalMask: ("packed", True),
     _xbias.BlockDiagonalCausalFromBottomRightMask: ("packed", True),
+    _xbias.BlockDiagonalCausalLocalAttentionMask: ("packed", True),
+    _xbias.BlockDiagonalCausalLocalAttentionFromBottomRightMask: ("packed", True),
     _xbias.BlockDiagonalPaddedKeysMask: ("padded", False),
     _xbias.BlockDiagonalCausalWithOffsetPaddedKeysMask: ("padded", True),
+    _xbias.BlockDiagonalLocalAttentionPaddedKeysMask: ("padded", False),
+    _xbias.BlockDiagonalCausalLocalAttentionPaddedKeysMask: ("padded", True),
     _xbias.PagedBlockDiagonalPaddedKeysMask: ("paged", False),
     _xbias.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask: ("paged", True),
 }
-_PAGE_MULTIPLE = 16
-_LOCAL_BIASES: tuple[type, ...] = (
-    _xbias.LocalAttentionFromBottomRightMask,
-    _xbias.LowerTriangularFromBottomRightLocalAttentionMask,
+# Block-diagonal biases whose mask is aligned top-left in each block: served only where
+# that equals sparsek's bottom-right alignment (every block as many queries as keys).
+_TOP_LEFT_BLOCKS: tuple[type, ...] = (
+    _xbias.BlockDiagonalCausalMask,
+    _xbias.BlockDiagonalCausalLocalAttentionMask,
 )
+_PAGE_MULTIPLE = 16
+# Local (sliding-window) biases -> how their window reads, per xFormers' `materialize`:
+# "band": key j is visible to query i iff i + offset - window_left <= j <= i + offset +
+#   window_right (both bounds inclusive; offset = keys - queries, per block for the
+#   block-diagonal ones): sparsek's window (window_left, window_right).
+# "causal": the `_window_size` keys ending on the causal diagonal, the diagonal counted
+#   (i + offset - _window_size < j <= i + offset): sparsek's window (_window_size - 1, 0).
+_LOCAL: dict[type, str] = {
+    _xbias.LocalAttentionFromBottomRightMask: "band",
+    _xbias.BlockDiagonalLocalAttentionPaddedKeysMask: "band",
+    _xbias.LowerTriangularFromBottomRightLocalAttentionMask: "causal",
+    _xbias.BlockDiagonalCausalLocalAttentionMask: "causal",
+    _xbias.BlockDiagonalCausalLocalAttentionFromBottomRightMask: "causal",
+    _xbias.BlockDiagonalCausalLocalAttentionPaddedKeysMask: "causal",
+}
+# Dense biases: type -> (causal, causal diagonal aligned top-left).
+_DENSE: dict[type, tuple[bool, bool]] = {
+    type(None): (False, False),
+    _xbias.LowerTriangularMask: (True, True),
+    _xbias.LowerTriangularFromBottomRightMask: (True, False),
+    _xbias.LocalAttentionFromBottomRightMask: (False, False),
+    _xbias.LowerTriangularFromBottomRightLocalAttentionMask: (True, False),
+}
 
 
 class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
@@ -100,12 +140,7 @@ class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
     # (64, 128 on sm_90a), on CPU any (the reference is exact for every head_dim).
     SUPPORTED_MAX_K = math.inf
     SUPPORTED_MIN_K = 1
-    SUPPORTED_ATTN_BIAS_TYPES: tuple[Any, ...] = (
-        type(None),
-        _xbias.LowerTriangularMask,
-        _xbias.LowerTriangularFromBottomRightMask,
-        *_BLOCK_DIAGONAL,
-    )
+    SUPPORTED_ATTN_BIAS_TYPES: tuple[Any, ...] = (*_DENSE, *_BLOCK_DIAGONAL)
     SUPPORTS_DROPOUT = False
     SUPPORTS_CUSTOM_SCALE = True
     SUPPORTS_DIFFERENT_VALUE_EMBED = False
@@ -150,7 +185,8 @@ class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
             and value.shape[-1] == head_dim
         ):
             index = query.device.index if query.device.index is not None else -1
-            mask = "causal" if d.attn_bias is not None else "full"
+            causal, window = _mask_args(d.attn_bias)
+            mask = make_mask(causal, window).spec.name
             reasons.extend(
                 registry_blockers(index, static_head_dim(head_dim), dtype_name(query.dtype), mask)
             )
@@ -182,12 +218,12 @@ class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
             )
         query = inp.query
         q, k, v = _to_sparsek_layout(query, inp.key, inp.value)
+        scale = float(inp.scale_float)
         if type(bias) in _BLOCK_DIAGONAL:
-            out, lse = _block_diagonal(bias, q, k, v, float(inp.scale_float))
+            out, lse = _block_diagonal(bias, q, k, v, scale)
         else:
-            causal = bias is not None
-            top_left = type(bias) is _xbias.LowerTriangularMask
-            out, lse = _attention_bshd(q, k, v, causal, float(inp.scale_float), top_left)
+            causal, top_left = _DENSE[type(bias)]
+            out, lse = _attention_bshd(q, k, v, causal, scale, top_left, _window(bias))
         out = out.view(*query.shape[:-1], out.shape[-1])
         if not needs_gradient:
             return out, None
@@ -196,21 +232,42 @@ class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
         return out, Context(out=out, lse=lse)
 
 
+def _window(bias: object) -> tuple[int, int]:
+    """sparsek's (left, right) window of a supported bias (`_LOCAL` gives the reading);
+    (-1, -1) for a bias without one."""
+    kind = _LOCAL.get(type(bias))
+    if kind == "band":
+        return int(bias.window_left), int(bias.window_right)  # type: ignore[attr-defined]
+    if kind == "causal":
+        return int(bias._window_size) - 1, 0  # type: ignore[attr-defined]
+    return NO_WINDOW
+
+
+def _mask_args(bias: object) -> tuple[bool, tuple[int, int]]:
+    """(causal, window) of a supported bias in sparsek's terms; (False, no window) for
+    a bias this operator does not serve."""
+    if type(bias) in _BLOCK_DIAGONAL:
+        return _BLOCK_DIAGONAL[type(bias)][1], _window(bias)
+    return _DENSE.get(type(bias), (False, False))[0], _window(bias)
+
+
 def _bias_reasons(bias: object) -> list[str]:
     """sparsek's specific reasons for refusing a bias (empty for the supported ones)."""
     kind = type(bias).__name__
-    supported = "supported: None, LowerTriangularMask, LowerTriangularFromBottomRightMask"
+    supported = "supported: " + ", ".join("None" if t is type(None) else t.__name__ for t in _DENSE)
     if type(bias) in SparseKAttention.SUPPORTED_ATTN_BIAS_TYPES:
         return []
     blocks = ", ".join(t.__name__ for t in _BLOCK_DIAGONAL)
-    if isinstance(bias, _LOCAL_BIASES) or "Local" in kind:
-        return [f"attn_bias {kind}: local (sliding-window) attention is not supported"]
+    if "Local" in kind:
+        local = ", ".join(t.__name__ for t in _LOCAL)
+        return [
+            f"attn_bias {kind}: this local (sliding-window) bias is not supported "
+            f"(supported local biases: {local})"
+        ]
     if isinstance(bias, tuple(_xbias.VARLEN_BIASES)):
         return [f"attn_bias {kind} is not supported ({supported}; block-diagonal: {blocks})"]
     if isinstance(bias, (Tensor, _xbias.LowerTriangularMaskWithTensorBias)):
         return [f"attn_bias {kind}: tensor (additive) biases are not supported ({supported})"]
-    if isinstance(bias, _LOCAL_BIASES):
-        return [f"attn_bias {kind}: local (sliding-window) attention is not supported"]
     return [f"attn_bias {kind} is not supported ({supported})"]
 
 
@@ -220,13 +277,18 @@ def _block_diagonal_reasons(bias: Any, query: Tensor, key: Tensor) -> list[str]:
     reasons = []
     if query.shape[0] != 1:
         reasons.append(f"attn_bias {kind} needs batch size 1 (got {query.shape[0]})")
-    if type(bias) is _xbias.BlockDiagonalCausalMask:
+    if type(bias) in _TOP_LEFT_BLOCKS:
         q_lens, k_lens = _block_lengths(bias.q_seqinfo), _block_lengths(bias.k_seqinfo)
         if q_lens != k_lens:
+            bottom_right = (
+                "BlockDiagonalCausalLocalAttentionFromBottomRightMask"
+                if type(bias) is _xbias.BlockDiagonalCausalLocalAttentionMask
+                else "BlockDiagonalCausalFromBottomRightMask"
+            )
             reasons.append(
                 f"attn_bias {kind} aligns each block's diagonal top-left: supported only when "
-                "every block has as many queries as keys (use "
-                "BlockDiagonalCausalFromBottomRightMask for bottom-right alignment)"
+                f"every block has as many queries as keys (use {bottom_right} for "
+                "bottom-right alignment)"
             )
     where, _ = _BLOCK_DIAGONAL[type(bias)]
     slots = (len(bias.k_seqinfo.seqstart_py) - 1) * getattr(bias.k_seqinfo, "padding", 0)
@@ -252,13 +314,15 @@ def _block_diagonal(
 ) -> tuple[Tensor, Tensor]:
     """A block-diagonal bias on (1, M, heads, K) tensors -> (out (1, Mq, H, Kv), lse (1, H, Mq))."""
     where, causal = _BLOCK_DIAGONAL[type(bias)]
+    window = _window(bias)
     q3, k3, v3 = q[0], k[0], v[0]
     cu_q = bias.q_seqinfo.seqstart.to(q.device)
     max_q = int(bias.q_seqinfo.max_seqlen)
     if where == "packed":
         out, lse = api_varlen.attention_varlen(
             q3, k3, v3, cu_q, bias.k_seqinfo.seqstart.to(q.device), max_q,
-            int(bias.k_seqinfo.max_seqlen), causal=causal, softmax_scale=scale, return_lse=True,
+            int(bias.k_seqinfo.max_seqlen), causal=causal, softmax_scale=scale,
+            window_size=window, return_lse=True,
         )  # fmt: skip
     else:
         rows = bias.page_size if where == "paged" else bias.k_seqinfo.padding
@@ -266,7 +330,7 @@ def _block_diagonal(
         out, lse = api_varlen.attention_with_kvcache(
             q3, k3.reshape(-1, rows, *k3.shape[1:]), v3.reshape(-1, rows, *v3.shape[1:]),
             bias.k_seqinfo.seqlen.to(q.device), table, cu_seqlens_q=cu_q, max_seqlen_q=max_q,
-            causal=causal, softmax_scale=scale, return_lse=True,
+            causal=causal, softmax_scale=scale, window_size=window, return_lse=True,
         )  # fmt: skip
     return out.unsqueeze(0), lse.unsqueeze(0)
 
@@ -309,10 +373,19 @@ def _unit_dims_strided(t: Tensor) -> Tensor:
 
 
 def _attention_bshd(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, top_left: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    scale: float,
+    top_left: bool,
+    window: tuple[int, int] = NO_WINDOW,
 ) -> tuple[Tensor, Tensor]:
-    """The sparsek op on BSHD tensors -> (out (B, Sq, H, Kv), lse (B, H, Sq) float32)."""
+    """The sparsek op on BSHD tensors -> (out (B, Sq, H, Kv), lse (B, H, Sq) float32);
+    `window` is sparsek's (left, right), aligned like the causal diagonal."""
     if q.device.type == "cuda":
-        return ops.call_attention(q, k, v, causal, scale, top_left)
-    result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(q, k, v, causal, scale, top_left)
+        return ops.call_attention(q, k, v, causal, scale, top_left, make_mask(causal, window))
+    result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
+        q, k, v, causal, scale, top_left, *window
+    )
     return result

@@ -1,7 +1,9 @@
 """`SparseKAttention` (sparsek's xFormers operator) on an H100, through xFormers' own API.
 
 Compared against: a float64 softmax over q k^T * scale plus the bias's `materialize(...)`
-(xFormers' definition of each mask). Tolerance is relative to PyTorch's own error in the
+(xFormers' definition of each mask; for the local biases this checks the window's
+conversion to sparsek's (left, right), with windows of one key, around a tile's width and
+wider than the sequences). Tolerance is relative to PyTorch's own error in the
 same dtype: max|out - ref| <= 2 * max|sdpa - ref| + atol (atol 1e-3 fp16, 2e-3 bf16), where
 sdpa is torch SDPA with the materialized bias as its mask. Outputs are poisoned with NaN
 before each launch (through `sparsek.launch.launcher.empty`) so unwritten elements fail.
@@ -26,8 +28,28 @@ from sparsek.launch import dense, launcher  # noqa: E402
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
 
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 2e-3}
-BIASES = [None, ab.LowerTriangularMask(), ab.LowerTriangularFromBottomRightMask()]
-BIAS_IDS = ["none", "top_left", "bottom_right"]
+BIASES = [
+    None,
+    ab.LowerTriangularMask(),
+    ab.LowerTriangularFromBottomRightMask(),
+    ab.LocalAttentionFromBottomRightMask(window_left=0, window_right=0),
+    ab.LocalAttentionFromBottomRightMask(window_left=129, window_right=63),
+    ab.LocalAttentionFromBottomRightMask(window_left=5000, window_right=5000),
+    ab.LowerTriangularFromBottomRightLocalAttentionMask(1),
+    ab.LowerTriangularFromBottomRightLocalAttentionMask(128),
+    ab.LowerTriangularFromBottomRightLocalAttentionMask(3000),
+]
+BIAS_IDS = [
+    "none",
+    "top_left",
+    "bottom_right",
+    "local0-0",
+    "local129-63",
+    "local5000-5000",
+    "causal_local1",
+    "causal_local128",
+    "causal_local3000",
+]
 
 # query shape (B, Mq, H, K) or (B, Mq, G, H, K), seqlen_k. 5-D cases pass K/V as xFormers
 # writes GQA: (B, Mk, G, 1, K) expanded along H.
@@ -163,10 +185,20 @@ def block_diagonal_biases():
         offset,
         padded.make_paged(table, 16, ab.PagedBlockDiagonalPaddedKeysMask),
         offset.make_paged(table, 16, ab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask),
+        # Local forms: windows of one key, around a tile's width, wider than the blocks.
+        block.make_local_attention_from_bottomright(64),
+        block.make_local_attention_from_bottomright(1000),
+        square.make_local_attention(1),
+        square.make_local_attention(100),
+        padded.make_local_attention(70, 10),
+        padded.make_local_attention(0, 200),
+        ab.BlockDiagonalCausalLocalAttentionPaddedKeysMask(
+            q_seqinfo=offset.q_seqinfo, k_seqinfo=offset.k_seqinfo, _window_size=33
+        ),
     ]
 
 
-@pytest.mark.parametrize("index", range(7), ids=lambda i: f"bias{i}")
+@pytest.mark.parametrize("index", range(14), ids=lambda i: f"bias{i}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_block_diagonal_biases(index, dtype, monkeypatch) -> None:
     """Each block-diagonal bias against float64 with its materialized mask (paged: keys
