@@ -28,6 +28,18 @@ from sparsek.tuning import DECODE_WORKLOADS, Workload
 i32 = torch.int32
 LENS = [1, 17, 64, 129, 300]
 
+# (window, softcap, with sinks): each mask feature on its own and all together.
+MASKS = [
+    ((-1, -1), 0.0, True),
+    ((-1, -1), 5.0, False),
+    ((37, -1), 0.0, False),
+    ((20, 3), 4.0, True),
+]
+
+
+def sinks_for(h: int) -> torch.Tensor:
+    return torch.linspace(-1.0, 2.0, h)
+
 
 def fake_kernel(causal: bool | None, layout: Layout | None):
     """A stand-in for the forward kernel of (causal, layout); causal None: the combine."""
@@ -332,6 +344,36 @@ def test_dense_single_queries_run_as_decode(fake_kernels, monkeypatch, causal, t
     assert all(wl in DECODE_WORKLOADS for causal_, _, wl in fake_kernels if causal_ is not None)
 
 
+@pytest.mark.parametrize(("window", "softcap", "with_sinks"), MASKS, ids=str)
+def test_dense_single_queries_with_masks_run_as_decode(
+    fake_kernels, monkeypatch, window, softcap, with_sinks
+):
+    """`sparsek.attention` with one query per sequence and a window, softcap or sinks:
+    the decode kernels too (bottom-right, as a cache aligns them), sinks passed per call."""
+    cache_kernel = launcher.forward_kernel  # the fixture's
+
+    def forward_kernel(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
+        if layout == DENSE:
+            pytest.fail("dense kernel loaded")
+        return cache_kernel(device, head_dim, dtype, mask, layout, workload)
+
+    monkeypatch.setattr(launcher, "forward_kernel", forward_kernel)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 1, 8, 32, generator=gen)
+    k, v = (torch.randn(3, 300, 2, 32, generator=gen) for _ in range(2))
+    sinks = sinks_for(8) if with_sinks else None
+    mask = make_mask(True, window, softcap, with_sinks)
+    plan = dense.dense_plan(q, k, v, mask, 0.25, False)
+    assert plan.decode is not None
+    out, lse = dense.run_dense(plan, q, k, v, sinks=sinks)
+    want, want_lse = reference_attention(
+        q, k, v, causal=True, softmax_scale=0.25, window_size=window, softcap=softcap,
+        sinks=sinks, compute_dtype=torch.float64,
+    )  # fmt: skip
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_packed_rows_without_any_sequence_launch_nothing(fake_kernels, paged) -> None:
     """batch 0 (cu_seqlens_q = [0]) with padded packed rows and a nonzero max_seqlen_q: no
@@ -376,19 +418,6 @@ def test_decode_plan_first_made_during_graph_capture(fake_kernels, monkeypatch) 
         )
         torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
-
-
-# (window, softcap, with sinks): each mask feature on its own and all together.
-MASKS = [
-    ((-1, -1), 0.0, True),
-    ((-1, -1), 5.0, False),
-    ((37, -1), 0.0, False),
-    ((20, 3), 4.0, True),
-]
-
-
-def sinks_for(h: int) -> torch.Tensor:
-    return torch.linspace(-1.0, 2.0, h)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])

@@ -8,8 +8,8 @@ place) follows from its signature (shapes, strides, dtype, device, flags) and is
 out once (`dense_plan`), so a repeated request pays for a dictionary lookup, two
 allocations and the launch. Inputs whose strides or alignment break TMA's rules are
 copied first; zero-size problems and seqlen_k == 0 are answered without a launch; one
-query per sequence runs the KV-cache decode kernels (`decode_route`; without window,
-softcap or sinks). Masks (`sparsek.masks.Mask`): causal, sliding window, softcap and sinks
+query per sequence runs the KV-cache decode kernels (`decode_route`; with every mask but
+a top-left aligned window). Masks (`sparsek.masks.Mask`): causal, sliding window, softcap and sinks
 choose the kernel's `MaskSpec`; their sizes are launch arguments. No host
 synchronization on this path, so it can be captured in a CUDA graph (after one warm-up
 call has compiled/loaded the kernel).
@@ -54,7 +54,7 @@ class DensePlan:
     kernel: ForwardKernel | None = None
     # One query per sequence: the request as KV-cache decode (`decode_route`), run
     # instead of `kernel` as decode(q, k, v) -> (out, lse).
-    decode: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    decode: Callable[[Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]] | None = None
     softmax_scale: float = 1.0
     causal_offset: int = 0
     window_left: int = -1
@@ -152,9 +152,11 @@ def _build_plan(
     offset = 0
     if causal or mask.window:
         offset = causal_offset(seqlen_q, seqlen_k, causal_top_left)
-    if seqlen_q == 1 and (mask.is_plain):
-        visible = min(seqlen_k, offset + 1) if causal else seqlen_k
-        decode = decode_route(q, k, v, visible, softmax_scale)
+    # One query: the decode kernels, for every mask aligned as the cache aligns it
+    # (bottom-right); a top-left causal query sees its first offset + 1 keys.
+    if seqlen_q == 1 and (mask.is_plain or not causal_top_left):
+        visible = min(seqlen_k, offset + 1) if causal and causal_top_left else seqlen_k
+        decode = decode_route(q, k, v, visible, softmax_scale, mask)
         if decode is not None:
             return DensePlan("launch", *shapes, q.dtype, q.device, decode=decode)
     sms = launcher.num_sms(q.device.index)
@@ -211,26 +213,28 @@ memo.register(_LSE_SCRATCH.clear)
 
 
 def decode_route(
-    q: Tensor, k: Tensor, v: Tensor, visible: int, softmax_scale: float
-) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
-    """A dense request with one query per sequence, which sees its first `visible` keys,
-    as decode against a contiguous KV cache (`attention_with_kvcache`): the query heads
-    of a KV head share one tile, and split-KV fills the GPU when the batch does not. None
-    when no decode kernel serves it (the dense kernels do).
+    q: Tensor, k: Tensor, v: Tensor, visible: int, softmax_scale: float, mask: Mask = NO_MASK
+) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]] | None:
+    """A dense request with one query per sequence, which sees its first `visible` keys
+    (through `mask`, aligned bottom-right, if it has a window), as decode against a
+    contiguous KV cache (`attention_with_kvcache`): the query heads of a KV head share one
+    tile, and split-KV fills the GPU when the batch does not. None when no decode kernel
+    serves it (the dense kernels do). The returned function takes the sinks of a mask
+    with sinks.
 
     The cache lengths (`visible` per sequence) are looked up per call, not held by the
     plan: a plan first made during CUDA-graph capture must not keep a tensor whose fill
     only the graph runs (`launcher.filled_int32`)."""
     batch, device = q.shape[0], q.device
-    tail = (None, None, None, NO_MASK)
+    tail = (None, None, None, mask)
     plan = kvcache.kvcache_plan(q, k, v, launcher.filled_int32(device, batch, visible), *tail, 0)
     if isinstance(plan, str):
         return None
     run = kvcache.attention_with_kvcache
 
-    def decode(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def decode(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor | None) -> tuple[Tensor, Tensor]:
         seqlens = launcher.filled_int32(device, batch, visible)
-        return run(q, k, v, seqlens, *tail, softmax_scale, 0, plan)
+        return run(q, k, v, seqlens, *tail, softmax_scale, 0, plan, sinks)
 
     return decode
 
@@ -250,7 +254,7 @@ def run_dense(
     scratch, which later calls overwrite. `sinks`: the (num_heads,) sink logits of a plan
     made with sinks."""
     if plan.decode is not None:  # allocates its own outputs
-        return plan.decode(q, k, v)
+        return plan.decode(q, k, v, sinks)
     out = launcher.empty(plan.out_shape, plan.dtype, plan.device, plan.out_stride)
     if lse_wanted or plan.lse_scratch is None:
         lse = launcher.empty(plan.lse_shape, torch.float32, plan.device, plan.lse_stride)

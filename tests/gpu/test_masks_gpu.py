@@ -40,6 +40,8 @@ CASES = [
     (1, 1031, 1031, 8, 1, False, (-1, -1), 0.0, True),  # sinks, MQA
     (2, 333, 300, 8, 2, True, (128, -1), 20.0, True),  # all of them, GQA, Sq > Sk
     (1, 4096, 4096, 4, 4, True, (1024, -1), 0.0, False),  # long: band << sequence
+    (4, 1, 700, 8, 2, True, (100, -1), 10.0, True),  # one query: the decode kernels
+    (3, 1, 300, 8, 2, False, (50, 5), 0.0, False),
 ]
 
 
