@@ -166,15 +166,20 @@ class SplitCombine:
                 cute.arch.sync_warp()  # every lane is done with the group's smem
             empty = total == Float32(0.0)
             inv_total = Float32(0.0) if empty else Float32(1.0) / total
-            lse = -Float32.inf if empty else row_max + cute.math.log(total)
-            if const_expr(mSinks is not None):  # noqa: SIM102 (a const_expr apart from a runtime test)
+            col0 = lane * cols
+            if const_expr(mSinks is None):
+                for c in cutlass.range_constexpr(cols):
+                    mO[b, s, h, col0 + c] = (acc[c] * inv_total).to(self.dtype)
+                if lane == 0:
+                    mLSE[b, h, s] = -Float32.inf if empty else row_max + cute.math.log(total)
+            else:
+                lse = -Float32.inf if empty else row_max + cute.math.log(total)
                 if not empty:
                     lse, inv_total = self.add_sink(mSinks, s, h, lse, inv_total)
-            col0 = lane * cols
-            for c in cutlass.range_constexpr(cols):
-                mO[b, s, h, col0 + c] = (acc[c] * inv_total).to(self.dtype)
-            if lane == 0:
-                mLSE[b, h, s] = lse
+                for c in cutlass.range_constexpr(cols):
+                    mO[b, s, h, col0 + c] = (acc[c] * inv_total).to(self.dtype)
+                if lane == 0:
+                    mLSE[b, h, s] = lse
 
     @cute.jit
     def add_sink(
