@@ -370,3 +370,49 @@ def test_varlen_and_kvcache_op_schemas_take_the_mask_arguments() -> None:
         torch.ops.sparsek.attention_with_kvcache.default,
         (q, kc, vc, seqlens, None, cu_q, 5, True, 0.25, 0, 3, 1, 2.0, torch.randn(4)),
     )
+
+
+def test_varlen_and_kvcache_trace_with_masks_under_compile() -> None:
+    """torch.compile(fullgraph=True) of both calls with a window, softcap and a sinks
+    tensor as a graph input: new sink values change the result without a recompile."""
+    from test_kvcache import make_caches
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import sparsek
+
+    q, k = torch.randn(9, 4, 8), torch.randn(11, 2, 8)
+    cu_q, cu_k = _cu([4, 5]), _cu([6, 5])
+    (kc, vc), _, seqlens = make_caches([6, 5], 8, hkv=2, d=8)
+    counter = CompileCounterWithBackend("eager")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def both(q, k, sinks):
+        varlen = sparsek.attention_varlen(
+            q, k, k, cu_q, cu_k, 5, 6, causal=True, window_size=(2, -1), softcap=3.0, sinks=sinks
+        )
+        cached = sparsek.attention_with_kvcache(
+            q, kc, vc, seqlens, cu_seqlens_q=cu_q, max_seqlen_q=5, window_size=(3, -1),
+            softcap=2.0, sinks=sinks,
+        )  # fmt: skip
+        return varlen, cached
+
+    low, high = torch.full((4,), -30.0), torch.full((4,), 30.0)
+    first = both(q, k, low)
+    second = both(q, k, high)
+    assert counter.frame_count == 1
+    for got, eager in zip(
+        second,
+        (
+            sparsek.attention_varlen(
+                q, k, k, cu_q, cu_k, 5, 6, causal=True, window_size=(2, -1), softcap=3.0,
+                sinks=high,
+            ),
+            sparsek.attention_with_kvcache(
+                q, kc, vc, seqlens, cu_seqlens_q=cu_q, max_seqlen_q=5, window_size=(3, -1),
+                softcap=2.0, sinks=high,
+            ),
+        ),
+        strict=True,
+    ):  # fmt: skip
+        torch.testing.assert_close(got, eager)
+    assert not torch.allclose(first[0], second[0]) and not torch.allclose(first[1], second[1])
