@@ -262,3 +262,26 @@ def test_kvcache_masks_match_the_reference(case, paged, num_splits, dtype) -> No
         rows = torch.arange(int(cu_q[b]), int(cu_q[b]) + nq, device="cuda")
         pieces.append((q[rows][None], k[b : b + 1, :n], v[b : b + 1, :n], rows))
     check_sequences(out, lse, pieces, mask_args, dtype)
+
+
+def test_masks_under_cuda_graphs() -> None:
+    """A captured call with a window, softcap and sinks replays with new inputs and new
+    sink values written into the same tensors (sinks are an input, not a constant)."""
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    q = torch.randn(2, 300, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(2, 300, 2, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    sinks = torch.zeros(8, device="cuda")
+    mask = {"causal": True, "window_size": (64, -1), "softcap": 20.0}
+    sparsek.attention(q, k, v, sinks=sinks, **mask)  # loads the kernel
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = sparsek.attention(q, k, v, sinks=sinks, **mask)
+    for seed in (1, 2):
+        fresh = torch.Generator(device="cuda").manual_seed(seed)
+        q.copy_(torch.randn(q.shape, device="cuda", generator=fresh))
+        sinks.copy_(torch.randn(8, device="cuda", generator=fresh) * 3)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, sparsek.attention(q, k, v, sinks=sinks, **mask))
