@@ -5,6 +5,7 @@
     python perf/bench_fmha.py --dry-run                        # fake providers on CPU tensors
     python perf/bench_fmha.py --suites varlen,decode --out DIR # packed prefill, paged decode
     python perf/bench_fmha.py --suites xformers --out DIR      # opt-in: xFormers bias rows
+    python perf/bench_fmha.py --suites masks --out DIR         # opt-in: window, softcap, sinks
 
 Writes <out>/results.csv (one row per shape x provider x kind, flushed as measured) and
 <out>/table.md (also printed). See perf/README.md for what each kind measures.
@@ -14,6 +15,11 @@ its first case) and reports each row's K + V read bandwidth against it (`bw_frac
 
 The xformers suite (provider sparsek_xformers) is opt-in and refused together with fa4:
 xFormers and FlashAttention-4 cannot be imported in one process.
+
+The masks suite is opt-in: sliding window, softcap and sinks on sparsek beside the same
+problem without them, FA4 and FlashAttention-3 (provider fa3, this suite only), each output
+checked against sparsek's float64 reference; its table puts each target's ratio beside the
+target.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ if TYPE_CHECKING:
     from perf.env_info import RunInfo
     from perf.inputs import Inputs
     from perf.providers import Provider
-    from perf.reference import CheckResult
+    from perf.reference import CheckResult, Reference
     from perf.report import CsvWriter
 
 DTYPES = tuple(shapes.DTYPE_BYTES)
@@ -65,13 +71,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--providers",
         help=f"comma list of providers (known: {', '.join(ALL_PROVIDERS)}); default: "
         f"{', '.join(shapes.PROVIDERS)}, or {', '.join(shapes.XFORMERS_SUITE_PROVIDERS)} "
-        "when the xformers suite is asked for",
+        f"when the xformers suite is asked for; {shapes.FA3_PROVIDER} is added with the "
+        "masks suite (the only suite it plays in)",
     )
     p.add_argument(
         "--suites",
         default=",".join(SUITES),
         help=f"comma list of suites (known: {', '.join(ALL_SUITES)}); default: "
-        f"{', '.join(SUITES)} (xformers is opt-in and cannot run with fa4)",
+        f"{', '.join(SUITES)} (xformers and masks are opt-in; xformers cannot run with fa4)",
     )
     p.add_argument("--quick", action="store_true", help="a few shapes of every suite")
     p.add_argument("--list", action="store_true", help="print the planned rows and exit")
@@ -148,6 +155,7 @@ def print_plan(cases: list[Case], providers: tuple[str, ...], dtype: str) -> Non
         "D",
         "causal",
         "bias",
+        "mask",
         "block_size",
         "seqlens",
         "kv_seqlens",
@@ -173,6 +181,7 @@ def print_plan(cases: list[Case], providers: tuple[str, ...], dtype: str) -> Non
                             case.head_dim,
                             case.causal,
                             case.bias,
+                            case.mask_text,
                             case.block_size or "",
                             _seqlens_text(case),
                             _seqlens_text(case, keys=True),
@@ -256,10 +265,11 @@ class Runner:
             "head_dim": case.head_dim,
             "causal": case.causal,
             "bias": case.bias,
+            "mask": case.mask_text,
             "seqlens": _seqlens_text(case),
             "kv_seqlens": _seqlens_text(case, keys=True),
             "block_size": case.block_size or None,
-            "note": _keys_note(case),
+            "note": _case_note(case),
             "git_sha": self.info.git_sha,
             "dsl_version": self.info.dsl_version,
             "torch_version": self.info.torch_version,
@@ -290,7 +300,7 @@ class Runner:
 
         tflops = shapes.flops(case) / (ms * 1e-3) / 1e12
         if note:
-            note = "; ".join(filter(None, (_keys_note(case), clean_text(note))))
+            note = "; ".join(filter(None, (_case_note(case), clean_text(note))))
         self._row(
             case,
             provider,
@@ -306,11 +316,14 @@ class Runner:
         )
 
     def _bandwidth_fields(self, case: Case, ms: float) -> dict[str, str]:
-        """Decode rows: K + V read bandwidth, and its fraction of the measured copy bandwidth."""
-        if case.suite != shapes.DECODE_SUITE:
+        """Decode rows (decode suite, masks decode): the K + V bytes the call must read (a
+        window's pages only), their read bandwidth, and its fraction of the measured copy
+        bandwidth."""
+        if not case.is_decode:
             return {}
-        gbps = shapes.bandwidth_gbps(shapes.kv_bytes(case, shapes.DTYPE_BYTES[self.args.dtype]), ms)
-        fields = {"gbps": f"{gbps:.4g}"}
+        nbytes = shapes.kv_bytes(case, shapes.DTYPE_BYTES[self.args.dtype])
+        gbps = shapes.bandwidth_gbps(nbytes, ms)
+        fields = {"kv_bytes": str(nbytes), "gbps": f"{gbps:.4g}"}
         if self.copy_gbps:
             fields |= {
                 "bw_frac": f"{gbps / self.copy_gbps:.3g}",
@@ -341,12 +354,12 @@ class Runner:
     def _run_case(self, index: int, case: Case, names: tuple[str, ...], progress: Progress) -> None:
         import torch
 
-        from perf.inputs import make_inputs, reference
+        from perf.inputs import expected, make_inputs
 
-        if case.suite == shapes.DECODE_SUITE and self.copy_gbps is None:
+        if case.is_decode and self.copy_gbps is None:
             self._measure_copy_bandwidth()
         inputs: Inputs | None = None
-        ref: torch.Tensor | None = None
+        ref: Reference | None = None
         ready: list[tuple[str, Callable[[], object], CheckResult, str]] = []
         for name in names:
             progress.step(f"{case.label()} {name}")
@@ -355,7 +368,7 @@ class Runner:
                 try:
                     # Fresh torch.randn inputs (never zeros), seeded per case.
                     inputs = make_inputs(case, self.dtype, self.device, self.args.seed + index)
-                    ref = reference(case, inputs)
+                    ref = expected(case, inputs)
                 except Exception as exc:
                     reason = f"reference failed: {_describe(exc)}"
                     self._after_error(reason)
@@ -392,13 +405,13 @@ class Runner:
         print(f"copy bandwidth: {self.copy_gbps:.0f} GB/s ({size} copy)", file=sys.stderr)
 
     def _prepare(
-        self, case: Case, provider: Provider, inputs: Inputs, ref: torch.Tensor
+        self, case: Case, provider: Provider, inputs: Inputs, ref: Reference
     ) -> tuple[Callable[[], object], CheckResult, str] | None:
         """The provider's call on these inputs, its output check and version (its first
         call, which also compiles, is checked against `ref`); None (rows skipped) if it
         fails."""
         from perf.providers import measuring, prepare_inputs
-        from perf.reference import check_output
+        from perf.reference import check
 
         with measuring(provider):
             caught: list[warnings.WarningMessage] = []
@@ -411,9 +424,9 @@ class Runner:
                     warnings.simplefilter("always")
                     out = fn()
                     self._sync()
-                check = check_output(out, ref, self.dtype)
+                result = check(out, ref, self.dtype)
                 del out
-                return fn, check, provider.version()
+                return fn, result, provider.version()
             except Exception as exc:
                 hints = "; ".join(dict.fromkeys([*(str(w.message) for w in caught), *logged]))
                 reason = _describe(exc) + (f" [warnings: {hints}]" if hints else "")
@@ -439,7 +452,7 @@ class Runner:
                         continue
                     try:
                         with measuring(self.providers[name]):
-                            if kind == "kernel" and case.suite == shapes.DECODE_SUITE:
+                            if kind == "kernel" and case.is_decode:
                                 ms, note = self._time_replayed(fn)
                             else:
                                 ms, note = self._time(kind, fn), ""
@@ -552,8 +565,13 @@ def _seqlens_text(case: Case, keys: bool = False) -> str:
     return "+".join(str(n) for n in (case.kv_seqlens if keys else case.seqlens))
 
 
-def _keys_note(case: Case) -> str:
-    """xformers suite, padded / paged keys: the cache the keys are read from."""
+def _case_note(case: Case) -> str:
+    """xformers suite, padded / paged keys: the cache the keys are read from; masks suite:
+    the inputs' q scale and the rows the float64 reference checks."""
+    if case.suite == shapes.MASKS_SUITE:
+        blocks = shapes.masks_check_rows(case)
+        rows = ", ".join(f"{a}-{b - 1}" for a, b in blocks) if blocks else "all"
+        return f"q x{shapes.MASKS_Q_SCALE:g}; checked rows: {rows} (float64 reference)"
     if case.keys == "padded":
         return f"keys: padded cache, {case.batch} x {case.kv_padding} slots"
     if case.keys == "paged":

@@ -16,17 +16,25 @@ slots hold random values too (reading them would fail the check). A paged cache'
 table is a random permutation of all blocks, so consecutive blocks of a sequence are scattered
 over the pool as in a serving engine; the dense / packed copy for SDPA and the reference is
 gathered through that table before anything is timed.
+
+The masks suite (dense or paged decode layouts) scales q by `shapes.MASKS_Q_SCALE` and, for
+sinks, adds one sink logit per query head (`sink_logits`); its outputs are checked against
+sparsek's float64 reference (`masks_reference`) instead of the float32 one (`expected`
+picks).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TypeAlias
 
 import torch
 from torch import Tensor
 
-from perf.reference import reference_attention, reference_attention_varlen
+from perf import shapes
+from perf.reference import Reference, RowBlocks, reference_attention, reference_attention_varlen
 from perf.shapes import Case
 
 
@@ -35,6 +43,7 @@ class DenseInputs:
     q: Tensor  # (batch, seqlen_q, num_heads, head_dim)
     k: Tensor  # (batch, seqlen_k, num_kv_heads, head_dim)
     v: Tensor  # (batch, seqlen_k, num_kv_heads, head_dim)
+    sinks: Tensor | None = None  # (num_heads,) float32: masks suite, `Case.sinks`
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class PagedInputs:
     # (batch, num_kv_heads, context, head_dim): what the SDPA rows and the reference read.
     k: Tensor
     v: Tensor
+    sinks: Tensor | None = None  # (num_heads,) float32: masks suite, `Case.sinks`
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,12 @@ Inputs: TypeAlias = DenseInputs | VarlenInputs | PagedInputs | CacheInputs
 def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int) -> Inputs:
     """Random inputs of `case` (seeded with `seed`), in the layout its suite calls for."""
     torch.manual_seed(seed)
+    if case.suite == shapes.MASKS_SUITE:
+        return _masks(case, dtype, device)
+    return _unmasked(case, dtype, device)
+
+
+def _unmasked(case: Case, dtype: torch.dtype, device: torch.device) -> Inputs:
     if case.kv_seqlens:
         return _cache(case, dtype, device)
     if case.seqlens:
@@ -101,6 +117,60 @@ def make_inputs(case: Case, dtype: torch.dtype, device: torch.device, seed: int)
         k=torch.randn(kv_shape, dtype=dtype, device=device),
         v=torch.randn(kv_shape, dtype=dtype, device=device),
     )
+
+
+def sink_logits(case: Case, device: torch.device) -> Tensor:
+    """(num_heads,) float32 sink logits: log(seqlen_k) + linspace(-2, 2). A row that sees
+    all n = seqlen_k keys has a log-sum-exp near log n + 2 (scores of standard deviation 2),
+    so its sink takes from ~2% (first head) to ~50% (last head) of its probability, and more
+    of a row that sees fewer keys: the check tells an output with the sinks from one
+    without."""
+    spread = torch.linspace(-2.0, 2.0, case.num_heads, dtype=torch.float32)
+    return (spread + math.log(case.seqlen_k)).to(device)
+
+
+def _masks(case: Case, dtype: torch.dtype, device: torch.device) -> Inputs:
+    """The masks suite's dense or paged inputs: q times MASKS_Q_SCALE, sinks if asked for."""
+    inputs = _unmasked(case, dtype, device)
+    assert isinstance(inputs, (DenseInputs, PagedInputs))
+    sinks = sink_logits(case, device) if case.sinks else None
+    return dataclasses.replace(inputs, q=inputs.q * shapes.MASKS_Q_SCALE, sinks=sinks)
+
+
+def masks_reference(case: Case, inputs: Inputs) -> Reference:
+    """The masks suite's reference: `sparsek.reference.reference_attention` in float64 with
+    the case's window, softcap and sinks. Decode: each sequence against its gathered keys
+    (the one query is the last token). Dense: the whole output, or the blocks of query rows
+    `shapes.masks_check_rows` names, each with the keys [0, stop + seqlen_k - seqlen_q) (the
+    mask then puts every row on its own diagonal)."""
+    from sparsek.reference import reference_attention as sparsek_reference
+
+    if not isinstance(inputs, (DenseInputs, PagedInputs)):
+        raise TypeError(f"masks cases are dense or paged decode, not {type(inputs).__name__}")
+    sinks = inputs.sinks if case.sinks else None
+
+    def ref(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out, _ = sparsek_reference(
+            q, k, v, causal=case.causal, window_size=case.window, softcap=case.softcap,
+            sinks=sinks, compute_dtype=torch.float64,
+        )  # fmt: skip
+        return out
+
+    if isinstance(inputs, PagedInputs):
+        k, v = inputs.k.transpose(1, 2), inputs.v.transpose(1, 2)
+        rows = [ref(inputs.q[b : b + 1], k[b : b + 1], v[b : b + 1]) for b in range(case.batch)]
+        return torch.cat(rows)
+    q, k, v = inputs.q, inputs.k, inputs.v
+    blocks = shapes.masks_check_rows(case)
+    if blocks is None:
+        return ref(q, k, v)
+    # Without a diagonal (no window, non-causal) every row sees every key.
+    diagonal = case.causal or case.window != shapes.NO_WINDOW
+    parts = []
+    for start, stop in blocks:
+        keys = slice(0, stop + case.seqlen_k - case.seqlen_q if diagonal else case.seqlen_k)
+        parts.append((start, ref(q[:, start:stop], k[:, keys], v[:, keys])))
+    return RowBlocks(shape=tuple(q.shape), blocks=tuple(parts))
 
 
 def _offsets(lengths: tuple[int, ...]) -> list[int]:
@@ -191,6 +261,14 @@ def _paged(case: Case, dtype: torch.dtype, device: torch.device) -> PagedInputs:
         k=k,
         v=v,
     )
+
+
+def expected(case: Case, inputs: Inputs) -> Reference:
+    """What every provider's output on `inputs` is checked against: `masks_reference` for
+    the masks suite (float64, maybe blocks of rows), else `reference`."""
+    if case.suite == shapes.MASKS_SUITE:
+        return masks_reference(case, inputs)
+    return reference(case, inputs)
 
 
 def reference(case: Case, inputs: Inputs) -> Tensor:

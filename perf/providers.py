@@ -11,6 +11,9 @@ and, for the varlen and decode suites (`prepare_inputs` picks by the inputs' lay
     prepare_paged(case, PagedInputs)   -> callable returning (batch, 1, heads, head_dim)
     prepare_cache(case, CacheInputs)   -> callable returning (total_q, heads, head_dim)
                                           (xformers suite: padded / paged keys)
+and, for the masks suite (window, softcap, sinks; dense or paged decode inputs):
+    prepare_masks(case, DenseInputs | PagedInputs) -> callable returning what prepare /
+                                          prepare_paged return
 Errors raised while running are recorded by the caller as "skipped" with the message.
 
 varlen: sparsek.attention_varlen, FA4's flash_attn_varlen_func (cu_seqlens), and the SDPA
@@ -33,6 +36,14 @@ sparsek.attention_with_kvcache(cu_seqlens_q=...) on the same cache, and through 
 valid keys gathered and packed before timing (jagged nested tensors when non-causal; the
 flash / efficient varlen ops called directly with bottom-right causal, cuDNN skipped, as for
 causal with seqlen_q != seqlen_k).
+
+masks suite: each provider's own mask arguments, passed only when the case has the mask (a
+plain case makes the same call as the grid / decode suites): sparsek.attention and
+attention_with_kvcache (window_size, softcap, sinks); FA4's flash_attn_func and
+flash_attn_varlen_func (window_size, softcap, learnable_sink); `fa3`, FlashAttention-3's
+`fa3_fwd_interface.flash_attn_func` and `flash_attn_with_kvcache` (window_size, softcap; it
+has no sinks). SDPA has none of these masks (a dense boolean mask would time another
+workload) and is not planned there.
 """
 
 from __future__ import annotations
@@ -88,9 +99,17 @@ class Provider:
     def prepare_cache(self, case: Case, inputs: CacheInputs) -> AttnFn:
         raise Unsupported(f"{self.name} has no chunked prefill (padded / paged keys) entry here")
 
+    def prepare_masks(self, case: Case, inputs: DenseInputs | PagedInputs) -> AttnFn:
+        raise Unsupported(f"{self.name} takes no window, softcap or sinks here")
+
 
 def prepare_inputs(provider: Provider, case: Case, inputs: Inputs) -> AttnFn:
-    """The provider's callable for `inputs`, by their layout (dense, varlen, paged, cache)."""
+    """The provider's callable for `inputs`, by their layout (dense, varlen, paged, cache);
+    the masks suite's cases go to `prepare_masks`."""
+    if case.suite == shapes.MASKS_SUITE:
+        if not isinstance(inputs, (DenseInputs, PagedInputs)):
+            raise TypeError(f"masks cases are dense or paged, not {type(inputs).__name__}")
+        return provider.prepare_masks(case, inputs)
     if isinstance(inputs, CacheInputs):
         return provider.prepare_cache(case, inputs)
     if isinstance(inputs, VarlenInputs):
@@ -107,6 +126,22 @@ def _import_error(module: str) -> str | None:
     except Exception as exc:
         return f"cannot import {module}: {type(exc).__name__}: {exc}"
     return None
+
+
+def mask_kwargs(case: Case, sinks: Tensor | None, *, sink_name: str = "sinks") -> dict[str, Any]:
+    """The case's mask as FlashAttention-style keyword arguments, only those it sets
+    (window_size as a tuple of ints, softcap as a float, the sinks under `sink_name`): a
+    plain case gets none, so its call is the other suites' call."""
+    kwargs: dict[str, Any] = {}
+    if case.window != shapes.NO_WINDOW:
+        kwargs["window_size"] = (int(case.window[0]), int(case.window[1]))
+    if case.softcap > 0:
+        kwargs["softcap"] = float(case.softcap)
+    if case.sinks:
+        if sinks is None:
+            raise ValueError(f"{case.label()}: the inputs carry no sinks")
+        kwargs[sink_name] = sinks
+    return kwargs
 
 
 @contextlib.contextmanager
@@ -186,6 +221,30 @@ class SparsekProvider(Provider):
                 cu_seqlens_q=cu_q, max_seqlen_q=max_q, causal=causal,
             )  # fmt: skip
             return cast(Tensor, out)
+
+        return run
+
+    def prepare_masks(self, case: Case, inputs: DenseInputs | PagedInputs) -> AttnFn:
+        """sparsek.attention (dense) or attention_with_kvcache (paged decode) with the
+        case's window_size / softcap / sinks."""
+        import sparsek
+
+        causal, kwargs = case.causal, mask_kwargs(case, inputs.sinks)
+        if isinstance(inputs, PagedInputs):
+            q, k_cache, v_cache = inputs.q, inputs.k_cache, inputs.v_cache
+            cache_seqlens, block_table = inputs.cache_seqlens, inputs.block_table
+
+            def run_paged() -> Tensor:
+                out = sparsek.attention_with_kvcache(
+                    q, k_cache, v_cache, cache_seqlens, block_table, causal=causal, **kwargs
+                )
+                return cast(Tensor, out)
+
+            return run_paged
+        q, k, v = inputs.q, inputs.k, inputs.v
+
+        def run() -> Tensor:
+            return cast(Tensor, sparsek.attention(q, k, v, causal=causal, **kwargs))
 
         return run
 
@@ -545,6 +604,85 @@ class Fa4Provider(Provider):
 
         return run
 
+    def prepare_masks(self, case: Case, inputs: DenseInputs | PagedInputs) -> AttnFn:
+        """flash_attn_func (dense) or flash_attn_varlen_func with page_table (decode), with
+        the case's window_size / softcap and its sinks as `learnable_sink`."""
+        fa4 = _fa4()
+        causal = case.causal
+        kwargs = mask_kwargs(case, inputs.sinks, sink_name="learnable_sink")
+        if isinstance(inputs, PagedInputs):
+            varlen_func = fa4.flash_attn_varlen_func
+            q, k_cache, v_cache = inputs.q, inputs.k_cache, inputs.v_cache
+            cache_seqlens, block_table = inputs.cache_seqlens, inputs.block_table
+
+            def run_paged() -> Tensor:
+                out = varlen_func(
+                    q, k_cache, v_cache, seqused_k=cache_seqlens, page_table=block_table,
+                    causal=causal, **kwargs,
+                )  # fmt: skip
+                return cast(Tensor, out[0])
+
+            return run_paged
+        flash_attn_func = fa4.flash_attn_func
+        q, k, v = inputs.q, inputs.k, inputs.v
+
+        def run() -> Tensor:
+            return cast(Tensor, flash_attn_func(q, k, v, causal=causal, **kwargs)[0])
+
+        return run
+
+
+_FA3_MODULE = "fa3_fwd_interface"
+
+
+class Fa3Provider(Provider):
+    """FlashAttention-3's forward (the `fa3_fwd` package: `fa3_fwd_interface`), masks suite
+    only: `flash_attn_func(q, k, v, causal=, window_size=, softcap=)` for dense inputs,
+    `flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=, page_table=, causal=,
+    window_size=, softcap=)` for the paged cache. Both return the output alone. It has no
+    sink logits: sinks rows are skipped. A build without a feature (a fa3_fwd wheel may be
+    built without local attention or the paged KV cache) raises, and the row is skipped with
+    its message."""
+
+    name = shapes.FA3_PROVIDER
+
+    def unavailable(self) -> str | None:
+        return _import_error(_FA3_MODULE)
+
+    def version(self) -> str:
+        for dist in ("fa3_fwd", "fa3-fwd"):
+            try:
+                return importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return ""
+
+    def prepare_masks(self, case: Case, inputs: DenseInputs | PagedInputs) -> AttnFn:
+        if case.sinks:
+            raise Unsupported("FlashAttention-3 (fa3_fwd_interface) takes no sink logits")
+        fa3 = importlib.import_module(_FA3_MODULE)
+        causal, kwargs = case.causal, mask_kwargs(case, None)
+        if isinstance(inputs, PagedInputs):
+            kvcache_func = fa3.flash_attn_with_kvcache
+            q, k_cache, v_cache = inputs.q, inputs.k_cache, inputs.v_cache
+            cache_seqlens, block_table = inputs.cache_seqlens, inputs.block_table
+
+            def run_paged() -> Tensor:
+                out = kvcache_func(
+                    q, k_cache, v_cache, cache_seqlens=cache_seqlens, page_table=block_table,
+                    causal=causal, **kwargs,
+                )  # fmt: skip
+                return cast(Tensor, out)
+
+            return run_paged
+        flash_attn_func = fa3.flash_attn_func
+        q, k, v = inputs.q, inputs.k, inputs.v
+
+        def run() -> Tensor:
+            return cast(Tensor, flash_attn_func(q, k, v, causal=causal, **kwargs))
+
+        return run
+
 
 def real_providers() -> dict[str, Provider]:
     return {
@@ -554,6 +692,7 @@ def real_providers() -> dict[str, Provider]:
         "sdpa_efficient": SdpaProvider("sdpa_efficient", "EFFICIENT_ATTENTION"),
         "fa4": Fa4Provider(),
         shapes.XFORMERS_PROVIDER: SparsekXformersProvider(),
+        shapes.FA3_PROVIDER: Fa3Provider(),
     }
 
 
@@ -578,20 +717,49 @@ class FakeProvider(Provider):
         if self._mode == "error":
             raise Unsupported("fake provider refuses every shape (dry run)")
 
-    def _attention(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-        """Plain attention of (batch, seqlen, heads, head_dim) tensors, bottom-right causal."""
+    def _attention(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool,
+        *,
+        window: tuple[int, int] = shapes.NO_WINDOW,
+        softcap: float = 0.0,
+        sinks: Tensor | None = None,
+    ) -> Tensor:
+        """Attention of (batch, seqlen, heads, head_dim) tensors, bottom-right causal; the
+        masks suite's window (a band of diagonals), softcap and sinks (an extra softmax
+        column per head, dropped after the softmax) written out here again, apart from
+        sparsek's reference that the dry run checks them against."""
         seqlen_q, seqlen_k = q.shape[1], k.shape[1]
         group = q.shape[2] // k.shape[2]
-        qt = q.transpose(1, 2)
-        kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
-        vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
+        # Scores and the PV product accumulate in float32 as the kernels' do; P is rounded
+        # to the input dtype first, as theirs is.
+        qt = q.transpose(1, 2).float()
+        kt = k.transpose(1, 2).repeat_interleave(group, dim=1).float()
+        vt = v.transpose(1, 2).repeat_interleave(group, dim=1).float()
         scores = torch.matmul(qt, kt.transpose(2, 3)) * q.shape[-1] ** -0.5
-        if causal:
-            visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
-            scores = scores.masked_fill(~visible.tril(seqlen_k - seqlen_q), float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        offset = seqlen_k - seqlen_q
+        left, right = window
+        right = 0 if causal else right
+        ones = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+        visible = ones
+        if right >= 0:
+            visible = visible & ones.tril(offset + right)
+        if left >= 0:
+            visible = visible & ones.triu(offset - left)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is not None:
+            sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs.to(q.dtype).float(), vt)
         bias = 0.1 if self._mode == "wrong" else 0.0
-        return (torch.matmul(probs, vt) + bias).transpose(1, 2)
+        return (out + bias).to(q.dtype).transpose(1, 2)
 
     def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
         self._refuse()
@@ -637,6 +805,16 @@ class FakeProvider(Provider):
 
         return run
 
+    def prepare_masks(self, case: Case, inputs: DenseInputs | PagedInputs) -> AttnFn:
+        self._refuse()
+        q, sinks = inputs.q, inputs.sinks if case.sinks else None
+        if isinstance(inputs, PagedInputs):
+            k, v = inputs.k.transpose(1, 2), inputs.v.transpose(1, 2)
+        else:
+            k, v = inputs.k, inputs.v
+        causal, window, softcap = case.causal, case.window, case.softcap
+        return lambda: self._attention(q, k, v, causal, window=window, softcap=softcap, sinks=sinks)
+
 
 def fake_providers() -> dict[str, Provider]:
     """Fakes named like the real providers, so the dry run walks the real report code."""
@@ -649,6 +827,8 @@ def fake_providers() -> dict[str, Provider]:
         # The real operator: on CPU it runs sparsek's float32 reference through xFormers'
         # dispatch (xFormers takes float16 only there, so bf16 inputs are converted first).
         shapes.XFORMERS_PROVIDER: SparsekXformersProvider(cpu_fp16=True),
+        # A second fake that computes (the masks suite's peers: fa4 refuses).
+        shapes.FA3_PROVIDER: FakeProvider(shapes.FA3_PROVIDER),
     }
 
 

@@ -2,12 +2,16 @@
 
 The reference is deliberately independent of sparsek and of every provider: explicit
 QK^T -> mask -> softmax -> PV in float32, query-chunked so a 16k x 16k problem fits in memory.
+The masks suite checks against sparsek's float64 reference instead (`sparsek.reference`, the
+oracle of window, softcap and sinks; built in `perf.inputs`), on blocks of query rows where
+the whole problem is too large for it (`RowBlocks`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 from torch import Tensor
@@ -98,6 +102,35 @@ def reference_attention_varlen(
             seq = reference_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal)
             out[q0:q1] = seq[0]
     return out
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """The reference of some query rows of a (batch, seqlen_q, heads, head_dim) output:
+    `blocks` holds (first row, reference of rows [first, first + n)) pairs."""
+
+    shape: tuple[int, ...]
+    blocks: tuple[tuple[int, Tensor], ...]
+
+
+Reference: TypeAlias = Tensor | RowBlocks
+
+
+@torch.no_grad()
+def check(out: Tensor, ref: Reference, dtype: torch.dtype) -> CheckResult:
+    """`check_output` against a whole reference, or against each block of `RowBlocks`
+    (ok when every block is; max_err over the blocks)."""
+    if isinstance(ref, Tensor):
+        return check_output(out, ref, dtype)
+    if tuple(out.shape) != ref.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} != expected {ref.shape}")
+    results = [
+        check_output(out[:, start : start + part.shape[1]], part, dtype)
+        for start, part in ref.blocks
+    ]
+    return CheckResult(
+        ok=all(r.ok for r in results), max_err=max((r.max_err for r in results), default=0.0)
+    )
 
 
 @torch.no_grad()

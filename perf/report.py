@@ -14,6 +14,12 @@ in parentheses, its fraction of the copy bandwidth measured in the same run (`gb
 `bw_frac`, `copy_gbps` columns, blank on other suites' rows); xformers one row per (bias,
 shape), the bias type from the `bias` column (empty elsewhere), where the keys are, and the
 query / key token counts (lengths from `seqlens` / `kv_seqlens` listed under the table).
+
+The masks suite (`mask` column: "window=(4096, 0)", "softcap=30", "sinks", "" for none) gets
+a prefill table (ms per call, TFLOP/s), a decode table (us per call, GB/s of the K + V the
+call must read, `kv_bytes`) and a targets table: each masked row's ratio against the same
+problem without the mask and against its peers, beside the target it is measured for
+(`MASK_TARGETS`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import csv
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -40,11 +47,13 @@ COLUMNS: tuple[str, ...] = (
     "head_dim",
     "causal",
     "bias",
+    "mask",
     "seqlens",
     "kv_seqlens",
     "block_size",
     "ms",
     "tflops",
+    "kv_bytes",
     "gbps",
     "bw_frac",
     "copy_gbps",
@@ -69,13 +78,14 @@ PROVIDER_ORDER = (
     "sdpa_cudnn",
     "sdpa_efficient",
     "fa4",
+    "fa3",
 )
 SUBJECT = "sparsek"
 # sparsek behind another front end: shown in the table, never counted as a peer.
 SUBJECT_VARIANTS = frozenset({"sparsek_xformers"})
 # Suites with a table of their own (not in the generic throughput table).
-VARLEN_SUITE, DECODE_SUITE, XFORMERS_SUITE = "varlen", "decode", "xformers"
-OWN_TABLE_SUITES = frozenset({VARLEN_SUITE, DECODE_SUITE, XFORMERS_SUITE})
+VARLEN_SUITE, DECODE_SUITE, XFORMERS_SUITE, MASKS_SUITE = "varlen", "decode", "xformers", "masks"
+OWN_TABLE_SUITES = frozenset({VARLEN_SUITE, DECODE_SUITE, XFORMERS_SUITE, MASKS_SUITE})
 MAX_REASON_CHARS = 300
 
 Row = dict[str, str]
@@ -334,6 +344,222 @@ def _decode_lines(rows: Sequence[Row]) -> list[str]:
     return [*intro, *lines]
 
 
+# ---------------------------------------------------------------------------- masks suite
+
+
+@dataclass(frozen=True)
+class MaskTarget:
+    """One ratio the masks suite reports for a masked row (`feature`: "window", "softcap" or
+    "sinks"; `decode`: the paged decode rows, else the dense prefill rows).
+
+    `against` "plain": sparsek with the mask against sparsek on the same problem without
+    it, as `masked_over_plain` says (True: masked time / plain time, lower is better; False:
+    plain time / masked time, the speed kept, higher is better). Otherwise a peer's name:
+    the peer's time / sparsek's time on the masked problem (> 1: sparsek faster). `bound`
+    None: no target, shown beside the others."""
+
+    feature: str
+    decode: bool
+    against: str
+    bound: float | None
+    masked_over_plain: bool = False
+
+    def describe(self) -> str:
+        if self.against != "plain":
+            return f"{self.against} time / sparsek time"
+        if self.masked_over_plain:
+            return f"sparsek time with / without {self.feature}"
+        return f"sparsek time without / with {self.feature}"
+
+    def target_text(self) -> str:
+        if self.bound is None:
+            return "-"
+        return f"{'<=' if self.masked_over_plain else '>='} {self.bound:g}"
+
+    def met(self, value: float) -> bool:
+        assert self.bound is not None
+        return value <= self.bound if self.masked_over_plain else value >= self.bound
+
+
+MASK_TARGETS: tuple[MaskTarget, ...] = (
+    MaskTarget("window", False, "plain", 0.30, masked_over_plain=True),
+    MaskTarget("window", False, "fa4", 1.0),
+    MaskTarget("window", False, "fa3", None),
+    MaskTarget("softcap", False, "plain", 0.95),
+    MaskTarget("softcap", False, "fa4", 1.0),
+    MaskTarget("softcap", False, "fa3", None),
+    MaskTarget("sinks", False, "plain", 0.98),
+    MaskTarget("sinks", False, "fa4", None),
+    MaskTarget("sinks", False, "fa3", None),
+    MaskTarget("window", True, "plain", 6.0),
+    MaskTarget("window", True, "fa4", None),
+    MaskTarget("window", True, "fa3", None),
+)
+
+
+def _is_decode(row: Row) -> bool:
+    return bool(row.get("block_size")) and row.get("seqlen_q") == "1"
+
+
+def _features(row: Row) -> tuple[str, ...]:
+    """The mask's features from the `mask` column ("window=(4096, 0) softcap=30" ->
+    ("window", "softcap")); () for none."""
+    text = row.get("mask", "").replace(", ", ",")
+    return tuple(part.split("=")[0] for part in text.split())
+
+
+def _problem(row: Row) -> tuple[str, ...]:
+    """A masks row's problem without its mask: rows with equal problems are compared."""
+    dims = ("dtype", "batch", "seqlen_q", "seqlen_k", "num_heads", "num_kv_heads", "head_dim")
+    return (*(row[c] for c in dims), row["causal"], row.get("block_size", ""))
+
+
+def _problem_text(row: Row) -> str:
+    heads = f"H{row['num_heads']}"
+    if row["num_kv_heads"] != row["num_heads"]:
+        heads += f"/Hkv{row['num_kv_heads']}"
+    if _is_decode(row):
+        size = f"ctx{row['seqlen_k']}"
+        mask = f"page{row['block_size']}"
+    else:
+        size = f"S{row['seqlen_q']}"
+        if row["seqlen_q"] != row["seqlen_k"]:
+            size = f"Sq{row['seqlen_q']}/Sk{row['seqlen_k']}"
+        mask = "causal" if row["causal"] == "True" else "non-causal"
+    return f"B{row['batch']} {size} {heads} d{row['head_dim']} {mask}"
+
+
+def _time_cell(row: Row | None, decode: bool) -> str:
+    """Prefill: ms (TFLOP/s); decode: us (GB/s of the K + V the call must read)."""
+    if row is None or not _measured(row):
+        return _cell(row, "ms")
+    ms = float(row["ms"])
+    rate = row.get("gbps" if decode else "tflops", "")
+    text = _number(ms * 1e3) if decode else f"{ms:.3g}"
+    if rate:
+        value = float(rate)
+        text += f" ({value:.0f})" if value >= 100 else f" ({_number(value)})"
+    return text if row.get("check") != "FAIL" else f"{text} FAIL"
+
+
+def _masks_lines(rows: Sequence[Row]) -> list[str]:
+    selected = [r for r in rows if r["suite"] == MASKS_SUITE and r["kind"] == "kernel"]
+    if not selected:
+        return []
+    prefill = [r for r in selected if not _is_decode(r)]
+    decode = [r for r in selected if _is_decode(r)]
+    lines = [
+        "Times per call after an L2 flush. Prefill cells: ms (TFLOP/s; a window counts the "
+        "pairs of its band). Decode cells: us (GB/s of the K + V the call must read: a "
+        "window's pages only), each call a CUDA-graph replay. Every output is checked "
+        "against sparsek's float64 reference (`FAIL` marks a failed check).",
+        "",
+    ]
+    if prefill:
+
+        def prefill_key(r: Row) -> tuple[str, ...]:
+            dims = (r["batch"], r["seqlen_q"], r["seqlen_k"], r["num_heads"], r["num_kv_heads"])
+            return (r["dtype"], *dims, r["head_dim"], r["causal"], r["mask"] or "none")
+
+        header = ["dtype", "B", "Sq", "Sk", "H", "Hkv", "D", "causal", "mask"]
+        lines += _provider_table(prefill, header, prefill_key, lambda r: _time_cell(r, False))
+        lines.append("")
+    if decode:
+        # The bytes to read, written on measured rows only: one value per (problem, mask).
+        kv_bytes = {(_problem(r), r["mask"]): r["kv_bytes"] for r in decode if r.get("kv_bytes")}
+
+        def decode_key(r: Row) -> tuple[str, ...]:
+            dims = (r["batch"], r["seqlen_k"], r["num_heads"], r["num_kv_heads"], r["head_dim"])
+            nbytes = kv_bytes.get((_problem(r), r["mask"]), "")
+            kv_mb = _number(int(nbytes) / 1e6) if nbytes else ""
+            return (r["dtype"], *dims, r["block_size"], r["mask"] or "none", kv_mb)
+
+        header = ["dtype", "B", "context", "H", "Hkv", "D", "block", "mask", "K+V MB read"]
+        lines += _provider_table(decode, header, decode_key, lambda r: _time_cell(r, True))
+        lines.append("")
+    notes = dict.fromkeys(r["note"] for r in selected if r.get("note"))
+    lines += [f"- {text}" for text in notes] + ([""] if notes else [])
+    return [*lines, *_mask_target_lines(selected)]
+
+
+def _mask_target_lines(rows: Sequence[Row]) -> list[str]:
+    """Each masked row's ratios (MASK_TARGETS) beside their targets."""
+    problems: dict[tuple[str, ...], dict[tuple[str, ...], dict[str, Row]]] = {}
+    for r in rows:
+        problems.setdefault(_problem(r), {}).setdefault(_features(r), {})[r["provider"]] = r
+    present = {r["provider"] for r in rows}
+    lines = [
+        "### Targets",
+        "",
+        "| mask | problem | ratio | measured | target | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for by_mask in problems.values():
+        plain = by_mask.get((), {})
+        for features, masked in by_mask.items():
+            if len(features) != 1:
+                continue
+            any_row = next(iter(masked.values()))
+            decode = _is_decode(any_row)
+            mask, problem = any_row["mask"], _problem_text(any_row)
+            for target in MASK_TARGETS:
+                if target.feature != features[0] or target.decode != decode:
+                    continue
+                if target.against != "plain" and target.against not in present:
+                    continue
+                cells = _target_cells(target, masked, plain)
+                lines.append(f"| {mask} | {problem} | {target.describe()} | {cells} |")
+            if "window" in features:
+                cells = _bytes_cells(masked, plain) if decode else _pairs_cells(masked, plain)
+                lines.append(f"| {mask} | {problem} | {cells} |")
+    return lines if len(lines) > 4 else []
+
+
+def _target_cells(target: MaskTarget, masked: dict[str, Row], plain: dict[str, Row]) -> str:
+    """The "measured | target | verdict" cells of one target."""
+    if target.against == "plain":
+        first, second = (masked, plain) if target.masked_over_plain else (plain, masked)
+        numerator, denominator = first.get(SUBJECT), second.get(SUBJECT)
+    else:
+        numerator, denominator = masked.get(target.against), masked.get(SUBJECT)
+    if not (_measured(numerator) and _measured(denominator)):
+        return f"skip | {target.target_text()} | not measured"
+    assert numerator is not None and denominator is not None
+    value = float(numerator["ms"]) / float(denominator["ms"])
+    verdict = "-" if target.bound is None else ("met" if target.met(value) else "missed")
+    failed = [r["provider"] for r in (numerator, denominator) if r.get("check") != "ok"]
+    if failed:
+        verdict += f" ({', '.join(dict.fromkeys(failed))} check FAIL)"
+    return f"{value:.2f} | {target.target_text()} | {verdict}"
+
+
+def _work(rows: dict[str, Row]) -> float | None:
+    """FLOPs of a problem, up to a constant: TFLOP/s x ms of any measured row."""
+    row = next((r for r in rows.values() if _measured(r) and r.get("tflops")), None)
+    return float(row["tflops"]) * float(row["ms"]) if row else None
+
+
+def _pairs_cells(masked: dict[str, Row], plain: dict[str, Row]) -> str:
+    """The "ratio | measured | target | verdict" cells of the (query, key) pairs a dense
+    window leaves visible against the same problem without it."""
+    ratio = "visible pairs with / without window (the time ratio at equal TFLOP/s)"
+    with_window, without = _work(masked), _work(plain)
+    if not (with_window and without):
+        return f"{ratio} | | - | -"
+    return f"{ratio} | {with_window / without:.2f} | - | -"
+
+
+def _bytes_cells(masked: dict[str, Row], plain: dict[str, Row]) -> str:
+    """The "ratio | measured | target | verdict" cells of the K + V bytes a windowed
+    decode must read against the same decode without the window."""
+    ratio = "K + V bytes to read without / with window (the speed-up at equal bandwidth)"
+    with_window = next((r["kv_bytes"] for r in masked.values() if r.get("kv_bytes")), "")
+    without = next((r["kv_bytes"] for r in plain.values() if r.get("kv_bytes")), "")
+    if not (with_window and without):
+        return f"{ratio} | | - | -"
+    return f"{ratio} | {int(without) / int(with_window):.2f} | - | -"
+
+
 def _eager_notes(rows: Sequence[Row]) -> list[str]:
     """Decode rows timed with eager launches because their provider could not be captured."""
     eager = (r for r in rows if "eager" in r.get("note", ""))
@@ -399,6 +625,11 @@ def markdown(rows: Sequence[Row]) -> str:
         (
             "## Decode, paged KV cache: kernel time, cold L2 (GB/s of K + V read, bw_frac)",
             _decode_lines(rows),
+        ),
+        (
+            "## Masks (masks suite): window, softcap and sinks against the same problem "
+            "without them and against peers",
+            _masks_lines(rows),
         ),
         ("## First call of a fresh process (ms)", _first_call_lines(rows)),
         ("## Skipped", _skip_notes(rows)),

@@ -15,17 +15,28 @@ Every problem is a `Case`. Its `suite` decides the measurement kinds:
                                        block-diagonal biases on packed sequences
                                        (`Case.seqlens`), padded / paged keys of a cache
                                        (`Case.kv_seqlens`, `kv_padding`, `block_size`)
+    masks                -> "kernel"   window, softcap and sinks (`Case.window`, `softcap`,
+                                       `sinks`; opt-in, see below) beside the same problem
+                                       without them: dense prefill, and paged decode
+                                       (`Case.block_size`, timed as a CUDA-graph replay)
 
 The `xformers` suite is not run by default: it times `sparsek_xformers` (sparsek's xFormers
 operator), and xFormers cannot be imported in a process that has FlashAttention-4 installed
 (FA4 takes the `flash_attn` name, which xFormers mistakes for FlashAttention-2). It must be
 asked for with `--suites xformers` and is refused together with provider `fa4`.
 
+The `masks` suite is opt-in too (`--suites masks`): FlashAttention's mask arguments
+(sliding window, logit softcap, per-head sink logits) on sparsek beside the same shape
+without them and beside the peers that take them (`fa4`, and `fa3`, FlashAttention-3, a
+provider of this suite only); the SDPA backends have none of these masks and are not
+planned there.
+
 This module imports nothing heavy (no torch) so `bench_fmha.py --list` runs anywhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -33,6 +44,7 @@ from dataclasses import dataclass
 PROVIDERS: tuple[str, ...] = ("sparsek", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "fa4")
 VARLEN_SUITE = "varlen"
 DECODE_SUITE = "decode"
+MASKS_SUITE = "masks"
 SUITES: tuple[str, ...] = (
     "first_call",
     "grid",
@@ -45,8 +57,9 @@ SUITES: tuple[str, ...] = (
 # Opt-in: named explicitly with --providers / --suites, never part of the defaults.
 XFORMERS_SUITE = "xformers"
 XFORMERS_PROVIDER = "sparsek_xformers"
-OPT_IN_PROVIDERS: tuple[str, ...] = (XFORMERS_PROVIDER,)
-OPT_IN_SUITES: tuple[str, ...] = (XFORMERS_SUITE,)
+FA3_PROVIDER = "fa3"
+OPT_IN_PROVIDERS: tuple[str, ...] = (XFORMERS_PROVIDER, FA3_PROVIDER)
+OPT_IN_SUITES: tuple[str, ...] = (XFORMERS_SUITE, MASKS_SUITE)
 ALL_PROVIDERS: tuple[str, ...] = PROVIDERS + OPT_IN_PROVIDERS
 ALL_SUITES: tuple[str, ...] = SUITES + OPT_IN_SUITES
 # Providers of the xformers suite when --providers is not given (fa4 cannot share the process).
@@ -66,6 +79,7 @@ KINDS_BY_SUITE: dict[str, tuple[str, ...]] = {
     VARLEN_SUITE: ("kernel",),
     DECODE_SUITE: ("kernel",),
     XFORMERS_SUITE: ("kernel",),
+    MASKS_SUITE: ("kernel",),
 }
 # Suites whose rows exist for sparsek only (they time sparsek's compile cache).
 SPARSEK_ONLY_SUITES: frozenset[str] = frozenset({"first_call"})
@@ -134,6 +148,31 @@ DECODE_HEADS, DECODE_KV_HEADS, DECODE_HEAD_DIM = 32, 8, 128
 # Combos whose K + V cache (16-bit) is larger are not planned: the run also holds a dense
 # copy for SDPA and the reference, and must fit an 80 GB H100 beside the other buffers.
 DECODE_MAX_KV_BYTES = 20e9
+# masks: FlashAttention's mask arguments. Dense rows: the grid's d128 shape at S = 16k
+# (batch x S = 16k tokens, H = 2048 / 128 = 16), causal with and without a (4096, 0) window
+# (the last 4096 keys and the diagonal), softcap 30, sinks; softcap also non-causal. Decode
+# rows: one query per sequence against a 32k paged context (16-token pages, H32 Hkv8 d128,
+# the decode suite's heads), with and without the same window.
+NO_WINDOW: tuple[int, int] = (-1, -1)
+MASKS_SEQLEN = 16384
+MASKS_HEAD_DIM = 128
+MASKS_WINDOW_LEFT = 4096
+MASKS_SOFTCAP = 30.0
+MASKS_DECODE_BATCHES: tuple[int, ...] = (1, 8)
+MASKS_DECODE_CONTEXT = 32768
+MASKS_DECODE_BLOCK_SIZE = 16
+# Providers planned on the masks suite's cases (the SDPA backends take none of its masks).
+MASKS_PROVIDERS: tuple[str, ...] = ("sparsek", "fa4", FA3_PROVIDER)
+# The masks suite's q is torch.randn times this: scores of standard deviation 2, whose top
+# values reach where softcap 30 bends them (with q ~ N(0, 1) the capped and uncapped outputs
+# agree within the check's tolerance, so the check could not tell a softcap was applied).
+MASKS_Q_SCALE = 2.0
+# Output check of the masks suite (float64 reference): the whole output when batch x heads x
+# Sq x Sk is at most this many scores, else MASKS_CHECK_ROWS query rows at the start, where
+# the window starts to cut (or the middle) and at the end (`masks_check_rows`).
+MASKS_FULL_CHECK_SCORES = 2**26
+MASKS_CHECK_ROWS = 256
+
 # Bytes per element of the --dtype choices (both 16-bit).
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2}
 
@@ -164,10 +203,17 @@ class Case:
     # padded cache (paged: pages per sequence x block_size). seqlen_k = max(kv_seqlens).
     kv_seqlens: tuple[int, ...] = ()
     kv_padding: int = 0
+    # masks suite: sparsek.masks' arguments. window (left, right), -1 unbounded, aligned
+    # like causal (bottom-right); with causal, right is 0. softcap: 0 none. sinks: one
+    # sink logit per query head. Defaults (no mask beyond `causal`) everywhere else.
+    window: tuple[int, int] = NO_WINDOW
+    softcap: float = 0.0
+    sinks: bool = False
 
     def __post_init__(self) -> None:
         self._check_varlen()
         self._check_decode()
+        self._check_masks()
         if not self.bias:
             if self.kv_seqlens or self.kv_padding:
                 raise ValueError("kv_seqlens / kv_padding are given for padded / paged biases only")
@@ -250,22 +296,63 @@ class Case:
             raise ValueError("varlen cases have seqlen_q = seqlen_k = max(seqlens)")
 
     def _check_decode(self) -> None:
-        if self.suite != DECODE_SUITE:
+        if self.suite not in (DECODE_SUITE, MASKS_SUITE):
             paged = self.suite == XFORMERS_SUITE and self.bias in PAGED_BIASES
             if self.block_size and not paged:
                 raise ValueError(
-                    "block_size > 0 is given for the decode suite's cases and the xformers "
-                    "suite's paged biases only"
+                    "block_size > 0 is given for the decode suite's cases, the masks suite's "
+                    "decode cases and the xformers suite's paged biases only"
                 )
             return
         if not self.block_size:
-            raise ValueError("block_size > 0 is given exactly for the decode suite's cases")
+            if self.suite == DECODE_SUITE:
+                raise ValueError("block_size > 0 is given exactly for the decode suite's cases")
+            return  # a dense masks case
         if self.seqlen_q != 1 or not self.causal:
             raise ValueError("decode cases have one causal query per sequence (seqlen_q = 1)")
         if self.seqlen_k % self.block_size:
             raise ValueError(
                 f"context {self.seqlen_k} is not a multiple of block_size {self.block_size}"
             )
+
+    def _check_masks(self) -> None:
+        if self.suite != MASKS_SUITE:
+            if self.has_mask:
+                raise ValueError("window, softcap and sinks are given for the masks suite only")
+            return
+        if self.bias or self.seqlens or self.kv_seqlens:
+            raise ValueError("masks cases are dense or paged decode (no bias, no seqlens)")
+        left, right = self.window
+        if left < -1 or right < -1:
+            raise ValueError(f"window {self.window}: each size >= 0, or -1 for unbounded")
+        if self.causal and right not in (-1, 0):
+            raise ValueError(f"window {self.window}: causal sets the right size to 0")
+        if not self.softcap >= 0:
+            raise ValueError(f"softcap {self.softcap} must be >= 0 (0: none)")
+
+    @property
+    def has_mask(self) -> bool:
+        """A window, softcap or sinks: a mask beyond plain causal."""
+        return self.window != NO_WINDOW or self.softcap > 0 or self.sinks
+
+    @property
+    def mask_text(self) -> str:
+        """The mask beyond `causal`, as the CSV's `mask` column and --list write it
+        ("window=(4096, 0) softcap=30 sinks"); "" for none."""
+        parts = []
+        if self.window != NO_WINDOW:
+            parts.append(f"window=({self.window[0]}, {self.window[1]})")
+        if self.softcap > 0:
+            parts.append(f"softcap={self.softcap:g}")
+        if self.sinks:
+            parts.append("sinks")
+        return " ".join(parts)
+
+    @property
+    def is_decode(self) -> bool:
+        """One query per sequence against a paged cache (decode suite, masks decode rows):
+        timed as a CUDA-graph replay and reported as bandwidth."""
+        return self.block_size > 0 and not self.seqlens
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -296,10 +383,11 @@ class Case:
             if self.block_size:
                 seqs += f" page{self.block_size}"
             return f"{self.suite} {seqs} {heads} d{self.head_dim} {mask}"
+        extra = f" {self.mask_text}" if self.has_mask else ""
         if self.block_size:
             return (
                 f"{self.suite} B{self.batch} ctx{self.seqlen_k} {heads} d{self.head_dim} "
-                f"block{self.block_size}"
+                f"block{self.block_size}{extra}"
             )
         seq = f"S{self.seqlen_q}"
         if self.seqlen_q != self.seqlen_k:
@@ -307,16 +395,36 @@ class Case:
         mask = "causal" if self.causal else "full"
         if self.bias:
             mask = f"bias={self.bias}"
-        return f"{self.suite} B{self.batch} {seq} {heads} d{self.head_dim} {mask}"
+        return f"{self.suite} B{self.batch} {seq} {heads} d{self.head_dim} {mask}{extra}"
 
 
-def visible_pairs(seqlen_q: int, seqlen_k: int, causal: bool, *, exact: bool = False) -> float:
+def visible_pairs(
+    seqlen_q: int,
+    seqlen_k: int,
+    causal: bool,
+    *,
+    exact: bool = False,
+    window: tuple[int, int] = NO_WINDOW,
+) -> float:
     """Number of (query, key) pairs attended to per (batch, head).
 
     Causal with seqlen_q == seqlen_k counts half the square (the usual convention) unless
     `exact`; otherwise causal counts the exact pairs of the bottom-right aligned mask: query i
-    sees keys j <= i + seqlen_k - seqlen_q (seqlen * (seqlen + 1) / 2 for a square).
+    sees keys j <= i + seqlen_k - seqlen_q (seqlen * (seqlen + 1) / 2 for a square). A
+    `window` (left, right) is always counted exactly (a band is no half square): query i sees
+    keys i + offset - left <= j <= i + offset + right (offset = seqlen_k - seqlen_q; -1
+    unbounded; causal sets right to 0), clipped to the keys there are.
     """
+    if window != NO_WINDOW:
+        offset = seqlen_k - seqlen_q
+        left, right = window
+        right = 0 if causal else right
+        pairs = 0
+        for i in range(seqlen_q):
+            first = 0 if left < 0 else max(i + offset - left, 0)
+            last = seqlen_k - 1 if right < 0 else min(i + offset + right, seqlen_k - 1)
+            pairs += max(last - first + 1, 0)
+        return float(pairs)
     if not causal:
         return float(seqlen_q * seqlen_k)
     if seqlen_q == seqlen_k and not exact:
@@ -330,20 +438,51 @@ def flops(case: Case) -> float:
 
     varlen and the block-diagonal xFormers biases count every sequence's exact pairs (a
     sequence of 50 tokens is no half square; padded / paged keys: its kv_seqlen keys, the
-    causal ones bottom-right w.r.t. kv_seqlen; padding slots are never visible).
+    causal ones bottom-right w.r.t. kv_seqlen; padding slots are never visible). A window
+    counts the exact pairs of its band; softcap and sinks add none (the tanh and the sink's
+    exp are not counted).
     """
     if case.seqlens:
         lengths = zip(case.seqlens, case.key_lengths, strict=True)
         pairs = sum(visible_pairs(n, m, case.causal, exact=True) for n, m in lengths)
         return 4.0 * case.num_heads * case.head_dim * pairs
-    pairs = visible_pairs(case.seqlen_q, case.seqlen_k, case.causal)
+    pairs = visible_pairs(case.seqlen_q, case.seqlen_k, case.causal, window=case.window)
     return 4.0 * case.batch * case.num_heads * case.head_dim * pairs
 
 
+def key_span(case: Case) -> int:
+    """Key tokens of one sequence that some query of it sees, for a dense or decode case:
+    all seqlen_k without a window; with one, the keys from the first query's left edge to
+    the last query's right edge, widened to whole pages of a paged cache (a page is read
+    whole or not at all). One query at the end of a 32k context with a (4096, 0) window
+    sees keys 28671..32767 (4097), which lie in pages 1791..2047 of 16 tokens: 4112 tokens.
+    """
+    if case.window == NO_WINDOW:
+        return case.seqlen_k
+    offset = case.seqlen_k - case.seqlen_q
+    left, right = case.window
+    right = 0 if case.causal else right
+    first = 0 if left < 0 else max(offset - left, 0)
+    last = (
+        case.seqlen_k - 1
+        if right < 0
+        else min(case.seqlen_q - 1 + offset + right, case.seqlen_k - 1)
+    )
+    if last < first:
+        return 0
+    if case.block_size:
+        first = first // case.block_size * case.block_size
+        last = min((last // case.block_size + 1) * case.block_size, case.seqlen_k) - 1
+    return last - first + 1
+
+
 def kv_bytes(case: Case, dtype_bytes: int = 2) -> int:
-    """Bytes of K and V a forward must read at least once: every key token of every sequence,
-    num_kv_heads x head_dim elements each, for K and for V (q and the output not counted)."""
-    return 2 * case.key_tokens * case.num_kv_heads * case.head_dim * dtype_bytes
+    """Bytes of K and V a forward must read at least once: every key token some query sees,
+    of every sequence (`key_span` when a window hides keys from all queries: a windowed
+    decode reads only the window's pages), num_kv_heads x head_dim elements each, for K and
+    for V (q and the output not counted)."""
+    tokens = case.key_tokens if case.window == NO_WINDOW else case.batch * key_span(case)
+    return 2 * tokens * case.num_kv_heads * case.head_dim * dtype_bytes
 
 
 def bandwidth_gbps(num_bytes: float, ms: float) -> float:
@@ -500,6 +639,82 @@ def _decode(
     return cases
 
 
+def _masks(
+    batch: int,
+    seqlen: int,
+    heads: tuple[int, int],
+    head_dim: int,
+    window_left: int,
+    *,
+    noncausal_softcap: bool = True,
+    decode_batches: tuple[int, ...] = MASKS_DECODE_BATCHES,
+    decode: tuple[int, int, int, int, int] = (
+        MASKS_DECODE_CONTEXT,
+        MASKS_DECODE_BLOCK_SIZE,
+        DECODE_HEADS,
+        DECODE_KV_HEADS,
+        DECODE_HEAD_DIM,
+    ),
+    decode_window_left: int = MASKS_WINDOW_LEFT,
+) -> list[Case]:
+    """The masks suite: each masked case right after the plain case it is compared with.
+
+    Dense (batch, seqlen, heads, head_dim): causal; causal with a (window_left, 0) window;
+    causal with softcap; causal with sinks; then non-causal with and without softcap.
+    Decode, per batch: one query against `decode` = (context, block size, heads, kv heads,
+    head_dim), without and with a (decode_window_left, 0) window.
+    """
+    h, hkv = heads
+    dims = (MASKS_SUITE, batch, seqlen, seqlen, h, hkv, head_dim)
+    cases = [
+        Case(*dims, True),
+        Case(*dims, True, window=(window_left, 0)),
+        Case(*dims, True, softcap=MASKS_SOFTCAP),
+        Case(*dims, True, sinks=True),
+    ]
+    if noncausal_softcap:
+        cases += [Case(*dims, False), Case(*dims, False, softcap=MASKS_SOFTCAP)]
+    context, block_size, dh, dhkv, dd = decode
+    for b in decode_batches:
+        plain = Case(MASKS_SUITE, b, 1, context, dh, dhkv, dd, True, block_size=block_size)
+        cases += [plain, dataclasses.replace(plain, window=(decode_window_left, 0))]
+    return cases
+
+
+def masks_check_rows(case: Case) -> tuple[tuple[int, int], ...] | None:
+    """The query rows [start, stop) the masks suite checks against its float64 reference,
+    or None for the whole output (decode rows, and problems of at most
+    MASKS_FULL_CHECK_SCORES scores).
+
+    Otherwise MASKS_CHECK_ROWS rows at the start (the causal edge, where rows see few keys),
+    around the row where a window's left edge starts to hide keys (the middle without a
+    window) and at the end (a full window), merged where they overlap. Each block is
+    checked against the reference of its rows with the keys [0, stop + seqlen_k - seqlen_q)
+    (bottom-right alignment puts them on the same diagonal), so the mask must hide every key
+    right of the diagonal (causal, or a window's right size 0) or not depend on it (no
+    window, non-causal).
+    """
+    scores = case.batch * case.num_heads * case.seqlen_q * case.seqlen_k
+    if case.is_decode or scores <= MASKS_FULL_CHECK_SCORES:
+        return None
+    left, right = case.window
+    if not (case.causal or right == 0 or case.window == NO_WINDOW):
+        raise ValueError(
+            f"{case.label()}: row blocks need a mask that hides every key right of the "
+            "diagonal, or none"
+        )
+    n = min(MASKS_CHECK_ROWS, case.seqlen_q)
+    middle = left + 1 if left >= 0 else case.seqlen_q // 2
+    starts = sorted({0, min(max(middle - n // 2, 0), case.seqlen_q - n), case.seqlen_q - n})
+    blocks: list[tuple[int, int]] = []
+    for start in starts:
+        if blocks and start <= blocks[-1][1]:
+            blocks[-1] = (blocks[-1][0], max(blocks[-1][1], start + n))
+        else:
+            blocks.append((start, start + n))
+    return tuple(blocks)
+
+
 def _first_call() -> list[Case]:
     return [Case("first_call", 1, 512, 512, 16, 16, 128, False)]
 
@@ -518,7 +733,14 @@ def full_cases() -> list[Case]:
         + _varlen(varlen_seqlens(), VARLEN_HEADS)
         + _decode(DECODE_BATCHES, DECODE_CONTEXTS, DECODE_BLOCK_SIZES)
         + _xformers(4, 2048, (1024, 4096), 16, 128, varlen_seqlens())
+        + _masks_full()
     )
+
+
+def _masks_full() -> list[Case]:
+    heads = GRID_HIDDEN // MASKS_HEAD_DIM
+    batch = GRID_TOKENS // MASKS_SEQLEN
+    return _masks(batch, MASKS_SEQLEN, (heads, heads), MASKS_HEAD_DIM, MASKS_WINDOW_LEFT)
 
 
 def quick_cases() -> list[Case]:
@@ -532,6 +754,9 @@ def quick_cases() -> list[Case]:
         + _varlen(varlen_seqlens(), VARLEN_HEADS)[1:2]
         + _decode((8,), (4096,), DECODE_BLOCK_SIZES)
         + _xformers(4, 2048, (1024, 4096), 16, 128, varlen_seqlens())
+        # S = 4k (B4: 16k tokens), a (1024, 0) window (a quarter of S, as 4096 of 16k);
+        # causal rows only, decode at batch 8.
+        + _masks(4, 4096, (16, 16), 128, 1024, noncausal_softcap=False, decode_batches=(8,))
     )
 
 
@@ -552,6 +777,11 @@ def dry_run_cases() -> list[Case]:
     # Block-diagonal: the varlen lengths; padded / paged keys after 20 cached tokens (kv up
     # to 84, 96 slots = 6 pages of 16 per sequence).
     cases += _xformers(2, 64, (32, 96), 2, 64, (37, 5, 64, 18, 12), context=20)
+    # GQA, a (24, 0) window; decode over 64 keys in pages of 16 with a (20, 0) window (2 of
+    # the 4 pages).
+    cases += _masks(
+        2, 80, (4, 2), 32, 24, decode_batches=(3,), decode=(64, 16, 4, 2, 32), decode_window_left=20
+    )
     return cases
 
 
@@ -562,17 +792,22 @@ def select(cases: list[Case], suites: tuple[str, ...]) -> list[Case]:
 
 def providers_for(case: Case, providers: tuple[str, ...]) -> tuple[str, ...]:
     """Providers measured on `case` (first_call times sparsek alone; sparsek_xformers and
-    the xformers suite go only together, and never with fa4)."""
+    the xformers suite go only together, and never with fa4; the masks suite takes
+    sparsek, fa4 and fa3, and fa3 plays there only)."""
     if case.suite in SPARSEK_ONLY_SUITES:
         return tuple(p for p in providers if p == "sparsek")
+    if case.suite == MASKS_SUITE:
+        return tuple(p for p in providers if p in MASKS_PROVIDERS)
     if case.suite == XFORMERS_SUITE:
-        return tuple(p for p in providers if p != "fa4")
-    return tuple(p for p in providers if p != XFORMERS_PROVIDER)
+        return tuple(p for p in providers if p not in ("fa4", FA3_PROVIDER))
+    return tuple(p for p in providers if p not in (XFORMERS_PROVIDER, FA3_PROVIDER))
 
 
 def default_providers(suites: tuple[str, ...]) -> tuple[str, ...]:
-    """Providers when --providers is not given: the xformers set if that suite is asked for."""
-    return XFORMERS_SUITE_PROVIDERS if XFORMERS_SUITE in suites else PROVIDERS
+    """Providers when --providers is not given: the xformers set if that suite is asked for,
+    else the defaults; fa3 added when the masks suite is asked for."""
+    chosen = XFORMERS_SUITE_PROVIDERS if XFORMERS_SUITE in suites else PROVIDERS
+    return (*chosen, FA3_PROVIDER) if MASKS_SUITE in suites else chosen
 
 
 def conflict(suites: tuple[str, ...], providers: tuple[str, ...]) -> str | None:
