@@ -2,20 +2,28 @@
 
 Compared against: the cache written by plain Python indexing, token by token (store_kv),
 and float64 attention computed here per sequence from the dense K/V generated before they
-were written (paged_attention through sparsek's CPU reference path). The cache is a view of
-one buffer in vLLM 0.33's layouts (logical (num_blocks, num_kv_heads, block_size, 2D),
-physical LBNHC or LBHNC, beside another layer), so K/V are strided views.
+were written (paged_attention through sparsek's CPU reference path; with a window, softcap
+and sinks: `sparsek.reference_varlen.reference_attention_kvcache` in float64 over the
+dense K/V). The cache is a view of one buffer in vLLM 0.33's layouts (logical
+(num_blocks, num_kv_heads, block_size, 2D), physical LBNHC or LBHNC, beside another
+layer), so K/V are strided views. The kernels `load_kernels` loads per mask are checked
+against those the launch plans of vLLM-shaped batches ask for (launch path faked on CPU).
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import Tensor
 
 from sparsek.integrations.vllm import kernels as vllm_kernels
+from sparsek.launch import kvcache, launcher
+from sparsek.masks import make_mask
+from sparsek.reference_varlen import reference_attention_kvcache
+from sparsek.tuning import Workload
 
 # KVCacheLayout: physical axis k is logical axis ORDER[k] of (L, B, H, N, C).
 LAYOUTS = {"LBNHC": (0, 1, 3, 2, 4), "LBHNC": (0, 1, 2, 3, 4)}
@@ -104,6 +112,34 @@ def reference(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return torch.einsum("hqk,khd->qhd", probs, vv)
 
 
+def mixed_batch(contexts: list[int], new: list[int], h: int, hkv: int, d: int, block_size: int):
+    """A step's batch over a cache filled by store_kv: (q per sequence, k/v per sequence,
+    paged_attention's arguments but the scale and output)."""
+    lens = [c + n for c, n in zip(contexts, new, strict=True)]
+    num_blocks = sum(-(-n // block_size) for n in lens) + 2
+    _, kv_cache = layer_cache("LBNHC", num_blocks, hkv, block_size, d, seed=1)
+    k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, d)
+    blocks = (torch.randperm(num_blocks - 1) + 1).tolist()  # never block 0 (vLLM's null block)
+    table = torch.zeros(len(lens), max(-(-n // block_size) for n in lens) + 1, dtype=torch.int32)
+    ks = [torch.randn(n, hkv, d).to(torch.float16) for n in lens]
+    vs = [torch.randn(n, hkv, d).to(torch.float16) for n in lens]
+    slot_rows = []
+    for b, length in enumerate(lens):
+        used = -(-length // block_size)
+        table[b, :used] = torch.tensor([blocks.pop() for _ in range(used)])
+        slot_rows += [
+            (int(table[b, t // block_size]) * block_size + t % block_size, b, t)
+            for t in range(length)
+        ]
+    key = torch.stack([ks[b][t] for _, b, t in slot_rows])
+    value = torch.stack([vs[b][t] for _, b, t in slot_rows])
+    vllm_kernels.store_kv(key, value, k_cache, v_cache, torch.tensor([s for s, _, _ in slot_rows]))
+    qs = [torch.randn(n, h, d).to(torch.float16) for n in new]
+    starts = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    args = (torch.cat(qs), k_cache, v_cache, starts, torch.tensor(lens, dtype=torch.int32))
+    return qs, ks, vs, (*args, table, max(new))
+
+
 def test_paged_attention_mixed_batch_matches_dense_attention() -> None:
     torch.manual_seed(0)
     h, hkv, d, block_size = 4, 2, 32, 16
@@ -148,6 +184,164 @@ def test_paged_attention_mixed_batch_matches_dense_attention() -> None:
     assert output[sum(new) :].isnan().all(), "rows past the batch must not be written"
 
 
+@pytest.mark.parametrize(
+    ("sliding_window", "window_size"), [(None, (-1, -1)), (1, (0, 0)), (128, (127, 0))]
+)
+def test_window_size_of_vllms_sliding_window(sliding_window, window_size) -> None:
+    assert vllm_kernels.window_size_of(sliding_window) == window_size
+
+
+@pytest.mark.parametrize("sliding_window", [0, -1, True, 16.0, "16"])
+def test_window_size_of_refuses_what_is_not_a_window(sliding_window) -> None:
+    with pytest.raises(ValueError, match="sliding_window="):
+        vllm_kernels.window_size_of(sliding_window)
+
+
+# (sliding_window, softcap, sinks): each on its own and together.
+MASKS = [
+    (16, 0.0, None),
+    (None, 2.0, None),
+    (None, 0.0, [-1.0, 0.5, 1.5, 3.0]),
+    (16, 2.0, [-1.0, 0.5, 1.5, 3.0]),
+]
+
+
+@pytest.mark.parametrize(("sliding_window", "softcap", "sinks"), MASKS, ids=str)
+def test_paged_attention_with_masks_matches_the_reference(sliding_window, softcap, sinks) -> None:
+    """Decodes, a prefill and chunked prefills (one longer than the window) with the
+    window of vLLM's sliding_window, a softcap and sinks, against sparsek's float64
+    reference over the dense K/V of each sequence."""
+    torch.manual_seed(2)
+    h, hkv, d, block_size = 4, 2, 32, 16
+    contexts, new = [40, 0, 17, 5, 50], [1, 9, 4, 1, 20]
+    qs, ks, vs, args = mixed_batch(contexts, new, h, hkv, d, block_size)
+    window = vllm_kernels.window_size_of(sliding_window)
+    sink_logits = None if sinks is None else torch.tensor(sinks)
+    output = torch.full((sum(new) + 3, h, d), float("nan"), dtype=torch.float16)
+    scale = 0.3
+    vllm_kernels.paged_attention(
+        *args, scale, output[: sum(new)], window_size=window, softcap=softcap, sinks=sink_logits
+    )
+    want = torch.cat(
+        [
+            reference_attention_kvcache(
+                q[None], k[None], v[None], torch.tensor([k.shape[0]], dtype=torch.int32),
+                causal=True, softmax_scale=scale, window_size=window, softcap=softcap,
+                sinks=sink_logits, compute_dtype=torch.float64,
+            )[0][0]
+            for q, k, v in zip(qs, ks, vs, strict=True)
+        ]
+    )  # fmt: skip
+    torch.testing.assert_close(output[: sum(new)].double(), want, atol=2e-3, rtol=2e-3)
+    assert output[sum(new) :].isnan().all(), "rows past the batch must not be written"
+
+
+class Loads(list):
+    """What the launch path loaded: ("forward", mask spec, layout, workload), ("combine",)
+    and ("kv_store",) entries, in order."""
+
+
+@pytest.fixture
+def fake_loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
+    """The launch path on CPU: kernel loads recorded, tiles of 128 x 128, 132 SMs."""
+    loads = Loads()
+
+    def forward_kernel(device, head_dim, dtype, mask, layout, workload=Workload.DEFAULT):
+        loads.append(("forward", mask, layout, workload))
+        return SimpleNamespace(fn=None, config=None)
+
+    monkeypatch.setattr(launcher, "forward_kernel", forward_kernel)
+    monkeypatch.setattr(launcher, "combine_kernel", lambda *a: loads.append(("combine",)))
+    monkeypatch.setattr(launcher, "kv_store_kernel", lambda *a: loads.append(("kv_store",)))
+    monkeypatch.setattr(
+        launcher, "kernel_config", lambda *a: SimpleNamespace(tile_m=128, tile_n=128)
+    )
+    monkeypatch.setattr(launcher, "num_sms", lambda index: 132)
+    return loads
+
+
+LAYER_MASKS = [  # (sliding_window, softcap, has_sinks)
+    (None, 0.0, False),
+    (None, 30.0, False),
+    (None, 0.0, True),
+    (128, 0.0, False),
+    (128, 30.0, True),
+]
+
+
+@pytest.mark.parametrize(("sliding_window", "softcap", "has_sinks"), LAYER_MASKS, ids=str)
+def test_load_kernels_loads_what_the_plans_of_a_layer_launch(
+    fake_loads, sliding_window, softcap, has_sinks
+) -> None:
+    """For each mask: the kernels load_kernels loads are those the launch plans of
+    vLLM-shaped batches use (decodes small and filling the GPU, uniform and with padding
+    rows; mixed batches, few and many sequences, short and long caches), nothing missing
+    (a kernel compiled mid-serving, or during CUDA-graph capture) and nothing spare: a
+    windowed decode runs the packed route (no single-query kernels), sinks never split
+    (no split kernels, no combine)."""
+    window = vllm_kernels.window_size_of(sliding_window)
+    device = torch.device("cuda", 0)  # a key only: nothing runs
+    vllm_kernels.load_kernels(
+        device, 64, torch.float16, 16, window_size=window, softcap=softcap, has_sinks=has_sinks
+    )
+    loaded = set(fake_loads)
+    assert len(loaded) == len(fake_loads), "a kernel loaded twice"
+    fake_loads.clear()
+
+    h, hkv, d, block_size = 8, 2, 64, 16
+    mask = make_mask(True, window, softcap, has_sinks)
+    for batch, q_lens, capacity in [
+        (3, [1] * 3, 4096),  # decode: 6 CTAs, split
+        (20, [1] * 20, 1024),  # decode: 40 CTAs over a short cache, not split
+        (100, [1] * 100, 1024),  # decode: 200 CTAs fill the GPU
+        (4, [1] * 4 + [0] * 2, 4096),  # decode, 2 padding tokens past the batch
+        (4, [1, 17, 300, 1], 4096),  # mixed
+        (64, [1] * 60 + [40] * 4, 2048),  # mixed, many sequences
+    ]:
+        total = sum(q_lens)
+        q = torch.zeros(total, h, d, dtype=torch.float16)
+        k_cache = torch.zeros(batch * capacity // block_size, block_size, hkv, d).half()
+        table = torch.zeros(batch, capacity // block_size, dtype=torch.int32)
+        starts = torch.tensor([0, *torch.tensor(q_lens[:batch]).cumsum(0).tolist()])
+        plan = kvcache.kvcache_plan(
+            q, k_cache, k_cache, torch.zeros(batch, dtype=torch.int32), table,
+            starts.to(torch.int32), max(q_lens), mask, 0,
+        )  # fmt: skip
+        assert not isinstance(plan, str) and plan.answer == "launch", plan
+    used = set(fake_loads) | {("kv_store",)}  # store_kv's kernel (not the plans')
+    assert used <= loaded, f"not preloaded: {used - loaded}"
+    assert loaded <= used, f"preloaded, never used: {loaded - used}"
+    layouts = {(load[2].single_query, load[2].split_kv) for load in loaded if load[0] == "forward"}
+    assert any(single_query for single_query, _ in layouts) != bool(sliding_window)
+    assert any(split for _, split in layouts) != has_sinks
+    assert (("combine",) in loaded) != has_sinks and ("kv_store",) in loaded
+
+
+@pytest.mark.parametrize(("sliding_window", "softcap", "has_sinks"), LAYER_MASKS, ids=str)
+def test_every_kernel_load_kernels_asks_for_is_registered(
+    monkeypatch: pytest.MonkeyPatch, sliding_window, softcap, has_sinks
+) -> None:
+    """The registry (and each kernel's `can_implement`) serves every kernel a layer's
+    mask needs, for the head sizes and dtypes the backend declares (sm_90a forced; the
+    kernels' configs are collected, not compiled)."""
+    pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
+    from cutedsl_kernels.config import FmhaFwdConfig
+
+    monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
+    configs: list[object] = []
+    monkeypatch.setattr(launcher, "get_kernel", lambda config: configs.append(config))
+    window = vllm_kernels.window_size_of(sliding_window)
+    for head_size in (64, 128):
+        for dtype in (torch.float16, torch.bfloat16):
+            vllm_kernels.load_kernels(
+                torch.device("cuda", 0), head_size, dtype, 16,
+                window_size=window, softcap=softcap, has_sinks=has_sinks,
+            )  # fmt: skip
+    fwd = [c for c in configs if isinstance(c, FmhaFwdConfig)]
+    assert fwd and all(c.mask.window == bool(sliding_window) for c in fwd)
+    assert all(c.mask.softcap == bool(softcap) and c.mask.sinks == has_sinks for c in fwd)
+
+
 @pytest.mark.slow
 def test_load_kernels_compiles_every_kernel_the_backend_launches(
     monkeypatch: pytest.MonkeyPatch,
@@ -175,8 +369,9 @@ def test_load_kernels_compiles_every_kernel_the_backend_launches(
         (True, True, False, True),
     }
     assert all(c.kv_layout == "paged" and c.page_size == 32 for c in fwd)
+    decode = next(c for c in fwd if c.single_query and not c.split_kv)
     fills_gpu = launcher.forward_kernel(
-        device, 64, torch.float16, fwd[0].mask, fwd[0].layout, Workload.DECODE_FILLS_GPU
+        device, 64, torch.float16, decode.mask, decode.layout, Workload.DECODE_FILLS_GPU
     )
     assert fills_gpu.config in fwd  # decode of a batch that fills the GPU
     assert [c for c in loaded if isinstance(c, CombineConfig)] == [
@@ -188,3 +383,33 @@ def test_load_kernels_compiles_every_kernel_the_backend_launches(
     assert len(loaded) == len(fwd) + 2 == 7  # each kernel loaded once
     vllm_kernels.load_kernels(device, 64, torch.float16, 32)
     assert len(loaded) == 7  # ... and then served from the launch path's memos
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sliding_window", "softcap", "has_sinks"), LAYER_MASKS[1:], ids=str)
+def test_load_kernels_compiles_the_kernels_of_a_masked_layer(
+    monkeypatch: pytest.MonkeyPatch, sliding_window, softcap, has_sinks
+) -> None:
+    """`test_load_kernels_compiles_every_kernel_the_backend_launches` for layers with a
+    softcap, sinks, a window, and all three: every kernel compiles, each loads once."""
+    pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
+    from cutedsl_kernels.config import FmhaFwdConfig
+
+    monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
+    loaded: list[object] = []
+    get_kernel = launcher.get_kernel
+    monkeypatch.setattr(launcher, "get_kernel", lambda c: loaded.append(c) or get_kernel(c))
+    mask = dict(
+        window_size=vllm_kernels.window_size_of(sliding_window),
+        softcap=softcap,
+        has_sinks=has_sinks,
+    )
+    device = torch.device("cuda", 0)  # only a key here: nothing is launched
+    vllm_kernels.load_kernels(device, 128, torch.bfloat16, 16, **mask)
+    fwd = [c for c in loaded if isinstance(c, FmhaFwdConfig)]
+    assert fwd and len(set(loaded)) == len(loaded)
+    assert all(c.mask.sinks == has_sinks and not (has_sinks and c.split_kv) for c in fwd)
+    assert all(not (c.single_query and sliding_window) for c in fwd)
+    count = len(loaded)
+    vllm_kernels.load_kernels(device, 128, torch.bfloat16, 16, **mask)
+    assert len(loaded) == count

@@ -334,32 +334,48 @@ def _build_plan(
 
 
 def load_kvcache_kernels(
-    device: torch.device, head_dim: int, dtype: torch.dtype, page_size: int
+    device: torch.device,
+    head_dim: int,
+    dtype: torch.dtype,
+    page_size: int,
+    mask: Mask = CAUSAL,
 ) -> None:
     """Load (compile on a cache miss) every kernel `attention_with_kvcache` may launch for
-    packed queries over a cache of `page_size` (0: contiguous): decode (non-causal, one
-    query per sequence), packed causal queries, each with and without split-KV, decode
-    of a batch that fills the GPU, the combine, and (paged) the cache update
-    `store_paged_kv`. Serving engines call this before their first request or CUDA-graph
-    capture.
+    packed queries over a cache of `page_size` (0: contiguous) with `mask`, the canonical
+    mask of the calls to come (`make_mask` of their causal, window_size, softcap and sinks;
+    default: causal):
+
+    - packed queries with the mask;
+    - unless the mask has a window (a windowed decode runs as packed queries): decode, one
+      query per sequence (the mask without causal: a single query sees every key), and
+      decode of a batch that fills the GPU;
+    - packed and decode kernels with and without split-KV unless the mask has sinks
+      (never split), and then the combine;
+    - (paged) the cache update `store_paged_kv`.
+
+    Serving engines call this before their first request or CUDA-graph capture, once per
+    mask their layers use.
 
     Raises:
         UnsupportedError: no registered kernel serves one of them.
     """
     kv_layout = "paged" if page_size else "cache"
-    for single_query, causal, workload in (
-        (True, False, Workload.DECODE),
-        (False, True, Workload.DEFAULT),
-    ):
-        for split in (False, True):
+    splits = (False,) if mask.sinks else (False, True)
+    decode_mask = dataclasses.replace(mask, causal=False)  # a single query sees every key
+    routes = [(False, mask, Workload.DEFAULT)]  # (single_query, kernel mask, workload)
+    if not mask.window:  # a windowed decode takes the packed route above
+        routes.append((True, decode_mask, Workload.DECODE))
+    for single_query, kernel_mask, workload in routes:
+        for split in splits:
             layout = Layout(True, kv_layout, page_size, split, single_query)
-            spec = (CAUSAL if causal else NO_MASK).spec
-            launcher.forward_kernel(device, head_dim, dtype, spec, layout, workload)
-    fills_gpu = Layout(True, kv_layout, page_size, single_query=True)
-    launcher.forward_kernel(
-        device, head_dim, dtype, NO_MASK.spec, fills_gpu, Workload.DECODE_FILLS_GPU
-    )
-    launcher.combine_kernel(device, head_dim, dtype)
+            launcher.forward_kernel(device, head_dim, dtype, kernel_mask.spec, layout, workload)
+    if not mask.window:
+        fills_gpu = Layout(True, kv_layout, page_size, single_query=True)
+        launcher.forward_kernel(
+            device, head_dim, dtype, decode_mask.spec, fills_gpu, Workload.DECODE_FILLS_GPU
+        )
+    if len(splits) > 1:
+        launcher.combine_kernel(device, head_dim, dtype)
     if page_size:
         launcher.kv_store_kernel(device, head_dim, dtype)
 

@@ -15,10 +15,20 @@ written (so the expected values never read the cache layout); tolerances and hel
 test_varlen_gpu.py. `store_kv` is checked bit for bit: the new rows at their slots, every
 other byte of the buffer (other layer, null block, padding) unchanged. Outputs are poisoned
 with NaN; fallbacks are off (`SPARSEK_STRICT=1`).
+
+Layers with vLLM's mask arguments (sliding_window, logits_soft_cap, sinks) are compared
+against float64 attention with vLLM's definition of them, written out here
+(`masked_reference`: the query at position p sees j iff j <= p and p - j <
+sliding_window), not sparsek's window arguments; the tolerance's peer is that reference
+with its probabilities rounded to the input dtype before the PV product (no PyTorch kernel
+has softcap or sinks; as tests/gpu/test_masks_gpu.py). A windowed layer's batch runs over
+a block table where the blocks before every query's window point at vLLM's null block
+(block 0, zeros), as vLLM's sliding-window manager leaves them.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -37,6 +47,7 @@ from test_varlen_gpu import (
 from torch import Tensor
 
 from sparsek.integrations.vllm import kernels as vllm_kernels
+from sparsek.launch import launcher
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
 
@@ -184,6 +195,118 @@ def check_store(before, raw, kv_cache, k_cache, v_cache, step: Step, slot_list) 
     assert torch.equal(raw.view(torch.int16), want.view(torch.int16)), "store_kv wrote wrong bytes"
 
 
+def masked_reference(q, k, v, scale: float, sliding_window, softcap, sinks, *, peer=False):
+    """One sequence's new queries q (n, H, D) over all its tokens k/v (L, Hkv, D) with a
+    layer's mask as vLLM defines it: the query at position p (the last n of the L) sees
+    position j iff j <= p and, with a sliding window, p - j < sliding_window (the window
+    counts the query itself); scores s become softcap * tanh(s / softcap); sinks[h] joins
+    the softmax denominator of head h. float64 (out (n, H, D), lse (H, n)); `peer`: float32
+    with the probabilities rounded to q's dtype before PV, out in q's dtype."""
+    n, h, _ = q.shape
+    length, hkv, _ = k.shape
+    compute = torch.float32 if peer else torch.float64
+    kk, vv = (t.to(compute).repeat_interleave(h // hkv, dim=1) for t in (k, v))
+    scores = torch.einsum("qhd,khd->hqk", q.to(compute), kk) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    position = torch.arange(n, device=q.device).view(-1, 1) + (length - n)
+    key = torch.arange(length, device=q.device).view(1, -1)
+    shown = key <= position
+    if sliding_window is not None:
+        shown &= position - key < sliding_window
+    scores = scores.masked_fill(~shown, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)  # every row sees its own key
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.to(compute).view(-1, 1))
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    if peer:
+        probs = probs.to(q.dtype).to(compute)
+    out = torch.einsum("hqk,khd->qhd", probs, vv)
+    return out.to(q.dtype) if peer else (out, lse)
+
+
+def expected_with_mask(qs, ks, vs, scale: float, sliding_window, softcap, sinks):
+    """`expected` (per sequence: float64 out and lse, the peer's out) with a layer's mask."""
+    per_seq = []
+    for q, k, v in zip(qs, ks, vs, strict=True):
+        mask = (sliding_window, softcap, sinks)
+        out, lse = masked_reference(q, k, v, scale, *mask)
+        per_seq.append((out, lse, masked_reference(q, k, v, scale, *mask, peer=True)))
+    return per_seq
+
+
+def layer_sinks(h: int, seed: int) -> Tensor:
+    """Sink logits as a model holds them (bfloat16), read as float32 (the backend's copy)."""
+    return (randn(generator(seed), h, dtype=torch.float32) * 2).to(torch.bfloat16).float()
+
+
+def null_blocks_before_windows(table: Tensor, contexts: list[int], sliding_window, block_size):
+    """Point the blocks before every query's window at block 0, as vLLM frees them: the
+    first new query of sequence b (position contexts[b]) sees contexts[b] - sliding_window
+    + 1 onwards."""
+    for b, context in enumerate(contexts):
+        table[b, : max(0, context - sliding_window + 1) // block_size] = 0
+
+
+# vLLM layers (sliding_window, logits_soft_cap, sinks): gpt-oss's (a window and sinks), a
+# window with a softcap, each on its own (a strong softcap), a window of one token.
+LAYER_MASKS = [
+    pytest.param(128, None, True, id="window128-sinks"),
+    pytest.param(4096, 50.0, False, id="window4096-softcap50"),
+    pytest.param(None, 2.0, False, id="softcap2"),
+    pytest.param(None, None, True, id="sinks"),
+    pytest.param(100, None, False, id="window100"),
+    pytest.param(1, None, False, id="window1"),
+    pytest.param(64, 2.0, True, id="window64-softcap2-sinks"),
+]
+
+
+@pytest.mark.parametrize(("sliding_window", "softcap", "with_sinks"), LAYER_MASKS)
+@pytest.mark.parametrize(("dtype", "d", "h", "hkv", "block_size", "layout"), CASES[:2])
+def test_mixed_batch_with_a_layers_mask(
+    dtype, d, h, hkv, block_size, layout, sliding_window, softcap, with_sinks, monkeypatch
+) -> None:
+    """`test_mixed_batch_over_vllm_cache` for a layer with a sliding window, a logit
+    softcap and/or sinks: every kernel the step launches was loaded by load_kernels for
+    that mask (nothing compiles or loads during the step)."""
+    contexts = [1023, 0, 300, 0, 17, 4999, 64, 129]
+    new = [1, 1, 77, 513, 3, 1, 1, 3]
+    step = Step(contexts, new, hkv, d, dtype, seed=17)
+    num_blocks = sum(-(-n // block_size) for n in step.lens) + 9
+    _, kv_cache = vllm_layer_cache(layout, num_blocks, hkv, block_size, d, dtype, generator(12))
+    kv_cache[0].zero_()  # vLLM allocates caches zeroed; the null block is never written
+    k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, d)
+    table = assign_blocks(step.lens, block_size, num_blocks, seed=4)
+    window = vllm_kernels.window_size_of(sliding_window)
+    sinks = layer_sinks(h, 6) if with_sinks else None
+    vllm_kernels.load_kernels(
+        torch.device(DEVICE), d, dtype, block_size, window_size=window,
+        softcap=float(softcap or 0), has_sinks=with_sinks,
+    )  # fmt: skip
+
+    def no_more_loads(config):
+        raise AssertionError(f"kernel loaded during the step: {config}")
+
+    monkeypatch.setattr(launcher, "get_kernel", no_more_loads)
+    write(step, k_cache, v_cache, table, block_size, "context")
+    write(step, k_cache, v_cache, table, block_size, "new", pad=5)
+    if sliding_window is not None:
+        null_blocks_before_windows(table, contexts, sliding_window, block_size)
+
+    scale = 1 / math.sqrt(d)
+    qs = queries(step, h, d, dtype, 8)
+    out = torch.full((sum(new) + 4, h, d), float("nan"), dtype=dtype, device=DEVICE)
+    vllm_kernels.paged_attention(
+        torch.cat(qs), k_cache, v_cache, int32([0, *itertools.accumulate(new)]),
+        int32(step.lens), table, max(new), scale, out[: sum(new)], window_size=window,
+        softcap=float(softcap or 0), sinks=sinks,
+    )  # fmt: skip
+    mask = (sliding_window, softcap, sinks)
+    expect = as_packed(expected_with_mask(qs, step.ks, step.vs, scale, *mask))
+    check_close(out[: sum(new)], expect)
+    assert out[sum(new) :].isnan().all(), "rows past the batch must not be written"
+
+
 def test_store_kv_with_only_padding_writes_nothing() -> None:
     gen = generator(1)
     raw, kv_cache = vllm_layer_cache("LBNHC", 6, 2, 16, 64, torch.bfloat16, gen)
@@ -195,9 +318,20 @@ def test_store_kv_with_only_padding_writes_nothing() -> None:
     assert torch.equal(raw.view(torch.int16), before.view(torch.int16))
 
 
-def test_decode_step_replays_in_a_cuda_graph() -> None:
+GRAPH_MASKS = [
+    pytest.param(None, None, False, id="plain"),
+    pytest.param(64, None, True, id="window64-sinks"),  # decode on the packed route
+    pytest.param(None, 2.0, True, id="softcap2-sinks"),  # decode tiles, sinks per group row
+    pytest.param(64, 2.0, False, id="window64-softcap2"),
+]
+
+
+@pytest.mark.parametrize(("sliding_window", "softcap", "with_sinks"), GRAPH_MASKS)
+def test_decode_step_replays_in_a_cuda_graph(sliding_window, softcap, with_sinks) -> None:
     """FULL-graph decode, as vLLM captures it: padded requests (query 0..3 rows, seq_len 0),
-    static metadata buffers rewritten between replays, output of each replay checked."""
+    static metadata buffers rewritten between replays, output of each replay checked. With
+    a layer's mask: the sinks are one persistent float32 tensor, refilled in place before
+    the second replay (as the backend does after a weight reload), which reads them."""
     dtype, d, h, hkv, block_size = torch.bfloat16, 128, 32, 8, 16
     real, padded = 5, 8
     capacity_blocks = 80
@@ -219,11 +353,14 @@ def test_decode_step_replays_in_a_cuda_graph() -> None:
     seq_buf = torch.zeros(padded, dtype=torch.int32, device=DEVICE)
     out_buf = torch.zeros(padded, h, d, dtype=dtype, device=DEVICE)
     scale = 1 / math.sqrt(d)
+    window = vllm_kernels.window_size_of(sliding_window)
+    sinks_buf = layer_sinks(h, 60) if with_sinks else None
+    mask = dict(window_size=window, softcap=float(softcap or 0), sinks=sinks_buf)
 
     def step_fn() -> None:
         vllm_kernels.store_kv(k_buf, v_buf, k_cache, v_cache, slot_buf)
         vllm_kernels.paged_attention(
-            q_buf, k_cache, v_cache, qsl_buf, seq_buf, table, 1, scale, out_buf
+            q_buf, k_cache, v_cache, qsl_buf, seq_buf, table, 1, scale, out_buf, **mask
         )
 
     # Contexts: each real sequence's earlier tokens, written before capture.
@@ -267,9 +404,16 @@ def test_decode_step_replays_in_a_cuda_graph() -> None:
         step_fn()
     for i, step in enumerate(steps):
         qs = load(step, 50 + i)
+        if sinks_buf is not None and i:
+            sinks_buf.copy_(layer_sinks(h, 61))  # new values, same tensor
         out_buf.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        expect = as_packed(expected(qs, step.ks, step.vs, True, scale))
+        if (sliding_window, softcap, with_sinks) == (None, None, False):
+            expect = as_packed(expected(qs, step.ks, step.vs, True, scale))
+        else:
+            expect = as_packed(
+                expected_with_mask(qs, step.ks, step.vs, scale, sliding_window, softcap, sinks_buf)
+            )
         check_close(out_buf[:real], expect)
         assert (out_buf[real:] == 0).all(), "padded requests (seq_len 0) must give 0"

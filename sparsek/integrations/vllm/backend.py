@@ -12,17 +12,27 @@ it reads the backend name. This module holds the backend itself:
     the reasons from `validate_configuration`): decoder self-attention, causal; head
     sizes and compute capabilities with a registered sparsek kernel (64 and 128 on 9.0);
     float16 / bfloat16 with a KV cache of the same dtype ("auto"); kernel block sizes that
-    are multiples of 16. Not supported (refused): sliding window, attention sinks,
-    ALiBi, logits soft cap, encoder / cross attention, fp8 KV caches, MLA, DCP/PCP,
-    fused output quantization, batch invariance.
+    are multiples of 16; layers with a sliding window, a logits soft cap and attention
+    sinks (gpt-oss has windows and sinks), alone or together. Not supported (refused):
+    ALiBi, R-SWA, encoder / cross attention, non-causal attention, fp8 KV caches, MLA,
+    DCP/PCP, fused output quantization, batch invariance.
+  * `SparseKImpl` takes a layer's mask as vLLM's FlashAttention backend reads it:
+    `sliding_window` (the tokens a query sees, itself included) is the window
+    (sliding_window - 1, 0), bottom-right per sequence; `logits_soft_cap` None or 0 is no
+    cap, c > 0 caps scores as c * tanh(s / c); `sinks` (the model's (num_heads,) sink
+    parameter, float16 / bfloat16 / float32) are read as float32, exactly, from one tensor
+    refilled in place once the checkpoint is loaded (and after a weight reload). Sinks of
+    another dtype or shape, a sliding window < 1 and a negative or non-finite soft cap are
+    refused when vLLM builds the layer, with the reason.
   * `SparseKImpl.do_kv_cache_update` writes the step's new K/V into the paged cache
     (slots < 0 skipped); `SparseKImpl.forward` runs every sequence of the batch
     (decodes, chunked prefills, prefills, mixed) in one `sparsek.attention_with_kvcache`
     call over vLLM's cache, read in place (see `sparsek.integrations.vllm.kernels`).
   * `SparseKMetadataBuilder` passes vLLM's persistent metadata tensors through (no host
-    synchronization, no allocation) and loads every kernel the layer group can need when
-    it is created, before the first request and before CUDA-graph capture. FULL CUDA
-    graphs: uniform single-token decode batches (`UNIFORM_SINGLE_TOKEN_DECODE`); other
+    synchronization, no allocation) and, when it is created (before the first request and
+    before CUDA-graph capture), loads every kernel its layers can need: those of each
+    distinct mask of the KV-cache group's layers. FULL CUDA graphs: uniform single-token
+    decode batches (`UNIFORM_SINGLE_TOKEN_DECODE`), windowed layers included; other
     batches run under piecewise graphs.
 
 KV-cache layout: vLLM's per-layer cache, logically (num_blocks, num_kv_heads, block_size,
@@ -32,8 +42,9 @@ the kernels read K and V as strided views of it, without copies.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -64,6 +75,14 @@ __all__ = ["BACKEND_NAME", "SparseKBackend", "SparseKImpl", "SparseKMetadata"]
 
 # Kernel block sizes (vLLM's "block_size", the kernels' page size): multiples of this.
 BLOCK_SIZE_MULTIPLE = 16
+
+
+class MaskArgs(NamedTuple):
+    """A layer's mask arguments, as `kernels.load_kernels` takes them."""
+
+    window_size: tuple[int, int]
+    softcap: float
+    has_sinks: bool
 
 
 @dataclass
@@ -104,6 +123,16 @@ class SparseKBackend(AttentionBackend):  # type: ignore[misc]
         return [MultipleOf(BLOCK_SIZE_MULTIPLE)]
 
     @classmethod
+    def supports_sliding_window(cls) -> bool:
+        """Layers with a `sliding_window` (the selector's `has_sliding_window`)."""
+        return True
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        """Layers with attention sinks (the selector's `has_sink`)."""
+        return True
+
+    @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         arches = registry.registered_arches()
         return sorted({d for arch in arches for d in registry.registered_head_dims(arch)})
@@ -136,6 +165,8 @@ class SparseKBackend(AttentionBackend):  # type: ignore[misc]
             "compute capability not supported": "compute capability "
             f"{capability.major}.{capability.minor} is not supported "
             f"(supported: {supported_capabilities})",
+            "R-SWA not supported": "R-SWA (model_config.rswa_window: a sliding window "
+            "beside a fully visible prefix) is not supported (supported: sliding_window)",
         }
         return [detail.get(reason, reason) for reason in reasons]
 
@@ -174,7 +205,14 @@ def _cache_dtype_name(kv_cache_dtype: Any) -> str | None:
 
 
 class SparseKImpl(AttentionImpl[SparseKMetadata]):  # type: ignore[misc]
-    """One attention layer: cache update and forward over vLLM's paged cache."""
+    """One attention layer: cache update and forward over vLLM's paged cache.
+
+    The layer's mask, as vLLM's FlashAttention backend reads its arguments:
+    `sliding_window` (tokens a query sees, itself included) is the window
+    (sliding_window - 1, 0); `logits_soft_cap` None or 0 is no cap; `sinks` (the model's
+    (num_heads,) sink parameter, float16 / bfloat16 / float32) is read as float32 (see
+    `refresh_sinks`).
+    """
 
     def __init__(
         self,
@@ -188,10 +226,18 @@ class SparseKImpl(AttentionImpl[SparseKMetadata]):  # type: ignore[misc]
         logits_soft_cap: float | None = None,
         attn_type: str = AttentionType.DECODER,
         kv_sharing_target_layer_name: str | None = None,
+        sinks: Tensor | None = None,
         **extra: Any,
     ) -> None:
         reasons = unsupported_layer_reasons(
-            alibi_slopes, sliding_window, kv_cache_dtype, logits_soft_cap, attn_type, extra
+            num_heads,
+            alibi_slopes,
+            sliding_window,
+            kv_cache_dtype,
+            logits_soft_cap,
+            attn_type,
+            sinks,
+            extra,
         )
         if reasons:
             raise NotImplementedError(
@@ -204,6 +250,44 @@ class SparseKImpl(AttentionImpl[SparseKMetadata]):  # type: ignore[misc]
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.sliding_window = sliding_window
+        self.window_size = kernels.window_size_of(sliding_window)
+        self.logits_soft_cap = float(logits_soft_cap or 0.0)
+        # The model's parameter (vLLM loads the checkpoint's values into it after the
+        # layers are built) and the float32 tensor the kernels read.
+        self.sinks_source = sinks
+        self.sinks: Tensor | None = None
+        self.refresh_sinks()
+
+    def mask_args(self) -> MaskArgs:
+        """The layer's mask as `kernels.load_kernels` takes it."""
+        return MaskArgs(self.window_size, self.logits_soft_cap, self.sinks is not None)
+
+    def refresh_sinks(self) -> None:
+        """Point `sinks` at the model's sink values as float32, without reallocating.
+
+        A contiguous float32 parameter is read in place. Any other (float16, bfloat16,
+        strided) is copied into a float32 tensor made once, when the layer is built, and
+        refilled in place afterwards, so CUDA graphs captured on it read the refilled
+        values. float16 and bfloat16 convert to float32 exactly: the logits are those
+        vLLM's FlashAttention backend hands its kernels (the parameter itself), which
+        compute with them in float32. vLLM calls `process_weights_after_loading` (which
+        calls this) once the checkpoint is loaded, and again after a weight reload.
+        """
+        source = self.sinks_source
+        if source is None:
+            return
+        source = source.detach()
+        if source.dtype == torch.float32 and source.is_contiguous():
+            self.sinks = source  # read in place
+            return
+        if self.sinks is None or self.sinks.device != source.device:
+            self.sinks = torch.empty(source.shape, dtype=torch.float32, device=source.device)
+        self.sinks.copy_(source)
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        """vLLM's hook after the checkpoint is loaded (and after a reload): the sinks."""
+        self.refresh_sinks()
 
     def do_kv_cache_update(
         self,
@@ -248,36 +332,72 @@ class SparseKImpl(AttentionImpl[SparseKMetadata]):  # type: ignore[misc]
             attn_metadata.max_query_len,
             self.scale,
             output[:n],
+            window_size=self.window_size,
+            softcap=self.logits_soft_cap,
+            sinks=self.sinks,
         )
         return output
 
 
+SINK_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def unsupported_layer_reasons(
+    num_heads: int,
     alibi_slopes: list[float] | None,
     sliding_window: int | None,
     kv_cache_dtype: str,
     logits_soft_cap: float | None,
     attn_type: str,
+    sinks: Tensor | None,
     extra: dict[str, Any],
 ) -> list[str]:
     """Why `SparseKImpl` cannot run a layer with these arguments (empty: it can)."""
     reasons = []
     if alibi_slopes is not None:
         reasons.append("alibi_slopes: ALiBi is not supported")
-    if sliding_window is not None and sliding_window >= 0:
-        reasons.append(
-            f"sliding_window={sliding_window}: sliding-window attention is not supported"
-        )
+    try:
+        kernels.window_size_of(sliding_window)
+    except ValueError as exc:
+        reasons.append(str(exc))
     if kv_cache_dtype not in SparseKBackend.supported_kv_cache_dtypes:
         supported = ", ".join(map(str, SparseKBackend.supported_kv_cache_dtypes))
         reasons.append(f"kv_cache_dtype={kv_cache_dtype} is not supported ({supported})")
-    if logits_soft_cap:
-        reasons.append(f"logits_soft_cap={logits_soft_cap}: soft capping is not supported")
+    if logits_soft_cap is not None and (
+        isinstance(logits_soft_cap, bool)
+        or not isinstance(logits_soft_cap, (int, float))
+        or not 0 <= logits_soft_cap < math.inf
+    ):
+        reasons.append(
+            f"logits_soft_cap={logits_soft_cap!r} is not supported (supported: a finite "
+            "number > 0, or None / 0 for no cap)"
+        )
     if attn_type != AttentionType.DECODER:
         reasons.append(f"attn_type={attn_type}: only decoder self-attention is supported")
+    if sinks is not None:
+        reasons += sink_reasons(sinks, num_heads)
     for name, value in extra.items():
         if value is not None and value is not False:
             reasons.append(f"{name}={value!r} is not supported")
+    return reasons
+
+
+def sink_reasons(sinks: object, num_heads: int) -> list[str]:
+    """Why the kernels cannot read `sinks` (empty: they can, as float32)."""
+    if not isinstance(sinks, Tensor):
+        return [f"sinks must be a tensor of shape (num_heads,), got {type(sinks).__name__}"]
+    reasons = []
+    if sinks.dtype not in SINK_DTYPES:
+        supported = ", ".join(map(registry.dtype_name, SINK_DTYPES))
+        reasons.append(
+            f"sinks of dtype {sinks.dtype} are not supported (supported: {supported}, "
+            "read as float32)"
+        )
+    if tuple(sinks.shape) != (num_heads,):
+        reasons.append(
+            f"sinks of shape {tuple(sinks.shape)} are not supported: one logit per query "
+            f"head of the layer, (num_heads,) = ({num_heads},)"
+        )
     return reasons
 
 
@@ -298,12 +418,14 @@ class SparseKMetadataBuilder(AttentionMetadataBuilder[SparseKMetadata]):  # type
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         if torch.device(device).type == "cuda":
-            kernels.load_kernels(
-                torch.device(device),
-                kv_cache_spec.head_size,
-                kv_cache_spec.dtype,
-                kv_cache_spec.block_size,
-            )
+            for mask in group_masks(kv_cache_spec, layer_names, vllm_config):
+                kernels.load_kernels(
+                    torch.device(device),
+                    kv_cache_spec.head_size,
+                    kv_cache_spec.dtype,
+                    kv_cache_spec.block_size,
+                    **mask._asdict(),
+                )
 
     def build(
         self,
@@ -326,3 +448,21 @@ class SparseKMetadataBuilder(AttentionMetadataBuilder[SparseKMetadata]):  # type
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping,
         )
+
+
+def group_masks(kv_cache_spec: Any, layer_names: list[str], vllm_config: Any) -> list[MaskArgs]:
+    """The distinct masks of a KV-cache group's layers (one group may mix windowed and
+    global layers), read from their impls in vLLM's registry of layers (the config's
+    static forward context). When it lists none of them: the group's own sliding window,
+    if any, without softcap or sinks."""
+    compilation = getattr(vllm_config, "compilation_config", None)
+    context = getattr(compilation, "static_forward_context", {})
+    masks: list[MaskArgs] = []
+    for name in layer_names:
+        impl = getattr(context.get(name), "impl", None)
+        if isinstance(impl, SparseKImpl) and impl.mask_args() not in masks:
+            masks.append(impl.mask_args())
+    if not masks:
+        window = kernels.window_size_of(getattr(kv_cache_spec, "sliding_window", None))
+        masks.append(MaskArgs(window, 0.0, False))
+    return masks

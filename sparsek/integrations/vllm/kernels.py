@@ -15,8 +15,12 @@ they could not read without a copy).
                   host synchronization: capturable in a CUDA graph), torch ops elsewhere
   paged_attention a batch of sequences mixing decodes, chunked prefills and prefills:
                   one `attention_with_kvcache` call (packed queries, causal bottom-right
-                  per sequence) written into vLLM's preallocated output
+                  per sequence, with the layer's sliding window, logit softcap and
+                  attention sinks) written into vLLM's preallocated output
+  window_size_of  vLLM's `sliding_window` (tokens a query sees, itself included) as the
+                  (left, right) `window_size` of sparsek's kernels: (sliding_window - 1, 0)
   load_kernels    load (compile on a cache miss) every kernel paged_attention may launch
+                  for a layer's mask
 
 These are what the GPU tests (tests/gpu/test_vllm_gpu.py) check against float64 attention
 on a cache filled by `store_kv`, so the backend's device path is tested without vLLM.
@@ -30,6 +34,7 @@ from torch import Tensor
 from sparsek import api_varlen
 from sparsek.launch import kv_store, kvcache
 from sparsek.launch.tma import tma_readable
+from sparsek.masks import NO_WINDOW, make_mask
 
 
 def split_kv_cache(kv_cache: Tensor, head_size: int) -> tuple[Tensor, Tensor]:
@@ -135,6 +140,31 @@ def store_kv_reference(
         cache.index_put_(index, rows)
 
 
+def window_size_of(sliding_window: int | None) -> tuple[int, int]:
+    """The `window_size` of a layer with vLLM's `sliding_window` (None: no window).
+
+    vLLM's sliding window counts the tokens a query attends to, itself included: the query
+    at position p sees positions p - sliding_window + 1 .. p (vLLM's FlashAttention backend
+    passes FlashAttention the same (sliding_window - 1, 0) for decoder layers). Causal
+    attention already bounds the right side at 0.
+
+    Raises:
+        ValueError: `sliding_window` is not None or an int >= 1.
+    """
+    if sliding_window is None:
+        return NO_WINDOW
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+        raise ValueError(
+            f"sliding_window={sliding_window!r} must be a number of tokens (an int >= 1) or None"
+        )
+    if sliding_window < 1:
+        raise ValueError(
+            f"sliding_window={sliding_window} must be >= 1 (the tokens a query sees, "
+            "itself included) or None"
+        )
+    return (sliding_window - 1, 0)
+
+
 def paged_attention(
     query: Tensor,
     k_cache: Tensor,
@@ -145,6 +175,10 @@ def paged_attention(
     max_query_len: int,
     softmax_scale: float,
     output: Tensor,
+    *,
+    window_size: tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of each sequence's new queries over its cached tokens -> output.
 
@@ -158,6 +192,15 @@ def paged_attention(
         max_query_len: Python int >= every sequence's number of new queries.
         softmax_scale: multiplier of q k^T.
         output: (num_tokens, num_heads, head_size), written in place and returned.
+        window_size: (left, right) sliding window, aligned bottom-right per sequence (the
+            query at position p sees cached positions p - left .. p + right; right is
+            capped at 0 by causality); (-1, -1): none. `window_size_of` converts vLLM's
+            `sliding_window`.
+        softcap: > 0: scores s become softcap * tanh(s / softcap) (vLLM's
+            `logits_soft_cap`); 0: none.
+        sinks: (num_heads,) float32 sink logits on query's device (each joins its head's
+            softmax denominator), or None. Read by the kernel when it runs: a persistent
+            tensor updated in place is seen by CUDA-graph replays.
     """
     out = api_varlen.attention_with_kvcache(
         query,
@@ -169,15 +212,32 @@ def paged_attention(
         max_seqlen_q=max_query_len,
         causal=True,
         softmax_scale=softmax_scale,
+        window_size=window_size,
+        softcap=softcap,
+        sinks=sinks,
     )
     assert isinstance(out, Tensor)
     return output.copy_(out)
 
 
-def load_kernels(device: torch.device, head_size: int, dtype: torch.dtype, block_size: int) -> None:
-    """Load every kernel `paged_attention` may launch on `device`, compiling on a miss.
+def load_kernels(
+    device: torch.device,
+    head_size: int,
+    dtype: torch.dtype,
+    block_size: int,
+    *,
+    window_size: tuple[int, int] = NO_WINDOW,
+    softcap: float = 0.0,
+    has_sinks: bool = False,
+) -> None:
+    """Load every kernel `paged_attention` may launch on `device` with this mask
+    (`window_size`, `softcap`, and whether `sinks` are passed), compiling on a miss.
 
     Raises:
-        UnsupportedError: no kernel serves (head_size, dtype, block_size) on the device.
+        UnsupportedError: no kernel serves (head_size, dtype, block_size, mask) on the
+            device.
     """
-    kvcache.load_kvcache_kernels(device, head_size, dtype, block_size)
+    if device.type == "cuda" and device.index is None:  # kernels are kept per device index
+        device = torch.device("cuda", torch.cuda.current_device())
+    mask = make_mask(True, window_size, softcap, has_sinks)
+    kvcache.load_kvcache_kernels(device, head_size, dtype, block_size, mask)
