@@ -220,7 +220,7 @@ def attention_with_kvcache(
             denominator of its head's rows (the LSE includes it for rows that see a key).
         num_splits: split-KV hint for the decode kernel: 0 chooses, 1 does not split,
             n > 1 asks for n splits. It never changes the result (recorded for the
-            kernel; the reference ignores it). Calls with `sinks` run unsplit.
+            kernel; the reference ignores it).
         return_lse: also return the log-sum-exp of each row.
 
     Returns:

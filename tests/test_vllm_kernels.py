@@ -237,8 +237,8 @@ def test_paged_attention_with_masks_matches_the_reference(sliding_window, softca
 
 
 class Loads(list):
-    """What the launch path loaded: ("forward", mask spec, layout, workload), ("combine",)
-    and ("kv_store",) entries, in order."""
+    """What the launch path loaded: ("forward", mask spec, layout, workload), ("combine",
+    adds sinks) and ("kv_store",) entries, in order."""
 
 
 @pytest.fixture
@@ -251,7 +251,11 @@ def fake_loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
         return SimpleNamespace(fn=None, config=None)
 
     monkeypatch.setattr(launcher, "forward_kernel", forward_kernel)
-    monkeypatch.setattr(launcher, "combine_kernel", lambda *a: loads.append(("combine",)))
+
+    def combine_kernel(device, head_dim, dtype, sinks=False):
+        loads.append(("combine", sinks))
+
+    monkeypatch.setattr(launcher, "combine_kernel", combine_kernel)
     monkeypatch.setattr(launcher, "kv_store_kernel", lambda *a: loads.append(("kv_store",)))
     monkeypatch.setattr(
         launcher, "kernel_config", lambda *a: SimpleNamespace(tile_m=128, tile_n=128)
@@ -276,9 +280,9 @@ def test_load_kernels_loads_what_the_plans_of_a_layer_launch(
     """For each mask: the kernels load_kernels loads are those the launch plans of
     vLLM-shaped batches use (decodes small and filling the GPU, uniform and with padding
     rows; mixed batches, few and many sequences, short and long caches), nothing missing
-    (a kernel compiled mid-serving, or during CUDA-graph capture) and nothing spare: a
-    windowed decode runs the packed route (no single-query kernels), sinks never split
-    (no split kernels, no combine)."""
+    (a kernel compiled mid-serving, or during CUDA-graph capture) and nothing spare:
+    decode takes the single-query kernels with every mask (a window too), split kernels
+    leave sinks to a combine that adds them."""
     window = vllm_kernels.window_size_of(sliding_window)
     device = torch.device("cuda", 0)  # a key only: nothing runs
     vllm_kernels.load_kernels(
@@ -311,10 +315,10 @@ def test_load_kernels_loads_what_the_plans_of_a_layer_launch(
     used = set(fake_loads) | {("kv_store",)}  # store_kv's kernel (not the plans')
     assert used <= loaded, f"not preloaded: {used - loaded}"
     assert loaded <= used, f"preloaded, never used: {loaded - used}"
-    layouts = {(load[2].single_query, load[2].split_kv) for load in loaded if load[0] == "forward"}
-    assert any(single_query for single_query, _ in layouts) != bool(sliding_window)
-    assert any(split for _, split in layouts) != has_sinks
-    assert (("combine",) in loaded) != has_sinks and ("kv_store",) in loaded
+    forward = [load for load in loaded if load[0] == "forward"]
+    assert any(layout.single_query for _, _, layout, _ in forward)
+    assert all(spec.sinks == (has_sinks and not layout.split_kv) for _, spec, layout, _ in forward)
+    assert ("combine", has_sinks) in loaded and ("kv_store",) in loaded
 
 
 @pytest.mark.parametrize(("sliding_window", "softcap", "has_sinks"), LAYER_MASKS, ids=str)
@@ -325,7 +329,7 @@ def test_every_kernel_load_kernels_asks_for_is_registered(
     mask needs, for the head sizes and dtypes the backend declares (sm_90a forced; the
     kernels' configs are collected, not compiled)."""
     pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
-    from cutedsl_kernels.config import FmhaFwdConfig
+    from cutedsl_kernels.config import CombineConfig, FmhaFwdConfig
 
     monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
     configs: list[object] = []
@@ -339,7 +343,10 @@ def test_every_kernel_load_kernels_asks_for_is_registered(
             )  # fmt: skip
     fwd = [c for c in configs if isinstance(c, FmhaFwdConfig)]
     assert fwd and all(c.mask.window == bool(sliding_window) for c in fwd)
-    assert all(c.mask.softcap == bool(softcap) and c.mask.sinks == has_sinks for c in fwd)
+    assert all(c.mask.softcap == bool(softcap) for c in fwd)
+    assert all(c.mask.sinks == (has_sinks and not c.split_kv) for c in fwd)  # split: combine
+    combines = [c for c in configs if isinstance(c, CombineConfig)]
+    assert combines and all(c.sinks == has_sinks for c in combines)
 
 
 @pytest.mark.slow
@@ -408,8 +415,8 @@ def test_load_kernels_compiles_the_kernels_of_a_masked_layer(
     vllm_kernels.load_kernels(device, 128, torch.bfloat16, 16, **mask)
     fwd = [c for c in loaded if isinstance(c, FmhaFwdConfig)]
     assert fwd and len(set(loaded)) == len(loaded)
-    assert all(c.mask.sinks == has_sinks and not (has_sinks and c.split_kv) for c in fwd)
-    assert all(not (c.single_query and sliding_window) for c in fwd)
+    assert all(c.mask.sinks == (has_sinks and not c.split_kv) for c in fwd)  # split: combine
+    assert any(c.single_query for c in fwd)  # decode, windowed or not
     count = len(loaded)
     vllm_kernels.load_kernels(device, 128, torch.bfloat16, 16, **mask)
     assert len(loaded) == count

@@ -345,12 +345,11 @@ def load_kvcache_kernels(
     mask of the calls to come (`make_mask` of their causal, window_size, softcap and sinks;
     default: causal):
 
-    - packed queries with the mask;
-    - unless the mask has a window (a windowed decode runs as packed queries): decode, one
-      query per sequence (the mask without causal: a single query sees every key), and
-      decode of a batch that fills the GPU;
-    - packed and decode kernels with and without split-KV unless the mask has sinks
-      (never split), and then the combine;
+    - packed queries with the mask, and decode (one query per sequence: the `single_query`
+      kernels, the mask without causal, since a single query sees every key), each with
+      and without split-KV (split kernels leave sinks to the combine);
+    - decode of a batch that fills the GPU (never split);
+    - the combine (adding sinks when the mask has them);
     - (paged) the cache update `store_paged_kv`.
 
     Serving engines call this before their first request or CUDA-graph capture, once per
@@ -360,22 +359,20 @@ def load_kvcache_kernels(
         UnsupportedError: no registered kernel serves one of them.
     """
     kv_layout = "paged" if page_size else "cache"
-    splits = (False,) if mask.sinks else (False, True)
     decode_mask = dataclasses.replace(mask, causal=False)  # a single query sees every key
-    routes = [(False, mask, Workload.DEFAULT)]  # (single_query, kernel mask, workload)
-    if not mask.window:  # a windowed decode takes the packed route above
-        routes.append((True, decode_mask, Workload.DECODE))
-    for single_query, kernel_mask, workload in routes:
-        for split in splits:
+    for single_query, kernel_mask, workload in (
+        (False, mask, Workload.DEFAULT),
+        (True, decode_mask, Workload.DECODE),
+    ):
+        for split in (False, True):
             layout = Layout(True, kv_layout, page_size, split, single_query)
-            launcher.forward_kernel(device, head_dim, dtype, kernel_mask.spec, layout, workload)
-    if not mask.window:
-        fills_gpu = Layout(True, kv_layout, page_size, single_query=True)
-        launcher.forward_kernel(
-            device, head_dim, dtype, decode_mask.spec, fills_gpu, Workload.DECODE_FILLS_GPU
-        )
-    if len(splits) > 1:
-        launcher.combine_kernel(device, head_dim, dtype)
+            spec = dataclasses.replace(kernel_mask.spec, sinks=kernel_mask.sinks and not split)
+            launcher.forward_kernel(device, head_dim, dtype, spec, layout, workload)
+    fills_gpu = Layout(True, kv_layout, page_size, single_query=True)
+    launcher.forward_kernel(
+        device, head_dim, dtype, decode_mask.spec, fills_gpu, Workload.DECODE_FILLS_GPU
+    )
+    launcher.combine_kernel(device, head_dim, dtype, mask.sinks)
     if page_size:
         launcher.kv_store_kernel(device, head_dim, dtype)
 

@@ -320,7 +320,7 @@ def test_store_kv_with_only_padding_writes_nothing() -> None:
 
 GRAPH_MASKS = [
     pytest.param(None, None, False, id="plain"),
-    pytest.param(64, None, True, id="window64-sinks"),  # decode on the packed route
+    pytest.param(64, None, True, id="window64-sinks"),  # single-query window decode
     pytest.param(None, 2.0, True, id="softcap2-sinks"),  # decode tiles, sinks per group row
     pytest.param(64, 2.0, False, id="window64-softcap2"),
 ]
