@@ -35,10 +35,16 @@ if TYPE_CHECKING:
     from sparsek import cache
 
 DEFAULT_ARCH = "sm_90a"
-# The kernels' element types and the paths of `sparsek.precompile.PATHS` (kept here so that
-# building the parser imports nothing; tests/test_cli.py checks they agree).
+# The kernels' element types, the paths of `sparsek.precompile.PATHS` and the mask names
+# (kept here so that building the parser imports nothing; tests/test_cli.py checks they agree).
 DTYPES = ("float16", "bfloat16")
 PATHS = ("dense", "varlen", "kvcache", "paged")
+# The masks the kernels serve beyond the precompiled ones (`sparsek.registry.SERVED_MASKS`).
+MASK_NAMES = (
+    "full", "sinks", "softcap", "softcap+sinks",
+    "causal", "causal+sinks", "causal+softcap", "causal+softcap+sinks",
+    "window", "window+sinks", "window+softcap", "window+softcap+sinks",
+)  # fmt: skip
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
@@ -99,6 +105,15 @@ def _parser() -> argparse.ArgumentParser:
         "(attention_varlen), kvcache and paged (attention_with_kvcache: contiguous, paged)",
     )
     p_compile.add_argument(
+        "--mask",
+        nargs="+",
+        action="extend",
+        choices=MASK_NAMES,
+        metavar="M",
+        help="the kernels of these masks instead of the registered ones (window, softcap "
+        "and sinks compile at first use otherwise): " + ", ".join(MASK_NAMES),
+    )
+    p_compile.add_argument(
         "-j",
         "--jobs",
         type=int,
@@ -155,7 +170,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         print(f"no kernels registered for {arch} (registered: {', '.join(known)})")
         return 1
     configs = precompile.select_kernels(
-        arch, head_dims=args.head_dim, dtypes=args.dtype, paths=args.path
+        arch, head_dims=args.head_dim, dtypes=args.dtype, paths=args.path, masks=args.mask
     )
     if not configs:
         dims = ", ".join(str(d) for d in registry.registered_head_dims(arch))

@@ -1,7 +1,8 @@
 """Compile registered kernels into the disk cache ahead of use (no GPU needed).
 
 `sparsek compile` runs this (every registered kernel of an architecture, or those a filter
-selects: head dim, dtype, path), and so does the CPU demo (the few kernels it shows); a
+selects: head dim, dtype, path; or the kernels of masks compiled at first use otherwise:
+`--mask window+sinks`), and so does the CPU demo (the few kernels it shows); a
 container build can fill the cache on a machine without a GPU.
 
 - `--jobs N` compiles in N processes ("spawn": each imports the DSL afresh, never a fork
@@ -74,17 +75,30 @@ def select_kernels(
     head_dims: Iterable[int] | None = None,
     dtypes: Iterable[str] | None = None,
     paths: Iterable[str] | None = None,
+    masks: Iterable[str] | None = None,
 ) -> list[KernelConfig]:
-    """The registered kernels of `arch` (`registry.registered_kernels`) that match every
-    filter given (None: no filter); registry order."""
+    """The registered kernels of `arch` (`registry.registered_kernels`), or with `masks`
+    (names of `registry.SERVED_MASKS`, e.g. "window+sinks") the kernels those masks launch
+    (`registry.mask_kernels`), that match every other filter given (None: no filter);
+    registry order."""
     from sparsek import registry  # imports torch
 
     dims = None if head_dims is None else set(head_dims)
     types = None if dtypes is None else set(dtypes)
     wanted = None if paths is None else set(paths)
+    if masks is None:
+        candidates = registry.registered_kernels(arch)
+    else:
+        candidates = list(
+            dict.fromkeys(
+                config
+                for name in masks
+                for config in registry.mask_kernels(arch, registry.MASK_BY_NAME[name])
+            )
+        )
     return [
         config
-        for config in registry.registered_kernels(arch)
+        for config in candidates
         if (dims is None or config.head_dim in dims)
         and (types is None or kernel_dtype(config) in types)
         and (wanted is None or not wanted.isdisjoint(kernel_paths(config)))

@@ -18,6 +18,7 @@ Architecture detection maps the CUDA compute capability to the DSL's target name
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import asdict
@@ -40,7 +41,7 @@ from cutedsl_kernels.config import (
 )
 from sparsek import memo, tuning
 from sparsek.errors import UnsupportedError
-from sparsek.tuning import DECODE_WORKLOADS, Workload
+from sparsek.tuning import DECODE_WORKLOADS, DENSE_WORKLOADS, Workload
 
 ARCH_ENV = "SPARSEK_ARCH"
 
@@ -148,6 +149,41 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
     combine = [CombineConfig(arch, head_dim, dtype) for head_dim, dtype in dims]
     store = [KVStoreConfig(arch, head_dim, dtype) for head_dim, dtype in dims]
     return [*dense, *others, *combine, *store]
+
+
+def mask_kernels(arch: str, mask: MaskSpec) -> list[KernelConfig]:
+    """Every kernel the entry points may launch with `mask` (one of `SERVED_MASKS`) on
+    `arch`, for each registered head dim and dtype: the dense kernels of every workload, the
+    `PRECOMPILED` layouts (split kernels without sinks, which the combine adds; decode
+    without causal, since a single query sees every key, and with single-query rows when
+    the mask has a window), and the combine. `registered_kernels` compiles the plain and
+    causal masks' share of these ahead; the others compile at first use, or ahead through
+    `sparsek compile --mask`.
+    """
+    if mask not in SERVED_MASKS:
+        return []
+    decode_mask = dataclasses.replace(mask, causal=False)
+    wanted: list[tuple[MaskSpec, Layout, Workload]] = [
+        (mask, DENSE, workload) for workload in DENSE_WORKLOADS
+    ]
+    for layout, workload in PRECOMPILED:
+        kernel_mask = mask
+        if workload in DECODE_WORKLOADS:
+            kernel_mask = decode_mask
+            if mask.window:
+                layout = dataclasses.replace(layout, single_query=True)
+        if layout.split_kv:
+            kernel_mask = dataclasses.replace(kernel_mask, sinks=False)
+        wanted.append((kernel_mask, layout, workload))
+    found: list[KernelConfig] = []
+    for head_dim in registered_head_dims(arch):
+        for dtype in DTYPES:
+            for kernel_mask, layout, workload in wanted:
+                config = find(arch, head_dim, dtype, kernel_mask, layout, workload)
+                if isinstance(config, FmhaFwdConfig):
+                    found.append(config)
+            found.append(CombineConfig(arch, head_dim, dtype, mask.sinks))
+    return list(dict.fromkeys(found))
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:

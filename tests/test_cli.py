@@ -103,6 +103,7 @@ def test_no_command_prints_help() -> None:
 def test_parser_choices_match_the_library() -> None:
     assert cli.DTYPES == SUPPORTED_DTYPES
     assert tuple(precompile.PATHS) == cli.PATHS
+    assert tuple(registry.MASK_BY_NAME) == cli.MASK_NAMES
 
 
 def test_import_is_lazy_and_binds_each_entry_point_once() -> None:
@@ -199,6 +200,34 @@ def test_compile_filters_select_exactly_their_kernels(
     assert f"{len(expected)}/{len(expected)} kernels ready" in capsys.readouterr().out
     compiled = [line.split()[1] for line in fake_cache.log.read_text().splitlines()]
     assert compiled == [c.name for c in expected]
+
+
+def test_compile_mask_selects_the_kernels_of_that_mask(fake_cache: FakeCompiler, capsys) -> None:
+    """`--mask window+sinks --head-dim 64 --dtype float16 --path paged`: the paged kernels
+    that mask launches (`registry.mask_kernels`), none of the registered ones."""
+    window_sinks = registry.MASK_BY_NAME["window+sinks"]
+    expected = [
+        c
+        for c in registry.mask_kernels("sm_90a", window_sinks)
+        if c.head_dim == 64 and precompile.kernel_dtype(c) == "float16"
+        and "paged" in precompile.kernel_paths(c)
+    ]  # fmt: skip
+    argv = ["--mask", "window+sinks", "--head-dim", "64", "--dtype", "float16", "--path", "paged"]
+    assert cli.main(["compile", "--arch", "sm_90a", *argv]) == 0
+    assert f"{len(expected)}/{len(expected)} kernels ready" in capsys.readouterr().out
+    compiled = [line.split()[1] for line in fake_cache.log.read_text().splitlines()]
+    assert compiled == [c.name for c in expected] and expected
+    assert not set(compiled) & {c.name for c in registry.registered_kernels("sm_90a")}
+    forward = [c for c in expected if isinstance(c, FmhaFwdConfig)]
+    assert all(c.mask.window for c in forward)  # decode drops causal, never the window
+    assert {c.mask.sinks for c in forward} == {True, False}  # split kernels leave sinks out
+    assert any(c.single_query and not c.varlen_q for c in forward)  # windowed batched decode
+
+
+def test_compile_rejects_an_unknown_mask(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["compile", "--mask", "banded"])
+    assert "invalid choice: 'banded'" in capsys.readouterr().err
 
 
 def test_kernel_paths_cover_every_kernel_and_the_helpers_of_cache_paths() -> None:

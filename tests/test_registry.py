@@ -371,3 +371,21 @@ def test_clear_all_empties_registered_memos(monkeypatch: pytest.MonkeyPatch) -> 
     memo.remember(mine, "answer", 42)
     memo.clear_all()
     assert registry.find.cache_info().currsize == 0 and mine == {}
+
+
+def test_mask_kernels_of_the_precompiled_masks_are_the_registered_kernels() -> None:
+    """`mask_kernels` of no mask and of causal are exactly what `registered_kernels`
+    precompiles (the KV-cache store aside): the two share one account of what the entry
+    points launch."""
+    registered = set(registry.registered_kernels("sm_90a"))
+    plain = {c for mask in (NO_MASK, CAUSAL) for c in registry.mask_kernels("sm_90a", mask)}
+    assert {c for c in registered if not c.name.startswith("kv_store")} == plain
+
+
+def test_mask_kernels_of_every_served_mask_are_implementable() -> None:
+    for mask in registry.SERVED_MASKS:
+        kernels = registry.mask_kernels("sm_90a", mask)
+        forward = [c for c in kernels if isinstance(c, FmhaFwdConfig)]
+        assert forward and all(c.mask.window == mask.window for c in forward)
+        assert all(c.mask.softcap == mask.softcap for c in forward)
+    assert registry.mask_kernels("sm_90a", MaskSpec(causal=True, window=True)) == []
