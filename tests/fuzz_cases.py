@@ -3,17 +3,32 @@ device: the GPU fuzz (`tests/gpu/test_fuzz_gpu.py`) runs them on CUDA, where the
 serve them; the CPU tests run them on CPU (sparsek's reference path, to test this harness)
 and build them on the meta device (to check every config against the API's validation).
 
-Compared against: float64 attention per sequence (`tests/attention_oracle.py`) on the dense
-per-sequence tensors each layout is built from (cut from the packed tensors before any
-padding, or generated before they are written into the cache), so the expected values never
-read a layout, a block table, padding or unused slots; tolerance relative to PyTorch SDPA's
-own error in the same dtype, per sequence. Rows of a packed q past the last sequence must be
-0 with lse -inf.
+Compared against: float64 attention per sequence on the dense per-sequence tensors each
+layout is built from (cut from the packed tensors before any padding, or generated before
+they are written into the cache), so the expected values never read a layout, a block
+table, padding or unused slots; tolerance relative to a same-dtype peer's own error, per
+sequence:
 
-Every tensor is built from `config.seed`: values from a `torch.Generator` on the device,
-the block permutation from `random.Random`. Storage that a view does not cover (padded heads
-or head channels, the element before a misaligned base) is NaN: a kernel that reads it
-writes NaN, which the check reports.
+    max|out - ref| <= 2 * max|peer - ref| + atol   (atol 1e-3 fp16, 2e-3 bf16)
+
+- no mask or causal: the oracle is `tests/attention_oracle.reference_f64` and the peer
+  PyTorch SDPA in the inputs' dtype;
+- a window, softcap or sinks (no PyTorch kernel has them): the oracle is
+  `masked_attention` in float64, written here from the masks' documented semantics
+  (`docs/guide/masks.md`; independent of `sparsek.masks`), and the peer the same
+  computation in float32 rounded where the kernels round: the softcap's tanh to 11
+  significant bits (the kernels' hardware tanh.approx has a relative error of 2^-11),
+  the probabilities to the inputs' dtype before P.V, the output to that dtype.
+
+LSE: -inf exactly where the oracle's is (rows that see no key, with or without a sink),
+elsewhere within atol 2e-3, rtol 1e-3 of it (sinks included, as `sparsek.masks` defines
+the LSE); rows that see no key exactly 0. Rows of a packed q past the last sequence must
+be 0 with lse -inf.
+
+Every tensor is built from `config.seed`: values from a `torch.Generator` on the device
+(q, k, v, then the sink logits), the block permutation from `random.Random`. Storage that
+a view does not cover (padded heads or head channels, the element before a misaligned
+base) is NaN: a kernel that reads it writes NaN, which the check reports.
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 from attention_oracle import reference_f64, sdpa_in_dtype, sequence_problems
-from fuzz_configs import FuzzConfig
+from fuzz_configs import NO_WINDOW, FuzzConfig, is_plain
 from torch import Tensor
 
 import sparsek
@@ -56,6 +71,7 @@ class Case:
     parts: list[slice]  # each sequence's rows
     padding: slice | None  # rows of no sequence (a packed q past cu_seqlens_q[-1])
     metadata: dict[str, list[int] | list[list[int]] | None]  # the int32 arguments, as lists
+    sinks: Tensor | None = None  # (H,) float32 sink logits the call passes
 
     def call(self) -> tuple[Tensor, Tensor | None]:
         """Run the entry point: (out (rows, H, D), lse (H, rows) or None)."""
@@ -110,6 +126,11 @@ class Source:
         """What no sequence owns: NaN, or random values (`scale` times larger)."""
         return self.nan(*shape) if nan else self.randn(*shape, scale=scale)
 
+    def sinks(self, heads: int, loc: float, spread: float) -> Tensor:
+        """(heads,) float32 sink logits: loc + spread * N(0, 1)."""
+        t = torch.randn(heads, dtype=torch.float32, device=self.device, generator=self.gen)
+        return t * spread + loc
+
 
 def place(x: Tensor, views: str) -> Tensor:
     """`x`'s values in another memory layout (a view); storage outside the view is NaN.
@@ -142,7 +163,25 @@ def build_case(config: FuzzConfig, device: torch.device | str) -> Case:
     """The inputs and call of `config` on `device` (see the module docstring)."""
     device = torch.device(device)
     build = {"dense": dense_case, "varlen": varlen_case, "kvcache": kvcache_case}[config.path]
-    return build(config, Source(config, device))
+    src = Source(config, device)
+    case = build(config, src)
+    if config.sinks is not None:
+        case.sinks = src.sinks(config.heads[0], *config.sinks)
+    case.kwargs.update(mask_kwargs(config, case.sinks))
+    return case
+
+
+def mask_kwargs(config: FuzzConfig, sinks: Tensor | None) -> dict[str, object]:
+    """The mask arguments of the call beyond `causal` (those left at their defaults are not
+    passed, as most callers leave them out)."""
+    kwargs: dict[str, object] = {}
+    if config.window != NO_WINDOW:
+        kwargs["window_size"] = config.window
+    if config.softcap:
+        kwargs["softcap"] = config.softcap
+    if sinks is not None:
+        kwargs["sinks"] = sinks
+    return kwargs
 
 
 def dense_case(config: FuzzConfig, src: Source) -> Case:
@@ -297,14 +336,12 @@ def check(case: Case, out: Tensor, lse: Tensor | None) -> list[str]:
     if lse is not None and tuple(lse.shape) != (h, case.rows):
         return [f"lse shape {tuple(lse.shape)} (token-major), expected {(h, case.rows)}"]
     scale = config.scale if config.scale is not None else 1.0 / math.sqrt(d)
-    top_left = config.variant == "dense_sdpa"
     problems = []
     for i, part in enumerate(case.parts):
         qb, kb, vb = case.q_seqs[i], case.k_seqs[i], case.v_seqs[i]
-        ref, ref_lse = reference_f64(qb, kb, vb, config.causal, scale, top_left=top_left)
-        sdpa = sdpa_in_dtype(qb, kb, vb, config.causal, scale, top_left=top_left)
+        ref, ref_lse, peer = expected(config, case.sinks, scale, qb, kb, vb)
         part_lse = None if lse is None else lse[:, part]
-        for problem in sequence_problems(out[part], ref, sdpa, part_lse, ref_lse):
+        for problem in sequence_problems(out[part], ref, peer, part_lse, ref_lse):
             problems.append(f"sequence {i} (q_len={qb.shape[0]}, k_len={kb.shape[0]}): {problem}")
     if case.padding is not None:
         pad = case.padding
@@ -315,6 +352,79 @@ def check(case: Case, out: Tensor, lse: Tensor | None) -> list[str]:
                 f"lse of rows {pad.start}..{pad.stop - 1} past the last sequence not -inf"
             )
     return problems
+
+
+def expected(
+    config: FuzzConfig, sinks: Tensor | None, scale: float, q: Tensor, k: Tensor, v: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(float64 out, float64 lse, same-dtype peer's out) of one sequence (see the module
+    docstring)."""
+    if is_plain(config.mask):
+        causal, top_left = config.spec.causal, config.top_left
+        ref, ref_lse = reference_f64(q, k, v, causal, scale, top_left=top_left)
+        return ref, ref_lse, sdpa_in_dtype(q, k, v, causal, scale, top_left=top_left)
+    mask = (config.band, config.softcap, sinks)
+    ref, ref_lse = masked_attention(q, k, v, scale, *mask)
+    peer, _ = masked_attention(q, k, v, scale, *mask, peer=True)
+    return ref, ref_lse, peer
+
+
+def masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    band: tuple[int, int],
+    softcap: float,
+    sinks: Tensor | None,
+    *,
+    peer: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One sequence with a sliding window, softcap and sinks: out (sq, H, Dv), lse (H, sq).
+
+    q: (sq, H, D); k: (sk, Hkv, D); v: (sk, Hkv, Dv); query head h uses KV head
+    h // (H / Hkv). Query i sees key j iff i + off - left <= j <= i + off + right with
+    off = sk - sq (bottom-right), `band` = (left, right), -1 unbounded on that side.
+    Scores s = scale * q.k become softcap * tanh(s / softcap) when softcap > 0; sinks
+    (H,) join the denominator of the rows of their head that see a key: lse =
+    log(exp(sink) + sum_j exp(s_j)), out = sum_j exp(s_j - lse) v_j. A row that sees no
+    key: out 0, lse -inf.
+
+    Float64 (the oracle), or with `peer` the kernels' roundings: float32 scores, tanh to
+    11 significant bits, probabilities to q's dtype, the output in q's dtype.
+    """
+    sq, h, d = q.shape
+    sk, hkv, dv = v.shape
+    group = h // hkv
+    compute = torch.float32 if peer else torch.float64
+    qf = q.to(compute).reshape(sq, hkv, group, d)
+    scores = torch.einsum("qhgd,khd->hgqk", qf, k.to(compute)) * scale
+    if softcap > 0:
+        capped = torch.tanh(scores / softcap)
+        if peer:
+            capped = capped.to(torch.float16).to(compute)
+        scores = softcap * capped
+    left, right = band
+    diagonal = torch.arange(sq, device=q.device).view(sq, 1) + (sk - sq)
+    keys = torch.arange(sk, device=q.device).view(1, sk)
+    shown = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if right >= 0:
+        shown &= keys <= diagonal + right
+    if left >= 0:
+        shown &= keys >= diagonal - left
+    scores = scores.masked_fill(~shown, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)  # (Hkv, group, sq); -inf: the row sees no key
+    sees = ~torch.isneginf(lse)
+    if sinks is not None:
+        sink = sinks.to(compute).view(hkv, group, 1).expand_as(lse)
+        lse = torch.where(sees, torch.logaddexp(lse, sink), lse)
+    probs = torch.exp(scores - torch.where(sees, lse, 0.0).unsqueeze(-1))
+    if peer:
+        probs = probs.to(q.dtype).to(compute)
+    out = torch.einsum("hgqk,khd->qhgd", probs, v.to(compute)).reshape(sq, h, dv)
+    if peer:
+        out = out.to(q.dtype)
+    return out, lse.reshape(h, sq)
 
 
 def run_config(config: FuzzConfig, device: torch.device | str) -> list[str]:

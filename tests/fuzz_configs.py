@@ -4,22 +4,40 @@ what the registry serves, and the kernel pool they run on.
 A `FuzzConfig` is plain data (no tensors): one call of a public entry point (the path:
 "dense" `sparsek.attention` / the SDPA drop-in, "varlen" `sparsek.attention_varlen`,
 "kvcache" `sparsek.attention_with_kvcache` over a contiguous or paged cache) with its
-dtype, head dim, mask, head counts, per-sequence lengths, memory layout of the inputs and
-the path's own knobs. Its repr is complete: `tests/fuzz_cases.run_config(config, device)`
-reproduces it, and so does `SPARSEK_FUZZ_ONLY=<index>` with the same seed and count.
+dtype, head dim, mask and the mask's call arguments (`causal`, `window_size`, `softcap`,
+the sinks' distribution), head counts, per-sequence lengths, memory layout of the inputs
+and the path's own knobs. Its repr is complete: `tests/fuzz_cases.run_config(config,
+device)` reproduces it, and so does `SPARSEK_FUZZ_ONLY=<index>` with the same seed and
+count.
 
 What is drawn from the registry at run time, never listed here: the dtypes
-(`registry.DTYPES`), head dims (`registry.registered_head_dims(arch)`), masks
-(`registry.MASKS`, each as the public API's `causal` flag) and paged block sizes (those of
-`registry.PRECOMPILED`, so every kernel a config needs is in the precompiled pool,
-`registry.registered_kernels(arch)`). A new head dim or dtype joins the fuzz by being
-registered; a new mask makes `registry_axes` raise until the fuzz can express it.
+(`registry.DTYPES`), head dims (`registry.registered_head_dims(arch)`), masks (every one of
+`registry.SERVED_MASKS`; the SDPA drop-in only those its `is_causal` expresses) and paged
+block sizes (those of `registry.PRECOMPILED`). A new head dim or dtype joins the fuzz by
+being registered; a served mask that the public API's four mask arguments cannot express
+makes `registry_axes` raise until the fuzz learns it.
 
-`generate(seed, count, axes)`: first one config per (variant x cache kind x dtype x head
-dim x mask), shuffled (the coverage block, `coverage_plan`), then random draws, all from one
-`random.Random(seed)`: the same seed and count give the same list on every machine. Shapes
-are small (sequences up to ~1-2k, one long-query shape of ~4k) and the float64 reference's
-work is capped (`MAX_SEQ_WORK`, `MAX_WORK`).
+Masks: each config names the kernels' `MaskSpec` (`mask`, e.g. "window+sinks") and the
+arguments of the call that asks for it, drawn to reach the edges (`draw_mask_args`):
+windows of 0, 1, a few keys, about a tile (63..257), within or past the sequence, causal
+(right folded to 0, sometimes given anyway), left-only, right-only or two-sided; the
+causal mask sometimes as `window_size=(-1, 0)` or with a window whose right side causal
+folds away; softcaps from strong (1-5) to mild (30-50); sink logits `loc + spread * N(0,
+1)` per head, from near zero to large enough to dominate a row's keys.
+
+`generate(seed, count, axes)`: first the coverage block (`coverage_plan`): every (variant x
+cache kind x dtype x head dim) with no mask and with causal, and every other served mask
+on every variant and cache kind (with every dtype and head dim on each path), shuffled;
+then random draws, half of them with a mask beyond causal (55% of the default run's
+configs have a window, softcap or sinks); all from one `random.Random(seed)`: the same
+seed and count give the same list on every machine. Shapes are small (sequences up to
+~1-2k, one long-query shape of ~4k) and the float64 reference's work is capped
+(`MAX_SEQ_WORK`, `MAX_WORK`).
+
+The kernel pool (`kernel_pool`) is what the configs can launch: of each drawn mask's
+kernels (`registry.mask_kernels(arch, mask)`), those of the configs' paths, head dims,
+dtypes, cache kinds and query shapes, on any SM count (which picks workloads and split
+factors), compiled before the first config runs so that none compiles inside the run.
 """
 
 from __future__ import annotations
@@ -32,8 +50,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from cutedsl_kernels.config import DENSE, PACKED, KernelConfig, Layout
+from cutedsl_kernels.config import (
+    DENSE,
+    PACKED,
+    CombineConfig,
+    FmhaFwdConfig,
+    KernelConfig,
+    Layout,
+    MaskSpec,
+)
 from sparsek import cache, registry
+from sparsek.masks import make_mask
+from sparsek.tuning import DENSE_WORKLOADS, Workload
 
 SEED_ENV = "SPARSEK_FUZZ_SEED"
 COUNT_ENV = "SPARSEK_FUZZ_CONFIGS"
@@ -82,6 +110,16 @@ PAD_ROWS = (1, 2, 3, 7, 8, 64, 127, 128, 200)
 MAX_SEQ_WORK = 1 << 27
 MAX_WORK = 1 << 28
 
+# Masks. The public API's default window (none), and window sizes around the kernels'
+# tiles (64-row query tiles, 128-key tiles, 192-row d64 tiles).
+NO_WINDOW = (-1, -1)
+TILE_WINDOWS = (63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257)
+# How a window is given: causal=True with a left size (right folded to 0), left-only,
+# right-only (right >= 1: (-1, 0) is the causal mask) or two-sided; relative weights.
+WINDOW_SHAPES = {"causal": 35, "left": 15, "right": 15, "two_sided": 35}
+# Random draws after the coverage block: the chance of a mask beyond none/causal.
+MASKED_SHARE = 0.5
+
 
 @dataclass(frozen=True)
 class Axes:
@@ -90,7 +128,7 @@ class Axes:
     arch: str
     dtypes: tuple[str, ...]
     head_dims: tuple[int, ...]
-    masks: tuple[str, ...]  # `MaskSpec.name` of each registered mask
+    masks: tuple[str, ...]  # `MaskSpec.name` of each served mask (`registry.SERVED_MASKS`)
     page_sizes: tuple[int, ...]  # paged block sizes with precompiled kernels
 
     @property
@@ -98,37 +136,78 @@ class Axes:
         """The cache kinds a kvcache config may draw: contiguous, then paged<size>."""
         return ("contiguous", *(f"paged{p}" for p in self.page_sizes))
 
+    @property
+    def plain_masks(self) -> tuple[str, ...]:
+        """The served masks without window, softcap or sinks (none, causal)."""
+        return tuple(m for m in self.masks if is_plain(m))
+
+    @property
+    def feature_masks(self) -> tuple[str, ...]:
+        """The served masks with a window, softcap or sinks."""
+        return tuple(m for m in self.masks if not is_plain(m))
+
+    def variant_masks(self, variant: str) -> tuple[str, ...]:
+        """The masks a variant can ask for: the SDPA drop-in only those of `is_causal`."""
+        return self.plain_masks if variant == "dense_sdpa" else self.masks
+
+
+def spec_of(mask: str) -> MaskSpec:
+    """The served `MaskSpec` of a mask name."""
+    spec = registry.MASK_BY_NAME.get(mask)
+    if spec is None:
+        raise ValueError(f"mask={mask} is not served ({sorted(registry.MASK_BY_NAME)})")
+    return spec
+
+
+def is_plain(mask: str) -> bool:
+    """No window, softcap or sinks: the mask SDPA has too (none or causal)."""
+    spec = spec_of(mask)
+    return not (spec.window or spec.softcap or spec.sinks)
+
+
+MaskArgs = tuple[bool, tuple[int, int], float, tuple[float, float] | None]
+
+
+def simplest_args(spec: MaskSpec) -> MaskArgs:
+    """The simplest (causal, window, softcap, sinks) of a call that asks for `spec` (as
+    `FuzzConfig` holds them)."""
+    return (
+        spec.causal,
+        (16, 16) if spec.window else NO_WINDOW,
+        10.0 if spec.softcap else 0.0,
+        (0.0, 1.0) if spec.sinks else None,
+    )
+
+
+def spec_of_args(causal: bool, window: tuple[int, int], softcap: float, sinks: object) -> MaskSpec:
+    """The kernels' `MaskSpec` of a call's mask arguments (as the entry points make it)."""
+    return make_mask(causal, window, softcap, sinks is not None).spec
+
 
 def registry_axes(arch: str) -> Axes:
-    """The registry's dtypes, head dims, masks and precompiled page sizes for `arch`.
+    """The registry's dtypes, head dims, served masks and precompiled page sizes for `arch`.
 
     Raises:
-        NotImplementedError: a registered mask is not one the public API expresses with
-            its `causal` flag: the fuzz (calls and oracle) has to learn it first.
+        NotImplementedError: a served mask is not one the public API's mask arguments
+            (causal, window_size, softcap, sinks) ask for: the fuzz (calls and oracle)
+            has to learn it first.
     """
-    for mask in registry.MASKS:
-        if mask != registry.mask_of(mask.causal):
+    for mask in (*registry.MASKS, *registry.SERVED_MASKS):
+        if mask not in registry.SERVED_MASKS or spec_of_args(*simplest_args(mask)) != mask:
             raise NotImplementedError(
-                f"registry.MASKS has mask={mask.name}, which the fuzz cannot express (it "
-                "calls the public API, which takes `causal` only): teach tests/fuzz_cases.py "
-                "(the call and the oracle) the new mask"
+                f"the registry serves mask={mask.name}, which the fuzz cannot express (it "
+                "calls the public API with causal, window_size, softcap and sinks): teach "
+                "tests/fuzz_configs.py (the draws) and tests/fuzz_cases.py (the call and "
+                "the oracle) the new mask"
             )
     page_sizes = {layout.page_size for layout, _ in registry.PRECOMPILED if layout.page_size}
     return Axes(
         arch=arch,
         dtypes=tuple(registry.DTYPES),
         head_dims=tuple(registry.registered_head_dims(arch)),
-        masks=tuple(mask.name for mask in registry.MASKS),
+        masks=tuple(mask.name for mask in registry.SERVED_MASKS),
         page_sizes=tuple(sorted(page_sizes)),
     )
-
-
-def is_causal(mask: str) -> bool:
-    """The public API's `causal` flag of a registered mask name."""
-    for spec in registry.MASKS:
-        if spec.name == mask:
-            return spec.causal
-    raise ValueError(f"mask={mask} is not registered ({[m.name for m in registry.MASKS]})")
 
 
 @dataclass(frozen=True)
@@ -140,6 +219,12 @@ class FuzzConfig:
     rows past the last sequence (NaN when `nan_padding`, else random); caches have unused
     slots, spare blocks and block-table columns (NaN when `nan_padding`, else large random
     keys that would dominate a row that read them).
+
+    Mask: `mask` names the kernels' `MaskSpec`; `causal`, `window`, `softcap` are the
+    call's arguments that ask for it (`is_causal` for the SDPA drop-in), `sinks` the
+    (loc, spread) of its sink logits, loc + spread * N(0, 1) per head, drawn from the
+    config's generator after q, k and v (None: no sinks). A config whose arguments ask for
+    another mask than `mask` is refused (ValueError).
     """
 
     index: int
@@ -162,14 +247,41 @@ class FuzzConfig:
     spare_blocks: int = 0  # paged: blocks no sequence uses
     packed_q: bool = False  # kvcache: q (total_q, H, D) with cu_seqlens_q
     num_splits: int = 0
+    causal: bool = False
+    window: tuple[int, int] = NO_WINDOW  # window_size (left, right); -1: unbounded
+    softcap: float = 0.0
+    sinks: tuple[float, float] | None = None  # (loc, spread) of the sink logits
+
+    def __post_init__(self) -> None:
+        asked = spec_of_args(self.causal, self.window, self.softcap, self.sinks)
+        if asked != spec_of(self.mask):
+            raise ValueError(
+                f"config {self.index}: causal={self.causal}, window={self.window}, "
+                f"softcap={self.softcap}, sinks={self.sinks} ask for mask={asked.name}, "
+                f"not {self.mask}"
+            )
+        if self.variant == "dense_sdpa" and not is_plain(self.mask):
+            raise ValueError(f"config {self.index}: the SDPA drop-in has no mask={self.mask}")
 
     @property
     def path(self) -> str:
         return VARIANTS[self.variant]
 
     @property
-    def causal(self) -> bool:
-        return is_causal(self.mask)
+    def spec(self) -> MaskSpec:
+        """The kernels' mask (what the config's kernels are compiled for)."""
+        return spec_of(self.mask)
+
+    @property
+    def band(self) -> tuple[int, int]:
+        """The visible band (left, right) around each query's diagonal key, -1 unbounded:
+        the window with causal's right side 0 (both -1: every key)."""
+        return self.window[0], 0 if self.causal else self.window[1]
+
+    @property
+    def top_left(self) -> bool:
+        """The mask is aligned top-left (the SDPA drop-in), not bottom-right."""
+        return self.variant == "dense_sdpa"
 
     @property
     def batch(self) -> int:
@@ -227,6 +339,46 @@ class FuzzConfig:
             tags.add("nan_kv_padding")  # known bug (b)
         if self.variant == "kv_packed_decode" and 0 in self.q_lens:
             tags.add("packed_decode_empty_seq")  # known bug (a)
+        return tags | self.mask_features()
+
+    def mask_features(self) -> set[str]:
+        """Tags of the mask arguments (see `draw_mask_args`)."""
+        spec, (left, right) = self.spec, self.window
+        tags = set()
+        if spec.window:
+            if self.causal:
+                shape = "causal"
+            elif left >= 0:
+                shape = "two_sided" if right >= 0 else "left"
+            else:
+                shape = "right"
+            tags.add(f"window:{shape}")
+            span = max((*self.q_lens, *self.k_lens), default=0)
+            for size in (left,) if self.causal else (left, right):
+                if size < 0:
+                    continue
+                if size in (0, 1):
+                    tags.add(f"window:{size}")
+                elif size in TILE_WINDOWS:
+                    tags.add("window:tile")
+                if size >= max(span, 1):
+                    tags.add("window:past_seq")
+            if self.causal and right >= 0:
+                tags.add("window:causal_folds_right")
+            reach = self.band[1]  # query i's band ends at key i + sk - sq + reach
+            lens = zip(self.q_lens, self.k_lens, strict=True)
+            if reach >= 0 and any(sq > sk + reach for sq, sk in lens):
+                tags.add("window:rows_without_keys")
+        elif spec.causal and not self.causal:
+            tags.add("causal_as_window")  # window_size=(-1, 0)
+        elif spec.causal and self.window != NO_WINDOW:
+            tags.add("causal_folds_right")  # causal=True, window_size=(-1, r)
+        if spec.softcap:
+            strength = "strong" if self.softcap <= 5 else "medium" if self.softcap <= 20 else "mild"
+            tags.add(f"softcap:{strength}")
+        if self.sinks is not None:
+            loc, spread = self.sinks
+            tags.add("sinks:dominant" if loc >= 8 else "sinks:spread" if spread >= 8 else "sinks")
         return tags
 
 
@@ -234,21 +386,38 @@ class FuzzConfig:
 
 
 def coverage_plan(axes: Axes) -> list[tuple[str, str, str, int, str]]:
-    """(variant, cache kind, dtype, head dim, mask): every combination once (cache kind ""
-    for the dense and varlen variants)."""
-    return [
+    """(variant, cache kind, dtype, head dim, mask) entries (cache kind "" for the dense and
+    varlen variants): every combination with no mask and with causal; then each other
+    served mask on every variant and cache kind (the SDPA drop-in has none of them), with
+    dtype and head dim in turn so that each mask meets every dtype and head dim on every
+    path (a path with fewer variants than those repeats its variants)."""
+    plan = [
         (variant, cache_kind, dtype, head_dim, mask)
         for variant, path in VARIANTS.items()
         for cache_kind in (axes.caches if path == "kvcache" else ("",))
         for dtype in axes.dtypes
         for head_dim in axes.head_dims
-        for mask in axes.masks
+        for mask in axes.plain_masks
     ]
+    kinds = [(dtype, head_dim) for dtype in axes.dtypes for head_dim in axes.head_dims]
+    for turn, mask in enumerate(axes.feature_masks):
+        for path in PATHS:
+            slots = [
+                (variant, cache_kind)
+                for variant, variant_path in VARIANTS.items()
+                if variant_path == path and mask in axes.variant_masks(variant)
+                for cache_kind in (axes.caches if path == "kvcache" else ("",))
+            ]
+            for i in range(max(len(slots), len(kinds))):
+                dtype, head_dim = kinds[(turn + i) % len(kinds)]
+                plan.append((*slots[i % len(slots)], dtype, head_dim, mask))
+    return plan
 
 
 def generate(seed: int, count: int, axes: Axes) -> list[FuzzConfig]:
     """`count` configs (see the module docstring): the coverage block first (shuffled, so a
-    shorter run is still a random sample of it), then weighted random variants."""
+    shorter run is still a random sample of it), then weighted random variants, a mask
+    beyond none/causal with probability `MASKED_SHARE` where the variant has one."""
     rng = random.Random(seed)
     plan = coverage_plan(axes)
     rng.shuffle(plan)
@@ -259,7 +428,12 @@ def generate(seed: int, count: int, axes: Axes) -> list[FuzzConfig]:
     while len(configs) < count:
         variant = rng.choices(names, weights)[0]
         dtype, head_dim = rng.choice(axes.dtypes), rng.choice(axes.head_dims)
-        mask = rng.choice(axes.masks)
+        masks = axes.variant_masks(variant)
+        featured = [m for m in masks if not is_plain(m)]
+        if featured and rng.random() < MASKED_SHARE:
+            mask = rng.choice(featured)
+        else:
+            mask = rng.choice([m for m in masks if is_plain(m)])
         cache_kind = rng.choice(axes.caches) if VARIANTS[variant] == "kvcache" else ""
         configs.append(draw(rng, axes, len(configs), variant, dtype, head_dim, mask, cache_kind))
     return configs
@@ -275,7 +449,8 @@ def draw(
     mask: str,
     cache_kind: str = "",
 ) -> FuzzConfig:
-    """One config of `variant` with the given identity and random shapes."""
+    """One config of `variant` with the given identity, random shapes and mask arguments."""
+    causal, window, softcap, sinks = simplest_args(spec_of(mask))
     config = FuzzConfig(
         index=index,
         variant=variant,
@@ -287,6 +462,10 @@ def draw(
         k_lens=(),
         seed=rng.randrange(1 << 31),
         scale=rng.choice((0.02, 0.08, 0.3)) if rng.random() < 0.15 else None,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        sinks=sinks,
     )
     path = VARIANTS[variant]
     if path == "dense":
@@ -295,7 +474,7 @@ def draw(
         config = draw_varlen(rng, config)
     else:
         config = draw_kvcache(rng, replace(config, cache=cache_kind))
-    return fit(config)
+    return draw_mask_args(rng, fit(config))
 
 
 def draw_len(rng: random.Random, longest: int, zero: float = 0.0) -> int:
@@ -427,6 +606,82 @@ def fit(config: FuzzConfig) -> FuzzConfig:
     return config
 
 
+# ---------------------------------------------------------------------------- mask arguments
+
+
+def draw_window_size(rng: random.Random, span: int) -> int:
+    """One side of a window: 0, 1, a few keys, about a tile, within the sequence (`span`:
+    its longest length) or at / past its end."""
+    r = rng.random()
+    if r < 0.12:
+        return 0
+    if r < 0.22:
+        return 1
+    if r < 0.40:
+        return rng.randint(2, 16)
+    if r < 0.65:
+        return rng.choice(TILE_WINDOWS)
+    if r < 0.85:
+        return rng.randint(2, max(span, 2))
+    return span + rng.choice((0, 1, 37, 5000))
+
+
+def draw_softcap(rng: random.Random) -> float:
+    """Strong (scores squeezed into a few units), medium or mild (only outliers capped)."""
+    r = rng.random()
+    if r < 0.4:
+        return rng.choice((1.0, 2.0, 3.5, 5.0))
+    if r < 0.6:
+        return rng.choice((10.0, 15.0, 20.0))
+    return rng.choice((30.0, 40.0, 50.0))
+
+
+def draw_sinks(rng: random.Random) -> tuple[float, float]:
+    """(loc, spread) of the sink logits: about a row's own scores, large enough to
+    dominate the row (a row of 1k keys with unit scores has lse ~7.5), spread over both
+    (some heads dominated, others not), or negligible."""
+    r = rng.random()
+    if r < 0.5:
+        return rng.choice((-2.0, -0.5, 0.0, 1.0, 3.0)), rng.choice((0.5, 1.0, 2.0))
+    if r < 0.75:
+        return rng.choice((8.0, 12.0, 20.0)), rng.choice((1.0, 4.0))
+    if r < 0.9:
+        return 0.0, 8.0
+    return -20.0, 1.0
+
+
+def draw_mask_args(rng: random.Random, config: FuzzConfig) -> FuzzConfig:
+    """`config` with the call's mask arguments drawn for its mask (see the module
+    docstring); windows relative to its longest sequence."""
+    spec = config.spec
+    causal, window = spec.causal, NO_WINDOW
+    span = max((*config.q_lens, *config.k_lens), default=0)
+    if spec.window:
+        shape = rng.choices(list(WINDOW_SHAPES), list(WINDOW_SHAPES.values()))[0]
+        left, right = draw_window_size(rng, span), draw_window_size(rng, span)
+        if shape == "causal":  # right: ignored (causal folds it to 0), mostly left out
+            causal, window = True, (left, right if rng.random() < 0.3 else -1)
+        elif shape == "left":
+            window = (left, -1)
+        elif shape == "right":  # right 0 alone would be the causal mask
+            window = (-1, max(right, 1))
+        else:
+            window = (left, right)
+    elif spec.causal and not config.top_left:
+        r = rng.random()
+        if r < 0.1:
+            causal, window = False, (-1, 0)  # the causal mask as a window
+        elif r < 0.2:
+            window = (-1, draw_window_size(rng, span))  # causal folds the right side to 0
+    return replace(
+        config,
+        causal=causal,
+        window=window,
+        softcap=draw_softcap(rng) if spec.softcap else 0.0,
+        sinks=draw_sinks(rng) if spec.sinks else None,
+    )
+
+
 # ---------------------------------------------------------------------------- from the environment
 
 
@@ -450,10 +705,81 @@ def configs_from_env(axes: Axes) -> tuple[int, list[FuzzConfig]]:
 # ---------------------------------------------------------------------------- the kernel pool
 
 
-def kernel_pool(arch: str) -> list[KernelConfig]:
-    """Every kernel the configs can need: the registry's precompiled set for `arch` (page
-    sizes are drawn from it, so no config needs a kernel outside it)."""
-    return registry.registered_kernels(arch)
+Launch = tuple[MaskSpec, Layout, Workload]
+
+
+def kv_launches(
+    config: FuzzConfig, layout: Layout, decode: bool, num_splits: int
+) -> tuple[list[Launch], bool]:
+    """The forward kernels a KV-cache request of `config` over `layout` with `num_splits`
+    may launch (`sparsek.launch.kvcache`) on any GPU, and whether it may launch the
+    combine: decode (one query per sequence) drops causal, takes the `single_query`
+    kernels for a packed q or a window and, unsplit, the two-CTAs-per-SM tiles (when its
+    CTAs fill the SMs); split-KV kernels (a requested or automatic split) leave the sinks
+    to the combine."""
+    spec, workload = config.spec, Workload.DEFAULT
+    if decode:
+        spec, workload = replace(spec, causal=False), Workload.DECODE
+        layout = replace(layout, single_query=layout.varlen_q or spec.window)
+    found = [(spec, layout, workload)]
+    if decode and num_splits <= 1:
+        found.append((spec, layout, Workload.DECODE_FILLS_GPU))
+    if num_splits != 1:
+        found.append((replace(spec, sinks=False), replace(layout, split_kv=True), workload))
+    return found, num_splits != 1
+
+
+def launches(config: FuzzConfig) -> tuple[list[Launch], bool]:
+    """(mask, layout, workload) of each forward kernel a call of `config` may launch on any
+    GPU, and whether it may launch the combine."""
+    spec = config.spec
+    if config.path == "varlen":
+        return [(spec, PACKED, Workload.DEFAULT)], False
+    if config.path == "dense":
+        found: list[Launch] = [(spec, DENSE, workload) for workload in DENSE_WORKLOADS]
+        if config.q_lens[0] == 1 and (is_plain(config.mask) or not config.top_left):
+            # one query per sequence: decode over k and v as a contiguous cache
+            decode, combine = kv_launches(config, Layout(False, "cache", 0), True, 0)
+            return found + decode, combine
+        return found, False
+    kv_layout = "paged" if config.page_size else "cache"
+    layout = Layout(config.packed_q, kv_layout, config.page_size)
+    if config.packed_q:
+        total_q = sum(config.q_lens) + config.pad_q
+        decode = config.max_seqlen_q == 1 and total_q == config.batch
+    else:
+        decode = config.q_lens[0] == 1
+    return kv_launches(config, layout, decode, config.num_splits)
+
+
+def config_kernels(arch: str, config: FuzzConfig) -> set[KernelConfig]:
+    """The kernels a call of `config` may launch on any GPU of `arch`."""
+    found, combine = launches(config)
+    kernels: set[KernelConfig] = set()
+    for mask, layout, workload in found:
+        kernel = registry.find(arch, config.head_dim, config.dtype, mask, layout, workload)
+        if isinstance(kernel, FmhaFwdConfig):
+            kernels.add(kernel)
+    if combine:
+        kernels.add(CombineConfig(arch, config.head_dim, config.dtype, config.spec.sinks))
+    return kernels
+
+
+def kernel_pool(arch: str, configs: Sequence[FuzzConfig]) -> list[KernelConfig]:
+    """Every kernel the configs can launch on any GPU of `arch`: of each served mask's
+    kernels (`registry.mask_kernels`), those of the configs' paths, head dims, dtypes,
+    cache kinds and query shapes (`config_kernels`), in the registry's order."""
+    wanted: dict[str, set[KernelConfig]] = {}
+    for config in configs:
+        wanted.setdefault(config.mask, set()).update(config_kernels(arch, config))
+    pool = [
+        kernel
+        for mask in registry.SERVED_MASKS
+        if mask.name in wanted
+        for kernel in registry.mask_kernels(arch, mask)
+        if kernel in wanted[mask.name]
+    ]
+    return list(dict.fromkeys(pool))
 
 
 @dataclass(frozen=True)
@@ -475,8 +801,8 @@ class PoolReport:
 
 def precompile(kernels: Sequence[KernelConfig], jobs: int) -> PoolReport:
     """Compile `kernels` into the disk cache (`SPARSEK_CACHE_DIR`) with `jobs` processes, so
-    that each loads in ~60 ms at first use instead of compiling (2-3 s each; the pool has
-    ~170). A kernel that fails here is reported and compiles (or fails) again at first use.
+    that each loads in ~60 ms at first use instead of compiling (2-3 s each). A kernel
+    that fails here is reported and compiles (or fails) again at first use.
     `jobs` 0: nothing is precompiled (a rerun of a few configs compiles only theirs).
     """
     jobs = min(jobs, len(kernels))

@@ -1,28 +1,34 @@
 """The GPU fuzz's config generator and harness, on the CPU (`tests/fuzz_configs.py`,
 `tests/fuzz_cases.py`), so the GPU run never fails on a malformed config or a broken check.
 
-Compared against: the registry (every dtype, head dim, mask and precompiled page size it
-serves is drawn, and every config's kernel identity is served); the public API's own
+Compared against: the registry (every dtype, head dim, served mask and precompiled page
+size is drawn, and every config's kernel identity is served); the public API's own
 validation on meta tensors (each config is a call it accepts) and the value checks the ops
 run on CPU metadata (offsets, lengths within the cache, block-table entries in range);
-sparsek's CPU reference path (a sample of configs, one or more per variant, run through the
-harness pass its check against the float64 oracle); and planted errors (the check reports
-each). The kernel pool's parallel precompile is run on two kernels.
+the CUDA launch paths' plans, run on meta tensors with the kernels faked (every kernel a
+config launches on a GPU of 78, 114 or 132 SMs is in the precompiled pool); sparsek's CPU
+reference path (a sample of configs, one or more per variant and per mask and path, run
+through the harness pass its check against the float64 oracle); sparsek's float64
+reference (the fuzz's own masked oracle agrees with it to float64 rounding); and planted
+errors (the check reports each, a call with another window, softcap or sinks included).
+The kernel pool's parallel precompile is run on two kernels.
 """
 
 from __future__ import annotations
 
 import collections
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from fuzz_cases import build_case, check, run_config
+from fuzz_cases import Case, build_case, check, masked_attention, run_config
 from fuzz_configs import (
     COUNT_ENV,
     DEFAULT_COUNT,
     DEFAULT_SEED,
+    NO_WINDOW,
     ONLY_ENV,
     PATHS,
     SEED_ENV,
@@ -31,15 +37,20 @@ from fuzz_configs import (
     FuzzConfig,
     configs_from_env,
     generate,
+    is_plain,
     kernel_pool,
     precompile,
     registry_axes,
 )
 
-from cutedsl_kernels.config import FmhaFwdConfig, MaskSpec
-from sparsek import registry, tuning
+from cutedsl_kernels.config import DENSE, FmhaFwdConfig, KernelConfig, MaskSpec
+from sparsek import ops, registry, tuning
 from sparsek.errors import UnsupportedError
+from sparsek.launch import dense, launcher
+from sparsek.masks import make_mask
+from sparsek.reference import reference_attention
 from sparsek.reference_varlen import check_kvcache_values, check_varlen_values
+from sparsek.tuning import Workload
 
 ARCHES = registry.registered_arches()
 
@@ -84,7 +95,7 @@ def test_covers_every_path_dtype_head_dim_mask_and_feature(configs: list[FuzzCon
         *PATHS,
         *(f"dtype:{dtype}" for dtype in axes.dtypes),
         *(f"d{head_dim}" for head_dim in axes.head_dims),
-        *(f"mask:{mask}" for mask in axes.masks),
+        *(f"mask:{mask.name}" for mask in registry.SERVED_MASKS),
         *(f"variant:{variant}" for variant in VARIANTS),
         *(f"cache:{kind}" for kind in axes.caches),
         *(f"views:{views}" for views in VIEWS),
@@ -93,6 +104,11 @@ def test_covers_every_path_dtype_head_dim_mask_and_feature(configs: list[FuzzCon
         "splits:auto", "splits:none", "splits:n",
         "nan_kv_padding",  # known bug (b): NaN in varlen K/V past cu_seqlens_k[-1]
         "packed_decode_empty_seq",  # known bug (a): packed decode with an empty sequence
+        *(f"window:{shape}" for shape in ("causal", "left", "right", "two_sided")),
+        "window:0", "window:1", "window:tile", "window:past_seq", "window:rows_without_keys",
+        "window:causal_folds_right", "causal_as_window", "causal_folds_right",
+        "softcap:strong", "softcap:medium", "softcap:mild",
+        "sinks", "sinks:dominant", "sinks:spread",
     }  # fmt: skip
     assert wanted <= set(seen), sorted(wanted - set(seen))
     identities = {(c.path, c.dtype, c.head_dim, c.mask) for c in configs}
@@ -107,17 +123,67 @@ def test_covers_every_path_dtype_head_dim_mask_and_feature(configs: list[FuzzCon
         assert seen[bug] >= 8, (bug, seen[bug])
 
 
+def test_every_mask_meets_every_variant_and_cache_kind(configs: list[FuzzConfig]) -> None:
+    """Each served mask runs on every variant that takes it (the SDPA drop-in: none and
+    causal only) and over every cache kind."""
+    axes = registry_axes(ARCHES[0])
+    pairs = {(c.variant, c.mask) for c in configs}
+    for variant in VARIANTS:
+        takes = axes.plain_masks if variant == "dense_sdpa" else axes.masks
+        assert {m for v, m in pairs if v == variant} == set(takes), variant
+    caches = {(c.cache, c.mask) for c in configs if c.path == "kvcache"}
+    assert caches == {(kind, mask) for kind in axes.caches for mask in axes.masks}
+
+
+def test_about_half_the_configs_have_a_window_softcap_or_sinks(
+    configs: list[FuzzConfig],
+) -> None:
+    """About half of the default run asks for a window, softcap or sinks, with window
+    sizes at the edges (0, 1, about a tile), strong and mild softcaps and sinks that
+    dominate their rows."""
+    masked = [c for c in configs if not is_plain(c.mask)]
+    assert 0.4 <= len(masked) / len(configs) <= 0.6, len(masked)
+    windows = [c.window for c in masked if c.spec.window]
+    sizes = {size for window in windows for size in window}
+    assert {0, 1, 63, 64, 127, 128, 129} <= sizes, sorted(sizes)
+    assert {c.softcap for c in masked if c.spec.softcap} >= {2.0, 5.0, 30.0, 50.0}
+    assert any(c.sinks is not None and c.sinks[0] >= 12 for c in masked)
+
+
+def test_repr_round_trips_and_the_arguments_ask_for_the_mask(configs: list[FuzzConfig]) -> None:
+    """A config's repr rebuilds it (what a failure report prints is a complete rerun);
+    mask arguments that ask for another kernel mask than the config names are refused."""
+    for config in configs:
+        assert eval(repr(config), {"FuzzConfig": FuzzConfig}) == config
+        spec = config.spec
+        sinks = config.sinks is not None
+        assert make_mask(config.causal, config.window, config.softcap, sinks).spec == spec
+    window = next(c for c in configs if c.mask == "window")
+    with pytest.raises(ValueError, match="ask for mask=full, not window"):
+        replace(window, causal=False, window=NO_WINDOW)
+    with pytest.raises(ValueError, match="ask for mask=causal, not window"):
+        replace(window, causal=False, window=(-1, 0))
+    sdpa = next(c for c in configs if c.variant == "dense_sdpa")
+    with pytest.raises(ValueError, match="the SDPA drop-in has no mask=softcap"):
+        replace(sdpa, mask="softcap", causal=False, softcap=3.0)
+
+
 def test_axes_follow_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A head dim registered by a tuning row joins the fuzz; a mask the public API cannot
-    express stops it with the reason."""
+    """A head dim registered by a tuning row joins the fuzz, every served mask is drawn;
+    a served mask the public API's mask arguments cannot ask for stops it with the
+    reason."""
     arch = ARCHES[0]
     row = tuning.BASE[(arch, registry.registered_head_dims(arch)[0])]
     with tuning.override("base", arch, 96, row):
         axes = registry_axes(arch)
         assert 96 in axes.head_dims
         assert any(c.head_dim == 96 for c in generate(1, 300, axes))
-    monkeypatch.setattr(registry, "MASKS", (*registry.MASKS, MaskSpec(window=True)))
-    with pytest.raises(NotImplementedError, match="mask=window"):
+    axes = registry_axes(arch)
+    assert axes.masks == tuple(m.name for m in registry.SERVED_MASKS)
+    assert axes.plain_masks == tuple(m.name for m in registry.SERVED_MASKS if m in registry.MASKS)
+    both = MaskSpec(causal=True, window=True)  # no call asks for it: causal folds into a window
+    monkeypatch.setattr(registry, "SERVED_MASKS", (*registry.SERVED_MASKS, both))
+    with pytest.raises(NotImplementedError, match="mask=causal\\+window"):
         registry_axes(arch)
 
 
@@ -129,7 +195,7 @@ def test_every_config_is_a_valid_call(
     metadata passes the ops' value checks, and the registry serves its kernel identity."""
     monkeypatch.setenv("SPARSEK_STRICT", "1")
     arch = ARCHES[0]
-    masks = {mask.name: mask for mask in registry.MASKS}
+    masks = registry.MASK_BY_NAME
     for config in configs:
         case = build_case(config, "meta")
         with pytest.raises(UnsupportedError, match="device=meta"):
@@ -159,6 +225,104 @@ def test_every_config_is_a_valid_call(
         assert isinstance(found, FmhaFwdConfig), (config, found)
 
 
+# ---------------------------------------------------------------------------- the kernel pool
+
+
+def launch_as_on_a_gpu(case: Case) -> None:
+    """Run `case`'s call through the CUDA implementation of its entry point (the launch
+    paths' planning and kernel choice), whatever the device of its tensors."""
+    config, kw = case.config, case.kwargs
+    scale = config.scale if config.scale is not None else config.head_dim**-0.5
+    sinks = case.sinks
+    window = kw.get("window_size", NO_WINDOW)
+    assert isinstance(window, tuple)
+    mask = make_mask(config.causal, window, config.softcap, sinks is not None)
+    extra = (mask.window_left, mask.window_right, mask.softcap, sinks)
+    if config.variant == "dense_sdpa":
+        q, k, v = (t.transpose(1, 2) for t in case.args)
+        dense.attention(q, k, v, mask.causal, scale, True)
+    elif config.path == "dense":
+        dense.attention(*case.args, mask.causal, scale, False, *extra)
+    elif config.path == "varlen":
+        ops.attention_varlen_cuda(*case.args, mask.causal, scale, *extra)
+    else:
+        q, k_cache, v_cache, seqlens, table = case.args
+        ops.attention_with_kvcache_cuda(
+            q, k_cache, v_cache, seqlens, table, kw["cu_seqlens_q"], kw["max_seqlen_q"],
+            mask.causal, scale, config.num_splits, *extra,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("sms", [78, 114, 132])
+def test_pool_holds_every_kernel_the_plans_launch(
+    configs: list[FuzzConfig], sms: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each config's call, planned by the CUDA launch paths on a GPU of `sms` SMs (meta
+    tensors; the registry answers, the kernels do nothing), is served by kernels only
+    (no reference fallback) and launches only kernels of the precompiled pool."""
+    arch = ARCHES[0]
+    launched: dict[KernelConfig, int] = {}  # kernel -> index of the first config
+    index = [0]
+    fallbacks: list[int] = []
+
+    def kernel_config(q, v, mask, layout, workload=Workload.DEFAULT):
+        dtype = registry.dtype_name(q.dtype)
+        found = registry.find(arch, q.shape[-1], dtype, mask, layout, workload)
+        return "; ".join(found) if isinstance(found, tuple) else found
+
+    def fallback(*args, **kwargs):
+        fallbacks.append(index[0])
+
+    def forward_kernel(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
+        config = registry.lookup(arch, head_dim, dtype, mask, layout, workload)
+        launched.setdefault(config, index[0])
+        return launcher.ForwardKernel(lambda *args: None, config)
+
+    def combine_kernel(device, head_dim, dtype, sinks=False):
+        launched.setdefault(registry.lookup_combine(arch, head_dim, dtype, sinks), index[0])
+        return lambda *args: None
+
+    monkeypatch.setattr(launcher, "kernel_config", kernel_config)
+    monkeypatch.setattr(launcher, "forward_kernel", forward_kernel)
+    monkeypatch.setattr(launcher, "combine_kernel", combine_kernel)
+    monkeypatch.setattr(launcher, "num_sms", lambda device_index: sms)
+    monkeypatch.setattr(ops, "attention_varlen_reference", fallback)
+    monkeypatch.setattr(ops, "attention_with_kvcache_reference", fallback)
+    for config in configs:
+        index[0] = config.index
+        launch_as_on_a_gpu(build_case(config, "meta"))
+    assert not fallbacks, fallbacks
+    pool = kernel_pool(arch, configs)
+    missing = {k.name: i for k, i in launched.items() if k not in pool}
+    assert not missing, missing
+
+
+def test_pool_takes_the_mask_kernels_of_what_the_configs_draw(configs: list[FuzzConfig]) -> None:
+    """The pool is drawn from `registry.mask_kernels` of the configs' masks: the plain
+    and causal share is the precompiled set's, and a subset of configs (one mask, one
+    head dim and dtype, one path) takes only kernels of those."""
+    arch = ARCHES[0]
+    pool = kernel_pool(arch, configs)
+    served = {k for mask in registry.SERVED_MASKS for k in registry.mask_kernels(arch, mask)}
+    assert set(pool) <= served and len(pool) == len(set(pool))
+    plain = kernel_pool(arch, [c for c in configs if is_plain(c.mask)])
+    assert set(plain) <= set(registry.registered_kernels(arch))
+    some = [
+        c for c in configs
+        if c.mask == "window+sinks" and c.path == "varlen" and c.head_dim == 64
+        and c.dtype == "float16"
+    ]  # fmt: skip
+    assert some
+    [kernel] = kernel_pool(arch, some)
+    assert (
+        isinstance(kernel, FmhaFwdConfig) and kernel.mask == registry.MASK_BY_NAME["window+sinks"]
+    )
+    assert (kernel.head_dim, kernel.dtypes.qk, kernel.kv_layout) == (64, "float16", "varlen")
+
+
+# ---------------------------------------------------------------------------- the harness on CPU
+
+
 def harness_sample(configs: list[FuzzConfig]) -> list[FuzzConfig]:
     """Per variant, its cheapest config (often an empty edge case) and the three cheapest
     of some size (>= 4096 score elements) whose reference fits the CPU."""
@@ -180,12 +344,63 @@ def test_harness_passes_sparsek_cpu_reference(configs: list[FuzzConfig]) -> None
     assert not any(failures.values()), {i: p for i, p in failures.items() if p}
 
 
+def masked_sample(configs: list[FuzzConfig]) -> list[FuzzConfig]:
+    """Per mask with a window, softcap or sinks and per path, its two cheapest configs of
+    some size (>= 4096 score elements) whose reference fits the CPU."""
+    sample = []
+    for mask in registry.SERVED_MASKS:
+        for path in PATHS:
+            ranked = sorted(
+                (c for c in configs if c.mask == mask.name and c.path == path),
+                key=lambda c: sum(c.work()),
+            )
+            sample += [c for c in ranked if 1 << 12 <= sum(c.work()) <= 1 << 21][:2]
+    return [c for c in sample if not is_plain(c.mask)]
+
+
+def test_harness_passes_masked_configs_on_cpu(configs: list[FuzzConfig]) -> None:
+    """Calls with a window, softcap or sinks on the CPU path (sparsek's float32
+    reference) pass the fuzz's check against its own float64 oracle."""
+    sample = masked_sample(configs)
+    assert {(c.mask, c.path) for c in sample} == {
+        (m, p) for m in registry_axes(ARCHES[0]).feature_masks for p in PATHS
+    }
+    failures = {c.index: run_config(c, "cpu") for c in sample}
+    assert not any(failures.values()), {i: p for i, p in failures.items() if p}
+
+
+def test_masked_oracle_agrees_with_sparsek_reference(configs: list[FuzzConfig]) -> None:
+    """The fuzz's float64 oracle for windows, softcap and sinks (written from the
+    documented semantics) equals `sparsek.reference.reference_attention` in float64 on
+    each sequence of a sample, rows without keys included; its same-dtype peer is close
+    (its error sets the tolerance, so it must not be vacuous)."""
+    worst = 0.0
+    for config in masked_sample(configs)[::2]:
+        case = build_case(config, "cpu")
+        scale = config.scale if config.scale is not None else config.head_dim**-0.5
+        for q, k, v in zip(case.q_seqs, case.k_seqs, case.v_seqs, strict=True):
+            mask = (config.band, config.softcap, case.sinks)
+            out, lse = masked_attention(q, k, v, scale, *mask)
+            want, want_lse = reference_attention(
+                q[None], k[None], v[None], causal=config.causal, softmax_scale=scale,
+                window_size=config.window, softcap=config.softcap, sinks=case.sinks,
+                compute_dtype=torch.float64,
+            )  # fmt: skip
+            torch.testing.assert_close(out, want[0], atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(lse, want_lse[0], atol=1e-10, rtol=1e-10)
+            peer, _ = masked_attention(q, k, v, scale, *mask, peer=True)
+            assert peer.dtype == q.dtype
+            if out.numel():
+                worst = max(worst, (peer.double() - out).abs().max().item())
+    assert 0 < worst < 0.02, worst
+
+
 def planted_case() -> FuzzConfig:
     axes = registry_axes(ARCHES[0])
     return FuzzConfig(
         index=0, variant="varlen", dtype=axes.dtypes[-1], head_dim=axes.head_dims[0],
-        mask="causal" if "causal" in axes.masks else axes.masks[0], heads=(4, 2),
-        q_lens=(3, 0, 40, 5), k_lens=(3, 0, 45, 7), seed=5, pad_q=2, pad_k=3, nan_padding=True,
+        mask="causal", heads=(4, 2), q_lens=(3, 0, 40, 5), k_lens=(3, 0, 45, 7), seed=5,
+        pad_q=2, pad_k=3, nan_padding=True, causal=True,
     )  # fmt: skip
 
 
@@ -227,12 +442,59 @@ def test_check_reports_planted_errors(plant: str, fragment: str) -> None:
     assert any(fragment in p for p in problems), problems
 
 
+def planted_masked_case() -> FuzzConfig:
+    axes = registry_axes(ARCHES[0])
+    return FuzzConfig(
+        index=0, variant="varlen", dtype="float16", head_dim=axes.head_dims[0],
+        mask="window+softcap+sinks", heads=(4, 2), q_lens=(40, 7, 0), k_lens=(60, 5, 9),
+        seed=7, pad_q=2, window=(9, 3), softcap=2.0, sinks=(1.0, 1.0),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("plant", "fragment"),
+    [
+        ("left", "max error"),
+        ("right", "max error"),
+        ("causal", "max error"),
+        ("softcap", "max error"),
+        ("no_softcap", "max error"),
+        ("no_sinks", "lse off by up to"),
+        ("sinks_shift", "lse off by up to"),
+        ("sinks_swap", "lse off by up to"),
+    ],
+)
+def test_check_reports_a_call_with_another_mask(plant: str, fragment: str) -> None:
+    """A call whose window is one key wider on either side, causal, whose softcap differs
+    or is missing, or whose sinks are missing, shifted or given to other heads, fails the
+    check of the config it was built for."""
+    case = build_case(planted_masked_case(), "cpu")
+    out, lse = case.call()
+    assert lse is not None and check(case, out, lse) == []
+    sinks = case.sinks
+    assert sinks is not None
+    changes: dict[str, dict[str, object]] = {
+        "left": {"window_size": (10, 3)},
+        "right": {"window_size": (9, 4)},
+        "causal": {"causal": True},
+        "softcap": {"softcap": 3.0},
+        "no_softcap": {"softcap": 0.0},
+        "no_sinks": {"sinks": None},
+        "sinks_shift": {"sinks": sinks + 0.5},
+        "sinks_swap": {"sinks": sinks.flip(0)},
+    }
+    case.kwargs.update(changes[plant])
+    out, lse = case.call()
+    problems = check(case, out, lse)
+    assert any(fragment in p for p in problems), problems
+
+
 def test_precompile_fills_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pool's parallel build (spawned processes inheriting SPARSEK_CACHE_DIR) leaves a
     committed cache entry per kernel."""
     pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
     monkeypatch.setenv("SPARSEK_CACHE_DIR", str(tmp_path))
-    kernels = kernel_pool(ARCHES[0])[:2]
+    kernels = kernel_pool(ARCHES[0], generate(1, 20, registry_axes(ARCHES[0])))[:2]
     report = precompile(kernels, jobs=2)
     assert report.failures == () and report.jobs == 2
     assert len(list(tmp_path.rglob("manifest.json"))) == len(kernels)
