@@ -296,7 +296,7 @@ def fill_cache(
     hkv, d, nan = config.heads[1], config.head_dim, config.nan_padding
     lens = config.k_lens
     if not config.page_size:
-        capacity = max(max(lens, default=0), 1) + config.capacity_slack
+        capacity = config.capacity
         k_cache = src.filler(nan, config.batch, capacity, hkv, d, scale=GARBAGE_SCALE)
         v_cache = src.filler(nan, config.batch, capacity, hkv, d)
         for i, (kb, vb) in enumerate(zip(ks, vs, strict=True)):
@@ -304,7 +304,7 @@ def fill_cache(
         return k_cache, v_cache, None
     block = config.page_size
     used = [-(-n // block) for n in lens]
-    max_blocks = max(max(used, default=0), 1) + config.capacity_slack
+    max_blocks = config.table_width
     num_blocks = sum(used) + config.spare_blocks
     order = list(range(num_blocks))
     random.Random(config.seed).shuffle(order)

@@ -34,10 +34,11 @@ seed and count give the same list on every machine. Shapes are small (sequences 
 ~1-2k, one long-query shape of ~4k) and the float64 reference's work is capped
 (`MAX_SEQ_WORK`, `MAX_WORK`).
 
-The kernel pool (`kernel_pool`) is what the configs can launch: of each drawn mask's
-kernels (`registry.mask_kernels(arch, mask)`), those of the configs' paths, head dims,
-dtypes, cache kinds and query shapes, on any SM count (which picks workloads and split
-factors), compiled before the first config runs so that none compiles inside the run.
+The kernel pool (`kernel_pool`) is what the configs launch on the GPU at hand: of each
+drawn mask's kernels (`registry.mask_kernels(arch, mask)`), those that the configs' paths,
+head dims, dtypes, cache kinds and shapes pick on its SM count (workloads and split
+factors as the launch paths choose them), compiled before the first config runs so that
+none compiles inside the run (~350 kernels for the default run on a 132-SM H100/H200).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import torch
+
 from cutedsl_kernels.config import (
     DENSE,
     PACKED,
@@ -60,6 +63,8 @@ from cutedsl_kernels.config import (
     MaskSpec,
 )
 from sparsek import cache, registry
+from sparsek.launch import dense, launcher
+from sparsek.launch.splits import choose_splits
 from sparsek.masks import make_mask
 from sparsek.tuning import DENSE_WORKLOADS, Workload
 
@@ -301,6 +306,24 @@ class FuzzConfig:
     @property
     def max_seqlen_k(self) -> int:
         return max(self.k_lens, default=0) + self.max_seqlen_slack
+
+    @property
+    def table_width(self) -> int:
+        """Paged: block-table columns (the longest sequence's blocks, at least one, and
+        `capacity_slack` more)."""
+        used = [-(-n // self.page_size) for n in self.k_lens]
+        return max(max(used, default=0), 1) + self.capacity_slack
+
+    @property
+    def capacity(self) -> int:
+        """Key slots per sequence the call's cache offers: a contiguous cache's length (the
+        longest sequence, at least one, and `capacity_slack` more); a paged cache's table
+        width times its block size; dense: seqlen_k."""
+        if self.path == "dense":
+            return self.k_lens[0]
+        if self.page_size:
+            return self.table_width * self.page_size
+        return max(max(self.k_lens, default=0), 1) + self.capacity_slack
 
     def layout(self) -> Layout:
         """The registry layout of the request's kernel identity (unsplit)."""
@@ -709,39 +732,65 @@ Launch = tuple[MaskSpec, Layout, Workload]
 
 
 def kv_launches(
-    config: FuzzConfig, layout: Layout, decode: bool, num_splits: int
+    arch: str,
+    config: FuzzConfig,
+    layout: Layout,
+    decode: bool,
+    num_splits: int,
+    device: torch.device | None,
 ) -> tuple[list[Launch], bool]:
     """The forward kernels a KV-cache request of `config` over `layout` with `num_splits`
-    may launch (`sparsek.launch.kvcache`) on any GPU, and whether it may launch the
-    combine: decode (one query per sequence) drops causal, takes the `single_query`
-    kernels for a packed q or a window and, unsplit, the two-CTAs-per-SM tiles (when its
-    CTAs fill the SMs); split-KV kernels (a requested or automatic split) leave the sinks
-    to the combine."""
+    may launch (`sparsek.launch.kvcache`), and whether it may launch the combine, on
+    `device` (None: on any GPU): decode (one query per sequence) drops causal, takes the
+    `single_query` kernels for a packed q or a window and the two-CTAs-per-SM tiles when
+    its unsplit CTAs fill the SMs; otherwise the keys are split as
+    `sparsek.launch.splits.choose_splits` says (split kernels leave sinks to the combine)."""
     spec, workload = config.spec, Workload.DEFAULT
+    (h, hkv), batch = config.heads, config.batch
+    rows, heads = (config.max_seqlen_q if config.packed_q else config.q_lens[0]), h
     if decode:
         spec, workload = replace(spec, causal=False), Workload.DECODE
         layout = replace(layout, single_query=layout.varlen_q or spec.window)
-    found = [(spec, layout, workload)]
-    if decode and num_splits <= 1:
-        found.append((spec, layout, Workload.DECODE_FILLS_GPU))
-    if num_splits != 1:
-        found.append((replace(spec, sinks=False), replace(layout, split_kv=True), workload))
-    return found, num_splits != 1
+        rows, heads = h // hkv, hkv  # a tile's rows: the query heads of one KV head
+    kernel = registry.find(arch, config.head_dim, config.dtype, spec, layout, workload)
+    if not isinstance(kernel, FmhaFwdConfig):
+        return [], False  # not served (the CPU test of the plans reports it)
+    unsplit: Launch = (spec, layout, workload)
+    split: Launch = (replace(spec, sinks=False), replace(layout, split_kv=True), workload)
+    fills: Launch = (spec, layout, Workload.DECODE_FILLS_GPU)
+    if device is None:
+        found = [unsplit, split] if num_splits != 1 else [unsplit]
+        return found + ([fills] if decode and num_splits <= 1 else []), num_splits != 1
+    ctas = -(-rows // kernel.tile_m) * heads * batch
+    if decode and num_splits <= 1 and ctas >= launcher.num_sms(device.index):
+        return [fills], False
+    key_tiles = -(-config.capacity // kernel.tile_n)
+    if choose_splits(num_splits, ctas, key_tiles, device) == 1:
+        return [unsplit], False
+    return [split], True
 
 
-def launches(config: FuzzConfig) -> tuple[list[Launch], bool]:
-    """(mask, layout, workload) of each forward kernel a call of `config` may launch on any
-    GPU, and whether it may launch the combine."""
+def launches(
+    arch: str, config: FuzzConfig, device: torch.device | None = None
+) -> tuple[list[Launch], bool]:
+    """(mask, layout, workload) of each forward kernel a call of `config` may launch on
+    `device` (None: on any GPU of `arch`), and whether it may launch the combine."""
     spec = config.spec
     if config.path == "varlen":
         return [(spec, PACKED, Workload.DEFAULT)], False
     if config.path == "dense":
-        found: list[Launch] = [(spec, DENSE, workload) for workload in DENSE_WORKLOADS]
-        if config.q_lens[0] == 1 and (is_plain(config.mask) or not config.top_left):
-            # one query per sequence: decode over k and v as a contiguous cache
-            decode, combine = kv_launches(config, Layout(False, "cache", 0), True, 0)
-            return found + decode, combine
-        return found, False
+        b, sq, h = config.batch, config.q_lens[0], config.heads[0]
+        if sq == 1 and (is_plain(config.mask) or not config.top_left):
+            # one query per sequence: decode over k and v as a contiguous cache (the dense
+            # kernels when no decode kernel serves it)
+            found, combine = kv_launches(arch, config, Layout(False, "cache", 0), True, 0, device)
+            if found:
+                return found, combine
+        workloads = DENSE_WORKLOADS
+        if device is not None:
+            sms = launcher.num_sms(device.index)
+            workloads = (dense.dense_workload(b, sq, h, spec.causal, sms),)
+        return [(spec, DENSE, workload) for workload in workloads], False
     kv_layout = "paged" if config.page_size else "cache"
     layout = Layout(config.packed_q, kv_layout, config.page_size)
     if config.packed_q:
@@ -749,12 +798,14 @@ def launches(config: FuzzConfig) -> tuple[list[Launch], bool]:
         decode = config.max_seqlen_q == 1 and total_q == config.batch
     else:
         decode = config.q_lens[0] == 1
-    return kv_launches(config, layout, decode, config.num_splits)
+    return kv_launches(arch, config, layout, decode, config.num_splits, device)
 
 
-def config_kernels(arch: str, config: FuzzConfig) -> set[KernelConfig]:
-    """The kernels a call of `config` may launch on any GPU of `arch`."""
-    found, combine = launches(config)
+def config_kernels(
+    arch: str, config: FuzzConfig, device: torch.device | None = None
+) -> set[KernelConfig]:
+    """The kernels a call of `config` may launch on `device` (None: on any GPU of `arch`)."""
+    found, combine = launches(arch, config, device)
     kernels: set[KernelConfig] = set()
     for mask, layout, workload in found:
         kernel = registry.find(arch, config.head_dim, config.dtype, mask, layout, workload)
@@ -765,13 +816,16 @@ def config_kernels(arch: str, config: FuzzConfig) -> set[KernelConfig]:
     return kernels
 
 
-def kernel_pool(arch: str, configs: Sequence[FuzzConfig]) -> list[KernelConfig]:
-    """Every kernel the configs can launch on any GPU of `arch`: of each served mask's
-    kernels (`registry.mask_kernels`), those of the configs' paths, head dims, dtypes,
-    cache kinds and query shapes (`config_kernels`), in the registry's order."""
+def kernel_pool(
+    arch: str, configs: Sequence[FuzzConfig], device: torch.device | None = None
+) -> list[KernelConfig]:
+    """Every kernel the configs can launch on `device` (None: on any GPU of `arch`): of
+    each served mask's kernels (`registry.mask_kernels`), those of the configs' paths,
+    head dims, dtypes, cache kinds and shapes (`config_kernels`), in the registry's
+    order."""
     wanted: dict[str, set[KernelConfig]] = {}
     for config in configs:
-        wanted.setdefault(config.mask, set()).update(config_kernels(arch, config))
+        wanted.setdefault(config.mask, set()).update(config_kernels(arch, config, device))
     pool = [
         kernel
         for mask in registry.SERVED_MASKS

@@ -29,8 +29,8 @@ sinks from negligible to dominating.
 Environment: `SPARSEK_FUZZ_SEED` (default 20261207), `SPARSEK_FUZZ_CONFIGS` (default 600),
 `SPARSEK_FUZZ_ONLY=3,17` (run those indexes of that list), `SPARSEK_FUZZ_REPORT=<file>`
 (the summary is written there too), `SPARSEK_FUZZ_JOBS` (processes that precompile the
-kernel pool first: every kernel the configs can launch, so that none compiles during the
-run; default one per CPU up to 16; 0 skips it, for a rerun of a few configs).
+kernel pool first: every kernel the configs can launch on this GPU, so that none compiles
+during the run; default one per CPU up to 16; 0 skips it, for a rerun of a few configs).
 
 Every config runs, whatever fails before it; the test prints one summary line (configs
 tried and failed per path) and each failure with its full config repr, then fails if any
@@ -136,7 +136,7 @@ def test_fuzz(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str
     if arch not in registry.registered_arches():
         pytest.skip(f"no sparsek kernels are registered for {arch}")
     seed, configs = configs_from_env(registry_axes(arch))
-    pool = precompile(kernel_pool(arch, configs), default_jobs())
+    pool = precompile(kernel_pool(arch, configs, device), default_jobs())
     monkeypatch.setenv("SPARSEK_STRICT", "1")
     monkeypatch.setattr(launcher, "empty", poisoned)
 
