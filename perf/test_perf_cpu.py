@@ -35,21 +35,38 @@ def test_full_plan_covers_the_issue() -> None:
 
 
 @pytest.mark.parametrize(
-    "dims",
-    [(2, 40, 100, 4, 2, 64, True), (2, 100, 40, 4, 4, 32, True), (1, 64, 64, 4, 1, 16, False)],
+    ("dims", "window"),
+    [
+        ((2, 40, 100, 4, 2, 64, True), (-1, -1)),
+        ((2, 100, 40, 4, 4, 32, True), (-1, -1)),
+        ((1, 64, 64, 4, 1, 16, False), (-1, -1)),
+        # Sliding windows (the xformers suite's local biases), bottom-right like causal:
+        # causal with 8 keys a row; a band 5 left, 3 right; one-sided; Sq > Sk (empty rows).
+        ((2, 40, 100, 4, 2, 64, True), (7, 0)),
+        ((1, 64, 64, 4, 1, 16, False), (5, 3)),
+        ((1, 30, 50, 2, 2, 16, False), (-1, 2)),
+        ((1, 50, 30, 2, 2, 16, True), (4, 0)),
+    ],
 )
-def test_reference_matches_sdpa_math(dims: tuple[int, ...]) -> None:
+def test_reference_matches_sdpa_math(dims: tuple[int, ...], window: tuple[int, int]) -> None:
     batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal = dims
     q = torch.randn(batch, seqlen_q, heads, head_dim, dtype=torch.float64)
     k = torch.randn(batch, seqlen_k, kv_heads, head_dim, dtype=torch.float64)
     v = torch.randn(batch, seqlen_k, kv_heads, head_dim, dtype=torch.float64)
-    mask = None
-    if causal:
-        mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril(seqlen_k - seqlen_q)
+    # Query i sees key j iff (j - i - offset) lies in [-left, right] (causal: right 0).
+    left, right = window
+    right = 0 if causal else right
+    distance = torch.arange(seqlen_k)[None, :] - torch.arange(seqlen_q)[:, None]
+    distance -= seqlen_k - seqlen_q
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    if right >= 0:
+        mask &= distance <= right
+    if left >= 0:
+        mask &= distance >= -left
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     expected = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
     expected = expected.transpose(1, 2).nan_to_num(0.0)  # rows seeing no key are 0
-    got = reference_attention(q, k, v, bool(causal))
+    got = reference_attention(q, k, v, bool(causal), window)
     assert (got.double() - expected).abs().max() < 1e-5
     assert check_output(expected.to(torch.bfloat16), got, torch.bfloat16).ok
     assert not check_output((expected + 0.1).to(torch.bfloat16), got, torch.bfloat16).ok
