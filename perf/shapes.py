@@ -163,10 +163,10 @@ LOCAL_BIASES: frozenset[str] = BAND_BIASES | {
 # XFORMERS_CONTEXT cached tokens, kv_seqlen = chunk + context; pages of XFORMERS_PAGE_SIZE.
 XFORMERS_CONTEXT = 4096
 XFORMERS_PAGE_SIZE = 16
-# Local biases' windows: causal ones window_size = 1024 keys (Gemma 3's sliding window; a
-# quarter of the longest block, an eighth of the longest padded keys, half the dense S), the
-# band ones 512 keys a side (1025 keys a query, about as many): sparsek windows (1023, 0)
-# and (512, 512).
+# Local biases' windows: causal ones window_size = 1024 keys (Gemma 3's sliding window; half
+# the dense S, a quarter of the longest block, an eighth of the longest padded keys: it cuts
+# every dense and padded sequence and the 7 packed blocks longer than 1024), the band ones
+# 512 keys a side (1025 keys a query, about as many): sparsek windows (1023, 0), (512, 512).
 XFORMERS_WINDOW_SIZE = 1024
 XFORMERS_BAND: tuple[int, int] = (512, 512)
 
