@@ -280,16 +280,17 @@ def reference(case: Case, inputs: Inputs) -> Tensor:
     K/V (the one query is the last token, so the bottom-right causal mask lets it see the
     whole context); padded / paged keys: (total_q, heads, head_dim), each sequence's queries
     against its kv_seqlen valid keys, causal bottom-right w.r.t. kv_seqlen (xFormers'
-    ...CausalWithOffsetPaddedKeysMask).
+    ...CausalWithOffsetPaddedKeysMask). The xformers suite's local biases add their
+    `case.window` on the same diagonal (per sequence for the block-diagonal ones).
     """
+    causal, window = case.causal, case.window
     if isinstance(inputs, CacheInputs):
-        return reference_attention_varlen(
-            inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k, case.causal
-        )
+        cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
+        return reference_attention_varlen(inputs.q, inputs.k, inputs.v, cu_q, cu_k, causal, window)
     if isinstance(inputs, VarlenInputs):
         cu = inputs.cu_seqlens
-        return reference_attention_varlen(inputs.q, inputs.k, inputs.v, cu, cu, case.causal)
+        return reference_attention_varlen(inputs.q, inputs.k, inputs.v, cu, cu, causal, window)
     if isinstance(inputs, PagedInputs):
         k, v = inputs.k.transpose(1, 2), inputs.v.transpose(1, 2)
-        return reference_attention(inputs.q, k, v, causal=case.causal)
-    return reference_attention(inputs.q, inputs.k, inputs.v, causal=case.causal)
+        return reference_attention(inputs.q, k, v, causal, window)
+    return reference_attention(inputs.q, inputs.k, inputs.v, causal, window)

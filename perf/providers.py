@@ -35,7 +35,10 @@ varlen; padded / paged keys (chunked prefill against a cache) through
 sparsek.attention_with_kvcache(cu_seqlens_q=...) on the same cache, and through SDPA on the
 valid keys gathered and packed before timing (jagged nested tensors when non-causal; the
 flash / efficient varlen ops called directly with bottom-right causal, cuDNN skipped, as for
-causal with seqlen_q != seqlen_k).
+causal with seqlen_q != seqlen_k). Its local (sliding-window) biases are the same problems
+with the case's window: sparsek.attention / attention_varlen / attention_with_kvcache with
+`window_size` = `case.window` (the bias's window in sparsek's terms); SDPA takes no window
+(a dense boolean mask would time another workload), so its rows there are skipped.
 
 masks suite: each provider's own mask arguments, passed only when the case has the mask (a
 plain case makes the same call as the grid / decode suites): sparsek.attention and
@@ -172,23 +175,26 @@ class SparsekProvider(Provider):
         return str(sparsek.__version__)
 
     def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
+        """sparsek.attention; an xformers local bias's window as `window_size`."""
         import sparsek
 
-        causal = case.causal
+        causal, kwargs = case.causal, mask_kwargs(case, None)
 
         def run() -> Tensor:
-            return cast(Tensor, sparsek.attention(q, k, v, causal=causal))
+            return cast(Tensor, sparsek.attention(q, k, v, causal=causal, **kwargs))
 
         return run
 
     def prepare_varlen(self, case: Case, inputs: VarlenInputs) -> AttnFn:
+        """sparsek.attention_varlen; an xformers local bias's window as `window_size`."""
         import sparsek
 
         q, k, v, cu, top = inputs.q, inputs.k, inputs.v, inputs.cu_seqlens, inputs.max_seqlen
-        causal = case.causal
+        causal, kwargs = case.causal, mask_kwargs(case, None)
 
         def run() -> Tensor:
-            return cast(Tensor, sparsek.attention_varlen(q, k, v, cu, cu, top, top, causal=causal))
+            out = sparsek.attention_varlen(q, k, v, cu, cu, top, top, causal=causal, **kwargs)
+            return cast(Tensor, out)
 
         return run
 
@@ -208,17 +214,19 @@ class SparsekProvider(Provider):
         return run
 
     def prepare_cache(self, case: Case, inputs: CacheInputs) -> AttnFn:
-        """Packed new queries against the padded (block_table None) or paged cache."""
+        """Packed new queries against the padded (block_table None) or paged cache; an
+        xformers local bias's window as `window_size`."""
         import sparsek
 
         q, k_cache, v_cache = inputs.q, inputs.k_cache, inputs.v_cache
         cache_seqlens, block_table = inputs.cache_seqlens, inputs.block_table
         cu_q, max_q, causal = inputs.cu_seqlens_q, inputs.max_seqlen_q, case.causal
+        kwargs = mask_kwargs(case, None)
 
         def run() -> Tensor:
             out = sparsek.attention_with_kvcache(
                 q, k_cache, v_cache, cache_seqlens, block_table,
-                cu_seqlens_q=cu_q, max_seqlen_q=max_q, causal=causal,
+                cu_seqlens_q=cu_q, max_seqlen_q=max_q, causal=causal, **kwargs,
             )  # fmt: skip
             return cast(Tensor, out)
 
@@ -291,7 +299,9 @@ class SparsekXformersProvider(Provider):
         """The xFormers attn_bias object `case.bias` names (None for "None").
 
         Block-diagonal biases are built from the case's lengths on `device`; the Paged...
-        ones take `block_table` (batch, kv_padding / block_size) int32.
+        ones take `block_table` (batch, kv_padding / block_size) int32. Local biases get
+        `case.window` back in xFormers' terms (`shapes.xformers_window` the other way): a
+        band's (window_left, window_right) as they are, a causal one's window_size = left + 1.
         """
         from xformers.ops.fmha import attn_bias as ab
 
@@ -300,6 +310,8 @@ class SparsekXformersProvider(Provider):
             return None
         bias_type = getattr(ab, name)
         keys = case.keys
+        if name in shapes.LOCAL_BIASES:
+            return SparsekXformersProvider._local_bias(case, bias_type, device)
         if keys == "dense":
             return bias_type()
         q_seqlen = list(case.seqlens)
@@ -321,6 +333,37 @@ class SparsekXformersProvider(Provider):
         if block_table is None:
             raise ValueError(f"bias {name} needs the cache's block table")
         return padded.make_paged(block_table, case.block_size, bias_type)
+
+    @staticmethod
+    def _local_bias(case: Case, bias_type: Any, device: torch.device | None) -> Any:
+        """A local bias through xFormers' own constructors, with the case's window."""
+        from xformers.ops.fmha import attn_bias as ab
+
+        left, right = case.window
+        band = case.bias in shapes.BAND_BIASES
+        window_size = left + 1  # the causal ones: window (window_size - 1, 0)
+        keys = case.keys
+        if keys == "dense":
+            return (
+                bias_type(window_left=left, window_right=right) if band else bias_type(window_size)
+            )
+        q_seqlen = list(case.seqlens)
+        if keys == "packed":
+            block = ab.BlockDiagonalMask.from_seqlens(
+                q_seqlen=q_seqlen, kv_seqlen=q_seqlen, device=device
+            )
+            if case.bias == shapes.BIAS_BLOCK_LOCAL:
+                return block.make_local_attention(window_size)
+            return block.make_local_attention_from_bottomright(window_size)
+        if keys != "padded":
+            raise ValueError(f"bias {case.bias}: no local bias reads keys from a {keys} cache")
+        lengths = (q_seqlen, case.kv_padding, list(case.kv_seqlens))
+        if band:
+            local = bias_type.from_seqlens_local(*lengths, window_left=left, window_right=right)
+        else:
+            local = bias_type.from_seqlens_local(*lengths, window_size=window_size)
+        # from_seqlens_local takes no device: its lengths go where the inputs are.
+        return local if device is None else local.to(device)
 
     def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
         if case.num_kv_heads != case.num_heads:
@@ -370,7 +413,11 @@ class SparsekXformersProvider(Provider):
 
 
 class SdpaProvider(Provider):
-    """torch SDPA restricted to one backend with `torch.nn.attention.sdpa_kernel`."""
+    """torch SDPA restricted to one backend with `torch.nn.attention.sdpa_kernel`.
+
+    SDPA takes no sliding window: the xformers suite's local biases raise `Unsupported`
+    (timing a dense boolean mask would measure another workload, every key's scores).
+    """
 
     def __init__(self, name: str, backend_name: str) -> None:
         self.name = name
@@ -393,7 +440,16 @@ class SdpaProvider(Provider):
 
         return sdpa_kernel(getattr(SDPBackend, self._backend_name))
 
+    @staticmethod
+    def _refuse_window(case: Case) -> None:
+        if case.window != shapes.NO_WINDOW:
+            raise Unsupported(
+                f"torch SDPA takes no sliding window ({case.bias or 'this case'}: "
+                f"{case.mask_text}); a dense boolean mask would time another workload"
+            )
+
     def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
+        self._refuse_window(case)
         gqa = case.num_kv_heads != case.num_heads
         # (batch, heads, seqlen, head_dim) views of the same memory: no copies timed.
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -411,6 +467,7 @@ class SdpaProvider(Provider):
         """SDPA on jagged nested tensors: views of the packed q, k, v (no copies), which SDPA
         hands to the backend's varlen kernel with cu_seqlens. A backend that refuses raises
         (PyTorch logs why on the `torch.nested._internal.sdpa` logger)."""
+        self._refuse_window(case)
         offsets, lengths = inputs.cu_seqlens, case.seqlens
         qn, kn, vn = (_jagged(t, offsets, lengths) for t in (inputs.q, inputs.k, inputs.v))
         causal, gqa = case.causal, case.num_kv_heads != case.num_heads
@@ -430,6 +487,7 @@ class SdpaProvider(Provider):
         the backends' varlen ops are called directly as in `_bottom_right`: flash (its
         `is_causal` is bottom-right), efficient with custom_mask_type 2; cuDNN is skipped.
         """
+        self._refuse_window(case)
         q, k, v = inputs.q, inputs.k, inputs.v
         cu_q, cu_k = inputs.cu_seqlens_q, inputs.cu_seqlens_k
         max_q, max_k = inputs.max_seqlen_q, inputs.max_seqlen_k
@@ -729,7 +787,8 @@ class FakeProvider(Provider):
         sinks: Tensor | None = None,
     ) -> Tensor:
         """Attention of (batch, seqlen, heads, head_dim) tensors, bottom-right causal; the
-        masks suite's window (a band of diagonals), softcap and sinks (an extra softmax
+        window (a band of diagonals: the masks suite's, the xformers local biases'), softcap
+        and sinks (an extra softmax
         column per head, dropped after the softmax) written out here again, apart from
         sparsek's reference that the dry run checks them against."""
         seqlen_q, seqlen_k = q.shape[1], k.shape[1]
@@ -763,7 +822,7 @@ class FakeProvider(Provider):
 
     def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
         self._refuse()
-        return lambda: self._attention(q, k, v, case.causal)
+        return lambda: self._attention(q, k, v, case.causal, window=case.window)
 
     def prepare_varlen(self, case: Case, inputs: VarlenInputs) -> AttnFn:
         self._refuse()
@@ -774,7 +833,8 @@ class FakeProvider(Provider):
         def run() -> Tensor:
             out = torch.zeros_like(q)
             for a, b in spans:
-                out[a:b] = self._attention(q[None, a:b], k[None, a:b], v[None, a:b], case.causal)[0]
+                qs, ks, vs = q[None, a:b], k[None, a:b], v[None, a:b]
+                out[a:b] = self._attention(qs, ks, vs, case.causal, window=case.window)[0]
             return out
 
         return run
@@ -799,7 +859,8 @@ class FakeProvider(Provider):
             out = torch.zeros_like(q)
             for (a, b), (c, d) in spans:
                 if b > a and d > c:
-                    seq = self._attention(q[None, a:b], k[None, c:d], v[None, c:d], case.causal)
+                    qs, ks, vs = q[None, a:b], k[None, c:d], v[None, c:d]
+                    seq = self._attention(qs, ks, vs, case.causal, window=case.window)
                     out[a:b] = seq[0]
             return out
 

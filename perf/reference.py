@@ -2,6 +2,8 @@
 
 The reference is deliberately independent of sparsek and of every provider: explicit
 QK^T -> mask -> softmax -> PV in float32, query-chunked so a 16k x 16k problem fits in memory.
+Its masks: causal and a sliding window (the xformers suite's local biases), both aligned
+bottom-right.
 The masks suite checks against sparsek's float64 reference instead (`sparsek.reference`, the
 oracle of window, softcap and sinks; built in `perf.inputs`), on blocks of query rows where
 the whole problem is too large for it (`RowBlocks`).
@@ -39,8 +41,13 @@ class CheckResult:
         return "ok" if self.ok else "FAIL"
 
 
+NO_WINDOW: tuple[int, int] = (-1, -1)
+
+
 @torch.no_grad()
-def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, window: tuple[int, int] = NO_WINDOW
+) -> Tensor:
     """softmax(q k^T / sqrt(head_dim)) v in float32, bottom-right causal, GQA by head groups.
 
     Args:
@@ -48,6 +55,9 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor
         k: (batch, seqlen_k, num_kv_heads, head_dim).
         v: (batch, seqlen_k, num_kv_heads, head_dim).
         causal: query i sees key j iff j <= i + seqlen_k - seqlen_q; rows seeing no key are 0.
+        window: (left, right) sliding window on the same diagonal: query i sees key j iff
+            i + offset - left <= j <= i + offset + right (offset = seqlen_k - seqlen_q; -1
+            unbounded on that side; causal sets right to 0).
 
     Returns:
         (batch, seqlen_q, num_heads, head_dim) float32.
@@ -57,6 +67,8 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor
     group = num_heads // num_kv_heads
     scale = 1.0 / math.sqrt(head_dim)
     offset = seqlen_k - seqlen_q
+    left, right = window
+    right = 0 if causal else right
     chunk = max(1, min(seqlen_q, _CHUNK_ELEMENTS // (num_heads * seqlen_k)))
     out = torch.empty(batch, seqlen_q, num_heads, head_dim, dtype=torch.float32, device=q.device)
     key_idx = torch.arange(seqlen_k, device=q.device)
@@ -68,9 +80,12 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor
             stop = min(start + chunk, seqlen_q)
             qc = q[b, start:stop].transpose(0, 1).float()  # (heads, chunk, head_dim)
             scores = torch.matmul(qc, kb.transpose(1, 2)).mul_(scale)  # (heads, chunk, seqlen_k)
-            if causal:
-                query_idx = torch.arange(start, stop, device=q.device)
-                hidden = key_idx[None, :] > (query_idx[:, None] + offset)
+            diagonal = torch.arange(start, stop, device=q.device)[:, None] + offset
+            if right >= 0:
+                hidden = key_idx[None, :] > diagonal + right
+                scores.masked_fill_(hidden[None], float("-inf"))
+            if left >= 0:
+                hidden = key_idx[None, :] < diagonal - left
                 scores.masked_fill_(hidden[None], float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num_(nan=0.0)
             out[b, start:stop] = torch.matmul(probs, vb).transpose(0, 1)
@@ -79,7 +94,13 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor
 
 @torch.no_grad()
 def reference_attention_varlen(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    causal: bool,
+    window: tuple[int, int] = NO_WINDOW,
 ) -> Tensor:
     """`reference_attention` of each packed sequence on its own (FlashAttention's varlen).
 
@@ -90,6 +111,7 @@ def reference_attention_varlen(
         cu_seqlens_q: (batch + 1,) offsets of each sequence's queries into q.
         cu_seqlens_k: (batch + 1,) offsets of each sequence's keys into k and v.
         causal: bottom-right aligned per sequence.
+        window: (left, right) sliding window, bottom-right aligned per sequence.
 
     Returns:
         (total_q, num_heads, head_dim) float32; rows of empty sequences, or that see no key, 0.
@@ -99,7 +121,8 @@ def reference_attention_varlen(
     for b in range(len(q_bounds) - 1):
         q0, q1, k0, k1 = q_bounds[b], q_bounds[b + 1], k_bounds[b], k_bounds[b + 1]
         if q1 > q0 and k1 > k0:
-            seq = reference_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal)
+            qs, ks, vs = q[None, q0:q1], k[None, k0:k1], v[None, k0:k1]
+            seq = reference_attention(qs, ks, vs, causal, window)
             out[q0:q1] = seq[0]
     return out
 

@@ -13,7 +13,8 @@ CSV); decode one row per (batch, context, block size) with K + V read bandwidth 
 in parentheses, its fraction of the copy bandwidth measured in the same run (`gbps`,
 `bw_frac`, `copy_gbps` columns, blank on other suites' rows); xformers one row per (bias,
 shape), the bias type from the `bias` column (empty elsewhere), where the keys are, and the
-query / key token counts (lengths from `seqlens` / `kv_seqlens` listed under the table).
+query / key token counts (lengths from `seqlens` / `kv_seqlens` listed under the table, and
+the local biases' windows from the `mask` column).
 
 The masks suite (`mask` column: "window=(4096, 0)", "softcap=30", "sinks", "" for none) gets
 a prefill table (ms per call, TFLOP/s), a decode table (us per call, GB/s of the K + V the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -302,7 +304,23 @@ def _xformers_lines(rows: Sequence[Row]) -> list[str]:
     notes += [f"- kv_seqlens (padded / paged keys): {', '.join(t.split('+'))}" for t in kv_seqlens]
     caches = dict.fromkeys(r["note"] for r in selected if r.get("note"))
     notes += [f"- {text}" for text in caches]
+    windows = dict.fromkeys((r["bias"], r["mask"], r["causal"]) for r in selected if r.get("mask"))
+    notes += [_window_note(*window) for window in windows]
     return [*lines, "", *notes]
+
+
+def _window_note(bias: str, mask: str, causal: str) -> str:
+    """A local bias's window, as sparsek's window_size and as xFormers' arguments."""
+    match = re.fullmatch(r"window=\((-?\d+), (-?\d+)\)", mask)
+    if match is None:
+        return f"- {bias}: {mask}"
+    left, right = int(match[1]), int(match[2])
+    xformers = (
+        f"window_size={left + 1}"
+        if causal == "True"
+        else f"window_left={left}, window_right={right}"
+    )
+    return f"- {bias}: {xformers} (sparsek window_size=({left}, {right}))"
 
 
 def _bandwidth_cell(row: Row | None) -> str:

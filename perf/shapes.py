@@ -14,7 +14,8 @@ Every problem is a `Case`. Its `suite` decides the measurement kinds:
     xformers             -> "kernel"   one row per xFormers bias type (opt-in, see below);
                                        block-diagonal biases on packed sequences
                                        (`Case.seqlens`), padded / paged keys of a cache
-                                       (`Case.kv_seqlens`, `kv_padding`, `block_size`)
+                                       (`Case.kv_seqlens`, `kv_padding`, `block_size`),
+                                       local biases' sliding window (`Case.window`)
     masks                -> "kernel"   window, softcap and sinks (`Case.window`, `softcap`,
                                        `sinks`; opt-in, see below) beside the same problem
                                        without them: dense prefill, and paged decode
@@ -102,9 +103,38 @@ BIAS_PADDED = "BlockDiagonalPaddedKeysMask"
 BIAS_PADDED_CAUSAL = "BlockDiagonalCausalWithOffsetPaddedKeysMask"
 BIAS_PAGED = "PagedBlockDiagonalPaddedKeysMask"
 BIAS_PAGED_CAUSAL = "PagedBlockDiagonalCausalWithOffsetPaddedKeysMask"
-DENSE_BIASES: tuple[str, ...] = (BIAS_NONE, BIAS_TOP_LEFT, BIAS_BOTTOM_RIGHT)
-PACKED_BIASES: tuple[str, ...] = (BIAS_BLOCK, BIAS_BLOCK_CAUSAL, BIAS_BLOCK_BOTTOM_RIGHT)
-PADDED_BIASES: tuple[str, ...] = (BIAS_PADDED, BIAS_PADDED_CAUSAL)
+# Local (sliding-window) biases, aligned bottom-right (per block for the block-diagonal ones;
+# BlockDiagonalCausalLocalAttentionMask is top-left per block, planned with keys = queries).
+# Their window is `Case.window` in sparsek's terms (`xformers_window`): a band's
+# (window_left, window_right) as it is; a causal one's window_size keys ending on the
+# diagonal, (window_size - 1, 0). xFormers 0.0.35 has no paged local bias.
+BIAS_LOCAL = "LocalAttentionFromBottomRightMask"  # band
+BIAS_LOCAL_CAUSAL = "LowerTriangularFromBottomRightLocalAttentionMask"
+BIAS_BLOCK_LOCAL = "BlockDiagonalCausalLocalAttentionMask"
+BIAS_BLOCK_LOCAL_BOTTOM_RIGHT = "BlockDiagonalCausalLocalAttentionFromBottomRightMask"
+BIAS_PADDED_LOCAL = "BlockDiagonalLocalAttentionPaddedKeysMask"  # band
+BIAS_PADDED_LOCAL_CAUSAL = "BlockDiagonalCausalLocalAttentionPaddedKeysMask"
+# By where the keys are (`Case.keys`), each group's local biases last.
+DENSE_BIASES: tuple[str, ...] = (
+    BIAS_NONE,
+    BIAS_TOP_LEFT,
+    BIAS_BOTTOM_RIGHT,
+    BIAS_LOCAL,
+    BIAS_LOCAL_CAUSAL,
+)
+PACKED_BIASES: tuple[str, ...] = (
+    BIAS_BLOCK,
+    BIAS_BLOCK_CAUSAL,
+    BIAS_BLOCK_BOTTOM_RIGHT,
+    BIAS_BLOCK_LOCAL,
+    BIAS_BLOCK_LOCAL_BOTTOM_RIGHT,
+)
+PADDED_BIASES: tuple[str, ...] = (
+    BIAS_PADDED,
+    BIAS_PADDED_CAUSAL,
+    BIAS_PADDED_LOCAL,
+    BIAS_PADDED_LOCAL_CAUSAL,
+)
 PAGED_BIASES: tuple[str, ...] = (BIAS_PAGED, BIAS_PAGED_CAUSAL)
 XFORMERS_BIASES: tuple[str, ...] = DENSE_BIASES + PACKED_BIASES + PADDED_BIASES + PAGED_BIASES
 CAUSAL_BIASES: frozenset[str] = frozenset(
@@ -115,13 +145,30 @@ CAUSAL_BIASES: frozenset[str] = frozenset(
         BIAS_BLOCK_BOTTOM_RIGHT,
         BIAS_PADDED_CAUSAL,
         BIAS_PAGED_CAUSAL,
+        BIAS_LOCAL_CAUSAL,
+        BIAS_BLOCK_LOCAL,
+        BIAS_BLOCK_LOCAL_BOTTOM_RIGHT,
+        BIAS_PADDED_LOCAL_CAUSAL,
     }
 )
+BAND_BIASES: frozenset[str] = frozenset({BIAS_LOCAL, BIAS_PADDED_LOCAL})
+LOCAL_BIASES: frozenset[str] = BAND_BIASES | {
+    BIAS_LOCAL_CAUSAL,
+    BIAS_BLOCK_LOCAL,
+    BIAS_BLOCK_LOCAL_BOTTOM_RIGHT,
+    BIAS_PADDED_LOCAL_CAUSAL,
+}
 # Block-diagonal rows: the varlen suite's 16 sequences (H16 d128, like its MHA rows). Padded /
 # paged keys: chunked prefill, each sequence's chunk (the same 16 lengths) after
 # XFORMERS_CONTEXT cached tokens, kv_seqlen = chunk + context; pages of XFORMERS_PAGE_SIZE.
 XFORMERS_CONTEXT = 4096
 XFORMERS_PAGE_SIZE = 16
+# Local biases' windows: causal ones window_size = 1024 keys (Gemma 3's sliding window; half
+# the dense S, a quarter of the longest block, an eighth of the longest padded keys: it cuts
+# every dense and padded sequence and the 7 packed blocks longer than 1024), the band ones
+# 512 keys a side (1025 keys a query, about as many): sparsek windows (1023, 0), (512, 512).
+XFORMERS_WINDOW_SIZE = 1024
+XFORMERS_BAND: tuple[int, int] = (512, 512)
 
 # The main grid keeps the work per launch comparable: batch * seqlen = 16k tokens and
 # num_heads * head_dim = 2048 (FlashAttention's benchmark convention).
@@ -177,6 +224,19 @@ MASKS_CHECK_ROWS = 256
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2}
 
 
+def xformers_window(
+    bias: str, window_size: int = XFORMERS_WINDOW_SIZE, band: tuple[int, int] = XFORMERS_BAND
+) -> tuple[int, int]:
+    """sparsek's (left, right) window of an xFormers bias: `band` (window_left,
+    window_right) for the band biases, (window_size - 1, 0) for the causal local ones (their
+    window_size keys end on the diagonal, the diagonal counted); NO_WINDOW for the others."""
+    if bias in BAND_BIASES:
+        return band
+    if bias in LOCAL_BIASES:
+        return (window_size - 1, 0)
+    return NO_WINDOW
+
+
 @dataclass(frozen=True)
 class Case:
     """One attention problem: q (batch, seqlen_q, num_heads, head_dim), k/v with num_kv_heads."""
@@ -205,7 +265,8 @@ class Case:
     kv_padding: int = 0
     # masks suite: sparsek.masks' arguments. window (left, right), -1 unbounded, aligned
     # like causal (bottom-right); with causal, right is 0. softcap: 0 none. sinks: one
-    # sink logit per query head. Defaults (no mask beyond `causal`) everywhere else.
+    # sink logit per query head. Defaults (no mask beyond `causal`) everywhere else, but for
+    # the window of the xformers suite's local biases (`xformers_window`).
     window: tuple[int, int] = NO_WINDOW
     softcap: float = 0.0
     sinks: bool = False
@@ -222,6 +283,7 @@ class Case:
             raise ValueError(f"unknown bias {self.bias!r}; known: {', '.join(XFORMERS_BIASES)}")
         if self.causal != (self.bias in CAUSAL_BIASES):
             raise ValueError(f"bias {self.bias} does not match causal={self.causal}")
+        self._check_local()
         if self.bias == BIAS_TOP_LEFT and self.seqlen_q != self.seqlen_k:
             # The reference and every peer are bottom-right causal; they agree with the
             # top-left mask only when seqlen_q == seqlen_k.
@@ -279,6 +341,21 @@ class Case:
                 f"kv_padding {self.kv_padding} is not a multiple of the page size {self.block_size}"
             )
 
+    def _check_local(self) -> None:
+        """xformers suite: a window exactly for the local biases, in the bias's shape."""
+        if (self.window != NO_WINDOW) != (self.bias in LOCAL_BIASES):
+            raise ValueError(f"bias {self.bias}: a window is given exactly for the local biases")
+        if self.bias not in LOCAL_BIASES:
+            return
+        left, right = self.window
+        if self.bias in BAND_BIASES and (left < 0 or right < 0):
+            raise ValueError(f"bias {self.bias}: window {self.window}, each side >= 0")
+        if self.bias not in BAND_BIASES and (left < 0 or right != 0):
+            raise ValueError(
+                f"bias {self.bias}: window {self.window} must be (window_size - 1, 0), "
+                "window_size >= 1"
+            )
+
     def _check_varlen(self) -> None:
         block_diagonal = self.suite == XFORMERS_SUITE and self.bias not in ("", *DENSE_BIASES)
         if (self.suite == VARLEN_SUITE or block_diagonal) != bool(self.seqlens):
@@ -317,8 +394,12 @@ class Case:
 
     def _check_masks(self) -> None:
         if self.suite != MASKS_SUITE:
-            if self.has_mask:
-                raise ValueError("window, softcap and sinks are given for the masks suite only")
+            local = self.suite == XFORMERS_SUITE and self.bias in LOCAL_BIASES
+            if self.softcap > 0 or self.sinks or (self.window != NO_WINDOW and not local):
+                raise ValueError(
+                    "window, softcap and sinks are given for the masks suite only (a window "
+                    "also for the xformers suite's local biases)"
+                )
             return
         if self.bias or self.seqlens or self.kv_seqlens:
             raise ValueError("masks cases are dense or paged decode (no bias, no seqlens)")
@@ -373,6 +454,7 @@ class Case:
         heads = f"H{self.num_heads}"
         if self.num_kv_heads != self.num_heads:
             heads += f"/Hkv{self.num_kv_heads}"
+        extra = f" {self.mask_text}" if self.has_mask else ""
         if self.seqlens:
             mask = "causal" if self.causal else "full"
             if self.bias:
@@ -382,8 +464,7 @@ class Case:
                 seqs += f" kv {self.key_tokens} tok (max {self.seqlen_k}, {self.kv_padding} slots)"
             if self.block_size:
                 seqs += f" page{self.block_size}"
-            return f"{self.suite} {seqs} {heads} d{self.head_dim} {mask}"
-        extra = f" {self.mask_text}" if self.has_mask else ""
+            return f"{self.suite} {seqs} {heads} d{self.head_dim} {mask}{extra}"
         if self.block_size:
             return (
                 f"{self.suite} B{self.batch} ctx{self.seqlen_k} {heads} d{self.head_dim} "
@@ -439,12 +520,15 @@ def flops(case: Case) -> float:
     varlen and the block-diagonal xFormers biases count every sequence's exact pairs (a
     sequence of 50 tokens is no half square; padded / paged keys: its kv_seqlen keys, the
     causal ones bottom-right w.r.t. kv_seqlen; padding slots are never visible). A window
-    counts the exact pairs of its band; softcap and sinks add none (the tanh and the sink's
-    exp are not counted).
+    (the masks suite's, the local biases') counts the exact pairs of its band, per sequence
+    for the block-diagonal ones; softcap and sinks add none (the tanh and the sink's exp are
+    not counted).
     """
     if case.seqlens:
         lengths = zip(case.seqlens, case.key_lengths, strict=True)
-        pairs = sum(visible_pairs(n, m, case.causal, exact=True) for n, m in lengths)
+        pairs = sum(
+            visible_pairs(n, m, case.causal, exact=True, window=case.window) for n, m in lengths
+        )
         return 4.0 * case.num_heads * case.head_dim * pairs
     pairs = visible_pairs(case.seqlen_q, case.seqlen_k, case.causal, window=case.window)
     return 4.0 * case.batch * case.num_heads * case.head_dim * pairs
@@ -457,31 +541,41 @@ def key_span(case: Case) -> int:
     whole or not at all). One query at the end of a 32k context with a (4096, 0) window
     sees keys 28671..32767 (4097), which lie in pages 1791..2047 of 16 tokens: 4112 tokens.
     """
+    return _span(case, case.seqlen_q, case.seqlen_k)
+
+
+def _span(case: Case, seqlen_q: int, seqlen_k: int) -> int:
+    """`key_span` of one sequence of seqlen_q queries and seqlen_k keys under case's mask."""
     if case.window == NO_WINDOW:
-        return case.seqlen_k
-    offset = case.seqlen_k - case.seqlen_q
+        return seqlen_k
+    if seqlen_q <= 0 or seqlen_k <= 0:
+        return 0
+    offset = seqlen_k - seqlen_q
     left, right = case.window
     right = 0 if case.causal else right
     first = 0 if left < 0 else max(offset - left, 0)
-    last = (
-        case.seqlen_k - 1
-        if right < 0
-        else min(case.seqlen_q - 1 + offset + right, case.seqlen_k - 1)
-    )
+    last = seqlen_k - 1 if right < 0 else min(seqlen_q - 1 + offset + right, seqlen_k - 1)
     if last < first:
         return 0
     if case.block_size:
         first = first // case.block_size * case.block_size
-        last = min((last // case.block_size + 1) * case.block_size, case.seqlen_k) - 1
+        last = min((last // case.block_size + 1) * case.block_size, seqlen_k) - 1
     return last - first + 1
 
 
 def kv_bytes(case: Case, dtype_bytes: int = 2) -> int:
     """Bytes of K and V a forward must read at least once: every key token some query sees,
-    of every sequence (`key_span` when a window hides keys from all queries: a windowed
-    decode reads only the window's pages), num_kv_heads x head_dim elements each, for K and
-    for V (q and the output not counted)."""
-    tokens = case.key_tokens if case.window == NO_WINDOW else case.batch * key_span(case)
+    of every sequence (a window's span when it hides keys from all queries: a windowed
+    decode reads only the window's pages, a local bias's sequence only the keys its window
+    reaches), num_kv_heads x head_dim elements each, for K and for V (q and the output not
+    counted)."""
+    if case.window == NO_WINDOW:
+        tokens = case.key_tokens
+    elif case.seqlens:
+        lengths = zip(case.seqlens, case.key_lengths, strict=True)
+        tokens = sum(_span(case, n, m) for n, m in lengths)
+    else:
+        tokens = case.batch * key_span(case)
     return 2 * tokens * case.num_kv_heads * case.head_dim * dtype_bytes
 
 
@@ -561,26 +655,34 @@ def _xformers(
     seqlens: tuple[int, ...],
     context: int = XFORMERS_CONTEXT,
     page_size: int = XFORMERS_PAGE_SIZE,
+    window_size: int = XFORMERS_WINDOW_SIZE,
+    band: tuple[int, int] = XFORMERS_BAND,
 ) -> list[Case]:
     """One row per supported xFormers bias.
 
     Dense biases: (batch, seqlen) with Sq = Sk, plus bottom-right causal at `seqlen_qk`.
     Block-diagonal: the packed `seqlens` (keys = queries per block). Padded / paged keys:
     the same query lengths after `context` cached tokens (kv_seqlen = n + context), in
-    max(kv_seqlen) slots per sequence rounded up to whole pages of `page_size`.
+    max(kv_seqlen) slots per sequence rounded up to whole pages of `page_size`. Local biases
+    on the problem of their group, causal ones with `window_size` keys, band ones with
+    `band` = (window_left, window_right) (`xformers_window`).
     """
+
+    def window(bias: str) -> tuple[int, int]:
+        return xformers_window(bias, window_size, band)
+
+    dims = (heads, heads, head_dim)
     cases = [
-        Case(XFORMERS_SUITE, batch, seqlen, seqlen, heads, heads, head_dim, b != BIAS_NONE, b)
+        Case(XFORMERS_SUITE, batch, seqlen, seqlen, *dims, b in CAUSAL_BIASES, b, window=window(b))
         for b in DENSE_BIASES
     ]
     seqlen_q, seqlen_k = seqlen_qk
-    dims = (heads, heads, head_dim)
     cases.append(Case(XFORMERS_SUITE, batch, seqlen_q, seqlen_k, *dims, True, BIAS_BOTTOM_RIGHT))
     count, top = len(seqlens), max(seqlens)
     for bias in PACKED_BIASES:
         causal = bias in CAUSAL_BIASES
         cases.append(
-            Case(XFORMERS_SUITE, count, top, top, heads, heads, head_dim, causal, bias, seqlens)
+            Case(XFORMERS_SUITE, count, top, top, *dims, causal, bias, seqlens, window=window(bias))
         )
     kv_seqlens = tuple(n + context for n in seqlens)
     padding = -(-max(kv_seqlens) // page_size) * page_size
@@ -600,6 +702,7 @@ def _xformers(
                 block_size=page_size if bias in PAGED_BIASES else 0,
                 kv_seqlens=kv_seqlens,
                 kv_padding=padding,
+                window=window(bias),
             )
         )
     return cases
@@ -775,8 +878,11 @@ def dry_run_cases() -> list[Case]:
         Case(DECODE_SUITE, 3, 1, 64, 4, 2, 32, True, block_size=b) for b in DECODE_BLOCK_SIZES
     ]
     # Block-diagonal: the varlen lengths; padded / paged keys after 20 cached tokens (kv up
-    # to 84, 96 slots = 6 pages of 16 per sequence).
-    cases += _xformers(2, 64, (32, 96), 2, 64, (37, 5, 64, 18, 12), context=20)
+    # to 84, 96 slots = 6 pages of 16 per sequence). Local biases: window_size 16 (a quarter
+    # of S), a band of 8 keys a side.
+    cases += _xformers(
+        2, 64, (32, 96), 2, 64, (37, 5, 64, 18, 12), context=20, window_size=16, band=(8, 8)
+    )
     # GQA, a (24, 0) window; decode over 64 keys in pages of 16 with a (20, 0) window (2 of
     # the 4 pages).
     cases += _masks(

@@ -35,21 +35,38 @@ def test_full_plan_covers_the_issue() -> None:
 
 
 @pytest.mark.parametrize(
-    "dims",
-    [(2, 40, 100, 4, 2, 64, True), (2, 100, 40, 4, 4, 32, True), (1, 64, 64, 4, 1, 16, False)],
+    ("dims", "window"),
+    [
+        ((2, 40, 100, 4, 2, 64, True), (-1, -1)),
+        ((2, 100, 40, 4, 4, 32, True), (-1, -1)),
+        ((1, 64, 64, 4, 1, 16, False), (-1, -1)),
+        # Sliding windows (the xformers suite's local biases), bottom-right like causal:
+        # causal with 8 keys a row; a band 5 left, 3 right; one-sided; Sq > Sk (empty rows).
+        ((2, 40, 100, 4, 2, 64, True), (7, 0)),
+        ((1, 64, 64, 4, 1, 16, False), (5, 3)),
+        ((1, 30, 50, 2, 2, 16, False), (-1, 2)),
+        ((1, 50, 30, 2, 2, 16, True), (4, 0)),
+    ],
 )
-def test_reference_matches_sdpa_math(dims: tuple[int, ...]) -> None:
+def test_reference_matches_sdpa_math(dims: tuple[int, ...], window: tuple[int, int]) -> None:
     batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal = dims
     q = torch.randn(batch, seqlen_q, heads, head_dim, dtype=torch.float64)
     k = torch.randn(batch, seqlen_k, kv_heads, head_dim, dtype=torch.float64)
     v = torch.randn(batch, seqlen_k, kv_heads, head_dim, dtype=torch.float64)
-    mask = None
-    if causal:
-        mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool).tril(seqlen_k - seqlen_q)
+    # Query i sees key j iff (j - i - offset) lies in [-left, right] (causal: right 0).
+    left, right = window
+    right = 0 if causal else right
+    distance = torch.arange(seqlen_k)[None, :] - torch.arange(seqlen_q)[:, None]
+    distance -= seqlen_k - seqlen_q
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    if right >= 0:
+        mask &= distance <= right
+    if left >= 0:
+        mask &= distance >= -left
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     expected = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
     expected = expected.transpose(1, 2).nan_to_num(0.0)  # rows seeing no key are 0
-    got = reference_attention(q, k, v, bool(causal))
+    got = reference_attention(q, k, v, bool(causal), window)
     assert (got.double() - expected).abs().max() < 1e-5
     assert check_output(expected.to(torch.bfloat16), got, torch.bfloat16).ok
     assert not check_output((expected + 0.1).to(torch.bfloat16), got, torch.bfloat16).ok
@@ -106,17 +123,28 @@ def test_xformers_plan_has_a_row_per_bias(capsys: pytest.CaptureFixture[str]) ->
         ("None", 2048, 2048),
         ("LowerTriangularMask", 2048, 2048),
         ("LowerTriangularFromBottomRightMask", 2048, 2048),
+        ("LocalAttentionFromBottomRightMask", 2048, 2048),
+        ("LowerTriangularFromBottomRightLocalAttentionMask", 2048, 2048),
         ("LowerTriangularFromBottomRightMask", 1024, 4096),
         ("BlockDiagonalMask", 4096, 4096),
         ("BlockDiagonalCausalMask", 4096, 4096),
         ("BlockDiagonalCausalFromBottomRightMask", 4096, 4096),
+        ("BlockDiagonalCausalLocalAttentionMask", 4096, 4096),
+        ("BlockDiagonalCausalLocalAttentionFromBottomRightMask", 4096, 4096),
         ("BlockDiagonalPaddedKeysMask", 4096, 8192),
         ("BlockDiagonalCausalWithOffsetPaddedKeysMask", 4096, 8192),
+        ("BlockDiagonalLocalAttentionPaddedKeysMask", 4096, 8192),
+        ("BlockDiagonalCausalLocalAttentionPaddedKeysMask", 4096, 8192),
         ("PagedBlockDiagonalPaddedKeysMask", 4096, 8192),
         ("PagedBlockDiagonalCausalWithOffsetPaddedKeysMask", 4096, 8192),
     ]
-    assert [c.bias for c in cases[:3] + cases[4:]] == list(shapes.XFORMERS_BIASES)
-    dense, block_diagonal = cases[:4], cases[4:]
+    assert [c.bias for c in cases[:5] + cases[6:]] == list(shapes.XFORMERS_BIASES)
+    # Local biases: causal ones window_size 1024 (sparsek (1023, 0)), band ones 512 a side.
+    assert [c.mask_text for c in cases if c.bias in shapes.LOCAL_BIASES] == [
+        "window=(512, 512)", "window=(1023, 0)", "window=(1023, 0)", "window=(1023, 0)",
+        "window=(512, 512)", "window=(1023, 0)",
+    ]  # fmt: skip
+    dense, block_diagonal = cases[:6], cases[6:]
     assert all(
         (c.batch, c.num_heads, c.num_kv_heads, c.head_dim) == (4, 16, 16, 128) for c in dense
     )
@@ -142,11 +170,13 @@ def test_xformers_plan_has_a_row_per_bias(capsys: pytest.CaptureFixture[str]) ->
     lines = capsys.readouterr().out.splitlines()
     header = lines[0].split("\t")
     rows = [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:-1]]
-    assert len(rows) == 11 * len(shapes.XFORMERS_SUITE_PROVIDERS)
+    assert len(rows) == 17 * len(shapes.XFORMERS_SUITE_PROVIDERS)
     assert {r["bias"] for r in rows if r["provider"] == "sparsek_xformers"} == set(
         shapes.XFORMERS_BIASES
     )
-    assert lines[-1].startswith("# 55 rows, 11 shapes")
+    assert lines[-1].startswith("# 85 rows, 17 shapes")
+    local = [r for r in rows if r["bias"] in shapes.LOCAL_BIASES]
+    assert {r["mask"] for r in local} == {"window=(1023, 0)", "window=(512, 512)"}
 
 
 @pytest.mark.skipif(
@@ -175,17 +205,32 @@ def test_xformers_dry_run_runs_the_operator_on_cpu(tmp_path: Path) -> None:
     paged = [r for r in ours if r["bias"].startswith("Paged")]
     assert {(r["block_size"], r["kv_seqlens"]) for r in paged} == {("16", "57+25+84+38+32")}
     assert all(r["note"].startswith("keys: paged cache, 30 pages of 16") for r in paged)
-    assert {r["seqlens"] for r in ours if r["bias"] != "None" and "Lower" not in r["bias"]} == {
-        "37+5+64+18+12"
+    packed = {r["seqlens"] for r in ours if r["bias"].startswith(("BlockDiagonal", "Paged"))}
+    assert packed == {"37+5+64+18+12"}
+    assert all(r["seqlens"] == "" for r in ours if r["bias"] in shapes.DENSE_BIASES)
+    # Local biases: window_size 16 (sparsek (15, 0)), a band of 8 keys a side.
+    assert {r["mask"] for r in ours if r["bias"] in shapes.LOCAL_BIASES} == {
+        "window=(15, 0)",
+        "window=(8, 8)",
     }
+    assert all(r["mask"] == "" for r in ours if r["bias"] not in shapes.LOCAL_BIASES)
     table = (tmp_path / "xf" / "table.md").read_text()
     assert "| bias |" in table and "| LowerTriangularFromBottomRightMask |" in table
     # One table row per (bias, shape): the two Sq = Sk causal biases are not merged into one,
     # nor are the block-diagonal biases of one shape.
     body = [line for line in table.splitlines() if line.startswith("| bf16 |")]
-    assert len(body) == 11 and "## Throughput" not in table
+    assert len(body) == 17 and "## Throughput" not in table
     for bias in shapes.XFORMERS_BIASES:
         assert any(line.startswith(f"| bf16 | {bias} |") for line in body), bias
+    # The local biases' windows under the table, in xFormers' terms and sparsek's.
+    assert (
+        "- LowerTriangularFromBottomRightLocalAttentionMask: window_size=16 "
+        "(sparsek window_size=(15, 0))"
+    ) in table
+    assert (
+        "- BlockDiagonalLocalAttentionPaddedKeysMask: window_left=8, window_right=8 "
+        "(sparsek window_size=(8, 8))"
+    ) in table
     # sparsek_xformers is sparsek itself: never the best peer.
     assert "sparsek_xformers |" not in [line.rsplit("| ", 1)[-1] for line in table.splitlines()]
 

@@ -1,22 +1,24 @@
-"""CPU checks of the xformers suite's block-diagonal rows (run with `pytest perf/`).
+"""CPU checks of the xformers suite's block-diagonal and local rows (run with `pytest perf/`).
 
 The plan must have a row for every bias type `SparseKAttention` declares; FLOP counts and the
 float32 reference are compared with xFormers' own definition of each mask
 (`bias.materialize(...)` on the tensors xFormers is given: packed keys, the padded cache's
-slots, the paged cache's physical pages); the cache inputs with a gather through the block
-table; the providers' cache entry points (sparsek's and the operator's CPU reference, SDPA's
-math backend, the dry-run fake) with the reference.
+slots, the paged cache's physical pages; the local biases built from the case's window); the
+cache inputs with a gather through the block table; the providers' cache entry points
+(sparsek's and the operator's CPU reference, SDPA's math backend, the dry-run fake) with the
+reference; the local rows' window reaching sparsek, and SDPA skipping them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
 import torch
 
 from perf import bench_fmha, report, shapes
-from perf.inputs import CacheInputs, VarlenInputs, make_inputs, reference
+from perf.inputs import CacheInputs, DenseInputs, VarlenInputs, make_inputs, reference
 from perf.providers import (
     FakeProvider,
     SdpaProvider,
@@ -34,6 +36,21 @@ needs_xformers = pytest.mark.skipif(
 )
 CPU = torch.device("cpu")
 BLOCK_DIAGONAL = shapes.PACKED_BIASES + shapes.PADDED_BIASES + shapes.PAGED_BIASES
+LOCAL = tuple(b for b in shapes.XFORMERS_BIASES if b in shapes.LOCAL_BIASES)
+LOCAL_DENSE = tuple(b for b in shapes.DENSE_BIASES if b in shapes.LOCAL_BIASES)
+# Each local bias's problem without its window: the bias of its group with the same alignment.
+WITHOUT_WINDOW = {
+    "LocalAttentionFromBottomRightMask": "None",
+    "LowerTriangularFromBottomRightLocalAttentionMask": "LowerTriangularFromBottomRightMask",
+    "BlockDiagonalCausalLocalAttentionMask": "BlockDiagonalCausalMask",
+    "BlockDiagonalCausalLocalAttentionFromBottomRightMask": (
+        "BlockDiagonalCausalFromBottomRightMask"
+    ),
+    "BlockDiagonalLocalAttentionPaddedKeysMask": "BlockDiagonalPaddedKeysMask",
+    "BlockDiagonalCausalLocalAttentionPaddedKeysMask": (
+        "BlockDiagonalCausalWithOffsetPaddedKeysMask"
+    ),
+}
 
 
 def _planned(cases: list[Case]) -> dict[str, Case]:
@@ -46,6 +63,16 @@ def _planned(cases: list[Case]) -> dict[str, Case]:
 
 def _dry(bias: str) -> Case:
     return _planned(shapes.dry_run_cases())[bias]
+
+
+def _dry_any(bias: str) -> Case:
+    """The dry run's row of a bias with one row (every one but the bottom-right causal)."""
+    (case,) = [c for c in shapes.dry_run_cases() if c.bias == bias]
+    return case
+
+
+def _without_window(case: Case) -> Case:
+    return dataclasses.replace(case, bias=WITHOUT_WINDOW[case.bias], window=shapes.NO_WINDOW)
 
 
 def _xformers_tensors(case: Case, inputs: VarlenInputs | CacheInputs) -> tuple[torch.Tensor, ...]:
@@ -69,6 +96,7 @@ def test_plan_has_a_row_for_every_block_diagonal_bias() -> None:
         dims = (case.batch, case.seqlen_q, case.num_heads, case.num_kv_heads, case.head_dim)
         assert dims == (16, 4096, 16, 16, 128) and case.seqlens == lengths
         assert case.causal == ("Causal" in bias)
+        assert case.window == shapes.xformers_window(bias)
         if case.keys == "packed":  # the varlen suite's H16 problems
             assert case.seqlen_k == 4096 and case.kv_seqlens == () and case.kv_padding == 0
             assert case.block_size == 0 and case.total_tokens == case.key_tokens == 16384
@@ -85,6 +113,44 @@ def test_plan_has_a_row_for_every_block_diagonal_bias() -> None:
     assert shapes.flops(planned["BlockDiagonalMask"]) == shapes.flops(varlen[False])
     for bias in ("BlockDiagonalCausalMask", "BlockDiagonalCausalFromBottomRightMask"):
         assert shapes.flops(planned[bias]) == shapes.flops(varlen[True])
+
+
+def test_local_rows_carry_a_window_that_matters() -> None:
+    """Causal local biases: window_size 1024 keys, sparsek (1023, 0); band ones 512 keys a
+    side. Each row is its group's problem with the window (same lengths, same cache), and
+    the window hides pairs (fewer FLOPs) in every one; on padded keys also cached keys."""
+    full = shapes.select(shapes.full_cases(), (shapes.XFORMERS_SUITE,))
+    local = {c.bias: c for c in full if c.bias in shapes.LOCAL_BIASES}
+    assert tuple(local) == LOCAL and set(WITHOUT_WINDOW) == shapes.LOCAL_BIASES
+    band = {"LocalAttentionFromBottomRightMask", "BlockDiagonalLocalAttentionPaddedKeysMask"}
+    assert band == shapes.BAND_BIASES
+    for bias, case in local.items():
+        assert case.window == ((512, 512) if bias in band else (1023, 0))
+        plain = _without_window(case)
+        assert plain in full  # the very row of that bias
+        assert shapes.flops(case) < shapes.flops(plain)
+        assert shapes.kv_bytes(case) <= shapes.kv_bytes(plain)
+        if case.keys == "padded":
+            assert shapes.kv_bytes(case) < shapes.kv_bytes(plain)
+    dense = local["LowerTriangularFromBottomRightLocalAttentionMask"]
+    assert (dense.batch, dense.seqlen_q, dense.seqlen_k) == (4, 2048, 2048)
+    # 1024 keys a query once the window is full: 2048 * 1024 - 1023 * 1024 / 2 pairs a head.
+    assert shapes.flops(dense) == 4 * 4 * 16 * 128 * (2048 * 1024 - 1023 * 1024 // 2)
+
+
+def test_case_validation_of_local_biases() -> None:
+    dense = ("xformers", 1, 8, 8, 1, 1, 16)
+    causal_local = "LowerTriangularFromBottomRightLocalAttentionMask"
+    with pytest.raises(ValueError, match="exactly for the local biases"):
+        Case(*dense, True, causal_local)
+    with pytest.raises(ValueError, match="masks suite only"):
+        Case(*dense, True, "LowerTriangularFromBottomRightMask", window=(3, 0))
+    with pytest.raises(ValueError, match=r"must be \(window_size - 1, 0\)"):
+        Case(*dense, True, causal_local, window=(3, 2))
+    with pytest.raises(ValueError, match="each side >= 0"):
+        Case(*dense, False, "LocalAttentionFromBottomRightMask", window=(-1, 2))
+    ok = Case(*dense, False, "LocalAttentionFromBottomRightMask", window=(2, 1))
+    assert ok.mask_text == "window=(2, 1)" and "window=(2, 1)" in ok.label()
 
 
 @needs_xformers
@@ -144,10 +210,62 @@ def test_flops_count_the_pairs_xformers_leaves_visible(bias: str) -> None:
     mask = _bias(case, inputs).materialize((q.shape[1], k.shape[1]))  # type: ignore[attr-defined]
     pairs = int(torch.isfinite(mask).sum())
     assert shapes.flops(case) == 4 * case.num_heads * case.head_dim * pairs
-    # K + V bytes: the valid keys only, never the padding slots.
+    # K + V bytes: the valid keys only, never the padding slots (nor, on padded keys, the
+    # cached keys a local bias's window leaves behind every query).
     visible_keys = int(torch.isfinite(mask).any(dim=0).sum())
-    assert visible_keys == case.key_tokens
+    if case.window == shapes.NO_WINDOW:
+        assert visible_keys == case.key_tokens
     assert shapes.kv_bytes(case, 2) == 2 * visible_keys * case.num_kv_heads * case.head_dim * 2
+
+
+@needs_xformers
+@pytest.mark.parametrize("bias", LOCAL_DENSE)
+def test_dense_local_biases_are_xformers_masks(bias: str) -> None:
+    """Dense local biases: FLOPs and the reference against xFormers' materialized mask of
+    the bias the operator gets, and the operator's output against the reference."""
+    case = _dry_any(bias)
+    inputs = make_inputs(case, torch.float16, CPU, seed=7)  # xFormers on CPU: float16 only
+    assert isinstance(inputs, DenseInputs)
+    built = SparsekXformersProvider.attn_bias(case)
+    assert type(built).__name__ == bias
+    shape = (case.seqlen_q, case.seqlen_k)
+    mask = built.materialize(shape, dtype=torch.float64)
+    pairs = int(torch.isfinite(mask).sum())
+    assert shapes.flops(case) == 4 * case.batch * case.num_heads * case.head_dim * pairs
+    q, k, v = (t.double().transpose(1, 2) for t in (inputs.q, inputs.k, inputs.v))
+    scores = torch.matmul(q, k.transpose(2, 3)) * case.head_dim**-0.5
+    probs = torch.softmax(scores + mask, dim=-1).nan_to_num(0.0)
+    expected = torch.matmul(probs, v).transpose(1, 2)
+    ref = reference(case, inputs)
+    assert (ref.double() - expected).abs().max() < 1e-5
+    provider = SparsekXformersProvider()
+    with measuring(provider):
+        out = prepare_inputs(provider, case, inputs)()
+    assert check_output(out, ref, torch.float16).ok
+
+
+@pytest.mark.parametrize("bias", LOCAL)
+def test_local_rows_give_sparsek_the_window_and_skip_sdpa(bias: str) -> None:
+    """sparsek's entry point of each local row (attention, attention_varlen,
+    attention_with_kvcache: its CPU reference) and the dry-run fake pass the check against
+    the windowed reference, which the same problem without the window fails; every SDPA
+    backend refuses the row."""
+    pytest.importorskip("sparsek")
+    case = _dry_any(bias)
+    inputs = make_inputs(case, torch.float32, CPU, seed=8)
+    ref = reference(case, inputs)
+    assert not check_output(reference(_without_window(case), inputs), ref, torch.float32).ok
+    for provider in (SparsekProvider(), FakeProvider("sdpa_flash")):
+        with measuring(provider):
+            out = prepare_inputs(provider, case, inputs)()
+        assert check_output(out, ref, torch.float32).ok, provider.name
+    for name, backend in (
+        ("sdpa_flash", "FLASH_ATTENTION"),
+        ("sdpa_cudnn", "CUDNN_ATTENTION"),
+        ("sdpa_efficient", "EFFICIENT_ATTENTION"),
+    ):
+        with pytest.raises(Unsupported, match="takes no sliding window"):
+            prepare_inputs(SdpaProvider(name, backend), case, inputs)
 
 
 @needs_xformers
