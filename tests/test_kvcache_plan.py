@@ -314,14 +314,10 @@ def test_empty_and_keyless_requests_launch_nothing(fake_kernels) -> None:
     assert (out == 0).all() and torch.isneginf(lse).all() and fake_kernels == []
 
 
-@pytest.mark.parametrize(
-    ("causal", "top_left"), [(False, False), (True, False), (True, True)], ids=str
-)
-@pytest.mark.parametrize(("h", "hkv"), [(8, 2), (4, 4)])
-def test_dense_single_queries_run_as_decode(fake_kernels, monkeypatch, causal, top_left, h, hkv):
-    """`sparsek.attention` with one query per sequence: planned as KV-cache decode over the
-    dense K/V (its heads grouped per KV head); a top-left causal query sees key 0 only."""
-    cache_kernel = launcher.forward_kernel  # the fixture's
+@pytest.fixture
+def no_dense_kernels(fake_kernels, monkeypatch: pytest.MonkeyPatch) -> Kernels:
+    """`fake_kernels`, failing the test if a dense kernel is loaded."""
+    cache_kernel = launcher.forward_kernel  # the fake's
 
     def forward_kernel(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
         if layout == DENSE:
@@ -329,6 +325,16 @@ def test_dense_single_queries_run_as_decode(fake_kernels, monkeypatch, causal, t
         return cache_kernel(device, head_dim, dtype, mask, layout, workload)
 
     monkeypatch.setattr(launcher, "forward_kernel", forward_kernel)
+    return fake_kernels
+
+
+@pytest.mark.parametrize(
+    ("causal", "top_left"), [(False, False), (True, False), (True, True)], ids=str
+)
+@pytest.mark.parametrize(("h", "hkv"), [(8, 2), (4, 4)])
+def test_dense_single_queries_run_as_decode(no_dense_kernels, causal, top_left, h, hkv):
+    """`sparsek.attention` with one query per sequence: planned as KV-cache decode over the
+    dense K/V (its heads grouped per KV head); a top-left causal query sees key 0 only."""
     gen = torch.Generator().manual_seed(h + top_left)
     q = torch.randn(3, 1, h, 32, generator=gen)
     k, v = (torch.randn(3, 300, hkv, 32, generator=gen) for _ in range(2))
@@ -341,23 +347,15 @@ def test_dense_single_queries_run_as_decode(fake_kernels, monkeypatch, causal, t
     )  # fmt: skip
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
-    assert all(wl in DECODE_WORKLOADS for causal_, _, wl in fake_kernels if causal_ is not None)
+    assert all(wl in DECODE_WORKLOADS for causal_, _, wl in no_dense_kernels if causal_ is not None)
 
 
 @pytest.mark.parametrize(("window", "softcap", "with_sinks"), MASKS, ids=str)
 def test_dense_single_queries_with_masks_run_as_decode(
-    fake_kernels, monkeypatch, window, softcap, with_sinks
+    no_dense_kernels, window, softcap, with_sinks
 ):
     """`sparsek.attention` with one query per sequence and a window, softcap or sinks:
     the decode kernels too (bottom-right, as a cache aligns them), sinks passed per call."""
-    cache_kernel = launcher.forward_kernel  # the fixture's
-
-    def forward_kernel(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
-        if layout == DENSE:
-            pytest.fail("dense kernel loaded")
-        return cache_kernel(device, head_dim, dtype, mask, layout, workload)
-
-    monkeypatch.setattr(launcher, "forward_kernel", forward_kernel)
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(3, 1, 8, 32, generator=gen)
     k, v = (torch.randn(3, 300, 2, 32, generator=gen) for _ in range(2))

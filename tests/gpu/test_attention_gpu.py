@@ -25,7 +25,7 @@ from sparsek.launch.launcher import ForwardKernel
 from sparsek.reference import reference_attention
 from sparsek.tuning import Workload
 
-pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
+pytestmark = [pytest.mark.gpu, pytest.mark.sm90, pytest.mark.usefixtures("strict_and_poisoned")]
 
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 2e-3}
 DTYPES = [torch.float16, torch.bfloat16]
@@ -45,16 +45,6 @@ SHAPES = [
     (1, 1031, 17, 4, 4, False),  # Sq > Sk
     (2, 1, 1031, 4, 1, True),  # decode-like
 ]
-
-
-@pytest.fixture(autouse=True)
-def _strict_and_poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPARSEK_STRICT", "1")
-
-    def poisoned(shape, dtype, device, stride=None):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(launcher, "empty", poisoned)
 
 
 Request = tuple[MaskSpec, Layout, Workload, ForwardKernel]

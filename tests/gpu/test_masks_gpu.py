@@ -17,11 +17,10 @@ import pytest
 import torch
 
 import sparsek
-from sparsek.launch import launcher
 from sparsek.masks import make_mask, reference_scores, reference_softmax, visible
 from sparsek.reference import causal_offset, reference_attention
 
-pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
+pytestmark = [pytest.mark.gpu, pytest.mark.sm90, pytest.mark.usefixtures("strict_and_poisoned")]
 
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 2e-3}
 
@@ -43,16 +42,6 @@ CASES = [
     (4, 1, 700, 8, 2, True, (100, -1), 10.0, True),  # one query: the decode kernels
     (3, 1, 300, 8, 2, False, (50, 5), 0.0, False),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _strict_and_poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPARSEK_STRICT", "1")
-
-    def poisoned(shape, dtype, device, stride=None):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(launcher, "empty", poisoned)
 
 
 def peer_attention(q, k, v, causal, window, softcap, sinks, scale):

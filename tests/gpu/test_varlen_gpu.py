@@ -44,7 +44,7 @@ from cutedsl_kernels.config import DENSE
 from sparsek.launch import launcher
 from sparsek.tuning import Workload
 
-pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
+pytestmark = [pytest.mark.gpu, pytest.mark.sm90, pytest.mark.usefixtures("strict_and_poisoned")]
 
 DEVICE = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
@@ -59,17 +59,6 @@ CORNERS = [
 PAGED = ["paged16", "paged64", "paged256"]
 # Cache garbage keys are scaled up so that one garbage key read by mistake dominates its row.
 GARBAGE_SCALE = 8.0
-
-
-@pytest.fixture(autouse=True)
-def strict_and_poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPARSEK_STRICT", "1")
-
-    def poisoned(shape, dtype, device, stride=None):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    # Every launch path (dense, varlen, KV cache) allocates its outputs through it.
-    monkeypatch.setattr(launcher, "empty", poisoned)
 
 
 @pytest.fixture

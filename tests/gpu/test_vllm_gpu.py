@@ -42,14 +42,13 @@ from test_varlen_gpu import (
     generator,
     int32,
     randn,
-    strict_and_poisoned,  # noqa: F401  (autouse fixture: strict mode, NaN outputs)
 )
 from torch import Tensor
 
 from sparsek.integrations.vllm import kernels as vllm_kernels
 from sparsek.launch import launcher
 
-pytestmark = [pytest.mark.gpu, pytest.mark.sm90]
+pytestmark = [pytest.mark.gpu, pytest.mark.sm90, pytest.mark.usefixtures("strict_and_poisoned")]
 
 # KVCacheLayout: physical axis k is logical axis ORDER[k] of (L, B, H, N, C).
 LAYOUTS = {"LBNHC": (0, 1, 3, 2, 4), "LBHNC": (0, 1, 2, 3, 4), "BLNHC": (1, 0, 3, 2, 4)}
