@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -231,6 +232,9 @@ def info_report() -> dict[str, Any]:
         "gpus": gpus,
         "arch": registry.detect_arch(),
         "paths": precompile.PATHS,
+        # Every mask the kernels serve on every path; beyond the precompiled ones in
+        # "support", they compile at first use (or with `sparsek compile --mask`).
+        "served_masks": [m.name for m in registry.SERVED_MASKS],
         "support": [
             {"arch": a, "head_dim": d, "dtype": t, **row} for (a, d, t), row in support.items()
         ],
@@ -264,7 +268,7 @@ def cmd_info(as_json: bool = False) -> int:
     if not report["gpus"]:
         print(f"GPU: none (CUDA not available); kernels can still be compiled for {DEFAULT_ARCH}")
     print(f"selected arch: {report['arch'] or '-'} (override: $SPARSEK_ARCH)")
-    _print_support(report["support"], report["paths"])
+    _print_support(report["support"], report["paths"], report["served_masks"])
     summary = report["cache"]
     states = ", ".join(f"{n} {s}" for s, n in summary["states"].items())
     counts = f"{summary['entries']} entries, {_size(summary['bytes'])}"
@@ -275,8 +279,11 @@ def cmd_info(as_json: bool = False) -> int:
     return 0
 
 
-def _print_support(rows: list[dict[str, Any]], paths: dict[str, str]) -> None:
-    """The support matrix: a line per (arch, head_dim, dtype), the masks of each path."""
+def _print_support(
+    rows: list[dict[str, Any]], paths: dict[str, str], served_masks: list[str]
+) -> None:
+    """The support matrix: a line per (arch, head_dim, dtype), the masks of each path
+    (precompiled), then every mask served (the others compile at first use)."""
     print("\nsupport matrix (masks per path; anything else falls back to torch SDPA):")
     width = 14
     head = "".join(f" {p:<{width}}" for p in paths)
@@ -289,6 +296,11 @@ def _print_support(rows: list[dict[str, Any]], paths: dict[str, str]) -> None:
     for path, entry in paths.items():
         print(f"    {path:<8} {entry}")
     print("  masks: full = none; causal = bottom-right aligned (top-left in the SDPA drop-in)")
+    later = [m for m in served_masks if m not in ("full", "causal")]
+    print("  also served on every path, compiled at first use (or `sparsek compile --mask M`):")
+    print(textwrap.fill(", ".join(later), 88, initial_indent="    ", subsequent_indent="    "))
+    print("    (window_size, softcap and sinks of sparsek.attention, attention_varlen and")
+    print("    attention_with_kvcache; see the masks guide)")
 
 
 def cmd_cache_list() -> int:

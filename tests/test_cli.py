@@ -168,6 +168,7 @@ def test_compile_then_info_then_clear(fake_cache: FakeCompiler, capsys) -> None:
     assert cli.main(["info"]) == 0
     info = capsys.readouterr().out
     assert "support matrix" in info and f"({n} entries, " in info and f"{n} current)" in info
+    assert "window+softcap+sinks" in info and "sparsek compile --mask M" in info
     assert f"sm_90a: {n} of {n} kernels compiled" in info
     assert "toolchain (part of every kernel's cache key): dsl=" in info
 
@@ -416,6 +417,7 @@ def test_info_json_matches_the_registry_and_the_cache(fake_cache: FakeCompiler, 
     for row in rows:
         assert set(row["paths"]) == set(precompile.PATHS)
         assert all(masks == ["full", "causal"] for masks in row["paths"].values())
+    assert report["served_masks"] == [m.name for m in registry.SERVED_MASKS]
     summary = report["cache"]
     assert summary["entries"] == len(configs) and summary["states"] == {"current": len(configs)}
     assert summary["compiled"] == {"sm_90a": {"current": len(configs), "registered": NUM_KERNELS}}
