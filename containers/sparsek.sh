@@ -89,6 +89,11 @@ echo "== ruff format";  "$VENV/bin/ruff" format --check .
 echo "== mypy";         "$VENV/bin/mypy" sparsek perf
 echo "== docs";         "$VENV/bin/mkdocs" build --strict --quiet -d "$ROOT/build/site"
 echo "== pytest"
+# Inductor's on-disk cache of compiled graphs (default /tmp/torchinductor_$USER) is shared by
+# every checkout on the machine, and its key does not cover a custom op's schema: a graph
+# compiled against another checkout's torch.ops.sparsek could be replayed here. Each
+# checkout's tests use their own.
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$ROOT/build/torchinductor}"
 set +e
 "$PY" -m pytest -q
 rc=$?
