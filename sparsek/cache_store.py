@@ -51,8 +51,22 @@ UNFINISHED = f"unfinished build ({OBJECT_NAME} without {MANIFEST_NAME})"
 
 _DIGEST = re.compile(rf"^[0-9a-f]{{{DIGEST_LENGTH}}}$")
 # A lock file replaced while a process waited for it (the entry was removed and made
-# again) is retried; more than this many times in a row means something else is wrong.
-_LOCK_ATTEMPTS = 20
+# again) is retried, after a pause that doubles from 1 ms up to 50 ms so that a process
+# removing entries in a loop cannot win every round; still replaced after this long
+# means something else is wrong.
+_LOCK_RETRY_S = 10.0
+
+
+def _retries() -> Iterator[None]:
+    """One iteration per attempt for `_LOCK_RETRY_S`, pausing between them."""
+    deadline = time.monotonic() + _LOCK_RETRY_S
+    pause = 0.001
+    while True:
+        yield
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
 
 
 class CacheDirError(OSError):
@@ -208,7 +222,7 @@ def locked(entry: Path, *, shared: bool = False, wait: bool = True) -> Iterator[
     if not wait:
         mode |= fcntl.LOCK_NB
     path = entry / LOCK_NAME
-    for _ in range(_LOCK_ATTEMPTS):
+    for _ in _retries():
         fd = _open_lock(entry, shared)
         if fd is None:
             yield False
@@ -234,7 +248,7 @@ def _open_lock(entry: Path, shared: bool) -> int | None:
             return os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return None
-    for _ in range(_LOCK_ATTEMPTS):
+    for _ in _retries():
         try:
             entry.mkdir(parents=True, exist_ok=True)
             return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
