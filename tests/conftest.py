@@ -39,8 +39,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Every test session compiles into its own cache (never the user's ~/.cache)."""
-    path = tmp_path_factory.mktemp("sparsek-cache")
+    """Every test session compiles into its own cache (never the user's ~/.cache), or into
+    `$SPARSEK_TEST_CACHE_DIR` when that names one: a GPU run can fill it first in many
+    processes (`SPARSEK_CACHE_DIR=DIR sparsek compile -j 16 ...`) instead of compiling each
+    kernel where a test first launches it."""
+    named = os.environ.get("SPARSEK_TEST_CACHE_DIR")
+    path = Path(named) if named else tmp_path_factory.mktemp("sparsek-cache")
     old = os.environ.get("SPARSEK_CACHE_DIR")
     os.environ["SPARSEK_CACHE_DIR"] = str(path)
     yield path

@@ -11,6 +11,9 @@ What it times, each through the public API:
 - decode rows (`sparsek.attention_with_kvcache` over a paged cache of 16-token pages, H32
   Hkv8 d128 bf16, batch 1 / 8 / 32 x context 1k / 4k / 16k): CUDA-graph replays after an
   L2 flush, in us;
+- varlen rows (`sparsek.attention_varlen`, bf16 d128 H16, 16 packed sequences of 256 ..
+  2048 tokens, ~16k in all, with NaN in the unused rows past the last one, causal or not):
+  device time per call after an L2 flush, as TFLOP/s;
 - eager latency rows (back-to-back `sparsek.attention` calls on small problems, host
   overhead included), in us.
 
@@ -104,6 +107,10 @@ def _rows(device: Any) -> list[Row]:
     def decode_call(mod: Any, args: tuple[torch.Tensor, ...]) -> Callable[[], object]:
         return lambda: mod.attention_with_kvcache(*args)
 
+    def varlen_call(mod: Any, args: tuple[Any, ...], causal: bool) -> Callable[[], object]:
+        q, k, v, cu_q, cu_k, max_len = args
+        return lambda: mod.attention_varlen(q, k, v, cu_q, cu_k, max_len, max_len, causal=causal)
+
     def graph_us(fn: Callable[[], object]) -> float:
         return time_kernel(fn, device, graph=True) * 1e3
 
@@ -139,6 +146,24 @@ def _rows(device: Any) -> list[Row]:
                 f"decode B{batch} ctx{context}", "us",
                 functools.partial(decode_call, args=args), graph_us,
             ))  # fmt: skip
+    lengths = torch.randint(256, 2049, (16,), generator=torch.Generator().manual_seed(0))
+    cu = torch.zeros(17, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    total = int(cu[-1])
+    packed = []
+    for _ in range(3):  # 64 unused rows past the last sequence hold NaN, as serving pads
+        x = rand(total + 64, 16, 128)
+        x[total:] = float("nan")
+        packed.append(x)
+    cu_dev = cu.to(device)
+    for causal in (False, True):
+        pairs = sum(n * (n + 1) / 2 if causal else n * n for n in lengths.tolist())
+        rows.append(Row(
+            f"varlen d128 16 seqs{' causal' if causal else ''}", "TFLOP/s",
+            functools.partial(varlen_call, args=(*packed, cu_dev, cu_dev, int(lengths.max())),
+                              causal=causal),
+            functools.partial(tflops, gflop=4 * 16 * 128 * pairs / 1e9),
+        ))  # fmt: skip
     for batch, seqlen, heads, head_dim in ((1, 128, 8, 64), (1, 512, 16, 128)):
         qkv = tuple(rand(batch, seqlen, heads, head_dim) for _ in range(3))
         rows.append(Row(
@@ -148,13 +173,14 @@ def _rows(device: Any) -> list[Row]:
     return rows
 
 
-def run(base: Path, out: Path | None, rounds: int) -> None:
-    """Time every row for both versions, `rounds` times in alternating order."""
+def run(base: Path, out: Path | None, rounds: int, only: str | None = None) -> None:
+    """Time every row (or those whose name matches `only`, a regular expression) for both
+    versions, `rounds` times in alternating order."""
     import torch
 
     versions = _versions(base)
     device = torch.device("cuda")
-    rows = _rows(device)
+    rows = [r for r in _rows(device) if only is None or re.search(only, r.name)]
     for row in rows:  # compile or load every kernel first
         for mod in versions.values():
             row.call(mod)()
@@ -193,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--base", type=Path, required=True)
     p_run.add_argument("--out", type=Path)
     p_run.add_argument("--rounds", type=int, default=3)
+    p_run.add_argument("--only", help="time only the rows whose name matches this regex")
     args = parser.parse_args(argv)
     if args.command == "export":
         export(args.commit, args.dest)
     else:
-        run(args.base, args.out, args.rounds)
+        run(args.base, args.out, args.rounds, args.only)
     return 0
 
 
