@@ -22,6 +22,7 @@ from cutedsl_kernels.config import DENSE, Layout, MaskSpec
 from sparsek import api, registry, tuning
 from sparsek.launch import dense, launcher
 from sparsek.launch.launcher import ForwardKernel
+from sparsek.masks import CAUSAL, NO_MASK
 from sparsek.reference import reference_attention
 from sparsek.tuning import Workload
 
@@ -165,7 +166,7 @@ def test_single_queries_as_decode(b, sk, h, hkv, mode, d, dtype) -> None:
     causal, top_left = mode != "full", mode == "causal_top_left"
     q, k, v = make_qkv(b, 1, sk, h, hkv, d, dtype, bhsd_storage=top_left, seed=sk + h)
     run_checked(q, k, v, causal, top_left)  # top-left: a causal query sees key 0 only
-    plan = dense.dense_plan(q, k, v, causal, d**-0.5, top_left)
+    plan = dense.dense_plan(q, k, v, CAUSAL if causal else NO_MASK, d**-0.5, top_left)
     assert plan.decode is not None, "planned as decode"
 
 
