@@ -27,7 +27,15 @@ from torch import Tensor
 
 from sparsek import memo, ops  # ops also registers the torch.ops.sparsek ops
 from sparsek.launch import dense, tma
-from sparsek.masks import CAUSAL, NO_MASK, NO_WINDOW, Mask, check_mask_args, make_mask
+from sparsek.masks import (
+    CAUSAL,
+    NO_MASK,
+    NO_SOFTCAP,
+    NO_WINDOW,
+    Mask,
+    check_mask_args,
+    make_mask,
+)
 from sparsek.reference import reference_attention
 from sparsek.registry import ARCH_ENV
 from sparsek.routing import (
@@ -49,7 +57,7 @@ def attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     window_size: tuple[int, int] = NO_WINDOW,
-    softcap: float = 0.0,
+    softcap: float = NO_SOFTCAP,
     sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -100,7 +108,7 @@ def attention(
     if type(return_lse) is bool:  # (no key part: it changes neither checks nor plan)
         signature = _eager_signature(q, k, v, softmax_scale, causal)
         if signature is not None and not (
-            window_size is NO_WINDOW and type(softcap) is float and softcap == 0.0 and sinks is None
+            window_size is NO_WINDOW and softcap is NO_SOFTCAP and sinks is None
         ):  # (the defaults: the signature as it is)
             signature = _mask_signature(signature, window_size, softcap, sinks)
     plan = _SERVED.get(signature) if signature is not None else None
@@ -121,7 +129,7 @@ def attention(
         # The documented CPU path: the op's float32 reference (the correctness oracle).
         cpu_result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
             q, k, v, mask.causal, scale, False, mask.window_left, mask.window_right,
-            mask.softcap, sinks,
+            mask.op_softcap, sinks,
         )  # fmt: skip
         return cpu_result if return_lse else cpu_result[0]
     reasons = (NEEDS_GRAD,) if path is Path.AUTOGRAD else dense_blockers(q, k, v, mask.spec)

@@ -29,7 +29,7 @@ from cutedsl_kernels.config import PACKED
 from sparsek import ops
 from sparsek.launch import kvcache, launcher
 from sparsek.launch.kvcache import KvcachePlan
-from sparsek.masks import NO_WINDOW, check_mask_args, make_mask
+from sparsek.masks import NO_SOFTCAP, NO_WINDOW, check_mask_args, make_mask
 from sparsek.reference_varlen import (
     check_kvcache_values,
     check_varlen_values,
@@ -64,7 +64,7 @@ def attention_varlen(
     causal: bool = False,
     softmax_scale: float | None = None,
     window_size: tuple[int, int] = NO_WINDOW,
-    softcap: float = 0.0,
+    softcap: float = NO_SOFTCAP,
     sinks: Tensor | None = None,
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -171,7 +171,7 @@ def attention_with_kvcache(
     causal: bool = True,
     softmax_scale: float | None = None,
     window_size: tuple[int, int] = NO_WINDOW,
-    softcap: float = 0.0,
+    softcap: float = NO_SOFTCAP,
     sinks: Tensor | None = None,
     num_splits: int = 0,
     return_lse: bool = False,
@@ -295,7 +295,7 @@ def attention_with_kvcache(
         )  # fmt: skip
         out, lse = out.to(q.dtype), lse.to(torch.float32)
     else:
-        extra = (mask.window_left, mask.window_right, mask.softcap, sinks)
+        extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks)
         op_args = (*kv_args, max_seqlen_q, mask.causal, scale, num_splits, *extra)
         if isinstance(plan, KvcachePlan):
             out, lse = ops.attention_with_kvcache_cuda(*op_args, plan)

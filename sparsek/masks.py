@@ -34,6 +34,11 @@ from cutedsl_kernels.config import MaskSpec
 UNBOUNDED = -1
 # The entry points' default window_size (no window); the dense fast path finds it by identity.
 NO_WINDOW = (UNBOUNDED, UNBOUNDED)
+# The entry points' default softcap (none), found by identity too. An int: under
+# torch.compile a float read from a default or a global is a symbolic input, which the
+# argument checks specialize, and dynamo then traces the frame a second time; an int
+# default is a constant there.
+NO_SOFTCAP = 0
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,7 @@ class Mask:
     causal: bool = False
     window_left: int = UNBOUNDED
     window_right: int = UNBOUNDED
-    softcap: float = 0.0
+    softcap: float = NO_SOFTCAP
     sinks: bool = False
 
     @property
@@ -67,6 +72,11 @@ class Mask:
             softcap=self.softcap > 0,
             sinks=self.sinks,
         )
+
+    @property
+    def op_softcap(self) -> float:
+        """`softcap` as a float (the torch ops' and kernels' type): 0.0 without a cap."""
+        return self.softcap if self.softcap > 0 else 0.0
 
     @property
     def is_plain(self) -> bool:

@@ -172,7 +172,7 @@ def call_attention(
     """torch.ops.sparsek.attention (`mask`'s window and softcap, `sinks`); in plain eager
     mode its CUDA kernel is called directly (the dispatcher round trip, Python -> C++ ->
     Python, is pure host overhead there)."""
-    extra = (mask.window_left, mask.window_right, mask.softcap, sinks)
+    extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks)
     if plain_eager(q, k, v):
         return dense.attention(q, k, v, causal, scale, causal_top_left, *extra)
     result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
@@ -285,7 +285,7 @@ def call_attention_varlen(
     """torch.ops.sparsek.attention_varlen (`mask`'s window and softcap, `sinks`), past the
     dispatcher in plain eager mode on CUDA."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    extra = (mask.window_left, mask.window_right, mask.softcap, sinks)
+    extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks)
     if q.is_cuda and plain_eager(q, k, v, cu_seqlens_q, cu_seqlens_k):
         return attention_varlen_cuda(*args, softmax_scale, *extra)
     result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention_varlen(*args, softmax_scale, *extra)

@@ -416,3 +416,40 @@ def test_varlen_and_kvcache_trace_with_masks_under_compile() -> None:
     ):  # fmt: skip
         torch.testing.assert_close(got, eager)
     assert not torch.allclose(first[0], second[0]) and not torch.allclose(first[1], second[1])
+
+
+def test_default_mask_arguments_trace_once_under_compile() -> None:
+    """The three entry points with their default mask arguments under
+    torch.compile(fullgraph=True, dynamic=True) and a backend that runs AOT autograd: one
+    trace each over several lengths. A float default (softcap=0.0) is a symbolic input
+    there; the argument checks specialize it and dynamo traces the frame a second time."""
+    from test_kvcache import make_caches
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    import sparsek
+
+    (kc, vc), _, seqlens = make_caches([6, 5], 8, hkv=2, d=8)
+
+    def dense(q, k):
+        return sparsek.attention(q, k, k, causal=True)
+
+    def varlen(q, k):
+        cu = _cu([q.shape[0] - 3, 3])
+        return sparsek.attention_varlen(q, k, k, cu, cu, q.shape[0], q.shape[0], causal=True)
+
+    def cached(q, k):
+        return sparsek.attention_with_kvcache(q, kc, vc, seqlens)
+
+    for fn, shapes in (
+        (dense, lambda s: ((2, s, 4, 8), (2, s, 2, 8))),
+        (varlen, lambda s: ((s, 4, 8), (s, 2, 8))),
+        (cached, lambda s: ((2, s, 4, 8), (1, 1, 1, 8))),
+    ):
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+        for s in (5, 7, 11):
+            q_shape, k_shape = shapes(s)
+            q, k = torch.randn(q_shape), torch.randn(k_shape)
+            torch.testing.assert_close(compiled(q, k), fn(q, k))
+        assert counter.frame_count == 1, fn.__name__
