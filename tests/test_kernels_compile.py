@@ -12,6 +12,7 @@ import dataclasses
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,51 @@ def test_scheduler_words_agree_with_the_shared_memory_budget() -> None:
     from cutedsl_kernels.hopper import limits
 
     assert limits.SCHED_WORDS == WorkTile.NUM_WORDS
+
+
+def _registered(predicate: Callable[[FmhaFwdConfig], bool]) -> FmhaFwdConfig:
+    return next(c for c in CONFIGS if isinstance(c, FmhaFwdConfig) and predicate(c))
+
+
+def _d256_128x80() -> FmhaFwdConfig:
+    """FlashAttention-3/4's d256 tile: 128x80, 2 stages, which fits by ~1 KiB."""
+    config = _registered(lambda c: c.head_dim == 128 and c.kv_layout == "dense")
+    return dataclasses.replace(
+        config, head_dim=256, tile_m=128, tile_n=80, num_stages=2,
+        persistent=False, dynamic_schedule=False, l2_group_mb=0,
+    )  # fmt: skip
+
+
+SMEM_CASES: dict[str, Callable[[], FmhaFwdConfig]] = {
+    "d128-dynamic": lambda: _registered(
+        lambda c: c.head_dim == 128 and c.dynamic_schedule and not c.is_varlen
+    ),
+    "d64-2ctas": lambda: _registered(lambda c: c.head_dim == 64 and c.ctas_per_sm == 2),
+    "d64-192rows": lambda: _registered(lambda c: c.tile_m == 192 and c.persistent),
+    "d256-128x80": _d256_128x80,
+}
+
+
+@pytest.mark.parametrize("case", SMEM_CASES)
+def test_shared_memory_estimate_is_the_compiled_struct(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`limits.smem_bytes` (what `can_implement` admits by) is the size of the kernel's
+    `SharedStorage` as compiled, byte for byte: an over-estimate refuses tiles that fit
+    (d256 128x80), an under-estimate admits kernels that fail at launch."""
+    pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
+    from cutedsl_kernels.hopper import fmha_fwd, limits
+
+    config = SMEM_CASES[case]()
+    sizes: list[int] = []
+
+    class Recording(fmha_fwd.SmemAllocator):  # type: ignore[misc, name-defined]
+        def allocate(self, size_or_type, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if not isinstance(size_or_type, int):
+                sizes.append(size_or_type.__sizeof__())
+            return super().allocate(size_or_type, *args, **kwargs)
+
+    monkeypatch.setattr(fmha_fwd, "SmemAllocator", Recording)
+    assert build.can_implement(config) == []
+    build.compile_kernel(config)
+    assert sizes == [limits.smem_bytes(config)], config.name

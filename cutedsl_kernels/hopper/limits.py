@@ -22,6 +22,7 @@ REGS_BY_MMA_WARPGROUPS = {
     (1, 2): (32, 224),
 }
 BARRIER_BYTES = 8
+SMEM_ALIGN = 1024  # each tile buffer's alignment, and so the struct's
 ELEMENT_BYTES = 2  # fp16 / bf16, the only element types this kernel takes
 # Dynamic schedule: work tiles in flight from the producer warp to the consumers, each as
 # SCHED_WORDS int32 (`common/tile_scheduler.WorkTile.NUM_WORDS`, which imports the DSL;
@@ -35,14 +36,27 @@ def q_stages(config: FmhaFwdConfig) -> int:
     return 2 if config.persistent else 1
 
 
+def _align(size: int, alignment: int = SMEM_ALIGN) -> int:
+    return -(-size // alignment) * alignment
+
+
 def smem_bytes(config: FmhaFwdConfig) -> int:
-    """Shared memory one CTA needs: the Q stages (reused for O) plus the K and V stages."""
-    q = q_stages(config) * config.tile_m * config.head_dim * ELEMENT_BYTES
-    kv = 2 * config.num_stages * config.tile_n * config.head_dim * ELEMENT_BYTES
+    """Shared memory one CTA needs: `SharedStorage` of `hopper/fmha_fwd.py`, byte for byte.
+
+    Its fields in order: the Q, K and V barriers; the Q stages (reused for O), K stages
+    and V stages, each 1024-B aligned (the 128-B swizzle's atom); the scheduler's barriers
+    and work tiles (always allocated). The struct's size is a multiple of its 1024-B
+    alignment. tests/test_kernels_compile.py checks this against the compiled struct.
+    """
     barriers = (2 * q_stages(config) + 4 * config.num_stages) * BARRIER_BYTES
-    if config.dynamic_schedule:
-        barriers += SCHED_STAGES * (2 * BARRIER_BYTES + 4 * SCHED_WORDS)
-    return q + kv + barriers + 3 * 1024  # alignment of the three buffers
+    q = q_stages(config) * config.tile_m * config.head_dim * ELEMENT_BYTES
+    k = config.num_stages * config.tile_n * config.head_dim * ELEMENT_BYTES
+    v = config.num_stages * config.tile_n * config.value_head_dim * ELEMENT_BYTES
+    offset = barriers
+    for tile in (q, k, v):
+        offset = _align(offset) + tile
+    scheduler = SCHED_STAGES * (2 * BARRIER_BYTES + 4 * SCHED_WORDS)
+    return _align(offset + scheduler)
 
 
 def can_implement(config: FmhaFwdConfig) -> list[str]:
