@@ -64,13 +64,25 @@ DECODE_WORKLOADS = (Workload.DECODE, Workload.DECODE_FILLS_GPU)
 # (arch, head_dim) -> tuning, measured on H100 and H200 (perf/NOTES.md). d128: 128x128
 # with the overlapped, ping-pong main loop. d64: 192x128 (three MMA warpgroups) is +15% at
 # S=8k non-causal; causal keeps 128x128 but for long queries (`LONG_CAUSAL`).
+# d32, d96, d192, d256 (issue: head dims): first rows, chosen on the CPU from the compiled
+# kernels (no spill, no wgmma serialized by ptxas for want of registers, shared memory that
+# fits); GPU measurements replace them row by row. d32 as d64. d96: 192x112, the widest
+# 192-row tile whose three MMA warpgroups stay within 160 registers (192x128 and FA3/FA4's
+# 192x144 serialize every wgmma). d192 and d256 are not persistent (two Q buffers do not fit
+# beside two K/V stages): 128x112 and FlashAttention-3/4's 128x80.
 BASE: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 32): Tuning(tile_m=192, tile_n=128, num_stages=2, persistent=True),
     ("sm_90a", 64): Tuning(tile_m=192, tile_n=128, num_stages=2, persistent=True),
+    ("sm_90a", 96): Tuning(tile_m=192, tile_n=112, num_stages=2, persistent=True),
     ("sm_90a", 128): Tuning(tile_m=128, tile_n=128, num_stages=2, persistent=True),
+    ("sm_90a", 192): Tuning(tile_m=128, tile_n=112, num_stages=2),
+    ("sm_90a", 256): Tuning(tile_m=128, tile_n=80, num_stages=2),
 }
 # Causal rows that differ from the table above.
 CAUSAL: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 32): Tuning(tile_m=128, tile_n=128, num_stages=2, persistent=True),
     ("sm_90a", 64): Tuning(tile_m=128, tile_n=128, num_stages=2, persistent=True),
+    ("sm_90a", 96): Tuning(tile_m=128, tile_n=128, num_stages=2, persistent=True),
 }
 # Dense causal requests of at least LONG_SEQLEN_Q queries (`Workload.LONG_Q`). d64: 192x128
 # against 128x128 (persistent, H200, perf/NOTES.md #17): x0.67 / 0.85 / 0.93 at S = 512 /
@@ -80,7 +92,9 @@ CAUSAL: dict[tuple[str, int], Tuning] = {
 # d128 lost 1-3% at 8k-16k with them and gains +3-4% at 16k-32k one head at a time (8 MiB).
 LONG_SEQLEN_Q = 4096
 LONG_CAUSAL: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 32): Tuning(192, 128, 2, persistent=True, dynamic_schedule=True, l2_group_mb=24),
     ("sm_90a", 64): Tuning(192, 128, 2, persistent=True, dynamic_schedule=True, l2_group_mb=24),
+    ("sm_90a", 96): Tuning(128, 128, 2, persistent=True, dynamic_schedule=True, l2_group_mb=8),
     ("sm_90a", 128): Tuning(128, 128, 2, persistent=True, dynamic_schedule=True, l2_group_mb=8),
 }
 # Dense problems whose 64-row query tiles all fit in one wave, a CTA per SM
@@ -91,8 +105,12 @@ LONG_CAUSAL: dict[tuple[str, int], Tuning] = {
 # (B1 H16 S1k d128 17.3 against 22.9).
 ONE_WAVE_TILE_M = 64
 ONE_WAVE: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 32): Tuning(tile_m=ONE_WAVE_TILE_M, tile_n=128, num_stages=2),
     ("sm_90a", 64): Tuning(tile_m=ONE_WAVE_TILE_M, tile_n=128, num_stages=2),
+    ("sm_90a", 96): Tuning(tile_m=ONE_WAVE_TILE_M, tile_n=128, num_stages=2),
     ("sm_90a", 128): Tuning(tile_m=ONE_WAVE_TILE_M, tile_n=128, num_stages=2),
+    ("sm_90a", 192): Tuning(tile_m=ONE_WAVE_TILE_M, tile_n=112, num_stages=2),
+    ("sm_90a", 256): Tuning(tile_m=ONE_WAVE_TILE_M, tile_n=80, num_stages=2),
 }
 # Packed queries and keys (`attention_varlen`): the persistent CTAs take (query tile, head)
 # tiles heads fastest, in groups of heads whose K/V of the longest sequence take up to this
@@ -108,8 +126,12 @@ PACKED_L2_GROUP_MB = 16
 # +7% / +1% (16- / 64-token pages), B8 4k +3% / +2%, the rest within +-1%; after a flush
 # that leaves the L2 full of dirty lines, +6-10% at 32-128 MiB of K/V, -3-6% from 512 MiB.
 DECODE: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 32): Tuning(tile_m=64, tile_n=128, num_stages=2),
     ("sm_90a", 64): Tuning(tile_m=64, tile_n=128, num_stages=2),
+    ("sm_90a", 96): Tuning(tile_m=64, tile_n=128, num_stages=2, kv_evict_first=True),
     ("sm_90a", 128): Tuning(tile_m=64, tile_n=128, num_stages=2, kv_evict_first=True),
+    ("sm_90a", 192): Tuning(tile_m=64, tile_n=112, num_stages=2, kv_evict_first=True),
+    ("sm_90a", 256): Tuning(tile_m=64, tile_n=80, num_stages=2, kv_evict_first=True),
 }
 # Decode with at least one (sequence, KV head) tile per SM (`Workload.DECODE_FILLS_GPU`,
 # never split): two CTAs per SM, each one's prologue and epilogue under the other's main
@@ -121,6 +143,8 @@ DECODE: dict[tuple[str, int], Tuning] = {
 # before, 0.94-0.99 after); evict-first alone is within +-1% there, and -4% at B1 1k
 # (split rows).
 DECODE_FILLS_GPU: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 32): Tuning(tile_m=64, tile_n=128, num_stages=2, ctas_per_sm=2, kv_evict_first=True),
+    ("sm_90a", 96): Tuning(tile_m=64, tile_n=64, num_stages=2, ctas_per_sm=2, kv_evict_first=True),
     ("sm_90a", 64): Tuning(tile_m=64, tile_n=128, num_stages=2, ctas_per_sm=2, kv_evict_first=True),
     ("sm_90a", 128): Tuning(tile_m=64, tile_n=64, num_stages=2, ctas_per_sm=2, kv_evict_first=True),
 }
