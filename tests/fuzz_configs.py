@@ -25,12 +25,12 @@ causal mask sometimes as `window_size=(-1, 0)` or with a window whose right side
 folds away; softcaps from strong (1-5) to mild (30-50); sink logits `loc + spread * N(0,
 1)` per head, from near zero to large enough to dominate a row's keys.
 
-`generate(seed, count, axes)`: first the coverage block (`coverage_plan`): every (variant x
-cache kind x dtype x head dim) with no mask and with causal, and every other served mask
-on every variant and cache kind (with every dtype and head dim on each path), shuffled;
-then random draws, half of them with a mask beyond causal (55% of the default run's
-configs have a window, softcap or sinks); all from one `random.Random(seed)`: the same
-seed and count give the same list on every machine. Shapes are small (sequences up to
+`generate(seed, count, axes)`: first the coverage block (`coverage_plan`): every served
+mask, no mask and causal included, on every path with every (dtype, head dim) pair and on
+every variant and cache kind that takes it, shuffled; then random draws, half of them with
+a mask beyond causal (79% of the default run's configs have a window, softcap or sinks: ten
+of the twelve masks have one); all from one `random.Random(seed)`: the same seed and count
+give the same list on every machine. Shapes are small (sequences up to
 ~1-2k, one long-query shape of ~4k) and the float64 reference's work is capped
 (`MAX_SEQ_WORK`, `MAX_WORK`).
 
@@ -38,7 +38,7 @@ The kernel pool (`kernel_pool`) is what the configs launch on the GPU at hand: o
 drawn mask's kernels (`registry.mask_kernels(arch, mask)`), those that the configs' paths,
 head dims, dtypes, cache kinds and shapes pick on its SM count (workloads and split
 factors as the launch paths choose them), compiled before the first config runs so that
-none compiles inside the run (~350 kernels for the default run on a 132-SM H100/H200).
+none compiles inside the run (~900 kernels for the default run on a 132-SM H100/H200).
 """
 
 from __future__ import annotations
@@ -410,20 +410,13 @@ class FuzzConfig:
 
 def coverage_plan(axes: Axes) -> list[tuple[str, str, str, int, str]]:
     """(variant, cache kind, dtype, head dim, mask) entries (cache kind "" for the dense and
-    varlen variants): every combination with no mask and with causal; then each other
-    served mask on every variant and cache kind (the SDPA drop-in has none of them), with
-    dtype and head dim in turn so that each mask meets every dtype and head dim on every
-    path (a path with fewer variants than those repeats its variants)."""
-    plan = [
-        (variant, cache_kind, dtype, head_dim, mask)
-        for variant, path in VARIANTS.items()
-        for cache_kind in (axes.caches if path == "kvcache" else ("",))
-        for dtype in axes.dtypes
-        for head_dim in axes.head_dims
-        for mask in axes.plain_masks
-    ]
+    varlen variants): each served mask on every path with every (dtype, head dim) pair, and
+    on every variant and cache kind of the path that takes it (the SDPA drop-in: no mask
+    and causal only); the pairs go round in turn, shifted per mask, so that variants meet
+    different pairs under different masks."""
+    plan = []
     kinds = [(dtype, head_dim) for dtype in axes.dtypes for head_dim in axes.head_dims]
-    for turn, mask in enumerate(axes.feature_masks):
+    for turn, mask in enumerate((*axes.plain_masks, *axes.feature_masks)):
         for path in PATHS:
             slots = [
                 (variant, cache_kind)

@@ -182,7 +182,7 @@ def test_registry_blockers_for_cuda_requests(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(build, "can_implement", lambda c: [])
     monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
     assert routing.registry_blockers(0, 128, "bfloat16", "causal") == ()
-    assert "head_dim=96" in routing.registry_blockers(0, 96, "float16", "full")[0]
+    assert "head_dim=80" in routing.registry_blockers(0, 80, "float16", "full")[0]
     assert "head_dim is not supported" in routing.registry_blockers(0, None, "float16", "full")[0]
     assert "dtype=float32" in routing.registry_blockers(0, 64, "float32", "full")[0]
     monkeypatch.setenv("SPARSEK_ARCH", "sm_80")

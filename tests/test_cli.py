@@ -242,10 +242,9 @@ def test_kernel_paths_cover_every_kernel_and_the_helpers_of_cache_paths() -> Non
 
 
 def test_compile_filter_without_a_match(fake_cache: FakeCompiler, capsys) -> None:
-    assert cli.main(["compile", "--arch", "sm_90a", "--head-dim", "96"]) == 1
-    assert "no kernel of sm_90a matches the filters (registered head dims: 64, 128)" in (
-        capsys.readouterr().out
-    )
+    assert cli.main(["compile", "--arch", "sm_90a", "--head-dim", "80"]) == 1
+    registered = "registered head dims: 32, 64, 96, 128, 192, 256"
+    assert f"no kernel of sm_90a matches the filters ({registered})" in (capsys.readouterr().out)
     assert fake_cache.count() == 0
 
 
@@ -434,7 +433,10 @@ def test_info_prints_a_matrix_and_a_summary_not_the_entries(
     header = next(line for line in lines if line.split()[:3] == ["arch", "head_dim", "dtype"])
     assert header.split()[3:] == [*precompile.PATHS, "kernels"]
     matrix = [line.split() for line in lines if line.startswith("  sm_90a ")]
-    assert len(matrix) == 4 and all(row[3:5] == ["full,", "causal"] for row in matrix)
+    assert len(matrix) == 12 and all(row[3:5] == ["full,", "causal"] for row in matrix)
+    assert [row[1] for row in matrix] == [
+        str(d) for d in (32, 32, 64, 64, 96, 96, 128, 128, 192, 192, 256, 256)
+    ]
     assert not any("fmha_fwd" in line for line in lines)
     assert "  sm_90a: 5 of " in "\n".join(lines)
 

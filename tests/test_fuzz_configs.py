@@ -28,6 +28,7 @@ from fuzz_configs import (
     COUNT_ENV,
     DEFAULT_COUNT,
     DEFAULT_SEED,
+    MASKED_SHARE,
     NO_WINDOW,
     ONLY_ENV,
     PATHS,
@@ -36,6 +37,7 @@ from fuzz_configs import (
     VIEWS,
     FuzzConfig,
     configs_from_env,
+    coverage_plan,
     generate,
     is_plain,
     kernel_pool,
@@ -135,14 +137,22 @@ def test_every_mask_meets_every_variant_and_cache_kind(configs: list[FuzzConfig]
     assert caches == {(kind, mask) for kind in axes.caches for mask in axes.masks}
 
 
-def test_about_half_the_configs_have_a_window_softcap_or_sinks(
+def test_masks_share_the_coverage_block_and_half_the_random_draws(
     configs: list[FuzzConfig],
 ) -> None:
-    """About half of the default run asks for a window, softcap or sinks, with window
-    sizes at the edges (0, 1, about a tile), strong and mild softcaps and sinks that
-    dominate their rows."""
+    """The coverage block gives every served mask the same share (each on every path with
+    every dtype and head dim); about half of the random draws after it ask for a window,
+    softcap or sinks; window sizes reach the edges (0, 1, about a tile), softcaps are
+    strong and mild, and some sinks dominate their rows."""
+    axes = registry_axes(ARCHES[0])
+    plan = coverage_plan(axes)
+    per_mask = collections.Counter(entry[4] for entry in plan)
+    assert set(per_mask) == set(axes.masks) and len(set(per_mask.values())) == 1, per_mask
+    drawn = configs[len(plan) :]
+    assert len(drawn) >= 50
+    share = sum(not is_plain(c.mask) for c in drawn) / len(drawn)
+    assert abs(share - MASKED_SHARE) <= 0.12, share
     masked = [c for c in configs if not is_plain(c.mask)]
-    assert 0.4 <= len(masked) / len(configs) <= 0.6, len(masked)
     windows = [c.window for c in masked if c.spec.window]
     sizes = {size for window in windows for size in window}
     assert {0, 1, 63, 64, 127, 128, 129} <= sizes, sorted(sizes)

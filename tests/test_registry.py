@@ -47,20 +47,31 @@ def kernels_accept_all(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_sm90_table() -> None:
     configs = registry.registered_configs("sm_90a")
-    assert len(configs) == 8
+    assert len(configs) == 24
     assert {(c.head_dim, c.dtypes.qk, c.mask.causal) for c in configs} == {
-        (d, t, c) for d in (64, 128) for t in ("float16", "bfloat16") for c in (False, True)
+        (d, t, c)
+        for d in (32, 64, 96, 128, 192, 256)
+        for t in ("float16", "bfloat16")
+        for c in (False, True)
     }
     assert all(c.dtypes == ElementTypes.uniform(c.dtypes.qk) for c in configs)
     assert all(c.value_head_dim == c.head_dim and c.mask in registry.MASKS for c in configs)
     tiles = {(c.head_dim, c.mask.causal): (c.tile_m, c.tile_n, c.num_stages) for c in configs}
     assert tiles == {
+        (32, False): (192, 128, 2),
+        (32, True): (128, 128, 2),
         (64, False): (192, 128, 2),  # three MMA warpgroups: +15% at S=8k (perf/NOTES.md)
         (64, True): (128, 128, 2),  # 192x128 for long queries (Workload.LONG_Q)
+        (96, False): (192, 112, 2),  # the widest 192-row tile within 160 registers
+        (96, True): (128, 128, 2),
         (128, False): (128, 128, 2),
         (128, True): (128, 128, 2),
+        (192, False): (128, 112, 2),
+        (192, True): (128, 112, 2),
+        (256, False): (128, 80, 2),  # FlashAttention-3/4's tile; fits by 1 KiB
+        (256, True): (128, 80, 2),
     }
-    assert len({c.name for c in configs}) == 8
+    assert len({c.name for c in configs}) == 24
     assert registry.registered_arches() == ["sm_90a"]
     assert registry.registered_configs("sm_80") == []
 
@@ -80,10 +91,15 @@ def test_lookup_returns_registered_config(dtype: torch.dtype | str) -> None:
 @pytest.mark.parametrize(
     ("arch", "head_dim", "dtype", "fragments"),
     [
-        ("sm_90a", 96, torch.float16, ["head_dim=96 is not supported on sm_90a", "64, 128"]),
+        (
+            "sm_90a",
+            80,
+            torch.float16,
+            ["head_dim=80 is not supported on sm_90a", "32, 64, 96, 128, 192, 256"],
+        ),
         ("sm_90a", 64, torch.float32, ["dtype=float32 is not supported", "float16, bfloat16"]),
         ("sm_80", 64, torch.float16, ["arch=sm_80 has no registered kernels", "sm_90a"]),
-        ("sm_90a", 256, torch.float64, ["head_dim=256", "dtype=float64"]),
+        ("sm_90a", 80, torch.float64, ["head_dim=80", "dtype=float64"]),
     ],
 )
 def test_lookup_refusals_carry_every_reason(
@@ -152,9 +168,10 @@ def test_decode_workloads_take_64_row_tiles(head_dim: int, layout: tuple[str, in
 
 
 def test_only_decode_kernels_load_kv_evict_first() -> None:
-    """Decode reads each K/V byte once (evict-first, perf/NOTES.md #45, #49): every d128
-    decode kernel and d64's two-CTAs-per-SM ones (its split rows lose at B1: not there);
-    every other kernel may read a key tile again from the L2 (another query tile or head)."""
+    """Decode reads each K/V byte once (evict-first, perf/NOTES.md #45, #49): every decode
+    kernel from d96 up (d128 measured) and the two-CTAs-per-SM ones of d32 / d64 / d96 (d64's
+    split rows lose at B1: not there); every other kernel may read a key tile again from
+    the L2 (another query tile or head)."""
     kernels = [c for c in registry.registered_kernels("sm_90a") if isinstance(c, FmhaFwdConfig)]
     evict_first = {c for c in kernels if c.kv_evict_first}
     decode = {
@@ -162,11 +179,13 @@ def test_only_decode_kernels_load_kv_evict_first() -> None:
         for c in kernels
         if c.tile_m == 64 and c.kv_layout != "dense" and (c.single_query or not c.varlen_q)
     }
-    assert evict_first == {c for c in decode if c.head_dim == 128 or c.ctas_per_sm == 2}
+    assert evict_first == {c for c in decode if c.head_dim >= 96 or c.ctas_per_sm == 2}
+    one_cta = [(d, split, 1) for d in (96, 128, 192, 256) for split in (False, True)]
+    two_ctas = [(d, False, 2) for d in (32, 64, 96, 128)]
     assert {(c.head_dim, c.kv_layout, c.split_kv, c.ctas_per_sm) for c in evict_first} == {
         (d, layout, split, ctas)
         for layout in ("cache", "paged")
-        for d, split, ctas in ((128, False, 1), (128, True, 1), (128, False, 2), (64, False, 2))
+        for d, split, ctas in one_cta + two_ctas
     }
     assert all(c.name.endswith("_ef") for c in evict_first)
 
@@ -212,23 +231,26 @@ def test_persistent_for_dense_and_packed() -> None:
     persistent = {
         (c.head_dim, c.dtypes.qk, c.mask.causal, c.varlen_q) for c in kernels if c.persistent
     }
+    # Two Q buffers do not fit beside d192's and d256's K/V stages: not persistent.
+    persistent_dims = (32, 64, 96, 128)
     assert persistent == {
         (d, t, c, v)
-        for d in (64, 128)
+        for d in persistent_dims
         for t in ("float16", "bfloat16")
         for c in (False, True)
         for v in (False, True)
     }
     one_wave = {
         registry.lookup("sm_90a", d, t, m, DENSE, Workload.ONE_WAVE)
-        for d in (64, 128)
+        for d in registry.registered_head_dims("sm_90a")
         for t in ("float16", "bfloat16")
         for m in registry.MASKS
     }
     assert one_wave <= set(kernels)
     for config in kernels:
         scheduled = config.kv_layout in ("dense", "varlen") and not config.split_kv
-        assert config.persistent == (scheduled and config not in one_wave), config.name
+        expected = scheduled and config not in one_wave and config.head_dim in persistent_dims
+        assert config.persistent == expected, config.name
 
 
 @pytest.mark.parametrize(

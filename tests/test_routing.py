@@ -141,5 +141,5 @@ def test_cuda_dense_blockers_read_no_device(monkeypatch: pytest.MonkeyPatch) -> 
     q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
     assert routing.cuda_dense_blockers(0, q, q, CAUSAL) == ()
     assert "value head_dim=32" in routing.cuda_dense_blockers(0, q, q[..., :32], CAUSAL)[0]
-    assert "head_dim=32" in routing.cuda_dense_blockers(0, q[..., :32], q[..., :32], NO_MASK)[0]
+    assert "head_dim=16" in routing.cuda_dense_blockers(0, q[..., :16], q[..., :16], NO_MASK)[0]
     assert "dtype=float32" in routing.cuda_dense_blockers(None, q.float(), q.float(), NO_MASK)[0]

@@ -118,7 +118,8 @@ TABLE: dict[str, Call] = {
     "head-dim-128": row(lambda: qkv(d=128), served=True),
     "float32": row(lambda: qkv(dtype=torch.float32)),
     "float64": row(lambda: qkv(dtype=torch.float64)),
-    "head-dim-32": row(lambda: qkv(d=32)),
+    "head-dim-32": row(lambda: qkv(d=32), served=True),
+    "head-dim-80": row(lambda: qkv(d=80)),
     # grouped-query attention
     "gqa": row(lambda: qkv(h=8, hkv=2), served=True, enable_gqa=True),
     "mqa-causal": row(lambda: qkv(h=8, hkv=1), served=True, enable_gqa=True, is_causal=True),

@@ -185,7 +185,10 @@ def test_validate_configuration_accepts_the_supported_config() -> None:
 @pytest.mark.parametrize(
     ("changes", "fragment"),
     [
-        ({"head_size": 96}, "head_size=96 is not supported (supported: 64, 128)"),
+        (
+            {"head_size": 80},
+            "head_size=80 is not supported (supported: 32, 64, 96, 128, 192, 256)",
+        ),
         ({"dtype": torch.float32}, "dtype=torch.float32 is not supported"),
         ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8 is not supported"),
         ({"kv_cache_dtype": "float16"}, "differs from the model dtype bfloat16"),
@@ -204,7 +207,7 @@ def test_validate_configuration_names_what_is_unsupported(changes: dict, fragmen
 
 
 def test_declared_capabilities() -> None:
-    assert SparseKBackend.get_supported_head_sizes() == [64, 128]
+    assert SparseKBackend.get_supported_head_sizes() == [32, 64, 96, 128, 192, 256]
     assert SparseKBackend.supports_block_size(16) and SparseKBackend.supports_block_size(64)
     assert not SparseKBackend.supports_block_size(24)
     assert SparseKBackend.forward_includes_kv_cache_update is False

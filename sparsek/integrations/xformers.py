@@ -11,7 +11,7 @@ kernels; CPU tensors run sparsek's float32 reference (the correctness oracle, no
 path), so code written against this operator also runs on a machine without a GPU.
 
 Supported (everything else is refused by `not_supported_reasons`, with the reason):
-  * devices: cuda (compute capability 9.0 with a registered kernel: head_dim 64 or 128),
+  * devices: cuda (compute capability 9.0, head_dim 32, 64, 96, 128, 192 or 256),
     cpu (any head_dim; float16 only, since xFormers refuses bfloat16 off the GPU);
   * dtypes: float16, bfloat16; key/value head_dim equal to query's;
   * attn_bias: None, LowerTriangularMask (causal, top-left aligned),
@@ -137,7 +137,7 @@ class SparseKAttention(AttentionFwOpBase):  # type: ignore[misc]
     CUDA_MINIMUM_COMPUTE_CAPABILITY = (9, 0)
     SUPPORTED_DTYPES: set[torch.dtype] = {torch.float16, torch.bfloat16}  # noqa: RUF012
     # Head dims are checked per device in `not_supported_reasons`: on CUDA the registry's
-    # (64, 128 on sm_90a), on CPU any (the reference is exact for every head_dim).
+    # (32, 64, 96, 128, 192, 256 on sm_90a), on CPU any (the reference is exact for every head_dim).
     SUPPORTED_MAX_K = math.inf
     SUPPORTED_MIN_K = 1
     SUPPORTED_ATTN_BIAS_TYPES: tuple[Any, ...] = (*_DENSE, *_BLOCK_DIAGONAL)

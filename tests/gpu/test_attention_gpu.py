@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.sm90, pytest.mark.usefixtures("strict
 
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 2e-3}
 DTYPES = [torch.float16, torch.bfloat16]
-HEAD_DIMS = [64, 128]
+HEAD_DIMS = registry.registered_head_dims("sm_90a")
 
 # (batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, causal)
 SHAPES = [

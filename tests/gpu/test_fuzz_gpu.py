@@ -19,13 +19,14 @@ entry point takes `out=`), so unwritten elements fail. Fallbacks are disabled
 (`SPARSEK_STRICT=1`), so every config runs a kernel.
 
 Configs (`tests/fuzz_configs.py`, inputs and check in `tests/fuzz_cases.py`): a coverage
-block of every (variant x cache kind x dtype x head dim) with no mask and causal and of
-every other mask on every variant and cache kind, then random draws (about half of all
-configs with a window, softcap or sinks); zero-length sequences, NaN in packed rows past
-cu_seqlens[-1] and in unused cache slots, odd lengths, Sq != Sk, GQA/MQA, strided, padded
-and misaligned views, permuted block tables; windows of 0, 1, a few keys, about a tile and
-past the sequence, one- and two-sided, with and without causal; strong to mild softcaps;
-sinks from negligible to dominating.
+block of every served mask (no mask and causal included) on every path with every dtype
+and head dim and on every variant and cache kind that takes it, then random draws (half
+of them, and about four fifths of all configs, with a window, softcap or sinks);
+zero-length sequences, NaN in packed rows past cu_seqlens[-1] and in unused cache slots,
+odd lengths, Sq != Sk, GQA/MQA, strided, padded and misaligned views, permuted block
+tables; windows of 0, 1, a few keys, about a tile and past the sequence, one- and
+two-sided, with and without causal; strong to mild softcaps; sinks from negligible to
+dominating.
 Environment: `SPARSEK_FUZZ_SEED` (default 20261207), `SPARSEK_FUZZ_CONFIGS` (default 600),
 `SPARSEK_FUZZ_ONLY=3,17` (run those indexes of that list), `SPARSEK_FUZZ_REPORT=<file>`
 (the summary is written there too), `SPARSEK_FUZZ_JOBS` (processes that precompile the

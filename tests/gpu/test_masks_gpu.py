@@ -17,12 +17,14 @@ import pytest
 import torch
 
 import sparsek
+from sparsek import registry
 from sparsek.masks import make_mask, reference_scores, reference_softmax, visible
 from sparsek.reference import causal_offset, reference_attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm90, pytest.mark.usefixtures("strict_and_poisoned")]
 
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 2e-3}
+HEAD_DIMS = registry.registered_head_dims("sm_90a")
 
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, causal, window, softcap, sinks)
 CASES = [
@@ -61,7 +63,7 @@ def peer_attention(q, k, v, causal, window, softcap, sinks, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize(
     ("b", "sq", "sk", "h", "hkv", "causal", "window", "softcap", "with_sinks"), CASES
 )
@@ -161,7 +163,7 @@ def mask_inputs(case, h, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("case", SEQ_MASKS, ids=str)
 def test_varlen_masks_match_the_reference(case, head_dim, dtype) -> None:
     """Packed sequences (an empty one, Sq != Sk, odd lengths) with NaN K/V padding past
@@ -210,15 +212,16 @@ def paged_cache(lens, capacity, hkv, d, dtype, gen, page=16):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "3-splits"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("case", SEQ_MASKS, ids=str)
-def test_kvcache_masks_match_the_reference(case, paged, num_splits, dtype) -> None:
+def test_kvcache_masks_match_the_reference(case, paged, num_splits, head_dim, dtype) -> None:
     """Decode (one query per sequence, GQA heads as a tile's rows unless windowed) and
     chunked prefill over a contiguous or paged cache, split or not (split partials leave
     the sinks to the combine)."""
     gen = torch.Generator(device="cuda").manual_seed(13)
-    lens, h, hkv, d, capacity = [700, 1, 129, 1024, 33], 8, 2, 128, 1024
+    lens, h, hkv, d, capacity = [700, 1, 129, 1024, 33], 8, 2, head_dim, 1024
     mask_args = mask_inputs(case, h, gen)
     causal, window, softcap, sinks = mask_args
     k, v, kp, vp, table = paged_cache(lens, capacity, hkv, d, dtype, gen)

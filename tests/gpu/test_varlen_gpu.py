@@ -41,6 +41,7 @@ from torch import Tensor
 
 import sparsek
 from cutedsl_kernels.config import DENSE
+from sparsek import registry
 from sparsek.launch import launcher
 from sparsek.tuning import Workload
 
@@ -49,7 +50,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.sm90, pytest.mark.usefixtures("strict
 DEVICE = "cuda"
 DTYPES = [torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp16", "bf16"]
-HEAD_DIMS = [64, 128]
+HEAD_DIMS = registry.registered_head_dims("sm_90a")
 # Feature tests run two corners of (dtype, head_dim), not the full matrix: each
 # (dtype, head_dim, causal, layout, ...) combination may be a kernel compile (~5 s cold).
 CORNERS = [

@@ -10,7 +10,8 @@ it reads the backend name. This module holds the backend itself:
 
   * `SparseKBackend` declares what it serves (the selector refuses anything else, with
     the reasons from `validate_configuration`): decoder self-attention, causal; head
-    sizes and compute capabilities with a registered sparsek kernel (64 and 128 on 9.0);
+    sizes and compute capabilities with a registered sparsek kernel (32, 64, 96, 128,
+    192 and 256 on 9.0);
     float16 / bfloat16 with a KV cache of the same dtype ("auto"); kernel block sizes that
     are multiples of 16; layers with a sliding window, a logits soft cap and attention
     sinks (gpt-oss has windows and sinks), alone or together. Not supported (refused):
