@@ -46,6 +46,7 @@ PROVIDERS: tuple[str, ...] = ("sparsek", "sdpa_flash", "sdpa_cudnn", "sdpa_effic
 VARLEN_SUITE = "varlen"
 DECODE_SUITE = "decode"
 MASKS_SUITE = "masks"
+HEAD_DIMS_SUITE = "head_dims"
 SUITES: tuple[str, ...] = (
     "first_call",
     "grid",
@@ -60,7 +61,7 @@ XFORMERS_SUITE = "xformers"
 XFORMERS_PROVIDER = "sparsek_xformers"
 FA3_PROVIDER = "fa3"
 OPT_IN_PROVIDERS: tuple[str, ...] = (XFORMERS_PROVIDER, FA3_PROVIDER)
-OPT_IN_SUITES: tuple[str, ...] = (XFORMERS_SUITE, MASKS_SUITE)
+OPT_IN_SUITES: tuple[str, ...] = (XFORMERS_SUITE, MASKS_SUITE, HEAD_DIMS_SUITE)
 ALL_PROVIDERS: tuple[str, ...] = PROVIDERS + OPT_IN_PROVIDERS
 ALL_SUITES: tuple[str, ...] = SUITES + OPT_IN_SUITES
 # Providers of the xformers suite when --providers is not given (fa4 cannot share the process).
@@ -81,6 +82,7 @@ KINDS_BY_SUITE: dict[str, tuple[str, ...]] = {
     DECODE_SUITE: ("kernel",),
     XFORMERS_SUITE: ("kernel",),
     MASKS_SUITE: ("kernel",),
+    HEAD_DIMS_SUITE: ("kernel",),
 }
 # Suites whose rows exist for sparsek only (they time sparsek's compile cache).
 SPARSEK_ONLY_SUITES: frozenset[str] = frozenset({"first_call"})
@@ -176,6 +178,10 @@ GRID_TOKENS = 16 * 1024
 GRID_HIDDEN = 2048
 GRID_SEQLENS: tuple[int, ...] = (512, 1024, 2048, 4096, 8192, 16384)
 GRID_HEAD_DIMS: tuple[int, ...] = (64, 128)
+# The head_dims suite (opt-in): the same grid for the other registered head dims, S >= 1k,
+# beside FlashAttention-3 too (it serves head dims 64-256 in bf16).
+HEAD_DIMS_GRID: tuple[int, ...] = (32, 96, 192, 256)
+HEAD_DIMS_SEQLENS: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
 CAUSAL_FLAGS: tuple[bool, ...] = (False, True)
 
 # varlen: GRID_TOKENS packed into 16 sequences whose lengths come from a fixed seed (not
@@ -615,14 +621,14 @@ def varlen_seqlens(
     return tuple(lengths)
 
 
-def _grid(seqlens: tuple[int, ...], head_dims: tuple[int, ...]) -> list[Case]:
+def _grid(seqlens: tuple[int, ...], head_dims: tuple[int, ...], suite: str = "grid") -> list[Case]:
     cases = []
     for head_dim in head_dims:
         heads = GRID_HIDDEN // head_dim
         for causal in CAUSAL_FLAGS:
             for seqlen in seqlens:
                 batch = GRID_TOKENS // seqlen
-                cases.append(Case("grid", batch, seqlen, seqlen, heads, heads, head_dim, causal))
+                cases.append(Case(suite, batch, seqlen, seqlen, heads, heads, head_dim, causal))
     return cases
 
 
@@ -837,6 +843,7 @@ def full_cases() -> list[Case]:
         + _decode(DECODE_BATCHES, DECODE_CONTEXTS, DECODE_BLOCK_SIZES)
         + _xformers(4, 2048, (1024, 4096), 16, 128, varlen_seqlens())
         + _masks_full()
+        + _grid(HEAD_DIMS_SEQLENS, HEAD_DIMS_GRID, HEAD_DIMS_SUITE)
     )
 
 
@@ -888,6 +895,7 @@ def dry_run_cases() -> list[Case]:
     cases += _masks(
         2, 80, (4, 2), 32, 24, decode_batches=(3,), decode=(64, 16, 4, 2, 32), decode_window_left=20
     )
+    cases += [Case(HEAD_DIMS_SUITE, 2, 64, 64, 2, 2, d, True) for d in HEAD_DIMS_GRID]
     return cases
 
 
@@ -899,21 +907,24 @@ def select(cases: list[Case], suites: tuple[str, ...]) -> list[Case]:
 def providers_for(case: Case, providers: tuple[str, ...]) -> tuple[str, ...]:
     """Providers measured on `case` (first_call times sparsek alone; sparsek_xformers and
     the xformers suite go only together, and never with fa4; the masks suite takes
-    sparsek, fa4 and fa3, and fa3 plays there only)."""
+    sparsek, fa4 and fa3; fa3 plays there and in the head_dims suite only)."""
     if case.suite in SPARSEK_ONLY_SUITES:
         return tuple(p for p in providers if p == "sparsek")
     if case.suite == MASKS_SUITE:
         return tuple(p for p in providers if p in MASKS_PROVIDERS)
     if case.suite == XFORMERS_SUITE:
         return tuple(p for p in providers if p not in ("fa4", FA3_PROVIDER))
+    if case.suite == HEAD_DIMS_SUITE:
+        return tuple(p for p in providers if p != XFORMERS_PROVIDER)
     return tuple(p for p in providers if p not in (XFORMERS_PROVIDER, FA3_PROVIDER))
 
 
 def default_providers(suites: tuple[str, ...]) -> tuple[str, ...]:
     """Providers when --providers is not given: the xformers set if that suite is asked for,
-    else the defaults; fa3 added when the masks suite is asked for."""
+    else the defaults; fa3 added when the masks or head_dims suite is asked for."""
     chosen = XFORMERS_SUITE_PROVIDERS if XFORMERS_SUITE in suites else PROVIDERS
-    return (*chosen, FA3_PROVIDER) if MASKS_SUITE in suites else chosen
+    with_fa3 = MASKS_SUITE in suites or HEAD_DIMS_SUITE in suites
+    return (*chosen, FA3_PROVIDER) if with_fa3 else chosen
 
 
 def conflict(suites: tuple[str, ...], providers: tuple[str, ...]) -> str | None:

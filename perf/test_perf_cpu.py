@@ -310,3 +310,23 @@ def test_l2_flush_choices() -> None:
         timing.time_kernel(lambda: None, cpu, l2_flush="dirty")
     assert bench_fmha.parse_args(["--l2-flush", "write", "--dry-run"]).l2_flush == "write"
     assert bench_fmha.parse_args(["--dry-run"]).l2_flush == timing.L2_FLUSH
+
+
+def test_head_dims_suite_is_opt_in_beside_fa3() -> None:
+    """The head_dims suite: the grid (B x S = 16k tokens, H = 2048 // D, so 21 heads of
+    96) at S 1k..16k for every registered head dim the default grid lacks, beside
+    FlashAttention-3 too."""
+    from perf import bench_fmha, shapes
+    from sparsek import registry
+
+    suite = shapes.HEAD_DIMS_SUITE
+    assert suite not in shapes.SUITES and suite in shapes.ALL_SUITES
+    chosen = bench_fmha.parse_args(["--list", "--suites", suite])
+    assert chosen.providers == (*shapes.PROVIDERS, "fa3")
+    cases = shapes.select(shapes.full_cases(), (suite,))
+    dims = set(registry.registered_head_dims("sm_90a")) - set(shapes.GRID_HEAD_DIMS)
+    assert {c.head_dim for c in cases} == dims
+    for case in cases:
+        assert case.batch * case.seqlen_q == shapes.GRID_TOKENS
+        assert case.num_heads == shapes.GRID_HIDDEN // case.head_dim
+    assert len(cases) == len(dims) * 2 * len(shapes.HEAD_DIMS_SEQLENS)

@@ -68,11 +68,12 @@ def test_masks_suite_is_opt_in_and_plans_the_targets(capsys: pytest.CaptureFixtu
         (c.seqlen_q, c.num_heads, c.num_kv_heads, c.head_dim, c.causal) == (1, 32, 8, 128, True)
         for c in decode
     )
-    # Peers: sparsek, fa4, fa3 only; fa3 nowhere else.
+    # Peers: sparsek, fa4, fa3 only; fa3 elsewhere in the head_dims suite only.
     assert shapes.providers_for(cases[0], shapes.ALL_PROVIDERS) == ("sparsek", "fa4", "fa3")
     for case in shapes.full_cases():
         if case.suite != MASKS:
-            assert "fa3" not in shapes.providers_for(case, shapes.ALL_PROVIDERS)
+            fa3 = "fa3" in shapes.providers_for(case, shapes.ALL_PROVIDERS)
+            assert fa3 == (case.suite == shapes.HEAD_DIMS_SUITE)
             assert case.softcap == 0 and not case.sinks
             # A window elsewhere: the xformers suite's local biases only.
             assert (case.window == shapes.NO_WINDOW) == (case.bias not in shapes.LOCAL_BIASES)
