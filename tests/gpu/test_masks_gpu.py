@@ -63,7 +63,7 @@ def peer_attention(q, k, v, causal, window, softcap, sinks, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize(
     ("b", "sq", "sk", "h", "hkv", "causal", "window", "softcap", "with_sinks"), CASES
 )
@@ -163,7 +163,7 @@ def mask_inputs(case, h, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("case", SEQ_MASKS, ids=str)
 def test_varlen_masks_match_the_reference(case, head_dim, dtype) -> None:
     """Packed sequences (an empty one, Sq != Sk, odd lengths) with NaN K/V padding past
@@ -212,7 +212,7 @@ def paged_cache(lens, capacity, hkv, d, dtype, gen, page=16):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "3-splits"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("case", SEQ_MASKS, ids=str)
