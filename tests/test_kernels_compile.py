@@ -81,7 +81,8 @@ def test_kernels_accept_every_base_the_launch_path_passes() -> None:
         ({"num_stages": 0}, "num_stages=0"),
         ({"head_dim": 256, "num_stages": 4}, "shared memory"),
         ({"arch": "sm_80"}, "sm_80"),
-        ({"head_dim_v": 64}, "head_dim_v=64 must equal head_dim=128"),
+        ({"head_dim_v": 96}, "head_dim_v=96 must equal head_dim=128, or be smaller with both"),
+        ({"head_dim_v": 192}, "head_dim_v=192 must equal head_dim=128"),
         ({"mask": MaskSpec(causal=True, window=True)}, "a causal window is the window"),
         (
             {"mask": MaskSpec(sinks=True), "kv_layout": "paged", "page_size": 16, "split_kv": True},
@@ -210,6 +211,15 @@ def _d256_128x80() -> FmhaFwdConfig:
     )  # fmt: skip
 
 
+def _d192_v128() -> FmhaFwdConfig:
+    """DeepSeek-style MLA prefill: q/k 192 wide, v/o 128 wide, 128x128 tiles."""
+    config = _registered(lambda c: c.head_dim == 128 and c.kv_layout == "dense")
+    return dataclasses.replace(
+        config, head_dim=192, head_dim_v=128, tile_m=128, tile_n=128, num_stages=2,
+        persistent=False, dynamic_schedule=False, l2_group_mb=0,
+    )  # fmt: skip
+
+
 SMEM_CASES: dict[str, Callable[[], FmhaFwdConfig]] = {
     "d128-dynamic": lambda: _registered(
         lambda c: c.head_dim == 128 and c.dynamic_schedule and not c.is_varlen
@@ -217,6 +227,7 @@ SMEM_CASES: dict[str, Callable[[], FmhaFwdConfig]] = {
     "d64-2ctas": lambda: _registered(lambda c: c.head_dim == 64 and c.ctas_per_sm == 2),
     "d64-192rows": lambda: _registered(lambda c: c.tile_m == 192 and c.persistent),
     "d256-128x80": _d256_128x80,
+    "d192v128-128x128": _d192_v128,
 }
 
 

@@ -15,9 +15,11 @@ visible key give O = 0 and LSE = -inf.
 
 Features and limits (`limits.can_implement` says why a config is refused):
 - fp16 / bf16 in and out (Q, K, V and O of one type), fp32 accumulation; head_dim a
-  multiple of 16 up to 256 whose tiles fit shared memory (the registry enables 64 and
-  128); head_dim_v = head_dim; masks (`MaskSpec`): none, causal or window, each with
-  or without softcap and sinks (a causal window is the window with right size 0).
+  multiple of 16 up to 256 whose tiles fit shared memory (the registry enables 32, 64,
+  96, 128, 192 and 256); head_dim_v (V and O) = head_dim, or smaller with both multiples
+  of 64 (one 128-byte swizzle: O is staged in Q's buffer), e.g. (192, 128); masks
+  (`MaskSpec`): none, causal or window, each with or without softcap and sinks (a causal
+  window is the window with right size 0).
 - Any seqlen_q, seqlen_k >= 1; residual tiles are zero-filled by TMA and masked.
 - Layout (batch, seqlen, heads, head_dim) with any strides that TMA accepts (last dim
   contiguous, others multiples of 16 bytes); one compiled kernel serves every shape. The
@@ -107,6 +109,7 @@ class HopperFmhaForward:
         self.v_dtype = dsl_type(config.dtypes.v)
         self.out_dtype = dsl_type(config.dtypes.out)
         self.head_dim = config.head_dim
+        self.head_dim_v = config.value_head_dim
         self.tile_m = config.tile_m
         self.tile_n = config.tile_n
         self.num_stages = config.num_stages
@@ -250,7 +253,7 @@ class HopperFmhaForward:
             OperandMajorMode.MN,
             Float32,
             atom_layout_mnk=(self.num_mma_warpgroups, 1, 1),
-            tiler_mn=(ROWS_PER_MMA_WARPGROUP, self.head_dim),
+            tiler_mn=(ROWS_PER_MMA_WARPGROUP, self.head_dim_v),
             a_source=warpgroup.OperandSource.RMEM,  # P stays in registers
         )
 
@@ -260,24 +263,32 @@ class HopperFmhaForward:
         # Paged K/V tiles are filled box by box: each box of rows must be contiguous.
         kv_box_rows = self.producer.kv_box_rows
         sK_layout = self._smem_layout(self.qk_dtype, self.tile_n, self.num_stages, self.paged)
-        sV_layout = self._smem_layout(self.v_dtype, self.tile_n, self.num_stages, self.paged)
+        sV_layout = self._smem_layout(
+            self.v_dtype, self.tile_n, self.num_stages, self.paged, self.head_dim_v
+        )
         box = (kv_box_rows, self.head_dim)
         sKV_box = self._smem_layout(self.qk_dtype, kv_box_rows, None, self.paged)
+        box_v = (kv_box_rows, self.head_dim_v)
+        sV_box = self._smem_layout(self.v_dtype, kv_box_rows, None, self.paged, self.head_dim_v)
+        # O (tile_m, head_dim_v) is staged in Q's buffer: the same tile when the two agree.
+        sO_tile = sQ_tile
+        if const_expr(self.head_dim_v != self.head_dim):
+            sO_tile = self._smem_layout(self.out_dtype, self.tile_m, None, False, self.head_dim_v)
 
         tma_load = cpasync.CopyBulkTensorTileG2SOp()
         tma_atom_Q, tma_Q = cpasync.make_tiled_tma_atom(
             tma_load, mQ, sQ_tile, (self.tile_m, self.head_dim)
         )
         tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(tma_load, mK, sKV_box, box, 1)
-        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(tma_load, mV, sKV_box, box, 1)
+        tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(tma_load, mV, sV_box, box_v, 1)
         tma_atom_O, tma_O = None, None
         if const_expr(not self.split_kv):
             tma_atom_O, tma_O = cpasync.make_tiled_tma_atom(
-                cpasync.CopyBulkTensorTileS2GOp(), mO, sQ_tile, (self.tile_m, self.head_dim)
+                cpasync.CopyBulkTensorTileS2GOp(), mO, sO_tile, (self.tile_m, self.head_dim_v)
             )
         tx_bytes_q = cute.size_in_bytes(self.qk_dtype, sQ_tile)
-        # One transaction count serves the K and the V pipelines (one element type).
         tx_bytes_kv = cute.size_in_bytes(self.qk_dtype, cute.select(sK_layout, mode=[0, 1]))
+        tx_bytes_v = cute.size_in_bytes(self.v_dtype, cute.select(sV_layout, mode=[0, 1]))
 
         @cute.struct
         class SharedStorage:
@@ -333,6 +344,7 @@ class HopperFmhaForward:
             l2_group,
             tx_bytes_q,
             tx_bytes_kv,
+            tx_bytes_v,
             SharedStorage,
         ).launch(
             grid=grid,
@@ -344,20 +356,22 @@ class HopperFmhaForward:
             preferred_smem_carveout=100 if self.config.ctas_per_sm > 1 else None,
         )
 
-    def _smem_layout(self, dtype: type, rows: int, stages, rows_outer: bool):
-        """Row-major (head_dim contiguous) swizzled tile, optionally with a stage mode.
+    def _smem_layout(self, dtype: type, rows: int, stages, rows_outer: bool, cols=None):
+        """Row-major (head dim contiguous) swizzled tile of `cols` columns (None: head_dim;
+        V and O take head_dim_v), optionally with a stage mode.
 
         Swizzle atoms are stacked down the rows first (`rows_outer=False`) or across
-        head_dim first (`rows_outer=True`, so that any 8-row slab is contiguous).
+        the head dim first (`rows_outer=True`, so that any 8-row slab is contiguous).
         """
+        cols = self.head_dim if cols is None else cols
         atom = warpgroup.make_smem_layout_atom(
-            sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, self.head_dim),
+            sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, cols),
             dtype,
         )
         order = (1, 0) if rows_outer else (0, 1)
         if stages is None:
-            return cute.tile_to_shape(atom, (rows, self.head_dim), order=order)
-        return cute.tile_to_shape(atom, (rows, self.head_dim, stages), order=(*order, 2))
+            return cute.tile_to_shape(atom, (rows, cols), order=order)
+        return cute.tile_to_shape(atom, (rows, cols, stages), order=(*order, 2))
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
@@ -394,6 +408,7 @@ class HopperFmhaForward:
         l2_group: Int32,
         tx_bytes_q: cutlass.Constexpr[int],
         tx_bytes_kv: cutlass.Constexpr[int],
+        tx_bytes_v: cutlass.Constexpr[int],
         SharedStorage: cutlass.Constexpr,
     ):
         if const_expr(self.split_kv):
@@ -408,7 +423,9 @@ class HopperFmhaForward:
                 cpasync.prefetch_descriptor(tma_atom_O)
 
         storage = SmemAllocator().allocate(SharedStorage)
-        pipelines, pipeline_sched = self.make_pipelines(storage, tx_bytes_q, tx_bytes_kv)
+        pipelines, pipeline_sched = self.make_pipelines(
+            storage, tx_bytes_q, tx_bytes_kv, tx_bytes_v
+        )
         pipeline.pipeline_init_arrive()
 
         # O is staged through the Q stage of its own tile (see `store_o_tma`).
@@ -463,7 +480,7 @@ class HopperFmhaForward:
             states = self.pipeline_states(pipeline.PipelineUserType.Consumer)
             self.scheduler.run(False, self.mma, role_args, states, schedule)
 
-    def make_pipelines(self, storage, tx_bytes_q: int, tx_bytes_kv: int) -> tuple:
+    def make_pipelines(self, storage, tx_bytes_q: int, tx_bytes_k: int, tx_bytes_v: int) -> tuple:
         """((pipeline_q, pipeline_k, pipeline_v), pipeline_sched or None) over `storage`'s
         barriers (initialization deferred to `pipeline_init_arrive` / `_wait`)."""
         tma_warp = pipeline.CooperativeGroup(pipeline.Agent.Thread, 1)
@@ -488,7 +505,7 @@ class HopperFmhaForward:
             num_stages=self.num_stages,
             producer_group=tma_warp,
             consumer_group=mma_warps,
-            tx_count=tx_bytes_kv,
+            tx_count=tx_bytes_k,
             defer_sync=True,
         )
         pipeline_v = pipeline.PipelineTmaAsync.create(
@@ -496,7 +513,7 @@ class HopperFmhaForward:
             num_stages=self.num_stages,
             producer_group=tma_warp,
             consumer_group=mma_warps,
-            tx_count=tx_bytes_kv,
+            tx_count=tx_bytes_v,
             defer_sync=True,
         )
         pipeline_sched = None
@@ -557,7 +574,7 @@ class HopperFmhaForward:
         tOrP = wg_mma_pv.make_fragment_A(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)))
         # (MMA, MMA_M, MMA_N)
         acc_O = cute.make_rmem_tensor(
-            tiled_mma_pv.partition_shape_C((self.tile_m, self.head_dim)), Float32
+            tiled_mma_pv.partition_shape_C((self.tile_m, self.head_dim_v)), Float32
         )
         acc_O.fill(0.0)
         cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
@@ -641,8 +658,13 @@ class HopperFmhaForward:
         mO_seq = cute.domain_offset((q_row, 0), mO_seq)
         mLSE_seq = cute.domain_offset((q_row,), mLSE_seq)
         epilogue.store_lse(lse, tScS, mLSE_seq, row0, info.seqlen_q)
-        tile = (self.tile_m, self.head_dim)
+        tile = (self.tile_m, self.head_dim_v)
         sO = sQ[None, None, q_stage]
+        if const_expr(self.head_dim_v != self.head_dim):
+            # O is narrower than Q: the first bytes of this Q stage, laid out (tile_m,
+            # head_dim_v) under the same 128-byte swizzle (`limits.can_implement`).
+            o_layout = self._smem_layout(self.out_dtype, self.tile_m, None, False, self.head_dim_v)
+            sO = cute.make_tensor(sO.iterator, o_layout.outer)
         if const_expr(self.split_kv):
             gO = cute.local_tile(mO_seq, tile, (m_block, 0))
             epilogue.store_o_direct(acc_O, tiled_mma_pv, tidx, gO, info.seqlen_q - row0)
@@ -678,6 +700,6 @@ class HopperFmhaForward:
             tidx,
             self.num_mma_threads,
             sO,
-            cute.local_tile(tma_O, (self.tile_m, self.head_dim), (m_block, 0)),
+            cute.local_tile(tma_O, (self.tile_m, self.head_dim_v), (m_block, 0)),
             tma_atom_O,
         )

@@ -72,9 +72,13 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
         )
     if config.head_dim % 16 != 0 or not 16 <= config.head_dim <= 256:
         reasons.append(f"head_dim={config.head_dim} must be a multiple of 16 in [16, 256]")
-    if config.value_head_dim != config.head_dim:
+    dv = config.value_head_dim
+    if dv != config.head_dim and not (
+        dv < config.head_dim and dv % 64 == config.head_dim % 64 == 0
+    ):
         reasons.append(
-            f"head_dim_v={config.value_head_dim} must equal head_dim={config.head_dim} on sm_90a"
+            f"head_dim_v={dv} must equal head_dim={config.head_dim}, or be smaller with both "
+            "multiples of 64 (O is staged in Q's buffer under one swizzle)"
         )
     if config.mask.causal and config.mask.window:
         reasons.append(

@@ -36,6 +36,7 @@ class Sm90Producer:
         self.config = config
         self.tile_m, self.tile_n = config.tile_m, config.tile_n
         self.head_dim = config.head_dim
+        self.head_dim_v = config.value_head_dim
         self.varlen_q, self.kv_layout = config.varlen_q, config.kv_layout
         self.paged = config.kv_layout == "paged"
         # Rows per TMA box of K/V: a whole tile, or the largest piece that never crosses
@@ -100,9 +101,9 @@ class Sm90Producer:
                     box_in_page[j] = next_in_page[j]
                 next_block = cutlass.max(n_block - 1, n_min)
                 self.page_boxes(page_row, next_block, last_page, next_page, next_in_page)
-                for atom, src, dst, pipe in (
-                    (tma_atom_K, mK_src, sK, pipeline_k),
-                    (tma_atom_V, mV_src, sV, pipeline_v),
+                for atom, src, dst, pipe, cols in (
+                    (tma_atom_K, mK_src, sK, pipeline_k, self.head_dim),
+                    (tma_atom_V, mV_src, sV, pipeline_v, self.head_dim_v),
                 ):
                     pipe.producer_acquire(kv_state)
                     for j in cutlass.range_constexpr(boxes):
@@ -110,12 +111,12 @@ class Sm90Producer:
                             atom,
                             cute.local_tile(
                                 src[None, None, box_page[j]],
-                                (self.kv_box_rows, self.head_dim),
+                                (self.kv_box_rows, cols),
                                 (box_in_page[j], 0),
                             ),
                             cute.local_tile(
                                 dst[None, None, kv_state.index],
-                                (self.kv_box_rows, self.head_dim),
+                                (self.kv_box_rows, cols),
                                 (j, 0),
                             ),
                             pipe.producer_get_barrier(kv_state),
@@ -127,7 +128,7 @@ class Sm90Producer:
             mV_src = cute.domain_offset((info.offset_k, 0), mV[None, None, head_kv, k_batch])
             # (tile_n, d, n_tiles)
             gK = cute.local_tile(mK_src, (self.tile_n, self.head_dim), (None, 0))
-            gV = cute.local_tile(mV_src, (self.tile_n, self.head_dim), (None, 0))
+            gV = cute.local_tile(mV_src, (self.tile_n, self.head_dim_v), (None, 0))
             # ((ATOM, REST), STAGE) and ((ATOM, REST), N_TILES)
             tKsK, tKgK = cpasync.tma_partition(
                 tma_atom_K, 0, cta, cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2)
