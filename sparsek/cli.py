@@ -184,8 +184,9 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 def info_report() -> dict[str, Any]:
     """What `info` prints, as JSON-ready data (`info --json`).
 
-    "support" has one row per (arch, head_dim, dtype): its kernel count and, per path
-    (`sparsek.precompile.PATHS`), the masks its kernels take.
+    "support" has one row per (arch, head_dim, head_dim_v, dtype): its kernel count and,
+    per path (`sparsek.precompile.PATHS`), the masks its kernels take (head_dim_v: V's and
+    O's head dim; the combine and KV-store kernels count with their own head dim's row).
     """
     import platform
 
@@ -207,13 +208,14 @@ def info_report() -> dict[str, Any]:
                     "arch": registry.arch_from_capability(cap),
                 }
             )
-    support: dict[tuple[str, int, str], dict[str, Any]] = {}
+    support: dict[tuple[str, int, int, str], dict[str, Any]] = {}
     registered: dict[str, set[str]] = {}
     for arch in registry.registered_arches():
         configs = registry.registered_kernels(arch)
         registered[arch] = {cache.default_cache().key(c).function_name for c in configs}
         for config in configs:
-            key = (arch, config.head_dim, precompile.kernel_dtype(config))
+            dims = precompile.kernel_head_dims(config)
+            key = (arch, *dims, precompile.kernel_dtype(config))
             row = support.setdefault(key, {"kernels": 0, "paths": {}})
             row["kernels"] += 1
             for path in precompile.kernel_paths(config):
@@ -236,7 +238,8 @@ def info_report() -> dict[str, Any]:
         # "support", they compile at first use (or with `sparsek compile --mask`).
         "served_masks": [m.name for m in registry.SERVED_MASKS],
         "support": [
-            {"arch": a, "head_dim": d, "dtype": t, **row} for (a, d, t), row in support.items()
+            {"arch": a, "head_dim": d, "head_dim_v": v, "dtype": t, **row}
+            for (a, d, v, t), row in support.items()
         ],
         "cache": {
             "dir": str(cache.cache_dir()),
@@ -282,15 +285,18 @@ def cmd_info(as_json: bool = False) -> int:
 def _print_support(
     rows: list[dict[str, Any]], paths: dict[str, str], served_masks: list[str]
 ) -> None:
-    """The support matrix: a line per (arch, head_dim, dtype), the masks of each path
-    (precompiled), then every mask served (the others compile at first use)."""
+    """The support matrix: a line per (arch, head_dim[/head_dim_v], dtype), the masks of
+    each path (precompiled), then every mask served (the others compile at first use)."""
     print("\nsupport matrix (masks per path; anything else falls back to torch SDPA):")
     width = 14
     head = "".join(f" {p:<{width}}" for p in paths)
     print(f"  {'arch':<8} {'head_dim':>8}  {'dtype':<9}{head} {'kernels':>7}")
     for row in rows:
         cells = "".join(f" {', '.join(row['paths'].get(p, [])) or '-':<{width}}" for p in paths)
-        print(f"  {row['arch']:<8} {row['head_dim']:>8}  {row['dtype']:<9}{cells}", end="")
+        dims = str(row["head_dim"])
+        if row["head_dim_v"] != row["head_dim"]:
+            dims += f"/{row['head_dim_v']}"
+        print(f"  {row['arch']:<8} {dims:>8}  {row['dtype']:<9}{cells}", end="")
         print(f" {row['kernels']:>7}")
     print("  paths:")
     for path, entry in paths.items():

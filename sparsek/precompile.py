@@ -64,6 +64,14 @@ def kernel_paths(config: KernelConfig) -> tuple[str, ...]:
     return (_PATH_OF_KV_LAYOUT[config.kv_layout],)
 
 
+def kernel_head_dims(config: KernelConfig) -> tuple[int, int]:
+    """(head_dim, head_dim_v) of an attention kernel; (head_dim, head_dim) of the combine
+    and KV-store kernels."""
+    if isinstance(config, FmhaFwdConfig):
+        return config.head_dim, config.value_head_dim
+    return config.head_dim, config.head_dim
+
+
 def kernel_dtype(config: KernelConfig) -> str:
     """The element type of a kernel's Q/K (attention) or of its data (combine, KV store)."""
     return config.dtypes.qk if isinstance(config, FmhaFwdConfig) else config.dtype

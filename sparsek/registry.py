@@ -1,14 +1,16 @@
 """Which kernel serves which request, or why none does.
 
-A request is identified by (arch, head_dim, dtype, mask, layout): the kernel's identity,
+A request is identified by (arch, head_dim[, head_dim_v], dtype, mask, layout): the
+kernel's identity (head_dim_v: V's and O's head dim where it differs from Q's and K's),
 what it computes and where the sequences live. Its `tuning.Workload` (a shape class the
 host reads off the sizes) picks the tuning row among kernels of one identity. `find`
 answers with the `FmhaFwdConfig` to compile and launch, or with every reason it cannot:
 the registry's own (unregistered arch, head dim, dtype or mask; a workload that does not
 fit the layout) and the kernel's `can_implement` answer.
 
-What is registered: every (arch, head_dim) row of `tuning.BASE`, for each dtype of
-`DTYPES` and mask of `MASKS`. Supporting a new head dim or architecture is a row there
+What is registered: every (arch, head_dim) row of `tuning.BASE` and (arch, head_dim,
+head_dim_v) row of `tuning.VALUE_HEAD_DIMS`, for each dtype of `DTYPES` and mask of
+`MASKS`. Supporting a new head dim or architecture is a row there
 (the kernel's `can_implement` must accept it; `tests/test_registry.py` checks every row).
 
 Architecture detection maps the CUDA compute capability to the DSL's target name
@@ -111,6 +113,12 @@ def registered_head_dims(arch: str) -> list[int]:
     return tuning.head_dims(arch)
 
 
+def registered_value_head_dims(arch: str, head_dim: int) -> list[int]:
+    """Value head dims registered with query head dim `head_dim` on `arch`: head_dim itself,
+    then smaller ones (e.g. 128 with 192), descending."""
+    return tuning.value_head_dims(arch, head_dim)
+
+
 def registered_configs(arch: str) -> list[FmhaFwdConfig]:
     """Every dense kernel configuration registered for `arch` (empty for an unknown arch).
 
@@ -118,11 +126,13 @@ def registered_configs(arch: str) -> list[FmhaFwdConfig]:
         arch: DSL target name, e.g. "sm_90a".
 
     Returns:
-        Configs ordered by head_dim, dtype, then mask (no mask before causal).
+        Configs ordered by head_dim, head_dim_v (descending), dtype, then mask (no mask
+        before causal).
     """
     return [
-        _make_config(arch, head_dim, dtype, mask, DENSE, Workload.DEFAULT)
+        _make_config(arch, head_dim, dtype, mask, DENSE, Workload.DEFAULT, head_dim_v)
         for head_dim in registered_head_dims(arch)
+        for head_dim_v in registered_value_head_dims(arch, head_dim)
         for dtype in DTYPES
         for mask in MASKS
     ]
@@ -135,11 +145,12 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
     Returns:
         `registered_configs(arch)`, then each of them in every precompiled (layout,
         workload) (decode only without a mask), then the split-KV combine kernel and the
-        paged KV-cache update kernel of each (head_dim, dtype).
+        paged KV-cache update kernel of each (head_dim, dtype) (the combine: of each
+        output head dim).
     """
     dense = registered_configs(arch)
     others = [
-        _make_config(arch, c.head_dim, c.dtypes.qk, c.mask, layout, workload)
+        _make_config(arch, c.head_dim, c.dtypes.qk, c.mask, layout, workload, c.value_head_dim)
         for c in dense
         for layout, workload in PRECOMPILED
         if not (workload in DECODE_WORKLOADS and c.mask.causal)
@@ -177,12 +188,13 @@ def mask_kernels(arch: str, mask: MaskSpec) -> list[KernelConfig]:
         wanted.append((kernel_mask, layout, workload))
     found: list[KernelConfig] = []
     for head_dim in registered_head_dims(arch):
-        for dtype in DTYPES:
-            for kernel_mask, layout, workload in wanted:
-                config = find(arch, head_dim, dtype, kernel_mask, layout, workload)
-                if isinstance(config, FmhaFwdConfig):
-                    found.append(config)
-            found.append(CombineConfig(arch, head_dim, dtype, mask.sinks))
+        for head_dim_v in registered_value_head_dims(arch, head_dim):
+            for dtype in DTYPES:
+                for kernel_mask, layout, workload in wanted:
+                    config = find(arch, head_dim, dtype, kernel_mask, layout, workload, head_dim_v)
+                    if isinstance(config, FmhaFwdConfig):
+                        found.append(config)
+                found.append(CombineConfig(arch, head_dim_v, dtype, mask.sinks))
     return list(dict.fromkeys(found))
 
 
@@ -200,16 +212,18 @@ def lookup(
     mask: MaskSpec,
     layout: Layout = DENSE,
     workload: Workload = Workload.DEFAULT,
+    head_dim_v: int | None = None,
 ) -> FmhaFwdConfig:
     """The registered kernel configuration for a request.
 
     Args:
         arch: DSL target name, e.g. "sm_90a" (see `detect_arch`).
-        head_dim: head dimension of Q, K and V.
+        head_dim: head dimension of Q and K (and of V and O unless `head_dim_v`).
         dtype: element type of Q/K/V, a torch dtype or its name ("float16", "bfloat16").
         mask: the mask features (`mask_of(causal)` for the registered ones).
         layout: where the sequences live (dense, packed, cached, paged; split-KV).
         workload: the request's shape class (picks the tuning row).
+        head_dim_v: head dimension of V and O; None: head_dim.
 
     Returns:
         The frozen config naming the kernel to compile and launch.
@@ -218,10 +232,13 @@ def lookup(
         UnsupportedError: no registered kernel fits; `reasons` lists why, including the
             kernel's own `can_implement` answer for the closest candidate.
     """
-    found = find(arch, head_dim, dtype_name(dtype), mask, layout, workload)
+    found = find(arch, head_dim, dtype_name(dtype), mask, layout, workload, head_dim_v)
     if isinstance(found, FmhaFwdConfig):
         return found
-    request = f"arch={arch}, head_dim={head_dim}, dtype={dtype_name(dtype)}, mask={mask.name}"
+    dims = f"head_dim={head_dim}" + (
+        f", head_dim_v={head_dim_v}" if head_dim_v not in (None, head_dim) else ""
+    )
+    request = f"arch={arch}, {dims}, dtype={dtype_name(dtype)}, mask={mask.name}"
     if layout != DENSE or workload is not Workload.DEFAULT:
         request += f", {layout}, workload={workload.value}"
     raise UnsupportedError(f"no sparsek kernel for {request}", found)
@@ -265,8 +282,11 @@ def find(
     mask: MaskSpec,
     layout: Layout = DENSE,
     workload: Workload = Workload.DEFAULT,
+    head_dim_v: int | None = None,
 ) -> FmhaFwdConfig | tuple[str, ...]:
     """Like `lookup`, but returns the reasons instead of raising (memoized: hot path)."""
+    if head_dim_v == head_dim:
+        head_dim_v = None
     reasons: list[str] = []
     arches = registered_arches()
     if arch not in arches:
@@ -277,6 +297,14 @@ def find(
             supported = ", ".join(str(d) for d in dims)
             reasons.append(
                 f"head_dim={head_dim} is not supported on {arch} (supported: {supported})"
+            )
+        elif head_dim_v is not None and head_dim_v not in registered_value_head_dims(
+            arch, head_dim
+        ):
+            values = ", ".join(str(d) for d in registered_value_head_dims(arch, head_dim))
+            reasons.append(
+                f"head_dim_v={head_dim_v} is not supported with head_dim={head_dim} on "
+                f"{arch} (supported: {values})"
             )
     if dtype not in DTYPES:
         reasons.append(f"dtype={dtype} is not supported (supported: {', '.join(DTYPES)})")
@@ -302,7 +330,7 @@ def find(
         reasons.append(f"workload={workload.value} is for dense layouts only (got {layout})")
     if reasons:
         return tuple(reasons)
-    config = _make_config(arch, head_dim, dtype, mask, layout, workload)
+    config = _make_config(arch, head_dim, dtype, mask, layout, workload, head_dim_v)
     kernel_reasons = kernel_can_implement(config)
     if kernel_reasons:
         return tuple(f"{config.name}: {r}" for r in kernel_reasons)
@@ -360,13 +388,21 @@ def arch_from_capability(capability: tuple[int, int]) -> str:
 
 
 def _make_config(
-    arch: str, head_dim: int, dtype: str, mask: MaskSpec, layout: Layout, workload: Workload
+    arch: str,
+    head_dim: int,
+    dtype: str,
+    mask: MaskSpec,
+    layout: Layout,
+    workload: Workload,
+    head_dim_v: int | None = None,
 ) -> FmhaFwdConfig:
+    head_dim_v = None if head_dim_v == head_dim else head_dim_v
     return FmhaFwdConfig(
         arch=arch,
         head_dim=head_dim,
         dtypes=ElementTypes.uniform(dtype),
         mask=mask,
-        **asdict(tuning.tuning_for(arch, head_dim, mask, layout, workload)),
+        head_dim_v=head_dim_v,
+        **asdict(tuning.tuning_for(arch, head_dim, mask, layout, workload, head_dim_v)),
         **asdict(layout),
     )

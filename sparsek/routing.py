@@ -45,6 +45,7 @@ from sparsek.registry import (
     find,
     registered_arches,
     registered_head_dims,
+    registered_value_head_dims,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,17 @@ logger = logging.getLogger(__name__)
 STRICT_ENV = "SPARSEK_STRICT"
 NEEDS_GRAD = "backward is not implemented (an input requires grad)"
 
-# Every head dim any architecture registers (a constant for torch.compile's sake).
+# Every head dim any architecture registers, of Q/K or of V/O (a constant for
+# torch.compile's sake).
 REGISTERED_HEAD_DIMS: tuple[int, ...] = tuple(
-    sorted({d for arch in registered_arches() for d in registered_head_dims(arch)})
+    sorted(
+        {
+            dim
+            for arch in registered_arches()
+            for d in registered_head_dims(arch)
+            for dim in (d, *registered_value_head_dims(arch, d))
+        }
+    )
 )
 
 _logged_reasons: set[str] = set()
@@ -143,13 +152,17 @@ def cuda_dense_blockers(
 ) -> tuple[str, ...]:
     """`dense_blockers` for inputs without grad on CUDA device `device_index` (None: the
     current one). Reads q's and v's shapes and dtype only, not their device."""
-    if v.shape[-1] != q.shape[-1]:
-        return (f"value head_dim={v.shape[-1]} differs from query head_dim={q.shape[-1]}",)
     index = device_index if device_index is not None else -1
     if not torch.compiler.is_compiling():
-        return _eager_registry_blockers(os.environ.get(ARCH_ENV), index, q.shape[-1], q.dtype, mask)
+        return _eager_registry_blockers(
+            os.environ.get(ARCH_ENV), index, q.shape[-1], q.dtype, mask, v.shape[-1]
+        )
     reasons: tuple[str, ...] = registry_blockers(
-        index, static_head_dim(q.shape[-1]), dtype_name(q.dtype), mask.name
+        index,
+        static_head_dim(q.shape[-1]),
+        dtype_name(q.dtype),
+        mask.name,
+        static_head_dim(v.shape[-1]),
     )
     return reasons
 
@@ -224,11 +237,12 @@ def _eager_registry_blockers(
     head_dim: int,
     dtype: torch.dtype,
     mask: MaskSpec,
+    head_dim_v: int,
 ) -> tuple[str, ...]:
     """`registry_blockers` memoized for eager calls: the answer depends only on these
     (`arch_override`: the SPARSEK_ARCH value, which `detect_arch` reads)."""
     reasons: tuple[str, ...] = registry_blockers(
-        device_index, int(head_dim), dtype_name(dtype), mask.name
+        device_index, int(head_dim), dtype_name(dtype), mask.name, int(head_dim_v)
     )
     return reasons
 
@@ -252,21 +266,27 @@ def static_head_dim(head_dim: int) -> int | None:
 
 @torch.compiler.assume_constant_result  # type: ignore[untyped-decorator]
 def registry_blockers(
-    device_index: int, head_dim: int | None, dtype: str, mask_name: str
+    device_index: int,
+    head_dim: int | None,
+    dtype: str,
+    mask_name: str,
+    head_dim_v: int | None = 0,
 ) -> tuple[str, ...]:
     """Registry answer for a dense request with the mask named `mask_name` (`MaskSpec.name`)
     on CUDA device `device_index` (-1: the current one); empty when a kernel serves it. A
     constant under torch.compile (no tracing inside; the mask goes by name, a string
-    constant)."""
+    constant). `head_dim` and `head_dim_v` (V's; 0: head_dim's) come from
+    `static_head_dim` (None: not a registered head dim)."""
     arch = detect_arch(None if device_index < 0 else device_index)
     if arch is None:
         return ("no CUDA device detected",)
-    if head_dim is None:
+    if head_dim is None or head_dim_v is None:
         dims = ", ".join(str(d) for d in REGISTERED_HEAD_DIMS)
-        return (f"head_dim is not supported (supported: {dims})",)
+        which = "head_dim" if head_dim is None else "value head_dim"
+        return (f"{which} is not supported (supported: {dims})",)
     mask = MASK_BY_NAME.get(mask_name)
     if mask is None:
         supported = ", ".join(MASK_BY_NAME)
         return (f"mask={mask_name} is not supported (supported: {supported})",)
-    found = find(arch, head_dim, dtype, mask)
+    found = find(arch, head_dim, dtype, mask, head_dim_v=head_dim_v or None)
     return tuple(found) if isinstance(found, tuple) else ()

@@ -149,6 +149,14 @@ DECODE_FILLS_GPU: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 128): Tuning(tile_m=64, tile_n=64, num_stages=2, ctas_per_sm=2, kv_evict_first=True),
 }
 
+# (arch, head_dim, head_dim_v) -> tuning of a value head dim below the query's (issue: head
+# dims): DeepSeek-style MLA prefill, q/k 192 wide and v/o 128. V's tiles are 128 wide, so
+# 128x128 tiles fit beside Q's (d192's own 128x112 leaves room for 192-wide V). Not
+# persistent (as d192); one-wave and decode requests take 64-row tiles, decode evict-first.
+VALUE_HEAD_DIMS: dict[tuple[str, int, int], Tuning] = {
+    ("sm_90a", 192, 128): Tuning(tile_m=128, tile_n=128, num_stages=2),
+}
+
 # The tables by name (`override`'s first argument).
 TABLES: dict[str, dict[tuple[str, int], Tuning]] = {
     "base": BASE,
@@ -167,20 +175,42 @@ def head_dims(arch: str) -> list[int]:
     return sorted(head_dim for a, head_dim in BASE if a == arch)
 
 
+def value_head_dims(arch: str, head_dim: int) -> list[int]:
+    """Value head dims served with `head_dim` on `arch`: head_dim itself (when it has a
+    `BASE` row), then those of `VALUE_HEAD_DIMS` rows, descending."""
+    own = [head_dim] if (arch, head_dim) in BASE else []
+    return own + sorted(
+        (v for a, d, v in VALUE_HEAD_DIMS if (a, d) == (arch, head_dim)), reverse=True
+    )
+
+
 def arches() -> list[str]:
     """Architectures with at least one `BASE` row, sorted."""
     return sorted({arch for arch, _ in BASE})
 
 
 def tuning_for(
-    arch: str, head_dim: int, mask: MaskSpec, layout: Layout, workload: Workload
+    arch: str,
+    head_dim: int,
+    mask: MaskSpec,
+    layout: Layout,
+    workload: Workload,
+    head_dim_v: int | None = None,
 ) -> Tuning:
-    """The tuning of a registered (arch, head_dim) for a request's mask, layout and
-    workload (the registry has checked that they go together).
+    """The tuning of a registered (arch, head_dim[, head_dim_v]) for a request's mask,
+    layout and workload (the registry has checked that they go together).
 
     Raises:
-        KeyError: (arch, head_dim) has no `BASE` row.
+        KeyError: (arch, head_dim) has no `BASE` row, or (arch, head_dim, head_dim_v) no
+            `VALUE_HEAD_DIMS` row.
     """
+    if head_dim_v is not None and head_dim_v != head_dim:
+        tuning = VALUE_HEAD_DIMS[(arch, head_dim, head_dim_v)]
+        if workload is Workload.ONE_WAVE or workload in DECODE_WORKLOADS:
+            tuning = replace(tuning, tile_m=ONE_WAVE_TILE_M)
+        if workload in DECODE_WORKLOADS:
+            tuning = replace(tuning, kv_evict_first=True)
+        return tuning
     key = (arch, head_dim)
     tuning = BASE[key]
     if mask.causal:

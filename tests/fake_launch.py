@@ -23,12 +23,12 @@ def fake_config(
     mask: MaskSpec,
     layout: Layout = DENSE,
     workload: Workload = Workload.DEFAULT,
+    head_dim_v: int | None = None,
 ) -> FmhaFwdConfig:
-    """A config of the request's identity (any head dim, default tiles, static schedule):
+    """A config of the request's identity (any head dims, default tiles, static schedule):
     a `lookup` for `fake_launch_path` that accepts every request."""
-    return FmhaFwdConfig(
-        arch, head_dim, ElementTypes.uniform(dtype_name(dtype)), mask, **asdict(layout)
-    )
+    dtypes = ElementTypes.uniform(dtype_name(dtype))
+    return FmhaFwdConfig(arch, head_dim, dtypes, mask, head_dim_v=head_dim_v, **asdict(layout))
 
 
 def fake_launch_path(

@@ -433,10 +433,9 @@ def test_info_prints_a_matrix_and_a_summary_not_the_entries(
     header = next(line for line in lines if line.split()[:3] == ["arch", "head_dim", "dtype"])
     assert header.split()[3:] == [*precompile.PATHS, "kernels"]
     matrix = [line.split() for line in lines if line.startswith("  sm_90a ")]
-    assert len(matrix) == 12 and all(row[3:5] == ["full,", "causal"] for row in matrix)
-    assert [row[1] for row in matrix] == [
-        str(d) for d in (32, 32, 64, 64, 96, 96, 128, 128, 192, 192, 256, 256)
-    ]
+    assert len(matrix) == 14 and all(row[3:5] == ["full,", "causal"] for row in matrix)
+    dims = ("32", "64", "96", "128", "192", "192/128", "256")
+    assert [row[1] for row in matrix] == [d for d in dims for _ in ("float16", "bfloat16")]
     assert not any("fmha_fwd" in line for line in lines)
     assert "  sm_90a: 5 of " in "\n".join(lines)
 

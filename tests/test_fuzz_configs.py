@@ -284,8 +284,10 @@ def test_pool_holds_every_kernel_the_plans_launch(
     def fallback(*args, **kwargs):
         fallbacks.append(index[0])
 
-    def forward_kernel(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
-        config = registry.lookup(arch, head_dim, dtype, mask, layout, workload)
+    def forward_kernel(
+        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None
+    ):
+        config = registry.lookup(arch, head_dim, dtype, mask, layout, workload, head_dim_v)
         launched.setdefault(config, index[0])
         return launcher.ForwardKernel(lambda *args: None, config)
 

@@ -140,10 +140,13 @@ def fake_kernels(monkeypatch: pytest.MonkeyPatch) -> Kernels:
     monkeypatch.setattr(launcher, "num_sms", lambda index: 132)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
-    def forward_kernel(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
+    def forward_kernel(
+        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None
+    ):
         built.append((mask.causal, layout, workload))
+        dtypes = ElementTypes.uniform(dtype_name(dtype))
         identity = FmhaFwdConfig(
-            "sm_90a", head_dim, ElementTypes.uniform(dtype_name(dtype)), mask, **asdict(layout)
+            "sm_90a", head_dim, dtypes, mask, head_dim_v=head_dim_v, **asdict(layout)
         )
         return launcher.ForwardKernel(fake_kernel(mask.causal, layout), identity)
 
@@ -319,10 +322,12 @@ def no_dense_kernels(fake_kernels, monkeypatch: pytest.MonkeyPatch) -> Kernels:
     """`fake_kernels`, failing the test if a dense kernel is loaded."""
     cache_kernel = launcher.forward_kernel  # the fake's
 
-    def forward_kernel(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
+    def forward_kernel(
+        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None
+    ):
         if layout == DENSE:
             pytest.fail("dense kernel loaded")
-        return cache_kernel(device, head_dim, dtype, mask, layout, workload)
+        return cache_kernel(device, head_dim, dtype, mask, layout, workload, head_dim_v)
 
     monkeypatch.setattr(launcher, "forward_kernel", forward_kernel)
     return fake_kernels

@@ -344,7 +344,7 @@ def test_long_causal_queries_take_the_long_workload(fake_kernel, monkeypatch) ->
     for sq, causal in ((n, True), (n - 1, True), (n, False), (n + 1, True)):
         q, k = torch.randn(1, sq, 3, 32), torch.randn(1, sq, 1, 32)  # > 132 tiles of 64
         dense.attention(q, k, k, causal, 0.5, False)
-    workloads = [args[-1] for args in asked]  # `lookup` is faked: its arguments
+    workloads = [args[5] for args in asked]  # `lookup` is faked: its arguments
     assert workloads == [Workload.LONG_Q, Workload.DEFAULT, Workload.DEFAULT]  # memoized per key
     assert [args[4] for args in asked] == [DENSE] * 3
     assert len(loads) == 3 and len(fake_kernel.calls) == 4
@@ -368,7 +368,7 @@ def test_problems_of_one_wave_take_the_one_wave_workload(fake_kernel, monkeypatc
     for (b, sq, h), causal, _ in cases[:3]:  # the plan asks for the workload's kernel
         q, k = torch.randn(b, sq, h, 32), torch.randn(b, 7, 1, 32)
         dense.attention(q, k, k, causal, 0.5, False)
-    assert [args[-1] for args in asked] == [c[-1] for c in cases[:3]]
+    assert [args[5] for args in asked] == [c[-1] for c in cases[:3]]
 
 
 def test_dynamic_kernels_get_a_zeroed_tile_counter_per_call(monkeypatch) -> None:

@@ -47,16 +47,20 @@ def kernels_accept_all(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_sm90_table() -> None:
     configs = registry.registered_configs("sm_90a")
-    assert len(configs) == 24
-    assert {(c.head_dim, c.dtypes.qk, c.mask.causal) for c in configs} == {
-        (d, t, c)
-        for d in (32, 64, 96, 128, 192, 256)
+    assert len(configs) == 28
+    assert {(c.head_dim, c.value_head_dim, c.dtypes.qk, c.mask.causal) for c in configs} == {
+        (d, v, t, c)
+        for d, v in ((32, 32), (64, 64), (96, 96), (128, 128), (192, 192), (192, 128), (256, 256))
         for t in ("float16", "bfloat16")
         for c in (False, True)
     }
     assert all(c.dtypes == ElementTypes.uniform(c.dtypes.qk) for c in configs)
-    assert all(c.value_head_dim == c.head_dim and c.mask in registry.MASKS for c in configs)
-    tiles = {(c.head_dim, c.mask.causal): (c.tile_m, c.tile_n, c.num_stages) for c in configs}
+    assert all(c.mask in registry.MASKS for c in configs)
+    tiles = {
+        (c.head_dim, c.mask.causal): (c.tile_m, c.tile_n, c.num_stages)
+        for c in configs
+        if c.head_dim_v is None
+    }
     assert tiles == {
         (32, False): (192, 128, 2),
         (32, True): (128, 128, 2),
@@ -71,7 +75,12 @@ def test_sm90_table() -> None:
         (256, False): (128, 80, 2),  # FlashAttention-3/4's tile; fits by 1 KiB
         (256, True): (128, 80, 2),
     }
-    assert len({c.name for c in configs}) == 24
+    assert len({c.name for c in configs}) == 28
+    # (192, 128), DeepSeek-style MLA prefill: V 128 wide leaves room for 128x128 tiles.
+    mla = {(c.tile_m, c.tile_n, c.persistent) for c in configs if c.head_dim_v == 128}
+    assert mla == {(128, 128, False)}
+    assert registry.registered_value_head_dims("sm_90a", 192) == [192, 128]
+    assert registry.registered_value_head_dims("sm_90a", 128) == [128]
     assert registry.registered_arches() == ["sm_90a"]
     assert registry.registered_configs("sm_80") == []
 
@@ -136,7 +145,8 @@ def test_every_registered_config_is_implementable() -> None:
     """The real kernels accept every row of the table (imports the DSL, compiles nothing)."""
     for config in registry.registered_configs("sm_90a"):
         assert build.can_implement(config) == [], config.name
-        assert registry.lookup("sm_90a", config.head_dim, config.dtypes.qk, config.mask) == config
+        dims = (config.head_dim, config.dtypes.qk, config.mask)
+        assert registry.lookup("sm_90a", *dims, head_dim_v=config.head_dim_v) == config
 
 
 def test_arch_detection(monkeypatch: pytest.MonkeyPatch) -> None:

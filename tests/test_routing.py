@@ -140,6 +140,7 @@ def test_cuda_dense_blockers_read_no_device(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
     q = torch.empty(1, 8, 2, 64, dtype=torch.bfloat16)
     assert routing.cuda_dense_blockers(0, q, q, CAUSAL) == ()
-    assert "value head_dim=32" in routing.cuda_dense_blockers(0, q, q[..., :32], CAUSAL)[0]
+    narrow_v = routing.cuda_dense_blockers(0, q, q[..., :32], CAUSAL)[0]
+    assert "head_dim_v=32 is not supported with head_dim=64 on sm_90a (supported: 64)" in narrow_v
     assert "head_dim=16" in routing.cuda_dense_blockers(0, q[..., :16], q[..., :16], NO_MASK)[0]
     assert "dtype=float32" in routing.cuda_dense_blockers(None, q.float(), q.float(), NO_MASK)[0]

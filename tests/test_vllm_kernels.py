@@ -246,7 +246,9 @@ def fake_loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
     """The launch path on CPU: kernel loads recorded, tiles of 128 x 128, 132 SMs."""
     loads = Loads()
 
-    def forward_kernel(device, head_dim, dtype, mask, layout, workload=Workload.DEFAULT):
+    def forward_kernel(
+        device, head_dim, dtype, mask, layout, workload=Workload.DEFAULT, head_dim_v=None
+    ):
         loads.append(("forward", mask, layout, workload))
         return SimpleNamespace(fn=None, config=None)
 

@@ -27,7 +27,6 @@ from torch import Tensor
 
 from cutedsl_kernels.abi import call_fmha_fwd
 from sparsek import memo
-from sparsek.errors import UnsupportedError
 from sparsek.launch import kvcache, launcher
 from sparsek.launch.launcher import ForwardKernel, contiguous_strides
 from sparsek.launch.tma import ALIGN_BYTES, one_kv_head, tma_compatible, tma_strides_ok
@@ -143,11 +142,6 @@ def _build_plan(
         return DensePlan("empty", *shapes, q.dtype, q.device)
     if seqlen_k == 0:
         return DensePlan("no_keys", *shapes, q.dtype, q.device)
-    if v.shape[-1] != head_dim:
-        raise UnsupportedError(
-            "no sparsek kernel for this input",
-            [f"value head_dim={v.shape[-1]} must equal query head_dim={head_dim}"],
-        )
     causal = mask.causal
     offset = 0
     if causal or mask.window:
@@ -161,7 +155,9 @@ def _build_plan(
             return DensePlan("launch", *shapes, q.dtype, q.device, decode=decode)
     sms = launcher.num_sms(q.device.index)
     workload = dense_workload(batch, seqlen_q, num_heads, causal, sms)
-    kernel = launcher.forward_kernel(q.device, head_dim, q.dtype, mask.spec, workload=workload)
+    kernel = launcher.forward_kernel(
+        q.device, head_dim, q.dtype, mask.spec, workload=workload, head_dim_v=v.shape[-1]
+    )
     return DensePlan(
         "launch", *shapes, q.dtype, q.device,
         readable=all(tma_strides_ok(t) for t in (q, k, v)),

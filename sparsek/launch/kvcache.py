@@ -251,17 +251,18 @@ def _build_plan(
     mask: Mask,
     num_splits: int,
 ) -> KvcachePlan | str:
-    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    num_heads, head_dim, head_dim_v = q.shape[-2], q.shape[-1], v_cache.shape[-1]
     num_kv_heads = k_cache.shape[2]
     packed = cu_seqlens_q is not None
     if packed:
         total_q = q.shape[0]
         seqlen_q = int(max_seqlen_q or 0)
-        out_shape: tuple[int, ...] = (total_q, num_heads, head_dim)
+        out_shape: tuple[int, ...] = (total_q, num_heads, head_dim_v)
         lse_shape: tuple[int, ...] = (num_heads, total_q)
     else:
         seqlen_q = q.shape[1]
-        out_shape, lse_shape = (batch, seqlen_q, num_heads, head_dim), (batch, num_heads, seqlen_q)
+        out_shape = (batch, seqlen_q, num_heads, head_dim_v)
+        lse_shape = (batch, num_heads, seqlen_q)
     paged = block_table is not None
     capacity = (block_table.shape[1] if block_table is not None else 1) * k_cache.shape[1]
     # One query per sequence, its heads as a tile's rows.
@@ -296,7 +297,10 @@ def _build_plan(
         size = (batch, group, num_kv_heads, head_dim)
         q_head = q.stride(-2)
         q_view = View(size, (q.stride(0), q_head, group * q_head, 1))
-        out_view = View(size, (num_heads * head_dim, head_dim, group * head_dim, 1))
+        out_view = View(
+            (batch, group, num_kv_heads, head_dim_v),
+            (num_heads * head_dim_v, head_dim_v, group * head_dim_v, 1),
+        )
         lse_view = View((batch, num_kv_heads, group), (num_heads, group, 1))
         if packed:  # lse (num_heads, batch) is not row-contiguous per group: stage it
             lse_staging = (batch, num_heads)
@@ -323,8 +327,10 @@ def _build_plan(
     else:
         layout = dataclasses.replace(layout, split_kv=True)
         spec = dataclasses.replace(spec, sinks=False)  # partials leave sinks to the combine
-        combine = launcher.combine_kernel(q.device, head_dim, q.dtype, mask.sinks)
-    kernel = launcher.forward_kernel(q.device, head_dim, q.dtype, spec, layout, workload)
+        combine = launcher.combine_kernel(q.device, head_dim_v, q.dtype, mask.sinks)
+    kernel = launcher.forward_kernel(
+        q.device, head_dim, q.dtype, spec, layout, workload, head_dim_v=head_dim_v
+    )
     return KvcachePlan(
         "launch", out_shape, lse_shape,
         packed_rows=packed and not decode, q_view=q_view, out_view=out_view, lse_view=lse_view,

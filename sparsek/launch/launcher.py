@@ -48,7 +48,7 @@ class ForwardKernel:
         return self.config.dynamic_schedule
 
 
-ForwardKey = tuple[int | None, int, torch.dtype, MaskSpec, Layout, Workload]
+ForwardKey = tuple[int | None, int, torch.dtype, MaskSpec, Layout, Workload, int | None]
 _FORWARD: dict[ForwardKey, ForwardKernel] = {}
 # (device index, head_dim, dtype) -> loaded combine / paged KV-cache update kernel.
 _COMBINE: dict[tuple[int | None, int, torch.dtype, bool], KernelFn] = {}
@@ -64,18 +64,21 @@ def forward_kernel(
     mask: MaskSpec,
     layout: Layout = DENSE,
     workload: Workload = Workload.DEFAULT,
+    head_dim_v: int | None = None,
 ) -> ForwardKernel:
     """The loaded forward kernel serving a request on `device` (compiled or loaded from
-    the disk cache on first use).
+    the disk cache on first use); `head_dim_v`: V's and O's head dim (None: head_dim).
 
     Raises:
         UnsupportedError: no CUDA device, or no registered kernel fits (reasons attached).
     """
-    key = (device.index, head_dim, dtype, mask, layout, workload)
+    head_dim_v = None if head_dim_v == head_dim else head_dim_v
+    key = (device.index, head_dim, dtype, mask, layout, workload, head_dim_v)
     kernel = _FORWARD.get(key)
     if kernel is None:
         config = device_config(
-            device, lambda arch: lookup(arch, head_dim, dtype, mask, layout, workload)
+            device,
+            lambda arch: lookup(arch, head_dim, dtype, mask, layout, workload, head_dim_v),
         )
         assert isinstance(config, FmhaFwdConfig)
         kernel = _FORWARD[key] = ForwardKernel(get_kernel(config), config)
@@ -138,12 +141,11 @@ def _kernel_config(
 ) -> FmhaFwdConfig | str:
     if q.device.type != "cuda":
         return f"device={q.device.type}: the kernels run on CUDA devices only"
-    if v.shape[-1] != q.shape[-1]:
-        return f"value head_dim={v.shape[-1]} differs from query head_dim={q.shape[-1]}"
     arch = detect_arch(q.device)
     if arch is None:
         return "no CUDA device detected"
-    found = find(arch, int(q.shape[-1]), dtype_name(q.dtype), mask, layout, workload)
+    head_dim, head_dim_v = int(q.shape[-1]), int(v.shape[-1])
+    found = find(arch, head_dim, dtype_name(q.dtype), mask, layout, workload, head_dim_v)
     return found if isinstance(found, FmhaFwdConfig) else "; ".join(found)
 
 

@@ -31,10 +31,12 @@ def attention_varlen(
     softmax_scale: float,
     sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Packed q (total_q, H, D), k/v (total_k, Hkv, D) -> out like q, lse (H, total_q).
-    `sinks`: the (num_heads,) sink logits of a mask with sinks."""
+    """Packed q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) -> out
+    (total_q, H, Dv), lse (H, total_q). `sinks`: the (num_heads,) sink logits of a mask
+    with sinks."""
     total_q, num_heads, head_dim = q.shape
-    out = launcher.empty((total_q, num_heads, head_dim), q.dtype, q.device)
+    head_dim_v = v.shape[-1]
+    out = launcher.empty((total_q, num_heads, head_dim_v), q.dtype, q.device)
     lse = launcher.empty((num_heads, total_q), torch.float32, q.device)
     if total_q == 0:
         return out, lse
@@ -44,7 +46,9 @@ def attention_varlen(
         return out, lse
     k, v = one_kv_head(k, v)
     # The kernel writes every row, those past cu_seqlens_q[-1] included (0 and -inf).
-    kernel = launcher.forward_kernel(q.device, head_dim, q.dtype, mask.spec, PACKED)
+    kernel = launcher.forward_kernel(
+        q.device, head_dim, q.dtype, mask.spec, PACKED, head_dim_v=head_dim_v
+    )
     counter = launcher.zeroed_counter(q.device) if kernel.takes_tile_counter else None
     with launcher.device_guard(q.device):
         call_fmha_fwd(

@@ -58,8 +58,10 @@ def forward_kernels(monkeypatch: pytest.MonkeyPatch) -> list[Request]:
     asked: list[Request] = []
     forward_kernel = launcher.forward_kernel
 
-    def recording(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
-        kernel = forward_kernel(device, head_dim, dtype, mask, layout, workload)
+    def recording(
+        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None
+    ):
+        kernel = forward_kernel(device, head_dim, dtype, mask, layout, workload, head_dim_v)
         asked.append((mask, layout, workload, kernel))
         return kernel
 

@@ -69,9 +69,11 @@ def workloads(monkeypatch: pytest.MonkeyPatch) -> list[Workload]:
     asked: list[Workload] = []
     forward_kernel = launcher.forward_kernel
 
-    def recording(device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT):
+    def recording(
+        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None
+    ):
         asked.append(workload)
-        return forward_kernel(device, head_dim, dtype, mask, layout, workload)
+        return forward_kernel(device, head_dim, dtype, mask, layout, workload, head_dim_v)
 
     monkeypatch.setattr(launcher, "forward_kernel", recording)
     return asked
