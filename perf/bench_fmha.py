@@ -178,7 +178,7 @@ def print_plan(cases: list[Case], providers: tuple[str, ...], dtype: str) -> Non
                             provider,
                             dtype,
                             *dims,
-                            case.head_dim,
+                            case.dims_text,
                             case.causal,
                             case.bias,
                             case.mask_text,
@@ -262,7 +262,7 @@ class Runner:
             "seqlen_k": case.seqlen_k,
             "num_heads": case.num_heads,
             "num_kv_heads": case.num_kv_heads,
-            "head_dim": case.head_dim,
+            "head_dim": case.dims_text,  # "192/128" where V's differs
             "causal": case.causal,
             "bias": case.bias,
             "mask": case.mask_text,

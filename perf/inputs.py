@@ -112,10 +112,11 @@ def _unmasked(case: Case, dtype: torch.dtype, device: torch.device) -> Inputs:
         return _paged(case, dtype, device)
     q_shape = (case.batch, case.seqlen_q, case.num_heads, case.head_dim)
     kv_shape = (case.batch, case.seqlen_k, case.num_kv_heads, case.head_dim)
+    v_shape = (*kv_shape[:-1], case.value_head_dim)
     return DenseInputs(
         q=torch.randn(q_shape, dtype=dtype, device=device),
         k=torch.randn(kv_shape, dtype=dtype, device=device),
-        v=torch.randn(kv_shape, dtype=dtype, device=device),
+        v=torch.randn(v_shape, dtype=dtype, device=device),
     )
 
 
@@ -237,21 +238,20 @@ def _cache(case: Case, dtype: torch.dtype, device: torch.device) -> CacheInputs:
 
 def _paged(case: Case, dtype: torch.dtype, device: torch.device) -> PagedInputs:
     batch, context, block_size = case.batch, case.seqlen_k, case.block_size
-    kv_heads, head_dim = case.num_kv_heads, case.head_dim
+    kv_heads, head_dim, head_dim_v = case.num_kv_heads, case.head_dim, case.value_head_dim
     blocks_per_seq = context // block_size
     num_blocks = batch * blocks_per_seq
-    cache_shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache = torch.randn(cache_shape, dtype=dtype, device=device)
-    v_cache = torch.randn(cache_shape, dtype=dtype, device=device)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim_v, dtype=dtype, device=device)
     block_table = torch.randperm(num_blocks, device=device).to(torch.int32)
     block_table = block_table.view(batch, blocks_per_seq)
     k = torch.empty(batch, kv_heads, context, head_dim, dtype=dtype, device=device)
-    v = torch.empty_like(k)
+    v = torch.empty(batch, kv_heads, context, head_dim_v, dtype=dtype, device=device)
     # One sequence at a time: the gather's temporary stays one sequence's K (or V).
     for b in range(batch):
         blocks = block_table[b].long()
         k[b] = k_cache[blocks].reshape(context, kv_heads, head_dim).transpose(0, 1)
-        v[b] = v_cache[blocks].reshape(context, kv_heads, head_dim).transpose(0, 1)
+        v[b] = v_cache[blocks].reshape(context, kv_heads, head_dim_v).transpose(0, 1)
     return PagedInputs(
         q=torch.randn(batch, 1, case.num_heads, head_dim, dtype=dtype, device=device),
         k_cache=k_cache,

@@ -70,7 +70,8 @@ def reference_attention(
     left, right = window
     right = 0 if causal else right
     chunk = max(1, min(seqlen_q, _CHUNK_ELEMENTS // (num_heads * seqlen_k)))
-    out = torch.empty(batch, seqlen_q, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    out_shape = (batch, seqlen_q, num_heads, v.shape[-1])  # v's head dim may differ from q's
+    out = torch.empty(out_shape, dtype=torch.float32, device=q.device)
     key_idx = torch.arange(seqlen_k, device=q.device)
     for b in range(batch):
         # (heads, seqlen_k, head_dim): K/V head j serves query heads [j * group, (j + 1) * group).

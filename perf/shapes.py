@@ -182,6 +182,12 @@ GRID_HEAD_DIMS: tuple[int, ...] = (64, 128)
 # beside FlashAttention-3 too (it serves head dims 64-256 in bf16).
 HEAD_DIMS_GRID: tuple[int, ...] = (32, 96, 192, 256)
 HEAD_DIMS_SEQLENS: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+# ... and (head_dim, head_dim_v) pairs whose V is narrower (DeepSeek-style MLA prefill).
+HEAD_DIMS_VALUE: tuple[tuple[int, int], ...] = ((192, 128),)
+# Its decode rows: the paged cache (H32 over 8 KV heads, pages of 16) at batch x context =
+# 256k tokens, for the largest head dims, read against the copy bandwidth.
+HEAD_DIMS_DECODE: tuple[tuple[int, int], ...] = ((256, 256), (192, 128))
+HEAD_DIMS_DECODE_SHAPES: tuple[tuple[int, int], ...] = ((8, 32768), (32, 8192))
 CAUSAL_FLAGS: tuple[bool, ...] = (False, True)
 
 # varlen: GRID_TOKENS packed into 16 sequences whose lengths come from a fixed seed (not
@@ -276,6 +282,21 @@ class Case:
     window: tuple[int, int] = NO_WINDOW
     softcap: float = 0.0
     sinks: bool = False
+    # V's (and O's) head dim where it differs from head_dim (head_dims suite: 192 / 128);
+    # 0: head_dim.
+    head_dim_v: int = 0
+
+    @property
+    def value_head_dim(self) -> int:
+        """V's and O's head dim."""
+        return self.head_dim_v or self.head_dim
+
+    @property
+    def dims_text(self) -> str:
+        """The head dims as the CSV and labels give them: "128", or "192/128" (q/k, v)."""
+        if self.value_head_dim == self.head_dim:
+            return str(self.head_dim)
+        return f"{self.head_dim}/{self.value_head_dim}"
 
     def __post_init__(self) -> None:
         self._check_varlen()
@@ -379,7 +400,7 @@ class Case:
             raise ValueError("varlen cases have seqlen_q = seqlen_k = max(seqlens)")
 
     def _check_decode(self) -> None:
-        if self.suite not in (DECODE_SUITE, MASKS_SUITE):
+        if self.suite not in (DECODE_SUITE, MASKS_SUITE, HEAD_DIMS_SUITE):
             paged = self.suite == XFORMERS_SUITE and self.bias in PAGED_BIASES
             if self.block_size and not paged:
                 raise ValueError(
@@ -470,10 +491,10 @@ class Case:
                 seqs += f" kv {self.key_tokens} tok (max {self.seqlen_k}, {self.kv_padding} slots)"
             if self.block_size:
                 seqs += f" page{self.block_size}"
-            return f"{self.suite} {seqs} {heads} d{self.head_dim} {mask}{extra}"
+            return f"{self.suite} {seqs} {heads} d{self.dims_text} {mask}{extra}"
         if self.block_size:
             return (
-                f"{self.suite} B{self.batch} ctx{self.seqlen_k} {heads} d{self.head_dim} "
+                f"{self.suite} B{self.batch} ctx{self.seqlen_k} {heads} d{self.dims_text} "
                 f"block{self.block_size}{extra}"
             )
         seq = f"S{self.seqlen_q}"
@@ -482,7 +503,7 @@ class Case:
         mask = "causal" if self.causal else "full"
         if self.bias:
             mask = f"bias={self.bias}"
-        return f"{self.suite} B{self.batch} {seq} {heads} d{self.head_dim} {mask}{extra}"
+        return f"{self.suite} B{self.batch} {seq} {heads} d{self.dims_text} {mask}{extra}"
 
 
 def visible_pairs(
@@ -521,7 +542,8 @@ def visible_pairs(
 
 
 def flops(case: Case) -> float:
-    """Forward FLOPs: two matmuls (QK^T and PV) of 2 * head_dim FLOPs per visible pair.
+    """Forward FLOPs: two matmuls per visible pair, QK^T of 2 * head_dim FLOPs and PV of
+    2 * head_dim_v.
 
     varlen and the block-diagonal xFormers biases count every sequence's exact pairs (a
     sequence of 50 tokens is no half square; padded / paged keys: its kv_seqlen keys, the
@@ -535,9 +557,9 @@ def flops(case: Case) -> float:
         pairs = sum(
             visible_pairs(n, m, case.causal, exact=True, window=case.window) for n, m in lengths
         )
-        return 4.0 * case.num_heads * case.head_dim * pairs
+        return 2.0 * case.num_heads * (case.head_dim + case.value_head_dim) * pairs
     pairs = visible_pairs(case.seqlen_q, case.seqlen_k, case.causal, window=case.window)
-    return 4.0 * case.batch * case.num_heads * case.head_dim * pairs
+    return 2.0 * case.batch * case.num_heads * (case.head_dim + case.value_head_dim) * pairs
 
 
 def key_span(case: Case) -> int:
@@ -573,8 +595,8 @@ def kv_bytes(case: Case, dtype_bytes: int = 2) -> int:
     """Bytes of K and V a forward must read at least once: every key token some query sees,
     of every sequence (a window's span when it hides keys from all queries: a windowed
     decode reads only the window's pages, a local bias's sequence only the keys its window
-    reaches), num_kv_heads x head_dim elements each, for K and for V (q and the output not
-    counted)."""
+    reaches), num_kv_heads x head_dim elements each for K, x head_dim_v for V (q and the
+    output not counted)."""
     if case.window == NO_WINDOW:
         tokens = case.key_tokens
     elif case.seqlens:
@@ -582,7 +604,8 @@ def kv_bytes(case: Case, dtype_bytes: int = 2) -> int:
         tokens = sum(_span(case, n, m) for n, m in lengths)
     else:
         tokens = case.batch * key_span(case)
-    return 2 * tokens * case.num_kv_heads * case.head_dim * dtype_bytes
+    dims = case.head_dim + case.value_head_dim
+    return tokens * case.num_kv_heads * dims * dtype_bytes
 
 
 def bandwidth_gbps(num_bytes: float, ms: float) -> float:
@@ -621,14 +644,35 @@ def varlen_seqlens(
     return tuple(lengths)
 
 
-def _grid(seqlens: tuple[int, ...], head_dims: tuple[int, ...], suite: str = "grid") -> list[Case]:
+def _grid(
+    seqlens: tuple[int, ...],
+    head_dims: tuple[int, ...] | tuple[tuple[int, int], ...],
+    suite: str = "grid",
+) -> list[Case]:
+    """B x S = GRID_TOKENS, H = GRID_HIDDEN // head_dim; head_dims: ints, or (head_dim,
+    head_dim_v) pairs."""
     cases = []
-    for head_dim in head_dims:
+    for dims in head_dims:
+        head_dim, head_dim_v = dims if isinstance(dims, tuple) else (dims, dims)
         heads = GRID_HIDDEN // head_dim
+        shape = (heads, heads, head_dim)
+        value = head_dim_v if head_dim_v != head_dim else 0
         for causal in CAUSAL_FLAGS:
             for seqlen in seqlens:
                 batch = GRID_TOKENS // seqlen
-                cases.append(Case(suite, batch, seqlen, seqlen, heads, heads, head_dim, causal))
+                cases.append(Case(suite, batch, seqlen, seqlen, *shape, causal, head_dim_v=value))
+    return cases
+
+
+def _head_dims() -> list[Case]:
+    """The head_dims suite: the grid of HEAD_DIMS_GRID and HEAD_DIMS_VALUE, then decode."""
+    cases = _grid(HEAD_DIMS_SEQLENS, HEAD_DIMS_GRID, HEAD_DIMS_SUITE)
+    cases += _grid(HEAD_DIMS_SEQLENS, HEAD_DIMS_VALUE, HEAD_DIMS_SUITE)
+    for head_dim, head_dim_v in HEAD_DIMS_DECODE:
+        value = head_dim_v if head_dim_v != head_dim else 0
+        for batch, context in HEAD_DIMS_DECODE_SHAPES:
+            shape = (batch, 1, context, 32, 8, head_dim, True)
+            cases.append(Case(HEAD_DIMS_SUITE, *shape, block_size=16, head_dim_v=value))
     return cases
 
 
@@ -843,7 +887,7 @@ def full_cases() -> list[Case]:
         + _decode(DECODE_BATCHES, DECODE_CONTEXTS, DECODE_BLOCK_SIZES)
         + _xformers(4, 2048, (1024, 4096), 16, 128, varlen_seqlens())
         + _masks_full()
-        + _grid(HEAD_DIMS_SEQLENS, HEAD_DIMS_GRID, HEAD_DIMS_SUITE)
+        + _head_dims()
     )
 
 
@@ -896,6 +940,8 @@ def dry_run_cases() -> list[Case]:
         2, 80, (4, 2), 32, 24, decode_batches=(3,), decode=(64, 16, 4, 2, 32), decode_window_left=20
     )
     cases += [Case(HEAD_DIMS_SUITE, 2, 64, 64, 2, 2, d, True) for d in HEAD_DIMS_GRID]
+    cases.append(Case(HEAD_DIMS_SUITE, 2, 64, 64, 2, 2, 192, True, head_dim_v=128))
+    cases.append(Case(HEAD_DIMS_SUITE, 2, 1, 64, 4, 2, 192, True, block_size=16, head_dim_v=128))
     return cases
 
 

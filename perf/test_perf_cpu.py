@@ -314,8 +314,9 @@ def test_l2_flush_choices() -> None:
 
 def test_head_dims_suite_is_opt_in_beside_fa3() -> None:
     """The head_dims suite: the grid (B x S = 16k tokens, H = 2048 // D, so 21 heads of
-    96) at S 1k..16k for every registered head dim the default grid lacks, beside
-    FlashAttention-3 too."""
+    96) at S 1k..16k for every registered head dim the default grid lacks and for q/k 192
+    with v 128, then paged decode at batch x context = 256k tokens for d256 and 192/128;
+    FlashAttention-3 among the peers."""
     from perf import bench_fmha, shapes
     from sparsek import registry
 
@@ -324,9 +325,23 @@ def test_head_dims_suite_is_opt_in_beside_fa3() -> None:
     chosen = bench_fmha.parse_args(["--list", "--suites", suite])
     assert chosen.providers == (*shapes.PROVIDERS, "fa3")
     cases = shapes.select(shapes.full_cases(), (suite,))
+    grid = [c for c in cases if not c.is_decode]
+    decode = [c for c in cases if c.is_decode]
     dims = set(registry.registered_head_dims("sm_90a")) - set(shapes.GRID_HEAD_DIMS)
-    assert {c.head_dim for c in cases} == dims
-    for case in cases:
+    pairs = {(d, d) for d in dims} | {(192, 128)}
+    assert {(c.head_dim, c.value_head_dim) for c in grid} == pairs
+    assert registry.registered_value_head_dims("sm_90a", 192) == [192, 128]
+    for case in grid:
         assert case.batch * case.seqlen_q == shapes.GRID_TOKENS
         assert case.num_heads == shapes.GRID_HIDDEN // case.head_dim
-    assert len(cases) == len(dims) * 2 * len(shapes.HEAD_DIMS_SEQLENS)
+    assert len(grid) == len(pairs) * 2 * len(shapes.HEAD_DIMS_SEQLENS)
+    assert {(c.dims_text, c.batch * c.seqlen_k) for c in decode} == {
+        ("256", 262144), ("192/128", 262144)
+    }  # fmt: skip
+    mla = next(c for c in decode if c.head_dim_v)
+    # K 192 wide and V 128 wide, 2 bytes each, over every token and KV head
+    assert shapes.kv_bytes(mla) == mla.batch * mla.seqlen_k * 8 * (192 + 128) * 2
+    mla_grid = next(c for c in grid if c.head_dim_v)
+    assert shapes.flops(mla_grid) == 2 * mla_grid.batch * 10 * (
+        192 + 128
+    ) * mla_grid.seqlen_q**2 * (0.5 + 0.5 / mla_grid.seqlen_q if mla_grid.causal else 1)
