@@ -2,6 +2,7 @@
 
     python perf/lab/ab_persistent.py [--dtype bfloat16] [--varlen]  # vs persistent=False
     python perf/lab/ab_persistent.py --against tile_m=128 --head-dim 64 --causal 1
+    python perf/lab/ab_persistent.py --against persistent=1 --head-dim 256  # any registered D
     python perf/lab/ab_persistent.py --against dynamic_schedule=0 l2_group_mb=0 --causal 1
     python perf/lab/ab_persistent.py --latency  # small problems: planned workload vs DEFAULT
 
@@ -62,14 +63,17 @@ Against = dict[str, Any]
 Shape = tuple[int, int, int, int, int, int, bool]
 
 
-def shapes() -> list[Shape]:
-    """(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal) rows."""
+def shapes(head_dims: tuple[int, ...] = (64, 128)) -> list[Shape]:
+    """(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal) rows: the grid of
+    `head_dims` (B x S = 16k, H = 2048 // D), then GQA and Sq != Sk rows at d128."""
     rows = [
         (16384 // s, s, s, 2048 // d, 2048 // d, d, causal)
-        for d in (64, 128)
+        for d in head_dims
         for causal in (False, True)
         for s in (512, 1024, 2048, 4096, 8192, 16384)
     ]
+    if 128 not in head_dims:
+        return rows
     extra = [(4, 4096, 4096, 32, 8, 128, c) for c in (False, True)]
     return [*rows, *extra, (16, 1024, 8192, 16, 16, 128, False)]
 
@@ -305,7 +309,7 @@ def main() -> None:
         print("\n".join(lines))
         return
     lines = [HEADER]
-    for shape in shapes():
+    for shape in shapes((args.head_dim,) if args.head_dim else (64, 128)):
         if args.head_dim not in (None, shape[5]) or args.causal not in (None, shape[6]):
             continue
         lines.append(row(shape, dtype, arch, against))
