@@ -3,6 +3,7 @@
     python perf/lab/ab_persistent.py [--dtype bfloat16] [--varlen]  # vs persistent=False
     python perf/lab/ab_persistent.py --against tile_m=128 --head-dim 64 --causal 1
     python perf/lab/ab_persistent.py --against persistent=1 --head-dim 256  # any registered D
+    python perf/lab/ab_persistent.py --window 4096 --against dynamic_schedule=1 l2_group_mb=8
     python perf/lab/ab_persistent.py --against dynamic_schedule=0 l2_group_mb=0 --causal 1
     python perf/lab/ab_persistent.py --latency  # small problems: planned workload vs DEFAULT
 
@@ -208,6 +209,73 @@ def tile_counter(counted: bool, device: torch.device) -> torch.Tensor | None:
     return launcher.zeroed_counter(device) if counted else None
 
 
+WINDOW_HEADER = (
+    "| dtype | B | S | H | D | window | A TFLOP/s | B TFLOP/s | causal TFLOP/s | B / A "
+    "| max A-B |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def window_row(head_dim: int, left: int, dtype: torch.dtype, arch: str, against: Against) -> str:
+    """The masks suite's window case (B1 S16k H = 2048 // D, window (left, 0)): the
+    registered window kernel (B) against it with the --against fields replaced (A), and
+    the registered causal kernel on the same inputs; TFLOP/s over the band's pairs (the
+    causal kernel's over the causal pairs). A and B are checked against each other (the
+    registered kernel against the float64 reference: tests/gpu/test_masks_gpu.py)."""
+    b, s, d = 1, 16384, head_dim
+    h = 2048 // d
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(3))
+    sms = launcher.num_sms(device.index)
+    spec = make_mask(False, (left, 0)).spec
+    base = lookup(arch, d, dtype, spec, DENSE, dense.dense_workload(b, s, h, False, sms))
+    causal = lookup(
+        arch, d, dtype, mask_of(True), DENSE, planned_workload((b, s, s, h, h, d, True))
+    )
+    fns: dict[str, Callable[[], object]] = {}
+    outs = {}
+    for name, config, window in (
+        ("A", replace(base, **against), left),
+        ("B", base, left),
+        ("causal", causal, -1),
+    ):
+        kernel = get_kernel(config)
+        out = torch.full_like(q, float("nan"))
+        lse = torch.empty(b, h, s, device=device, dtype=torch.float32)
+
+        def run(
+            kernel: Any = kernel,
+            out: torch.Tensor = out,
+            lse: torch.Tensor = lse,
+            counted: bool = config.dynamic_schedule,
+            window: int = window,
+        ) -> None:
+            call_fmha_fwd(
+                kernel, q, k, v, out, lse,
+                tile_counter=tile_counter(counted, device),
+                softmax_scale=d**-0.5,
+                window_left=window,
+                window_right=0 if window >= 0 else -1,
+                num_ctas=sms,
+            )  # fmt: skip
+
+        run()
+        outs[name] = out
+        fns[name] = run
+    torch.cuda.synchronize()
+    err = (outs["A"].float() - outs["B"].float()).abs().max().item()
+    band = 4.0 * b * h * d * visible_pairs(s, s, False, window=(left, 0))
+    full = 4.0 * b * h * d * visible_pairs(s, s, True, exact=True)
+    flops = {"A": band, "B": band, "causal": full}
+    tflops = {name: flops[name] / time_kernel(fn, device) / 1e9 for name, fn in fns.items()}
+    g, p, c = tflops["A"], tflops["B"], tflops["causal"]
+    return (
+        f"| {str(dtype).removeprefix('torch.')} | {b} | {s} | {h} | {d} | ({left}, 0) "
+        f"| {g:.0f} | {p:.0f} | {c:.0f} | {p / g:.3f} | {err:.3g} |"
+    )
+
+
 VARLEN_HEADER = (
     "| dtype | seqs | H | Hkv | D | causal | A TFLOP/s | B TFLOP/s | B / A | max err |\n"
     "|---|---|---|---|---|---|---|---|---|---|"
@@ -282,6 +350,9 @@ def main() -> None:
         default=["persistent=0", "dynamic_schedule=0", "l2_group_mb=0"],
         help="FIELD=INT config fields of A (B: the registered config)",
     )
+    parser.add_argument(
+        "--window", type=int, nargs="*", help="the masks suite's window case, these left sizes"
+    )
     parser.add_argument("--head-dim", type=int, help="only rows of this head_dim")
     parser.add_argument("--causal", type=int, choices=(0, 1), help="only (non-)causal rows")
     args = parser.parse_args()
@@ -298,6 +369,14 @@ def main() -> None:
         for shape in latency_shapes():
             lines.append(latency_row(shape, dtype, arch))
             print(lines[-1], flush=True)
+        print("\n".join(lines))
+        return
+    if args.window:
+        lines = [WINDOW_HEADER]
+        for left in args.window:
+            for d in (args.head_dim,) if args.head_dim else (64, 128):
+                lines.append(window_row(d, left, dtype, arch, against))
+                print(lines[-1], flush=True)
         print("\n".join(lines))
         return
     if args.varlen:
