@@ -46,6 +46,8 @@ MASK_NAMES = (
     "causal", "causal+sinks", "causal+softcap", "causal+softcap+sinks",
     "window", "window+sinks", "window+softcap", "window+softcap+sinks",
 )  # fmt: skip
+# `sparsek.precompile.MAX_DEFAULT_JOBS`, for the help text (tests/test_cli.py checks it).
+MAX_DEFAULT_JOBS = 16
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
@@ -118,9 +120,9 @@ def _parser() -> argparse.ArgumentParser:
         "-j",
         "--jobs",
         type=int,
-        default=1,
+        default=0,
         metavar="N",
-        help="compile in N processes (default 1; 0: one per CPU)",
+        help=f"compile in N processes (default, or 0: one per CPU, at most {MAX_DEFAULT_JOBS})",
     )
     p_compile.add_argument("-v", "--verbose", action="store_true", help="one line per kernel")
     p_compile.set_defaults(run=_cmd_compile)
@@ -161,8 +163,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    import os
-
     from sparsek import precompile, registry
 
     arch = args.arch or registry.detect_arch() or DEFAULT_ARCH
@@ -177,7 +177,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         dims = ", ".join(str(d) for d in registry.registered_head_dims(arch))
         print(f"no kernel of {arch} matches the filters (registered head dims: {dims})")
         return 1
-    jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
+    jobs = args.jobs if args.jobs > 0 else precompile.default_jobs()
     return precompile.precompile(arch, configs, jobs=jobs, verbose=args.verbose)
 
 

@@ -124,6 +124,20 @@ class Outcome:
     error: str = ""
 
 
+# `default_jobs`' cap: each process imports the DSL (about 1 GiB resident while compiling).
+MAX_DEFAULT_JOBS = 16
+
+
+def default_jobs() -> int:
+    """Processes `sparsek compile` uses unless told: one per CPU this process may run on,
+    at most `MAX_DEFAULT_JOBS`."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT_JOBS))
+
+
 def precompile(
     arch: str,
     configs: Sequence[KernelConfig] | None = None,

@@ -42,6 +42,8 @@ def fake_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeCompiler:
     compiler = FakeCompiler(tmp_path / "log", [src])
     monkeypatch.setenv("SPARSEK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(cache, "_default", KernelCache(None, compiler.toolchain()))
+    # The fake compiler lives in this process: `compile` without --jobs compiles here too.
+    monkeypatch.setattr(precompile, "default_jobs", lambda: 1)
     return compiler
 
 
@@ -104,6 +106,25 @@ def test_parser_choices_match_the_library() -> None:
     assert cli.DTYPES == SUPPORTED_DTYPES
     assert tuple(precompile.PATHS) == cli.PATHS
     assert tuple(registry.MASK_BY_NAME) == cli.MASK_NAMES
+    assert cli.MAX_DEFAULT_JOBS == precompile.MAX_DEFAULT_JOBS
+
+
+def test_compile_jobs_default_to_one_per_cpu_up_to_a_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --jobs (or with 0) `compile` runs `precompile.default_jobs()` processes:
+    one per CPU this process may use, at most MAX_DEFAULT_JOBS; --jobs N runs N."""
+    asked: list[int] = []
+
+    def record(arch, configs, *, jobs, verbose):
+        asked.append(jobs)
+        return 0
+
+    monkeypatch.setattr(precompile, "precompile", record)
+    for argv in ([], ["--jobs", "0"], ["-j", "3"]):
+        assert cli.main(["compile", "--arch", "sm_90a", "--head-dim", "64", *argv]) == 0
+    assert asked == [precompile.default_jobs(), precompile.default_jobs(), 3]
+    for cpus, jobs in ((1, 1), (2, 2), (16, 16), (128, precompile.MAX_DEFAULT_JOBS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert precompile.default_jobs() == jobs
 
 
 def test_import_is_lazy_and_binds_each_entry_point_once() -> None:
@@ -251,7 +272,8 @@ def test_compile_filter_without_a_match(fake_cache: FakeCompiler, capsys) -> Non
 def test_compile_failure_exits_nonzero(tmp_path: Path, monkeypatch, capsys) -> None:
     failing = FakeCompiler(tmp_path / "log", [Path(__file__)], fail=True)
     monkeypatch.setattr(cache, "_default", KernelCache(tmp_path / "c", failing.toolchain()))
-    assert cli.main(["compile", "--arch", "sm_90a", "--head-dim", "64"]) == 1
+    argv = ["compile", "--arch", "sm_90a", "--head-dim", "64", "--jobs", "1"]  # fake: in process
+    assert cli.main(argv) == 1
     out = capsys.readouterr().out
     n = len(precompile.select_kernels("sm_90a", head_dims=[64]))
     assert out.count("FAILED (ValueError: cannot compile") == n
@@ -344,7 +366,7 @@ def slow_second(config):
 
 compiler.compile = slow_second
 cache._default = KernelCache(None, compiler.toolchain())
-sys.exit(cli.main(["compile", "--arch", "sm_90a"]))
+sys.exit(cli.main(["compile", "--arch", "sm_90a", "--jobs", "1"]))
 """
     (tmp_path / "k.py").write_text("# kernel\n")
     start = time.monotonic()
