@@ -79,6 +79,30 @@ def shapes(head_dims: tuple[int, ...] = (64, 128)) -> list[Shape]:
     return [*rows, *extra, (16, 1024, 8192, 16, 16, 128, False)]
 
 
+def dense_launcher(
+    config: FmhaFwdConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **extra: Any
+) -> tuple[Callable[[], None], torch.Tensor]:
+    """A launcher of `config` on dense q, k, v (scale 1/sqrt(D), one CTA per SM; `extra`:
+    more `call_fmha_fwd` arguments) and the NaN-poisoned output it writes; a dynamic
+    schedule gets its counter zeroed per call, as `sparsek.launch` does."""
+    b, s, h, _ = q.shape
+    kernel = get_kernel(config)
+    out = torch.full((b, s, h, v.shape[-1]), float("nan"), device=q.device, dtype=q.dtype)
+    lse = torch.empty(b, h, s, device=q.device, dtype=torch.float32)
+    sms, counted = launcher.num_sms(q.device.index), config.dynamic_schedule
+
+    def run() -> None:
+        call_fmha_fwd(
+            kernel, q, k, v, out, lse,
+            tile_counter=tile_counter(counted, q.device),
+            softmax_scale=q.shape[-1] ** -0.5,
+            num_ctas=sms,
+            **extra,
+        )  # fmt: skip
+
+    return run, out
+
+
 def dense_runs(
     shape: Shape, dtype: torch.dtype, configs: dict[str, FmhaFwdConfig | None]
 ) -> tuple[dict[str, Callable[[], object]], float]:
@@ -100,7 +124,6 @@ def dense_runs(
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
 
     want = cudnn()
-    sms = launcher.num_sms(device.index)
     fns: dict[str, Callable[[], object]] = {"cudnn": cudnn}
     errs = []
     for name, config in configs.items():
@@ -113,23 +136,7 @@ def dense_runs(
             errs.append((planned().float() - want.float()).abs().max().item())
             fns[name] = planned
             continue
-        kernel = get_kernel(config)
-        out = torch.full_like(q, float("nan"))
-        lse = torch.empty(b, h, sq, device=device, dtype=torch.float32)
-
-        def run(
-            kernel: Any = kernel,
-            out: torch.Tensor = out,
-            lse: torch.Tensor = lse,
-            counted: bool = config.dynamic_schedule,
-        ) -> None:
-            call_fmha_fwd(
-                kernel, q, k, v, out, lse,
-                tile_counter=tile_counter(counted, device),
-                softmax_scale=d**-0.5,
-                num_ctas=sms,
-            )  # fmt: skip
-
+        run, out = dense_launcher(config, q, k, v)
         run()
         torch.cuda.synchronize()
         errs.append((out.float() - want.float()).abs().max().item())
@@ -240,26 +247,9 @@ def window_row(head_dim: int, left: int, dtype: torch.dtype, arch: str, against:
         ("B", base, left),
         ("causal", causal, -1),
     ):
-        kernel = get_kernel(config)
-        out = torch.full_like(q, float("nan"))
-        lse = torch.empty(b, h, s, device=device, dtype=torch.float32)
-
-        def run(
-            kernel: Any = kernel,
-            out: torch.Tensor = out,
-            lse: torch.Tensor = lse,
-            counted: bool = config.dynamic_schedule,
-            window: int = window,
-        ) -> None:
-            call_fmha_fwd(
-                kernel, q, k, v, out, lse,
-                tile_counter=tile_counter(counted, device),
-                softmax_scale=d**-0.5,
-                window_left=window,
-                window_right=0 if window >= 0 else -1,
-                num_ctas=sms,
-            )  # fmt: skip
-
+        run, out = dense_launcher(
+            config, q, k, v, window_left=window, window_right=0 if window >= 0 else -1
+        )
         run()
         outs[name] = out
         fns[name] = run
