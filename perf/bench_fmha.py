@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma list of providers (known: {', '.join(ALL_PROVIDERS)}); default: "
         f"{', '.join(shapes.PROVIDERS)}, or {', '.join(shapes.XFORMERS_SUITE_PROVIDERS)} "
         f"when the xformers suite is asked for; {shapes.FA3_PROVIDER} is added with the "
-        "masks suite (the only suite it plays in)",
+        "masks or head_dims suite (the only suites it plays in)",
     )
     p.add_argument(
         "--suites",

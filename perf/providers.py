@@ -694,8 +694,10 @@ _FA3_MODULE = "fa3_fwd_interface"
 
 
 class Fa3Provider(Provider):
-    """FlashAttention-3's forward (the `fa3_fwd` package: `fa3_fwd_interface`), masks suite
-    only: `flash_attn_func(q, k, v, causal=, window_size=, softcap=)` for dense inputs,
+    """FlashAttention-3's forward (the `fa3_fwd` package: `fa3_fwd_interface`), in the
+    masks and head_dims suites: `flash_attn_func(q, k, v, causal=)` for the head_dims
+    grid (V may be narrower: 192 / 128), `flash_attn_func(q, k, v, causal=, window_size=,
+    softcap=)` for the masks suite's dense inputs,
     `flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=, page_table=, causal=,
     window_size=, softcap=)` for the paged cache. Both return the output alone. It has no
     sink logits: sinks rows are skipped. A build without a feature (a fa3_fwd wheel may be
@@ -714,6 +716,15 @@ class Fa3Provider(Provider):
             except importlib.metadata.PackageNotFoundError:
                 continue
         return ""
+
+    def prepare(self, case: Case, q: Tensor, k: Tensor, v: Tensor) -> AttnFn:
+        flash_attn_func = importlib.import_module(_FA3_MODULE).flash_attn_func
+        causal = case.causal
+
+        def run() -> Tensor:
+            return cast(Tensor, flash_attn_func(q, k, v, causal=causal))
+
+        return run
 
     def prepare_masks(self, case: Case, inputs: DenseInputs | PagedInputs) -> AttnFn:
         if case.sinks:

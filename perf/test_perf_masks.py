@@ -418,3 +418,15 @@ def test_targets_table() -> None:
     assert "| 8 | 32768 | 32 | 8 | 128 | 16 | window=(4096, 0) | 134.7 | 30.0 |" in decode_table
     prefill = "| 16384 | 16384 | 16 | 16 | 128 | True | window=(4096, 0) | 2.5 (500) | 2.4 (500) |"
     assert prefill in table
+
+
+def test_fa3_on_the_head_dims_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FA3 runs the head_dims suite's dense rows (the regression: it had no dense entry,
+    so every grid row was skipped with NotImplementedError), V narrower too."""
+    calls: list[tuple[str, dict[str, object]]] = []
+    _stub(monkeypatch, "fa3_fwd_interface", calls)
+    grid = Case(shapes.HEAD_DIMS_SUITE, 1, 64, 64, 2, 2, 192, True, head_dim_v=128)
+    inputs = make_inputs(grid, torch.bfloat16, CPU, seed=6)
+    assert isinstance(inputs, DenseInputs) and inputs.v.shape[-1] == 128
+    prepare_inputs(Fa3Provider(), grid, inputs)()
+    assert calls == [("flash_attn_func", {"causal": True})]

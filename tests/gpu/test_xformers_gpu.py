@@ -22,6 +22,7 @@ xops = pytest.importorskip("xformers.ops", reason="xformers is not installed")
 from xformers.ops.fmha import attn_bias as ab  # noqa: E402
 from xformers.ops.fmha.common import Inputs  # noqa: E402
 
+from sparsek import registry  # noqa: E402
 from sparsek.integrations.xformers import SparseKAttention  # noqa: E402
 from sparsek.launch import dense, launcher  # noqa: E402
 
@@ -158,10 +159,11 @@ def test_lse_and_autograd_free_entry_point(bias) -> None:
 
 
 def test_unregistered_head_dim_refused() -> None:
-    q, k, v = make_qkv((1, 64, 4, 96), 64, torch.float16)
+    assert 80 not in registry.registered_head_dims("sm_90a")
+    q, k, v = make_qkv((1, 64, 4, 80), 64, torch.float16)
     reasons = SparseKAttention.not_supported_reasons(Inputs(q, k, v))
-    assert any("head_dim=96" in r for r in reasons)
-    with pytest.raises(ValueError, match="head_dim=96"):
+    assert any("head_dim=80" in r for r in reasons)
+    with pytest.raises(ValueError, match="head_dim=80"):
         xops.memory_efficient_attention_forward(q, k, v, op=SparseKAttention)
 
 
