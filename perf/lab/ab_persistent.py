@@ -4,6 +4,7 @@
     python perf/lab/ab_persistent.py --against tile_m=128 --head-dim 64 --causal 1
     python perf/lab/ab_persistent.py --against persistent=1 --head-dim 256  # any registered D
     python perf/lab/ab_persistent.py --window 4096 --against dynamic_schedule=1 l2_group_mb=8
+    python perf/lab/ab_persistent.py --softcap 30 --against exp2_emulation=4
     python perf/lab/ab_persistent.py --against dynamic_schedule=0 l2_group_mb=0 --causal 1
     python perf/lab/ab_persistent.py --latency  # small problems: planned workload vs DEFAULT
 
@@ -44,7 +45,7 @@ if str(_ROOT) not in sys.path:
 
 from cutedsl_kernels.abi import call_fmha_fwd  # noqa: E402
 from cutedsl_kernels.config import DENSE, PACKED, FmhaFwdConfig  # noqa: E402
-from perf.shapes import varlen_seqlens, visible_pairs  # noqa: E402
+from perf.shapes import NO_WINDOW, varlen_seqlens, visible_pairs  # noqa: E402
 from perf.timing import time_graph, time_kernel  # noqa: E402
 from sparsek.cache import get_kernel  # noqa: E402
 from sparsek.launch import dense, launcher  # noqa: E402
@@ -216,52 +217,75 @@ def tile_counter(counted: bool, device: torch.device) -> torch.Tensor | None:
     return launcher.zeroed_counter(device) if counted else None
 
 
-WINDOW_HEADER = (
-    "| dtype | B | S | H | D | window | A TFLOP/s | B TFLOP/s | causal TFLOP/s | B / A "
+MASK_HEADER = (
+    "| dtype | B | S | H | D | mask | A TFLOP/s | B TFLOP/s | plain TFLOP/s | B / A "
     "| max A-B |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
-def window_row(head_dim: int, left: int, dtype: torch.dtype, arch: str, against: Against) -> str:
-    """The masks suite's window case (B1 S16k H = 2048 // D, window (left, 0)): the
-    registered window kernel (B) against it with the --against fields replaced (A), and
-    the registered causal kernel on the same inputs; TFLOP/s over the band's pairs (the
-    causal kernel's over the causal pairs). A and B are checked against each other (the
-    registered kernel against the float64 reference: tests/gpu/test_masks_gpu.py)."""
+def mask_row(
+    head_dim: int,
+    dtype: torch.dtype,
+    arch: str,
+    against: Against,
+    *,
+    causal: bool = False,
+    window_left: int = -1,
+    softcap: float = 0.0,
+) -> str:
+    """The masks suite's case (B1 S16k H = 2048 // D) with a window (window_left, 0) or a
+    softcap: the registered kernel of the mask (B) against it with the --against fields
+    replaced (A), and the same problem without the window or softcap ("plain": causal
+    for a window), on the same inputs; TFLOP/s over the pairs each one computes. A and B
+    are checked against each other (the registered kernels against the float64
+    reference: tests/gpu/test_masks_gpu.py)."""
     b, s, d = 1, 16384, head_dim
     h = 2048 // d
     device = torch.device("cuda")
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device=device, dtype=dtype) for _ in range(3))
     sms = launcher.num_sms(device.index)
-    spec = make_mask(False, (left, 0)).spec
-    base = lookup(arch, d, dtype, spec, DENSE, dense.dense_workload(b, s, h, False, sms))
-    causal = lookup(
-        arch, d, dtype, mask_of(True), DENSE, planned_workload((b, s, s, h, h, d, True))
+    window = (window_left, 0 if window_left >= 0 else -1)
+    mask = make_mask(causal, window, softcap)
+    plain = make_mask(causal or window_left >= 0)
+    base, reference = (
+        lookup(arch, d, dtype, m.spec, DENSE, dense.dense_workload(b, s, h, m.causal, sms))
+        for m in (mask, plain)
     )
     fns: dict[str, Callable[[], object]] = {}
     outs = {}
-    for name, config, window in (
-        ("A", replace(base, **against), left),
-        ("B", base, left),
-        ("causal", causal, -1),
+    for name, config, m in (
+        ("A", replace(base, **against), mask),
+        ("B", base, mask),
+        ("plain", reference, plain),
     ):
         run, out = dense_launcher(
-            config, q, k, v, window_left=window, window_right=0 if window >= 0 else -1
-        )
+            config, q, k, v,
+            window_left=m.window_left,
+            window_right=m.window_right if m.window else -1,
+            softcap=m.op_softcap,
+        )  # fmt: skip
         run()
         outs[name] = out
         fns[name] = run
     torch.cuda.synchronize()
     err = (outs["A"].float() - outs["B"].float()).abs().max().item()
-    band = 4.0 * b * h * d * visible_pairs(s, s, False, window=(left, 0))
-    full = 4.0 * b * h * d * visible_pairs(s, s, True, exact=True)
-    flops = {"A": band, "B": band, "causal": full}
-    tflops = {name: flops[name] / time_kernel(fn, device) / 1e9 for name, fn in fns.items()}
-    g, p, c = tflops["A"], tflops["B"], tflops["causal"]
+    pairs = {
+        name: visible_pairs(s, s, m.causal, exact=True, window=window if m.window else NO_WINDOW)
+        for name, m in (("A", mask), ("B", mask), ("plain", plain))
+    }
+    tflops = {
+        name: 4.0 * b * h * d * pairs[name] / time_kernel(fn, device) / 1e9
+        for name, fn in fns.items()
+    }
+    g, p, c = tflops["A"], tflops["B"], tflops["plain"]
+    parts = ["causal"] if mask.causal else []
+    parts += [f"window {window}"] if mask.window else []
+    parts += [f"softcap {softcap:g}"] if softcap else []
+    label = ", ".join(parts)
     return (
-        f"| {str(dtype).removeprefix('torch.')} | {b} | {s} | {h} | {d} | ({left}, 0) "
+        f"| {str(dtype).removeprefix('torch.')} | {b} | {s} | {h} | {d} | {label} "
         f"| {g:.0f} | {p:.0f} | {c:.0f} | {p / g:.3f} | {err:.3g} |"
     )
 
@@ -343,6 +367,9 @@ def main() -> None:
     parser.add_argument(
         "--window", type=int, nargs="*", help="the masks suite's window case, these left sizes"
     )
+    parser.add_argument(
+        "--softcap", type=float, help="the masks suite's softcap case (causal and not)"
+    )
     parser.add_argument("--head-dim", type=int, help="only rows of this head_dim")
     parser.add_argument("--causal", type=int, choices=(0, 1), help="only (non-)causal rows")
     args = parser.parse_args()
@@ -361,11 +388,13 @@ def main() -> None:
             print(lines[-1], flush=True)
         print("\n".join(lines))
         return
-    if args.window:
-        lines = [WINDOW_HEADER]
-        for left in args.window:
+    if args.window or args.softcap:
+        rows: list[dict[str, Any]] = [{"window_left": left} for left in args.window or ()]
+        rows += [{"softcap": args.softcap, "causal": c} for c in (False, True) if args.softcap]
+        lines = [MASK_HEADER]
+        for kwargs in rows:
             for d in (args.head_dim,) if args.head_dim else (64, 128):
-                lines.append(window_row(d, left, dtype, arch, against))
+                lines.append(mask_row(d, dtype, arch, against, **kwargs))
                 print(lines[-1], flush=True)
         print("\n".join(lines))
         return
