@@ -194,40 +194,34 @@ def test_varlen_masks_match_the_reference(case, head_dim, dtype) -> None:
     assert (out[total_q:] == 0).all() and torch.isneginf(lse[:, total_q:]).all()
 
 
-def paged_cache(lens, capacity, hkv, d, dtype, gen, page=16):
-    """(contiguous k, v) and the same tokens in shuffled pages (NaN past each length)."""
+def paged_cache(lens, capacity, hkv, d, dtype, gen, page=16, dv=None):
+    """(contiguous k, v) and the same tokens in shuffled pages (NaN past each length);
+    `dv`: V's head dim (default d)."""
+    dv = d if dv is None else dv
     batch = len(lens)
     k = torch.randn(batch, capacity, hkv, d, device="cuda", dtype=dtype, generator=gen)
-    v = torch.randn(batch, capacity, hkv, d, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(batch, capacity, hkv, dv, device="cuda", dtype=dtype, generator=gen)
     for b, n in enumerate(lens):
         k[b, n:], v[b, n:] = float("nan"), float("nan")
     blocks = capacity // page
     order = torch.randperm(batch * blocks, device="cuda", generator=gen)
     table = order.view(batch, blocks).to(torch.int32)
     kp = torch.empty(batch * blocks, page, hkv, d, device="cuda", dtype=dtype)
-    vp = torch.empty_like(kp)
+    vp = torch.empty(batch * blocks, page, hkv, dv, device="cuda", dtype=dtype)
     kp[order] = k.reshape(batch * blocks, page, hkv, d)
-    vp[order] = v.reshape(batch * blocks, page, hkv, d)
+    vp[order] = v.reshape(batch * blocks, page, hkv, dv)
     return k, v, kp, vp, table
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
-@pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "3-splits"])
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("case", SEQ_MASKS, ids=str)
-def test_kvcache_masks_match_the_reference(case, paged, num_splits, head_dim, dtype) -> None:
-    """Decode (one query per sequence, GQA heads as a tile's rows unless windowed) and
-    chunked prefill over a contiguous or paged cache, split or not (split partials leave
-    the sinks to the combine)."""
-    gen = torch.Generator(device="cuda").manual_seed(13)
-    lens, h, hkv, d, capacity = [700, 1, 129, 1024, 33], 8, 2, head_dim, 1024
-    mask_args = mask_inputs(case, h, gen)
-    causal, window, softcap, sinks = mask_args
-    k, v, kp, vp, table = paged_cache(lens, capacity, hkv, d, dtype, gen)
+def check_cache_queries(paged, lens, h, d, dtype, gen, mask_args, num_splits, dv=None):
+    """Decode (one query per sequence), then chunked prefill (packed queries of lengths
+    100, 1, 129, 3, 0) over a contiguous or paged cache of `lens` keys (capacity 1024,
+    2 KV heads), split `num_splits` ways, each sequence against the reference."""
+    k, v, kp, vp, table = paged_cache(lens, 1024, 2, d, dtype, gen, dv=dv)
     caches = (kp, vp) if paged else (k, v)
     seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     tables = {"block_table": table} if paged else {}
+    causal, window, softcap, sinks = mask_args
     mask = {"causal": causal, "window_size": window, "softcap": softcap, "sinks": sinks}
 
     decode_q = torch.randn(len(lens), 1, h, d, device="cuda", dtype=dtype, generator=gen)
@@ -254,6 +248,21 @@ def test_kvcache_masks_match_the_reference(case, paged, num_splits, head_dim, dt
         rows = torch.arange(int(cu_q[b]), int(cu_q[b]) + nq, device="cuda")
         pieces.append((q[rows][None], k[b : b + 1, :n], v[b : b + 1, :n], rows))
     check_sequences(out, lse, pieces, mask_args, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["no-split", "3-splits"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("case", SEQ_MASKS, ids=str)
+def test_kvcache_masks_match_the_reference(case, paged, num_splits, head_dim, dtype) -> None:
+    """Decode (one query per sequence, GQA heads as a tile's rows unless windowed) and
+    chunked prefill over a contiguous or paged cache, split or not (split partials leave
+    the sinks to the combine)."""
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    lens, h = [700, 1, 129, 1024, 33], 8
+    mask_args = mask_inputs(case, h, gen)
+    check_cache_queries(paged, lens, h, head_dim, dtype, gen, mask_args, num_splits)
 
 
 def test_masks_under_cuda_graphs() -> None:

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_masks_gpu import ATOL, SEQ_MASKS, check_sequences, mask_inputs, peer_attention
+from test_masks_gpu import (
+    ATOL,
+    SEQ_MASKS,
+    check_cache_queries,
+    check_sequences,
+    mask_inputs,
+    peer_attention,
+)
 
 import sparsek
 from sparsek.reference import reference_attention
@@ -101,42 +108,6 @@ def test_kvcache_matches_the_reference(case, paged, num_splits, dtype) -> None:
     """Decode and packed queries over a contiguous or paged cache (NaN past each length),
     split or not: the partials and the combine are 128 wide."""
     gen = torch.Generator(device="cuda").manual_seed(13)
-    lens, h, hkv, capacity, page = [700, 1, 129, 1024, 33], 8, 2, 1024, 16
+    lens, h = [700, 1, 129, 1024, 33], 8
     mask_args = mask_inputs(case, h, gen)
-    batch, blocks = len(lens), capacity // page
-    k, v = rand(gen, dtype, batch, capacity, hkv, D), rand(gen, dtype, batch, capacity, hkv, DV)
-    for i, n in enumerate(lens):
-        k[i, n:], v[i, n:] = float("nan"), float("nan")
-    caches, tables = (k, v), {}
-    if paged:
-        order = torch.randperm(batch * blocks, device="cuda", generator=gen)
-        kp = torch.empty(batch * blocks, page, hkv, D, device="cuda", dtype=dtype)
-        vp = torch.empty(batch * blocks, page, hkv, DV, device="cuda", dtype=dtype)
-        kp[order], vp[order] = k.view(-1, page, hkv, D), v.view(-1, page, hkv, DV)
-        caches, tables = (kp, vp), {"block_table": order.view(batch, blocks).to(torch.int32)}
-    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    causal, window, softcap, sinks = mask_args
-    mask = {"causal": causal, "window_size": window, "softcap": softcap, "sinks": sinks}
-    q = rand(gen, dtype, batch, 1, h, D)
-    out, lse = sparsek.attention_with_kvcache(
-        q, *caches, seqlens, **tables, num_splits=num_splits, return_lse=True, **mask
-    )
-    pieces = [
-        (q[i : i + 1], k[i : i + 1, :n], v[i : i + 1, :n], torch.tensor([i], device="cuda"))
-        for i, n in enumerate(lens)
-    ]
-    check_sequences(out[:, 0], lse[:, :, 0].T, pieces, mask_args, dtype)
-
-    q_lens = [100, 1, 129, 3, 0]
-    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    packed = rand(gen, dtype, int(cu_q[-1]), h, D)
-    out, lse = sparsek.attention_with_kvcache(
-        packed, *caches, seqlens, **tables, cu_seqlens_q=cu_q.cuda(), max_seqlen_q=max(q_lens),
-        num_splits=num_splits, return_lse=True, **mask,
-    )  # fmt: skip
-    pieces = []
-    for i, (nq, n) in enumerate(zip(q_lens, lens, strict=True)):
-        if nq:
-            rows = torch.arange(int(cu_q[i]), int(cu_q[i]) + nq, device="cuda")
-            pieces.append((packed[rows][None], k[i : i + 1, :n], v[i : i + 1, :n], rows))
-    check_sequences(out, lse, pieces, mask_args, dtype)
+    check_cache_queries(paged, lens, h, D, dtype, gen, mask_args, num_splits, dv=DV)
