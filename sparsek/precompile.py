@@ -124,7 +124,7 @@ class Outcome:
     error: str = ""
 
 
-# `default_jobs`' cap: each process imports the DSL (about 1 GiB resident while compiling).
+# `default_jobs`' cap: each process imports the DSL (up to ~1.5 GB resident while compiling).
 MAX_DEFAULT_JOBS = 16
 
 
