@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsek import memo, ops  # ops also registers the torch.ops.sparsek ops
+from sparsek import fp8, memo, ops  # ops also registers the torch.ops.sparsek ops
+from sparsek.fp8 import Fp8Call, check_fp8_args
 from sparsek.launch import dense, tma
 from sparsek.masks import (
     CAUSAL,
@@ -60,6 +61,10 @@ def attention(
     softcap: float = NO_SOFTCAP,
     sinks: Tensor | None = None,
     return_lse: bool = False,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Multi-head attention, softmax(q k^T * scale) v, in (batch, seqlen, heads, head_dim) layout.
 
@@ -69,8 +74,8 @@ def attention(
     j <= i + seqlen_k - seqlen_q. Rows that see no key return 0 (lse -inf).
 
     Args:
-        q: (batch, seqlen_q, num_heads, head_dim), float16/bfloat16 for the kernels (other
-            floating dtypes fall back).
+        q: (batch, seqlen_q, num_heads, head_dim), float16/bfloat16 for the kernels,
+            float8_e4m3fn with descales (`sparsek.fp8`; other floating dtypes fall back).
         k: (batch, seqlen_k, num_kv_heads, head_dim), same dtype and device as q.
         v: (batch, seqlen_k, num_kv_heads, head_dim_v), same dtype and device as q.
         causal: apply the bottom-right aligned causal mask.
@@ -85,16 +90,24 @@ def attention(
             The LSE then includes it: log(exp(sink) + sum_j exp(s_j)) for a row that sees
             a key (-inf for a row that sees none).
         return_lse: also return the log-sum-exp of each row.
+        q_descale, k_descale, v_descale: FP8 inputs only, and required with them:
+            (batch, num_kv_heads) float32 factors that dequantize q, k and v
+            (`sparsek.fp8`).
+        out_dtype: FP8 inputs only: torch.bfloat16 (None) or torch.float16.
 
     Returns:
-        out: (batch, seqlen_q, num_heads, head_dim_v), dtype of q; and, when `return_lse`,
-        lse: (batch, num_heads, seqlen_q) float32 (natural log).
+        out: (batch, seqlen_q, num_heads, head_dim_v), dtype of q (FP8: `out_dtype`); and,
+        when `return_lse`, lse: (batch, num_heads, seqlen_q) float32 (natural log; FP8:
+        of the dequantized scores).
 
     Raises:
         TypeError: a tensor argument is not a tensor or not floating point; `causal` or
             `return_lse` is not a bool; `softmax_scale` or `softcap` is not a real number;
-            `window_size` is not a pair of ints; `sinks` is not a float32 tensor.
-        ValueError: wrong rank, mismatched batch / seqlen_k / num_kv_heads / head_dim /
+            `window_size` is not a pair of ints; `sinks` is not a float32 tensor; an 8-bit
+            dtype other than float8_e4m3fn; a descale that is not a float32 tensor.
+        ValueError: FP8 inputs without the three descales, descales of another shape
+            than (batch, num_kv_heads), descales or `out_dtype` with 16-bit inputs; wrong
+            rank, mismatched batch / seqlen_k / num_kv_heads / head_dim /
             dtype / device, num_heads not a multiple of num_kv_heads, a non-finite or
             non-positive `softmax_scale`, a window size below -1, a negative or
             non-finite `softcap`, or `sinks` of another shape than (num_heads,) or on
@@ -105,7 +118,13 @@ def attention(
             error.
     """
     signature = None
-    if type(return_lse) is bool:  # (no key part: it changes neither checks nor plan)
+    if (
+        type(return_lse) is bool  # (no key part: it changes neither checks nor plan)
+        and q_descale is None
+        and k_descale is None
+        and v_descale is None
+        and out_dtype is None
+    ):
         signature = _eager_signature(q, k, v, softmax_scale, causal)
         if signature is not None and not (
             window_size is NO_WINDOW and softcap is NO_SOFTCAP and sinks is None
@@ -123,6 +142,10 @@ def attention(
         window_size, softcap, sinks, num_heads=q.shape[2], device=q.device
     )
     mask = make_mask(causal, window, cap, sinks is not None)
+    descales = (q_descale, k_descale, v_descale)
+    fp8_call = check_fp8_args(q, descales, out_dtype, batch=q.shape[0], num_kv_heads=k.shape[2])
+    if fp8_call is not None:
+        return _attention_fp8((q, k, v), fp8_call, mask, scale, sinks, return_lse)
 
     path = forward_path(q, k, v, *(() if sinks is None else (sinks,)))
     if path is Path.CPU:
@@ -148,6 +171,47 @@ def attention(
             return ref_out.to(q.dtype), ref_lse.to(torch.float32)
         return ref_out.to(q.dtype)
     return _sdpa_bshd(q, k, v, mask.causal, scale)
+
+
+def _attention_fp8(
+    qkv: tuple[Tensor, Tensor, Tensor],
+    fp8_call: Fp8Call,
+    mask: Mask,
+    scale: float,
+    sinks: Tensor | None,
+    return_lse: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`attention` of checked FP8 inputs (`sparsek.fp8`). CPU tensors without grad run the
+    op's reference of the dequantized inputs. Elsewhere an FP8 kernel runs where one is
+    registered; otherwise the inputs are dequantized to bfloat16 and take the 16-bit
+    path (a fallback: logged once, `UnsupportedError` under SPARSEK_STRICT=1)."""
+    (q, k, v), descales, out_dtype = qkv, fp8_call.descales, fp8_call.out_dtype
+    path = forward_path(q, k, v, *(t for t in (sinks, *descales) if t is not None))
+    mask_args = (mask.window_left, mask.window_right, mask.op_softcap, sinks)
+    if path is Path.CPU:
+        cpu_result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
+            q, k, v, mask.causal, scale, False, *mask_args, *descales, out_dtype
+        )
+        return cpu_result if return_lse else cpu_result[0]
+    if path is Path.KERNELS:
+        reasons = dense_blockers(q, k, v, mask.spec)
+        if not reasons:
+            served = ops.call_attention(
+                q, k, v, mask.causal, scale, False, mask, sinks, descales, out_dtype
+            )
+            return served if return_lse else served[0]
+        fallback(reasons, action="dequantizing the FP8 inputs to bfloat16")
+    # (An input that requires grad: the 16-bit path's own fallback says so.)
+    q16, k16, v16 = (
+        fp8.dequantize(t, descale, torch.bfloat16)
+        for t, descale in zip((q, k, v), descales, strict=True)
+    )
+    result = attention(
+        q16, k16, v16, causal=mask.causal, softmax_scale=scale,
+        window_size=(mask.window_left, mask.window_right), softcap=mask.softcap,
+        sinks=sinks, return_lse=True,
+    )  # fmt: skip
+    return fp8.fp8_result(result, out_dtype, return_lse)
 
 
 def scaled_dot_product_attention(

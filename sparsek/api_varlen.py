@@ -26,17 +26,18 @@ import torch
 from torch import Tensor
 
 from cutedsl_kernels.config import PACKED
-from sparsek import ops
+from sparsek import fp8, ops
+from sparsek.fp8 import Fp8Call, check_fp8_args
 from sparsek.launch import kvcache, launcher
 from sparsek.launch.kvcache import KvcachePlan
-from sparsek.masks import NO_SOFTCAP, NO_WINDOW, check_mask_args, make_mask
+from sparsek.masks import NO_SOFTCAP, NO_WINDOW, Mask, check_mask_args, make_mask
 from sparsek.reference_varlen import (
     check_kvcache_values,
     check_varlen_values,
     reference_attention_kvcache,
     reference_attention_varlen,
 )
-from sparsek.routing import NEEDS_GRAD, Path, forward_path, plain_eager, route
+from sparsek.routing import NEEDS_GRAD, Path, fallback, forward_path, plain_eager, route
 from sparsek.validation import (
     check_attention_tensors,
     check_cache,
@@ -67,6 +68,10 @@ def attention_varlen(
     softcap: float = NO_SOFTCAP,
     sinks: Tensor | None = None,
     return_lse: bool = False,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a batch of packed variable-length sequences (FlashAttention's varlen API).
 
@@ -78,7 +83,8 @@ def attention_varlen(
     rows of q past cu_seqlens_q[-1], return 0 (lse -inf).
 
     Args:
-        q: (total_q, num_heads, head_dim), floating point.
+        q: (total_q, num_heads, head_dim), floating point (float8_e4m3fn with descales:
+            `sparsek.fp8`).
         k: (total_k, num_kv_heads, head_dim), same dtype and device as q.
         v: (total_k, num_kv_heads, head_dim_v), same dtype and device as q.
         cu_seqlens_q: (batch + 1,) int32 on q's device, non-decreasing offsets into q.
@@ -95,18 +101,26 @@ def attention_varlen(
         sinks: (num_heads,) float32 sink logits on q's device: each joins the softmax
             denominator of its head's rows (the LSE includes it for rows that see a key).
         return_lse: also return the log-sum-exp of each row.
+        q_descale, k_descale, v_descale: FP8 inputs only, and required with them:
+            (batch, num_kv_heads) float32 factors that dequantize sequence b's rows of q,
+            k and v (`sparsek.fp8`).
+        out_dtype: FP8 inputs only: torch.bfloat16 (None) or torch.float16.
 
     Returns:
-        out: (total_q, num_heads, head_dim_v), dtype of q; and, when `return_lse`,
-        lse: (num_heads, total_q) float32 (natural log; FlashAttention's varlen layout).
+        out: (total_q, num_heads, head_dim_v), dtype of q (FP8: `out_dtype`); and, when
+        `return_lse`, lse: (num_heads, total_q) float32 (natural log; FlashAttention's
+        varlen layout; FP8: of the dequantized scores).
 
     Raises:
         TypeError: a tensor argument is not a tensor or has the wrong kind of dtype
             (q/k/v floating point, cu_seqlens int32); a max_seqlen is not a Python int;
             `causal` or `return_lse` is not a bool; `softmax_scale` or `softcap` is not a
             real number; `window_size` is not a pair of ints; `sinks` is not a float32
-            tensor.
-        ValueError: wrong rank, mismatched dtype / device / num_kv_heads / head_dim,
+            tensor; an 8-bit dtype other than float8_e4m3fn; a descale that is not a
+            float32 tensor.
+        ValueError: FP8 inputs without the three descales, descales of another shape
+            than (batch, num_kv_heads), descales or `out_dtype` with 16-bit inputs; wrong
+            rank, mismatched dtype / device / num_kv_heads / head_dim,
             num_heads not a multiple of num_kv_heads, cu_seqlens_q and cu_seqlens_k of
             different lengths (both must be batch + 1), a negative max_seqlen, a
             non-finite or non-positive `softmax_scale`, a window size below -1, a negative
@@ -134,6 +148,12 @@ def attention_varlen(
         window_size, softcap, sinks, num_heads=q.shape[1], device=q.device
     )
     mask = make_mask(causal, window, cap, sinks is not None)
+    descales = (q_descale, k_descale, v_descale)
+    batch = cu_seqlens_q.shape[0] - 1
+    fp8_call = check_fp8_args(q, descales, out_dtype, batch=batch, num_kv_heads=k.shape[1])
+    if fp8_call is not None:
+        varlen_args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return _attention_varlen_fp8(varlen_args, fp8_call, mask, scale, sinks, return_lse)
 
     path = forward_path(q, k, v, *(() if sinks is None else (sinks,)))
     if path is Path.AUTOGRAD:
@@ -157,6 +177,47 @@ def attention_varlen(
             scale, mask, sinks,
         )  # fmt: skip
     return (out, lse) if return_lse else out
+
+
+def _attention_varlen_fp8(
+    varlen_args: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int, int],
+    fp8_call: Fp8Call,
+    mask: Mask,
+    scale: float,
+    sinks: Tensor | None,
+    return_lse: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`attention_varlen` of checked FP8 inputs (`sparsek.fp8`): CPU tensors without grad
+    run the op's reference of the dequantized inputs; elsewhere (no FP8 kernel is
+    registered) the inputs are dequantized to bfloat16 and take the 16-bit path (a
+    fallback: logged once, `UnsupportedError` under SPARSEK_STRICT=1)."""
+    descales, out_dtype = fp8_call.descales, fp8_call.out_dtype
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen_args
+    path = forward_path(q, k, v, *(t for t in (sinks, *descales) if t is not None))
+    if path is Path.CPU:
+        out, lse = ops.call_attention_varlen(
+            *varlen_args, mask.causal, scale, mask, sinks, descales, out_dtype
+        )
+        return (out, lse) if return_lse else out
+    if path is Path.KERNELS:
+        fallback(
+            (f"dtype={q.dtype}: no FP8 kernel is registered (supported: float16, bfloat16)",),
+            action="dequantizing the FP8 inputs to bfloat16",
+        )
+    # (An input that requires grad: the 16-bit path's own fallback says so.)
+    q16, k16, v16 = (
+        fp8.dequantize_packed(t, descale, cu, torch.bfloat16)
+        for t, descale, cu in zip(
+            (q, k, v), descales, (cu_seqlens_q, cu_seqlens_k, cu_seqlens_k), strict=True
+        )
+    )
+    result = attention_varlen(
+        q16, k16, v16, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal=mask.causal, softmax_scale=scale,
+        window_size=(mask.window_left, mask.window_right), softcap=mask.softcap,
+        sinks=sinks, return_lse=True,
+    )  # fmt: skip
+    return fp8.fp8_result(result, out_dtype, return_lse)
 
 
 def attention_with_kvcache(

@@ -2,23 +2,25 @@
 
     torch.ops.sparsek.attention(q, k, v, causal, softmax_scale, causal_top_left,
                                 window_left=-1, window_right=-1, softcap=0.0,
-                                sinks=None) -> (out, lse)
+                                sinks=None, q_descale=None, k_descale=None,
+                                v_descale=None, out_dtype=None) -> (out, lse)
 
     q:   (batch, seqlen_q, num_heads, head_dim)
     k:   (batch, seqlen_k, num_kv_heads, head_dim)
     v:   (batch, seqlen_k, num_kv_heads, head_dim_v)
-    out: (batch, seqlen_q, num_heads, head_dim_v), q.dtype, contiguous
+    out: (batch, seqlen_q, num_heads, head_dim_v), q.dtype (FP8: out_dtype), contiguous
     lse: (batch, num_heads, seqlen_q), float32, contiguous (natural-log log-sum-exp)
 
     torch.ops.sparsek.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                        max_seqlen_k, causal, softmax_scale,
                                        window_left=-1, window_right=-1, softcap=0.0,
-                                       sinks=None) -> (out, lse)
+                                       sinks=None, q_descale=None, k_descale=None,
+                                       v_descale=None, out_dtype=None) -> (out, lse)
 
     q:   (total_q, num_heads, head_dim)          cu_seqlens_q: (batch + 1,) int32
     k:   (total_k, num_kv_heads, head_dim)       cu_seqlens_k: (batch + 1,) int32
     v:   (total_k, num_kv_heads, head_dim_v)     max_seqlen_q, max_seqlen_k: ints
-    out: (total_q, num_heads, head_dim_v), q.dtype, contiguous
+    out: (total_q, num_heads, head_dim_v), q.dtype (FP8: out_dtype), contiguous
     lse: (num_heads, total_q), float32, contiguous (FlashAttention's varlen layout)
 
     torch.ops.sparsek.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
@@ -36,8 +38,10 @@
     lse:     (batch, num_heads, seqlen_q) or, packed, (num_heads, total_q); float32
 
 The mask arguments of all three (sliding window, softcap, sinks: (num_heads,) float32)
-are those of `sparsek.masks`, checked by the entry points (the ops trust them); a sinks
-tensor is a graph input like q.
+are those of `sparsek.masks`, and the FP8 arguments of the first two (float8_e4m3fn q, k,
+v with (batch, num_kv_heads) float32 descales and an out_dtype) those of `sparsek.fp8`,
+all checked by the entry points (the ops trust them); sinks and descale tensors are graph
+inputs like q.
 
 Semantics are those of `sparsek.reference` / `sparsek.reference_varlen` (bottom-right
 causal per sequence for the varlen and cache ops, rows that see no key -> out 0, lse
@@ -49,6 +53,8 @@ Implementations:
     host synchronization: capturable in a CUDA graph after a warm-up call has loaded the
     kernels). `attention` raises `UnsupportedError` when no kernel fits (callers wanting a
     fallback decide before calling); the varlen and cache ops run the reference instead.
+    No FP8 kernel is registered yet: `sparsek.attention` and `attention_varlen` dequantize
+    FP8 inputs to bfloat16 before they call an op on CUDA.
   * Any other device (CPU): the reference (float32 compute, float64 for float64 inputs),
     slow but exact; for CPU tensors the varlen/cache metadata values are checked first
     (cheap there; on a GPU it would synchronize).
@@ -69,6 +75,7 @@ import torch
 from torch import Tensor
 
 from cutedsl_kernels.config import PACKED
+from sparsek import fp8
 from sparsek.launch import dense, kvcache, launcher, varlen
 from sparsek.launch.kvcache import KvcachePlan
 from sparsek.masks import NO_MASK, Mask, make_mask
@@ -88,13 +95,16 @@ _LIB = torch.library.Library("sparsek", "DEF")  # type: ignore[no-untyped-call]
 _LIB.define(  # type: ignore[no-untyped-call]
     "attention(Tensor q, Tensor k, Tensor v, bool causal, float softmax_scale, "
     "bool causal_top_left, int window_left=-1, int window_right=-1, float softcap=0.0, "
-    "Tensor? sinks=None) -> (Tensor, Tensor)"
+    "Tensor? sinks=None, "
+    "Tensor? q_descale=None, Tensor? k_descale=None, Tensor? v_descale=None, "
+    "ScalarType? out_dtype=None) -> (Tensor, Tensor)"
 )
 _LIB.define(  # type: ignore[no-untyped-call]
     "attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
     "SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float softmax_scale, "
-    "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None) "
-    "-> (Tensor, Tensor)"
+    "int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? sinks=None, "
+    "Tensor? q_descale=None, Tensor? k_descale=None, Tensor? v_descale=None, "
+    "ScalarType? out_dtype=None) -> (Tensor, Tensor)"
 )
 _LIB.define(  # type: ignore[no-untyped-call]
     "attention_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
@@ -102,6 +112,10 @@ _LIB.define(  # type: ignore[no-untyped-call]
     "float softmax_scale, int num_splits, int window_left=-1, int window_right=-1, "
     "float softcap=0.0, Tensor? sinks=None) -> (Tensor, Tensor)"
 )
+
+
+# The descales of a 16-bit call (q_descale, k_descale, v_descale).
+NO_DESCALES: tuple[None, None, None] = (None, None, None)
 
 
 def compute_dtype(q: Tensor) -> torch.dtype:
@@ -123,8 +137,19 @@ def attention_reference(
     window_right: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`sparsek::attention` on any device without a kernel path: the reference."""
+    """`sparsek::attention` on any device without a kernel path: the reference (of the
+    dequantized inputs, for FP8)."""
+    out_type = q.dtype if out_dtype is None else out_dtype
+    if q_descale is not None and k_descale is not None and v_descale is not None:
+        q, k, v = (
+            fp8.dequantize(t, descale, compute_dtype(q))
+            for t, descale in ((q, q_descale), (k, k_descale), (v, v_descale))
+        )
     out, lse = reference_attention(
         q,
         k,
@@ -137,7 +162,7 @@ def attention_reference(
         sinks=sinks,
         compute_dtype=compute_dtype(q),
     )
-    return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
+    return out.to(out_type).contiguous(), lse.to(torch.float32).contiguous()
 
 
 @torch.library.register_fake("sparsek::attention")  # type: ignore[untyped-decorator]
@@ -152,9 +177,13 @@ def _attention_fake(
     window_right: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, seqlen_q, num_heads, _ = q.shape
-    out = q.new_empty((batch, seqlen_q, num_heads, v.shape[-1]))
+    out = q.new_empty((batch, seqlen_q, num_heads, v.shape[-1]), dtype=out_dtype or q.dtype)
     lse = q.new_empty((batch, num_heads, seqlen_q), dtype=torch.float32)
     return out, lse
 
@@ -168,11 +197,13 @@ def call_attention(
     causal_top_left: bool,
     mask: Mask = NO_MASK,
     sinks: Tensor | None = None,
+    descales: tuple[Tensor | None, Tensor | None, Tensor | None] = NO_DESCALES,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """torch.ops.sparsek.attention (`mask`'s window and softcap, `sinks`); in plain eager
-    mode its CUDA kernel is called directly (the dispatcher round trip, Python -> C++ ->
-    Python, is pure host overhead there)."""
-    extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks)
+    """torch.ops.sparsek.attention (`mask`'s window and softcap, `sinks`, FP8 `descales`
+    and `out_dtype`); in plain eager mode its CUDA kernel is called directly (the
+    dispatcher round trip, Python -> C++ -> Python, is pure host overhead there)."""
+    extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks, *descales, out_dtype)
     if plain_eager(q, k, v):
         return dense.attention(q, k, v, causal, scale, causal_top_left, *extra)
     result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention(
@@ -198,10 +229,25 @@ def attention_varlen_reference(
     window_right: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`sparsek::attention_varlen` without a kernel: the reference (values checked on CPU)."""
+    """`sparsek::attention_varlen` without a kernel: the reference (values checked on CPU;
+    of the dequantized inputs, for FP8)."""
     if q.device.type == "cpu":
         check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out_type = q.dtype if out_dtype is None else out_dtype
+    if q_descale is not None and k_descale is not None and v_descale is not None:
+        q, k, v = (
+            fp8.dequantize_packed(t, descale, cu, compute_dtype(q))
+            for t, descale, cu in (
+                (q, q_descale, cu_seqlens_q),
+                (k, k_descale, cu_seqlens_k),
+                (v, v_descale, cu_seqlens_k),
+            )
+        )
     out, lse = reference_attention_varlen(
         q,
         k,
@@ -217,7 +263,7 @@ def attention_varlen_reference(
         sinks=sinks,
         compute_dtype=compute_dtype(q),
     )
-    return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
+    return out.to(out_type).contiguous(), lse.to(torch.float32).contiguous()
 
 
 @torch.library.register_fake("sparsek::attention_varlen")  # type: ignore[untyped-decorator]
@@ -235,9 +281,13 @@ def _attention_varlen_fake(
     window_right: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     total_q, num_heads, _ = q.shape
-    out = q.new_empty((total_q, num_heads, v.shape[-1]))
+    out = q.new_empty((total_q, num_heads, v.shape[-1]), dtype=out_dtype or q.dtype)
     lse = q.new_empty((num_heads, total_q), dtype=torch.float32)
     return out, lse
 
@@ -256,13 +306,20 @@ def attention_varlen_cuda(
     window_right: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention_varlen` on CUDA: the packed kernel, or the reference when no
     kernel serves the request."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
-    if isinstance(launcher.kernel_config(q, v, mask.spec, PACKED), str):
-        extra = (window_left, window_right, softcap, sinks)
+    descales = (q_descale, k_descale, v_descale)
+    if any(d is not None for d in descales) or isinstance(
+        launcher.kernel_config(q, v, mask.spec, PACKED), str
+    ):  # (no kernel takes FP8 descales yet)
+        extra = (window_left, window_right, softcap, sinks, *descales, out_dtype)
         return attention_varlen_reference(*args, softmax_scale, *extra)
     return varlen.attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, mask, softmax_scale, sinks
@@ -281,11 +338,13 @@ def call_attention_varlen(
     softmax_scale: float,
     mask: Mask = NO_MASK,
     sinks: Tensor | None = None,
+    descales: tuple[Tensor | None, Tensor | None, Tensor | None] = NO_DESCALES,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """torch.ops.sparsek.attention_varlen (`mask`'s window and softcap, `sinks`), past the
-    dispatcher in plain eager mode on CUDA."""
+    """torch.ops.sparsek.attention_varlen (`mask`'s window and softcap, `sinks`, FP8
+    `descales` and `out_dtype`), past the dispatcher in plain eager mode on CUDA."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks)
+    extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks, *descales, out_dtype)
     if q.is_cuda and plain_eager(q, k, v, cu_seqlens_q, cu_seqlens_k):
         return attention_varlen_cuda(*args, softmax_scale, *extra)
     result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention_varlen(*args, softmax_scale, *extra)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from cutedsl_kernels.abi import call_fmha_fwd
 from sparsek import memo
+from sparsek.errors import UnsupportedError
 from sparsek.launch import kvcache, launcher
 from sparsek.launch.launcher import ForwardKernel, contiguous_strides
 from sparsek.launch.tma import ALIGN_BYTES, one_kv_head, tma_compatible, tma_strides_ok
@@ -84,14 +85,25 @@ def attention(
     window_right: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The CUDA implementation of `sparsek::attention` (see the module docstring; the mask
     arguments as `sparsek.masks` defines them, already checked).
 
     Raises:
         UnsupportedError: no registered kernel serves the request (callers wanting a
-            fallback decide before calling).
+            fallback decide before calling), FP8 inputs (descales) among them: no FP8
+            kernel is registered.
     """
+    if q_descale is not None or k_descale is not None or v_descale is not None:
+        reason = (
+            f"dtype={q.dtype} with descales: no FP8 kernel is registered (supported: "
+            "float16, bfloat16; sparsek.attention dequantizes FP8 inputs to bfloat16)"
+        )
+        raise UnsupportedError("sparsek::attention on CUDA", (reason,))
     k, v = one_kv_head(k, v)
     mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
     plan = dense_plan(q, k, v, mask, softmax_scale, causal_top_left)

@@ -1,0 +1,261 @@
+"""FP8 (float8_e4m3fn) inputs on CPU: their checks, their result, the ops and the route a
+CUDA request takes while no FP8 kernel is registered.
+
+Compared against: `fp8_oracle.oracle`, textbook attention in float64 of the inputs
+dequantized one head at a time from the definition in `sparsek/fp8.py`. Tolerance: the CPU
+path computes in float32 and rounds the output once to `out_dtype`, so the bound is a
+few units of that type's rounding of |out| (<= max|v| * max descale): rtol 2**-7
+(bfloat16) or 2**-10 (float16) of the output's magnitude, LSE atol 1e-4.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from fp8_oracle import FP8, oracle
+
+import sparsek
+from sparsek.errors import UnsupportedError
+
+RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def fp8_inputs(gen, batch, sq, sk, heads, kv_heads, dim, dim_v=None):
+    """q, k, v in FP8 (values from N(0, 3^2), saturating e4m3's +-448 never) and their
+    (batch, kv_heads) descales in [0.1, 1.1)."""
+    dim_v = dim if dim_v is None else dim_v
+    q = (3 * torch.randn(batch, sq, heads, dim, generator=gen)).to(FP8)
+    k = (3 * torch.randn(batch, sk, kv_heads, dim, generator=gen)).to(FP8)
+    v = (3 * torch.randn(batch, sk, kv_heads, dim_v, generator=gen)).to(FP8)
+    descales = [torch.rand(batch, kv_heads, generator=gen) + 0.1 for _ in range(3)]
+    return q, k, v, descales
+
+
+def check_close(out, lse, want_out, want_lse, out_dtype):
+    assert out.dtype == out_dtype and lse.dtype == torch.float32
+    bound = RTOL[out_dtype] * max(want_out.abs().max().item(), 1e-3)
+    assert (out.double() - want_out).abs().max().item() <= bound
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    finite = ~torch.isneginf(want_lse)
+    assert (lse.double()[finite] - want_lse[finite]).abs().max().item() <= 1e-4
+
+
+# ------------------------------------------------------------------------ results
+
+
+@pytest.mark.parametrize(
+    ("batch", "sq", "sk", "heads", "kv_heads", "causal", "window", "out_dtype"),
+    [
+        (2, 37, 45, 4, 2, True, (-1, -1), None),  # GQA, Sq < Sk, odd lengths
+        (1, 50, 20, 4, 4, True, (-1, -1), torch.float16),  # Sq > Sk: early rows see nothing
+        (3, 16, 16, 6, 1, False, (-1, -1), torch.bfloat16),  # MQA, non-causal
+        (2, 33, 33, 4, 2, False, (4, 2), None),  # a two-sided window
+    ],
+)
+def test_fp8_attention_is_attention_of_the_dequantized_inputs(
+    batch, sq, sk, heads, kv_heads, causal, window, out_dtype
+) -> None:
+    gen = torch.Generator().manual_seed(sq * 100 + sk)
+    q, k, v, descales = fp8_inputs(gen, batch, sq, sk, heads, kv_heads, 32)
+    out, lse = sparsek.attention(
+        q, k, v, causal=causal, window_size=window, return_lse=True,
+        q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+        out_dtype=out_dtype,
+    )  # fmt: skip
+    want_out, want_lse = oracle(q, k, v, descales, causal, window)
+    check_close(out, lse, want_out, want_lse, out_dtype or torch.bfloat16)
+    if causal and sq > sk:
+        assert torch.all(out[:, : sq - sk] == 0)
+
+
+def test_descales_matter_and_a_per_tensor_scale_passes_as_an_expanded_view() -> None:
+    """Each descale changes the result (none is dropped), and a (1, 1) scale expanded to
+    (batch, kv_heads) with stride 0 is accepted and equals the materialized one."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, descales = fp8_inputs(gen, 2, 9, 11, 4, 2, 16)
+    base = sparsek.attention(q, k, v, q_descale=descales[0], k_descale=descales[1],
+                             v_descale=descales[2])  # fmt: skip
+    for i in range(3):
+        changed = list(descales)
+        changed[i] = changed[i] * 2
+        other = sparsek.attention(q, k, v, q_descale=changed[0], k_descale=changed[1],
+                                  v_descale=changed[2])  # fmt: skip
+        assert not torch.allclose(base, other)
+    scale = torch.tensor([[0.5]]).expand(2, 2)
+    assert scale.stride() == (0, 0)
+    expanded = sparsek.attention(q, k, v, q_descale=scale, k_descale=scale, v_descale=scale)
+    full = torch.full((2, 2), 0.5)
+    materialized = sparsek.attention(q, k, v, q_descale=full, k_descale=full, v_descale=full)
+    torch.testing.assert_close(expanded, materialized, rtol=0, atol=0)
+
+
+def test_fp8_varlen_is_dense_fp8_per_sequence() -> None:
+    """Packed sequences (one of length 0, padding rows past the last one) with a descale
+    row per sequence give each sequence's dense FP8 result; padding rows give 0."""
+    gen = torch.Generator().manual_seed(3)
+    q_lens, k_lens = [5, 0, 12], [9, 4, 12]
+    heads, kv_heads, dim = 4, 2, 16
+    seqs = [
+        fp8_inputs(gen, 1, sq, sk, heads, kv_heads, dim)
+        for sq, sk in zip(q_lens, k_lens, strict=True)
+    ]
+    pad_q = (3 * torch.randn(3, heads, dim, generator=gen)).to(FP8)
+    q = torch.cat([*(s[0][0] for s in seqs), pad_q])
+    k = torch.cat([s[1][0] for s in seqs])
+    v = torch.cat([s[2][0] for s in seqs])
+    descales = [torch.cat([s[3][i] for s in seqs]) for i in range(3)]
+    cu_q = torch.tensor([0, 5, 5, 17], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 13, 25], dtype=torch.int32)
+    out, lse = sparsek.attention_varlen(
+        q, k, v, cu_q, cu_k, 12, 12, causal=True, return_lse=True, out_dtype=torch.float16,
+        q_descale=descales[0], k_descale=descales[1], v_descale=descales[2],
+    )  # fmt: skip
+    assert out.dtype == torch.float16 and out.shape == (20, heads, dim)
+    for b, (sq, _) in enumerate(zip(q_lens, k_lens, strict=True)):
+        sq_, sk_, d = seqs[b][0], seqs[b][1], seqs[b][3]
+        want_out, want_lse = oracle(sq_, sk_, seqs[b][2], d, causal=True)
+        rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+        if sq:
+            check_close(out[rows][None], lse[:, rows][None], want_out, want_lse, torch.float16)
+    assert torch.all(out[17:] == 0) and torch.all(torch.isneginf(lse[:, 17:]))
+
+
+# ------------------------------------------------------------------------ checks
+
+GOOD = object()  # stands for the matching good descale
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "fragment"),
+    [
+        ({"v_descale": None}, ValueError, "v_descale is required with float8_e4m3fn"),
+        ({"q_descale": "x"}, TypeError, "q_descale must be a float32 tensor"),
+        ({"k_descale": torch.ones(2, 2, dtype=torch.float64)}, TypeError, "k_descale has dtype"),
+        ({"q_descale": torch.ones(1, 2)}, ValueError, r"q_descale has shape \(1, 2\); it must"),
+        ({"v_descale": torch.ones(2, 4)}, ValueError, r"\(batch, num_kv_heads\) = \(2, 2\)"),
+        ({"q_descale": torch.ones(2, 2, device="meta")}, ValueError, "q_descale.device=meta"),
+        ({"out_dtype": torch.float32}, ValueError, "out_dtype=torch.float32 is not supported"),
+        ({"out_dtype": "bfloat16"}, TypeError, "out_dtype must be a torch.dtype"),
+    ],
+)
+def test_bad_fp8_arguments_name_the_argument(change, error, fragment) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, descales = fp8_inputs(gen, 2, 5, 6, 4, 2, 16)
+    kwargs = dict(zip(("q_descale", "k_descale", "v_descale"), descales, strict=True))
+    kwargs.update(change)
+    with pytest.raises(error, match=fragment):
+        sparsek.attention(q, k, v, **kwargs)
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    with pytest.raises(error, match=fragment):
+        sparsek.attention_varlen(q.flatten(0, 1), k[:, :5].flatten(0, 1),
+                                 v[:, :5].flatten(0, 1), cu, cu, 5, 5, **kwargs)  # fmt: skip
+
+
+def test_fp8_arguments_with_16_bit_inputs_and_other_8_bit_types_are_refused() -> None:
+    q = torch.randn(1, 5, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="q_descale applies to float8_e4m3fn inputs only"):
+        sparsek.attention(q, q, q, q_descale=torch.ones(1, 2))
+    with pytest.raises(ValueError, match=r"out_dtype=torch\.float16 applies to float8_e4m3fn"):
+        sparsek.attention(q, q, q, out_dtype=torch.float16)
+    assert sparsek.attention(q, q, q, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+    e5m2 = q.to(torch.float8_e5m2)
+    ones = torch.ones(1, 2)
+    with pytest.raises(TypeError, match=r"the supported 8-bit type is torch\.float8_e4m3fn"):
+        sparsek.attention(e5m2, e5m2, e5m2, q_descale=ones, k_descale=ones, v_descale=ones)
+    with pytest.raises(ValueError, match=r"k\.dtype=torch\.bfloat16 must equal q\.dtype"):
+        sparsek.attention(q.to(FP8), q, q.to(FP8), q_descale=ones, k_descale=ones,
+                          v_descale=ones)  # fmt: skip
+
+
+# ------------------------------------------------------------------------ ops
+
+
+def test_the_ops_take_fp8_inputs_and_out_dtype() -> None:
+    """Schema and fake implementations: the output takes `out_dtype`. (opcheck's schema
+    test compares the inputs with torch.allclose, which float8 CPU tensors do not
+    implement; the fake, registration and AOT-dispatch tests run.)"""
+    from torch.library import opcheck
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, (dq, dk, dv) = fp8_inputs(gen, 2, 7, 9, 4, 2, 16)
+    tests = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    args = (q, k, v, True, 0.25, False, -1, -1, 0.0, None, dq, dk, dv, torch.float16)
+    opcheck(torch.ops.sparsek.attention.default, args, test_utils=tests)
+    out, lse = torch.ops.sparsek.attention(*args)
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    cu = torch.tensor([0, 7, 14], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 18], dtype=torch.int32)
+    packed = (q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu_k, 7, 9, True, 0.25)
+    varlen_args = (*packed, -1, -1, 0.0, None, dq, dk, dv, None)
+    opcheck(torch.ops.sparsek.attention_varlen.default, varlen_args, test_utils=tests)
+    out, _ = torch.ops.sparsek.attention_varlen(*varlen_args)
+    assert out.dtype == q.dtype  # the op's out_dtype None: q's (the entry points resolve it)
+
+
+def test_descales_are_graph_inputs_under_compile() -> None:
+    """torch.compile(fullgraph=True) traces FP8 attention with the descales as inputs: new
+    descale values change the result without a recompile."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, (dq, dk, dv) = fp8_inputs(gen, 1, 6, 6, 2, 2, 16)
+
+    def fn(q, k, v, dq, dk, dv):
+        return sparsek.attention(q, k, v, causal=True, q_descale=dq, k_descale=dk, v_descale=dv)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, dq, dk, dv), fn(q, k, v, dq, dk, dv))
+    torch.testing.assert_close(compiled(q, k, v, dq, dk, 2 * dv), fn(q, k, v, dq, dk, 2 * dv))
+
+
+# ------------------------------------------------------------------------ CUDA route
+
+
+def test_a_cuda_request_without_an_fp8_kernel_dequantizes_to_bfloat16(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the kernels are asked (a CUDA request, faked here) and the registry has no
+    FP8 kernel, the inputs are dequantized to bfloat16 and take the 16-bit path: the
+    result is that path's on the dequantized inputs, the reason is logged, and
+    SPARSEK_STRICT=1 refuses it."""
+    from sparsek import api, fp8
+    from sparsek.routing import Path
+
+    reason = "dtype=float8_e4m3fn is not supported (supported: float16, bfloat16)"
+    asked: list[torch.dtype] = []
+
+    def blockers(q, k, v, mask):
+        asked.append(q.dtype)
+        return (reason,) if q.dtype == FP8 else ("fake: 16-bit request",)
+
+    monkeypatch.setattr(api, "forward_path", lambda *tensors: Path.KERNELS)
+    monkeypatch.setattr(api, "dense_blockers", blockers)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, descales = fp8_inputs(gen, 2, 8, 8, 4, 2, 16)
+    kwargs = dict(zip(("q_descale", "k_descale", "v_descale"), descales, strict=True))
+    with caplog.at_level(logging.WARNING, logger="sparsek.routing"):
+        out, lse = sparsek.attention(
+            q, k, v, causal=True, out_dtype=torch.float16, return_lse=True, **kwargs
+        )
+    assert asked == [FP8, torch.bfloat16]
+    assert any("dequantizing the FP8 inputs to bfloat16" in r.message for r in caplog.records)
+    q16, k16, v16 = (
+        fp8.dequantize(t, d, torch.bfloat16) for t, d in zip((q, k, v), descales, strict=True)
+    )
+    want, want_lse = sparsek.attention(q16, k16, v16, causal=True, return_lse=True)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, want.to(torch.float16), rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    monkeypatch.setenv("SPARSEK_STRICT", "1")
+    with pytest.raises(UnsupportedError, match="float8_e4m3fn is not supported"):
+        sparsek.attention(q, k, v, **kwargs)
+
+
+def test_the_cuda_op_refuses_descales_while_no_fp8_kernel_is_registered() -> None:
+    """`sparsek::attention`'s CUDA implementation never drops descales: it raises."""
+    from sparsek.launch import dense
+
+    q = torch.randn(1, 4, 2, 16).to(FP8)
+    ones = torch.ones(1, 2)
+    with pytest.raises(UnsupportedError, match="no FP8 kernel is registered"):
+        dense.attention(q, q, q, False, 0.25, False, -1, -1, 0.0, None, ones, ones, ones, None)
