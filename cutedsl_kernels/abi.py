@@ -29,6 +29,12 @@ Forward kernels (`FmhaFwdConfig`):
     [min(r, rows - 1), h] (rows = 1 for one logit per head; the decode views that make a
     KV head's query heads the rows pass (group, num_kv_heads)); else None.
     Rows with no visible key get out = 0 and lse = -inf.
+    FP8 configs (`ElementTypes.is_fp8`): q, k, v in float8_e4m3fn, out in dtypes.out;
+    v key-major (`FmhaFwdConfig.v_key_major`): V^T in memory, (batch, num_kv_heads,
+    head_dim, keys) with the key axis contiguous, passed as the (batch, seqlen_k,
+    num_kv_heads, head_dim) view of it, zero past the data (packed: past the last
+    sequence); q_descale, k_descale, v_descale float32 (batch, num_kv_heads), any strides
+    (packed: batch is the sequence): the factors that dequantize them. Else None.
     Variable-length configs (see `FmhaFwdConfig`): `varlen_q` packs q/out/lse as a batch
     of one, (1, total_q, ...) / (1, num_heads, total_q), delimited by cu_seqlens_q
     (batch + 1 int32) with max_seqlen_q its longest sequence; kv_layout "varlen" packs
@@ -64,6 +70,9 @@ class FmhaFwdArgs(NamedTuple):
     page_table: Any = None
     tile_counter: Any = None
     sinks: Any = None
+    q_descale: Any = None
+    k_descale: Any = None
+    v_descale: Any = None
     softmax_scale: float = 1.0
     causal_offset: int = 0
     window_left: int = -1
@@ -87,6 +96,9 @@ def call_fmha_fwd(
     page_table: Any = None,
     tile_counter: Any = None,
     sinks: Any = None,
+    q_descale: Any = None,
+    k_descale: Any = None,
+    v_descale: Any = None,
     softmax_scale: float = 1.0,
     causal_offset: int = 0,
     window_left: int = -1,
@@ -99,8 +111,8 @@ def call_fmha_fwd(
     """`kernel(*FmhaFwdArgs(...))` without building the tuple: arguments by name."""
     kernel(
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, page_table, tile_counter,
-        sinks, softmax_scale, causal_offset, window_left, window_right, softcap,
-        max_seqlen_q, num_splits, num_ctas,
+        sinks, q_descale, k_descale, v_descale, softmax_scale, causal_offset, window_left,
+        window_right, softcap, max_seqlen_q, num_splits, num_ctas,
     )  # fmt: skip
 
 

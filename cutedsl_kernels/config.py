@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The 16-bit element types every kernel takes today (Q/K, V and O of one type).
+# The 16-bit element types every kernel takes (Q/K, V and O of one type).
 SUPPORTED_DTYPES = ("float16", "bfloat16")
+# The 8-bit type of FP8 kernels (Q, K and V; O is one of SUPPORTED_DTYPES).
+FP8_DTYPE = "float8_e4m3fn"
 
 # Where a kernel finds each batch's keys and values (see `FmhaFwdConfig.kv_layout`).
 KV_LAYOUTS = ("dense", "varlen", "cache", "paged")
@@ -46,6 +48,16 @@ class ElementTypes:
     def uniform(cls, dtype: str) -> ElementTypes:
         """Q, K, V and O all of `dtype`, float32 accumulators."""
         return cls(dtype, dtype, dtype)
+
+    @classmethod
+    def fp8(cls, out: str) -> ElementTypes:
+        """Q, K and V in FP8 (E4M3), O of the 16-bit type `out`, float32 accumulators."""
+        return cls(FP8_DTYPE, FP8_DTYPE, out)
+
+    @property
+    def is_fp8(self) -> bool:
+        """Q and K are FP8 (the first GEMM runs on the FP8 tensor cores)."""
+        return self.qk == FP8_DTYPE
 
     @property
     def is_uniform(self) -> bool:
@@ -215,6 +227,13 @@ class FmhaFwdConfig:
             f"{f'_c{self.ctas_per_sm}' if self.ctas_per_sm != 1 else ''}"
             f"{'_ef' if self.kv_evict_first else ''}"
         ).replace("+", "_")
+
+    @property
+    def v_key_major(self) -> bool:
+        """V is read with the key axis contiguous (V^T in memory: (batch, num_kv_heads,
+        head_dim_v, keys)), as 8-bit wgmma takes its B operand K-major only; 16-bit V is
+        read as stored, head dim contiguous."""
+        return self.dtypes.v == FP8_DTYPE
 
     @property
     def layout(self) -> Layout:

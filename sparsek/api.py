@@ -183,8 +183,9 @@ def _attention_fp8(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`attention` of checked FP8 inputs (`sparsek.fp8`). CPU tensors without grad run the
     op's reference of the dequantized inputs. Elsewhere an FP8 kernel runs where one is
-    registered; otherwise the inputs are dequantized to bfloat16 and take the 16-bit
-    path (a fallback: logged once, `UnsupportedError` under SPARSEK_STRICT=1)."""
+    registered (`registry.registered_fp8_configs`); otherwise the inputs are dequantized
+    to bfloat16 and take the 16-bit path (a fallback: logged once, `UnsupportedError`
+    under SPARSEK_STRICT=1)."""
     (q, k, v), descales, out_dtype = qkv, fp8_call.descales, fp8_call.out_dtype
     path = forward_path(q, k, v, *(t for t in (sinks, *descales) if t is not None))
     mask_args = (mask.window_left, mask.window_right, mask.op_softcap, sinks)
@@ -194,7 +195,7 @@ def _attention_fp8(
         )
         return cpu_result if return_lse else cpu_result[0]
     if path is Path.KERNELS:
-        reasons = dense_blockers(q, k, v, mask.spec)
+        reasons = dense_blockers(q, k, v, mask.spec, out_dtype)
         if not reasons:
             served = ops.call_attention(
                 q, k, v, mask.causal, scale, False, mask, sinks, descales, out_dtype

@@ -188,9 +188,9 @@ def _attention_varlen_fp8(
     return_lse: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`attention_varlen` of checked FP8 inputs (`sparsek.fp8`): CPU tensors without grad
-    run the op's reference of the dequantized inputs; elsewhere (no FP8 kernel is
-    registered) the inputs are dequantized to bfloat16 and take the 16-bit path (a
-    fallback: logged once, `UnsupportedError` under SPARSEK_STRICT=1)."""
+    run the op's reference of the dequantized inputs; elsewhere an FP8 kernel runs where
+    one is registered, otherwise the inputs are dequantized to bfloat16 and take the
+    16-bit path (a fallback: logged once, `UnsupportedError` under SPARSEK_STRICT=1)."""
     descales, out_dtype = fp8_call.descales, fp8_call.out_dtype
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen_args
     path = forward_path(q, k, v, *(t for t in (sinks, *descales) if t is not None))
@@ -200,10 +200,13 @@ def _attention_varlen_fp8(
         )
         return (out, lse) if return_lse else out
     if path is Path.KERNELS:
-        fallback(
-            (f"dtype={q.dtype}: no FP8 kernel is registered (supported: float16, bfloat16)",),
-            action="dequantizing the FP8 inputs to bfloat16",
-        )
+        found = launcher.kernel_config(q, v, mask.spec, PACKED, out_dtype=out_dtype)
+        if not isinstance(found, str):
+            out, lse = ops.call_attention_varlen(
+                *varlen_args, mask.causal, scale, mask, sinks, descales, out_dtype
+            )
+            return (out, lse) if return_lse else out
+        fallback((found,), action="dequantizing the FP8 inputs to bfloat16")
     # (An input that requires grad: the 16-bit path's own fallback says so.)
     q16, k16, v16 = (
         fp8.dequantize_packed(t, descale, cu, torch.bfloat16)

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 DEFAULT_ARCH = "sm_90a"
 # The kernels' element types, the paths of `sparsek.precompile.PATHS` and the mask names
 # (kept here so that building the parser imports nothing; tests/test_cli.py checks they agree).
-DTYPES = ("float16", "bfloat16")
+DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
 PATHS = ("dense", "varlen", "kvcache", "paged")
 # The masks the kernels serve beyond the precompiled ones (`sparsek.registry.SERVED_MASKS`).
 MASK_NAMES = (
@@ -290,13 +290,13 @@ def _print_support(
     print("\nsupport matrix (masks per path; anything else falls back to torch SDPA):")
     width = 14
     head = "".join(f" {p:<{width}}" for p in paths)
-    print(f"  {'arch':<8} {'head_dim':>8}  {'dtype':<9}{head} {'kernels':>7}")
+    print(f"  {'arch':<8} {'head_dim':>8}  {'dtype':<13}{head} {'kernels':>7}")
     for row in rows:
         cells = "".join(f" {', '.join(row['paths'].get(p, [])) or '-':<{width}}" for p in paths)
         dims = str(row["head_dim"])
         if row["head_dim_v"] != row["head_dim"]:
             dims += f"/{row['head_dim_v']}"
-        print(f"  {row['arch']:<8} {dims:>8}  {row['dtype']:<9}{cells}", end="")
+        print(f"  {row['arch']:<8} {dims:>8}  {row['dtype']:<13}{cells}", end="")
         print(f" {row['kernels']:>7}")
     print("  paths:")
     for path, entry in paths.items():

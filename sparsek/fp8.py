@@ -134,14 +134,21 @@ def check_fp8_args(
         if descale.device != q.device:
             raise ValueError(f"{name}.device={descale.device} must equal q.device={q.device}")
         checked.append(descale)
-    if out_dtype is None:
-        out_dtype = DEFAULT_OUT_DTYPE
+    out_dtype = output_dtype(q.dtype, out_dtype)
     if out_dtype not in OUT_DTYPES:
         raise ValueError(
             f"out_dtype={out_dtype} is not supported for float8_e4m3fn inputs (supported: "
             "torch.bfloat16, torch.float16)"
         )
     return Fp8Call((checked[0], checked[1], checked[2]), out_dtype)
+
+
+def output_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The output dtype of inputs of `dtype` given `out_dtype` (None: bfloat16 for FP8
+    inputs, the inputs' own dtype otherwise)."""
+    if out_dtype is not None:
+        return out_dtype
+    return DEFAULT_OUT_DTYPE if is_fp8(dtype) else dtype
 
 
 def head_scales(descale: Tensor, num_heads: int) -> Tensor:

@@ -8,7 +8,8 @@
     q:   (batch, seqlen_q, num_heads, head_dim)
     k:   (batch, seqlen_k, num_kv_heads, head_dim)
     v:   (batch, seqlen_k, num_kv_heads, head_dim_v)
-    out: (batch, seqlen_q, num_heads, head_dim_v), q.dtype (FP8: out_dtype), contiguous
+    out: (batch, seqlen_q, num_heads, head_dim_v), q.dtype (FP8: out_dtype, bfloat16 when
+         None), contiguous
     lse: (batch, num_heads, seqlen_q), float32, contiguous (natural-log log-sum-exp)
 
     torch.ops.sparsek.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -20,7 +21,8 @@
     q:   (total_q, num_heads, head_dim)          cu_seqlens_q: (batch + 1,) int32
     k:   (total_k, num_kv_heads, head_dim)       cu_seqlens_k: (batch + 1,) int32
     v:   (total_k, num_kv_heads, head_dim_v)     max_seqlen_q, max_seqlen_k: ints
-    out: (total_q, num_heads, head_dim_v), q.dtype (FP8: out_dtype), contiguous
+    out: (total_q, num_heads, head_dim_v), q.dtype (FP8: out_dtype, bfloat16 when None),
+         contiguous
     lse: (num_heads, total_q), float32, contiguous (FlashAttention's varlen layout)
 
     torch.ops.sparsek.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, block_table,
@@ -53,8 +55,9 @@ Implementations:
     host synchronization: capturable in a CUDA graph after a warm-up call has loaded the
     kernels). `attention` raises `UnsupportedError` when no kernel fits (callers wanting a
     fallback decide before calling); the varlen and cache ops run the reference instead.
-    No FP8 kernel is registered yet: `sparsek.attention` and `attention_varlen` dequantize
-    FP8 inputs to bfloat16 before they call an op on CUDA.
+    FP8 inputs run on the FP8 kernels (`sparsek.launch.fp8`); where none is registered,
+    `sparsek.attention` and `attention_varlen` dequantize them to bfloat16 before they
+    call an op.
   * Any other device (CPU): the reference (float32 compute, float64 for float64 inputs),
     slow but exact; for CPU tensors the varlen/cache metadata values are checked first
     (cheap there; on a GPU it would synchronize).
@@ -77,6 +80,7 @@ from torch import Tensor
 from cutedsl_kernels.config import PACKED
 from sparsek import fp8
 from sparsek.launch import dense, kvcache, launcher, varlen
+from sparsek.launch import fp8 as fp8_launch
 from sparsek.launch.kvcache import KvcachePlan
 from sparsek.masks import NO_MASK, Mask, make_mask
 from sparsek.reference import reference_attention
@@ -144,7 +148,7 @@ def attention_reference(
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention` on any device without a kernel path: the reference (of the
     dequantized inputs, for FP8)."""
-    out_type = q.dtype if out_dtype is None else out_dtype
+    out_type = fp8.output_dtype(q.dtype, out_dtype)
     if q_descale is not None and k_descale is not None and v_descale is not None:
         q, k, v = (
             fp8.dequantize(t, descale, compute_dtype(q))
@@ -183,7 +187,8 @@ def _attention_fake(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch, seqlen_q, num_heads, _ = q.shape
-    out = q.new_empty((batch, seqlen_q, num_heads, v.shape[-1]), dtype=out_dtype or q.dtype)
+    out_type = fp8.output_dtype(q.dtype, out_dtype)
+    out = q.new_empty((batch, seqlen_q, num_heads, v.shape[-1]), dtype=out_type)
     lse = q.new_empty((batch, num_heads, seqlen_q), dtype=torch.float32)
     return out, lse
 
@@ -238,7 +243,7 @@ def attention_varlen_reference(
     of the dequantized inputs, for FP8)."""
     if q.device.type == "cpu":
         check_varlen_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    out_type = q.dtype if out_dtype is None else out_dtype
+    out_type = fp8.output_dtype(q.dtype, out_dtype)
     if q_descale is not None and k_descale is not None and v_descale is not None:
         q, k, v = (
             fp8.dequantize_packed(t, descale, cu, compute_dtype(q))
@@ -287,7 +292,8 @@ def _attention_varlen_fake(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     total_q, num_heads, _ = q.shape
-    out = q.new_empty((total_q, num_heads, v.shape[-1]), dtype=out_dtype or q.dtype)
+    out_type = fp8.output_dtype(q.dtype, out_dtype)
+    out = q.new_empty((total_q, num_heads, v.shape[-1]), dtype=out_type)
     lse = q.new_empty((num_heads, total_q), dtype=torch.float32)
     return out, lse
 
@@ -315,11 +321,17 @@ def attention_varlen_cuda(
     kernel serves the request."""
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
-    descales = (q_descale, k_descale, v_descale)
-    if any(d is not None for d in descales) or isinstance(
-        launcher.kernel_config(q, v, mask.spec, PACKED), str
-    ):  # (no kernel takes FP8 descales yet)
-        extra = (window_left, window_right, softcap, sinks, *descales, out_dtype)
+    extra = (window_left, window_right, softcap, sinks, q_descale, k_descale, v_descale, out_dtype)
+    if q_descale is not None and k_descale is not None and v_descale is not None:
+        out_type = fp8.output_dtype(q.dtype, out_dtype)
+        if isinstance(launcher.kernel_config(q, v, mask.spec, PACKED, out_dtype=out_type), str):
+            return attention_varlen_reference(*args, softmax_scale, *extra)
+        descales = (q_descale, k_descale, v_descale)
+        return fp8_launch.attention_varlen_fp8(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, mask, softmax_scale, sinks,
+            descales, out_type,
+        )  # fmt: skip
+    if isinstance(launcher.kernel_config(q, v, mask.spec, PACKED), str):
         return attention_varlen_reference(*args, softmax_scale, *extra)
     return varlen.attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, mask, softmax_scale, sinks

@@ -10,8 +10,10 @@ fit the layout) and the kernel's `can_implement` answer.
 
 What is registered: every (arch, head_dim) row of `tuning.BASE` and (arch, head_dim,
 head_dim_v) row of `tuning.VALUE_HEAD_DIMS`, for each dtype of `DTYPES` and mask of
-`MASKS`. Supporting a new head dim or architecture is a row there
-(the kernel's `can_implement` must accept it; `tests/test_registry.py` checks every row).
+`MASKS`; and FP8 (`FP8_DTYPE` Q/K/V, O of `out_dtype`, one of `DTYPES`): every row of
+`tuning.FP8`, dense and packed, for each output dtype and mask. Supporting a new head dim
+or architecture is a row there (the kernel's `can_implement` must accept it;
+`tests/test_registry.py` checks every row).
 
 Architecture detection maps the CUDA compute capability to the DSL's target name
 (9.0 -> "sm_90a", 10.0 -> "sm_100a"); the environment variable `SPARSEK_ARCH` overrides it
@@ -30,6 +32,7 @@ import torch
 from cutedsl_kernels.config import (
     CAUSAL,
     DENSE,
+    FP8_DTYPE,
     NO_MASK,
     PACKED,
     SUPPORTED_DTYPES,
@@ -138,6 +141,18 @@ def registered_configs(arch: str) -> list[FmhaFwdConfig]:
     ]
 
 
+def registered_fp8_configs(arch: str) -> list[FmhaFwdConfig]:
+    """Every FP8 kernel configuration registered for `arch`: each `tuning.FP8` head dim,
+    dense then packed, each output dtype of `DTYPES` and mask of `MASKS`."""
+    return [
+        _make_config(arch, head_dim, FP8_DTYPE, mask, layout, Workload.DEFAULT, None, out)
+        for head_dim in tuning.fp8_head_dims(arch)
+        for layout in (DENSE, PACKED)
+        for out in DTYPES
+        for mask in MASKS
+    ]
+
+
 def registered_kernels(arch: str) -> list[KernelConfig]:
     """Every kernel precompiled for `arch`: dense, the `PRECOMPILED` layouts and
     workloads, combine, store.
@@ -146,7 +161,7 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
         `registered_configs(arch)`, then each of them in every precompiled (layout,
         workload) (decode only without a mask), then the split-KV combine kernel and the
         paged KV-cache update kernel of each (head_dim, dtype) (the combine: of each
-        output head dim).
+        output head dim), then `registered_fp8_configs(arch)`.
     """
     dense = registered_configs(arch)
     others = [
@@ -159,17 +174,17 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
     dims = [(head_dim, dtype) for head_dim in registered_head_dims(arch) for dtype in DTYPES]
     combine = [CombineConfig(arch, head_dim, dtype) for head_dim, dtype in dims]
     store = [KVStoreConfig(arch, head_dim, dtype) for head_dim, dtype in dims]
-    return [*dense, *others, *combine, *store]
+    return [*dense, *others, *combine, *store, *registered_fp8_configs(arch)]
 
 
 def mask_kernels(arch: str, mask: MaskSpec) -> list[KernelConfig]:
     """Every kernel the entry points may launch with `mask` (one of `SERVED_MASKS`) on
     `arch`, for each registered head dim and dtype: the dense kernels of every workload, the
-    `PRECOMPILED` layouts (split kernels without sinks, which the combine adds; decode
-    without causal, since a single query sees every key, and with single-query rows when
-    the mask has a window), and the combine. `registered_kernels` compiles the plain and
-    causal masks' share of these ahead; the others compile at first use, or ahead through
-    `sparsek compile --mask`.
+    FP8 dense and packed kernels, the `PRECOMPILED` layouts (split kernels without sinks,
+    which the combine adds; decode without causal, since a single query sees every key,
+    and with single-query rows when the mask has a window), and the combine.
+    `registered_kernels` compiles the plain and causal masks' share of these ahead; the
+    others compile at first use, or ahead through `sparsek compile --mask`.
     """
     if mask not in SERVED_MASKS:
         return []
@@ -195,6 +210,12 @@ def mask_kernels(arch: str, mask: MaskSpec) -> list[KernelConfig]:
                     if isinstance(config, FmhaFwdConfig):
                         found.append(config)
                 found.append(CombineConfig(arch, head_dim_v, dtype, mask.sinks))
+    for head_dim in tuning.fp8_head_dims(arch):
+        for layout in (DENSE, PACKED):
+            for out in DTYPES:
+                config = find(arch, head_dim, FP8_DTYPE, mask, layout, out_dtype=out)
+                if isinstance(config, FmhaFwdConfig):
+                    found.append(config)
     return list(dict.fromkeys(found))
 
 
@@ -213,17 +234,20 @@ def lookup(
     layout: Layout = DENSE,
     workload: Workload = Workload.DEFAULT,
     head_dim_v: int | None = None,
+    out_dtype: torch.dtype | str | None = None,
 ) -> FmhaFwdConfig:
     """The registered kernel configuration for a request.
 
     Args:
         arch: DSL target name, e.g. "sm_90a" (see `detect_arch`).
         head_dim: head dimension of Q and K (and of V and O unless `head_dim_v`).
-        dtype: element type of Q/K/V, a torch dtype or its name ("float16", "bfloat16").
+        dtype: element type of Q/K/V, a torch dtype or its name ("float16", "bfloat16",
+            "float8_e4m3fn").
         mask: the mask features (`mask_of(causal)` for the registered ones).
         layout: where the sequences live (dense, packed, cached, paged; split-KV).
         workload: the request's shape class (picks the tuning row).
         head_dim_v: head dimension of V and O; None: head_dim.
+        out_dtype: (FP8 only, and required there) O's element type.
 
     Returns:
         The frozen config naming the kernel to compile and launch.
@@ -232,13 +256,16 @@ def lookup(
         UnsupportedError: no registered kernel fits; `reasons` lists why, including the
             kernel's own `can_implement` answer for the closest candidate.
     """
-    found = find(arch, head_dim, dtype_name(dtype), mask, layout, workload, head_dim_v)
+    out = None if out_dtype is None else dtype_name(out_dtype)
+    found = find(arch, head_dim, dtype_name(dtype), mask, layout, workload, head_dim_v, out)
     if isinstance(found, FmhaFwdConfig):
         return found
     dims = f"head_dim={head_dim}" + (
         f", head_dim_v={head_dim_v}" if head_dim_v not in (None, head_dim) else ""
     )
     request = f"arch={arch}, {dims}, dtype={dtype_name(dtype)}, mask={mask.name}"
+    if out is not None:
+        request += f", out_dtype={out}"
     if layout != DENSE or workload is not Workload.DEFAULT:
         request += f", {layout}, workload={workload.value}"
     raise UnsupportedError(f"no sparsek kernel for {request}", found)
@@ -283,10 +310,13 @@ def find(
     layout: Layout = DENSE,
     workload: Workload = Workload.DEFAULT,
     head_dim_v: int | None = None,
+    out_dtype: str | None = None,
 ) -> FmhaFwdConfig | tuple[str, ...]:
     """Like `lookup`, but returns the reasons instead of raising (memoized: hot path)."""
     if head_dim_v == head_dim:
         head_dim_v = None
+    if dtype == FP8_DTYPE:
+        return _find_fp8(arch, head_dim, mask, layout, workload, head_dim_v, out_dtype)
     reasons: list[str] = []
     arches = registered_arches()
     if arch not in arches:
@@ -331,6 +361,49 @@ def find(
     if reasons:
         return tuple(reasons)
     config = _make_config(arch, head_dim, dtype, mask, layout, workload, head_dim_v)
+    kernel_reasons = kernel_can_implement(config)
+    if kernel_reasons:
+        return tuple(f"{config.name}: {r}" for r in kernel_reasons)
+    return config
+
+
+def _find_fp8(
+    arch: str,
+    head_dim: int,
+    mask: MaskSpec,
+    layout: Layout,
+    workload: Workload,
+    head_dim_v: int | None,
+    out_dtype: str | None,
+) -> FmhaFwdConfig | tuple[str, ...]:
+    """`find` for FP8 Q/K/V with O of `out_dtype`."""
+    reasons: list[str] = []
+    dims = tuning.fp8_head_dims(arch)
+    if not dims:
+        reasons.append(f"dtype={FP8_DTYPE}: no FP8 kernels are registered for arch={arch}")
+    elif head_dim not in dims or head_dim_v is not None:
+        supported = ", ".join(str(d) for d in dims)
+        reasons.append(
+            f"dtype={FP8_DTYPE}: head_dim={head_dim}"
+            + ("" if head_dim_v is None else f" with head_dim_v={head_dim_v}")
+            + f" is not supported on {arch} (supported: {supported}, V's the same)"
+        )
+    if out_dtype not in DTYPES:
+        reasons.append(
+            f"dtype={FP8_DTYPE}: out_dtype={out_dtype} is not supported (supported: "
+            f"{', '.join(DTYPES)})"
+        )
+    if mask not in SERVED_MASKS:
+        supported = ", ".join(m.name for m in SERVED_MASKS)
+        reasons.append(f"mask={mask.name} is not supported (supported: {supported})")
+    if layout not in (DENSE, PACKED) or workload in DECODE_WORKLOADS:
+        reasons.append(
+            f"dtype={FP8_DTYPE}: FP8 kernels serve dense and packed (varlen) prefill, not "
+            f"{layout}, workload={workload.value} (FP8 KV caches are not supported)"
+        )
+    if reasons:
+        return tuple(reasons)
+    config = _make_config(arch, head_dim, FP8_DTYPE, mask, layout, workload, None, out_dtype)
     kernel_reasons = kernel_can_implement(config)
     if kernel_reasons:
         return tuple(f"{config.name}: {r}" for r in kernel_reasons)
@@ -395,14 +468,21 @@ def _make_config(
     layout: Layout,
     workload: Workload,
     head_dim_v: int | None = None,
+    out_dtype: str | None = None,
 ) -> FmhaFwdConfig:
     head_dim_v = None if head_dim_v == head_dim else head_dim_v
+    if dtype == FP8_DTYPE:  # (FP8 rows serve every mask, layout and workload alike)
+        assert out_dtype is not None
+        dtypes, tuned = ElementTypes.fp8(out_dtype), tuning.FP8[(arch, head_dim)]
+    else:
+        dtypes = ElementTypes.uniform(dtype)
+        tuned = tuning.tuning_for(arch, head_dim, mask, layout, workload, head_dim_v)
     return FmhaFwdConfig(
         arch=arch,
         head_dim=head_dim,
-        dtypes=ElementTypes.uniform(dtype),
+        dtypes=dtypes,
         mask=mask,
         head_dim_v=head_dim_v,
-        **asdict(tuning.tuning_for(arch, head_dim, mask, layout, workload, head_dim_v)),
+        **asdict(tuned),
         **asdict(layout),
     )

@@ -136,26 +136,33 @@ def plain_eager(*tensors: Tensor) -> bool:
     return all(type(t) is Tensor for t in tensors)
 
 
-def dense_blockers(q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec) -> tuple[str, ...]:
+def dense_blockers(
+    q: Tensor, k: Tensor, v: Tensor, mask: MaskSpec, out_dtype: torch.dtype | None = None
+) -> tuple[str, ...]:
     """Why the kernels cannot serve these (validated) dense inputs with `mask`'s kernel
-    features; empty when they can. An input that requires grad is named before the
-    device (`choose_path`'s order)."""
+    features (FP8 inputs: writing `out_dtype`); empty when they can. An input that
+    requires grad is named before the device (`choose_path`'s order)."""
     if needs_grad(q, k, v):
         return (NEEDS_GRAD,)
     if q.device.type != "cuda":
         return (f"device={q.device.type}: the kernels run on CUDA devices only",)
-    return cuda_dense_blockers(q.device.index, q, v, mask)
+    return cuda_dense_blockers(q.device.index, q, v, mask, out_dtype)
 
 
 def cuda_dense_blockers(
-    device_index: int | None, q: Tensor, v: Tensor, mask: MaskSpec
+    device_index: int | None,
+    q: Tensor,
+    v: Tensor,
+    mask: MaskSpec,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[str, ...]:
     """`dense_blockers` for inputs without grad on CUDA device `device_index` (None: the
     current one). Reads q's and v's shapes and dtype only, not their device."""
     index = device_index if device_index is not None else -1
+    out = None if out_dtype is None else dtype_name(out_dtype)
     if not torch.compiler.is_compiling():
         return _eager_registry_blockers(
-            os.environ.get(ARCH_ENV), index, q.shape[-1], q.dtype, mask, v.shape[-1]
+            os.environ.get(ARCH_ENV), index, q.shape[-1], q.dtype, mask, v.shape[-1], out
         )
     reasons: tuple[str, ...] = registry_blockers(
         index,
@@ -163,6 +170,7 @@ def cuda_dense_blockers(
         dtype_name(q.dtype),
         mask.name,
         static_head_dim(v.shape[-1]),
+        out,
     )
     return reasons
 
@@ -238,11 +246,12 @@ def _eager_registry_blockers(
     dtype: torch.dtype,
     mask: MaskSpec,
     head_dim_v: int,
+    out_dtype: str | None = None,
 ) -> tuple[str, ...]:
     """`registry_blockers` memoized for eager calls: the answer depends only on these
     (`arch_override`: the SPARSEK_ARCH value, which `detect_arch` reads)."""
     reasons: tuple[str, ...] = registry_blockers(
-        device_index, int(head_dim), dtype_name(dtype), mask.name, int(head_dim_v)
+        device_index, int(head_dim), dtype_name(dtype), mask.name, int(head_dim_v), out_dtype
     )
     return reasons
 
@@ -271,12 +280,14 @@ def registry_blockers(
     dtype: str,
     mask_name: str,
     head_dim_v: int | None = 0,
+    out_dtype: str | None = None,
 ) -> tuple[str, ...]:
     """Registry answer for a dense request with the mask named `mask_name` (`MaskSpec.name`)
     on CUDA device `device_index` (-1: the current one); empty when a kernel serves it. A
     constant under torch.compile (no tracing inside; the mask goes by name, a string
     constant). `head_dim` and `head_dim_v` (V's; 0: head_dim's) come from
-    `static_head_dim` (None: not a registered head dim)."""
+    `static_head_dim` (None: not a registered head dim); `out_dtype`: O's dtype name
+    (FP8 requests only)."""
     arch = detect_arch(None if device_index < 0 else device_index)
     if arch is None:
         return ("no CUDA device detected",)
@@ -288,5 +299,5 @@ def registry_blockers(
     if mask is None:
         supported = ", ".join(MASK_BY_NAME)
         return (f"mask={mask_name} is not supported (supported: {supported})",)
-    found = find(arch, head_dim, dtype, mask, head_dim_v=head_dim_v or None)
+    found = find(arch, head_dim, dtype, mask, head_dim_v=head_dim_v or None, out_dtype=out_dtype)
     return tuple(found) if isinstance(found, tuple) else ()

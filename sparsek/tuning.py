@@ -158,6 +158,17 @@ VALUE_HEAD_DIMS: dict[tuple[str, int, int], Tuning] = {
 }
 
 # The tables by name (`override`'s first argument).
+# FP8 (E4M3) kernels, (arch, head_dim) -> tuning, every mask and layout (dense, packed):
+# one CTA per work tile (`hopper/limits.fp8_reasons`), O written from registers. First
+# rows, chosen on the CPU from the compiled kernels: 128x128 tiles and two stages at d64
+# and d128 compile without spills (168 registers at d128 with the second output
+# accumulator). FlashAttention-3 uses 128x224 at d128 and 192x160 at d64; GPU
+# measurements replace these rows.
+FP8: dict[tuple[str, int], Tuning] = {
+    ("sm_90a", 64): Tuning(tile_m=128, tile_n=128, num_stages=2),
+    ("sm_90a", 128): Tuning(tile_m=128, tile_n=128, num_stages=2),
+}
+
 TABLES: dict[str, dict[tuple[str, int], Tuning]] = {
     "base": BASE,
     "causal": CAUSAL,
@@ -165,6 +176,7 @@ TABLES: dict[str, dict[tuple[str, int], Tuning]] = {
     "one_wave": ONE_WAVE,
     "decode": DECODE,
     "decode_fills_gpu": DECODE_FILLS_GPU,
+    "fp8": FP8,
 }
 
 _ON_CHANGE: list[Callable[[], None]] = []
@@ -182,6 +194,11 @@ def value_head_dims(arch: str, head_dim: int) -> list[int]:
     return own + sorted(
         (v for a, d, v in VALUE_HEAD_DIMS if (a, d) == (arch, head_dim)), reverse=True
     )
+
+
+def fp8_head_dims(arch: str) -> list[int]:
+    """Head dims with an `FP8` row for `arch`, sorted."""
+    return sorted(head_dim for a, head_dim in FP8 if a == arch)
 
 
 def arches() -> list[str]:

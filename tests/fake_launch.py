@@ -24,10 +24,13 @@ def fake_config(
     layout: Layout = DENSE,
     workload: Workload = Workload.DEFAULT,
     head_dim_v: int | None = None,
+    out_dtype: torch.dtype | str | None = None,
 ) -> FmhaFwdConfig:
     """A config of the request's identity (any head dims, default tiles, static schedule):
     a `lookup` for `fake_launch_path` that accepts every request."""
     dtypes = ElementTypes.uniform(dtype_name(dtype))
+    if out_dtype is not None:
+        dtypes = ElementTypes.fp8(dtype_name(out_dtype))
     return FmhaFwdConfig(arch, head_dim, dtypes, mask, head_dim_v=head_dim_v, **asdict(layout))
 
 

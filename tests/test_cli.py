@@ -28,8 +28,8 @@ import torch
 from fake_toolchain import FakeCompiler
 
 import sparsek
-from cutedsl_kernels.config import SUPPORTED_DTYPES, FmhaFwdConfig
-from sparsek import cache, cli, demo, precompile, registry
+from cutedsl_kernels.config import FP8_DTYPE, SUPPORTED_DTYPES, FmhaFwdConfig
+from sparsek import cache, cli, demo, precompile, registry, tuning
 from sparsek.cache import KernelCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_no_command_prints_help() -> None:
 
 
 def test_parser_choices_match_the_library() -> None:
-    assert cli.DTYPES == SUPPORTED_DTYPES
+    assert (*SUPPORTED_DTYPES, FP8_DTYPE) == cli.DTYPES
     assert tuple(precompile.PATHS) == cli.PATHS
     assert tuple(registry.MASK_BY_NAME) == cli.MASK_NAMES
     assert cli.MAX_DEFAULT_JOBS == precompile.MAX_DEFAULT_JOBS
@@ -431,12 +431,15 @@ def test_info_json_matches_the_registry_and_the_cache(fake_cache: FakeCompiler, 
     assert report["sparsek"] == sparsek.__version__ and report["torch"] == torch.__version__
     rows = report["support"]
     dims = registry.registered_head_dims("sm_90a")
+    fp8_dims = tuning.fp8_head_dims("sm_90a")
     assert {(r["arch"], r["head_dim"], r["dtype"]) for r in rows} == {
         ("sm_90a", d, t) for d in dims for t in SUPPORTED_DTYPES
-    }
+    } | {("sm_90a", d, FP8_DTYPE) for d in fp8_dims}
     assert sum(r["kernels"] for r in rows) == NUM_KERNELS
     for row in rows:
-        assert set(row["paths"]) == set(precompile.PATHS)
+        # FP8 kernels: prefill (dense and packed) only
+        paths = {"dense", "varlen"} if row["dtype"] == FP8_DTYPE else set(precompile.PATHS)
+        assert set(row["paths"]) == paths
         assert all(masks == ["full", "causal"] for masks in row["paths"].values())
     assert report["served_masks"] == [m.name for m in registry.SERVED_MASKS]
     summary = report["cache"]
@@ -455,9 +458,13 @@ def test_info_prints_a_matrix_and_a_summary_not_the_entries(
     header = next(line for line in lines if line.split()[:3] == ["arch", "head_dim", "dtype"])
     assert header.split()[3:] == [*precompile.PATHS, "kernels"]
     matrix = [line.split() for line in lines if line.startswith("  sm_90a ")]
-    assert len(matrix) == 14 and all(row[3:5] == ["full,", "causal"] for row in matrix)
+    rows_16bit = [row for row in matrix if row[2] != FP8_DTYPE]
+    assert len(rows_16bit) == 14 and all(row[3:5] == ["full,", "causal"] for row in rows_16bit)
     dims = ("32", "64", "96", "128", "192", "192/128", "256")
-    assert [row[1] for row in matrix] == [d for d in dims for _ in ("float16", "bfloat16")]
+    assert [row[1] for row in rows_16bit] == [d for d in dims for _ in ("float16", "bfloat16")]
+    fp8_rows = [row for row in matrix if row[2] == FP8_DTYPE]
+    assert [row[1] for row in fp8_rows] == [str(d) for d in tuning.fp8_head_dims("sm_90a")]
+    assert all(row[3:7] == ["full,", "causal", "full,", "causal"] for row in fp8_rows)
     assert not any("fmha_fwd" in line for line in lines)
     assert "  sm_90a: 5 of " in "\n".join(lines)
 

@@ -1,5 +1,5 @@
-"""FP8 (float8_e4m3fn) inputs on CPU: their checks, their result, the ops and the route a
-CUDA request takes while no FP8 kernel is registered.
+"""FP8 (float8_e4m3fn) inputs on CPU: their checks, their result, the ops, the route a
+CUDA request takes, the registry's FP8 kernels and the key-major copy of V they read.
 
 Compared against: `fp8_oracle.oracle`, textbook attention in float64 of the inputs
 dequantized one head at a time from the definition in `sparsek/fp8.py`. Tolerance: the CPU
@@ -17,6 +17,7 @@ import torch
 from fp8_oracle import FP8, oracle
 
 import sparsek
+from cutedsl_kernels.config import ElementTypes
 from sparsek.errors import UnsupportedError
 
 RTOL = {torch.bfloat16: 2**-7, torch.float16: 2**-10}
@@ -191,7 +192,7 @@ def test_the_ops_take_fp8_inputs_and_out_dtype() -> None:
     varlen_args = (*packed, -1, -1, 0.0, None, dq, dk, dv, None)
     opcheck(torch.ops.sparsek.attention_varlen.default, varlen_args, test_utils=tests)
     out, _ = torch.ops.sparsek.attention_varlen(*varlen_args)
-    assert out.dtype == q.dtype  # the op's out_dtype None: q's (the entry points resolve it)
+    assert out.dtype == torch.bfloat16  # the op's out_dtype None: bfloat16 for FP8 inputs
 
 
 def test_descales_are_graph_inputs_under_compile() -> None:
@@ -211,21 +212,21 @@ def test_descales_are_graph_inputs_under_compile() -> None:
 # ------------------------------------------------------------------------ CUDA route
 
 
-def test_a_cuda_request_without_an_fp8_kernel_dequantizes_to_bfloat16(
+def test_a_cuda_request_no_fp8_kernel_serves_is_dequantized_to_bfloat16(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Where the kernels are asked (a CUDA request, faked here) and the registry has no
-    FP8 kernel, the inputs are dequantized to bfloat16 and take the 16-bit path: the
+    """Where the kernels are asked (a CUDA request, faked here) and no FP8 kernel serves
+    the request, the inputs are dequantized to bfloat16 and take the 16-bit path: the
     result is that path's on the dequantized inputs, the reason is logged, and
     SPARSEK_STRICT=1 refuses it."""
     from sparsek import api, fp8
     from sparsek.routing import Path
 
-    reason = "dtype=float8_e4m3fn is not supported (supported: float16, bfloat16)"
-    asked: list[torch.dtype] = []
+    reason = "dtype=float8_e4m3fn: head_dim=16 is not supported"
+    asked: list[tuple[torch.dtype, torch.dtype | None]] = []
 
-    def blockers(q, k, v, mask):
-        asked.append(q.dtype)
+    def blockers(q, k, v, mask, out_dtype=None):
+        asked.append((q.dtype, out_dtype))
         return (reason,) if q.dtype == FP8 else ("fake: 16-bit request",)
 
     monkeypatch.setattr(api, "forward_path", lambda *tensors: Path.KERNELS)
@@ -237,7 +238,7 @@ def test_a_cuda_request_without_an_fp8_kernel_dequantizes_to_bfloat16(
         out, lse = sparsek.attention(
             q, k, v, causal=True, out_dtype=torch.float16, return_lse=True, **kwargs
         )
-    assert asked == [FP8, torch.bfloat16]
+    assert asked == [(FP8, torch.float16), (torch.bfloat16, None)]
     assert any("dequantizing the FP8 inputs to bfloat16" in r.message for r in caplog.records)
     q16, k16, v16 = (
         fp8.dequantize(t, d, torch.bfloat16) for t, d in zip((q, k, v), descales, strict=True)
@@ -247,15 +248,127 @@ def test_a_cuda_request_without_an_fp8_kernel_dequantizes_to_bfloat16(
     torch.testing.assert_close(out, want.to(torch.float16), rtol=0, atol=0)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
     monkeypatch.setenv("SPARSEK_STRICT", "1")
-    with pytest.raises(UnsupportedError, match="float8_e4m3fn is not supported"):
+    with pytest.raises(UnsupportedError, match="head_dim=16 is not supported"):
         sparsek.attention(q, k, v, **kwargs)
 
 
-def test_the_cuda_op_refuses_descales_while_no_fp8_kernel_is_registered() -> None:
-    """`sparsek::attention`'s CUDA implementation never drops descales: it raises."""
-    from sparsek.launch import dense
+# ------------------------------------------------------------------------ kernels
 
-    q = torch.randn(1, 4, 2, 16).to(FP8)
-    ones = torch.ones(1, 2)
-    with pytest.raises(UnsupportedError, match="no FP8 kernel is registered"):
-        dense.attention(q, q, q, False, 0.25, False, -1, -1, 0.0, None, ones, ones, ones, None)
+
+def test_the_registry_serves_fp8_prefill_and_says_why_not_elsewhere() -> None:
+    """FP8 kernels: every `tuning.FP8` head dim, dense and packed, O in bfloat16 or
+    float16, every mask; anything else is refused with its reason."""
+    from cutedsl_kernels.config import DENSE, PACKED, ElementTypes, Layout, MaskSpec
+    from sparsek import registry, tuning
+
+    for head_dim in tuning.fp8_head_dims("sm_90a"):
+        for layout in (DENSE, PACKED):
+            for out in ("bfloat16", "float16"):
+                mask = MaskSpec(causal=True, softcap=True, sinks=True)
+                config = registry.lookup("sm_90a", head_dim, FP8, mask, layout, out_dtype=out)
+                assert config.dtypes == ElementTypes.fp8(out) and config.v_key_major
+                assert config.layout == layout
+    registered = registry.registered_fp8_configs("sm_90a")
+    assert set(registered) <= set(registry.registered_kernels("sm_90a"))
+    assert {c.head_dim for c in registered} == set(tuning.fp8_head_dims("sm_90a"))
+
+    def reasons(**change):
+        args = {"head_dim": 128, "mask": MaskSpec(), "layout": DENSE, "out_dtype": "bfloat16"}
+        args.update(change)
+        head_dim, mask, layout = args.pop("head_dim"), args.pop("mask"), args.pop("layout")
+        found = registry.find("sm_90a", head_dim, "float8_e4m3fn", mask, layout, **args)
+        assert isinstance(found, tuple)
+        return "; ".join(found)
+
+    assert "head_dim=96 is not supported" in reasons(head_dim=96)
+    assert "out_dtype=None is not supported" in reasons(out_dtype=None)
+    assert "out_dtype=float32 is not supported" in reasons(out_dtype="float32")
+    assert "FP8 KV caches are not supported" in reasons(layout=Layout(kv_layout="cache"))
+    assert "head_dim_v=64" in reasons(head_dim_v=64)
+
+
+def test_fp8_kernel_limits_name_what_they_refuse() -> None:
+    from dataclasses import replace
+
+    from cutedsl_kernels.config import ElementTypes, FmhaFwdConfig
+    from cutedsl_kernels.hopper.limits import can_implement, smem_bytes
+
+    good = FmhaFwdConfig("sm_90a", 128, ElementTypes.fp8("bfloat16"))
+    assert can_implement(good) == []
+    assert smem_bytes(good) < smem_bytes(replace(good, dtypes=ElementTypes.uniform("bfloat16")))
+    for change, fragment in [
+        ({"head_dim": 96}, "FP8 kernels serve head_dim in (64, 128)"),
+        ({"tile_n": 112}, "tile_n=112: FP8 kernels need a multiple of 32"),
+        ({"persistent": True}, "not persistent, not split-KV"),
+        ({"kv_layout": "cache"}, "dense and packed (varlen) layouts"),
+        ({"dtypes": ElementTypes("float8_e4m3fn", "bfloat16", "bfloat16")}, "FP8 kernels take"),
+        ({"dtypes": ElementTypes.fp8("float32")}, "with O in float16 or bfloat16"),
+    ]:
+        assert any(fragment in r for r in can_implement(replace(good, **change))), change
+
+
+def test_key_major_v_is_v_with_the_key_axis_contiguous() -> None:
+    """The FP8 kernels' copy of V: the same values, keys contiguous, the key axis padded
+    to 16 elements (TMA's 16-byte strides), and packed rows past the data zeroed."""
+    from sparsek.launch.fp8 import key_major
+
+    v = (3 * torch.randn(2, 37, 3, 64)).to(FP8)
+    vt = key_major(v)
+    assert vt.shape == v.shape and vt.dtype == FP8
+    assert vt.stride() == (3 * 64 * 48, 1, 64 * 48, 48)
+    assert torch.equal(vt.view(torch.uint8), v.view(torch.uint8))
+    packed = (3 * torch.randn(1, 50, 2, 64)).to(FP8)
+    vt = key_major(packed, torch.tensor(40))
+    assert torch.equal(vt[:, :40].view(torch.uint8), packed[:, :40].view(torch.uint8))
+    assert torch.all(vt[:, 40:].view(torch.uint8) == 0)
+
+
+def test_the_fp8_launch_sends_key_major_v_descales_and_out_dtype(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CUDA launch path of FP8 requests (device, registry and kernel faked): the
+    kernel gets V key-major with the same values, the descales and an output of
+    `out_dtype`; a stand-in kernel that computes causal attention from exactly what it is
+    sent gives the dequantized reference (dense and packed)."""
+    from fake_launch import fake_config, fake_launch_path
+
+    from sparsek.launch import dense
+    from sparsek.launch.fp8 import attention_varlen_fp8
+    from sparsek.masks import CAUSAL
+
+    configs = []
+
+    def lookup(*args, **kwargs):
+        configs.append(fake_config(*args, **kwargs))
+        return configs[-1]
+
+    def kernel(q, k, v, out, lse, cu_q, cu_k, used_k, pages, counter, sinks, *rest):
+        assert v.stride(1) == 1 and k.stride(-1) == 1  # V key-major, K as stored
+        descales = rest[:3]
+        sequences = q.shape[0] if cu_q is None else cu_q.shape[0] - 1
+        for b in range(sequences):
+            batch, rows, keys = b, slice(None), slice(None)
+            if cu_q is not None:  # packed: a batch of one
+                batch = 0
+                rows = slice(int(cu_q[b]), int(cu_q[b + 1]))
+                keys = slice(int(cu_k[b]), int(cu_k[b + 1]))
+            qb, kb, vb = (t[batch, span][None] for t, span in ((q, rows), (k, keys), (v, keys)))
+            ob, lb = oracle(qb, kb, vb, [d[b : b + 1] for d in descales], causal=True)
+            out[batch, rows] = ob[0].to(out.dtype)
+            lse[batch, :, rows] = lb[0].float()
+
+    fake_launch_path(monkeypatch, lookup, kernel)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, descales = fp8_inputs(gen, 2, 9, 9, 4, 2, 64)
+    out, lse = dense.attention(q, k, v, True, 64**-0.5, False, -1, -1, 0.0, None, *descales,
+                               torch.float16)  # fmt: skip
+    want, want_lse = oracle(q, k, v, descales, causal=True)
+    assert configs[-1].dtypes == ElementTypes.fp8("float16") and not configs[-1].varlen_q
+    check_close(out, lse, want, want_lse, torch.float16)
+    cu = torch.tensor([0, 9, 18], dtype=torch.int32)
+    packed = [t.flatten(0, 1) for t in (q, k, v)]
+    out, lse = attention_varlen_fp8(*packed, cu, cu, 9, CAUSAL, 64**-0.5, None,
+                                    tuple(descales), torch.bfloat16)  # fmt: skip
+    assert configs[-1].dtypes == ElementTypes.fp8("bfloat16") and configs[-1].varlen_q
+    out, lse = out.view(2, 9, 4, 64), lse.view(4, 2, 9).transpose(0, 1)
+    check_close(out, lse, want, want_lse, torch.bfloat16)

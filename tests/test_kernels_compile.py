@@ -228,6 +228,7 @@ SMEM_CASES: dict[str, Callable[[], FmhaFwdConfig]] = {
     "d64-192rows": lambda: _registered(lambda c: c.tile_m == 192 and c.persistent),
     "d256-128x80": _d256_128x80,
     "d192v128-128x128": _d192_v128,
+    "fp8-d128": lambda: _registered(lambda c: c.dtypes.is_fp8 and c.head_dim == 128),
 }
 
 

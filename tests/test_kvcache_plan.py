@@ -59,7 +59,8 @@ def fake_kernel(causal: bool | None, layout: Layout | None):
         lse.copy_(total)
 
     def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, counter, sinks, *scalars):
-        scale, offset, left, right, softcap, rows, splits, ctas = scalars
+        *descales, scale, offset, left, right, softcap, rows, splits, ctas = scalars
+        assert descales == [None, None, None]
         assert cu_k is None and counter is None and offset == 0 and ctas == 0
         assert (splits > 1) == layout.split_kv
         assert sinks is None or (splits == 1 and sinks.dim() == 2)  # (rows, heads); a split

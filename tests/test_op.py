@@ -163,7 +163,9 @@ class RecordingKernel:
     def __call__(self, q, k, v, out, lse, *rest) -> None:
         # Dense launches pass no sequence metadata or tile counter, max_seqlen_q 0, one
         # split and the SM count (a persistent kernel's CTAs).
-        *metadata, sinks, scale, offset, left, right, softcap, max_seqlen_q, splits, ctas = rest
+        *metadata, sinks, qd, kd, vd, scale, offset, left, right, softcap = rest[:-3]
+        max_seqlen_q, splits, ctas = rest[-3:]
+        assert (qd, kd, vd) == (None, None, None)  # 16-bit inputs: no descales
         assert (*metadata, max_seqlen_q, splits, ctas) == (None, None, None, None, None, 0, 1, 132)
         self.calls.append((q, k, v, out, lse, scale, offset))
         self.masks.append((left, right, softcap, sinks))
@@ -379,9 +381,9 @@ def test_dynamic_kernels_get_a_zeroed_tile_counter_per_call(monkeypatch) -> None
 
     def kernel(q, k, v, out, lse, *rest) -> None:
         *metadata, counter = rest[:5]
-        # no sinks; scale, offset, window, softcap, max_seqlen_q, splits, SMs
-        assert metadata == [None, None, None, None] and rest[5] is None
-        assert rest[6:] == (0.5, 0, -1, -1, 0.0, 0, 1, 132)
+        # no sinks, no descales; scale, offset, window, softcap, max_seqlen_q, splits, SMs
+        assert metadata == [None, None, None, None] and rest[5:9] == (None, None, None, None)
+        assert rest[9:] == (0.5, 0, -1, -1, 0.0, 0, 1, 132)
         assert counter.dtype == torch.int32 and counter.tolist() == [0]
         counters.append(counter)
         counter.add_(7)  # what the kernel leaves behind must not reach the next call

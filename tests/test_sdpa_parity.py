@@ -265,7 +265,8 @@ def float32_kernel(causal: bool) -> Callable[..., None]:
     """A stand-in for a compiled forward kernel: attention in float32 over the (batch,
     seqlen, heads, head_dim) tensors it is launched with."""
 
-    def kernel(q, k, v, out, lse, cu_q, cu_k, used_k, pages, counter, sinks, scale, offset, *rest):
+    def kernel(q, k, v, out, lse, cu_q, cu_k, used_k, pages, counter, sinks, *rest):
+        scale, offset = rest[3:5]  # (after the three descales)
         groups = q.shape[2] // k.shape[2]
         qf = q.float().transpose(1, 2)
         kf, vf = (t.float().transpose(1, 2).repeat_interleave(groups, dim=1) for t in (k, v))

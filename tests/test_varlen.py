@@ -313,15 +313,16 @@ def test_launch_passes_a_zeroed_tile_counter_to_dynamic_kernels(monkeypatch, dyn
     windowed = make_mask(False, (7, 2), 3.0, sinks=True)
     varlen.attention_varlen(q, k, k, cu, cu, max(lens), windowed, 0.1, head_sinks)
     for args in seen[:2]:
-        counter, sinks, scalars = args[9], args[10], args[11:]
+        counter, sinks, descales, scalars = args[9], args[10], args[11:14], args[14:]
         # softmax_scale, causal_offset, window (unbounded), softcap (off), max_seqlen_q,
         # num_splits, num_ctas
-        assert sinks is None and scalars == (0.1, 0, -1, -1, 0.0, 130, 1, 132)
+        assert sinks is None and descales == (None, None, None)
+        assert scalars == (0.1, 0, -1, -1, 0.0, 130, 1, 132)
         if dynamic:
             assert counter.dtype == torch.int32 and counter.tolist() == [0]
         else:
             assert counter is None
-    sinks, scalars = seen[2][10], seen[2][11:]
+    sinks, scalars = seen[2][10], seen[2][14:]
     assert sinks.shape == (1, 4) and torch.equal(sinks[0], head_sinks)
     assert scalars == (0.1, 0, 7, 2, 3.0, 130, 1, 132)
     assert len(seen) == 3

@@ -1,8 +1,23 @@
-"""Packed float32 -> 16-bit conversion of register fragments.
+"""Packed float32 -> 16-bit and -> FP8 conversion of register fragments.
 
 `TensorSSA.to(dtype)` converts element by element unless the fragment's shape happens to
 vectorize (it does for 128-wide key tiles, not for e.g. 176). One `cvt.rn.{f16,bf16}x2.f32`
 per pair keeps P's conversion at half an instruction per score for every tile shape.
+
+FP8 P (`convert_p_fp8`): the 16-bit A operand of a wgmma takes the registers of the
+first GEMM's accumulator as they are (`fragments.acc_as_operand_a`), the 8-bit one does
+not. In a row's 16-column block, the accumulator gives lane q of a quad the columns
+{2q, 2q+1, 8+2q, 9+2q}, the 8-bit A operand wants {4q .. 4q+3}. After rounding, the four
+bytes of each 8-column group are one 32-bit word per lane; two shuffles within the quad
+and two byte permutes per 16-column block put each byte where the A operand reads it
+(the scheme of CUTLASS's and FlashAttention-3's FP8 attention, written out below).
+
+    16-column block, words per lane q: X (cols 2q, 2q+1: rows r, r+8), Y (cols 8+2q, 9+2q)
+    lane q   needs cols   first word from   second word from   byte selectors (row r, r+8)
+    0        0..3         lane 0's X        lane 1's X         0x5410, 0x7632
+    1        4..7         lane 3's X        lane 2's X         0x1054, 0x3276
+    2        8..11        lane 1's Y        lane 0's Y         0x1054, 0x3276
+    3        12..15       lane 2's Y        lane 3's Y         0x5410, 0x7632
 """
 
 from __future__ import annotations
@@ -29,6 +44,77 @@ def pack_pair(lo: Float32, hi: Float32, dtype: type, *, loc=None, ip=None) -> In
             asm_dialect=llvm.AsmDialect.AD_ATT,
         )
     )
+
+
+@dsl_user_op
+def pack_e4m3x4(a: Float32, b: Float32, c: Float32, d: Float32, *, loc=None, ip=None) -> Int32:
+    """Round four floats to E4M3 (saturating at +-448) in one 32-bit word, `a` in its
+    lowest byte."""
+    return Int32(
+        llvm.inline_asm(
+            T.i32(),
+            [Float32(x).ir_value(loc=loc, ip=ip) for x in (a, b, c, d)],
+            "{\n.reg .b16 lo, hi;\n"
+            "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"  # first source: the upper byte
+            "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n"
+            "mov.b32 $0, {lo, hi};\n}",
+            "=r,f,f,f,f",
+            has_side_effects=False,
+            is_align_stack=False,
+            asm_dialect=llvm.AsmDialect.AD_ATT,
+        )
+    )
+
+
+@dsl_user_op
+def byte_perm(a: Int32, b: Int32, selector: Int32, *, loc=None, ip=None) -> Int32:
+    """`prmt.b32`: byte i of the result is byte (selector's nibble i) of (b:a)."""
+    return Int32(
+        llvm.inline_asm(
+            T.i32(),
+            [Int32(x).ir_value(loc=loc, ip=ip) for x in (a, b, selector)],
+            "prmt.b32 $0, $1, $2, $3;",
+            "=r,r,r,r",
+            has_side_effects=False,
+            is_align_stack=False,
+            asm_dialect=llvm.AsmDialect.AD_ATT,
+        )
+    )
+
+
+# Shuffles within quads: the source lane is an index into the lane's group of 4.
+QUAD_SHUFFLE = 0x1C1F
+# Per lane q of a quad (nibble q): the lane whose word goes first, then second (see the
+# module docstring's table).
+FIRST_SOURCE_LANES = 0x2130
+SECOND_SOURCE_LANES = 0x3021
+
+
+@cute.jit
+def convert_p_fp8(acc: cute.Tensor, dst: cute.Tensor) -> None:
+    """dst = acc rounded to E4M3 in the 8-bit wgmma A operand's layout.
+
+    acc: one warpgroup's float32 accumulator ((2, 2, V), 1, 1) of a (64, 8 V) tile, the
+    probabilities of its rows (in [0, 256] after the softmax's FP8 offset); dst: the
+    A fragment ((4, 2, 2), 1, V / 4) of the same tile in float8_e4m3fn. Every lane of the
+    warpgroup must call it (quad shuffles).
+    """
+    words = cute.recast_tensor(dst, Int32)
+    lane = cute.arch.lane_idx() % 4
+    ends = (lane == 0) | (lane == 3)
+    first_lane = (Int32(FIRST_SOURCE_LANES) >> (lane * 4)) & 0xF
+    second_lane = (Int32(SECOND_SOURCE_LANES) >> (lane * 4)) & 0xF
+    select_lo = Int32(0x5410) if ends else Int32(0x1054)
+    select_hi = Int32(0x7632) if ends else Int32(0x3276)
+    for m in cutlass.range_constexpr(cute.size(acc) // 8):
+        x = pack_e4m3x4(acc[8 * m], acc[8 * m + 1], acc[8 * m + 2], acc[8 * m + 3])
+        y = pack_e4m3x4(acc[8 * m + 4], acc[8 * m + 5], acc[8 * m + 6], acc[8 * m + 7])
+        give_first = x if ends else y
+        give_second = y if ends else x
+        first = cute.arch.shuffle_sync_op(give_first, first_lane, mask_and_clamp=QUAD_SHUFFLE)
+        second = cute.arch.shuffle_sync_op(give_second, second_lane, mask_and_clamp=QUAD_SHUFFLE)
+        words[2 * m] = byte_perm(first, second, select_lo)
+        words[2 * m + 1] = byte_perm(first, second, select_hi)
 
 
 @cute.jit

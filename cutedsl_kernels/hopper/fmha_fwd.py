@@ -13,13 +13,24 @@ scale * s; with `mask.sinks`, head h's sink logit joins the softmax denominator 
 row that sees a key (the LSE includes it; split-KV: the combine adds it). Rows with no
 visible key give O = 0 and LSE = -inf.
 
+FP8 (`ElementTypes.is_fp8`): Q, K, V in float8_e4m3fn with float32 (batch, num_kv_heads)
+descales; the result is the attention of the dequantized inputs, O in fp16 / bf16. Q's
+and K's factors multiply the scores' scale (inside the tanh with a softcap), V's the
+final 1/l. Both GEMMs run on the FP8 tensor cores: V is read key-major (V^T, the K-major
+B operand 8-bit wgmma needs; the host writes it), P is rounded to E4M3 with a 2^8
+headroom (`softmax.py`) and moved into the 8-bit A operand's layout across each quad
+(`convert.convert_p_fp8`), and each key tile's PV product is added to O in float32
+(two-level accumulation, `mainloop.py`). O is written from registers (it is twice as
+wide as Q's buffer). `limits.fp8_reasons` lists what FP8 kernels serve: head_dim 64 and
+128, dense and packed layouts, one CTA per work tile.
+
 Features and limits (`limits.can_implement` says why a config is refused):
-- fp16 / bf16 in and out (Q, K, V and O of one type), fp32 accumulation; head_dim a
-  multiple of 16 up to 256 whose tiles fit shared memory (the registry enables 32, 64,
-  96, 128, 192 and 256); head_dim_v (V and O) = head_dim, or smaller with both multiples
-  of 64 (one 128-byte swizzle: O is staged in Q's buffer), e.g. (192, 128); masks
-  (`MaskSpec`): none, causal or window, each with or without softcap and sinks (a causal
-  window is the window with right size 0).
+- fp16 / bf16 in and out (Q, K, V and O of one type), or FP8 as above; fp32
+  accumulation; head_dim a multiple of 16 up to 256 whose tiles fit shared memory (the
+  registry enables 32, 64, 96, 128, 192 and 256); head_dim_v (V and O) = head_dim, or
+  smaller with both multiples of 64 (one 128-byte swizzle: O is staged in Q's buffer),
+  e.g. (192, 128); masks (`MaskSpec`): none, causal or window, each with or without
+  softcap and sinks (a causal window is the window with right size 0).
 - Any seqlen_q, seqlen_k >= 1; residual tiles are zero-filled by TMA and masked.
 - Layout (batch, seqlen, heads, head_dim) with any strides that TMA accepts (last dim
   contiguous, others multiples of 16 bytes); one compiled kernel serves every shape. The
@@ -96,7 +107,7 @@ from cutedsl_kernels.hopper.mainloop import (
     start_turns,
 )
 from cutedsl_kernels.hopper.producer import Sm90Producer
-from cutedsl_kernels.hopper.softmax import OnlineSoftmax, SoftmaxArgs
+from cutedsl_kernels.hopper.softmax import FP8_MAX_OFFSET, OnlineSoftmax, SoftmaxArgs
 from cutedsl_kernels.hopper.tensors import FwdTensors
 
 
@@ -118,6 +129,10 @@ class HopperFmhaForward:
         self.paged = config.kv_layout == "paged"
         self.split_kv = config.split_kv
         self.persistent = config.persistent
+        self.fp8 = config.dtypes.is_fp8
+        self.max_offset = FP8_MAX_OFFSET if self.fp8 else 0  # P's headroom (`softmax`)
+        # FP8: V arrives key-major (V^T) and is the second GEMM's K-major B operand.
+        self.v_key_major = config.v_key_major
         # Persistent CTAs that take work tiles from a global counter (`TileScheduler`).
         self.dynamic = config.dynamic_schedule
         self.q_stages = limits.q_stages(config)
@@ -143,8 +158,10 @@ class HopperFmhaForward:
             num_mma_warpgroups=self.num_mma_warpgroups,
             # Caches: the slots past a sequence's used length may hold anything; packed
             # keys: the rows past the last sequence (padding, e.g. torch.empty).
-            zero_v_tail=config.kv_layout in ("cache", "paged", "varlen"),
+            # (Key-major V: the host's transposed copy is zero past the data.)
+            zero_v_tail=config.kv_layout in ("cache", "paged", "varlen") and not self.v_key_major,
             rows_share_position=config.single_query,
+            fp8=self.fp8,
         )
 
     # ------------------------------------------------------------------ capability
@@ -156,11 +173,12 @@ class HopperFmhaForward:
         batch, seqlen_q, seqlen_k = cute.sym_int(), cute.sym_int(), cute.sym_int()
         heads, kv_heads, splits = cute.sym_int(), cute.sym_int(), cute.sym_int()
 
-        def tensor(dtype, shape, align_bytes):
+        def tensor(dtype, shape, align_bytes, contiguous_mode=-1):
             align = align_bytes * 8 // dtype.width  # elements
-            strides = tuple(cute.sym_int64(divisibility=align) for _ in shape[:-1])
+            strides = [cute.sym_int64(divisibility=align) for _ in shape]
+            strides[contiguous_mode] = 1
             return cute.runtime.make_fake_tensor(
-                dtype, shape, stride=(*strides, 1), assumed_align=align_bytes
+                dtype, shape, stride=tuple(strides), assumed_align=align_bytes
             )
 
         tma = 16  # TMA: 16-byte strides and base addresses
@@ -173,10 +191,11 @@ class HopperFmhaForward:
             lse = tensor(Float32, (batch, heads, seqlen_q), 4)
         seqs = cute.sym_int()
         has_used_k = self.kv_layout in ("cache", "paged")
+        v_contiguous = 1 if self.v_key_major else -1  # key-major V: the key mode
         return FmhaFwdArgs(
             q=tensor(self.qk_dtype, (batch, seqlen_q, heads, d), tma),
             k=tensor(self.qk_dtype, (cute.sym_int(), seqlen_k, kv_heads, d), tma),
-            v=tensor(self.v_dtype, (cute.sym_int(), seqlen_k, kv_heads, dv), tma),
+            v=tensor(self.v_dtype, (cute.sym_int(), seqlen_k, kv_heads, dv), tma, v_contiguous),
             out=out,
             lse=lse,
             cu_seqlens_q=tensor(Int32, (seqs,), 4) if self.varlen_q else None,
@@ -185,6 +204,9 @@ class HopperFmhaForward:
             page_table=tensor(Int32, (cute.sym_int(), cute.sym_int()), 4) if self.paged else None,
             tile_counter=tensor(Int32, (1,), 4) if self.dynamic else None,
             sinks=self._fake_sinks(),
+            q_descale=self._fake_descale(),
+            k_descale=self._fake_descale(),
+            v_descale=self._fake_descale(),
             softmax_scale=Float32(1.0),
             causal_offset=Int32(0),
             window_left=Int32(-1),
@@ -198,6 +220,14 @@ class HopperFmhaForward:
     def _fake_sinks(self):
         """(rows, heads) float32 sink logits, any strides (see `abi`), or None."""
         if not self.config.mask.sinks or self.split_kv:
+            return None
+        shape = (cute.sym_int(), cute.sym_int())
+        strides = (cute.sym_int64(), cute.sym_int64())
+        return cute.runtime.make_fake_tensor(Float32, shape, stride=strides, assumed_align=4)
+
+    def _fake_descale(self):
+        """(FP8) (batch, num_kv_heads) float32 factors, any strides (see `abi`), or None."""
+        if not self.fp8:
             return None
         shape = (cute.sym_int(), cute.sym_int())
         strides = (cute.sym_int64(), cute.sym_int64())
@@ -218,6 +248,9 @@ class HopperFmhaForward:
         mPageTable: cute.Tensor | None,  # (b, max_pages) int32, kv_layout "paged"
         mTileCounter: cute.Tensor | None,  # (1,) int32, zeros: dynamic_schedule
         mSinks: cute.Tensor | None,  # (rows, h) float32: mask.sinks, not split_kv
+        mQDescale: cute.Tensor | None,  # (b, h_kv) float32: FP8
+        mKDescale: cute.Tensor | None,
+        mVDescale: cute.Tensor | None,
         softmax_scale: Float32,
         causal_offset: Int32,
         window_left: Int32,  # mask.window; negative: unbounded
@@ -228,8 +261,10 @@ class HopperFmhaForward:
         num_ctas: Int32,  # persistent: CTAs to launch (the SM count); ignored otherwise
         stream,
     ):
-        # Put the tiled modes first: (s, d, h, b[, split]) and (s_q, h, b[, split]).
-        mQ, mK, mV = [permute_modes(t, [1, 3, 2, 0]) for t in (mQ, mK, mV)]
+        # Put the tiled modes first: (s, d, h, b[, split]) and (s_q, h, b[, split]); a
+        # key-major V as (d, s, h, b).
+        mQ, mK = [permute_modes(t, [1, 3, 2, 0]) for t in (mQ, mK)]
+        mV = permute_modes(mV, [3, 1, 2, 0] if self.v_key_major else [1, 3, 2, 0])
         if const_expr(self.split_kv):
             mO = permute_modes(mO, [2, 4, 3, 1, 0])
             mLSE = permute_modes(mLSE, [3, 2, 1, 0])
@@ -250,7 +285,7 @@ class HopperFmhaForward:
             self.v_dtype,  # P is converted to V's type
             self.v_dtype,
             OperandMajorMode.K,
-            OperandMajorMode.MN,
+            OperandMajorMode.K if self.v_key_major else OperandMajorMode.MN,
             Float32,
             atom_layout_mnk=(self.num_mma_warpgroups, 1, 1),
             tiler_mn=(ROWS_PER_MMA_WARPGROUP, self.head_dim_v),
@@ -270,6 +305,13 @@ class HopperFmhaForward:
         sKV_box = self._smem_layout(self.qk_dtype, kv_box_rows, None, self.paged)
         box_v = (kv_box_rows, self.head_dim_v)
         sV_box = self._smem_layout(self.v_dtype, kv_box_rows, None, self.paged, self.head_dim_v)
+        if const_expr(self.v_key_major):
+            # V^T tiles (head_dim_v, tile_n), keys contiguous: the K-major B operand.
+            sV_layout = self._smem_layout(
+                self.v_dtype, self.head_dim_v, self.num_stages, False, self.tile_n
+            )
+            box_v = (self.head_dim_v, self.tile_n)
+            sV_box = self._smem_layout(self.v_dtype, self.head_dim_v, None, False, self.tile_n)
         # O (tile_m, head_dim_v) is staged in Q's buffer: the same tile when the two agree.
         sO_tile = sQ_tile
         if const_expr(self.head_dim_v != self.head_dim):
@@ -282,7 +324,7 @@ class HopperFmhaForward:
         tma_atom_K, tma_K = cpasync.make_tiled_tma_atom(tma_load, mK, sKV_box, box, 1)
         tma_atom_V, tma_V = cpasync.make_tiled_tma_atom(tma_load, mV, sV_box, box_v, 1)
         tma_atom_O, tma_O = None, None
-        if const_expr(not self.split_kv):
+        if const_expr(not self.split_kv and not self.fp8):
             tma_atom_O, tma_O = cpasync.make_tiled_tma_atom(
                 cpasync.CopyBulkTensorTileS2GOp(), mO, sO_tile, (self.tile_m, self.head_dim_v)
             )
@@ -325,6 +367,9 @@ class HopperFmhaForward:
             mPageTable,
             mTileCounter,
             mSinks,
+            mQDescale,
+            mKDescale,
+            mVDescale,
             tma_atom_Q,
             tma_atom_K,
             tma_atom_V,
@@ -389,6 +434,9 @@ class HopperFmhaForward:
         mPageTable: cute.Tensor | None,
         mTileCounter: cute.Tensor | None,
         mSinks: cute.Tensor | None,
+        mQDescale: cute.Tensor | None,  # FP8: (b, h_kv) float32 factors
+        mKDescale: cute.Tensor | None,
+        mVDescale: cute.Tensor | None,
         tma_atom_Q: cute.CopyAtom,
         tma_atom_K: cute.CopyAtom,
         tma_atom_V: cute.CopyAtom,
@@ -439,7 +487,10 @@ class HopperFmhaForward:
         window = None
         if const_expr(self.config.mask.window):
             window = Window(window_left, window_right)
-        softmax_args = SoftmaxArgs(scale_log2, softcap_pre_scale, mSinks)
+        descales = None
+        if const_expr(self.fp8):
+            descales = (mQDescale, mKDescale, mVDescale)
+        softmax_args = SoftmaxArgs(scale_log2, softcap_pre_scale, mSinks, descales)
         schedule = SchedulerParams(
             mQ,
             mK,
@@ -568,8 +619,11 @@ class HopperFmhaForward:
         tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
         # (MMA, MMA_N, MMA_K, STAGE)
         tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
-        # (MMA, MMA_N, MMA_K, STAGE): V^T as the (d, n) B operand
-        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(transpose_smem(sV)))
+        # (MMA, MMA_N, MMA_K, STAGE): V^T as the (d, n) B operand (key-major V: as stored)
+        sVt = sV
+        if const_expr(not self.v_key_major):
+            sVt = transpose_smem(sV)
+        tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(sVt))
         # (MMA, MMA_M, MMA_K): P as the register A operand
         tOrP = wg_mma_pv.make_fragment_A(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)))
         # (MMA, MMA_M, MMA_N)
@@ -580,8 +634,17 @@ class HopperFmhaForward:
         cS = cute.make_identity_tensor((self.tile_m, self.tile_n))
         tScS = thr_mma_qk.partition_C(cS)
         t0ScS = tiled_mma_qk.get_slice(0).partition_C(cS)
+        scale_log2, softcap_pre_scale = softmax_args.scale_log2, softmax_args.softcap_pre_scale
+        v_scale = None
+        if const_expr(self.fp8):
+            head_kv = work.head_idx // (tensors.mQ.shape[2] // tensors.mK.shape[2])
+            scale_log2, softcap_pre_scale, v_scale = softmax_args.descaled(
+                work.batch_idx, head_kv, n_max > n_min
+            )
         softmax = OnlineSoftmax(
-            softmax_args.scale_log2, num_rows=cute.size(acc_rows_cols(tScS), mode=[0])
+            scale_log2,
+            num_rows=cute.size(acc_rows_cols(tScS), mode=[0]),
+            max_offset=self.max_offset,
         )
         softmax.reset()
 
@@ -606,7 +669,7 @@ class HopperFmhaForward:
                 v_rows = cu_k[cute.size(cu_k.shape[0]) - 1] - info.offset_k
             mainloop = Sm90Mainloop(
                 self.mainloop, operands, acc_O, softmax, (pipeline_k, pipeline_v), m_block, info,
-                wg_idx, v_rows, window, softmax_args.softcap_pre_scale,
+                wg_idx, v_rows, window, softcap_pre_scale,
             )  # fmt: skip
             kv_state = mainloop.run(kv_state, n_min, n_max)
 
@@ -614,6 +677,8 @@ class HopperFmhaForward:
         if const_expr(softmax_args.sinks is not None):
             sinks = softmax_args.row_sinks(tScS, m_block * self.tile_m, work.head_idx)
         inv_sum = softmax.finalize(sinks)
+        if const_expr(self.fp8):
+            inv_sum.store(inv_sum.load() * v_scale)
         OnlineSoftmax.rescale(acc_O, inv_sum)
         self.store_tile(work, tensors, sQ, q_state.index, acc_O, softmax.row_sum, tScS,
                         tiled_mma_pv, tma_atom_O, tidx)  # fmt: skip
@@ -665,7 +730,8 @@ class HopperFmhaForward:
             # head_dim_v) under the same 128-byte swizzle (`limits.can_implement`).
             o_layout = self._smem_layout(self.out_dtype, self.tile_m, None, False, self.head_dim_v)
             sO = cute.make_tensor(sO.iterator, o_layout.outer)
-        if const_expr(self.split_kv):
+        if const_expr(self.split_kv or self.fp8):
+            # (FP8: O is wider than Q's buffer; it is written from registers.)
             gO = cute.local_tile(mO_seq, tile, (m_block, 0))
             epilogue.store_o_direct(acc_O, tiled_mma_pv, tidx, gO, info.seqlen_q - row0)
         else:

@@ -6,7 +6,7 @@ of the DSL keeps a warm start (kernel loaded from the disk cache) from importing
 
 from __future__ import annotations
 
-from cutedsl_kernels.config import KV_LAYOUTS, SUPPORTED_DTYPES, FmhaFwdConfig
+from cutedsl_kernels.config import FP8_DTYPE, KV_LAYOUTS, SUPPORTED_DTYPES, FmhaFwdConfig
 
 SMEM_CAPACITY_BYTES = 227 * 1024  # H100 opt-in shared memory per CTA
 SM_SMEM_BYTES = 228 * 1024  # per SM, of which 1 KiB per resident CTA is reserved
@@ -23,7 +23,12 @@ REGS_BY_MMA_WARPGROUPS = {
 }
 BARRIER_BYTES = 8
 SMEM_ALIGN = 1024  # each tile buffer's alignment, and so the struct's
-ELEMENT_BYTES = 2  # fp16 / bf16, the only element types this kernel takes
+ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, FP8_DTYPE: 1}  # Q/K/V element types
+# FP8 kernels: the first GEMM's K step and the second's (keys) are 32 elements.
+FP8_MMA_K = 32
+# FP8 kernels keep a second output accumulator (two-level accumulation, see
+# `hopper/fmha_fwd.py`), which the registers hold for these head dims.
+FP8_HEAD_DIMS = (64, 128)
 # Dynamic schedule: work tiles in flight from the producer warp to the consumers, each as
 # SCHED_WORDS int32 (`common/tile_scheduler.WorkTile.NUM_WORDS`, which imports the DSL;
 # tests/test_kernels_compile.py checks that the two agree).
@@ -43,20 +48,54 @@ def _align(size: int, alignment: int = SMEM_ALIGN) -> int:
 def smem_bytes(config: FmhaFwdConfig) -> int:
     """Shared memory one CTA needs: `SharedStorage` of `hopper/fmha_fwd.py`, byte for byte.
 
-    Its fields in order: the Q, K and V barriers; the Q stages (reused for O), K stages
-    and V stages, each 1024-B aligned (the 128-B swizzle's atom); the scheduler's barriers
-    and work tiles (always allocated). The struct's size is a multiple of its 1024-B
-    alignment. tests/test_kernels_compile.py checks this against the compiled struct.
+    Its fields in order: the Q, K and V barriers; the Q stages (reused for O, except by
+    FP8 kernels, which store O from registers), K stages and V stages, each 1024-B
+    aligned (the 128-B swizzle's atom); the scheduler's barriers and work tiles (always
+    allocated). The struct's size is a multiple of its 1024-B alignment.
+    tests/test_kernels_compile.py checks this against the compiled struct.
     """
+    qk_bytes = ELEMENT_BYTES.get(config.dtypes.qk, 2)
+    v_bytes = ELEMENT_BYTES.get(config.dtypes.v, 2)
     barriers = (2 * q_stages(config) + 4 * config.num_stages) * BARRIER_BYTES
-    q = q_stages(config) * config.tile_m * config.head_dim * ELEMENT_BYTES
-    k = config.num_stages * config.tile_n * config.head_dim * ELEMENT_BYTES
-    v = config.num_stages * config.tile_n * config.value_head_dim * ELEMENT_BYTES
+    q = q_stages(config) * config.tile_m * config.head_dim * qk_bytes
+    k = config.num_stages * config.tile_n * config.head_dim * qk_bytes
+    v = config.num_stages * config.tile_n * config.value_head_dim * v_bytes
     offset = barriers
     for tile in (q, k, v):
         offset = _align(offset) + tile
     scheduler = SCHED_STAGES * (2 * BARRIER_BYTES + 4 * SCHED_WORDS)
     return _align(offset + scheduler)
+
+
+def fp8_reasons(config: FmhaFwdConfig) -> list[str]:
+    """Why the FP8 variant cannot serve `config` (Q/K in FP8), beyond the common rules.
+
+    FP8 kernels take Q, K and V in float8_e4m3fn with O in float16 or bfloat16 and
+    float32 accumulators; head_dim in `FP8_HEAD_DIMS` (V's the same); tile_n a multiple
+    of 32 (the second GEMM's K step); dense or packed layouts, one CTA per work tile
+    (not persistent, not split).
+    """
+    reasons = []
+    dtypes = config.dtypes
+    if dtypes.v != FP8_DTYPE or dtypes.out not in SUPPORTED_DTYPES or dtypes.acc != "float32":
+        reasons.append(
+            f"dtypes={dtypes.name!r}: FP8 kernels take Q, K and V in {FP8_DTYPE} with O in "
+            f"{' or '.join(SUPPORTED_DTYPES)} and float32 accumulators"
+        )
+    if config.head_dim not in FP8_HEAD_DIMS or config.value_head_dim != config.head_dim:
+        dims = ", ".join(str(d) for d in FP8_HEAD_DIMS)
+        reasons.append(
+            f"head_dim={config.head_dim}, head_dim_v={config.value_head_dim}: FP8 kernels "
+            f"serve head_dim in ({dims}) with head_dim_v equal"
+        )
+    if config.tile_n % FP8_MMA_K:
+        reasons.append(f"tile_n={config.tile_n}: FP8 kernels need a multiple of {FP8_MMA_K}")
+    if config.kv_layout not in ("dense", "varlen") or config.persistent or config.split_kv:
+        reasons.append(
+            "FP8 kernels serve dense and packed (varlen) layouts, one CTA per work tile "
+            "(not persistent, not split-KV)"
+        )
+    return reasons
 
 
 def can_implement(config: FmhaFwdConfig) -> list[str]:
@@ -65,10 +104,13 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
     if not config.arch.startswith("sm_90"):
         reasons.append(f"arch={config.arch!r}: this kernel targets sm_90a")
     dtypes = config.dtypes
-    if not dtypes.is_uniform or dtypes.qk not in SUPPORTED_DTYPES or dtypes.acc != "float32":
+    if dtypes.is_fp8:
+        reasons.extend(fp8_reasons(config))
+    elif not dtypes.is_uniform or dtypes.qk not in SUPPORTED_DTYPES or dtypes.acc != "float32":
         reasons.append(
             f"dtypes={dtypes.name!r} are not supported: Q, K, V and O of one type "
-            f"(supported: {', '.join(SUPPORTED_DTYPES)}) with float32 accumulators"
+            f"(supported: {', '.join(SUPPORTED_DTYPES)}) with float32 accumulators, or "
+            f"Q, K, V in {FP8_DTYPE} with O in one of them"
         )
     if config.head_dim % 16 != 0 or not 16 <= config.head_dim <= 256:
         reasons.append(f"head_dim={config.head_dim} must be a multiple of 16 in [16, 256]")

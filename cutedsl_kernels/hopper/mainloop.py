@@ -17,6 +17,12 @@ With `pingpong` (overlapped schedule, 2 or 3 MMA warpgroups), the warpgroups tak
 round robin, issuing their GEMMs (named barriers WG1_TURN..WG3_TURN), so one warpgroup's
 softmax hides under the others' GEMMs.
 
+FP8 kernels (`fp8`): P is rounded to E4M3 in the 8-bit A operand's layout
+(`convert.convert_p_fp8`), and each tile's PV product is accumulated in a zeroed
+accumulator of its own, then added to O in float32 (two-level accumulation: the FP8
+tensor cores keep fewer bits than float32 when they add into an accumulator, so O over
+many key tiles would drift).
+
 With `zero_v_tail` (caches, whose slots past the used length may hold anything, NaN
 included; packed keys, whose rows past the last sequence may be padding), each warpgroup
 zeroes the V rows past the data in the first (top) tile before its PV GEMM: a masked key
@@ -41,7 +47,7 @@ from cutedsl_kernels.common.block_ranges import (
 from cutedsl_kernels.common.named_barriers import NamedBarrier
 from cutedsl_kernels.common.seqlen import SeqInfo
 from cutedsl_kernels.config import MaskSpec
-from cutedsl_kernels.hopper.convert import convert_pairs
+from cutedsl_kernels.hopper.convert import convert_p_fp8, convert_pairs
 from cutedsl_kernels.hopper.fragments import acc_as_operand_a
 from cutedsl_kernels.hopper.limits import THREADS_PER_WARPGROUP
 from cutedsl_kernels.hopper.softmax import OnlineSoftmax, apply_mask, apply_softcap
@@ -102,6 +108,7 @@ class MainloopSettings:
             whose rows past the last sequence may be padding).
         rows_share_position: the tile's rows are the query heads of one token
             (`FmhaFwdConfig.single_query`): masks place every row at the tile's first.
+        fp8: P in E4M3 and two-level accumulation of O (see the module docstring).
     """
 
     tile_m: int
@@ -113,6 +120,7 @@ class MainloopSettings:
     num_mma_warpgroups: int
     zero_v_tail: bool
     rows_share_position: bool = False
+    fp8: bool = False
 
 
 @dataclass
@@ -188,6 +196,8 @@ class Sm90Mainloop:
         self.wg_idx = wg_idx
         self.v_rows = info.seqlen_k if v_rows is None else v_rows
         self.window, self.softcap_pre_scale = window, softcap_pre_scale
+        # FP8: each tile's PV product, added to acc_O in float32.
+        self.acc_PV = cute.make_rmem_tensor_like(acc_O) if settings.fp8 else acc_O
 
     # ------------------------------------------------------------ warpgroup turns
     @cute.jit
@@ -212,6 +222,32 @@ class Sm90Mainloop:
             )
 
     # ------------------------------------------------------------ pieces
+    @cute.jit
+    def probabilities_to_operand(self, acc_S: cute.Tensor):
+        """P (the softmax's output in acc_S) -> the PV GEMM's register A operand."""
+        if const_expr(self.settings.fp8):
+            convert_p_fp8(acc_S, self.tOrP)
+        else:
+            convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
+
+    @cute.jit
+    def pv_gemm(self, v_stage: Int32, wait_pending: cutlass.Constexpr[int]):
+        """O += P V[v_stage]; FP8: into the zeroed acc_PV (`add_pv` adds it to O)."""
+        wgmma(
+            self.tiled_mma_pv,
+            self.acc_PV,
+            self.tOrP,
+            self.tOrVt[None, None, None, v_stage],
+            self.settings.fp8,
+            wait_pending,
+        )
+
+    @cute.jit
+    def add_pv(self):
+        """FP8: O += the last PV product, in float32 (after its wgmma has completed)."""
+        if const_expr(self.settings.fp8):
+            self.acc_O.store(self.acc_O.load() + self.acc_PV.load())
+
     def new_scores(self) -> cute.Tensor:
         return cute.make_rmem_tensor(
             self.tiled_mma_qk.partition_shape_C((self.tile_m, self.tile_n)), Float32
@@ -286,19 +322,13 @@ class Sm90Mainloop:
         row_scale = self.softmax.update(acc_S, is_first)
         if const_expr(not is_first):
             OnlineSoftmax.rescale(self.acc_O, row_scale)
-        convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
+        self.probabilities_to_operand(acc_S)
         if const_expr(is_first):
             self.zero_v_tail(kv_state, n_block)
         self.pipeline_v.consumer_wait(kv_state)
-        wgmma(
-            self.tiled_mma_pv,
-            self.acc_O,
-            self.tOrP,
-            self.tOrVt[None, None, None, kv_state.index],
-            False,
-            0,
-        )
+        self.pv_gemm(kv_state.index, 0)
         self.pipeline_v.consumer_release(kv_state)
+        self.add_pv()
         kv_state.advance()
         return kv_state
 
@@ -320,7 +350,7 @@ class Sm90Mainloop:
         self.softcap_scores(acc_S)
         self.mask_scores(acc_S, n_block)
         self.softmax.update(acc_S, True)
-        convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
+        self.probabilities_to_operand(acc_S)
         self.zero_v_tail(kv_state, n_block)
 
     @cute.jit
@@ -345,14 +375,7 @@ class Sm90Mainloop:
             -1,
         )
         self.pipeline_v.consumer_wait(v_state)
-        wgmma(
-            self.tiled_mma_pv,
-            self.acc_O,
-            self.tOrP,
-            self.tOrVt[None, None, None, v_state.index],
-            False,
-            -1,
-        )
+        self.pv_gemm(v_state.index, -1)
         self.pass_turn()
         warpgroup.wait_group(1)  # S is ready; PV may still run
         self.pipeline_k.consumer_release(kv_state)
@@ -362,23 +385,18 @@ class Sm90Mainloop:
         row_scale = self.softmax.update(acc_S, False)
         warpgroup.wait_group(0)
         self.pipeline_v.consumer_release(v_state)
+        self.add_pv()
         OnlineSoftmax.rescale(self.acc_O, row_scale)
-        convert_pairs(acc_as_operand_a(acc_S), self.tOrP)
+        self.probabilities_to_operand(acc_S)
         return kv_state
 
     @cute.jit
     def last_pv(self, kv_state: pipeline.PipelineState):
         """O += P V for the last visited tile."""
         self.pipeline_v.consumer_wait(kv_state)
-        wgmma(
-            self.tiled_mma_pv,
-            self.acc_O,
-            self.tOrP,
-            self.tOrVt[None, None, None, kv_state.index],
-            False,
-            0,
-        )
+        self.pv_gemm(kv_state.index, 0)
         self.pipeline_v.consumer_release(kv_state)
+        self.add_pv()
 
     # ------------------------------------------------------------ whole loop
     @cute.jit

@@ -1,7 +1,8 @@
 """The producer warp of the sm90 FMHA forward: every TMA load of a work tile.
 
 Per work tile: Q (even for a tile without keys: its stage also stages O), then K and V
-key tile by key tile, from the last (`n_max - 1`) down to `n_min`, each into the next
+(key-major V, `FmhaFwdConfig.v_key_major`: V^T tiles of (head_dim_v, tile_n)) key tile by
+key tile, from the last (`n_max - 1`) down to `n_min`, each into the next
 stage of its pipeline. Dense, packed and cached K/V are one TMA box per key tile; paged
 K/V are filled box by box, one box of gcd(page_size, tile_n) rows per page piece (so any
 page size that is a multiple of 16 works), each key tile's page numbers loaded one tile
@@ -125,10 +126,15 @@ class Sm90Producer:
         else:
             k_batch = 0 if const_expr(self.kv_layout == "varlen") else work.batch_idx
             mK_src = cute.domain_offset((info.offset_k, 0), mK[None, None, head_kv, k_batch])
-            mV_src = cute.domain_offset((info.offset_k, 0), mV[None, None, head_kv, k_batch])
             # (tile_n, d, n_tiles)
             gK = cute.local_tile(mK_src, (self.tile_n, self.head_dim), (None, 0))
-            gV = cute.local_tile(mV_src, (self.tile_n, self.head_dim_v), (None, 0))
+            if const_expr(self.config.v_key_major):
+                # V^T as (d, s): (d, tile_n, n_tiles)
+                mV_src = cute.domain_offset((0, info.offset_k), mV[None, None, head_kv, k_batch])
+                gV = cute.local_tile(mV_src, (self.head_dim_v, self.tile_n), (0, None))
+            else:
+                mV_src = cute.domain_offset((info.offset_k, 0), mV[None, None, head_kv, k_batch])
+                gV = cute.local_tile(mV_src, (self.tile_n, self.head_dim_v), (None, 0))
             # ((ATOM, REST), STAGE) and ((ATOM, REST), N_TILES)
             tKsK, tKgK = cpasync.tma_partition(
                 tma_atom_K, 0, cta, cute.group_modes(sK, 0, 2), cute.group_modes(gK, 0, 2)

@@ -26,6 +26,12 @@ includes it, log(exp(sink) + sum_j exp(scale * s_j)), and O = sum_j p_j V_j with
 sink's share of the probability going to no value. A row without keys stays O = 0,
 lse = -inf. Split-KV partials leave the sink out (the combine adds it once).
 
+FP8 kernels (`max_offset` = 8): the exponents are taken against m * scale_log2 - 8, so
+the probabilities lie in [0, 256] instead of [0, 1] and use more of E4M3's range (max
+448) when P is rounded to it. The row sums carry the same factor 2^8, which cancels in
+O / l; the LSE subtracts it, and a sink's term takes it too. The rescale factors do not
+change (the offset cancels in them).
+
 Each thread holds a few full rows' worth of columns split across the 4 threads of a quad
 (the MMA accumulator layout), so row reductions end with a 4-lane butterfly. The row sum
 is reduced across the quad only once, at the end.
@@ -47,6 +53,7 @@ LN2 = math.log(2.0)
 LOG2_E = math.log2(math.e)
 LANES_PER_ROW = 4  # wgmma accumulators spread one row's columns over a quad
 ILP_CHAINS = 4  # independent reduction chains: a serial chain stalls on each op's latency
+FP8_MAX_OFFSET = 8  # FP8 P: probabilities in [0, 2^8], below E4M3's maximum of 448
 
 
 def _add(a, b):
@@ -71,6 +78,8 @@ class SoftmaxArgs:
         softcap_pre_scale: (`MaskSpec.softcap`) softmax_scale / softcap, else None.
         sinks: (`MaskSpec.sinks`, not split-KV) float32 (rows, heads) sink logits (see
             `abi`), else None.
+        descales: (FP8 kernels) the float32 (batch, num_kv_heads) factors of Q, K and V
+            (see `abi`), else None.
     """
 
     def __init__(
@@ -78,8 +87,28 @@ class SoftmaxArgs:
         scale_log2: Float32,
         softcap_pre_scale: Float32 | None,
         sinks: cute.Tensor | None,
+        descales: tuple | None = None,
     ):
         self.scale_log2, self.softcap_pre_scale, self.sinks = scale_log2, softcap_pre_scale, sinks
+        self.descales = descales
+
+    @cute.jit
+    def descaled(self, batch: Int32, head_kv: Int32, has_keys) -> tuple:
+        """(scale_log2, softcap_pre_scale, v_scale) of one FP8 work tile: Q's and K's
+        factors of (batch, head_kv) multiply the scores' scale (inside the tanh with a
+        softcap), V's multiplies O. A tile without keys (`has_keys` false; its batch
+        index may be past the factors' rows) reads none."""
+        q_descale, k_descale, v_descale = self.descales
+        qk_scale, v_scale = Float32(1.0), Float32(1.0)
+        if has_keys:
+            qk_scale = q_descale[batch, head_kv] * k_descale[batch, head_kv]
+            v_scale = v_descale[batch, head_kv]
+        scale_log2, pre_scale = self.scale_log2, self.softcap_pre_scale
+        if const_expr(pre_scale is not None):
+            pre_scale = pre_scale * qk_scale
+        else:
+            scale_log2 = scale_log2 * qk_scale
+        return scale_log2, pre_scale, v_scale
 
     @cute.jit
     def row_sinks(self, t_coords: cute.Tensor, row0: Int32, head: Int32) -> cute.Tensor:
@@ -95,10 +124,15 @@ class SoftmaxArgs:
 
 
 class OnlineSoftmax:
-    """Running max/sum for the rows one thread owns (state lives in registers)."""
+    """Running max/sum for the rows one thread owns (state lives in registers).
 
-    def __init__(self, scale_log2: Float32, num_rows: int):
+    `max_offset`: the probabilities' log2 headroom (0, or 8 for FP8 P; see the module
+    docstring).
+    """
+
+    def __init__(self, scale_log2: Float32, num_rows: int, max_offset: int = 0):
         self.scale_log2 = scale_log2
+        self.max_offset = max_offset
         self.row_max = cute.make_rmem_tensor(num_rows, Float32)
         self.row_sum = cute.make_rmem_tensor(num_rows, Float32)
 
@@ -126,7 +160,10 @@ class OnlineSoftmax:
             # A row with no visible key yet: take exponents against 0 (they are all -inf).
             safe_max = Float32(0.0) if cur_max == -Float32.inf else cur_max
             max_scaled = safe_max * self.scale_log2
-            row.store(cute.math.exp2(row.load() * self.scale_log2 - max_scaled, fastmath=True))
+            exp_base = max_scaled
+            if const_expr(self.max_offset != 0):
+                exp_base = max_scaled - Float32(self.max_offset)
+            row.store(cute.math.exp2(row.load() * self.scale_log2 - exp_base, fastmath=True))
             tile_sum = reduce_ilp(row, _add)
             if cutlass.const_expr(is_first):
                 row_scale[r] = Float32(1.0)
@@ -151,17 +188,20 @@ class OnlineSoftmax:
             if const_expr(sinks is not None):  # noqa: SIM102 (a const_expr apart from a runtime test)
                 # exp(sink - m * scale); a row without keys (m = -inf) keeps total 0.
                 if self.row_max[r] != -Float32.inf:
+                    sink_log2 = sinks[r] * Float32(LOG2_E)
+                    if const_expr(self.max_offset != 0):
+                        sink_log2 = sink_log2 + Float32(self.max_offset)
                     total += cute.math.exp2(
-                        sinks[r] * Float32(LOG2_E) - self.row_max[r] * self.scale_log2,
-                        fastmath=True,
+                        sink_log2 - self.row_max[r] * self.scale_log2, fastmath=True
                     )
             # Only a row without a visible key sums to 0. A NaN sum (NaN in Q or K) stays
             # NaN: the row's O and LSE come out NaN, as the math says.
             empty = total == Float32(0.0)
             inv_sum[r] = cute.arch.rcp_approx(Float32(1.0) if empty else total)
-            lse = (
-                self.row_max[r] * self.scale_log2 + cute.math.log2(total, fastmath=True)
-            ) * Float32(LN2)
+            log2_total = cute.math.log2(total, fastmath=True)
+            if const_expr(self.max_offset != 0):
+                log2_total = log2_total - Float32(self.max_offset)
+            lse = (self.row_max[r] * self.scale_log2 + log2_total) * Float32(LN2)
             self.row_sum[r] = -Float32.inf if empty else lse
         return inv_sum
 

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from cutedsl_kernels.abi import call_fmha_fwd
 from sparsek import memo
-from sparsek.errors import UnsupportedError
-from sparsek.launch import kvcache, launcher
+from sparsek.fp8 import output_dtype
+from sparsek.launch import fp8, kvcache, launcher
 from sparsek.launch.launcher import ForwardKernel, contiguous_strides
 from sparsek.launch.tma import ALIGN_BYTES, one_kv_head, tma_compatible, tma_strides_ok
 from sparsek.masks import NO_MASK, Mask, make_mask
@@ -95,15 +95,16 @@ def attention(
 
     Raises:
         UnsupportedError: no registered kernel serves the request (callers wanting a
-            fallback decide before calling), FP8 inputs (descales) among them: no FP8
-            kernel is registered.
+            fallback decide before calling). FP8 inputs (with descales) run on the FP8
+            kernels (`sparsek.launch.fp8`).
     """
-    if q_descale is not None or k_descale is not None or v_descale is not None:
-        reason = (
-            f"dtype={q.dtype} with descales: no FP8 kernel is registered (supported: "
-            "float16, bfloat16; sparsek.attention dequantizes FP8 inputs to bfloat16)"
+    if q_descale is not None and k_descale is not None and v_descale is not None:
+        mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
+        descales = (q_descale, k_descale, v_descale)
+        out_type = output_dtype(q.dtype, out_dtype)
+        return fp8.attention_fp8(
+            q, k, v, mask, softmax_scale, causal_top_left, sinks, descales, out_type
         )
-        raise UnsupportedError("sparsek::attention on CUDA", (reason,))
     k, v = one_kv_head(k, v)
     mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
     plan = dense_plan(q, k, v, mask, softmax_scale, causal_top_left)

@@ -48,7 +48,9 @@ class ForwardKernel:
         return self.config.dynamic_schedule
 
 
-ForwardKey = tuple[int | None, int, torch.dtype, MaskSpec, Layout, Workload, int | None]
+ForwardKey = tuple[
+    int | None, int, torch.dtype, MaskSpec, Layout, Workload, int | None, torch.dtype | None
+]
 _FORWARD: dict[ForwardKey, ForwardKernel] = {}
 # (device index, head_dim, dtype) -> loaded combine / paged KV-cache update kernel.
 _COMBINE: dict[tuple[int | None, int, torch.dtype, bool], KernelFn] = {}
@@ -65,20 +67,24 @@ def forward_kernel(
     layout: Layout = DENSE,
     workload: Workload = Workload.DEFAULT,
     head_dim_v: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> ForwardKernel:
     """The loaded forward kernel serving a request on `device` (compiled or loaded from
-    the disk cache on first use); `head_dim_v`: V's and O's head dim (None: head_dim).
+    the disk cache on first use); `head_dim_v`: V's and O's head dim (None: head_dim);
+    `out_dtype`: O's dtype (FP8 requests only).
 
     Raises:
         UnsupportedError: no CUDA device, or no registered kernel fits (reasons attached).
     """
     head_dim_v = None if head_dim_v == head_dim else head_dim_v
-    key = (device.index, head_dim, dtype, mask, layout, workload, head_dim_v)
+    key = (device.index, head_dim, dtype, mask, layout, workload, head_dim_v, out_dtype)
     kernel = _FORWARD.get(key)
     if kernel is None:
         config = device_config(
             device,
-            lambda arch: lookup(arch, head_dim, dtype, mask, layout, workload, head_dim_v),
+            lambda arch: lookup(
+                arch, head_dim, dtype, mask, layout, workload, head_dim_v, out_dtype
+            ),
         )
         assert isinstance(config, FmhaFwdConfig)
         kernel = _FORWARD[key] = ForwardKernel(get_kernel(config), config)
@@ -122,13 +128,16 @@ def kernel_config(
     mask: MaskSpec,
     layout: Layout,
     workload: Workload = Workload.DEFAULT,
+    out_dtype: torch.dtype | None = None,
 ) -> FmhaFwdConfig | str:
     """The kernel config serving a request on q's device, or why there is none (memoized
-    per device: architecture detection and the registry are too slow to repeat per call)."""
-    key = (q.device, q.shape[-1], v.shape[-1], q.dtype, mask, layout, workload)
+    per device: architecture detection and the registry are too slow to repeat per call).
+    `out_dtype`: O's dtype (FP8 requests only)."""
+    key = (q.device, q.shape[-1], v.shape[-1], q.dtype, mask, layout, workload, out_dtype)
     found = _CONFIGS.get(key)
     if found is None:
-        found = memo.remember(_CONFIGS, key, _kernel_config(q, v, mask, layout, workload))
+        config = _kernel_config(q, v, mask, layout, workload, out_dtype)
+        found = memo.remember(_CONFIGS, key, config)
     return found
 
 
@@ -137,7 +146,12 @@ memo.register(_CONFIGS.clear)
 
 
 def _kernel_config(
-    q: Tensor, v: Tensor, mask: MaskSpec, layout: Layout, workload: Workload
+    q: Tensor,
+    v: Tensor,
+    mask: MaskSpec,
+    layout: Layout,
+    workload: Workload,
+    out_dtype: torch.dtype | None,
 ) -> FmhaFwdConfig | str:
     if q.device.type != "cuda":
         return f"device={q.device.type}: the kernels run on CUDA devices only"
@@ -145,7 +159,8 @@ def _kernel_config(
     if arch is None:
         return "no CUDA device detected"
     head_dim, head_dim_v = int(q.shape[-1]), int(v.shape[-1])
-    found = find(arch, head_dim, dtype_name(q.dtype), mask, layout, workload, head_dim_v)
+    out = None if out_dtype is None else dtype_name(out_dtype)
+    found = find(arch, head_dim, dtype_name(q.dtype), mask, layout, workload, head_dim_v, out)
     return found if isinstance(found, FmhaFwdConfig) else "; ".join(found)
 
 

@@ -1,7 +1,7 @@
 """Which tensors the kernels read in place: TMA's rules for global tensors.
 
 TMA needs the last dim contiguous, every other stride a positive multiple of 16 bytes (8
-fp16/bf16 elements) and a 16-byte-aligned base address. The launch paths check the
+fp16/bf16 elements, 16 FP8 ones) and a 16-byte-aligned base address. The launch paths check the
 strides once per plan and the base pointers per call; a tensor that breaks a rule is
 copied (contiguously) first: the values, and so the result, are unchanged.
 
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sparsek import memo
 
-STRIDE_MULTIPLE = 8  # elements of 16 bits
+STRIDE_MULTIPLE = 8  # elements (16 bytes of fp16/bf16; FP8 needs 16 for the same bytes)
 ALIGN_BYTES = 16
 
 
@@ -50,15 +50,18 @@ def tma_readable(t: Tensor) -> bool:
 
 def tma_strides_ok(t: Tensor) -> bool:
     """`tma_readable` but for the base address: the last dim contiguous, every other
-    stride a positive multiple of 8 elements."""
-    strides = t.stride()
-    ok = _STRIDES_OK.get(strides)
+    stride a positive multiple of 8 elements and of 16 bytes."""
+    key = (t.stride(), t.element_size())
+    ok = _STRIDES_OK.get(key)
     if ok is None:
-        ok = strides[-1] == 1 and all(s > 0 and s % STRIDE_MULTIPLE == 0 for s in strides[:-1])
-        memo.remember(_STRIDES_OK, strides, ok)
+        strides, size = key
+        ok = strides[-1] == 1 and all(
+            s > 0 and s % STRIDE_MULTIPLE == 0 and s * size % ALIGN_BYTES == 0 for s in strides[:-1]
+        )
+        memo.remember(_STRIDES_OK, key, ok)
     return ok
 
 
 # tma_strides_ok's answers by stride tuple (the launch path checks 3 tensors per call).
-_STRIDES_OK: dict[tuple[int, ...], bool] = {}
+_STRIDES_OK: dict[tuple[tuple[int, ...], int], bool] = {}
 memo.register(_STRIDES_OK.clear)

@@ -1,0 +1,132 @@
+"""FP8 prefill against bf16 in the same process, and beside FlashAttention-3's FP8 (GPU).
+
+    python perf/lab/ab_fp8.py                  # d128 and d64 rows below
+    python perf/lab/ab_fp8.py --head-dim 128 --seqlen 16384
+
+For each row (B * S = 16k, H = 2048 / D, causal and not; S = 16k is the FP8 issue's
+target row), times `sparsek.attention` with FP8 inputs (descales, bf16 output) and with
+bf16 inputs of the same shape, and FlashAttention-3's `flash_attn_func` with the same FP8
+inputs and descales when the `fa3_fwd` package is installed, with the perf suite's timer
+(cold L2, median), in one process. The FP8 time includes the host's key-major copy of V
+(`sparsek.launch.fp8`), as a user's call pays it; "V copy us" times that copy alone.
+Outputs: sparsek's FP8 output against the float32 attention of the dequantized inputs
+(max abs error beside the bf16 kernel's own error on those inputs rounded to bf16).
+Prints a markdown table; TFLOP/s count 4 * B * H * D * (visible pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+import torch
+from torch import Tensor
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import sparsek  # noqa: E402
+from perf.timing import time_kernel  # noqa: E402
+from sparsek.fp8 import dequantize  # noqa: E402
+from sparsek.launch.fp8 import key_major  # noqa: E402
+from sparsek.reference import reference_attention  # noqa: E402
+
+FA3_MODULE = "fa3_fwd_interface"
+HEADER = (
+    "| D | B | S | H | causal | FP8 TFLOP/s | bf16 TFLOP/s | FP8 / bf16 | FA3 FP8 TFLOP/s "
+    "| FP8 / FA3 | V copy us | FP8 err | bf16 err |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def visible_pairs(seqlen: int, causal: bool) -> int:
+    return seqlen * (seqlen + 1) // 2 if causal else seqlen * seqlen
+
+
+def fa3_fp8(
+    q: Tensor, k: Tensor, v: Tensor, descales: tuple[Tensor, ...], causal: bool
+) -> Callable[[], object] | None:
+    """FA3's FP8 call (None without the package or FP8 support)."""
+    try:
+        fa3 = importlib.import_module(FA3_MODULE)
+    except ImportError:
+        return None
+    qd, kd, vd = descales
+
+    def run() -> object:
+        return fa3.flash_attn_func(q, k, v, causal=causal, q_descale=qd, k_descale=kd,
+                                   v_descale=vd)  # fmt: skip
+
+    try:
+        run()
+    except Exception as error:  # a build without FP8: the row says so
+        print(f"FA3 FP8 unavailable: {error}", file=sys.stderr)
+        return None
+    return run
+
+
+def row(head_dim: int, seqlen: int, causal: bool) -> str:
+    device = torch.device("cuda")
+    heads, batch = 2048 // head_dim, max(1, 16384 // seqlen)
+    gen = torch.Generator(device=device).manual_seed(seqlen + head_dim)
+    shape = (batch, seqlen, heads, head_dim)
+    q, k, v = ((torch.randn(shape, device=device, generator=gen) * 3).to(torch.float8_e4m3fn)
+               for _ in range(3))  # fmt: skip
+    descales = tuple(torch.rand(batch, heads, device=device, generator=gen) + 0.1 for _ in "qkv")
+    q16, k16, v16 = (
+        dequantize(t, d, torch.bfloat16) for t, d in zip((q, k, v), descales, strict=True)
+    )
+
+    def fp8() -> Tensor:
+        out = sparsek.attention(q, k, v, causal=causal, q_descale=descales[0],
+                                k_descale=descales[1], v_descale=descales[2])  # fmt: skip
+        return cast(Tensor, out)
+
+    def bf16() -> Tensor:
+        return cast(Tensor, sparsek.attention(q16, k16, v16, causal=causal))
+
+    flops = 4 * batch * heads * head_dim * visible_pairs(seqlen, causal)
+    tflops = {}
+    for name, fn in (("fp8", fp8), ("bf16", bf16), ("fa3", fa3_fp8(q, k, v, descales, causal))):
+        if fn is not None:
+            tflops[name] = flops / time_kernel(fn, device) / 1e9
+    copy_us = time_kernel(lambda: key_major(v), device) * 1e3
+    # Accuracy on the first 256 queries of the first sequence (a float32 reference; causal,
+    # they see only the first 256 keys).
+    rows = slice(0, min(256, seqlen))
+    keys = slice(0, rows.stop if causal else seqlen)
+    qf, kf, vf = (
+        dequantize(t[:1], d[:1], torch.float32) for t, d in zip((q, k, v), descales, strict=True)
+    )
+    ref, _ = reference_attention(qf[:, rows], kf[:, keys], vf[:, keys], causal=causal)
+    err_fp8 = (fp8()[:1, rows].float() - ref).abs().max().item()
+    err_bf16 = (bf16()[:1, rows].float() - ref).abs().max().item()
+    fa3 = tflops.get("fa3")
+    fa3_cells = f"{fa3:.0f} | {tflops['fp8'] / fa3:.2f}" if fa3 else "- | -"
+    return (
+        f"| {head_dim} | {batch} | {seqlen} | {heads} | {causal} | {tflops['fp8']:.0f} "
+        f"| {tflops['bf16']:.0f} | {tflops['fp8'] / tflops['bf16']:.2f} | {fa3_cells} "
+        f"| {copy_us:.1f} | {err_fp8:.3g} | {err_bf16:.3g} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dim", type=int, nargs="*", default=[128, 64])
+    parser.add_argument("--seqlen", type=int, nargs="*", default=[1024, 4096, 16384])
+    parser.add_argument("--causal", type=int, nargs="*", default=[0, 1])
+    args = parser.parse_args()
+    print(HEADER)
+    for head_dim in args.head_dim:
+        for seqlen in args.seqlen:
+            for causal in args.causal:
+                print(row(head_dim, seqlen, bool(causal)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
