@@ -27,7 +27,7 @@ from torch import Tensor
 
 from cutedsl_kernels.config import PACKED
 from sparsek import fp8, ops
-from sparsek.fp8 import Fp8Call, check_fp8_args
+from sparsek.fp8 import Fp8Call, check_fp8_args, check_fp8_cache_args
 from sparsek.launch import kvcache, launcher
 from sparsek.launch.kvcache import KvcachePlan
 from sparsek.masks import NO_SOFTCAP, NO_WINDOW, Mask, check_mask_args, make_mask
@@ -239,6 +239,8 @@ def attention_with_kvcache(
     sinks: Tensor | None = None,
     num_splits: int = 0,
     return_lse: bool = False,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of new queries against a KV cache: decode and chunked prefill.
 
@@ -260,7 +262,8 @@ def attention_with_kvcache(
             with `cu_seqlens_q`; floating point.
         k_cache: contiguous (batch, seqlen_cache, num_kv_heads, head_dim) when
             `block_table` is None, else paged (num_blocks, block_size, num_kv_heads,
-            head_dim) with block_size a multiple of 16; same dtype and device as q.
+            head_dim) with block_size a multiple of 16; same dtype and device as q, or
+            float8_e4m3fn under float16/bfloat16 q (with `k_descale`, `v_descale`).
         v_cache: like `k_cache`, with head_dim_v as last dim.
         cache_seqlens: (batch,) int32 on q's device: valid cache tokens per sequence,
             new tokens included; <= seqlen_cache (contiguous) or max_blocks * block_size.
@@ -286,6 +289,9 @@ def attention_with_kvcache(
             n > 1 asks for n splits. It never changes the result (recorded for the
             kernel; the reference ignores it).
         return_lse: also return the log-sum-exp of each row.
+        k_descale, v_descale: float8_e4m3fn caches only, and required with them:
+            (batch, num_kv_heads) float32 factors; sequence b's keys and values are the
+            cache's times its row (`sparsek.fp8`). The output keeps q's dtype.
 
     Returns:
         out: like q with head_dim_v as last dim, dtype of q; and, when `return_lse`,
@@ -297,8 +303,11 @@ def attention_with_kvcache(
             (q/k_cache/v_cache floating point; cache_seqlens, block_table, cu_seqlens_q
             int32); `max_seqlen_q` or `num_splits` is not a Python int; a flag is not a
             bool; `softmax_scale` or `softcap` is not a real number; `window_size` is not
-            a pair of ints; `sinks` is not a float32 tensor.
-        ValueError: wrong rank; q's layout does not match the presence of `cu_seqlens_q`
+            a pair of ints; `sinks` is not a float32 tensor; a cache of an 8-bit type
+            other than float8_e4m3fn; a descale that is not a float32 tensor.
+        ValueError: an FP8 cache without both descales, descales of another shape than
+            (batch, num_kv_heads), or descales with a 16-bit cache;
+            wrong rank; q's layout does not match the presence of `cu_seqlens_q`
             / `max_seqlen_q`; mismatched batch (cache_seqlens, q, k_cache, block_table,
             cu_seqlens_q) / dtype / device / num_kv_heads / head_dim; num_heads not a
             multiple of num_kv_heads; a paged block_size that is not a multiple of 16; a
@@ -333,6 +342,14 @@ def attention_with_kvcache(
         window_size, softcap, sinks, num_heads=q.shape[-2], device=q.device
     )
     mask = make_mask(causal, window, cap, sinks is not None)
+    cache_descales = check_fp8_cache_args(
+        q, k_cache, (k_descale, v_descale), batch=batch, num_kv_heads=k_cache.shape[2]
+    )
+    if cache_descales is not None:
+        return _attention_with_fp8_cache(
+            (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q),
+            cache_descales, mask, scale, sinks, num_splits, return_lse,
+        )  # fmt: skip
 
     kv_args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q)
     path = forward_path(q, k_cache, v_cache, *(() if sinks is None else (sinks,)))
@@ -362,7 +379,48 @@ def attention_with_kvcache(
         extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks)
         op_args = (*kv_args, max_seqlen_q, mask.causal, scale, num_splits, *extra)
         if isinstance(plan, KvcachePlan):
-            out, lse = ops.attention_with_kvcache_cuda(*op_args, plan)
+            out, lse = ops.attention_with_kvcache_cuda(*op_args, plan=plan)
         else:
             out, lse = torch.ops.sparsek.attention_with_kvcache(*op_args)
     return (out, lse) if return_lse else out
+
+
+def _attention_with_fp8_cache(
+    cache_args: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, int | None],
+    descales: tuple[Tensor, Tensor],
+    mask: Mask,
+    scale: float,
+    sinks: Tensor | None,
+    num_splits: int,
+    return_lse: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`attention_with_kvcache` over checked float8_e4m3fn caches (`sparsek.fp8`): CPU
+    tensors without grad run the op's reference of the dequantized cache. Elsewhere no
+    FP8-cache kernel is registered: the batch's blocks are dequantized to q's dtype
+    (`fp8.dequantize_cache`) and take the 16-bit path (a fallback: logged once,
+    `UnsupportedError` under SPARSEK_STRICT=1)."""
+    q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q = cache_args
+    path = forward_path(q, k_cache, v_cache, *(t for t in (sinks, *descales) if t is not None))
+    if path is Path.CPU:
+        extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks, *descales)
+        cpu_result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention_with_kvcache(
+            *cache_args, mask.causal, scale, num_splits, *extra
+        )
+        return cpu_result if return_lse else cpu_result[0]
+    if path is Path.KERNELS:
+        fallback(
+            (f"k_cache.dtype={k_cache.dtype}: no FP8-cache kernel is registered",),
+            action=f"dequantizing the FP8 KV cache to {q.dtype}",
+        )
+    # (An input that requires grad: the 16-bit path's own fallback says so.)
+    k16, v16 = (
+        fp8.dequantize_cache(cache, descale, block_table, cache_seqlens, q.dtype)
+        for cache, descale in zip((k_cache, v_cache), descales, strict=True)
+    )
+    table = None if block_table is None else fp8.compact_block_table(block_table)
+    return attention_with_kvcache(
+        q, k16, v16, cache_seqlens, table, cu_seqlens_q=cu_seqlens_q,
+        max_seqlen_q=max_seqlen_q, causal=mask.causal, softmax_scale=scale,
+        window_size=(mask.window_left, mask.window_right), softcap=mask.softcap,
+        sinks=sinks, num_splits=num_splits, return_lse=return_lse,
+    )  # fmt: skip

@@ -97,24 +97,56 @@ def check_fp8_args(
     if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
         raise TypeError(f"out_dtype must be a torch.dtype or None, got {type(out_dtype).__name__}")
     if not is_fp8(q.dtype):
-        for name, descale in zip(DESCALE_NAMES, descales, strict=True):
-            if descale is not None:
-                raise ValueError(
-                    f"{name} applies to float8_e4m3fn inputs only; q.dtype={q.dtype} "
-                    f"takes {name}=None"
-                )
+        refuse_descales(DESCALE_NAMES, descales, "inputs", f"q.dtype={q.dtype}")
         if out_dtype is not None and out_dtype != q.dtype:
             raise ValueError(
                 f"out_dtype={out_dtype} applies to float8_e4m3fn inputs only; the output "
                 f"of q.dtype={q.dtype} inputs is q.dtype (pass out_dtype=None)"
             )
         return None
+    checked = check_descales(DESCALE_NAMES, descales, q.device, batch, num_kv_heads, "inputs")
+    out_dtype = output_dtype(q.dtype, out_dtype)
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(
+            f"out_dtype={out_dtype} is not supported for float8_e4m3fn inputs (supported: "
+            "torch.bfloat16, torch.float16)"
+        )
+    return Fp8Call((checked[0], checked[1], checked[2]), out_dtype)
+
+
+def refuse_descales(
+    names: tuple[str, ...], descales: tuple[object, ...], what: str, found: str
+) -> None:
+    """ValueError naming the first of `descales` given (not None) for 16-bit `what`
+    (`found`: the dtype that makes them 16-bit, e.g. "q.dtype=torch.bfloat16")."""
+    for name, descale in zip(names, descales, strict=True):
+        if descale is not None:
+            raise ValueError(
+                f"{name} applies to float8_e4m3fn {what} only; {found} takes {name}=None"
+            )
+
+
+def check_descales(
+    names: tuple[str, ...],
+    descales: tuple[object, ...],
+    device: torch.device,
+    batch: int,
+    num_kv_heads: int,
+    what: str,
+) -> list[Tensor]:
+    """Each of `descales` (named `names`) is a float32 (batch, num_kv_heads) tensor on
+    `device`; `what` names the FP8 tensors they belong to in the message of a missing one.
+
+    Raises:
+        TypeError: a descale that is not a float32 tensor.
+        ValueError: a missing descale, or one of another shape or device.
+    """
     expected = (batch, num_kv_heads)
     checked: list[Tensor] = []
-    for name, descale in zip(DESCALE_NAMES, descales, strict=True):
+    for name, descale in zip(names, descales, strict=True):
         if descale is None:
             raise ValueError(
-                f"{name} is required with float8_e4m3fn inputs: a float32 tensor of shape "
+                f"{name} is required with float8_e4m3fn {what}: a float32 tensor of shape "
                 f"(batch, num_kv_heads) = {expected} (a stride-0 expanded view for one "
                 "per-tensor scale)"
             )
@@ -131,16 +163,86 @@ def check_fp8_args(
                 f"{name} has shape {tuple(descale.shape)}; it must be (batch, num_kv_heads) "
                 f"= {expected}"
             )
-        if descale.device != q.device:
-            raise ValueError(f"{name}.device={descale.device} must equal q.device={q.device}")
+        if descale.device != device:
+            raise ValueError(f"{name}.device={descale.device} must equal q.device={device}")
         checked.append(descale)
-    out_dtype = output_dtype(q.dtype, out_dtype)
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(
-            f"out_dtype={out_dtype} is not supported for float8_e4m3fn inputs (supported: "
-            "torch.bfloat16, torch.float16)"
+    return checked
+
+
+CACHE_DESCALE_NAMES = ("k_descale", "v_descale")
+
+
+def check_fp8_cache_args(
+    q: Tensor,
+    k_cache: Tensor,
+    descales: tuple[object, object],
+    *,
+    batch: int,
+    num_kv_heads: int,
+) -> tuple[Tensor, Tensor] | None:
+    """Check the FP8 arguments of a KV-cache call whose tensors passed their checks (a
+    float8_e4m3fn cache holds K and V of float16 / bfloat16 queries).
+
+    Returns:
+        (k_descale, v_descale) for an FP8 cache; None for a 16-bit one.
+
+    Raises:
+        TypeError: an FP8 q (the KV-cache call takes float16 / bfloat16 queries), a cache
+            of an 8-bit float type other than float8_e4m3fn, a descale that is not a
+            float32 tensor.
+        ValueError: an FP8 cache without both descales, descales of another shape than
+            (batch, num_kv_heads) or on another device; descales with a 16-bit cache.
+    """
+    if q.dtype in FLOAT8_DTYPES:
+        raise TypeError(
+            f"q has dtype {q.dtype}; attention_with_kvcache takes float16 or bfloat16 "
+            "queries (over float8_e4m3fn caches too, with k_descale and v_descale)"
         )
-    return Fp8Call((checked[0], checked[1], checked[2]), out_dtype)
+    if k_cache.dtype in FLOAT8_DTYPES and not is_fp8(k_cache.dtype):
+        raise TypeError(
+            f"k_cache has dtype {k_cache.dtype}; the supported 8-bit cache type is "
+            "torch.float8_e4m3fn (with k_descale, v_descale)"
+        )
+    if not is_fp8(k_cache.dtype):
+        refuse_descales(CACHE_DESCALE_NAMES, descales, "caches", f"k_cache.dtype={k_cache.dtype}")
+        return None
+    checked = check_descales(CACHE_DESCALE_NAMES, descales, q.device, batch, num_kv_heads, "caches")
+    return checked[0], checked[1]
+
+
+def dequantize_cache(
+    cache: Tensor,
+    descale: Tensor,
+    block_table: Tensor | None,
+    cache_seqlens: Tensor,
+    dtype: torch.dtype,
+) -> Tensor:
+    """An FP8 KV cache as `dtype`, batch entry b's rows times its (num_kv_heads,)
+    factors: a contiguous cache (batch, capacity, heads, dim) whole; a paged one
+    (num_blocks, block_size, heads, dim) as the blocks `block_table` (batch, max_blocks)
+    lists, in a new paged cache whose block table is `compact_block_table(block_table)`
+    (entries past a sequence's `cache_seqlens` tokens, stale in vLLM, read block 0
+    instead). No host synchronization."""
+    if block_table is None:
+        return dequantize(cache, descale, dtype)
+    block_size = cache.shape[1]
+    if cache.shape[0] == 0:  # no blocks: nothing is read (every sequence is empty)
+        return cache.new_zeros((block_table.numel(), *cache.shape[1:]), dtype=dtype)
+    starts = torch.arange(block_table.shape[1], device=cache.device) * block_size
+    used = starts.view(1, -1) < cache_seqlens.view(-1, 1)
+    table = torch.where(used, block_table.long(), 0)
+    pages = cache.view(torch.uint8)[table].view(cache.dtype)  # (batch, blocks, size, h, d)
+    scales = descale[:, None, None, :, None]
+    return (pages.to(torch.float32) * scales).to(dtype).flatten(0, 1)
+
+
+def compact_block_table(block_table: Tensor) -> Tensor:
+    """The block table of `dequantize_cache`'s paged cache: batch entry b's blocks are
+    b * max_blocks .. (b + 1) * max_blocks - 1."""
+    batch, max_blocks = block_table.shape
+    return torch.arange(
+        batch * max_blocks, dtype=block_table.dtype, device=block_table.device
+    ).view(batch, max_blocks)
 
 
 def output_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:

@@ -29,19 +29,22 @@
                                              cu_seqlens_q, max_seqlen_q, causal,
                                              softmax_scale, num_splits, window_left=-1,
                                              window_right=-1, softcap=0.0,
-                                             sinks=None) -> (out, lse)
+                                             sinks=None, k_descale=None,
+                                             v_descale=None) -> (out, lse)
 
     q:       (batch, seqlen_q, num_heads, head_dim)  [cu_seqlens_q, max_seqlen_q None]
          or  (total_q, num_heads, head_dim)          [cu_seqlens_q (batch + 1,) int32]
     k_cache: (batch, seqlen_cache, num_kv_heads, head_dim)      [block_table None]
          or  (num_blocks, block_size, num_kv_heads, head_dim)   [block_table (batch, max_blocks)]
     v_cache: like k_cache with head_dim_v;  cache_seqlens: (batch,) int32
+             (float8_e4m3fn caches under float16/bfloat16 q: with k_descale, v_descale)
     out:     like q with head_dim_v, q.dtype, contiguous
     lse:     (batch, num_heads, seqlen_q) or, packed, (num_heads, total_q); float32
 
 The mask arguments of all three (sliding window, softcap, sinks: (num_heads,) float32)
 are those of `sparsek.masks`, and the FP8 arguments of the first two (float8_e4m3fn q, k,
-v with (batch, num_kv_heads) float32 descales and an out_dtype) those of `sparsek.fp8`,
+v with (batch, num_kv_heads) float32 descales and an out_dtype; the third's float8_e4m3fn
+caches with k_descale and v_descale) those of `sparsek.fp8`,
 all checked by the entry points (the ops trust them); sinks and descale tensors are graph
 inputs like q.
 
@@ -114,7 +117,8 @@ _LIB.define(  # type: ignore[no-untyped-call]
     "attention_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, "
     "Tensor? block_table, Tensor? cu_seqlens_q, SymInt? max_seqlen_q, bool causal, "
     "float softmax_scale, int num_splits, int window_left=-1, int window_right=-1, "
-    "float softcap=0.0, Tensor? sinks=None) -> (Tensor, Tensor)"
+    "float softcap=0.0, Tensor? sinks=None, Tensor? k_descale=None, Tensor? v_descale=None) "
+    "-> (Tensor, Tensor)"
 )
 
 
@@ -381,9 +385,11 @@ def attention_with_kvcache_reference(
     window_right: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention_with_kvcache` without a kernel: the reference (values checked
-    on CPU)."""
+    on CPU; FP8 caches dequantized by their descales)."""
     if q.device.type == "cpu":
         check_kvcache_values(q, k_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q)
     out, lse = reference_attention_kvcache(
@@ -400,6 +406,8 @@ def attention_with_kvcache_reference(
         softcap=softcap,
         sinks=sinks,
         compute_dtype=compute_dtype(q),
+        k_descale=k_descale,
+        v_descale=v_descale,
     )
     return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
 
@@ -420,6 +428,8 @@ def _attention_with_kvcache_fake(
     window_right: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     head_dim_v = v_cache.shape[-1]
     if cu_seqlens_q is None:
@@ -448,10 +458,24 @@ def attention_with_kvcache_cuda(
     window_right: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
     plan: KvcachePlan | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention_with_kvcache` on CUDA: the request's kernels (`plan`: its
-    `kvcache.kvcache_plan` if the caller has it), or the reference when none serves it."""
+    `kvcache.kvcache_plan` if the caller has it), or the reference when none serves it.
+    An FP8 cache (no FP8-cache kernel is registered): the cache's blocks of the batch
+    dequantized to q's dtype (`fp8.dequantize_cache`), then those kernels."""
+    if k_descale is not None and v_descale is not None:
+        caches = [
+            fp8.dequantize_cache(cache, descale, block_table, cache_seqlens, q.dtype)
+            for cache, descale in ((k_cache, k_descale), (v_cache, v_descale))
+        ]
+        table = None if block_table is None else fp8.compact_block_table(block_table)
+        return attention_with_kvcache_cuda(
+            q, caches[0], caches[1], cache_seqlens, table, cu_seqlens_q, max_seqlen_q,
+            causal, softmax_scale, num_splits, window_left, window_right, softcap, sinks,
+        )  # fmt: skip
     args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q, causal)
     mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
     found = plan if plan is not None else kvcache.kvcache_plan(*args[:-1], mask, num_splits)

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor
 
+from sparsek.fp8 import dequantize
 from sparsek.masks import Mask, make_mask, reference_scores, reference_softmax, visible
 from sparsek.validation import bad_entries
 
@@ -104,6 +105,8 @@ def reference_attention_kvcache(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Reference attention of new queries against a KV cache (contiguous or paged).
 
@@ -127,6 +130,8 @@ def reference_attention_kvcache(
         window_size, softcap, sinks: sliding window (aligned like causal, per sequence),
             logit softcap and (num_heads,) sink logits, as `sparsek.masks` defines them.
         compute_dtype: torch.float32 or torch.float64; inputs are upcast to it.
+        k_descale, v_descale: (FP8 caches) (batch, num_kv_heads) float32 factors: batch
+            entry b's keys and values are the cache's times its row (`sparsek.fp8`).
 
     Returns:
         out: like q with head_dim_v as last dim, in `compute_dtype`, contiguous.
@@ -144,6 +149,9 @@ def reference_attention_kvcache(
         k_pad, v_pad = k_cache, v_cache
     else:
         k_pad, v_pad = _gather_pages(k_cache, v_cache, block_table, k_lens)
+    if k_descale is not None and v_descale is not None:
+        k_pad = dequantize(k_pad, k_descale, compute_dtype)
+        v_pad = dequantize(v_pad, v_descale, compute_dtype)
     if cu_seqlens_q is None:
         batch, seqlen_q = q.shape[0], q.shape[1]
         q_lens = torch.full((batch,), seqlen_q, dtype=torch.long, device=q.device)

@@ -89,18 +89,34 @@ def check_float_tensors(names: tuple[str, ...], tensors: tuple[object, ...], hin
             )
 
 
-def check_kv_matches_q(names: tuple[str, str, str], q: Tensor, k: Tensor, v: Tensor) -> None:
+# A KV cache may hold float8_e4m3fn K/V for float16 / bfloat16 queries (`sparsek.fp8`).
+FP8_CACHE_DTYPE = torch.float8_e4m3fn
+FP8_CACHE_QUERY_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_kv_matches_q(
+    names: tuple[str, str, str], q: Tensor, k: Tensor, v: Tensor, fp8_kv: bool = False
+) -> None:
     """Rules every attention entry point shares, whatever the layout (heads on dim -2 of
-    k after any batch/sequence dims; K and V alike but for the last dim).
+    k after any batch/sequence dims; K and V alike but for the last dim). `fp8_kv`: K and
+    V may both be float8_e4m3fn under float16 / bfloat16 queries (KV caches).
 
     Raises:
         ValueError: k/v dtype or device differ from q's, v's shape differs from k's but for
             the last dim, head_dim differs or is 0, or q's heads are no multiple of k's.
     """
     q_name, k_name, v_name = names
+    fp8_pair = (
+        fp8_kv and k.dtype == v.dtype == FP8_CACHE_DTYPE and q.dtype in FP8_CACHE_QUERY_DTYPES
+    )
     for name, t in ((k_name, k), (v_name, v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}.dtype={t.dtype} must equal {q_name}.dtype={q.dtype}")
+        if t.dtype != q.dtype and not fp8_pair:
+            also = (
+                f" (or both {k_name} and {v_name} float8_e4m3fn under float16/bfloat16 {q_name})"
+                if fp8_kv
+                else ""
+            )
+            raise ValueError(f"{name}.dtype={t.dtype} must equal {q_name}.dtype={q.dtype}{also}")
         if t.device != q.device:
             raise ValueError(f"{name}.device={t.device} must equal {q_name}.device={q.device}")
     if v.shape[:-1] != k.shape[:-1]:
@@ -159,7 +175,8 @@ def check_attention_tensors(
     *,
     q_layouts: dict[int, str],
 ) -> None:
-    """q: one of `q_layouts`' ranks; k/v: the same rank as q (varlen) or 4-D (caches)."""
+    """q: one of `q_layouts`' ranks; k/v: the same rank as q (varlen) or 4-D (caches,
+    which may hold float8_e4m3fn K/V under 16-bit queries)."""
     q_name, k_name, v_name = names
     check_float_tensors(names, (q, k, v), "")
     assert isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
@@ -173,7 +190,7 @@ def check_attention_tensors(
     for name, t in ((k_name, k), (v_name, v)):
         if t.dim() != kv_rank:
             raise ValueError(f"{name} must be {kv_rank}-D {kv_layout}, got shape {tuple(t.shape)}")
-    check_kv_matches_q(names, q, k, v)
+    check_kv_matches_q(names, q, k, v, fp8_kv=len(q_layouts) > 1)
     check_head_ratio(names, q.shape[-2], k.shape[-2])
 
 

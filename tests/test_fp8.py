@@ -372,3 +372,136 @@ def test_the_fp8_launch_sends_key_major_v_descales_and_out_dtype(
     assert configs[-1].dtypes == ElementTypes.fp8("bfloat16") and configs[-1].varlen_q
     out, lse = out.view(2, 9, 4, 64), lse.view(4, 2, 9).transpose(0, 1)
     check_close(out, lse, want, want_lse, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------ FP8 caches
+
+
+def fp8_caches(gen, lens, capacity, kv_heads, dim, page=None):
+    """Per-sequence FP8 keys/values (`lens` tokens), their (batch, kv_heads) descales,
+    and a contiguous (batch, capacity, ...) cache holding them, or with `page` a paged one
+    (blocks shuffled, NaN bytes in unused rows, a stale table entry past each sequence)."""
+    batch = len(lens)
+    k, v = (
+        (3 * torch.randn(batch, capacity, kv_heads, dim, generator=gen)).to(FP8) for _ in range(2)
+    )
+    descales = [torch.rand(batch, kv_heads, generator=gen) + 0.1 for _ in range(2)]
+    if page is None:
+        return k, v, descales, None
+    blocks = capacity // page
+    order = torch.randperm(batch * blocks + 1, generator=gen)
+    table = order[: batch * blocks].view(batch, blocks).to(torch.int32)
+    nan = torch.full((1,), float("nan")).to(FP8).view(torch.uint8)
+    caches = []
+    for t in (k, v):
+        paged = nan.expand(batch * blocks + 1, page, kv_heads, dim).clone().view(FP8)
+        paged.view(torch.uint8)[table.long().flatten()] = t.view(torch.uint8).reshape(
+            batch * blocks, page, kv_heads, dim
+        )
+        caches.append(paged)
+    for b, n in enumerate(lens):
+        table[b, -(-n // page) :] = 10_000  # stale entries past the sequence: never read
+    return caches[0], caches[1], descales, table
+
+
+@pytest.mark.parametrize("page", [None, 16])
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+def test_fp8_caches_are_dequantized_per_sequence(page, seqlen_q) -> None:
+    """A float8_e4m3fn cache under bfloat16 queries: each sequence's result is attention
+    over its keys and values times its descale rows (contiguous and paged caches, decode
+    and several new queries, GQA)."""
+    gen = torch.Generator().manual_seed(seqlen_q + (page or 0))
+    lens, heads, kv_heads, dim = [5, 40, 17], 4, 2, 16
+    k_cache, v_cache, descales, table = fp8_caches(gen, lens, 48, kv_heads, dim, page)
+    batch = len(lens)
+    q = torch.randn(batch, seqlen_q, heads, dim, generator=gen, dtype=torch.bfloat16)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    out, lse = sparsek.attention_with_kvcache(
+        q, k_cache, v_cache, seqlens, table, return_lse=True,
+        k_descale=descales[0], v_descale=descales[1],
+    )  # fmt: skip
+    assert out.dtype == torch.bfloat16
+    k_seq, v_seq, _, _ = fp8_caches(
+        torch.Generator().manual_seed(seqlen_q + (page or 0)), lens, 48, kv_heads, dim
+    )
+    for b, n in enumerate(lens):
+        ones = torch.ones(1, heads // kv_heads)  # q is 16-bit: a descale of 1 per head
+        q8 = q[b : b + 1].float()
+        want, want_lse = oracle(
+            q8, k_seq[b : b + 1, :n], v_seq[b : b + 1, :n],
+            [ones.expand(1, kv_heads), descales[0][b : b + 1], descales[1][b : b + 1]],
+            causal=True,
+        )  # fmt: skip
+        check_close(out[b : b + 1], lse[b : b + 1], want, want_lse, torch.bfloat16)
+
+
+def test_bad_fp8_cache_arguments_name_the_argument() -> None:
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache, (dk, dv), _ = fp8_caches(gen, [4, 4], 16, 2, 16)
+    q = torch.randn(2, 1, 4, 16, dtype=torch.bfloat16)
+    seqlens = torch.tensor([4, 4], dtype=torch.int32)
+
+    def call(q=q, k=k_cache, v=v_cache, **kwargs):
+        return sparsek.attention_with_kvcache(q, k, v, seqlens, **kwargs)
+
+    with pytest.raises(ValueError, match="v_descale is required with float8_e4m3fn caches"):
+        call(k_descale=dk)
+    with pytest.raises(ValueError, match=r"k_descale has shape \(1, 2\)"):
+        call(k_descale=dk[:1], v_descale=dv)
+    with pytest.raises(TypeError, match=r"v_descale has dtype torch\.float64"):
+        call(k_descale=dk, v_descale=dv.double())
+    with pytest.raises(ValueError, match="k_descale applies to float8_e4m3fn caches only"):
+        call(k=k_cache.to(torch.bfloat16), v=v_cache.to(torch.bfloat16), k_descale=dk)
+    with pytest.raises(TypeError, match="attention_with_kvcache takes float16 or bfloat16"):
+        call(q=q.to(FP8), k_descale=dk, v_descale=dv)
+    e5m2 = k_cache.float().to(torch.float8_e5m2)
+    with pytest.raises(ValueError, match=r"must equal q\.dtype"):
+        call(k=e5m2, v=e5m2, k_descale=dk, v_descale=dv)
+    with pytest.raises(ValueError, match=r"\(or both k_cache and v_cache float8_e4m3fn under"):
+        call(v=v_cache.to(torch.bfloat16), k_descale=dk, v_descale=dv)
+
+
+def test_the_kvcache_op_takes_fp8_caches() -> None:
+    from torch.library import opcheck
+
+    gen = torch.Generator().manual_seed(2)
+    k_cache, v_cache, (dk, dv), table = fp8_caches(gen, [9, 30], 32, 2, 16, page=16)
+    q = torch.randn(2, 1, 4, 16, dtype=torch.bfloat16)
+    seqlens = torch.tensor([9, 30], dtype=torch.int32)
+    table = torch.where(table >= 10_000, 0, table)  # (opcheck reads every entry)
+    args = (q, k_cache, v_cache, seqlens, table, None, None, True, 0.25, 0, -1, -1, 0.0, None,
+            dk, dv)  # fmt: skip
+    tests = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    opcheck(torch.ops.sparsek.attention_with_kvcache.default, args, test_utils=tests)
+    out, _ = torch.ops.sparsek.attention_with_kvcache(*args)
+    assert out.dtype == torch.bfloat16
+
+
+def test_a_cuda_request_over_an_fp8_cache_runs_its_blocks_dequantized(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the kernels are asked (a CUDA request, faked here): no FP8-cache kernel is
+    registered, so the batch's blocks are dequantized to q's dtype and take the 16-bit
+    path (the same result as a 16-bit cache of those values), logged; strict refuses."""
+    from sparsek import api_varlen, fp8
+    from sparsek.routing import Path
+
+    monkeypatch.setattr(api_varlen, "forward_path", lambda *tensors: Path.KERNELS)
+    gen = torch.Generator().manual_seed(8)
+    k_cache, v_cache, (dk, dv), table = fp8_caches(gen, [9, 30], 32, 2, 16, page=16)
+    q = torch.randn(2, 1, 4, 16, dtype=torch.bfloat16)
+    seqlens = torch.tensor([9, 30], dtype=torch.int32)
+    with caplog.at_level(logging.WARNING, logger="sparsek.routing"):
+        out = sparsek.attention_with_kvcache(q, k_cache, v_cache, seqlens, table,
+                                             k_descale=dk, v_descale=dv)  # fmt: skip
+    assert any("dequantizing the FP8 KV cache" in r.message for r in caplog.records)
+    k16, v16 = (
+        fp8.dequantize_cache(c, d, table, seqlens, torch.bfloat16)
+        for c, d in ((k_cache, dk), (v_cache, dv))
+    )
+    want = sparsek.attention_with_kvcache(q, k16, v16, seqlens, fp8.compact_block_table(table))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    monkeypatch.setenv("SPARSEK_STRICT", "1")
+    with pytest.raises(UnsupportedError, match="no FP8-cache kernel is registered"):
+        sparsek.attention_with_kvcache(q, k_cache, v_cache, seqlens, table, k_descale=dk,
+                                       v_descale=dv)  # fmt: skip

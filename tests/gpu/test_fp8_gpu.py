@@ -213,3 +213,37 @@ def test_head_dims_without_an_fp8_kernel_run_dequantized(monkeypatch) -> None:
     want, want_lse = oracle(q.cpu(), k.cpu(), v.cpu(), [d.cpu() for d in descales], True)
     assert (out.double().cpu() - want).abs().max().item() < 2e-2 * want.abs().max().item()
     torch.testing.assert_close(lse.double().cpu(), want_lse, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_fp8_caches_run_dequantized_on_the_16_bit_kernels(paged) -> None:
+    """A float8_e4m3fn KV cache under bfloat16 queries (no FP8-cache kernel yet): the
+    batch's blocks are dequantized and run on the 16-bit decode kernels; each sequence
+    matches attention over its keys and values times its descale rows."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    lens, heads, kv_heads, dim, capacity = [100, 1000, 37], 8, 2, 128, 1024
+    batch = len(lens)
+    k, v = (
+        (3 * torch.randn(batch, capacity, kv_heads, dim, device="cuda", generator=gen)).to(FP8)
+        for _ in range(2)
+    )
+    descales = [torch.rand(batch, kv_heads, device="cuda", generator=gen) + 0.1 for _ in "kv"]
+    q = torch.randn(batch, 1, heads, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    table = None
+    k_cache, v_cache = k, v
+    if paged:  # blocks of 16 in order, sequence after sequence
+        blocks = capacity // 16
+        table = torch.arange(batch * blocks, dtype=torch.int32, device="cuda").view(batch, -1)
+        k_cache, v_cache = (t.view(torch.uint8).reshape(-1, 16, kv_heads, dim).view(FP8)
+                            for t in (k, v))  # fmt: skip
+    out = sparsek.attention_with_kvcache(q, k_cache, v_cache, seqlens, table,
+                                         k_descale=descales[0], v_descale=descales[1])  # fmt: skip
+    ones = torch.ones(1, kv_heads)
+    for b, n in enumerate(lens):
+        want, _ = oracle(
+            q[b : b + 1].float().cpu(), k[b : b + 1, :n].cpu(), v[b : b + 1, :n].cpu(),
+            [ones, descales[0][b : b + 1].cpu(), descales[1][b : b + 1].cpu()], causal=True,
+        )  # fmt: skip
+        err = (out[b : b + 1].double().cpu() - want).abs().max().item()
+        assert err <= 2e-2 * want.abs().max().item(), (b, err)
