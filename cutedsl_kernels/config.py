@@ -179,6 +179,11 @@ class FmhaFwdConfig:
         kv_evict_first: K/V loads carry the L2 evict-first hint: for kernels that read
             every K/V byte once (decode), so that the stream does not push other lines
             out of the L2.
+        pv_two_level: (FP8 kernels) each key tile's PV product goes into a zeroed
+            accumulator and is added to O in float32 (the FP8 tensor cores keep fewer
+            bits when they add into an accumulator). False: O accumulates in the tensor
+            cores across tiles (for A/Bs of its cost and the accuracy tests' planted
+            variant; no registered kernel).
     """
 
     arch: str
@@ -201,6 +206,7 @@ class FmhaFwdConfig:
     l2_group_mb: int = 0
     ctas_per_sm: int = 1
     kv_evict_first: bool = False
+    pv_two_level: bool = True
 
     @property
     def value_head_dim(self) -> int:
@@ -226,6 +232,7 @@ class FmhaFwdConfig:
             f"{f'_g{self.l2_group_mb}' if self.l2_group_mb else ''}"
             f"{f'_c{self.ctas_per_sm}' if self.ctas_per_sm != 1 else ''}"
             f"{'_ef' if self.kv_evict_first else ''}"
+            f"{'' if self.pv_two_level else '_pv1'}"
         ).replace("+", "_")
 
     @property

@@ -40,6 +40,8 @@ class Tuning:
     ctas_per_sm: int = 1
     # K/V loads hint the L2 to evict their lines first (each byte is read once: decode).
     kv_evict_first: bool = False
+    # FP8 rows: O gathers each key tile's PV product in float32 (two-level accumulation).
+    pv_two_level: bool = True
 
 
 class Workload(enum.Enum):

@@ -303,6 +303,10 @@ def test_fp8_kernel_limits_name_what_they_refuse() -> None:
         ({"kv_layout": "cache"}, "dense and packed (varlen) layouts"),
         ({"dtypes": ElementTypes("float8_e4m3fn", "bfloat16", "bfloat16")}, "FP8 kernels take"),
         ({"dtypes": ElementTypes.fp8("float32")}, "with O in float16 or bfloat16"),
+        (
+            {"dtypes": ElementTypes.uniform("bfloat16"), "pv_two_level": False},
+            "pv_two_level=False applies to FP8 kernels only",
+        ),
     ]:
         assert any(fragment in r for r in can_implement(replace(good, **change))), change
 

@@ -162,6 +162,7 @@ class HopperFmhaForward:
             zero_v_tail=config.kv_layout in ("cache", "paged", "varlen") and not self.v_key_major,
             rows_share_position=config.single_query,
             fp8=self.fp8,
+            two_level=self.fp8 and config.pv_two_level,
         )
 
     # ------------------------------------------------------------------ capability

@@ -106,6 +106,8 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
     dtypes = config.dtypes
     if dtypes.is_fp8:
         reasons.extend(fp8_reasons(config))
+    elif not config.pv_two_level:
+        reasons.append("pv_two_level=False applies to FP8 kernels only")
     elif not dtypes.is_uniform or dtypes.qk not in SUPPORTED_DTYPES or dtypes.acc != "float32":
         reasons.append(
             f"dtypes={dtypes.name!r} are not supported: Q, K, V and O of one type "

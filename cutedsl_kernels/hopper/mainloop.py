@@ -18,10 +18,10 @@ round robin, issuing their GEMMs (named barriers WG1_TURN..WG3_TURN), so one war
 softmax hides under the others' GEMMs.
 
 FP8 kernels (`fp8`): P is rounded to E4M3 in the 8-bit A operand's layout
-(`convert.convert_p_fp8`), and each tile's PV product is accumulated in a zeroed
-accumulator of its own, then added to O in float32 (two-level accumulation: the FP8
-tensor cores keep fewer bits than float32 when they add into an accumulator, so O over
-many key tiles would drift).
+(`convert.convert_p_fp8`), and (`two_level`) each tile's PV product is accumulated in a
+zeroed accumulator of its own, then added to O in float32 (two-level accumulation: the
+FP8 tensor cores keep fewer bits than float32 when they add into an accumulator, so O
+over many key tiles would drift).
 
 With `zero_v_tail` (caches, whose slots past the used length may hold anything, NaN
 included; packed keys, whose rows past the last sequence may be padding), each warpgroup
@@ -108,7 +108,8 @@ class MainloopSettings:
             whose rows past the last sequence may be padding).
         rows_share_position: the tile's rows are the query heads of one token
             (`FmhaFwdConfig.single_query`): masks place every row at the tile's first.
-        fp8: P in E4M3 and two-level accumulation of O (see the module docstring).
+        fp8: P in E4M3 (see the module docstring).
+        two_level: (fp8) two-level accumulation of O (see the module docstring).
     """
 
     tile_m: int
@@ -121,6 +122,7 @@ class MainloopSettings:
     zero_v_tail: bool
     rows_share_position: bool = False
     fp8: bool = False
+    two_level: bool = False
 
 
 @dataclass
@@ -196,8 +198,8 @@ class Sm90Mainloop:
         self.wg_idx = wg_idx
         self.v_rows = info.seqlen_k if v_rows is None else v_rows
         self.window, self.softcap_pre_scale = window, softcap_pre_scale
-        # FP8: each tile's PV product, added to acc_O in float32.
-        self.acc_PV = cute.make_rmem_tensor_like(acc_O) if settings.fp8 else acc_O
+        # Two-level accumulation: each tile's PV product, added to acc_O in float32.
+        self.acc_PV = cute.make_rmem_tensor_like(acc_O) if settings.two_level else acc_O
 
     # ------------------------------------------------------------ warpgroup turns
     @cute.jit
@@ -232,20 +234,20 @@ class Sm90Mainloop:
 
     @cute.jit
     def pv_gemm(self, v_stage: Int32, wait_pending: cutlass.Constexpr[int]):
-        """O += P V[v_stage]; FP8: into the zeroed acc_PV (`add_pv` adds it to O)."""
+        """O += P V[v_stage]; two-level: into the zeroed acc_PV (`add_pv` adds it to O)."""
         wgmma(
             self.tiled_mma_pv,
             self.acc_PV,
             self.tOrP,
             self.tOrVt[None, None, None, v_stage],
-            self.settings.fp8,
+            self.settings.two_level,
             wait_pending,
         )
 
     @cute.jit
     def add_pv(self):
-        """FP8: O += the last PV product, in float32 (after its wgmma has completed)."""
-        if const_expr(self.settings.fp8):
+        """Two-level: O += the last PV product, in float32 (after its wgmma completed)."""
+        if const_expr(self.settings.two_level):
             self.acc_O.store(self.acc_O.load() + self.acc_PV.load())
 
     def new_scores(self) -> cute.Tensor:

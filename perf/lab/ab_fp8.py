@@ -2,6 +2,7 @@
 
     python perf/lab/ab_fp8.py                  # d128 and d64 rows below
     python perf/lab/ab_fp8.py --head-dim 128 --seqlen 16384
+    python perf/lab/ab_fp8.py --single-level   # also: O accumulated in the tensor cores
 
 For each row (B * S = 16k, H = 2048 / D, causal and not; S = 16k is the FP8 issue's
 target row), times `sparsek.attention` with FP8 inputs (descales, bf16 output) and with
@@ -11,6 +12,8 @@ inputs and descales when the `fa3_fwd` package is installed, with the perf suite
 (`sparsek.launch.fp8`), as a user's call pays it; "V copy us" times that copy alone.
 Outputs: sparsek's FP8 output against the float32 attention of the dequantized inputs
 (max abs error beside the bf16 kernel's own error on those inputs rounded to bf16).
+With --single-level, the FP8 kernels without two-level accumulation (`pv_two_level=False`
+through `tuning.override`) are timed too: the cost of the float32 adds.
 Prints a markdown table; TFLOP/s count 4 * B * H * D * (visible pairs).
 """
 
@@ -20,6 +23,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -32,6 +36,7 @@ if str(_ROOT) not in sys.path:
 
 import sparsek  # noqa: E402
 from perf.timing import time_kernel  # noqa: E402
+from sparsek import tuning  # noqa: E402
 from sparsek.fp8 import dequantize  # noqa: E402
 from sparsek.launch.fp8 import key_major  # noqa: E402
 from sparsek.reference import reference_attention  # noqa: E402
@@ -39,8 +44,8 @@ from sparsek.reference import reference_attention  # noqa: E402
 FA3_MODULE = "fa3_fwd_interface"
 HEADER = (
     "| D | B | S | H | causal | FP8 TFLOP/s | bf16 TFLOP/s | FP8 / bf16 | FA3 FP8 TFLOP/s "
-    "| FP8 / FA3 | V copy us | FP8 err | bf16 err |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| FP8 / FA3 | V copy us | FP8 err | bf16 err | 1-level TFLOP/s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -70,7 +75,14 @@ def fa3_fp8(
     return run
 
 
-def row(head_dim: int, seqlen: int, causal: bool) -> str:
+def single_level_tflops(head_dim: int, fn: Callable[[], object], flops: int) -> str:
+    """TFLOP/s of `fn` with the FP8 row's pv_two_level=False (the tables restored after)."""
+    row = tuning.FP8[("sm_90a", head_dim)]
+    with tuning.override("fp8", "sm_90a", head_dim, replace(row, pv_two_level=False)):
+        return f"{flops / time_kernel(fn, torch.device('cuda')) / 1e9:.0f}"
+
+
+def row(head_dim: int, seqlen: int, causal: bool, single_level: bool) -> str:
     device = torch.device("cuda")
     heads, batch = 2048 // head_dim, max(1, 16384 // seqlen)
     gen = torch.Generator(device=device).manual_seed(seqlen + head_dim)
@@ -106,12 +118,13 @@ def row(head_dim: int, seqlen: int, causal: bool) -> str:
     ref, _ = reference_attention(qf[:, rows], kf[:, keys], vf[:, keys], causal=causal)
     err_fp8 = (fp8()[:1, rows].float() - ref).abs().max().item()
     err_bf16 = (bf16()[:1, rows].float() - ref).abs().max().item()
+    single = single_level_tflops(head_dim, fp8, flops) if single_level else "-"
     fa3 = tflops.get("fa3")
     fa3_cells = f"{fa3:.0f} | {tflops['fp8'] / fa3:.2f}" if fa3 else "- | -"
     return (
         f"| {head_dim} | {batch} | {seqlen} | {heads} | {causal} | {tflops['fp8']:.0f} "
         f"| {tflops['bf16']:.0f} | {tflops['fp8'] / tflops['bf16']:.2f} | {fa3_cells} "
-        f"| {copy_us:.1f} | {err_fp8:.3g} | {err_bf16:.3g} |"
+        f"| {copy_us:.1f} | {err_fp8:.3g} | {err_bf16:.3g} | {single} |"
     )
 
 
@@ -120,12 +133,13 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--seqlen", type=int, nargs="*", default=[1024, 4096, 16384])
     parser.add_argument("--causal", type=int, nargs="*", default=[0, 1])
+    parser.add_argument("--single-level", action="store_true")
     args = parser.parse_args()
     print(HEADER)
     for head_dim in args.head_dim:
         for seqlen in args.seqlen:
             for causal in args.causal:
-                print(row(head_dim, seqlen, bool(causal)), flush=True)
+                print(row(head_dim, seqlen, bool(causal), args.single_level), flush=True)
 
 
 if __name__ == "__main__":
