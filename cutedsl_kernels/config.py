@@ -37,12 +37,15 @@ class ElementTypes:
         v: V (the second GEMM's B operand).
         out: O.
         acc: the GEMM accumulators, the softmax statistics and the LSE.
+        cache: K and V arrive in this type (an FP8 KV cache) and are converted to `qk` /
+            `v` in shared memory before the GEMMs; None: they arrive as `qk` / `v`.
     """
 
     qk: str
     v: str
     out: str
     acc: str = "float32"
+    cache: str | None = None
 
     @classmethod
     def uniform(cls, dtype: str) -> ElementTypes:
@@ -53,6 +56,16 @@ class ElementTypes:
     def fp8(cls, out: str) -> ElementTypes:
         """Q, K and V in FP8 (E4M3), O of the 16-bit type `out`, float32 accumulators."""
         return cls(FP8_DTYPE, FP8_DTYPE, out)
+
+    @classmethod
+    def fp8_cache(cls, dtype: str) -> ElementTypes:
+        """Q and O of the 16-bit `dtype`, K and V stored in FP8 (E4M3) and converted to it."""
+        return cls(dtype, dtype, dtype, cache=FP8_DTYPE)
+
+    @property
+    def converts_kv(self) -> bool:
+        """K and V are converted from `cache`'s type in shared memory."""
+        return self.cache is not None
 
     @property
     def is_fp8(self) -> bool:
@@ -66,10 +79,12 @@ class ElementTypes:
 
     @property
     def name(self) -> str:
-        """Short name: the type itself when uniform with float32 accumulators."""
+        """Short name: the type itself when uniform with float32 accumulators (and a
+        "-kv" suffix naming a converted cache's type)."""
+        cache = "" if self.cache is None else f"-kv{self.cache}"
         if self.is_uniform and self.acc == "float32":
-            return self.qk
-        return f"{self.qk}-{self.v}-{self.out}-acc{self.acc}"
+            return self.qk + cache
+        return f"{self.qk}-{self.v}-{self.out}-acc{self.acc}{cache}"
 
 
 @dataclass(frozen=True)

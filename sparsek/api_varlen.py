@@ -395,23 +395,32 @@ def _attention_with_fp8_cache(
     return_lse: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`attention_with_kvcache` over checked float8_e4m3fn caches (`sparsek.fp8`): CPU
-    tensors without grad run the op's reference of the dequantized cache. Elsewhere no
-    FP8-cache kernel is registered: the batch's blocks are dequantized to q's dtype
-    (`fp8.dequantize_cache`) and take the 16-bit path (a fallback: logged once,
-    `UnsupportedError` under SPARSEK_STRICT=1)."""
+    tensors without grad run the op's reference of the dequantized cache. Elsewhere the
+    kernels that convert the cache serve decode (`sparsek.launch.kvcache`); other
+    requests run on the batch's blocks dequantized to q's dtype (`fp8.dequantize_cache`)
+    on the 16-bit path (a fallback: logged once, `UnsupportedError` under
+    SPARSEK_STRICT=1)."""
     q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q = cache_args
     path = forward_path(q, k_cache, v_cache, *(t for t in (sinks, *descales) if t is not None))
+    extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks, *descales)
     if path is Path.CPU:
-        extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks, *descales)
         cpu_result: tuple[Tensor, Tensor] = torch.ops.sparsek.attention_with_kvcache(
             *cache_args, mask.causal, scale, num_splits, *extra
         )
         return cpu_result if return_lse else cpu_result[0]
     if path is Path.KERNELS:
-        fallback(
-            (f"k_cache.dtype={k_cache.dtype}: no FP8-cache kernel is registered",),
-            action=f"dequantizing the FP8 KV cache to {q.dtype}",
-        )
+        tensors = (t for t in cache_args[:6] if isinstance(t, Tensor))
+        if not plain_eager(*tensors):  # (tracing: the op decides)
+            traced: tuple[Tensor, Tensor] = torch.ops.sparsek.attention_with_kvcache(
+                *cache_args, mask.causal, scale, num_splits, *extra
+            )
+            return traced if return_lse else traced[0]
+        plan = kvcache.kvcache_plan(*cache_args, mask, num_splits)
+        if isinstance(plan, KvcachePlan):
+            op_args = (*cache_args, mask.causal, scale, num_splits, *extra)
+            out, lse = ops.attention_with_kvcache_cuda(*op_args, plan=plan)
+            return (out, lse) if return_lse else out
+        fallback((plan,), action=f"dequantizing the FP8 KV cache to {q.dtype}")
     # (An input that requires grad: the 16-bit path's own fallback says so.)
     k16, v16 = (
         fp8.dequantize_cache(cache, descale, block_table, cache_seqlens, q.dtype)

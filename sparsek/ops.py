@@ -464,17 +464,12 @@ def attention_with_kvcache_cuda(
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention_with_kvcache` on CUDA: the request's kernels (`plan`: its
     `kvcache.kvcache_plan` if the caller has it), or the reference when none serves it.
-    An FP8 cache (no FP8-cache kernel is registered): the cache's blocks of the batch
-    dequantized to q's dtype (`fp8.dequantize_cache`), then those kernels."""
+    An FP8 cache: `fp8_cache_cuda`."""
     if k_descale is not None and v_descale is not None:
-        caches = [
-            fp8.dequantize_cache(cache, descale, block_table, cache_seqlens, q.dtype)
-            for cache, descale in ((k_cache, k_descale), (v_cache, v_descale))
-        ]
-        table = None if block_table is None else fp8.compact_block_table(block_table)
-        return attention_with_kvcache_cuda(
-            q, caches[0], caches[1], cache_seqlens, table, cu_seqlens_q, max_seqlen_q,
-            causal, softmax_scale, num_splits, window_left, window_right, softcap, sinks,
+        return fp8_cache_cuda(
+            (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q),
+            (k_descale, v_descale), causal, softmax_scale, num_splits,
+            (window_left, window_right, softcap, sinks), plan,
         )  # fmt: skip
     args = (q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q, causal)
     mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
@@ -483,6 +478,37 @@ def attention_with_kvcache_cuda(
         extra = (window_left, window_right, softcap, sinks)
         return attention_with_kvcache_reference(*args, softmax_scale, num_splits, *extra)
     return kvcache.attention_with_kvcache(*args[:-1], mask, softmax_scale, num_splits, found, sinks)
+
+
+def fp8_cache_cuda(
+    cache_args: tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, int | None],
+    descales: tuple[Tensor, Tensor],
+    causal: bool,
+    softmax_scale: float,
+    num_splits: int,
+    mask_args: tuple[int, int, float, Tensor | None],
+    plan: KvcachePlan | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`sparsek::attention_with_kvcache` on CUDA over an FP8 cache: the kernels that
+    convert it (decode: `plan`, or the request's own), else the batch's blocks
+    dequantized to q's dtype (`fp8.dequantize_cache`) on the 16-bit path."""
+    q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q = cache_args
+    window_left, window_right, softcap, sinks = mask_args
+    mask = make_mask(causal, (window_left, window_right), softcap, sinks is not None)
+    found = plan if plan is not None else kvcache.kvcache_plan(*cache_args, mask, num_splits)
+    if isinstance(found, KvcachePlan):
+        return kvcache.attention_with_kvcache(
+            *cache_args, mask, softmax_scale, num_splits, found, sinks, descales
+        )
+    caches = [
+        fp8.dequantize_cache(cache, descale, block_table, cache_seqlens, q.dtype)
+        for cache, descale in zip((k_cache, v_cache), descales, strict=True)
+    ]
+    table = None if block_table is None else fp8.compact_block_table(block_table)
+    return attention_with_kvcache_cuda(
+        q, caches[0], caches[1], cache_seqlens, table, cu_seqlens_q, max_seqlen_q, causal,
+        softmax_scale, num_splits, *mask_args,
+    )  # fmt: skip
 
 
 _LIB.impl("attention", attention_reference, "CompositeExplicitAutograd")  # type: ignore[no-untyped-call]

@@ -73,8 +73,11 @@ def kernel_head_dims(config: KernelConfig) -> tuple[int, int]:
 
 
 def kernel_dtype(config: KernelConfig) -> str:
-    """The element type of a kernel's Q/K (attention) or of its data (combine, KV store)."""
-    return config.dtypes.qk if isinstance(config, FmhaFwdConfig) else config.dtype
+    """The element type of a kernel's Q/K (attention; an FP8 cache's type for the kernels
+    that convert it) or of its data (combine, KV store)."""
+    if isinstance(config, FmhaFwdConfig):
+        return config.dtypes.cache or config.dtypes.qk
+    return config.dtype
 
 
 def select_kernels(

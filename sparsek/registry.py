@@ -153,6 +153,33 @@ def registered_fp8_configs(arch: str) -> list[FmhaFwdConfig]:
     ]
 
 
+def registered_fp8_cache_configs(arch: str, mask: MaskSpec = NO_MASK) -> list[FmhaFwdConfig]:
+    """Every FP8-cache decode kernel of `mask` (one of `SERVED_MASKS`; the default's are
+    precompiled) for `arch`: each `tuning.FP8` head dim and dtype of `DTYPES`, batched and
+    packed queries, a contiguous cache and vLLM's 16-row pages, split and not. Decode
+    drops causal (a single query sees every key), a window takes the single-query
+    kernels, split kernels leave sinks to the combine. Other page sizes compile at first
+    use."""
+    decode_mask = dataclasses.replace(mask, causal=False)
+    caches = (("cache", 0), ("paged", _PRECOMPILED_PAGE_SIZES[0]))
+    kernels = [
+        (
+            dataclasses.replace(decode_mask, sinks=mask.sinks and not split),
+            Layout(packed, kv, page, split, single_query=packed or decode_mask.window),
+        )
+        for packed in (False, True)
+        for kv, page in caches
+        for split in (False, True)
+    ]
+    found = [
+        find(arch, head_dim, dtype, kernel_mask, layout, Workload.DECODE, cache_dtype=FP8_DTYPE)
+        for head_dim in tuning.fp8_head_dims(arch)
+        for dtype in DTYPES
+        for kernel_mask, layout in kernels
+    ]
+    return list(dict.fromkeys(c for c in found if isinstance(c, FmhaFwdConfig)))
+
+
 def registered_kernels(arch: str) -> list[KernelConfig]:
     """Every kernel precompiled for `arch`: dense, the `PRECOMPILED` layouts and
     workloads, combine, store.
@@ -161,7 +188,8 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
         `registered_configs(arch)`, then each of them in every precompiled (layout,
         workload) (decode only without a mask), then the split-KV combine kernel and the
         paged KV-cache update kernel of each (head_dim, dtype) (the combine: of each
-        output head dim), then `registered_fp8_configs(arch)`.
+        output head dim), then `registered_fp8_configs(arch)` and
+        `registered_fp8_cache_configs(arch)`.
     """
     dense = registered_configs(arch)
     others = [
@@ -174,7 +202,8 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
     dims = [(head_dim, dtype) for head_dim in registered_head_dims(arch) for dtype in DTYPES]
     combine = [CombineConfig(arch, head_dim, dtype) for head_dim, dtype in dims]
     store = [KVStoreConfig(arch, head_dim, dtype) for head_dim, dtype in dims]
-    return [*dense, *others, *combine, *store, *registered_fp8_configs(arch)]
+    fp8 = [*registered_fp8_configs(arch), *registered_fp8_cache_configs(arch)]
+    return [*dense, *others, *combine, *store, *fp8]
 
 
 def mask_kernels(arch: str, mask: MaskSpec) -> list[KernelConfig]:
@@ -216,6 +245,7 @@ def mask_kernels(arch: str, mask: MaskSpec) -> list[KernelConfig]:
                 config = find(arch, head_dim, FP8_DTYPE, mask, layout, out_dtype=out)
                 if isinstance(config, FmhaFwdConfig):
                     found.append(config)
+    found.extend(registered_fp8_cache_configs(arch, mask))
     return list(dict.fromkeys(found))
 
 
@@ -235,6 +265,7 @@ def lookup(
     workload: Workload = Workload.DEFAULT,
     head_dim_v: int | None = None,
     out_dtype: torch.dtype | str | None = None,
+    cache_dtype: torch.dtype | str | None = None,
 ) -> FmhaFwdConfig:
     """The registered kernel configuration for a request.
 
@@ -248,6 +279,8 @@ def lookup(
         workload: the request's shape class (picks the tuning row).
         head_dim_v: head dimension of V and O; None: head_dim.
         out_dtype: (FP8 only, and required there) O's element type.
+        cache_dtype: (KV caches stored in FP8 under 16-bit queries) K's and V's element
+            type as stored; None: `dtype`.
 
     Returns:
         The frozen config naming the kernel to compile and launch.
@@ -257,7 +290,8 @@ def lookup(
             kernel's own `can_implement` answer for the closest candidate.
     """
     out = None if out_dtype is None else dtype_name(out_dtype)
-    found = find(arch, head_dim, dtype_name(dtype), mask, layout, workload, head_dim_v, out)
+    cache = None if cache_dtype is None else dtype_name(cache_dtype)
+    found = find(arch, head_dim, dtype_name(dtype), mask, layout, workload, head_dim_v, out, cache)
     if isinstance(found, FmhaFwdConfig):
         return found
     dims = f"head_dim={head_dim}" + (
@@ -266,6 +300,8 @@ def lookup(
     request = f"arch={arch}, {dims}, dtype={dtype_name(dtype)}, mask={mask.name}"
     if out is not None:
         request += f", out_dtype={out}"
+    if cache is not None:
+        request += f", cache dtype={cache}"
     if layout != DENSE or workload is not Workload.DEFAULT:
         request += f", {layout}, workload={workload.value}"
     raise UnsupportedError(f"no sparsek kernel for {request}", found)
@@ -311,12 +347,16 @@ def find(
     workload: Workload = Workload.DEFAULT,
     head_dim_v: int | None = None,
     out_dtype: str | None = None,
+    cache_dtype: str | None = None,
 ) -> FmhaFwdConfig | tuple[str, ...]:
     """Like `lookup`, but returns the reasons instead of raising (memoized: hot path)."""
     if head_dim_v == head_dim:
         head_dim_v = None
     if dtype == FP8_DTYPE:
         return _find_fp8(arch, head_dim, mask, layout, workload, head_dim_v, out_dtype)
+    if cache_dtype is not None:
+        request = (arch, head_dim, dtype, mask, layout, workload, head_dim_v)
+        return _find_fp8_cache(*request, cache_dtype)
     reasons: list[str] = []
     arches = registered_arches()
     if arch not in arches:
@@ -367,6 +407,28 @@ def find(
     return config
 
 
+def _fp8_reasons(
+    what: str, arch: str, head_dim: int, head_dim_v: int | None, mask: MaskSpec
+) -> list[str]:
+    """The head-dim and mask reasons FP8 requests (`what`) share: a `tuning.FP8` head
+    dim of `arch`, V's the same, and one of `SERVED_MASKS`."""
+    reasons: list[str] = []
+    dims = tuning.fp8_head_dims(arch)
+    if not dims:
+        reasons.append(f"{what}: no FP8 kernels are registered for arch={arch}")
+    elif head_dim not in dims or head_dim_v is not None:
+        supported = ", ".join(str(d) for d in dims)
+        reasons.append(
+            f"{what}: head_dim={head_dim}"
+            + ("" if head_dim_v is None else f" with head_dim_v={head_dim_v}")
+            + f" is not supported on {arch} (supported: {supported}, V's the same)"
+        )
+    if mask not in SERVED_MASKS:
+        supported = ", ".join(m.name for m in SERVED_MASKS)
+        reasons.append(f"mask={mask.name} is not supported (supported: {supported})")
+    return reasons
+
+
 def _find_fp8(
     arch: str,
     head_dim: int,
@@ -377,25 +439,12 @@ def _find_fp8(
     out_dtype: str | None,
 ) -> FmhaFwdConfig | tuple[str, ...]:
     """`find` for FP8 Q/K/V with O of `out_dtype`."""
-    reasons: list[str] = []
-    dims = tuning.fp8_head_dims(arch)
-    if not dims:
-        reasons.append(f"dtype={FP8_DTYPE}: no FP8 kernels are registered for arch={arch}")
-    elif head_dim not in dims or head_dim_v is not None:
-        supported = ", ".join(str(d) for d in dims)
-        reasons.append(
-            f"dtype={FP8_DTYPE}: head_dim={head_dim}"
-            + ("" if head_dim_v is None else f" with head_dim_v={head_dim_v}")
-            + f" is not supported on {arch} (supported: {supported}, V's the same)"
-        )
+    reasons = _fp8_reasons(f"dtype={FP8_DTYPE}", arch, head_dim, head_dim_v, mask)
     if out_dtype not in DTYPES:
         reasons.append(
             f"dtype={FP8_DTYPE}: out_dtype={out_dtype} is not supported (supported: "
             f"{', '.join(DTYPES)})"
         )
-    if mask not in SERVED_MASKS:
-        supported = ", ".join(m.name for m in SERVED_MASKS)
-        reasons.append(f"mask={mask.name} is not supported (supported: {supported})")
     if layout not in (DENSE, PACKED) or workload in DECODE_WORKLOADS:
         reasons.append(
             f"dtype={FP8_DTYPE}: FP8 kernels serve dense and packed (varlen) prefill, not "
@@ -404,6 +453,38 @@ def _find_fp8(
     if reasons:
         return tuple(reasons)
     config = _make_config(arch, head_dim, FP8_DTYPE, mask, layout, workload, None, out_dtype)
+    kernel_reasons = kernel_can_implement(config)
+    if kernel_reasons:
+        return tuple(f"{config.name}: {r}" for r in kernel_reasons)
+    return config
+
+
+def _find_fp8_cache(
+    arch: str,
+    head_dim: int,
+    dtype: str,
+    mask: MaskSpec,
+    layout: Layout,
+    workload: Workload,
+    head_dim_v: int | None,
+    cache_dtype: str,
+) -> FmhaFwdConfig | tuple[str, ...]:
+    """`find` for 16-bit queries over a KV cache stored in `cache_dtype` (FP8): the decode
+    kernels (`Workload.DECODE`: one query per sequence) of every `tuning.FP8` head dim."""
+    reasons = _fp8_reasons("FP8 cache", arch, head_dim, head_dim_v, mask)
+    if cache_dtype != FP8_DTYPE:
+        reasons.append(f"cache dtype={cache_dtype} is not supported (supported: {FP8_DTYPE})")
+    if dtype not in DTYPES:
+        reasons.append(f"dtype={dtype}: FP8 caches take queries in {', '.join(DTYPES)}")
+    if workload is not Workload.DECODE or layout.kv_layout not in ("cache", "paged"):
+        reasons.append(
+            "FP8-cache kernels serve decode (one query per sequence, split or not) over a "
+            f"'cache' or 'paged' layout (got {layout}, workload={workload.value}); other "
+            "requests run on the cache dequantized"
+        )
+    if reasons:
+        return tuple(reasons)
+    config = _make_config(arch, head_dim, dtype, mask, layout, workload, None, None, cache_dtype)
     kernel_reasons = kernel_can_implement(config)
     if kernel_reasons:
         return tuple(f"{config.name}: {r}" for r in kernel_reasons)
@@ -469,6 +550,7 @@ def _make_config(
     workload: Workload,
     head_dim_v: int | None = None,
     out_dtype: str | None = None,
+    cache_dtype: str | None = None,
 ) -> FmhaFwdConfig:
     head_dim_v = None if head_dim_v == head_dim else head_dim_v
     if dtype == FP8_DTYPE:  # (FP8 rows serve every mask, layout and workload alike)
@@ -476,6 +558,8 @@ def _make_config(
         dtypes, tuned = ElementTypes.fp8(out_dtype), tuning.FP8[(arch, head_dim)]
     else:
         dtypes = ElementTypes.uniform(dtype)
+        if cache_dtype is not None:  # (the decode rows: 64-row tiles, one MMA warpgroup)
+            dtypes = ElementTypes.fp8_cache(dtype)
         tuned = tuning.tuning_for(arch, head_dim, mask, layout, workload, head_dim_v)
     return FmhaFwdConfig(
         arch=arch,

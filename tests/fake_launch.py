@@ -25,12 +25,15 @@ def fake_config(
     workload: Workload = Workload.DEFAULT,
     head_dim_v: int | None = None,
     out_dtype: torch.dtype | str | None = None,
+    cache_dtype: torch.dtype | str | None = None,
 ) -> FmhaFwdConfig:
     """A config of the request's identity (any head dims, default tiles, static schedule):
     a `lookup` for `fake_launch_path` that accepts every request."""
     dtypes = ElementTypes.uniform(dtype_name(dtype))
     if out_dtype is not None:
         dtypes = ElementTypes.fp8(dtype_name(out_dtype))
+    if cache_dtype is not None:
+        dtypes = ElementTypes.fp8_cache(dtype_name(dtype))
     return FmhaFwdConfig(arch, head_dim, dtypes, mask, head_dim_v=head_dim_v, **asdict(layout))
 
 

@@ -229,6 +229,9 @@ SMEM_CASES: dict[str, Callable[[], FmhaFwdConfig]] = {
     "d256-128x80": _d256_128x80,
     "d192v128-128x128": _d192_v128,
     "fp8-d128": lambda: _registered(lambda c: c.dtypes.is_fp8 and c.head_dim == 128),
+    "fp8-cache-d128": lambda: _registered(
+        lambda c: c.dtypes.converts_kv and c.head_dim == 128 and c.kv_layout == "paged"
+    ),
 }
 
 

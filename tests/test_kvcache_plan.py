@@ -59,8 +59,11 @@ def fake_kernel(causal: bool | None, layout: Layout | None):
         lse.copy_(total)
 
     def attention(q, k, v, out, lse, cu_q, cu_k, seqused, table, counter, sinks, *scalars):
-        *descales, scale, offset, left, right, softcap, rows, splits, ctas = scalars
-        assert descales == [None, None, None]
+        q_descale, k_descale, v_descale, *scalars = scalars
+        scale, offset, left, right, softcap, rows, splits, ctas = scalars
+        # 16-bit queries; an FP8 cache comes with its descales, a 16-bit one without
+        assert q_descale is None and (k_descale is None) == (k.dtype == q.dtype)
+        assert (v_descale is None) == (k_descale is None)
         assert cu_k is None and counter is None and offset == 0 and ctas == 0
         assert (splits > 1) == layout.split_kv
         assert sinks is None or (splits == 1 and sinks.dim() == 2)  # (rows, heads); a split
@@ -71,6 +74,7 @@ def fake_kernel(causal: bool | None, layout: Layout | None):
             """The kernel's rows: sinks[min(row, rows - 1), head] for row i of qx;
             single_query: every row is the sequence's last token (its own one-row query)."""
             kw = dict(softmax_scale=scale, compute_dtype=torch.float64, **mask, **kwargs)
+            kw.update(k_descale=k_descale, v_descale=v_descale)
             per_row = layout.single_query or (sinks is not None and sinks.shape[0] > 1)
             if not per_row:
                 heads = None if sinks is None else sinks[0]
@@ -142,10 +146,13 @@ def fake_kernels(monkeypatch: pytest.MonkeyPatch) -> Kernels:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
     def forward_kernel(
-        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None
-    ):
+        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None,
+        cache_dtype=None,
+    ):  # fmt: skip
         built.append((mask.causal, layout, workload))
         dtypes = ElementTypes.uniform(dtype_name(dtype))
+        if cache_dtype is not None:
+            dtypes = ElementTypes.fp8_cache(dtype_name(dtype))
         identity = FmhaFwdConfig(
             "sm_90a", head_dim, dtypes, mask, head_dim_v=head_dim_v, **asdict(layout)
         )
@@ -162,22 +169,23 @@ def fake_kernels(monkeypatch: pytest.MonkeyPatch) -> Kernels:
 
 def run(
     q, caches, *, causal=True, num_splits=0, cu=None, max_q=None, window=(-1, -1), softcap=0.0,
-    sinks=None,
+    sinks=None, descales=None,
 ):  # fmt: skip
     k, v, seqlens, *table = caches
     mask = make_mask(causal, window, softcap, sinks is not None)
     args = (q, k, v, seqlens, table[0] if table else None, cu, max_q, mask)
-    return kvcache.attention_with_kvcache(*args, 0.25, num_splits, None, sinks)
+    return kvcache.attention_with_kvcache(*args, 0.25, num_splits, None, sinks, descales)
 
 
 def reference(
-    q, caches, *, causal=True, cu=None, max_q=None, window=(-1, -1), softcap=0.0, sinks=None
-):
+    q, caches, *, causal=True, cu=None, max_q=None, window=(-1, -1), softcap=0.0, sinks=None,
+    descales=(None, None),
+):  # fmt: skip
     k, v, seqlens, *table = caches
     return reference_attention_kvcache(
         q, k, v, seqlens, table[0] if table else None, cu_seqlens_q=cu, max_seqlen_q=max_q,
         causal=causal, softmax_scale=0.25, window_size=window, softcap=softcap, sinks=sinks,
-        compute_dtype=torch.float64,
+        compute_dtype=torch.float64, k_descale=descales[0], v_descale=descales[1],
     )  # fmt: skip
 
 
@@ -185,6 +193,24 @@ def check(got, want) -> None:
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("num_splits", [1, 3, 0], ids=["no-split", "3-splits", "auto"])
+def test_decode_over_an_fp8_cache(fake_kernels, paged, num_splits) -> None:
+    """An FP8 cache under 16-bit queries: decode runs the converting kernels with the
+    cache's descales (split or not; never the two-CTA tiles), and the result is the
+    reference of the dequantized cache."""
+    fp8 = torch.float8_e4m3fn
+    (k, v), (kp, vp, table), seqlens = make_caches(LENS, 300, hkv=2)
+    k, v, kp, vp = ((2 * t).to(fp8) for t in (k, v, kp, vp))
+    caches = (kp, vp, seqlens, table) if paged else (k, v, seqlens)
+    gen = torch.Generator().manual_seed(1)
+    descales = tuple(torch.rand(len(LENS), 2, generator=gen) + 0.5 for _ in "kv")
+    q = torch.randn(len(LENS), 1, 8, 32)
+    got = run(q, caches, num_splits=num_splits, descales=descales)
+    check(got, reference(q, caches, descales=descales))
+    assert all(w is not Workload.DECODE_FILLS_GPU for *_, w in fake_kernels)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
@@ -324,8 +350,9 @@ def no_dense_kernels(fake_kernels, monkeypatch: pytest.MonkeyPatch) -> Kernels:
     cache_kernel = launcher.forward_kernel  # the fake's
 
     def forward_kernel(
-        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None
-    ):
+        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None,
+        cache_dtype=None,
+    ):  # fmt: skip
         if layout == DENSE:
             pytest.fail("dense kernel loaded")
         return cache_kernel(device, head_dim, dtype, mask, layout, workload, head_dim_v)

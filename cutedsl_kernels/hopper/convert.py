@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, const_expr
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
@@ -123,3 +123,26 @@ def convert_pairs(src: cute.Tensor, dst: cute.Tensor) -> None:
     dst_words = cute.recast_tensor(dst, Int32)
     for i in cutlass.range_constexpr(cute.size(dst_words)):
         dst_words[i] = pack_pair(src[2 * i], src[2 * i + 1], dst.element_type)
+
+
+@cute.jit
+def convert_tile(
+    src: cute.Tensor,
+    dst: cute.Tensor,
+    lane: Int32,
+    threads: cutlass.Constexpr[int],
+    valid_rows: Int32 | None = None,
+) -> None:
+    """dst[r, c] = src[r, c] in dst's element type, over (rows, cols) tiles of any
+    (swizzled) layouts, element by element by `threads` threads (`lane`: this thread's
+    index among them); rows >= `valid_rows` (when given) become 0. E4M3 values are exact
+    in float16 and bfloat16."""
+    cols = cute.size(src, mode=[1])
+    zero = dst.element_type(0.0)
+    for e in cutlass.range(lane, cute.size(src), threads):
+        row = e // cols
+        col = e - row * cols
+        value = dst.element_type(Float32(src[row, col]))
+        if const_expr(valid_rows is not None):
+            value = zero if row >= valid_rows else value
+        dst[row, col] = value

@@ -24,6 +24,12 @@ headroom (`softmax.py`) and moved into the 8-bit A operand's layout across each 
 wide as Q's buffer). `limits.fp8_reasons` lists what FP8 kernels serve: head_dim 64 and
 128, dense and packed layouts, one CTA per work tile.
 
+FP8 caches (`ElementTypes.converts_kv`: 16-bit Q and O, K and V stored in float8_e4m3fn):
+the K/V stages hold the cache's bytes; the one MMA warpgroup (tile_m 64) converts each
+tile into one K and one V tile of Q's type before the GEMM that reads it (`mainloop.py`),
+and K's and V's (batch, num_kv_heads) descales scale the scores and O as above.
+`limits.fp8_cache_reasons`: head_dim 64 and 128, 'cache' and 'paged' layouts.
+
 Features and limits (`limits.can_implement` says why a config is refused):
 - fp16 / bf16 in and out (Q, K, V and O of one type), or FP8 as above; fp32
   accumulation; head_dim a multiple of 16 up to 256 whose tiles fit shared memory (the
@@ -130,6 +136,12 @@ class HopperFmhaForward:
         self.split_kv = config.split_kv
         self.persistent = config.persistent
         self.fp8 = config.dtypes.is_fp8
+        # FP8 caches: K and V arrive as stored and are converted in shared memory.
+        self.converts_kv = config.dtypes.converts_kv
+        self.k_load_dtype = self.qk_dtype
+        self.v_load_dtype = self.v_dtype
+        if self.converts_kv:
+            self.k_load_dtype = self.v_load_dtype = dsl_type(config.dtypes.cache)
         self.max_offset = FP8_MAX_OFFSET if self.fp8 else 0  # P's headroom (`softmax`)
         # FP8: V arrives key-major (V^T) and is the second GEMM's K-major B operand.
         self.v_key_major = config.v_key_major
@@ -163,6 +175,7 @@ class HopperFmhaForward:
             rows_share_position=config.single_query,
             fp8=self.fp8,
             two_level=self.fp8 and config.pv_two_level,
+            converts_kv=self.converts_kv,
         )
 
     # ------------------------------------------------------------------ capability
@@ -195,8 +208,10 @@ class HopperFmhaForward:
         v_contiguous = 1 if self.v_key_major else -1  # key-major V: the key mode
         return FmhaFwdArgs(
             q=tensor(self.qk_dtype, (batch, seqlen_q, heads, d), tma),
-            k=tensor(self.qk_dtype, (cute.sym_int(), seqlen_k, kv_heads, d), tma),
-            v=tensor(self.v_dtype, (cute.sym_int(), seqlen_k, kv_heads, dv), tma, v_contiguous),
+            k=tensor(self.k_load_dtype, (cute.sym_int(), seqlen_k, kv_heads, d), tma),
+            v=tensor(
+                self.v_load_dtype, (cute.sym_int(), seqlen_k, kv_heads, dv), tma, v_contiguous
+            ),
             out=out,
             lse=lse,
             cu_seqlens_q=tensor(Int32, (seqs,), 4) if self.varlen_q else None,
@@ -205,9 +220,9 @@ class HopperFmhaForward:
             page_table=tensor(Int32, (cute.sym_int(), cute.sym_int()), 4) if self.paged else None,
             tile_counter=tensor(Int32, (1,), 4) if self.dynamic else None,
             sinks=self._fake_sinks(),
-            q_descale=self._fake_descale(),
-            k_descale=self._fake_descale(),
-            v_descale=self._fake_descale(),
+            q_descale=self._fake_descale(self.fp8),
+            k_descale=self._fake_descale(self.fp8 or self.converts_kv),
+            v_descale=self._fake_descale(self.fp8 or self.converts_kv),
             softmax_scale=Float32(1.0),
             causal_offset=Int32(0),
             window_left=Int32(-1),
@@ -226,9 +241,10 @@ class HopperFmhaForward:
         strides = (cute.sym_int64(), cute.sym_int64())
         return cute.runtime.make_fake_tensor(Float32, shape, stride=strides, assumed_align=4)
 
-    def _fake_descale(self):
-        """(FP8) (batch, num_kv_heads) float32 factors, any strides (see `abi`), or None."""
-        if not self.fp8:
+    def _fake_descale(self, taken: bool):
+        """(batch, num_kv_heads) float32 factors, any strides (see `abi`), if `taken`;
+        else None."""
+        if not taken:
             return None
         shape = (cute.sym_int(), cute.sym_int())
         strides = (cute.sym_int64(), cute.sym_int64())
@@ -298,14 +314,21 @@ class HopperFmhaForward:
         sQ_tile = cute.select(sQ_layout, mode=[0, 1])
         # Paged K/V tiles are filled box by box: each box of rows must be contiguous.
         kv_box_rows = self.producer.kv_box_rows
-        sK_layout = self._smem_layout(self.qk_dtype, self.tile_n, self.num_stages, self.paged)
+        # K and V stages as loaded (an FP8 cache's bytes when converted).
+        k_type, v_type = self.k_load_dtype, self.v_load_dtype
+        sK_layout = self._smem_layout(k_type, self.tile_n, self.num_stages, self.paged)
         sV_layout = self._smem_layout(
-            self.v_dtype, self.tile_n, self.num_stages, self.paged, self.head_dim_v
+            v_type, self.tile_n, self.num_stages, self.paged, self.head_dim_v
         )
         box = (kv_box_rows, self.head_dim)
-        sKV_box = self._smem_layout(self.qk_dtype, kv_box_rows, None, self.paged)
+        sKV_box = self._smem_layout(k_type, kv_box_rows, None, self.paged)
         box_v = (kv_box_rows, self.head_dim_v)
-        sV_box = self._smem_layout(self.v_dtype, kv_box_rows, None, self.paged, self.head_dim_v)
+        sV_box = self._smem_layout(v_type, kv_box_rows, None, self.paged, self.head_dim_v)
+        # Converting kernels: the one K and one V tile the GEMMs read (a stage mode of 1).
+        sK_mma_layout, sV_mma_layout = None, None
+        if const_expr(self.converts_kv):
+            sK_mma_layout = self._smem_layout(self.qk_dtype, self.tile_n, 1, False)
+            sV_mma_layout = self._smem_layout(self.v_dtype, self.tile_n, 1, False, self.head_dim_v)
         if const_expr(self.v_key_major):
             # V^T tiles (head_dim_v, tile_n), keys contiguous: the K-major B operand.
             sV_layout = self._smem_layout(
@@ -330,8 +353,8 @@ class HopperFmhaForward:
                 cpasync.CopyBulkTensorTileS2GOp(), mO, sO_tile, (self.tile_m, self.head_dim_v)
             )
         tx_bytes_q = cute.size_in_bytes(self.qk_dtype, sQ_tile)
-        tx_bytes_kv = cute.size_in_bytes(self.qk_dtype, cute.select(sK_layout, mode=[0, 1]))
-        tx_bytes_v = cute.size_in_bytes(self.v_dtype, cute.select(sV_layout, mode=[0, 1]))
+        tx_bytes_kv = cute.size_in_bytes(k_type, cute.select(sK_layout, mode=[0, 1]))
+        tx_bytes_v = cute.size_in_bytes(v_type, cute.select(sV_layout, mode=[0, 1]))
 
         @cute.struct
         class SharedStorage:
@@ -339,10 +362,28 @@ class HopperFmhaForward:
             mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
             sQ: cute.struct.Align[cute.struct.MemRange[self.qk_dtype, cute.cosize(sQ_layout)], 1024]
-            sK: cute.struct.Align[cute.struct.MemRange[self.qk_dtype, cute.cosize(sK_layout)], 1024]
-            sV: cute.struct.Align[cute.struct.MemRange[self.v_dtype, cute.cosize(sV_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[k_type, cute.cosize(sK_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[v_type, cute.cosize(sV_layout)], 1024]
             mbar_sched: cute.struct.MemRange[cutlass.Int64, 2 * SCHED_STAGES]
             sched_tiles: cute.struct.MemRange[Int32, WorkTile.NUM_WORDS * SCHED_STAGES]
+
+        if const_expr(self.converts_kv):
+            k_mma_size, v_mma_size = cute.cosize(sK_mma_layout), cute.cosize(sV_mma_layout)
+
+            @cute.struct
+            class SharedStorage:  # (the same, with the converted K and V tiles after V's)
+                mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
+                mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
+                mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
+                sQ: cute.struct.Align[
+                    cute.struct.MemRange[self.qk_dtype, cute.cosize(sQ_layout)], 1024
+                ]
+                sK: cute.struct.Align[cute.struct.MemRange[k_type, cute.cosize(sK_layout)], 1024]
+                sV: cute.struct.Align[cute.struct.MemRange[v_type, cute.cosize(sV_layout)], 1024]
+                sK_mma: cute.struct.Align[cute.struct.MemRange[self.qk_dtype, k_mma_size], 1024]
+                sV_mma: cute.struct.Align[cute.struct.MemRange[self.v_dtype, v_mma_size], 1024]
+                mbar_sched: cute.struct.MemRange[cutlass.Int64, 2 * SCHED_STAGES]
+                sched_tiles: cute.struct.MemRange[Int32, WorkTile.NUM_WORDS * SCHED_STAGES]
 
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
         softcap_pre_scale = None
@@ -378,6 +419,8 @@ class HopperFmhaForward:
             sQ_layout,
             sK_layout,
             sV_layout,
+            sK_mma_layout,
+            sV_mma_layout,
             tiled_mma_qk,
             tiled_mma_pv,
             scale_log2,
@@ -445,6 +488,8 @@ class HopperFmhaForward:
         sQ_layout: cute.ComposedLayout,
         sK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout,
+        sK_mma_layout: cute.ComposedLayout | None,  # converting kernels' GEMM tiles
+        sV_mma_layout: cute.ComposedLayout | None,
         tiled_mma_qk: cute.TiledMma,
         tiled_mma_pv: cute.TiledMma,
         scale_log2: Float32,
@@ -482,6 +527,12 @@ class HopperFmhaForward:
         sK = storage.sK.get_tensor(sK_layout.outer, swizzle=sK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         smem_tiles = (sQ, sK, sV)
+        converted = None
+        if const_expr(self.converts_kv):
+            converted = (
+                storage.sK_mma.get_tensor(sK_mma_layout.outer, swizzle=sK_mma_layout.inner),
+                storage.sV_mma.get_tensor(sV_mma_layout.outer, swizzle=sV_mma_layout.inner),
+            )
         tensors = FwdTensors(
             mQ, mK, mV, tma_O, mO, mLSE, mCuSeqlensQ, mCuSeqlensK, mSeqUsedK, mPageTable
         )
@@ -489,8 +540,8 @@ class HopperFmhaForward:
         if const_expr(self.config.mask.window):
             window = Window(window_left, window_right)
         descales = None
-        if const_expr(self.fp8):
-            descales = (mQDescale, mKDescale, mVDescale)
+        if const_expr(self.fp8 or self.converts_kv):
+            descales = (mQDescale, mKDescale, mVDescale)  # (mQDescale: None for caches)
         softmax_args = SoftmaxArgs(scale_log2, softcap_pre_scale, mSinks, descales)
         schedule = SchedulerParams(
             mQ,
@@ -527,7 +578,7 @@ class HopperFmhaForward:
             mmas = (tiled_mma_qk, tiled_mma_pv)
             role_args = (
                 tensors, smem_tiles, pipelines, mmas, tma_atom_O, tidx, wg_idx, softmax_args,
-                window,
+                window, converted,
             )  # fmt: skip
             states = self.pipeline_states(pipeline.PipelineUserType.Consumer)
             self.scheduler.run(False, self.mma, role_args, states, schedule)
@@ -603,11 +654,13 @@ class HopperFmhaForward:
         wg_idx: Int32,
         softmax_args: SoftmaxArgs,
         window: Window | None,
+        converted: tuple | None,
         q_state: pipeline.PipelineState,
         kv_state: pipeline.PipelineState,
     ) -> tuple[pipeline.PipelineState, pipeline.PipelineState]:
         """Consumers, one work tile: S = QK^T, online softmax, O += PV, then the epilogue;
-        returns the pipeline states past this tile."""
+        returns the pipeline states past this tile. `converted`: a converting kernel's
+        (K, V) GEMM tiles (`MmaOperands.converted`), else None."""
         sQ, sK, sV = smem_tiles
         pipeline_q, pipeline_k, pipeline_v = pipelines
         tiled_mma_qk, tiled_mma_pv = mmas
@@ -618,12 +671,16 @@ class HopperFmhaForward:
         wg_mma_pv = tiled_mma_pv.get_slice(wg_threads(wg_idx))
         # (MMA, MMA_M, MMA_K, Q_STAGE)
         tSrQ = wg_mma_qk.make_fragment_A(wg_mma_qk.partition_A(sQ))
+        # The tiles the GEMMs read: the K/V stages, or a converting kernel's one K/V tile.
+        sK_mma, sV_mma = sK, sV
+        if const_expr(converted is not None):
+            sK_mma, sV_mma = converted
         # (MMA, MMA_N, MMA_K, STAGE)
-        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK))
+        tSrK = wg_mma_qk.make_fragment_B(wg_mma_qk.partition_B(sK_mma))
         # (MMA, MMA_N, MMA_K, STAGE): V^T as the (d, n) B operand (key-major V: as stored)
-        sVt = sV
+        sVt = sV_mma
         if const_expr(not self.v_key_major):
-            sVt = transpose_smem(sV)
+            sVt = transpose_smem(sV_mma)
         tOrVt = wg_mma_pv.make_fragment_B(wg_mma_pv.partition_B(sVt))
         # (MMA, MMA_M, MMA_K): P as the register A operand
         tOrP = wg_mma_pv.make_fragment_A(wg_mma_pv.partition_shape_A((self.tile_m, self.tile_n)))
@@ -637,7 +694,7 @@ class HopperFmhaForward:
         t0ScS = tiled_mma_qk.get_slice(0).partition_C(cS)
         scale_log2, softcap_pre_scale = softmax_args.scale_log2, softmax_args.softcap_pre_scale
         v_scale = None
-        if const_expr(self.fp8):
+        if const_expr(softmax_args.descales is not None):
             head_kv = work.head_idx // (tensors.mQ.shape[2] // tensors.mK.shape[2])
             scale_log2, softcap_pre_scale, v_scale = softmax_args.descaled(
                 work.batch_idx, head_kv, n_max > n_min
@@ -661,6 +718,8 @@ class HopperFmhaForward:
                 tScS,
                 t0ScS,
                 sV,
+                sK,
+                converted,
             )
             v_rows = None
             if const_expr(self.kv_layout == "varlen"):
@@ -678,7 +737,7 @@ class HopperFmhaForward:
         if const_expr(softmax_args.sinks is not None):
             sinks = softmax_args.row_sinks(tScS, m_block * self.tile_m, work.head_idx)
         inv_sum = softmax.finalize(sinks)
-        if const_expr(self.fp8):
+        if const_expr(softmax_args.descales is not None):
             inv_sum.store(inv_sum.load() * v_scale)
         OnlineSoftmax.rescale(acc_O, inv_sum)
         self.store_tile(work, tensors, sQ, q_state.index, acc_O, softmax.row_sum, tScS,

@@ -49,19 +49,26 @@ def smem_bytes(config: FmhaFwdConfig) -> int:
     """Shared memory one CTA needs: `SharedStorage` of `hopper/fmha_fwd.py`, byte for byte.
 
     Its fields in order: the Q, K and V barriers; the Q stages (reused for O, except by
-    FP8 kernels, which store O from registers), K stages and V stages, each 1024-B
-    aligned (the 128-B swizzle's atom); the scheduler's barriers and work tiles (always
-    allocated). The struct's size is a multiple of its 1024-B alignment.
+    FP8 kernels, which store O from registers), K stages and V stages (as stored: FP8
+    caches' bytes), then, with a converted cache, one K and one V tile in Q's type, each
+    1024-B aligned (the 128-B swizzle's atom); the scheduler's barriers and work tiles
+    (always allocated). The struct's size is a multiple of its 1024-B alignment.
     tests/test_kernels_compile.py checks this against the compiled struct.
     """
-    qk_bytes = ELEMENT_BYTES.get(config.dtypes.qk, 2)
-    v_bytes = ELEMENT_BYTES.get(config.dtypes.v, 2)
+    dtypes = config.dtypes
+    qk_bytes = ELEMENT_BYTES.get(dtypes.qk, 2)
+    v_bytes = ELEMENT_BYTES.get(dtypes.v, 2)
+    k_stored = v_stored = ELEMENT_BYTES.get(dtypes.cache or "", 0)
     barriers = (2 * q_stages(config) + 4 * config.num_stages) * BARRIER_BYTES
     q = q_stages(config) * config.tile_m * config.head_dim * qk_bytes
-    k = config.num_stages * config.tile_n * config.head_dim * qk_bytes
-    v = config.num_stages * config.tile_n * config.value_head_dim * v_bytes
+    k = config.num_stages * config.tile_n * config.head_dim * (k_stored or qk_bytes)
+    v = config.num_stages * config.tile_n * config.value_head_dim * (v_stored or v_bytes)
+    tiles = [q, k, v]
+    if dtypes.converts_kv:  # the converted K and V tiles the GEMMs read
+        tiles += [config.tile_n * config.head_dim * qk_bytes]
+        tiles += [config.tile_n * config.value_head_dim * v_bytes]
     offset = barriers
-    for tile in (q, k, v):
+    for tile in tiles:
         offset = _align(offset) + tile
     scheduler = SCHED_STAGES * (2 * BARRIER_BYTES + 4 * SCHED_WORDS)
     return _align(offset + scheduler)
@@ -98,6 +105,41 @@ def fp8_reasons(config: FmhaFwdConfig) -> list[str]:
     return reasons
 
 
+def fp8_cache_reasons(config: FmhaFwdConfig) -> list[str]:
+    """Why the FP8-cache variant cannot serve `config` (K and V stored in FP8, converted
+    to Q's 16-bit type in shared memory by the one MMA warpgroup), beyond the common rules.
+
+    It takes Q, K, V (as converted) and O of one 16-bit type with float32 accumulators,
+    the cache in float8_e4m3fn; head_dim in `FP8_HEAD_DIMS` (V's the same); a 'cache' or
+    'paged' layout; tile_m 64 (one MMA warpgroup converts and computes).
+    """
+    reasons = []
+    dtypes = config.dtypes
+    if (
+        dtypes.cache != FP8_DTYPE
+        or not dtypes.is_uniform
+        or dtypes.qk not in SUPPORTED_DTYPES
+        or dtypes.acc != "float32"
+    ):
+        reasons.append(
+            f"dtypes={dtypes.name!r}: FP8-cache kernels take Q, O in one of "
+            f"{', '.join(SUPPORTED_DTYPES)} with K and V stored in {FP8_DTYPE}"
+        )
+    if config.head_dim not in FP8_HEAD_DIMS or config.value_head_dim != config.head_dim:
+        dims = ", ".join(str(d) for d in FP8_HEAD_DIMS)
+        reasons.append(
+            f"head_dim={config.head_dim}, head_dim_v={config.value_head_dim}: FP8-cache "
+            f"kernels serve head_dim in ({dims}) with head_dim_v equal"
+        )
+    if config.kv_layout not in ("cache", "paged") or config.tile_m != ROWS_PER_MMA_WARPGROUP:
+        reasons.append(
+            f"FP8-cache kernels serve 'cache' and 'paged' layouts with tile_m="
+            f"{ROWS_PER_MMA_WARPGROUP} (got kv_layout={config.kv_layout!r}, "
+            f"tile_m={config.tile_m})"
+        )
+    return reasons
+
+
 def can_implement(config: FmhaFwdConfig) -> list[str]:
     """Reasons the sm90 kernel cannot serve `config` (empty when it can)."""
     reasons = []
@@ -106,14 +148,16 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
     dtypes = config.dtypes
     if dtypes.is_fp8:
         reasons.extend(fp8_reasons(config))
-    elif not config.pv_two_level:
-        reasons.append("pv_two_level=False applies to FP8 kernels only")
+    elif dtypes.converts_kv:
+        reasons.extend(fp8_cache_reasons(config))
     elif not dtypes.is_uniform or dtypes.qk not in SUPPORTED_DTYPES or dtypes.acc != "float32":
         reasons.append(
             f"dtypes={dtypes.name!r} are not supported: Q, K, V and O of one type "
             f"(supported: {', '.join(SUPPORTED_DTYPES)}) with float32 accumulators, or "
             f"Q, K, V in {FP8_DTYPE} with O in one of them"
         )
+    if not config.pv_two_level and not dtypes.is_fp8:
+        reasons.append("pv_two_level=False applies to FP8 kernels only")
     if config.head_dim % 16 != 0 or not 16 <= config.head_dim <= 256:
         reasons.append(f"head_dim={config.head_dim} must be a multiple of 16 in [16, 256]")
     dv = config.value_head_dim

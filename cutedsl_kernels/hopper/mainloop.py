@@ -23,6 +23,13 @@ zeroed accumulator of its own, then added to O in float32 (two-level accumulatio
 FP8 tensor cores keep fewer bits than float32 when they add into an accumulator, so O
 over many key tiles would drift).
 
+FP8 caches (`converts_kv`, one MMA warpgroup): K and V arrive in their stages as stored
+(E4M3) and the warpgroup converts each tile into one K and one V tile of Q's type before
+the GEMM that reads it (`convert.convert_tile`; V's rows past the data become zeros,
+which is `zero_v_tail`'s job otherwise), then releases the stage at once. The GEMMs read
+the converted tiles, whose previous readers have completed by then (every schedule waits
+for a tile's GEMMs before it converts the next).
+
 With `zero_v_tail` (caches, whose slots past the used length may hold anything, NaN
 included; packed keys, whose rows past the last sequence may be padding), each warpgroup
 zeroes the V rows past the data in the first (top) tile before its PV GEMM: a masked key
@@ -47,7 +54,7 @@ from cutedsl_kernels.common.block_ranges import (
 from cutedsl_kernels.common.named_barriers import NamedBarrier
 from cutedsl_kernels.common.seqlen import SeqInfo
 from cutedsl_kernels.config import MaskSpec
-from cutedsl_kernels.hopper.convert import convert_p_fp8, convert_pairs
+from cutedsl_kernels.hopper.convert import convert_p_fp8, convert_pairs, convert_tile
 from cutedsl_kernels.hopper.fragments import acc_as_operand_a
 from cutedsl_kernels.hopper.limits import THREADS_PER_WARPGROUP
 from cutedsl_kernels.hopper.softmax import OnlineSoftmax, apply_mask, apply_softcap
@@ -110,6 +117,8 @@ class MainloopSettings:
             (`FmhaFwdConfig.single_query`): masks place every row at the tile's first.
         fp8: P in E4M3 (see the module docstring).
         two_level: (fp8) two-level accumulation of O (see the module docstring).
+        converts_kv: K and V stages hold an FP8 cache's bytes, converted by this
+            warpgroup (see the module docstring).
     """
 
     tile_m: int
@@ -123,6 +132,7 @@ class MainloopSettings:
     rows_share_position: bool = False
     fp8: bool = False
     two_level: bool = False
+    converts_kv: bool = False
 
 
 @dataclass
@@ -138,6 +148,8 @@ class MmaOperands:
         tScS, t0ScS: this thread's and thread 0's partitions of the score tile's
             coordinates (for the mask).
         sV: the V stages (`zero_v_tail` writes into them).
+        converted: (`converts_kv`) the (K, V) tiles of Q's type the GEMMs read, each with
+            one stage; None otherwise.
     """
 
     tiled_mma_qk: cute.TiledMma
@@ -149,6 +161,8 @@ class MmaOperands:
     tScS: cute.Tensor
     t0ScS: cute.Tensor
     sV: cute.Tensor
+    sK: cute.Tensor | None = None
+    converted: tuple | None = None
 
 
 class Sm90Mainloop:
@@ -278,9 +292,61 @@ class Sm90Mainloop:
         )
 
     @cute.jit
+    def k_operand(self, kv_state: pipeline.PipelineState):
+        """Wait for K's stage; return the stage of tSrK the QK GEMM reads (`converts_kv`:
+        the stage is converted into the K tile and released, and that tile's stage 0)."""
+        self.pipeline_k.consumer_wait(kv_state)
+        stage = kv_state.index
+        if const_expr(self.settings.converts_kv):
+            sK_mma = self.operands.converted[0]
+            self.convert_stage(self.operands.sK[None, None, stage], sK_mma[None, None, 0], None)
+            self.pipeline_k.consumer_release(kv_state)
+            stage = Int32(0)
+        return stage
+
+    @cute.jit
+    def release_k(self, kv_state: pipeline.PipelineState):
+        """Release K's stage after the QK GEMM (`converts_kv`: released at conversion)."""
+        if const_expr(not self.settings.converts_kv):
+            self.pipeline_k.consumer_release(kv_state)
+
+    @cute.jit
+    def v_operand(self, v_state: pipeline.PipelineState, n_block: Int32):
+        """Wait for V's stage (key tile `n_block`); return the stage of tOrVt the PV GEMM
+        reads (`converts_kv`: converted, rows past `v_rows` zeroed, released: stage 0)."""
+        self.pipeline_v.consumer_wait(v_state)
+        stage = v_state.index
+        if const_expr(self.settings.converts_kv):
+            sV_mma = self.operands.converted[1]
+            valid = self.v_rows - n_block * self.tile_n
+            self.convert_stage(self.operands.sV[None, None, stage], sV_mma[None, None, 0], valid)
+            self.pipeline_v.consumer_release(v_state)
+            stage = Int32(0)
+        return stage
+
+    @cute.jit
+    def release_v(self, v_state: pipeline.PipelineState):
+        """Release V's stage after the PV GEMM (`converts_kv`: released at conversion)."""
+        if const_expr(not self.settings.converts_kv):
+            self.pipeline_v.consumer_release(v_state)
+
+    @cute.jit
+    def convert_stage(self, src: cute.Tensor, dst: cute.Tensor, valid_rows: Int32 | None):
+        """This warpgroup converts one stored tile into the GEMMs' tile, then makes its
+        stores visible to wgmma and waits for all of its threads."""
+        lane = cute.arch.thread_idx()[0] % THREADS_PER_WARPGROUP
+        convert_tile(src, dst, lane, THREADS_PER_WARPGROUP, valid_rows)
+        cute.arch.fence_view_async_shared()  # generic stores -> wgmma (async proxy)
+        cute.arch.barrier(
+            barrier_id=int(NamedBarrier.WG1_V_TAIL) + self.wg_idx,
+            number_of_threads=THREADS_PER_WARPGROUP,
+        )
+
+    @cute.jit
     def zero_v_tail(self, kv_state: pipeline.PipelineState, n_block: Int32):
         """Zero V rows >= `v_rows` of tile `n_block` (this warpgroup's view, then fence)."""
-        if const_expr(self.settings.zero_v_tail):
+        # (Converting kernels zero them as they convert: `v_operand`.)
+        if const_expr(self.settings.zero_v_tail and not self.settings.converts_kv):
             sV = self.operands.sV[None, None, kv_state.index]
             valid = self.v_rows - n_block * self.tile_n
             if valid < self.tile_n:
@@ -307,17 +373,17 @@ class Sm90Mainloop:
         is_first: cutlass.Constexpr[bool],
         masked: cutlass.Constexpr[bool],
     ) -> pipeline.PipelineState:
-        self.pipeline_k.consumer_wait(kv_state)
+        k_stage = self.k_operand(kv_state)
         acc_S = self.new_scores()
         wgmma(
             self.tiled_mma_qk,
             acc_S,
             self.tSrQ,
-            self.tSrK[None, None, None, kv_state.index],
+            self.tSrK[None, None, None, k_stage],
             True,
             0,
         )
-        self.pipeline_k.consumer_release(kv_state)
+        self.release_k(kv_state)
         self.softcap_scores(acc_S)
         if const_expr(masked):
             self.mask_scores(acc_S, n_block)
@@ -327,9 +393,9 @@ class Sm90Mainloop:
         self.probabilities_to_operand(acc_S)
         if const_expr(is_first):
             self.zero_v_tail(kv_state, n_block)
-        self.pipeline_v.consumer_wait(kv_state)
-        self.pv_gemm(kv_state.index, 0)
-        self.pipeline_v.consumer_release(kv_state)
+        v_stage = self.v_operand(kv_state, n_block)
+        self.pv_gemm(v_stage, 0)
+        self.release_v(kv_state)
         self.add_pv()
         kv_state.advance()
         return kv_state
@@ -338,17 +404,17 @@ class Sm90Mainloop:
     @cute.jit
     def first_block(self, kv_state: pipeline.PipelineState, n_block: Int32):
         """S = Q K^T of the first visited tile, softmax, P; its PV comes with the next step."""
-        self.pipeline_k.consumer_wait(kv_state)
+        k_stage = self.k_operand(kv_state)
         acc_S = self.new_scores()
         wgmma(
             self.tiled_mma_qk,
             acc_S,
             self.tSrQ,
-            self.tSrK[None, None, None, kv_state.index],
+            self.tSrK[None, None, None, k_stage],
             True,
             0,
         )
-        self.pipeline_k.consumer_release(kv_state)
+        self.release_k(kv_state)
         self.softcap_scores(acc_S)
         self.mask_scores(acc_S, n_block)
         self.softmax.update(acc_S, True)
@@ -365,39 +431,39 @@ class Sm90Mainloop:
         """QK^T of tile `n_block` overlapped with PV of the tile visited before it."""
         v_state = kv_state.clone()
         kv_state.advance()
-        self.pipeline_k.consumer_wait(kv_state)
+        k_stage = self.k_operand(kv_state)
         acc_S = self.new_scores()
         self.wait_turn()
         wgmma(
             self.tiled_mma_qk,
             acc_S,
             self.tSrQ,
-            self.tSrK[None, None, None, kv_state.index],
+            self.tSrK[None, None, None, k_stage],
             True,
             -1,
         )
-        self.pipeline_v.consumer_wait(v_state)
-        self.pv_gemm(v_state.index, -1)
+        v_stage = self.v_operand(v_state, n_block + 1)
+        self.pv_gemm(v_stage, -1)
         self.pass_turn()
         warpgroup.wait_group(1)  # S is ready; PV may still run
-        self.pipeline_k.consumer_release(kv_state)
+        self.release_k(kv_state)
         self.softcap_scores(acc_S)
         if const_expr(masked):
             self.mask_scores(acc_S, n_block)
         row_scale = self.softmax.update(acc_S, False)
         warpgroup.wait_group(0)
-        self.pipeline_v.consumer_release(v_state)
+        self.release_v(v_state)
         self.add_pv()
         OnlineSoftmax.rescale(self.acc_O, row_scale)
         self.probabilities_to_operand(acc_S)
         return kv_state
 
     @cute.jit
-    def last_pv(self, kv_state: pipeline.PipelineState):
-        """O += P V for the last visited tile."""
-        self.pipeline_v.consumer_wait(kv_state)
-        self.pv_gemm(kv_state.index, 0)
-        self.pipeline_v.consumer_release(kv_state)
+    def last_pv(self, kv_state: pipeline.PipelineState, n_block: Int32):
+        """O += P V for the last visited tile, `n_block`."""
+        v_stage = self.v_operand(kv_state, n_block)
+        self.pv_gemm(v_stage, 0)
+        self.release_v(kv_state)
         self.add_pv()
 
     # ------------------------------------------------------------ whole loop
@@ -479,6 +545,6 @@ class Sm90Mainloop:
         else:
             kv_state = self.steps(kv_state, n_top, n_min, False)
         if const_expr(overlap):
-            self.last_pv(kv_state)
+            self.last_pv(kv_state, n_min)
             kv_state.advance()
         return kv_state

@@ -78,8 +78,8 @@ class SoftmaxArgs:
         softcap_pre_scale: (`MaskSpec.softcap`) softmax_scale / softcap, else None.
         sinks: (`MaskSpec.sinks`, not split-KV) float32 (rows, heads) sink logits (see
             `abi`), else None.
-        descales: (FP8 kernels) the float32 (batch, num_kv_heads) factors of Q, K and V
-            (see `abi`), else None.
+        descales: (FP8 kernels and FP8 caches) the float32 (batch, num_kv_heads) factors
+            of Q (None for caches: 16-bit queries), K and V (see `abi`), else None.
     """
 
     def __init__(
@@ -94,14 +94,16 @@ class SoftmaxArgs:
 
     @cute.jit
     def descaled(self, batch: Int32, head_kv: Int32, has_keys) -> tuple:
-        """(scale_log2, softcap_pre_scale, v_scale) of one FP8 work tile: Q's and K's
-        factors of (batch, head_kv) multiply the scores' scale (inside the tanh with a
-        softcap), V's multiplies O. A tile without keys (`has_keys` false; its batch
-        index may be past the factors' rows) reads none."""
+        """(scale_log2, softcap_pre_scale, v_scale) of one work tile with FP8 inputs or
+        cache: Q's (if any) and K's factors of (batch, head_kv) multiply the scores'
+        scale (inside the tanh with a softcap), V's multiplies O. A tile without keys
+        (`has_keys` false; its batch index may be past the factors' rows) reads none."""
         q_descale, k_descale, v_descale = self.descales
         qk_scale, v_scale = Float32(1.0), Float32(1.0)
         if has_keys:
-            qk_scale = q_descale[batch, head_kv] * k_descale[batch, head_kv]
+            qk_scale = k_descale[batch, head_kv]
+            if const_expr(q_descale is not None):  # (FP8 caches: 16-bit queries)
+                qk_scale = q_descale[batch, head_kv] * qk_scale
             v_scale = v_descale[batch, head_kv]
         scale_log2, pre_scale = self.scale_log2, self.softcap_pre_scale
         if const_expr(pre_scale is not None):

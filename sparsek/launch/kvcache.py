@@ -16,6 +16,10 @@ How a request maps onto one kernel launch (plus the split-KV combine):
 - split-KV: when the (batch x heads x query tiles) CTAs cannot fill the GPU, the cache's
   key tiles are split across `num_splits` CTAs (chosen from the cache capacity, never from
   device values) and merged by the combine kernel.
+- an FP8 cache (float8_e4m3fn under 16-bit queries) runs decode on the kernels that
+  convert its tiles in shared memory (one MMA warpgroup, split or not; no two-CTA tiles),
+  with the cache's (batch, num_kv_heads) descales; other requests over it have no
+  kernel (the plan says why; the callers dequantize the cache).
 - masks (`sparsek.masks.Mask`) keep the routes above. A windowed decode takes the
   `single_query` kernels for batched queries too (their masks place every row, a head, at
   the sequence's last token), so each CTA reads only its window's key tiles, once per KV
@@ -136,6 +140,7 @@ def kvcache_plan(
         q.stride(),
         q.dtype,
         q.get_device(),
+        k_cache.dtype,
         k_cache.shape,
         k_cache.stride(),
         v_cache.shape,
@@ -173,9 +178,11 @@ def attention_with_kvcache(
     num_splits: int,
     plan: KvcachePlan | None = None,
     sinks: Tensor | None = None,
+    descales: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run a request a kernel serves (`plan`: its `kvcache_plan`, looked up when None);
-    `sinks`: the (num_heads,) sink logits of a mask with sinks."""
+    `sinks`: the (num_heads,) sink logits of a mask with sinks; `descales`: an FP8
+    cache's (k_descale, v_descale), (batch, num_kv_heads) float32."""
     meta = (cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q, mask)
     if plan is None:
         found = kvcache_plan(q, k_cache, v_cache, *meta, num_splits)
@@ -194,7 +201,7 @@ def attention_with_kvcache(
         found = kvcache_plan(q, k_cache, v_cache, *meta, num_splits)
         assert not isinstance(found, str) and found.readable, found
         return attention_with_kvcache(
-            q, k_cache, v_cache, *meta, softmax_scale, num_splits, found, sinks
+            q, k_cache, v_cache, *meta, softmax_scale, num_splits, found, sinks, descales
         )
     kernel = plan.kernel
     assert kernel is not None
@@ -210,6 +217,7 @@ def attention_with_kvcache(
     table = block_table.contiguous() if block_table is not None else None
     seqused_k = cache_seqlens.contiguous()
     kmask = plan.mask
+    k_descale, v_descale = (None, None) if descales is None else descales
     if sinks is not None:  # one logit per kernel (row, head), for the kernel or the combine
         sinks = sinks.contiguous()
         sinks = sinks.view(1, -1) if plan.sinks_view is None else plan.sinks_view.of(sinks)
@@ -218,6 +226,7 @@ def attention_with_kvcache(
             call_fmha_fwd(
                 kernel.fn, q_k, k_cache, v_cache, out_k, lse_k,
                 cu_seqlens_q=cu_q, seqused_k=seqused_k, page_table=table, sinks=sinks,
+                k_descale=k_descale, v_descale=v_descale,
                 softmax_scale=float(softmax_scale), max_seqlen_q=plan.rows, num_ctas=0,
                 window_left=kmask.window_left, window_right=kmask.window_right,
                 softcap=kmask.softcap,
@@ -230,6 +239,7 @@ def attention_with_kvcache(
             call_fmha_fwd(
                 kernel.fn, q_k, k_cache, v_cache, o_part, lse_part,
                 cu_seqlens_q=cu_q, seqused_k=seqused_k, page_table=table,
+                k_descale=k_descale, v_descale=v_descale,
                 softmax_scale=float(softmax_scale), max_seqlen_q=plan.rows,
                 num_splits=plan.splits, num_ctas=0, window_left=kmask.window_left,
                 window_right=kmask.window_right, softcap=kmask.softcap,
@@ -311,7 +321,9 @@ def _build_plan(
         rows, kernel_heads = seqlen_q, num_heads
 
     ctas = math.ceil(rows / config.tile_m) * kernel_heads * batch
-    if decode and num_splits <= 1 and ctas >= launcher.num_sms(q.device.index):
+    converts = k_cache.dtype != q.dtype  # an FP8 cache: its kernels have no 2-CTA tiles
+    cache_dtype = k_cache.dtype if converts else None
+    if decode and num_splits <= 1 and ctas >= launcher.num_sms(q.device.index) and not converts:
         # A tile per SM or more without splitting: the two-CTAs-per-SM decode tiles, which
         # have no split-KV variant (their CTAs fill under half of the CTA slots, where the
         # wave heuristic would split a long cache).
@@ -329,8 +341,9 @@ def _build_plan(
         spec = dataclasses.replace(spec, sinks=False)  # partials leave sinks to the combine
         combine = launcher.combine_kernel(q.device, head_dim_v, q.dtype, mask.sinks)
     kernel = launcher.forward_kernel(
-        q.device, head_dim, q.dtype, spec, layout, workload, head_dim_v=head_dim_v
-    )
+        q.device, head_dim, q.dtype, spec, layout, workload, head_dim_v=head_dim_v,
+        cache_dtype=cache_dtype,
+    )  # fmt: skip
     return KvcachePlan(
         "launch", out_shape, lse_shape,
         packed_rows=packed and not decode, q_view=q_view, out_view=out_view, lse_view=lse_view,

@@ -49,7 +49,15 @@ class ForwardKernel:
 
 
 ForwardKey = tuple[
-    int | None, int, torch.dtype, MaskSpec, Layout, Workload, int | None, torch.dtype | None
+    int | None,
+    int,
+    torch.dtype,
+    MaskSpec,
+    Layout,
+    Workload,
+    int | None,
+    torch.dtype | None,
+    torch.dtype | None,
 ]
 _FORWARD: dict[ForwardKey, ForwardKernel] = {}
 # (device index, head_dim, dtype) -> loaded combine / paged KV-cache update kernel.
@@ -68,22 +76,26 @@ def forward_kernel(
     workload: Workload = Workload.DEFAULT,
     head_dim_v: int | None = None,
     out_dtype: torch.dtype | None = None,
+    cache_dtype: torch.dtype | None = None,
 ) -> ForwardKernel:
     """The loaded forward kernel serving a request on `device` (compiled or loaded from
     the disk cache on first use); `head_dim_v`: V's and O's head dim (None: head_dim);
-    `out_dtype`: O's dtype (FP8 requests only).
+    `out_dtype`: O's dtype (FP8 requests only); `cache_dtype`: K's and V's as stored
+    (FP8 caches under 16-bit queries only).
 
     Raises:
         UnsupportedError: no CUDA device, or no registered kernel fits (reasons attached).
     """
     head_dim_v = None if head_dim_v == head_dim else head_dim_v
-    key = (device.index, head_dim, dtype, mask, layout, workload, head_dim_v, out_dtype)
+    key = (
+        device.index, head_dim, dtype, mask, layout, workload, head_dim_v, out_dtype, cache_dtype
+    )  # fmt: skip
     kernel = _FORWARD.get(key)
     if kernel is None:
         config = device_config(
             device,
             lambda arch: lookup(
-                arch, head_dim, dtype, mask, layout, workload, head_dim_v, out_dtype
+                arch, head_dim, dtype, mask, layout, workload, head_dim_v, out_dtype, cache_dtype
             ),
         )
         assert isinstance(config, FmhaFwdConfig)
@@ -132,8 +144,9 @@ def kernel_config(
 ) -> FmhaFwdConfig | str:
     """The kernel config serving a request on q's device, or why there is none (memoized
     per device: architecture detection and the registry are too slow to repeat per call).
-    `out_dtype`: O's dtype (FP8 requests only)."""
-    key = (q.device, q.shape[-1], v.shape[-1], q.dtype, mask, layout, workload, out_dtype)
+    `out_dtype`: O's dtype (FP8 requests only). A `v` of another dtype than q's (an FP8
+    cache under 16-bit queries) asks for the kernels that convert it."""
+    key = (q.device, q.shape[-1], v.shape[-1], q.dtype, v.dtype, mask, layout, workload, out_dtype)
     found = _CONFIGS.get(key)
     if found is None:
         config = _kernel_config(q, v, mask, layout, workload, out_dtype)
@@ -160,7 +173,9 @@ def _kernel_config(
         return "no CUDA device detected"
     head_dim, head_dim_v = int(q.shape[-1]), int(v.shape[-1])
     out = None if out_dtype is None else dtype_name(out_dtype)
-    found = find(arch, head_dim, dtype_name(q.dtype), mask, layout, workload, head_dim_v, out)
+    cache = None if v.dtype == q.dtype else dtype_name(v.dtype)
+    request = (arch, head_dim, dtype_name(q.dtype), mask, layout, workload, head_dim_v)
+    found = find(*request, out, cache)
     return found if isinstance(found, FmhaFwdConfig) else "; ".join(found)
 
 
