@@ -3,6 +3,7 @@
     python perf/lab/ab_fp8.py                  # d128 and d64 rows below
     python perf/lab/ab_fp8.py --head-dim 128 --seqlen 16384
     python perf/lab/ab_fp8.py --single-level   # also: O accumulated in the tensor cores
+    python perf/lab/ab_fp8.py --decode         # paged decode: FP8 cache against bf16
 
 For each row (B * S = 16k, H = 2048 / D, causal and not; S = 16k is the FP8 issue's
 target row), times `sparsek.attention` with FP8 inputs (descales, bf16 output) and with
@@ -15,6 +16,12 @@ Outputs: sparsek's FP8 output against the float32 attention of the dequantized i
 With --single-level, the FP8 kernels without two-level accumulation (`pv_two_level=False`
 through `tuning.override`) are timed too: the cost of the float32 adds.
 Prints a markdown table; TFLOP/s count 4 * B * H * D * (visible pairs).
+
+With --decode: paged decode (one bf16 query per sequence, H32 over Hkv8, d128, 16-row
+pages) over an FP8 cache against the same values in a bf16 cache, B x context from 1 x 8k
+to 32 x 32k, in one process: us per call, the cache bytes read per second against the
+device's copy bandwidth (`perf.timing.copy_bandwidth_gbps`), and the FP8 output's max
+error against the bf16 cache's output.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 import sparsek  # noqa: E402
-from perf.timing import time_kernel  # noqa: E402
+from perf.timing import copy_bandwidth_gbps, time_kernel  # noqa: E402
 from sparsek import tuning  # noqa: E402
 from sparsek.fp8 import dequantize  # noqa: E402
 from sparsek.launch.fp8 import key_major  # noqa: E402
@@ -128,13 +135,63 @@ def row(head_dim: int, seqlen: int, causal: bool, single_level: bool) -> str:
     )
 
 
+DECODE_HEADER = (
+    "| B | context | FP8 us | bf16 us | bf16 / FP8 | FP8 GB/s | bf16 GB/s | copy GB/s "
+    "| FP8 bw frac | max diff |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def decode_row(batch: int, context: int, copy_gbps: float) -> str:
+    device = torch.device("cuda")
+    heads, kv_heads, dim, page = 32, 8, 128, 16
+    gen = torch.Generator(device=device).manual_seed(batch * context)
+    blocks = batch * context // page
+    k16, v16 = (
+        torch.randn(blocks, page, kv_heads, dim, device=device, generator=gen).to(torch.bfloat16)
+        for _ in range(2)
+    )
+    scale = torch.full((1, 1), 0.5, device=device).expand(batch, kv_heads)
+    k8, v8 = ((t.float() / 0.5).to(torch.float8_e4m3fn) for t in (k16, v16))
+    k16, v16 = ((t.float() * 0.5).to(torch.bfloat16) for t in (k8, v8))  # the same values
+    table = torch.randperm(blocks, device=device, generator=gen).view(batch, -1).int()
+    seqlens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q = torch.randn(batch, 1, heads, dim, device=device, dtype=torch.bfloat16, generator=gen)
+
+    def fp8() -> Tensor:
+        out = sparsek.attention_with_kvcache(q, k8, v8, seqlens, table, k_descale=scale,
+                                             v_descale=scale)  # fmt: skip
+        return cast(Tensor, out)
+
+    def bf16() -> Tensor:
+        return cast(Tensor, sparsek.attention_with_kvcache(q, k16, v16, seqlens, table))
+
+    us_fp8 = time_kernel(fp8, device) * 1e3
+    us_bf16 = time_kernel(bf16, device) * 1e3
+    values = 2 * batch * context * kv_heads * dim
+    gbps_fp8, gbps_bf16 = values / us_fp8 / 1e3, 2 * values / us_bf16 / 1e3
+    diff = (fp8().float() - bf16().float()).abs().max().item()
+    return (
+        f"| {batch} | {context} | {us_fp8:.1f} | {us_bf16:.1f} | {us_bf16 / us_fp8:.2f} "
+        f"| {gbps_fp8:.0f} | {gbps_bf16:.0f} | {copy_gbps:.0f} | {gbps_fp8 / copy_gbps:.2f} "
+        f"| {diff:.3g} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--seqlen", type=int, nargs="*", default=[1024, 4096, 16384])
     parser.add_argument("--causal", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--single-level", action="store_true")
+    parser.add_argument("--decode", action="store_true")
     args = parser.parse_args()
+    if args.decode:
+        copy_gbps = copy_bandwidth_gbps(torch.device("cuda"), 1 << 30)
+        print(DECODE_HEADER)
+        for batch, context in ((1, 8192), (8, 8192), (8, 32768), (32, 8192), (32, 32768)):
+            print(decode_row(batch, context, copy_gbps), flush=True)
+        return
     print(HEADER)
     for head_dim in args.head_dim:
         for seqlen in args.seqlen:
