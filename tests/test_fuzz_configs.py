@@ -285,9 +285,12 @@ def test_pool_holds_every_kernel_the_plans_launch(
         fallbacks.append(index[0])
 
     def forward_kernel(
-        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None
-    ):
-        config = registry.lookup(arch, head_dim, dtype, mask, layout, workload, head_dim_v)
+        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None,
+        cache_dtype=None,
+    ):  # fmt: skip
+        config = registry.lookup(
+            arch, head_dim, dtype, mask, layout, workload, head_dim_v, cache_dtype=cache_dtype
+        )
         launched.setdefault(config, index[0])
         return launcher.ForwardKernel(lambda *args: None, config)
 

@@ -247,8 +247,9 @@ def fake_loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
     loads = Loads()
 
     def forward_kernel(
-        device, head_dim, dtype, mask, layout, workload=Workload.DEFAULT, head_dim_v=None
-    ):
+        device, head_dim, dtype, mask, layout, workload=Workload.DEFAULT, head_dim_v=None,
+        cache_dtype=None,
+    ):  # fmt: skip
         loads.append(("forward", mask, layout, workload))
         return SimpleNamespace(fn=None, config=None)
 

@@ -59,9 +59,12 @@ def forward_kernels(monkeypatch: pytest.MonkeyPatch) -> list[Request]:
     forward_kernel = launcher.forward_kernel
 
     def recording(
-        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None
-    ):
-        kernel = forward_kernel(device, head_dim, dtype, mask, layout, workload, head_dim_v)
+        device, head_dim, dtype, mask, layout=DENSE, workload=Workload.DEFAULT, head_dim_v=None,
+        out_dtype=None, cache_dtype=None,
+    ):  # fmt: skip
+        kernel = forward_kernel(
+            device, head_dim, dtype, mask, layout, workload, head_dim_v, out_dtype, cache_dtype
+        )
         asked.append((mask, layout, workload, kernel))
         return kernel
 
