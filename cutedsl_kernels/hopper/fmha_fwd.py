@@ -93,7 +93,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 
 from cutedsl_kernels.abi import FmhaFwdArgs
 from cutedsl_kernels.common.block_ranges import Window
-from cutedsl_kernels.common.dsl_compat import LayoutEnum, OperandMajorMode, SmemAllocator
+from cutedsl_kernels.common.dsl_compat import OperandMajorMode, SmemAllocator
 from cutedsl_kernels.common.dtypes import dsl_type
 from cutedsl_kernels.common.seqlen import query_position
 from cutedsl_kernels.common.tile_scheduler import SchedulerParams, TileScheduler, WorkTile
@@ -113,6 +113,7 @@ from cutedsl_kernels.hopper.mainloop import (
     start_turns,
 )
 from cutedsl_kernels.hopper.producer import Sm90Producer
+from cutedsl_kernels.hopper.shared_storage import shared_storage, tile_layout
 from cutedsl_kernels.hopper.softmax import FP8_MAX_OFFSET, OnlineSoftmax, SoftmaxArgs
 from cutedsl_kernels.hopper.tensors import FwdTensors
 
@@ -356,34 +357,14 @@ class HopperFmhaForward:
         tx_bytes_kv = cute.size_in_bytes(k_type, cute.select(sK_layout, mode=[0, 1]))
         tx_bytes_v = cute.size_in_bytes(v_type, cute.select(sV_layout, mode=[0, 1]))
 
-        @cute.struct
-        class SharedStorage:
-            mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
-            mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
-            mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
-            sQ: cute.struct.Align[cute.struct.MemRange[self.qk_dtype, cute.cosize(sQ_layout)], 1024]
-            sK: cute.struct.Align[cute.struct.MemRange[k_type, cute.cosize(sK_layout)], 1024]
-            sV: cute.struct.Align[cute.struct.MemRange[v_type, cute.cosize(sV_layout)], 1024]
-            mbar_sched: cute.struct.MemRange[cutlass.Int64, 2 * SCHED_STAGES]
-            sched_tiles: cute.struct.MemRange[Int32, WorkTile.NUM_WORDS * SCHED_STAGES]
-
+        converted_tiles = None
         if const_expr(self.converts_kv):
-            k_mma_size, v_mma_size = cute.cosize(sK_mma_layout), cute.cosize(sV_mma_layout)
-
-            @cute.struct
-            class SharedStorage:  # (the same, with the converted K and V tiles after V's)
-                mbar_q: cute.struct.MemRange[cutlass.Int64, 2 * self.q_stages]
-                mbar_k: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
-                mbar_v: cute.struct.MemRange[cutlass.Int64, 2 * self.num_stages]
-                sQ: cute.struct.Align[
-                    cute.struct.MemRange[self.qk_dtype, cute.cosize(sQ_layout)], 1024
-                ]
-                sK: cute.struct.Align[cute.struct.MemRange[k_type, cute.cosize(sK_layout)], 1024]
-                sV: cute.struct.Align[cute.struct.MemRange[v_type, cute.cosize(sV_layout)], 1024]
-                sK_mma: cute.struct.Align[cute.struct.MemRange[self.qk_dtype, k_mma_size], 1024]
-                sV_mma: cute.struct.Align[cute.struct.MemRange[self.v_dtype, v_mma_size], 1024]
-                mbar_sched: cute.struct.MemRange[cutlass.Int64, 2 * SCHED_STAGES]
-                sched_tiles: cute.struct.MemRange[Int32, WorkTile.NUM_WORDS * SCHED_STAGES]
+            mma_layouts = (sK_mma_layout, sV_mma_layout)
+            converted_tiles = (mma_layouts, self.qk_dtype, self.v_dtype)
+        SharedStorage = shared_storage(
+            (self.qk_dtype, k_type, v_type), (sQ_layout, sK_layout, sV_layout),
+            converted_tiles, self.q_stages, self.num_stages,
+        )  # fmt: skip
 
         scale_log2 = softmax_scale * Float32(math.log2(math.e))
         softcap_pre_scale = None
@@ -446,21 +427,9 @@ class HopperFmhaForward:
         )
 
     def _smem_layout(self, dtype: type, rows: int, stages, rows_outer: bool, cols=None):
-        """Row-major (head dim contiguous) swizzled tile of `cols` columns (None: head_dim;
-        V and O take head_dim_v), optionally with a stage mode.
-
-        Swizzle atoms are stacked down the rows first (`rows_outer=False`) or across
-        the head dim first (`rows_outer=True`, so that any 8-row slab is contiguous).
-        """
+        """`shared_storage.tile_layout` of `cols` columns (None: head_dim)."""
         cols = self.head_dim if cols is None else cols
-        atom = warpgroup.make_smem_layout_atom(
-            sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, dtype, cols),
-            dtype,
-        )
-        order = (1, 0) if rows_outer else (0, 1)
-        if stages is None:
-            return cute.tile_to_shape(atom, (rows, cols), order=order)
-        return cute.tile_to_shape(atom, (rows, cols, stages), order=(*order, 2))
+        return tile_layout(dtype, rows, cols, stages, rows_outer)
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
