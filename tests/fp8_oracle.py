@@ -24,11 +24,9 @@ def dequantized(t: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def oracle(q, k, v, descales, causal, window=(-1, -1), scale=None, softcap=0.0, sinks=None):
-    """float64 attention of the dequantized inputs: out (b, sq, h, dv), lse (b, h, sq).
-
-    softcap > 0: scores s become softcap * tanh(s / softcap); sinks: (h,) logits that join
-    the denominator (and the LSE) of every row that sees a key (`sparsek.masks`)."""
+def masked_scores(q, k, v, descales, causal, window=(-1, -1), scale=None, softcap=0.0):
+    """float64 scores (b, h, sq, sk) of the dequantized inputs, softcapped and masked
+    (-inf), the values (b, sk, h, dv) repeated per query head, and the (sq, sk) mask."""
     qf, kf, vf = (dequantized(t, d) for t, d in zip((q, k, v), descales, strict=True))
     group = q.shape[2] // k.shape[2]
     kf, vf = kf.repeat_interleave(group, dim=2), vf.repeat_interleave(group, dim=2)
@@ -46,7 +44,15 @@ def oracle(q, k, v, descales, causal, window=(-1, -1), scale=None, softcap=0.0, 
         seen &= j <= i + right
     if left >= 0:
         seen &= j >= i - left
-    scores = scores.masked_fill(~seen, -math.inf)
+    return scores.masked_fill(~seen, -math.inf), vf, seen
+
+
+def oracle(q, k, v, descales, causal, window=(-1, -1), scale=None, softcap=0.0, sinks=None):
+    """float64 attention of the dequantized inputs: out (b, sq, h, dv), lse (b, h, sq).
+
+    softcap > 0: scores s become softcap * tanh(s / softcap); sinks: (h,) logits that join
+    the denominator (and the LSE) of every row that sees a key (`sparsek.masks`)."""
+    scores, vf, _ = masked_scores(q, k, v, descales, causal, window, scale, softcap)
     lse = torch.logsumexp(scores, dim=-1)
     if sinks is not None:
         with_sink = torch.logaddexp(lse, sinks.double().view(1, -1, 1).expand_as(lse))

@@ -20,11 +20,10 @@ on the 16-bit kernels), checked once against the same reference.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
-from fp8_oracle import FP8, oracle
+from fp8_oracle import FP8, masked_scores, oracle
 
 import sparsek
 from sparsek import api, tuning
@@ -53,23 +52,8 @@ def dequantized(t, descale):
 
 def peer(q, k, v, descales, causal, window, softcap, sinks):
     """The reference with P rounded the FP8 kernels' way (see the module docstring)."""
-    qf, kf, vf = (dequantized(t, d) for t, d in zip((q, k, v), descales, strict=True))
-    group = q.shape[2] // k.shape[2]
-    kf, vf = kf.repeat_interleave(group, dim=2), vf.repeat_interleave(group, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) / math.sqrt(q.shape[-1])
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    sq, sk = q.shape[1], k.shape[1]
-    i = torch.arange(sq, device=q.device).view(sq, 1) + sk - sq
-    j = torch.arange(sk, device=q.device).view(1, sk)
-    left, right = window
-    right = 0 if causal else right
-    seen = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
-    if right >= 0:
-        seen &= j <= i + right
-    if left >= 0:
-        seen &= j >= i - left
-    scores = scores.masked_fill(~seen, -math.inf)
+    scores, vf, seen = masked_scores(q, k, v, descales, causal, window, softcap=softcap)
+    sq = q.shape[1]
     top = scores.amax(dim=-1, keepdim=True)
     top = torch.where(torch.isneginf(top), 0.0, top)
     p = torch.exp(scores - top) * HEADROOM
