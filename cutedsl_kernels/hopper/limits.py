@@ -74,6 +74,18 @@ def smem_bytes(config: FmhaFwdConfig) -> int:
     return _align(offset + scheduler)
 
 
+def fp8_head_dim_reasons(config: FmhaFwdConfig, what: str) -> list[str]:
+    """Why `what` (an FP8 variant) cannot serve `config`'s head dims: one of
+    `FP8_HEAD_DIMS`, V's the same."""
+    if config.head_dim in FP8_HEAD_DIMS and config.value_head_dim == config.head_dim:
+        return []
+    dims = ", ".join(str(d) for d in FP8_HEAD_DIMS)
+    return [
+        f"head_dim={config.head_dim}, head_dim_v={config.value_head_dim}: {what} serve "
+        f"head_dim in ({dims}) with head_dim_v equal"
+    ]
+
+
 def fp8_reasons(config: FmhaFwdConfig) -> list[str]:
     """Why the FP8 variant cannot serve `config` (Q/K in FP8), beyond the common rules.
 
@@ -89,12 +101,7 @@ def fp8_reasons(config: FmhaFwdConfig) -> list[str]:
             f"dtypes={dtypes.name!r}: FP8 kernels take Q, K and V in {FP8_DTYPE} with O in "
             f"{' or '.join(SUPPORTED_DTYPES)} and float32 accumulators"
         )
-    if config.head_dim not in FP8_HEAD_DIMS or config.value_head_dim != config.head_dim:
-        dims = ", ".join(str(d) for d in FP8_HEAD_DIMS)
-        reasons.append(
-            f"head_dim={config.head_dim}, head_dim_v={config.value_head_dim}: FP8 kernels "
-            f"serve head_dim in ({dims}) with head_dim_v equal"
-        )
+    reasons.extend(fp8_head_dim_reasons(config, "FP8 kernels"))
     if config.tile_n % FP8_MMA_K:
         reasons.append(f"tile_n={config.tile_n}: FP8 kernels need a multiple of {FP8_MMA_K}")
     if config.kv_layout not in ("dense", "varlen") or config.persistent or config.split_kv:
@@ -125,12 +132,7 @@ def fp8_cache_reasons(config: FmhaFwdConfig) -> list[str]:
             f"dtypes={dtypes.name!r}: FP8-cache kernels take Q, O in one of "
             f"{', '.join(SUPPORTED_DTYPES)} with K and V stored in {FP8_DTYPE}"
         )
-    if config.head_dim not in FP8_HEAD_DIMS or config.value_head_dim != config.head_dim:
-        dims = ", ".join(str(d) for d in FP8_HEAD_DIMS)
-        reasons.append(
-            f"head_dim={config.head_dim}, head_dim_v={config.value_head_dim}: FP8-cache "
-            f"kernels serve head_dim in ({dims}) with head_dim_v equal"
-        )
+    reasons.extend(fp8_head_dim_reasons(config, "FP8-cache kernels"))
     if config.kv_layout not in ("cache", "paged") or config.tile_m != ROWS_PER_MMA_WARPGROUP:
         reasons.append(
             f"FP8-cache kernels serve 'cache' and 'paged' layouts with tile_m="
