@@ -149,7 +149,9 @@ class KVStoreArgs(NamedTuple):
     """The arguments of a compiled paged KV-cache update kernel, in order.
 
     k, v: (tokens, heads, head_dim); k_cache, v_cache: (pages, page_size, heads,
-    head_dim); slots: int64 (tokens,), slot = page * page_size + row, < 0 skipped.
+    head_dim); slots: int64 (tokens,), slot = page * page_size + row, < 0 skipped;
+    k_scale, v_scale: float32 (1,), the cache holds k / k_scale and v / v_scale (kernels
+    that quantize, `KVStoreConfig.quantizes`), else None.
     """
 
     k: Any
@@ -157,10 +159,19 @@ class KVStoreArgs(NamedTuple):
     k_cache: Any
     v_cache: Any
     slots: Any
+    k_scale: Any = None
+    v_scale: Any = None
 
 
 def call_kv_store(
-    kernel: Callable[..., None], k: Any, v: Any, k_cache: Any, v_cache: Any, slots: Any
+    kernel: Callable[..., None],
+    k: Any,
+    v: Any,
+    k_cache: Any,
+    v_cache: Any,
+    slots: Any,
+    k_scale: Any = None,
+    v_scale: Any = None,
 ) -> None:
     """`kernel(*KVStoreArgs(...))`: arguments by name."""
-    kernel(k, v, k_cache, v_cache, slots)
+    kernel(k, v, k_cache, v_cache, slots, k_scale, v_scale)

@@ -301,17 +301,26 @@ class KVStoreConfig:
     Attributes:
         arch: target architecture, e.g. "sm_90a".
         head_dim: head dimension of K and V (a multiple of 32).
-        dtype: element type of K/V and the cache, "float16" or "bfloat16".
+        dtype: element type of the new K/V, "float16" or "bfloat16".
+        cache_dtype: element type of the cache: None for `dtype` (a copy), or
+            "float8_e4m3fn" (each element divided by its tensor's scale and rounded).
     """
 
     arch: str
     head_dim: int
     dtype: str
+    cache_dtype: str | None = None
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the cache's elements differ in type from the new K/V's (scaled)."""
+        return self.cache_dtype not in (None, self.dtype)
 
     @property
     def name(self) -> str:
         """Short, filesystem-safe name, unique per config."""
-        return f"kv_store_{self.arch}_d{self.head_dim}_{self.dtype}"
+        into = f"_to_{self.cache_dtype}" if self.quantizes else ""
+        return f"kv_store_{self.arch}_d{self.head_dim}_{self.dtype}{into}"
 
 
 # Every compiled kernel's configuration (the kernel part of a cache key).

@@ -396,10 +396,10 @@ def _attention_with_fp8_cache(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """`attention_with_kvcache` over checked float8_e4m3fn caches (`sparsek.fp8`): CPU
     tensors without grad run the op's reference of the dequantized cache. Elsewhere the
-    kernels that convert the cache serve decode (`sparsek.launch.kvcache`); other
-    requests run on the batch's blocks dequantized to q's dtype (`fp8.dequantize_cache`)
-    on the 16-bit path (a fallback: logged once, `UnsupportedError` under
-    SPARSEK_STRICT=1)."""
+    kernels that convert the cache serve the request (`sparsek.launch.kvcache`); those
+    they cannot serve (a head dim without FP8-cache kernels, strides TMA cannot read) run
+    on the batch's blocks dequantized to q's dtype (`fp8.dequantize_cache`) on the 16-bit
+    path (a fallback: logged once, `UnsupportedError` under SPARSEK_STRICT=1)."""
     q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q = cache_args
     path = forward_path(q, k_cache, v_cache, *(t for t in (sinks, *descales) if t is not None))
     extra = (mask.window_left, mask.window_right, mask.op_softcap, sinks, *descales)

@@ -301,8 +301,8 @@ def _print_support(
     print("  paths:")
     for path, entry in paths.items():
         print(f"    {path:<8} {entry}")
-    print("  float8_e4m3fn: FP8 q/k/v on dense and varlen; on kvcache and paged, decode over an")
-    print("    FP8 cache under float16/bfloat16 queries (docs/guide/fp8.md)")
+    print("  float8_e4m3fn: FP8 q/k/v on dense and varlen; on kvcache and paged, an FP8 cache")
+    print("    under float16/bfloat16 queries (docs/guide/fp8.md)")
     print("  masks: full = none; causal = bottom-right aligned (top-left in the SDPA drop-in)")
     later = [m for m in served_masks if m not in ("full", "causal")]
     print("  also served on every path, compiled at first use (or `sparsek compile --mask M`):")

@@ -253,6 +253,18 @@ def output_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dty
     return DEFAULT_OUT_DTYPE if is_fp8(dtype) else dtype
 
 
+# The largest finite E4M3 magnitude: quantization saturates there.
+E4M3_MAX = 448.0
+
+
+def quantize(t: Tensor, scale: Tensor) -> Tensor:
+    """E4M3 of t / scale (float32 division, rounded to nearest even), saturating finite
+    values at +-448 (NaN stays NaN): what sparsek's KV-cache update, vLLM's and
+    FlashAttention-3's quantization write. `scale`: a one-element float32 tensor."""
+    scaled = t.to(torch.float32) / scale.reshape(()).to(torch.float32)
+    return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+
+
 def head_scales(descale: Tensor, num_heads: int) -> Tensor:
     """(rows, num_kv_heads) factors -> (rows, num_heads): each head its KV head's."""
     group = num_heads // descale.shape[1]

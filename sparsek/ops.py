@@ -490,7 +490,7 @@ def fp8_cache_cuda(
     plan: KvcachePlan | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`sparsek::attention_with_kvcache` on CUDA over an FP8 cache: the kernels that
-    convert it (decode: `plan`, or the request's own), else the batch's blocks
+    convert it (`plan`, or the request's own), else the batch's blocks
     dequantized to q's dtype (`fp8.dequantize_cache`) on the 16-bit path."""
     q, k_cache, v_cache, cache_seqlens, block_table, cu_seqlens_q, max_seqlen_q = cache_args
     window_left, window_right, softcap, sinks = mask_args

@@ -74,9 +74,12 @@ def kernel_head_dims(config: KernelConfig) -> tuple[int, int]:
 
 def kernel_dtype(config: KernelConfig) -> str:
     """The element type of a kernel's Q/K (attention; an FP8 cache's type for the kernels
-    that convert it) or of its data (combine, KV store)."""
+    that convert it) or of its data (combine, KV store; an FP8 cache's type for the KV
+    stores that quantize into it)."""
     if isinstance(config, FmhaFwdConfig):
         return config.dtypes.cache or config.dtypes.qk
+    if isinstance(config, KVStoreConfig):
+        return config.cache_dtype or config.dtype
     return config.dtype
 
 

@@ -154,9 +154,10 @@ def registered_fp8_configs(arch: str) -> list[FmhaFwdConfig]:
 
 
 def registered_fp8_cache_configs(arch: str, mask: MaskSpec = NO_MASK) -> list[FmhaFwdConfig]:
-    """Every FP8-cache decode kernel of `mask` (one of `SERVED_MASKS`; the default's are
-    precompiled) for `arch`: each `tuning.FP8` head dim and dtype of `DTYPES`, batched and
-    packed queries, a contiguous cache and vLLM's 16-row pages, split and not. Decode
+    """Every FP8-cache kernel of `mask` (one of `SERVED_MASKS`; no mask's and causal's are
+    precompiled) for `arch`: each `tuning.FP8` head dim and dtype of `DTYPES`, a
+    contiguous cache and vLLM's 16-row pages, split and not; decode of batched and packed
+    queries, and packed queries of any length (a serving engine's mixed batches). Decode
     drops causal (a single query sees every key), a window takes the single-query
     kernels, split kernels leave sinks to the combine. Other page sizes compile at first
     use."""
@@ -166,16 +167,26 @@ def registered_fp8_cache_configs(arch: str, mask: MaskSpec = NO_MASK) -> list[Fm
         (
             dataclasses.replace(decode_mask, sinks=mask.sinks and not split),
             Layout(packed, kv, page, split, single_query=packed or decode_mask.window),
+            Workload.DECODE,
         )
         for packed in (False, True)
         for kv, page in caches
         for split in (False, True)
     ]
+    kernels += [
+        (
+            dataclasses.replace(mask, sinks=mask.sinks and not split),
+            Layout(True, kv, page, split),
+            Workload.DEFAULT,
+        )
+        for kv, page in caches
+        for split in (False, True)
+    ]
     found = [
-        find(arch, head_dim, dtype, kernel_mask, layout, Workload.DECODE, cache_dtype=FP8_DTYPE)
+        find(arch, head_dim, dtype, kernel_mask, layout, workload, cache_dtype=FP8_DTYPE)
         for head_dim in tuning.fp8_head_dims(arch)
         for dtype in DTYPES
-        for kernel_mask, layout in kernels
+        for kernel_mask, layout, workload in kernels
     ]
     return list(dict.fromkeys(c for c in found if isinstance(c, FmhaFwdConfig)))
 
@@ -188,7 +199,8 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
         `registered_configs(arch)`, then each of them in every precompiled (layout,
         workload) (decode only without a mask), then the split-KV combine kernel and the
         paged KV-cache update kernel of each (head_dim, dtype) (the combine: of each
-        output head dim), then `registered_fp8_configs(arch)` and
+        output head dim; and of each FP8-cache head dim, into an FP8 cache), then
+        `registered_fp8_configs(arch)` and
         `registered_fp8_cache_configs(arch)`.
     """
     dense = registered_configs(arch)
@@ -202,7 +214,13 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
     dims = [(head_dim, dtype) for head_dim in registered_head_dims(arch) for dtype in DTYPES]
     combine = [CombineConfig(arch, head_dim, dtype) for head_dim, dtype in dims]
     store = [KVStoreConfig(arch, head_dim, dtype) for head_dim, dtype in dims]
-    fp8 = [*registered_fp8_configs(arch), *registered_fp8_cache_configs(arch)]
+    store += [
+        KVStoreConfig(arch, head_dim, dtype, FP8_DTYPE)
+        for head_dim in tuning.fp8_head_dims(arch)
+        for dtype in DTYPES
+    ]
+    fp8_cache = [c for mask in MASKS for c in registered_fp8_cache_configs(arch, mask)]
+    fp8 = [*registered_fp8_configs(arch), *dict.fromkeys(fp8_cache)]
     return [*dense, *others, *combine, *store, *fp8]
 
 
@@ -323,13 +341,20 @@ def lookup_combine(
     return config
 
 
-def lookup_kv_store(arch: str, head_dim: int, dtype: torch.dtype | str) -> KVStoreConfig:
-    """The paged KV-cache update kernel for K/V of `head_dim` and `dtype`.
+def lookup_kv_store(
+    arch: str,
+    head_dim: int,
+    dtype: torch.dtype | str,
+    cache_dtype: torch.dtype | str | None = None,
+) -> KVStoreConfig:
+    """The paged KV-cache update kernel for K/V of `head_dim` and `dtype` into a cache of
+    `cache_dtype` (None: `dtype`; `FP8_DTYPE`: quantizing with per-tensor scales).
 
     Raises:
         UnsupportedError: no registered kernels for `arch`, or the kernel cannot serve it.
     """
-    config = KVStoreConfig(arch, head_dim, dtype_name(dtype))
+    cache = None if cache_dtype is None else dtype_name(cache_dtype)
+    config = KVStoreConfig(arch, head_dim, dtype_name(dtype), cache)
     reasons = [] if arch in registered_arches() else [f"arch={arch} has no registered kernels"]
     reasons += kernel_can_implement(config)
     if reasons:
@@ -469,22 +494,28 @@ def _find_fp8_cache(
     head_dim_v: int | None,
     cache_dtype: str,
 ) -> FmhaFwdConfig | tuple[str, ...]:
-    """`find` for 16-bit queries over a KV cache stored in `cache_dtype` (FP8): the decode
-    kernels (`Workload.DECODE`: one query per sequence) of every `tuning.FP8` head dim."""
+    """`find` for 16-bit queries over a KV cache stored in `cache_dtype` (FP8), for every
+    `tuning.FP8` head dim: decode (`Workload.DECODE`) and other queries
+    (`Workload.DEFAULT`: prefill chunks, mixed batches), all on the `tuning.DECODE` rows'
+    64-row tiles (one MMA warpgroup converts the cache's tiles)."""
     reasons = _fp8_reasons("FP8 cache", arch, head_dim, head_dim_v, mask)
     if cache_dtype != FP8_DTYPE:
         reasons.append(f"cache dtype={cache_dtype} is not supported (supported: {FP8_DTYPE})")
     if dtype not in DTYPES:
         reasons.append(f"dtype={dtype}: FP8 caches take queries in {', '.join(DTYPES)}")
-    if workload is not Workload.DECODE or layout.kv_layout not in ("cache", "paged"):
+    served = (Workload.DEFAULT, Workload.DECODE)
+    if workload not in served or layout.kv_layout not in ("cache", "paged"):
         reasons.append(
-            "FP8-cache kernels serve decode (one query per sequence, split or not) over a "
-            f"'cache' or 'paged' layout (got {layout}, workload={workload.value}); other "
-            "requests run on the cache dequantized"
+            "FP8-cache kernels serve a 'cache' or 'paged' layout with the workloads "
+            f"{', '.join(w.value for w in served)} (got {layout}, workload={workload.value})"
         )
     if reasons:
         return tuple(reasons)
-    config = _make_config(arch, head_dim, dtype, mask, layout, workload, None, None, cache_dtype)
+    config = _make_config(
+        arch, head_dim, dtype, mask, layout, Workload.DECODE, None, None, cache_dtype
+    )
+    if workload is not Workload.DECODE:  # a sequence's query tiles share its K/V tiles
+        config = dataclasses.replace(config, kv_evict_first=False)
     kernel_reasons = kernel_can_implement(config)
     if kernel_reasons:
         return tuple(f"{config.name}: {r}" for r in kernel_reasons)

@@ -166,8 +166,10 @@ VALUE_HEAD_DIMS: dict[tuple[str, int, int], Tuning] = {
 # and d128 compile without spills (168 registers at d128 with the second output
 # accumulator). FlashAttention-3 uses 128x224 at d128 and 192x160 at d64; GPU
 # measurements replace these rows.
-# FP8 caches under 16-bit queries (decode) take the `DECODE` rows (64-row tiles: one MMA
-# warpgroup converts the cache's tiles), never `DECODE_FILLS_GPU`'s two CTAs per SM.
+# FP8 caches under 16-bit queries take the `DECODE` rows (64-row tiles: one MMA warpgroup
+# converts the cache's tiles) for decode and longer queries alike (without evict-first
+# there: a sequence's query tiles share its K/V tiles), never `DECODE_FILLS_GPU`'s two
+# CTAs per SM.
 FP8: dict[tuple[str, int], Tuning] = {
     ("sm_90a", 64): Tuning(tile_m=128, tile_n=128, num_stages=2),
     ("sm_90a", 128): Tuning(tile_m=128, tile_n=128, num_stages=2),

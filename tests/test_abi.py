@@ -90,4 +90,8 @@ def test_kernel_classes_take_the_fields_in_order() -> None:
     combine = SplitCombine(CombineConfig("sm_90a", 64, "float16")).fake_arguments()
     assert isinstance(combine, abi.CombineArgs)
     store = PagedKVStore(KVStoreConfig("sm_90a", 64, "float16")).fake_arguments()
-    assert isinstance(store, abi.KVStoreArgs)
+    assert isinstance(store, abi.KVStoreArgs) and store.k_scale is None
+    quantizing = KVStoreConfig("sm_90a", 64, "float16", "float8_e4m3fn")
+    store = PagedKVStore(quantizing).fake_arguments()
+    assert store.k_scale is not None and store.v_scale is not None
+    assert store.k_cache.element_type.width == 8 and store.k.element_type.width == 16

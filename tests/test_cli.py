@@ -438,10 +438,10 @@ def test_info_json_matches_the_registry_and_the_cache(fake_cache: FakeCompiler, 
     assert sum(r["kernels"] for r in rows) == NUM_KERNELS
     for row in rows:
         assert set(row["paths"]) == set(precompile.PATHS)
-        # FP8: prefill kernels (dense, packed) with both masks, FP8-cache decode without
-        both = ("dense", "varlen") if row["dtype"] == FP8_DTYPE else precompile.PATHS
-        for path, masks in row["paths"].items():
-            assert masks == (["full", "causal"] if path in both else ["full"])
+        # FP8: prefill kernels (dense, packed) and FP8-cache kernels (decode, and packed
+        # queries of any length), each with both masks
+        for masks in row["paths"].values():
+            assert masks == ["full", "causal"]
     assert report["served_masks"] == [m.name for m in registry.SERVED_MASKS]
     summary = report["cache"]
     assert summary["entries"] == len(configs) and summary["states"] == {"current": len(configs)}
@@ -465,8 +465,8 @@ def test_info_prints_a_matrix_and_a_summary_not_the_entries(
     assert [row[1] for row in rows_16bit] == [d for d in dims for _ in ("float16", "bfloat16")]
     fp8_rows = [row for row in matrix if row[2] == FP8_DTYPE]
     assert [row[1] for row in fp8_rows] == [str(d) for d in tuning.fp8_head_dims("sm_90a")]
-    fp8_cells = ["full,", "causal", "full,", "causal", "full", "full"]  # (decode: no causal)
-    assert all(row[3:9] == fp8_cells for row in fp8_rows)
+    fp8_cells = ["full,", "causal"] * 4
+    assert all(row[3:11] == fp8_cells for row in fp8_rows)
     assert not any("fmha_fwd" in line for line in lines)
     assert "  sm_90a: 5 of " in "\n".join(lines)
 

@@ -287,6 +287,55 @@ def test_the_registry_serves_fp8_prefill_and_says_why_not_elsewhere() -> None:
     assert "head_dim_v=64" in reasons(head_dim_v=64)
 
 
+def test_the_registry_serves_fp8_caches_for_every_query_length() -> None:
+    """FP8-cache kernels (16-bit queries, float8_e4m3fn cache): decode and longer queries
+    (chunked prefill, packed mixed batches) on 64-row tiles, evict-first loads for decode
+    only; the two-CTA decode tiles and the dense layout are refused with the reason; the
+    cache update that quantizes is registered for each of their head dims and dtypes."""
+    from cutedsl_kernels.config import CAUSAL, NO_MASK, KVStoreConfig, Layout
+    from sparsek import registry, tuning
+    from sparsek.tuning import Workload
+
+    paged = Layout(True, "paged", 16)
+    chunk = registry.lookup("sm_90a", 128, "bfloat16", CAUSAL, paged, cache_dtype=FP8)
+    decode = registry.lookup(
+        "sm_90a", 128, "bfloat16", NO_MASK, Layout(True, "paged", 16, single_query=True),
+        Workload.DECODE, cache_dtype=FP8,
+    )  # fmt: skip
+    for config in (chunk, decode):
+        assert config.dtypes == ElementTypes.fp8_cache("bfloat16") and config.tile_m == 64
+    assert decode.kv_evict_first and not chunk.kv_evict_first
+    registered = set(registry.registered_kernels("sm_90a"))
+    assert chunk in registered and decode in registered
+    name = "float8_e4m3fn"
+    refused = registry.find(
+        "sm_90a", 128, "bfloat16", NO_MASK, paged, Workload.DECODE_FILLS_GPU, cache_dtype=name
+    )
+    assert isinstance(refused, tuple) and "workloads default, decode" in refused[0]
+    dense = registry.find("sm_90a", 128, "bfloat16", CAUSAL, Layout(), cache_dtype=name)
+    assert isinstance(dense, tuple) and "'cache' or 'paged' layout" in dense[0]
+    stores = {
+        KVStoreConfig("sm_90a", d, t, "float8_e4m3fn")
+        for d in tuning.fp8_head_dims("sm_90a")
+        for t in ("float16", "bfloat16")
+    }
+    assert stores <= registered and all(c.quantizes for c in stores)
+    assert registry.lookup_kv_store("sm_90a", 64, torch.float16, FP8) in stores
+
+
+def test_quantize_rounds_to_nearest_e4m3_and_saturates() -> None:
+    """`fp8.quantize` (the cache update's rounding): x / scale to the nearest E4M3 value,
+    ties to even, finite values beyond +-448 (infinities too) to +-448, NaN stays NaN."""
+    from sparsek import fp8
+
+    x = torch.tensor([1.0, 0.3, -0.55, 0.5625 / 2, 1000.0, -1e9, float("inf"), float("nan")])
+    got = fp8.quantize(x.to(torch.bfloat16), torch.tensor([0.5])).float()
+    # 0.6 -> 0.625 and -1.1 -> -1.125 (steps of 1/16 below 1, 1/8 above); 0.5625 is exact
+    assert got[:4].tolist() == [2.0, 0.625, -1.125, 0.5625]
+    assert got[4:7].tolist() == [448.0, -448.0, 448.0] and got[7].isnan()
+    assert fp8.quantize(torch.tensor([3.0]), torch.tensor(2.0)).float().item() == 1.5
+
+
 def test_fp8_kernel_limits_name_what_they_refuse() -> None:
     from dataclasses import replace
 

@@ -213,6 +213,30 @@ def test_decode_over_an_fp8_cache(fake_kernels, paged, num_splits) -> None:
     assert all(w is not Workload.DECODE_FILLS_GPU for *_, w in fake_kernels)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_several_queries_per_sequence_over_an_fp8_cache(fake_kernels, packed, num_splits) -> None:
+    """Chunked prefill over an FP8 cache (a serving engine's mixed batch when packed):
+    the converting kernels of the causal mask, with the cache's descales (no dequantized
+    copy), and the result is the reference of the dequantized cache."""
+    fp8 = torch.float8_e4m3fn
+    lens, q_lens = [5, 40, 300, 3], [2, 7, 1, 3]
+    _, (kp, vp, table), seqlens = make_caches(lens, 300, hkv=2)
+    caches = ((2 * kp).to(fp8), (2 * vp).to(fp8), seqlens, table)
+    gen = torch.Generator().manual_seed(2)
+    descales = tuple(torch.rand(len(lens), 2, generator=gen) + 0.5 for _ in "kv")
+    if packed:
+        cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=i32)
+        q = torch.randn(int(cu[-1]), 4, 32)
+        kw = {"cu": cu, "max_q": max(q_lens)}
+    else:
+        q, kw = torch.randn(len(lens), 3, 4, 32), {}
+    got = run(q, caches, num_splits=num_splits, descales=descales, **kw)
+    check(got, reference(q, caches, descales=descales, **kw))
+    forward = [(c, w) for c, lt, w in fake_kernels if lt is not None]
+    assert forward and all(c and w is Workload.DEFAULT for c, w in forward)
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("num_splits", [1, 3, 0], ids=["no-split", "3-splits", "auto"])
 @pytest.mark.parametrize(("h", "hkv"), [(8, 2), (4, 1), (4, 4)], ids=["gqa", "mqa", "mha"])

@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,6 +40,7 @@ from vllm.v1.kv_cache_interface import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
+from sparsek import fp8
 from sparsek.integrations.vllm import plugin as vllm_plugin
 from sparsek.integrations.vllm.backend import (
     SparseKBackend,
@@ -165,6 +167,10 @@ def test_validate_configuration_accepts_the_supported_config() -> None:
     for head_size, dtype in ((64, torch.float16), (128, torch.float16), (64, torch.bfloat16)):
         config = {**SUPPORTED, "head_size": head_size, "dtype": dtype}
         assert SparseKBackend.validate_configuration(**config) == []
+        # FP8 E4M3 caches with per-tensor scales, under the model's dtype
+        for cache in ("fp8", "fp8_e4m3"):
+            config = {**config, "kv_cache_dtype": cache}
+            assert SparseKBackend.validate_configuration(**config) == []
     # Layers with a sliding window, attention sinks or both (gpt-oss).
     for masks in ({"has_sliding_window": True}, {"has_sink": True}):
         assert SparseKBackend.validate_configuration(**{**SUPPORTED, **masks}) == []
@@ -190,8 +196,14 @@ def test_validate_configuration_accepts_the_supported_config() -> None:
             "head_size=80 is not supported (supported: 32, 64, 96, 128, 192, 256)",
         ),
         ({"dtype": torch.float32}, "dtype=torch.float32 is not supported"),
-        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8 is not supported"),
+        ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype=fp8_e5m2 is not supported"),
         ({"kv_cache_dtype": "float16"}, "differs from the model dtype bfloat16"),
+        (
+            {"kv_cache_dtype": "fp8", "head_size": 256},
+            "kv_cache_dtype=fp8 with head_size=256: sparsek's FP8-cache kernels on sm_90a "
+            "serve head sizes [64, 128]",
+        ),
+        ({"use_per_head_quant_scales": True}, "per"),
         ({"block_size": 8}, "block_size=8 is not supported (supported: multiples of 16)"),
         ({"device_capability": DeviceCapability(8, 0)}, "compute capability 8.0"),
         ({"device_capability": DeviceCapability(10, 0)}, "compute capability 10.0"),
@@ -224,7 +236,7 @@ def test_declared_capabilities() -> None:
     [
         ({"alibi_slopes": [0.5] * H}, "ALiBi"),
         ({"attn_type": "encoder"}, "attn_type=encoder"),
-        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype=fp8"),
+        ({"kv_cache_dtype": "fp8_e5m2"}, "kv_cache_dtype=fp8_e5m2 is not supported"),
         ({"sliding_window": 0}, "sliding_window=0 must be >= 1"),
         ({"sliding_window": -1}, "sliding_window=-1 must be >= 1"),
         ({"sliding_window": 64.0}, "sliding_window=64.0 must be a number of tokens"),
@@ -388,10 +400,11 @@ def test_builder_preloads_the_kernels_of_each_mask_of_its_layers(monkeypatch) ->
     cuda = torch.device("cuda", 0)  # a key only: load_kernels is recorded, not run
     SparseKMetadataBuilder(spec, list(layer_args), config, cuda)
     args = (cuda, D, torch.bfloat16, 32)
+    plain = {"cache_dtype": None}  # the cache has the model's dtype
     assert calls == [
-        (args, {"window_size": (-1, -1), "softcap": 0.0, "has_sinks": False}),
-        (args, {"window_size": (127, 0), "softcap": 0.0, "has_sinks": True}),
-        (args, {"window_size": (4095, 0), "softcap": 30.0, "has_sinks": False}),
+        (args, {"window_size": (-1, -1), "softcap": 0.0, "has_sinks": False, **plain}),
+        (args, {"window_size": (127, 0), "softcap": 0.0, "has_sinks": True, **plain}),
+        (args, {"window_size": (4095, 0), "softcap": 30.0, "has_sinks": False, **plain}),
     ]
     calls.clear()
     window_spec = SlidingWindowSpec(
@@ -399,7 +412,7 @@ def test_builder_preloads_the_kernels_of_each_mask_of_its_layers(monkeypatch) ->
     )
     SparseKMetadataBuilder(window_spec, ["not.a.layer"], config, cuda)
     SparseKMetadataBuilder(spec, ["not.a.layer"], config, cuda)
-    fallback = {"softcap": 0.0, "has_sinks": False}
+    fallback = {"softcap": 0.0, "has_sinks": False, **plain}
     assert calls == [
         ((cuda, D, torch.float16, 16), {"window_size": (63, 0), **fallback}),
         (args, {"window_size": (-1, -1), **fallback}),
@@ -450,11 +463,7 @@ def test_builder_cache_update_and_forward_match_dense_attention(layout: KVCacheL
     spec, raw, (_, kv_cache) = vllm_layer_caches(num_blocks, layout)
     contexts, new = [37, 0, 20, 64, 3], [1, 11, 6, 1, 1]  # decode, prefill, chunk, decodes
     lens = [c + n for c, n in zip(contexts, new, strict=True)]
-    blocks = (torch.randperm(num_blocks - 1) + 1).tolist()  # block 0: vLLM's null block
-    table = torch.zeros(len(lens), 6, dtype=torch.int32)
-    for b, length in enumerate(lens):
-        for i in range(-(-length // BLOCK)):
-            table[b, i] = blocks.pop()
+    table = block_table(lens, num_blocks, 6)
     ks = [torch.randn(n, HKV, D).half() for n in lens]
     vs = [torch.randn(n, HKV, D).half() for n in lens]
     impl = SparseKImpl(H, D, 1 / math.sqrt(D), HKV)
@@ -496,18 +505,7 @@ def test_builder_cache_update_and_forward_match_dense_attention(layout: KVCacheL
         want[s // BLOCK, :, s % BLOCK, D:] = vs[b][t]
     assert torch.equal(raw, want_raw)
 
-    query_start_loc = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
-    common = CommonAttentionMetadata(
-        query_start_loc=query_start_loc,
-        query_start_loc_cpu=query_start_loc.clone(),
-        seq_lens=torch.tensor(lens, dtype=torch.int32),
-        num_reqs=len(lens),
-        num_actual_tokens=sum(new),
-        max_query_len=max(new),
-        max_seq_len=max(lens),
-        block_table_tensor=table,
-        slot_mapping=slot_mapping,
-    )
+    common = common_metadata(new, lens, table, slot_mapping)
     builder = SparseKMetadataBuilder(spec, ["layers.1.attn"], None, torch.device("cpu"))
     metadata = builder.build(0, common)
     assert metadata.block_table is table and metadata.seq_lens is common.seq_lens  # no copies
@@ -557,11 +555,7 @@ def test_layers_with_window_softcap_and_sinks_match_vllms_definition(layer, batc
     spec, _, (_, kv_cache) = vllm_layer_caches(num_blocks, KVCacheLayout.LBNHC)
     kv_cache[0].zero_()  # vLLM allocates caches zeroed; the null block is never written
     lens = [c + n for c, n in zip(contexts, new, strict=True)]
-    blocks = (torch.randperm(num_blocks - 1) + 1).tolist()
-    table = torch.zeros(len(lens), 7, dtype=torch.int32)
-    for b, length in enumerate(lens):
-        for i in range(-(-length // BLOCK)):
-            table[b, i] = blocks.pop()
+    table = block_table(lens, num_blocks, 7)
     ks = [torch.randn(n, HKV, D).half() for n in lens]
     vs = [torch.randn(n, HKV, D).half() for n in lens]
     sinks = None
@@ -592,18 +586,9 @@ def test_layers_with_window_softcap_and_sinks_match_vllms_definition(layer, batc
         for b, context in enumerate(contexts):
             table[b, : max(0, context - sliding_window + 1) // BLOCK] = 0
 
-    query_start_loc = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
     pad = 2
-    common = CommonAttentionMetadata(
-        query_start_loc=query_start_loc,
-        query_start_loc_cpu=query_start_loc.clone(),
-        seq_lens=torch.tensor(lens, dtype=torch.int32),
-        num_reqs=len(lens),
-        num_actual_tokens=sum(new),
-        max_query_len=max(new),
-        max_seq_len=max(lens),
-        block_table_tensor=table,
-        slot_mapping=torch.tensor([slot(b, t) for b, t in tokens[-sum(new) :]] + [-1] * pad),
+    common = common_metadata(
+        new, lens, table, torch.tensor([slot(b, t) for b, t in tokens[-sum(new) :]] + [-1] * pad)
     )
     metadata = SparseKMetadataBuilder(spec, ["layers.1.attn"], None, torch.device("cpu")).build(
         0, common
@@ -630,9 +615,103 @@ def test_layers_with_window_softcap_and_sinks_match_vllms_definition(layer, batc
                 assert (got - want(off_by_one)).abs().max() > 0.02, off_by_one
 
 
-def _tensor_of(layout: KVCacheLayout, num_blocks: int) -> KVCacheTensor:
+def test_fp8_cache_update_and_forward_match_dense_attention() -> None:
+    """vLLM's kv_cache_dtype="fp8" on the uint8 cache vLLM allocates for it:
+    do_kv_cache_update stores E4M3 of each key / layer._k_scale and value /
+    layer._v_scale (vLLM's 0-dim float32 buffers), and forward, with the same scales as
+    descales, matches float64 attention over the dequantized keys and values (E4M3 value
+    x scale) for a step mixing decodes, a chunked prefill and a prefill."""
+    torch.manual_seed(1)
+    num_blocks = 24
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HKV, head_size=D, dtype=torch.uint8)
+    tensor = _tensor_of(KVCacheLayout.LBNHC, num_blocks, element_size=1)
+    raw = torch.zeros(tensor.size, dtype=torch.int8)
+    kv_cache = create_kv_cache_views(raw, spec, num_blocks, KVCacheLayout.LBNHC, tensor)[1]
+    assert kv_cache.dtype == torch.uint8
+    impl = SparseKImpl(H, D, 1 / math.sqrt(D), HKV, kv_cache_dtype="fp8")
+    layer = SimpleNamespace(_k_scale=torch.tensor(0.02), _v_scale=torch.tensor(0.03))
+    contexts, new = [37, 0, 20, 64, 3], [1, 11, 6, 1, 1]
+    lens = [c + n for c, n in zip(contexts, new, strict=True)]
+    table = block_table(lens, num_blocks, 6)
+    ks = [torch.randn(n, HKV, D).half() for n in lens]
+    vs = [torch.randn(n, HKV, D).half() for n in lens]
+
+    def slot(b: int, t: int) -> int:
+        return int(table[b, t // BLOCK]) * BLOCK + t % BLOCK
+
+    tokens = [(b, t) for b, length in enumerate(lens) for t in range(length)]
+    slot_mapping = torch.tensor([slot(b, t) for b, t in tokens])
+    key = torch.stack([ks[b][t] for b, t in tokens])
+    value = torch.stack([vs[b][t] for b, t in tokens])
+    impl.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+    k8, v8 = (t.view(torch.float8_e4m3fn) for t in (kv_cache[..., :D], kv_cache[..., D:]))
+    for (b, t), s in zip(tokens, slot_mapping.tolist(), strict=True):
+        assert torch.equal(k8[s // BLOCK, :, s % BLOCK].view(torch.uint8),
+                           fp8.quantize(ks[b][t], layer._k_scale).view(torch.uint8))  # fmt: skip
+        assert torch.equal(v8[s // BLOCK, :, s % BLOCK].view(torch.uint8),
+                           fp8.quantize(vs[b][t], layer._v_scale).view(torch.uint8))  # fmt: skip
+
+    common = common_metadata(new, lens, table, slot_mapping[-sum(new) :])
+    metadata = SparseKMetadataBuilder(spec, ["layers.1.attn"], None, torch.device("cpu")).build(
+        0, common
+    )
+    qs = [torch.randn(n, H, D).half() for n in new]
+    output = torch.full((sum(new), H, D), float("nan"), dtype=torch.float16)
+    query = torch.cat(qs)
+    impl.forward(layer, query, query, query, kv_cache, metadata, output)
+    exact = [
+        [fp8.quantize(t, scale).double() * scale.double() for t in ts]
+        for ts, scale in ((ks, layer._k_scale), (vs, layer._v_scale))
+    ]
+    want = torch.cat([reference(q, k, v, impl.scale) for q, k, v in zip(qs, *exact, strict=True)])
+    torch.testing.assert_close(output.double(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_an_fp8_cache_groups_kernels_take_the_models_dtype() -> None:
+    """vLLM's spec of an FP8 cache says uint8 (its allocation): the builder loads the
+    kernels of the model's dtype over a float8_e4m3fn cache."""
+    from sparsek.integrations.vllm.backend import group_dtypes
+
+    config = SimpleNamespace(model_config=SimpleNamespace(dtype=torch.bfloat16))
+    fp8_spec = FullAttentionSpec(block_size=16, num_kv_heads=HKV, head_size=D, dtype=torch.uint8)
+    plain = FullAttentionSpec(block_size=16, num_kv_heads=HKV, head_size=D, dtype=torch.float16)
+    assert group_dtypes(fp8_spec, config) == (torch.bfloat16, torch.float8_e4m3fn)
+    assert group_dtypes(plain, config) == (torch.float16, None)
+
+
+def block_table(lens: list[int], num_blocks: int, width: int) -> torch.Tensor:
+    """(len(lens), width) int32: each sequence's blocks, shuffled, never block 0 (vLLM's
+    null block); entries past a sequence's blocks are 0."""
+    blocks = (torch.randperm(num_blocks - 1) + 1).tolist()
+    table = torch.zeros(len(lens), width, dtype=torch.int32)
+    for b, length in enumerate(lens):
+        for i in range(-(-length // BLOCK)):
+            table[b, i] = blocks.pop()
+    return table
+
+
+def common_metadata(
+    new: list[int], lens: list[int], table, slot_mapping
+) -> CommonAttentionMetadata:
+    """vLLM's metadata of a step: `new` tokens per sequence of `lens` cached tokens (the
+    new ones included), over `table`, writing `slot_mapping`."""
+    query_start_loc = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    return CommonAttentionMetadata(
+        query_start_loc=query_start_loc,
+        query_start_loc_cpu=query_start_loc.clone(),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        num_reqs=len(lens),
+        num_actual_tokens=sum(new),
+        max_query_len=max(new),
+        max_seq_len=max(lens),
+        block_table_tensor=table,
+        slot_mapping=slot_mapping,
+    )
+
+
+def _tensor_of(layout: KVCacheLayout, num_blocks: int, element_size: int = 2) -> KVCacheTensor:
     """vLLM's placement of two layers: layer-outermost (L...) or block-outermost (B...)."""
-    page = BLOCK * HKV * 2 * D * 2
+    page = BLOCK * HKV * 2 * D * element_size
     compact = layout in (KVCacheLayout.LBNHC, KVCacheLayout.LBHNC)
     return KVCacheTensor(
         size=2 * num_blocks * page,

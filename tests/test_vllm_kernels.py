@@ -19,6 +19,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from sparsek import fp8
+from sparsek.fp8 import FP8_DTYPE as FP8
 from sparsek.integrations.vllm import kernels as vllm_kernels
 from sparsek.launch import kvcache, launcher
 from sparsek.masks import make_mask
@@ -29,12 +31,15 @@ from sparsek.tuning import Workload
 LAYOUTS = {"LBNHC": (0, 1, 3, 2, 4), "LBHNC": (0, 1, 2, 3, 4)}
 
 
-def layer_cache(layout: str, num_blocks: int, hkv: int, block_size: int, d: int, seed: int = 0):
-    """(raw buffer, layer 1's view (num_blocks, Hkv, block_size, 2D)), random contents."""
+def layer_cache(
+    layout: str, num_blocks: int, hkv: int, block_size: int, d: int, seed: int = 0, dtype=None
+):
+    """(raw buffer, layer 1's view (num_blocks, Hkv, block_size, 2D)), random contents
+    in `dtype` (default float16)."""
     logical = (2, num_blocks, hkv, block_size, 2 * d)
     order = LAYOUTS[layout]
     gen = torch.Generator().manual_seed(seed)
-    raw = torch.randn(*(logical[i] for i in order), generator=gen).to(torch.float16)
+    raw = torch.randn(*(logical[i] for i in order), generator=gen).to(dtype or torch.float16)
     inverse = sorted(range(5), key=lambda i: order[i])
     return raw, raw.permute(*inverse)[1]
 
@@ -88,6 +93,52 @@ def test_store_kv_writes_valid_slots_only(layout: str) -> None:
             wk[slot // 16, slot % 16] = key[i]
             wv[slot // 16, slot % 16] = value[i]
     assert torch.equal(raw, want_raw), "wrong slots written (or the other layer touched)"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_store_kv_quantizes_into_an_fp8_cache(layout: str) -> None:
+    """vLLM's kv_cache_dtype="fp8": each new key / k_scale and value / v_scale rounded to
+    nearest E4M3 (checked against values picked by hand: 1.0 / 0.5 is 2, 0.3 / 0.5 = 0.6
+    rounds to 0.625, 1000 / 0.5 saturates at 448), the rows at their slots, nothing else
+    written."""
+    raw, kv_cache = layer_cache(layout, 6, 2, 16, 32, dtype=FP8)
+    want_raw, want = layer_cache(layout, 6, 2, 16, 32, dtype=FP8)
+    slots = [17, -1, 95, 16 * 3 + 5]
+    key = torch.randn(len(slots) + 1, 2, 32).to(torch.bfloat16)
+    value = torch.randn(len(slots) + 1, 2, 32).to(torch.bfloat16)
+    key[0, 0, :3] = torch.tensor([1.0, 0.3, 1000.0])
+    scales = (torch.tensor([0.5]), torch.tensor([0.25]))
+    k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, 32)
+    vllm_kernels.store_kv(key, value, k_cache, v_cache, torch.tensor(slots), scales)
+    assert k_cache[1, 1, 0, :3].float().tolist() == [2.0, 0.625, 448.0]
+    wk, wv = vllm_kernels.split_kv_cache(want, 32)
+    for i, slot in enumerate(slots):
+        if slot >= 0:
+            wk[slot // 16, slot % 16] = fp8.quantize(key[i], scales[0])
+            wv[slot // 16, slot % 16] = fp8.quantize(value[i], scales[1])
+    assert torch.equal(raw.view(torch.uint8), want_raw.view(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    ("cache", "key", "scales", "match"),
+    [
+        (FP8, torch.float16, None, "float8_e4m3fn caches need scales"),
+        (torch.float16, torch.float16, "ok", "scales are for float8_e4m3fn caches"),
+        (FP8, torch.float32, "ok", "float8_e4m3fn caches take float16 or bfloat16"),
+        (torch.float16, torch.bfloat16, None, "must match the cache's"),
+        (FP8, torch.float16, (torch.ones(2), torch.ones(1)), r"k_scale must be a one-element"),
+        (FP8, torch.float16, (torch.ones(1), torch.ones(1).double()), "v_scale must be"),
+        (FP8, torch.float16, (1.0, torch.ones(1)), "got float"),
+    ],
+)
+def test_store_kv_refuses_mismatched_dtypes_and_scales(cache, key, scales, match) -> None:
+    _, kv_cache = layer_cache("LBNHC", 3, 2, 16, 32, dtype=cache)
+    k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, 32)
+    new = torch.randn(2, 2, 32).to(key)
+    if scales == "ok":
+        scales = (torch.ones(1), torch.ones(1))
+    with pytest.raises(ValueError, match=match):
+        vllm_kernels.store_kv(new, new, k_cache, v_cache, torch.tensor([1, 2]), scales)
 
 
 def test_store_kv_with_only_padding_changes_nothing() -> None:
@@ -237,8 +288,8 @@ def test_paged_attention_with_masks_matches_the_reference(sliding_window, softca
 
 
 class Loads(list):
-    """What the launch path loaded: ("forward", mask spec, layout, workload), ("combine",
-    adds sinks) and ("kv_store",) entries, in order."""
+    """What the launch path loaded: ("forward", mask spec, layout, workload, cache dtype),
+    ("combine", adds sinks) and ("kv_store", cache dtype) entries, in order."""
 
 
 @pytest.fixture
@@ -250,7 +301,7 @@ def fake_loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
         device, head_dim, dtype, mask, layout, workload=Workload.DEFAULT, head_dim_v=None,
         cache_dtype=None,
     ):  # fmt: skip
-        loads.append(("forward", mask, layout, workload))
+        loads.append(("forward", mask, layout, workload, cache_dtype))
         return SimpleNamespace(fn=None, config=None)
 
     monkeypatch.setattr(launcher, "forward_kernel", forward_kernel)
@@ -259,7 +310,11 @@ def fake_loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
         loads.append(("combine", sinks))
 
     monkeypatch.setattr(launcher, "combine_kernel", combine_kernel)
-    monkeypatch.setattr(launcher, "kv_store_kernel", lambda *a: loads.append(("kv_store",)))
+
+    def kv_store_kernel(device, head_dim, dtype, cache_dtype=None):
+        loads.append(("kv_store", cache_dtype))
+
+    monkeypatch.setattr(launcher, "kv_store_kernel", kv_store_kernel)
     monkeypatch.setattr(
         launcher, "kernel_config", lambda *a: SimpleNamespace(tile_m=128, tile_n=128)
     )
@@ -276,21 +331,24 @@ LAYER_MASKS = [  # (sliding_window, softcap, has_sinks)
 ]
 
 
+@pytest.mark.parametrize("cache_dtype", [None, FP8], ids=["fp16-cache", "fp8-cache"])
 @pytest.mark.parametrize(("sliding_window", "softcap", "has_sinks"), LAYER_MASKS, ids=str)
 def test_load_kernels_loads_what_the_plans_of_a_layer_launch(
-    fake_loads, sliding_window, softcap, has_sinks
+    fake_loads, sliding_window, softcap, has_sinks, cache_dtype
 ) -> None:
-    """For each mask: the kernels load_kernels loads are those the launch plans of
-    vLLM-shaped batches use (decodes small and filling the GPU, uniform and with padding
-    rows; mixed batches, few and many sequences, short and long caches), nothing missing
-    (a kernel compiled mid-serving, or during CUDA-graph capture) and nothing spare:
-    decode takes the single-query kernels with every mask (a window too), split kernels
-    leave sinks to a combine that adds them."""
+    """For each mask and cache dtype (the model's, or FP8): the kernels load_kernels
+    loads are those the launch plans of vLLM-shaped batches use (decodes small and
+    filling the GPU, uniform and with padding rows; mixed batches, few and many
+    sequences, short and long caches), nothing missing (a kernel compiled mid-serving, or
+    during CUDA-graph capture) and nothing spare: decode takes the single-query kernels
+    with every mask (a window too), split kernels leave sinks to a combine that adds
+    them; an FP8 cache's kernels convert it (and its store quantizes)."""
     window = vllm_kernels.window_size_of(sliding_window)
     device = torch.device("cuda", 0)  # a key only: nothing runs
     vllm_kernels.load_kernels(
-        device, 64, torch.float16, 16, window_size=window, softcap=softcap, has_sinks=has_sinks
-    )
+        device, 64, torch.float16, 16, window_size=window, softcap=softcap,
+        has_sinks=has_sinks, cache_dtype=cache_dtype,
+    )  # fmt: skip
     loaded = set(fake_loads)
     assert len(loaded) == len(fake_loads), "a kernel loaded twice"
     fake_loads.clear()
@@ -307,7 +365,8 @@ def test_load_kernels_loads_what_the_plans_of_a_layer_launch(
     ]:
         total = sum(q_lens)
         q = torch.zeros(total, h, d, dtype=torch.float16)
-        k_cache = torch.zeros(batch * capacity // block_size, block_size, hkv, d).half()
+        k_cache = torch.zeros(batch * capacity // block_size, block_size, hkv, d)
+        k_cache = k_cache.to(cache_dtype or torch.float16)
         table = torch.zeros(batch, capacity // block_size, dtype=torch.int32)
         starts = torch.tensor([0, *torch.tensor(q_lens[:batch]).cumsum(0).tolist()])
         plan = kvcache.kvcache_plan(
@@ -315,24 +374,28 @@ def test_load_kernels_loads_what_the_plans_of_a_layer_launch(
             starts.to(torch.int32), max(q_lens), mask, 0,
         )  # fmt: skip
         assert not isinstance(plan, str) and plan.answer == "launch", plan
-    used = set(fake_loads) | {("kv_store",)}  # store_kv's kernel (not the plans')
+    used = set(fake_loads) | {("kv_store", cache_dtype)}  # store_kv's kernel (not the plans')
     assert used <= loaded, f"not preloaded: {used - loaded}"
     assert loaded <= used, f"preloaded, never used: {loaded - used}"
     forward = [load for load in loaded if load[0] == "forward"]
-    assert any(layout.single_query for _, _, layout, _ in forward)
-    assert all(spec.sinks == (has_sinks and not layout.split_kv) for _, spec, layout, _ in forward)
-    assert ("combine", has_sinks) in loaded and ("kv_store",) in loaded
+    assert any(layout.single_query for _, _, layout, _, _ in forward)
+    assert all(
+        spec.sinks == (has_sinks and not layout.split_kv) for _, spec, layout, _, _ in forward
+    )
+    assert all(cache == cache_dtype for *_, cache in forward)
+    assert ("combine", has_sinks) in loaded and ("kv_store", cache_dtype) in loaded
 
 
+@pytest.mark.parametrize("cache_dtype", [None, FP8], ids=["fp16-cache", "fp8-cache"])
 @pytest.mark.parametrize(("sliding_window", "softcap", "has_sinks"), LAYER_MASKS, ids=str)
 def test_every_kernel_load_kernels_asks_for_is_registered(
-    monkeypatch: pytest.MonkeyPatch, sliding_window, softcap, has_sinks
+    monkeypatch: pytest.MonkeyPatch, sliding_window, softcap, has_sinks, cache_dtype
 ) -> None:
     """The registry (and each kernel's `can_implement`) serves every kernel a layer's
-    mask needs, for the head sizes and dtypes the backend declares (sm_90a forced; the
-    kernels' configs are collected, not compiled)."""
+    mask needs, for the head sizes and dtypes the backend declares with either cache
+    dtype (sm_90a forced; the kernels' configs are collected, not compiled)."""
     pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
-    from cutedsl_kernels.config import CombineConfig, FmhaFwdConfig
+    from cutedsl_kernels.config import CombineConfig, FmhaFwdConfig, KVStoreConfig
 
     monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
     configs: list[object] = []
@@ -343,8 +406,13 @@ def test_every_kernel_load_kernels_asks_for_is_registered(
             vllm_kernels.load_kernels(
                 torch.device("cuda", 0), head_size, dtype, 16,
                 window_size=window, softcap=softcap, has_sinks=has_sinks,
+                cache_dtype=cache_dtype,
             )  # fmt: skip
     fwd = [c for c in configs if isinstance(c, FmhaFwdConfig)]
+    cache = None if cache_dtype is None else "float8_e4m3fn"
+    assert all(c.dtypes.cache == cache for c in fwd)
+    stores = [c for c in configs if isinstance(c, KVStoreConfig)]
+    assert len(stores) == 4 and all(c.quantizes == (cache is not None) for c in stores)
     assert fwd and all(c.mask.window == bool(sliding_window) for c in fwd)
     assert all(c.mask.softcap == bool(softcap) for c in fwd)
     assert all(c.mask.sinks == (has_sinks and not c.split_kv) for c in fwd)  # split: combine
@@ -393,6 +461,35 @@ def test_load_kernels_compiles_every_kernel_the_backend_launches(
     assert len(loaded) == len(fwd) + 2 == 7  # each kernel loaded once
     vllm_kernels.load_kernels(device, 64, torch.float16, 32)
     assert len(loaded) == 7  # ... and then served from the launch path's memos
+
+
+@pytest.mark.slow
+def test_load_kernels_compiles_the_kernels_of_an_fp8_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`test_load_kernels_compiles_every_kernel_the_backend_launches` over an FP8 cache
+    (vLLM's kv_cache_dtype="fp8"): the paged kernels that convert the cache (decode and
+    packed causal queries, split and not; no two-CTA decode), the combine and the cache
+    update that quantizes, each compiled and loaded once."""
+    pytest.importorskip("cutlass", reason="needs the CuTe DSL (nvidia-cutlass-dsl)")
+    from cutedsl_kernels.config import FmhaFwdConfig, KVStoreConfig
+
+    monkeypatch.setenv("SPARSEK_ARCH", "sm_90a")
+    loaded: list[object] = []
+    get_kernel = launcher.get_kernel
+    monkeypatch.setattr(launcher, "get_kernel", lambda c: loaded.append(c) or get_kernel(c))
+    device = torch.device("cuda", 0)  # only a key here: nothing is launched
+    vllm_kernels.load_kernels(device, 128, torch.bfloat16, 16, cache_dtype=FP8)
+    fwd = [c for c in loaded if isinstance(c, FmhaFwdConfig)]
+    assert {(c.mask.causal, c.single_query, c.split_kv) for c in fwd} == {
+        (False, True, False),
+        (False, True, True),
+        (True, False, False),
+        (True, False, True),
+    }
+    assert all(c.dtypes.cache == "float8_e4m3fn" and c.tile_m == 64 for c in fwd)
+    assert [c for c in loaded if isinstance(c, KVStoreConfig)] == [
+        KVStoreConfig("sm_90a", 128, "bfloat16", "float8_e4m3fn")
+    ]
+    assert len(loaded) == len(set(loaded)) == 6
 
 
 @pytest.mark.slow

@@ -28,6 +28,8 @@ from cutlass import Float32, Int32, const_expr
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
+from cutedsl_kernels.common.e4m3 import pack_e4m3x4
+
 
 @dsl_user_op
 def pack_pair(lo: Float32, hi: Float32, dtype: type, *, loc=None, ip=None) -> Int32:
@@ -39,26 +41,6 @@ def pack_pair(lo: Float32, hi: Float32, dtype: type, *, loc=None, ip=None) -> In
             [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
             f"cvt.rn.{kind}.f32 $0, $1, $2;",  # first source lands in the upper half
             "=r,f,f",
-            has_side_effects=False,
-            is_align_stack=False,
-            asm_dialect=llvm.AsmDialect.AD_ATT,
-        )
-    )
-
-
-@dsl_user_op
-def pack_e4m3x4(a: Float32, b: Float32, c: Float32, d: Float32, *, loc=None, ip=None) -> Int32:
-    """Round four floats to E4M3 (saturating at +-448) in one 32-bit word, `a` in its
-    lowest byte."""
-    return Int32(
-        llvm.inline_asm(
-            T.i32(),
-            [Float32(x).ir_value(loc=loc, ip=ip) for x in (a, b, c, d)],
-            "{\n.reg .b16 lo, hi;\n"
-            "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"  # first source: the upper byte
-            "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n"
-            "mov.b32 $0, {lo, hi};\n}",
-            "=r,f,f,f,f",
             has_side_effects=False,
             is_align_stack=False,
             asm_dialect=llvm.AsmDialect.AD_ATT,

@@ -16,10 +16,11 @@ How a request maps onto one kernel launch (plus the split-KV combine):
 - split-KV: when the (batch x heads x query tiles) CTAs cannot fill the GPU, the cache's
   key tiles are split across `num_splits` CTAs (chosen from the cache capacity, never from
   device values) and merged by the combine kernel.
-- an FP8 cache (float8_e4m3fn under 16-bit queries) runs decode on the kernels that
-  convert its tiles in shared memory (one MMA warpgroup, split or not; no two-CTA tiles),
-  with the cache's (batch, num_kv_heads) descales; other requests over it have no
-  kernel (the plan says why; the callers dequantize the cache).
+- an FP8 cache (float8_e4m3fn under 16-bit queries) runs on the kernels that convert
+  its tiles in shared memory (64-row tiles: one MMA warpgroup, split or not; no two-CTA
+  tiles), decode and longer queries alike, with the cache's (batch, num_kv_heads)
+  descales; a request they cannot serve gets the plan's reason (the callers dequantize
+  the cache).
 - masks (`sparsek.masks.Mask`) keep the routes above. A windowed decode takes the
   `single_query` kernels for batched queries too (their masks place every row, a head, at
   the sequence's last token), so each CTA reads only its window's key tiles, once per KV
@@ -358,18 +359,20 @@ def load_kvcache_kernels(
     dtype: torch.dtype,
     page_size: int,
     mask: Mask = CAUSAL,
+    cache_dtype: torch.dtype | None = None,
 ) -> None:
     """Load (compile on a cache miss) every kernel `attention_with_kvcache` may launch for
     packed queries over a cache of `page_size` (0: contiguous) with `mask`, the canonical
     mask of the calls to come (`make_mask` of their causal, window_size, softcap and sinks;
-    default: causal):
+    default: causal), the cache in `cache_dtype` (None: `dtype`; float8_e4m3fn: the
+    kernels that convert it):
 
     - packed queries with the mask, and decode (one query per sequence: the `single_query`
       kernels, the mask without causal, since a single query sees every key), each with
       and without split-KV (split kernels leave sinks to the combine);
-    - decode of a batch that fills the GPU (never split);
+    - decode of a batch that fills the GPU (never split; not over an FP8 cache);
     - the combine (adding sinks when the mask has them);
-    - (paged) the cache update `store_paged_kv`.
+    - (paged) the cache update `store_paged_kv` (quantizing into an FP8 cache).
 
     Serving engines call this before their first request or CUDA-graph capture, once per
     mask their layers use.
@@ -378,6 +381,7 @@ def load_kvcache_kernels(
         UnsupportedError: no registered kernel serves one of them.
     """
     kv_layout = "paged" if page_size else "cache"
+    cache_dtype = None if cache_dtype == dtype else cache_dtype
     decode_mask = dataclasses.replace(mask, causal=False)  # a single query sees every key
     for single_query, kernel_mask, workload in (
         (False, mask, Workload.DEFAULT),
@@ -386,14 +390,17 @@ def load_kvcache_kernels(
         for split in (False, True):
             layout = Layout(True, kv_layout, page_size, split, single_query)
             spec = dataclasses.replace(kernel_mask.spec, sinks=kernel_mask.sinks and not split)
-            launcher.forward_kernel(device, head_dim, dtype, spec, layout, workload)
-    fills_gpu = Layout(True, kv_layout, page_size, single_query=True)
-    launcher.forward_kernel(
-        device, head_dim, dtype, decode_mask.spec, fills_gpu, Workload.DECODE_FILLS_GPU
-    )
+            launcher.forward_kernel(
+                device, head_dim, dtype, spec, layout, workload, cache_dtype=cache_dtype
+            )
+    if cache_dtype is None:
+        fills_gpu = Layout(True, kv_layout, page_size, single_query=True)
+        launcher.forward_kernel(
+            device, head_dim, dtype, decode_mask.spec, fills_gpu, Workload.DECODE_FILLS_GPU
+        )
     launcher.combine_kernel(device, head_dim, dtype, mask.sinks)
     if page_size:
-        launcher.kv_store_kernel(device, head_dim, dtype)
+        launcher.kv_store_kernel(device, head_dim, dtype, cache_dtype)
 
 
 def request_layout(

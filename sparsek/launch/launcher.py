@@ -60,9 +60,9 @@ ForwardKey = tuple[
     torch.dtype | None,
 ]
 _FORWARD: dict[ForwardKey, ForwardKernel] = {}
-# (device index, head_dim, dtype) -> loaded combine / paged KV-cache update kernel.
+# (device index, head_dim, dtype[, cache dtype]) -> loaded combine / paged KV-cache update kernel.
 _COMBINE: dict[tuple[int | None, int, torch.dtype, bool], KernelFn] = {}
-_KV_STORE: dict[tuple[int | None, int, torch.dtype], KernelFn] = {}
+_KV_STORE: dict[tuple[int | None, int, torch.dtype, torch.dtype | None], KernelFn] = {}
 for _memo in (_FORWARD, _COMBINE, _KV_STORE):
     memo.register(_memo.clear)
 
@@ -120,16 +120,25 @@ def combine_kernel(
     return kernel
 
 
-def kv_store_kernel(device: torch.device, head_dim: int, dtype: torch.dtype) -> KernelFn:
-    """The loaded paged KV-cache update kernel for K/V of `head_dim` and `dtype`.
+def kv_store_kernel(
+    device: torch.device,
+    head_dim: int,
+    dtype: torch.dtype,
+    cache_dtype: torch.dtype | None = None,
+) -> KernelFn:
+    """The loaded paged KV-cache update kernel for K/V of `head_dim` and `dtype` into a
+    cache of `cache_dtype` (None: `dtype`).
 
     Raises:
         UnsupportedError: no CUDA device, or no kernel serves it.
     """
-    key = (device.index, head_dim, dtype)
+    cache_dtype = None if cache_dtype in (None, dtype) else cache_dtype
+    key = (device.index, head_dim, dtype, cache_dtype)
     kernel = _KV_STORE.get(key)
     if kernel is None:
-        config_for = functools.partial(lookup_kv_store, head_dim=head_dim, dtype=dtype)
+        config_for = functools.partial(
+            lookup_kv_store, head_dim=head_dim, dtype=dtype, cache_dtype=cache_dtype
+        )
         kernel = _KV_STORE[key] = load(device, config_for)
     return kernel
 

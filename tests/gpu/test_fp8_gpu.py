@@ -211,22 +211,19 @@ def test_head_dims_without_an_fp8_kernel_run_dequantized(monkeypatch) -> None:
     torch.testing.assert_close(lse.double().cpu(), want_lse, atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.usefixtures("strict_and_poisoned")
 @pytest.mark.parametrize("num_splits", [1, 0], ids=["unsplit", "auto-split"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("seqlen_q", [1, 3], ids=["decode", "chunk"])
-def test_fp8_caches_match_the_dequantized_reference(
-    seqlen_q, paged, num_splits, monkeypatch
-) -> None:
-    """A float8_e4m3fn KV cache under bfloat16 queries: decode runs the kernels that
-    convert the cache in shared memory (fallbacks refused, outputs poisoned; split and
-    not), several new queries per sequence run on the batch's blocks dequantized (the
-    documented fallback). Each sequence matches attention over its keys and values times
-    its descale rows, within the 16-bit suites' rule against SDPA in bfloat16 on the
-    same dequantized values."""
-    if seqlen_q == 1:
-        monkeypatch.setenv("SPARSEK_STRICT", "1")
+@pytest.mark.parametrize("seqlen_q", [1, 3, 77], ids=["decode", "chunk", "prefill"])
+def test_fp8_caches_match_the_dequantized_reference(seqlen_q, paged, num_splits) -> None:
+    """A float8_e4m3fn KV cache under bfloat16 queries runs the kernels that convert the
+    cache in shared memory (fallbacks refused, outputs poisoned; split and not): decode,
+    a few new queries per sequence and a prefill chunk of two 64-row query tiles (causal,
+    bottom-right). Each sequence matches attention over its keys and values times its
+    descale rows, within the 16-bit suites' rule against SDPA in bfloat16 on the same
+    dequantized values."""
     gen = torch.Generator(device="cuda").manual_seed(4 + seqlen_q)
-    lens, heads, kv_heads, dim, capacity = [100, 1000, 37], 8, 2, 128, 1024
+    lens, heads, kv_heads, dim, capacity = [100, 1000, 81], 8, 2, 128, 1024
     batch = len(lens)
     k, v = (
         (3 * torch.randn(batch, capacity, kv_heads, dim, device="cuda", generator=gen)).to(FP8)

@@ -33,6 +33,7 @@ import math
 
 import pytest
 import torch
+from attention_oracle import reference_f64, sdpa_in_dtype
 from test_varlen_gpu import (
     DEVICE,
     GARBAGE_SCALE,
@@ -45,6 +46,8 @@ from test_varlen_gpu import (
 )
 from torch import Tensor
 
+from sparsek.fp8 import FP8_DTYPE as FP8
+from sparsek.fp8 import quantize
 from sparsek.integrations.vllm import kernels as vllm_kernels
 from sparsek.launch import launcher
 
@@ -56,10 +59,15 @@ NUM_LAYERS, LAYER = 2, 1
 
 
 def vllm_layer_cache(layout: str, num_blocks: int, hkv: int, block_size: int, d: int, dtype, gen):
-    """(raw buffer, layer view (num_blocks, Hkv, block_size, 2D)) as vLLM lays them out."""
+    """(raw buffer, layer view (num_blocks, Hkv, block_size, 2D)) as vLLM lays them out;
+    an FP8 cache's buffer holds finite E4M3 garbage."""
     logical = (NUM_LAYERS, num_blocks, hkv, block_size, 2 * d)
     order = LAYOUTS[layout]
-    raw = randn(gen, *(logical[i] for i in order), dtype=dtype) * GARBAGE_SCALE
+    shape = [logical[i] for i in order]
+    if dtype == FP8:
+        raw = quantize(randn(gen, *shape, dtype=torch.float32), torch.ones(1, device=DEVICE))
+    else:
+        raw = randn(gen, *shape, dtype=dtype) * GARBAGE_SCALE
     inverse = sorted(range(5), key=lambda i: order[i])
     return raw, raw.permute(*inverse)[LAYER]
 
@@ -93,8 +101,11 @@ def slots(table: Tensor, block_size: int, seq: int, positions: range) -> list[in
     return [int(table[seq, p // block_size]) * block_size + p % block_size for p in positions]
 
 
-def write(step: Step, k_cache, v_cache, table, block_size: int, which: str, pad: int = 0):
-    """store_kv the contexts ("context") or the new tokens ("new", + `pad` slots of -1)."""
+def write(
+    step: Step, k_cache, v_cache, table, block_size: int, which: str, pad: int = 0, scales=None
+):
+    """store_kv the contexts ("context") or the new tokens ("new", + `pad` slots of -1);
+    `scales`: an FP8 cache's (k_scale, v_scale)."""
     keys, values, slot_list = [], [], []
     for b, (c, n) in enumerate(zip(step.contexts, step.new, strict=True)):
         rows = range(0, c) if which == "context" else range(c, c + n)
@@ -107,7 +118,7 @@ def write(step: Step, k_cache, v_cache, table, block_size: int, which: str, pad:
         value = torch.cat([value, torch.full_like(value[:pad], 7.0)])
         slot_list += [-1] * pad
     slot_mapping = torch.tensor(slot_list, dtype=torch.int64, device=DEVICE)
-    vllm_kernels.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    vllm_kernels.store_kv(key, value, k_cache, v_cache, slot_mapping, scales)
     return slot_list
 
 
@@ -178,8 +189,11 @@ def test_mixed_batch_over_vllm_cache(dtype, d, h, hkv, block_size, layout) -> No
     check_close(out[: expect.out.shape[0]], expect)
 
 
-def check_store(before, raw, kv_cache, k_cache, v_cache, step: Step, slot_list) -> None:
-    """The new tokens' rows at their slots, bit for bit; nothing else changed."""
+def check_store(
+    before, raw, kv_cache, k_cache, v_cache, step: Step, slot_list, scales=None
+) -> None:
+    """The new tokens' rows at their slots, bit for bit (an FP8 cache: `fp8.quantize` of
+    them by `scales`); nothing else changed."""
     block_size = k_cache.shape[1]
     want = before.clone()
     # Rebuild the same layer view on the copy and write the expected rows through it.
@@ -188,10 +202,64 @@ def check_store(before, raw, kv_cache, k_cache, v_cache, step: Step, slot_list) 
     wk, wv = vllm_kernels.split_kv_cache(want_view, k_cache.shape[-1])
     rows_k = torch.cat([kb[c:] for kb, c in zip(step.ks, step.contexts, strict=True)])
     rows_v = torch.cat([vb[c:] for vb, c in zip(step.vs, step.contexts, strict=True)])
+    if scales is not None:
+        rows_k, rows_v = (quantize(r, s) for r, s in zip((rows_k, rows_v), scales, strict=True))
     for i, slot in enumerate(s for s in slot_list if s >= 0):
         wk[slot // block_size, slot % block_size] = rows_k[i]
         wv[slot // block_size, slot % block_size] = rows_v[i]
-    assert torch.equal(raw.view(torch.int16), want.view(torch.int16)), "store_kv wrote wrong bytes"
+    bits = torch.uint8 if raw.element_size() == 1 else torch.int16
+    assert torch.equal(raw.view(bits), want.view(bits)), "store_kv wrote wrong bytes"
+
+
+FP8_CASES = [
+    # (dtype, d, h, hkv, block_size, layout)
+    pytest.param(torch.bfloat16, 128, 32, 8, 16, "LBNHC", id="bf16-d128-gqa4-b16-LBNHC"),
+    pytest.param(torch.float16, 64, 8, 2, 32, "LBHNC", id="fp16-d64-gqa4-b32-LBHNC"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "d", "h", "hkv", "block_size", "layout"), FP8_CASES)
+def test_mixed_batch_over_an_fp8_vllm_cache(dtype, d, h, hkv, block_size, layout) -> None:
+    """vLLM's kv_cache_dtype="fp8": store_kv writes E4M3 of each new key / k_scale and
+    value / v_scale (bit for bit `sparsek.fp8.quantize`, padding slots skipped), and a
+    batch of decodes, chunked prefills and prefills over that cache, with the same
+    scales as descales, runs the FP8-cache kernels (fallbacks refused). Reference:
+    float64 attention over the exactly dequantized keys and values (E4M3 value x scale);
+    the tolerance's peer is SDPA in the queries' dtype over them rounded to that dtype."""
+    contexts = [1023, 0, 300, 0, 17, 4999, 64, 129]
+    new = [1, 1, 77, 513, 3, 1, 1, 3]
+    step = Step(contexts, new, hkv, d, dtype, seed=17)
+    num_blocks = sum(-(-n // block_size) for n in step.lens) + 9
+    raw, kv_cache = vllm_layer_cache(layout, num_blocks, hkv, block_size, d, FP8, generator(13))
+    k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, d)
+    table = assign_blocks(step.lens, block_size, num_blocks, seed=5)
+    # keys and values ~ N(0, 1): |x| / scale stays below 448 but for far outliers
+    scales = (torch.tensor([0.011], device=DEVICE), torch.tensor([0.017], device=DEVICE))
+    vllm_kernels.load_kernels(torch.device(DEVICE), d, dtype, block_size, cache_dtype=FP8)
+
+    write(step, k_cache, v_cache, table, block_size, "context", scales=scales)
+    before = raw.clone()
+    slot_list = write(step, k_cache, v_cache, table, block_size, "new", pad=5, scales=scales)
+    check_store(before, raw, kv_cache, k_cache, v_cache, step, slot_list, scales)
+
+    scale = 1 / math.sqrt(d)
+    qs = queries(step, h, d, dtype, 9)
+    q = torch.cat(qs)
+    out = torch.full((q.shape[0] + 4, h, d), float("nan"), dtype=dtype, device=DEVICE)
+    starts = list(itertools.accumulate(new, initial=0))
+    vllm_kernels.paged_attention(q, k_cache, v_cache, int32(starts), int32(step.lens), table,
+                                 max(new), scale, out[: q.shape[0]], descales=scales)  # fmt: skip
+    exact = [
+        [quantize(t, sc).double() * sc.double() for t in ts]
+        for ts, sc in zip((step.ks, step.vs), scales, strict=True)
+    ]
+    per_seq = [
+        (*reference_f64(qb, kb, vb, True, scale),
+         sdpa_in_dtype(qb, kb.to(dtype), vb.to(dtype), True, scale))
+        for qb, kb, vb in zip(qs, *exact, strict=True)
+    ]  # fmt: skip
+    check_close(out[: q.shape[0]], as_packed(per_seq))
+    assert out[q.shape[0] :].isnan().all(), "padding rows must not be written"
 
 
 def masked_reference(q, k, v, scale: float, sliding_window, softcap, sinks, *, peer=False):

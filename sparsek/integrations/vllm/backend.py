@@ -12,11 +12,13 @@ it reads the backend name. This module holds the backend itself:
     the reasons from `validate_configuration`): decoder self-attention, causal; head
     sizes and compute capabilities with a registered sparsek kernel (32, 64, 96, 128,
     192 and 256 on 9.0);
-    float16 / bfloat16 with a KV cache of the same dtype ("auto"); kernel block sizes that
-    are multiples of 16; layers with a sliding window, a logits soft cap and attention
-    sinks (gpt-oss has windows and sinks), alone or together. Not supported (refused):
-    ALiBi, R-SWA, encoder / cross attention, non-causal attention, fp8 KV caches, MLA,
-    DCP/PCP, fused output quantization, batch invariance.
+    float16 / bfloat16 with a KV cache of the same dtype ("auto") or an FP8 E4M3 cache
+    (`kv_cache_dtype="fp8"` / `"fp8_e4m3"`, head sizes with FP8-cache kernels: 64 and 128
+    on 9.0); kernel block sizes that are multiples of 16; layers with a sliding window, a
+    logits soft cap and attention sinks (gpt-oss has windows and sinks), alone or
+    together. Not supported (refused): ALiBi, R-SWA, encoder / cross attention,
+    non-causal attention, other quantized KV caches (fp8_e5m2, per-token-head scales),
+    MLA, DCP/PCP, fused output quantization, batch invariance.
   * `SparseKImpl` takes a layer's mask as vLLM's FlashAttention backend reads it:
     `sliding_window` (the tokens a query sees, itself included) is the window
     (sliding_window - 1, 0), bottom-right per sequence; `logits_soft_cap` None or 0 is no
@@ -26,9 +28,12 @@ it reads the backend name. This module holds the backend itself:
     another dtype or shape, a sliding window < 1 and a negative or non-finite soft cap are
     refused when vLLM builds the layer, with the reason.
   * `SparseKImpl.do_kv_cache_update` writes the step's new K/V into the paged cache
-    (slots < 0 skipped); `SparseKImpl.forward` runs every sequence of the batch
+    (slots < 0 skipped; an FP8 cache gets them divided by the layer's per-tensor
+    `_k_scale` / `_v_scale` and rounded to E4M3, as vLLM's own cache update writes them);
+    `SparseKImpl.forward` runs every sequence of the batch
     (decodes, chunked prefills, prefills, mixed) in one `sparsek.attention_with_kvcache`
-    call over vLLM's cache, read in place (see `sparsek.integrations.vllm.kernels`).
+    call over vLLM's cache, read in place (an FP8 cache with the same scales as its
+    descales; queries stay in the model's dtype), see `sparsek.integrations.vllm.kernels`.
   * `SparseKMetadataBuilder` passes vLLM's persistent metadata tensors through (no host
     synchronization, no allocation) and, when it is created (before the first request and
     before CUDA-graph capture), loads every kernel its layers can need: those of each
@@ -68,12 +73,15 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "pip install vllm==0.33.0 (or, in a sparsek checkout: pip install '.[vllm]')"
     ) from exc
 
-from sparsek import registry
+from sparsek import registry, tuning
+from sparsek.fp8 import FP8_DTYPE
 from sparsek.integrations.vllm import kernels
 from sparsek.integrations.vllm.plugin import BACKEND_NAME
 
 __all__ = ["BACKEND_NAME", "SparseKBackend", "SparseKImpl", "SparseKMetadata"]
 
+# vLLM's names of an FP8 E4M3 KV cache with per-tensor scales.
+FP8_CACHES = ("fp8", "fp8_e4m3")
 # Kernel block sizes (vLLM's "block_size", the kernels' page size): multiples of this.
 BLOCK_SIZE_MULTIPLE = 16
 
@@ -103,7 +111,7 @@ class SparseKBackend(AttentionBackend):  # type: ignore[misc]
     """vLLM attention backend running sparsek's paged-KV kernels."""
 
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16]
-    supported_kv_cache_dtypes: ClassVar[list[Any]] = ["auto", "float16", "bfloat16"]
+    supported_kv_cache_dtypes: ClassVar[list[Any]] = ["auto", "float16", "bfloat16", *FP8_CACHES]
     # vLLM calls do_kv_cache_update before forward.
     forward_includes_kv_cache_update: bool = False
 
@@ -189,6 +197,14 @@ class SparseKBackend(AttentionBackend):  # type: ignore[misc]
         if dims and head_size not in dims:
             return f"head_size={head_size} has no sparsek kernel on {arch}: {dims}"
         cache_dtype = _cache_dtype_name(kv_cache_dtype)
+        if cache_dtype in FP8_CACHES:
+            fp8_dims = tuning.fp8_head_dims(arch)
+            if dims and head_size not in fp8_dims:
+                return (
+                    f"kv_cache_dtype={kv_cache_dtype} with head_size={head_size}: sparsek's "
+                    f"FP8-cache kernels on {arch} serve head sizes {fp8_dims}"
+                )
+            return None
         known = cache_dtype in cls.supported_kv_cache_dtypes  # else refused already
         if known and cache_dtype not in (None, registry.dtype_name(dtype)):
             return (
@@ -199,7 +215,8 @@ class SparseKBackend(AttentionBackend):  # type: ignore[misc]
 
 
 def _cache_dtype_name(kv_cache_dtype: Any) -> str | None:
-    """ "float16" / "bfloat16" for an explicit cache dtype; None for "auto" (the model's)."""
+    """ "float16" / "bfloat16" / "fp8" ... for an explicit cache dtype; None for "auto"
+    (the model's)."""
     if kv_cache_dtype in (None, "auto"):
         return None
     return str(kv_cache_dtype)
@@ -249,6 +266,7 @@ class SparseKImpl(AttentionImpl[SparseKMetadata]):  # type: ignore[misc]
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
         self.kv_cache_dtype = kv_cache_dtype
+        self.fp8_cache = kv_cache_dtype in FP8_CACHES
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.sliding_window = sliding_window
@@ -298,9 +316,23 @@ class SparseKImpl(AttentionImpl[SparseKMetadata]):  # type: ignore[misc]
         kv_cache: Tensor,
         slot_mapping: Tensor,
     ) -> None:
-        """Write this step's keys/values into the layer's paged cache (slots < 0 skipped)."""
-        k_cache, v_cache = kernels.split_kv_cache(kv_cache, self.head_size)
-        kernels.store_kv(key, value, k_cache, v_cache, slot_mapping)
+        """Write this step's keys/values into the layer's paged cache (slots < 0 skipped;
+        an FP8 cache: divided by the layer's `_k_scale` / `_v_scale`, rounded)."""
+        k_cache, v_cache = self.layer_caches(kv_cache)
+        kernels.store_kv(key, value, k_cache, v_cache, slot_mapping, self.cache_scales(layer))
+
+    def layer_caches(self, kv_cache: Tensor) -> tuple[Tensor, Tensor]:
+        """K and V views of the layer's cache (vLLM allocates FP8 caches as uint8)."""
+        if self.fp8_cache:
+            kv_cache = kv_cache.view(FP8_DTYPE)
+        return kernels.split_kv_cache(kv_cache, self.head_size)
+
+    def cache_scales(self, layer: Any) -> tuple[Tensor, Tensor] | None:
+        """An FP8 cache's (k_scale, v_scale): the layer's per-tensor float32 scales (vLLM
+        keeps them on the device and updates them in place); None otherwise."""
+        if not self.fp8_cache:
+            return None
+        return layer._k_scale, layer._v_scale
 
     def forward(
         self,
@@ -322,7 +354,7 @@ class SparseKImpl(AttentionImpl[SparseKMetadata]):  # type: ignore[misc]
         if attn_metadata is None:  # vLLM's memory-profiling run: no cache, no metadata
             return output.fill_(0)
         n = attn_metadata.num_actual_tokens
-        k_cache, v_cache = kernels.split_kv_cache(kv_cache, self.head_size)
+        k_cache, v_cache = self.layer_caches(kv_cache)
         kernels.paged_attention(
             query[:n],
             k_cache,
@@ -336,6 +368,7 @@ class SparseKImpl(AttentionImpl[SparseKMetadata]):  # type: ignore[misc]
             window_size=self.window_size,
             softcap=self.logits_soft_cap,
             sinks=self.sinks,
+            descales=self.cache_scales(layer),
         )
         return output
 
@@ -419,13 +452,15 @@ class SparseKMetadataBuilder(AttentionMetadataBuilder[SparseKMetadata]):  # type
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         if torch.device(device).type == "cuda":
+            dtype, cache_dtype = group_dtypes(kv_cache_spec, vllm_config)
             for mask in group_masks(kv_cache_spec, layer_names, vllm_config):
                 kernels.load_kernels(
                     torch.device(device),
                     kv_cache_spec.head_size,
-                    kv_cache_spec.dtype,
+                    dtype,
                     kv_cache_spec.block_size,
                     **mask._asdict(),
+                    cache_dtype=cache_dtype,
                 )
 
     def build(
@@ -449,6 +484,15 @@ class SparseKMetadataBuilder(AttentionMetadataBuilder[SparseKMetadata]):  # type
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping,
         )
+
+
+def group_dtypes(kv_cache_spec: Any, vllm_config: Any) -> tuple[torch.dtype, torch.dtype | None]:
+    """(the queries' dtype, the cache's when it differs: float8_e4m3fn, else None) of a
+    KV-cache group. vLLM's spec of an FP8 cache says uint8 (its allocation); the queries
+    then have the model's dtype."""
+    if kv_cache_spec.dtype != torch.uint8:
+        return kv_cache_spec.dtype, None
+    return vllm_config.model_config.dtype, FP8_DTYPE
 
 
 def group_masks(kv_cache_spec: Any, layer_names: list[str], vllm_config: Any) -> list[MaskArgs]:

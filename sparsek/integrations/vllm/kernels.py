@@ -19,8 +19,12 @@ they could not read without a copy).
                   attention sinks) written into vLLM's preallocated output
   window_size_of  vLLM's `sliding_window` (tokens a query sees, itself included) as the
                   (left, right) `window_size` of sparsek's kernels: (sliding_window - 1, 0)
-  load_kernels    load (compile on a cache miss) every kernel paged_attention may launch
-                  for a layer's mask
+  load_kernels    load (compile on a cache miss) every kernel paged_attention and
+                  store_kv may launch for a layer's mask and cache dtype
+
+FP8 caches (vLLM's kv_cache_dtype "fp8" / "fp8_e4m3"): the layer cache viewed as
+float8_e4m3fn; store_kv quantizes new keys/values with the layer's per-tensor k_scale /
+v_scale, paged_attention reads them back with the same factors (bf16/fp16 queries).
 
 These are what the GPU tests (tests/gpu/test_vllm_gpu.py) check against float64 attention
 on a cache filled by `store_kv`, so the backend's device path is tested without vLLM.
@@ -32,9 +36,13 @@ import torch
 from torch import Tensor
 
 from sparsek import api_varlen
+from sparsek.fp8 import is_fp8, quantize
 from sparsek.launch import kv_store, kvcache
 from sparsek.launch.tma import tma_readable
 from sparsek.masks import NO_WINDOW, make_mask
+
+# The key/value dtypes stored into float8_e4m3fn caches (and of the queries over them).
+CACHE_QUERY_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def split_kv_cache(kv_cache: Tensor, head_size: int) -> tuple[Tensor, Tensor]:
@@ -84,35 +92,98 @@ def _canonical_singleton_strides(view: Tensor) -> Tensor:
 
 
 def store_kv(
-    key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+    key: Tensor,
+    value: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    scales: tuple[Tensor, Tensor] | None = None,
 ) -> None:
     """Write token i's key/value at slot `slot_mapping[i]` of the paged caches, in place.
 
     Args:
-        key, value: (num_tokens, num_kv_heads, head_size) in the caches' dtype; rows past
-            len(slot_mapping) ignored (CUDA-graph padding).
+        key, value: (num_tokens, num_kv_heads, head_size) in the caches' dtype, or
+            float16/bfloat16 for float8_e4m3fn caches; rows past len(slot_mapping)
+            ignored (CUDA-graph padding).
         k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_size) views.
         slot_mapping: (n,) integer slots block * block_size + offset; slots < 0 are
             padding and write nothing.
+        scales: float8_e4m3fn caches only, and required with them: (k_scale, v_scale),
+            one-element float32 tensors on the caches' device (vLLM's per-tensor
+            `layer._k_scale`, `layer._v_scale`). The caches hold E4M3 of key / k_scale and
+            value / v_scale, saturated at +-448 (`sparsek.fp8.quantize`); attention reads
+            them back with the same factors as `k_descale` / `v_descale`.
+
+    Raises:
+        ValueError: dtypes that do not match (above), or scales missing, given for a
+            16-bit cache, or not one-element float32 tensors on the caches' device.
 
     CUDA: sparsek's cache-update kernel (one launch, no host synchronization: capturable
-    in a CUDA graph). Elsewhere: `store_kv_reference`.
+    in a CUDA graph; the scales are read when it runs). Elsewhere: `store_kv_reference`.
     """
-    if key.dtype != k_cache.dtype or value.dtype != v_cache.dtype:
-        raise ValueError(
-            f"key/value dtype ({key.dtype}, {value.dtype}) must match the cache's "
-            f"({k_cache.dtype}, {v_cache.dtype})"
-        )
+    check_store_args(key, value, k_cache, v_cache, scales)
     if key.is_cuda:
         key = key if key.stride(-1) == 1 else key.contiguous()
         value = value if value.stride(-1) == 1 else value.contiguous()
-        kv_store.store_paged_kv(key, value, k_cache, v_cache, slot_mapping)
+        kv_store.store_paged_kv(key, value, k_cache, v_cache, slot_mapping, scales)
     else:
-        store_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+        store_kv_reference(key, value, k_cache, v_cache, slot_mapping, scales)
+
+
+def check_store_args(
+    key: Tensor,
+    value: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    scales: tuple[Tensor, Tensor] | None,
+) -> None:
+    """`store_kv`'s checks of dtypes and scales (see its `Raises:`)."""
+    quantized = is_fp8(k_cache.dtype) and is_fp8(v_cache.dtype)
+    if quantized:
+        if key.dtype not in CACHE_QUERY_DTYPES or value.dtype != key.dtype:
+            raise ValueError(
+                f"key/value dtype ({key.dtype}, {value.dtype}): float8_e4m3fn caches take "
+                "float16 or bfloat16 keys and values (one dtype), quantized with `scales`"
+            )
+    elif key.dtype != k_cache.dtype or value.dtype != v_cache.dtype:
+        raise ValueError(
+            f"key/value dtype ({key.dtype}, {value.dtype}) must match the cache's "
+            f"({k_cache.dtype}, {v_cache.dtype}), or the caches be float8_e4m3fn (both)"
+        )
+    if not quantized:
+        if scales is not None:
+            raise ValueError(f"scales are for float8_e4m3fn caches, not {k_cache.dtype}")
+        return
+    if scales is None:
+        raise ValueError(
+            "float8_e4m3fn caches need scales=(k_scale, v_scale): one-element float32 "
+            "tensors (the cache holds key / k_scale, value / v_scale)"
+        )
+    for name, scale in zip(("k_scale", "v_scale"), scales, strict=True):
+        if (
+            not isinstance(scale, Tensor)
+            or scale.dtype != torch.float32
+            or scale.numel() != 1
+            or scale.device != k_cache.device
+        ):
+            got = (
+                f"{tuple(scale.shape)} {scale.dtype} on {scale.device}"
+                if isinstance(scale, Tensor)
+                else type(scale).__name__
+            )
+            raise ValueError(
+                f"scales: {name} must be a one-element float32 tensor on {k_cache.device}, "
+                f"got {got}"
+            )
 
 
 def store_kv_reference(
-    key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+    key: Tensor,
+    value: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    scales: tuple[Tensor, Tensor] | None = None,
 ) -> None:
     """`store_kv` in torch operations, on any device (the CPU path and the kernel's oracle).
 
@@ -134,7 +205,10 @@ def store_kv_reference(
     block_size = k_cache.shape[1]
     index = (target // block_size, target % block_size)
     any_valid = (top >= 0).view(1, 1, 1)
-    for new, cache in ((key[:n], k_cache), (value[:n], v_cache)):
+    scale_of = (None, None) if scales is None else scales
+    for new, cache, scale in ((key[:n], k_cache, scale_of[0]), (value[:n], v_cache, scale_of[1])):
+        if scale is not None:  # E4M3 rows, moved as bytes (no FP8 indexing kernels needed)
+            new, cache = quantize(new, scale).view(torch.uint8), cache.view(torch.uint8)
         filler = torch.where(any_valid, new.index_select(0, largest), cache[0, 0].unsqueeze(0))
         rows = torch.where(valid[:, None, None], new, filler)
         cache.index_put_(index, rows)
@@ -179,6 +253,7 @@ def paged_attention(
     window_size: tuple[int, int] = NO_WINDOW,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    descales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Causal attention of each sequence's new queries over its cached tokens -> output.
 
@@ -201,7 +276,14 @@ def paged_attention(
         sinks: (num_heads,) float32 sink logits on query's device (each joins its head's
             softmax denominator), or None. Read by the kernel when it runs: a persistent
             tensor updated in place is seen by CUDA-graph replays.
+        descales: float8_e4m3fn caches only, and required with them: (k_scale, v_scale),
+            the one-element float32 tensors `store_kv` quantized with (read when the
+            kernel runs, as the sinks are).
     """
+    k_descale = v_descale = None
+    if descales is not None:  # per-tensor factors as (num_seqs, num_kv_heads) views
+        shape = (query_start_loc.shape[0] - 1, k_cache.shape[2])
+        k_descale, v_descale = (d.reshape(1, 1).expand(shape) for d in descales)
     out = api_varlen.attention_with_kvcache(
         query,
         k_cache,
@@ -215,6 +297,8 @@ def paged_attention(
         window_size=window_size,
         softcap=softcap,
         sinks=sinks,
+        k_descale=k_descale,
+        v_descale=v_descale,
     )
     assert isinstance(out, Tensor)
     return output.copy_(out)
@@ -229,15 +313,17 @@ def load_kernels(
     window_size: tuple[int, int] = NO_WINDOW,
     softcap: float = 0.0,
     has_sinks: bool = False,
+    cache_dtype: torch.dtype | None = None,
 ) -> None:
-    """Load every kernel `paged_attention` may launch on `device` with this mask
-    (`window_size`, `softcap`, and whether `sinks` are passed), compiling on a miss.
+    """Load every kernel `paged_attention` and `store_kv` may launch on `device` with this
+    mask (`window_size`, `softcap`, and whether `sinks` are passed) over a cache of
+    `cache_dtype` (None: `dtype`; or float8_e4m3fn), compiling on a miss.
 
     Raises:
-        UnsupportedError: no kernel serves (head_size, dtype, block_size, mask) on the
-            device.
+        UnsupportedError: no kernel serves (head_size, dtype, block_size, mask, cache
+            dtype) on the device.
     """
     if device.type == "cuda" and device.index is None:  # kernels are kept per device index
         device = torch.device("cuda", torch.cuda.current_device())
     mask = make_mask(True, window_size, softcap, has_sinks)
-    kvcache.load_kvcache_kernels(device, head_size, dtype, block_size, mask)
+    kvcache.load_kvcache_kernels(device, head_size, dtype, block_size, mask, cache_dtype)
