@@ -3,6 +3,7 @@
     python perf/lab/ab_fp8.py                  # d128 and d64 rows below
     python perf/lab/ab_fp8.py --head-dim 128 --seqlen 16384
     python perf/lab/ab_fp8.py --single-level   # also: O accumulated in the tensor cores
+    python perf/lab/ab_fp8.py --variant tile_n=176 num_stages=3   # also: another FP8 row
     python perf/lab/ab_fp8.py --decode         # paged decode: FP8 cache against bf16
 
 For each row (B * S = 16k, H = 2048 / D, causal and not; S = 16k is the FP8 issue's
@@ -14,7 +15,10 @@ inputs and descales when the `fa3_fwd` package is installed, with the perf suite
 Outputs: sparsek's FP8 output against the float32 attention of the dequantized inputs
 (max abs error beside the bf16 kernel's own error on those inputs rounded to bf16).
 With --single-level, the FP8 kernels without two-level accumulation (`pv_two_level=False`
-through `tuning.override`) are timed too: the cost of the float32 adds.
+through `tuning.override`) are timed too: the cost of the float32 adds. With --variant
+FIELD=VALUE ..., the FP8 kernels of the `tuning.FP8` row with those fields replaced
+(`tuning.Tuning`'s fields: tile_m, tile_n, num_stages, ...) instead, in the same column
+(its output checked too: a variant that computes wrong values is reported, not timed).
 Prints a markdown table; TFLOP/s count 4 * B * H * D * (visible pairs).
 
 With --decode: paged decode (one bf16 query per sequence, H32 over Hkv8, d128, 16-row
@@ -32,7 +36,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -51,7 +55,7 @@ from sparsek.reference import reference_attention  # noqa: E402
 FA3_MODULE = "fa3_fwd_interface"
 HEADER = (
     "| D | B | S | H | causal | FP8 TFLOP/s | bf16 TFLOP/s | FP8 / bf16 | FA3 FP8 TFLOP/s "
-    "| FP8 / FA3 | V copy us | FP8 err | bf16 err | 1-level TFLOP/s |\n"
+    "| FP8 / FA3 | V copy us | FP8 err | bf16 err | variant TFLOP/s |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -82,14 +86,23 @@ def fa3_fp8(
     return run
 
 
-def single_level_tflops(head_dim: int, fn: Callable[[], object], flops: int) -> str:
-    """TFLOP/s of `fn` with the FP8 row's pv_two_level=False (the tables restored after)."""
+Variant = dict[str, Any]  # Tuning fields
+
+
+def variant_tflops(
+    head_dim: int, fn: Callable[[], Tensor], flops: int, variant: Variant, want: Tensor
+) -> str:
+    """TFLOP/s of `fn` with the FP8 row's `variant` fields (the tables restored after);
+    its output must equal the registered row's `want` within FP8 noise, else "wrong"."""
     row = tuning.FP8[("sm_90a", head_dim)]
-    with tuning.override("fp8", "sm_90a", head_dim, replace(row, pv_two_level=False)):
+    with tuning.override("fp8", "sm_90a", head_dim, replace(row, **variant)):
+        err = (fn().float() - want.float()).abs().max().item()
+        if not err <= 0.05 * want.float().abs().max().item():  # (NaN too)
+            return f"wrong ({err:.3g})"
         return f"{flops / time_kernel(fn, torch.device('cuda')) / 1e9:.0f}"
 
 
-def row(head_dim: int, seqlen: int, causal: bool, single_level: bool) -> str:
+def row(head_dim: int, seqlen: int, causal: bool, variant: Variant | None) -> str:
     device = torch.device("cuda")
     heads, batch = 2048 // head_dim, max(1, 16384 // seqlen)
     gen = torch.Generator(device=device).manual_seed(seqlen + head_dim)
@@ -125,13 +138,13 @@ def row(head_dim: int, seqlen: int, causal: bool, single_level: bool) -> str:
     ref, _ = reference_attention(qf[:, rows], kf[:, keys], vf[:, keys], causal=causal)
     err_fp8 = (fp8()[:1, rows].float() - ref).abs().max().item()
     err_bf16 = (bf16()[:1, rows].float() - ref).abs().max().item()
-    single = single_level_tflops(head_dim, fp8, flops) if single_level else "-"
+    other = variant_tflops(head_dim, fp8, flops, variant, fp8()) if variant else "-"
     fa3 = tflops.get("fa3")
     fa3_cells = f"{fa3:.0f} | {tflops['fp8'] / fa3:.2f}" if fa3 else "- | -"
     return (
         f"| {head_dim} | {batch} | {seqlen} | {heads} | {causal} | {tflops['fp8']:.0f} "
         f"| {tflops['bf16']:.0f} | {tflops['fp8'] / tflops['bf16']:.2f} | {fa3_cells} "
-        f"| {copy_us:.1f} | {err_fp8:.3g} | {err_bf16:.3g} | {single} |"
+        f"| {copy_us:.1f} | {err_fp8:.3g} | {err_bf16:.3g} | {other} |"
     )
 
 
@@ -183,7 +196,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--seqlen", type=int, nargs="*", default=[1024, 4096, 16384])
     parser.add_argument("--causal", type=int, nargs="*", default=[0, 1])
-    parser.add_argument("--single-level", action="store_true")
+    parser.add_argument("--single-level", action="store_true", help="--variant pv_two_level=0")
+    parser.add_argument("--variant", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--decode", action="store_true")
     args = parser.parse_args()
     if args.decode:
@@ -192,11 +206,17 @@ def main() -> None:
         for batch, context in ((1, 8192), (8, 8192), (8, 32768), (32, 8192), (32, 32768)):
             print(decode_row(batch, context, copy_gbps), flush=True)
         return
+    variant: Variant = {"pv_two_level": False} if args.single_level else {}
+    for item in args.variant:
+        field, value = item.split("=")
+        is_bool = isinstance(getattr(tuning.FP8[("sm_90a", 128)], field), bool)
+        variant[field] = bool(int(value)) if is_bool else int(value)
+    print(f"variant: {variant or 'none'}")
     print(HEADER)
     for head_dim in args.head_dim:
         for seqlen in args.seqlen:
             for causal in args.causal:
-                print(row(head_dim, seqlen, bool(causal), args.single_level), flush=True)
+                print(row(head_dim, seqlen, bool(causal), variant), flush=True)
 
 
 if __name__ == "__main__":
