@@ -5,6 +5,7 @@
     python perf/lab/ab_fp8.py --single-level   # also: O accumulated in the tensor cores
     python perf/lab/ab_fp8.py --variant tile_n=176 num_stages=3   # also: another FP8 row
     python perf/lab/ab_fp8.py --decode         # paged decode: FP8 cache against bf16
+    python perf/lab/ab_fp8.py --chunk          # chunked prefill over an FP8 cache
 
 For each row (B * S = 16k, H = 2048 / D, causal and not; S = 16k is the FP8 issue's
 target row), times `sparsek.attention` with FP8 inputs (descales, bf16 output) and with
@@ -26,6 +27,13 @@ pages) over an FP8 cache against the same values in a bf16 cache, B x context fr
 to 32 x 32k, in one process: us per call, the cache bytes read per second against the
 device's copy bandwidth (`perf.timing.copy_bandwidth_gbps`), and the FP8 output's max
 error against the bf16 cache's output.
+
+With --chunk: chunked prefill (a causal chunk of new bf16 queries per sequence, packed as
+a serving engine sends them, over a paged cache holding the context and the chunk;
+H32 over Hkv8, d128, 16-row pages) over an FP8 cache (the kernels that convert its
+tiles), over the same values in a bf16 cache, and over the FP8 cache dequantized to bf16
+first (`sparsek.fp8.dequantize_cache` of the batch's blocks, then the bf16 kernels: what
+such requests ran before): us per call and the FP8 output's max difference.
 """
 
 from __future__ import annotations
@@ -47,7 +55,8 @@ if str(_ROOT) not in sys.path:
 
 import sparsek  # noqa: E402
 from perf.timing import copy_bandwidth_gbps, time_kernel  # noqa: E402
-from sparsek import tuning  # noqa: E402
+from sparsek import fp8, tuning  # noqa: E402
+from sparsek.fp8 import FP8_DTYPE as FP8  # noqa: E402
 from sparsek.fp8 import dequantize  # noqa: E402
 from sparsek.launch.fp8 import key_major  # noqa: E402
 from sparsek.reference import reference_attention  # noqa: E402
@@ -191,6 +200,55 @@ def decode_row(batch: int, context: int, copy_gbps: float) -> str:
     )
 
 
+CHUNK_HEADER = (
+    "| B | context | chunk | FP8 cache us | bf16 cache us | dequantized us | bf16 / FP8 "
+    "| dequantized / FP8 | max diff |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def chunk_row(batch: int, context: int, chunk: int) -> str:
+    device = torch.device("cuda")
+    heads, kv_heads, dim, page = 32, 8, 128, 16
+    gen = torch.Generator(device=device).manual_seed(batch * context + chunk)
+    length = context + chunk
+    blocks = batch * -(-length // page)
+    k8, v8 = (
+        torch.randn(blocks, page, kv_heads, dim, device=device, generator=gen).to(FP8)
+        for _ in range(2)
+    )
+    k16, v16 = ((t.float() * 0.5).to(torch.bfloat16) for t in (k8, v8))  # the same values
+    scale = torch.full((1, 1), 0.5, device=device).expand(batch, kv_heads)
+    table = torch.randperm(blocks, device=device, generator=gen).view(batch, -1).int()
+    seqlens = torch.full((batch,), length, dtype=torch.int32, device=device)
+    cu = torch.arange(batch + 1, device=device, dtype=torch.int32) * chunk
+    q = torch.randn(batch * chunk, heads, dim, device=device, dtype=torch.bfloat16, generator=gen)
+
+    def call(k: Tensor, v: Tensor, blocks: Tensor, descale: Tensor | None) -> Tensor:
+        out = sparsek.attention_with_kvcache(q, k, v, seqlens, blocks, cu_seqlens_q=cu,
+                                             max_seqlen_q=chunk, causal=True,
+                                             k_descale=descale, v_descale=descale)  # fmt: skip
+        return cast(Tensor, out)
+
+    def dequantized() -> Tensor:
+        kd, vd = (fp8.dequantize_cache(t, scale, table, seqlens, torch.bfloat16) for t in (k8, v8))
+        return call(kd, vd, fp8.compact_block_table(table), None)
+
+    us = {
+        name: time_kernel(fn, device) * 1e3
+        for name, fn in (
+            ("fp8", lambda: call(k8, v8, table, scale)),
+            ("bf16", lambda: call(k16, v16, table, None)),
+            ("dequantized", dequantized),
+        )
+    }
+    diff = (call(k8, v8, table, scale).float() - call(k16, v16, table, None).float()).abs().max()
+    return (
+        f"| {batch} | {context} | {chunk} | {us['fp8']:.1f} | {us['bf16']:.1f} "
+        f"| {us['dequantized']:.1f} | {us['bf16'] / us['fp8']:.2f} "
+        f"| {us['dequantized'] / us['fp8']:.2f} | {diff.item():.3g} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dim", type=int, nargs="*", default=[128, 64])
@@ -199,7 +257,13 @@ def main() -> None:
     parser.add_argument("--single-level", action="store_true", help="--variant pv_two_level=0")
     parser.add_argument("--variant", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--decode", action="store_true")
+    parser.add_argument("--chunk", action="store_true")
     args = parser.parse_args()
+    if args.chunk:
+        print(CHUNK_HEADER)
+        for batch, context, chunk in ((1, 8192, 512), (4, 4096, 2048), (16, 4096, 256)):
+            print(chunk_row(batch, context, chunk), flush=True)
+        return
     if args.decode:
         copy_gbps = copy_bandwidth_gbps(torch.device("cuda"), 1 << 30)
         print(DECODE_HEADER)
