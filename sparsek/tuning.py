@@ -161,7 +161,8 @@ VALUE_HEAD_DIMS: dict[tuple[str, int, int], Tuning] = {
 
 # The tables by name (`override`'s first argument).
 # FP8 (E4M3) kernels, (arch, head_dim) -> tuning, every mask and layout (dense, packed):
-# one CTA per work tile (`hopper/limits.fp8_reasons`), O written from registers. First
+# one CTA per work tile (the kernels also compile persistent, without spills: unmeasured;
+# `perf/lab/ab_fp8.py --variant persistent=1` times it), O written from registers. First
 # rows, chosen on the CPU from the compiled kernels: 128x128 tiles and two stages at d64
 # and d128 compile without spills (168 registers at d128 with the second output
 # accumulator). FlashAttention-3 uses 128x224 at d128 and 192x160 at d64; GPU

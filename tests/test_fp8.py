@@ -344,11 +344,13 @@ def test_fp8_kernel_limits_name_what_they_refuse() -> None:
 
     good = FmhaFwdConfig("sm_90a", 128, ElementTypes.fp8("bfloat16"))
     assert can_implement(good) == []
+    # a persistent schedule (tile counter, head groups) is implementable; tuning picks it
+    assert can_implement(replace(good, persistent=True, dynamic_schedule=True, l2_group_mb=8)) == []
     assert smem_bytes(good) < smem_bytes(replace(good, dtypes=ElementTypes.uniform("bfloat16")))
     for change, fragment in [
         ({"head_dim": 96}, "FP8 kernels serve head_dim in (64, 128)"),
         ({"tile_n": 112}, "tile_n=112: FP8 kernels need a multiple of 32"),
-        ({"persistent": True}, "not persistent, not split-KV"),
+        ({"split_kv": True}, "not split-KV"),
         ({"kv_layout": "cache"}, "dense and packed (varlen) layouts"),
         ({"dtypes": ElementTypes("float8_e4m3fn", "bfloat16", "bfloat16")}, "FP8 kernels take"),
         ({"dtypes": ElementTypes.fp8("float32")}, "with O in float16 or bfloat16"),

@@ -22,7 +22,7 @@ headroom (`softmax.py`) and moved into the 8-bit A operand's layout across each 
 (`convert.convert_p_fp8`), and each key tile's PV product is added to O in float32
 (two-level accumulation, `mainloop.py`). O is written from registers (it is twice as
 wide as Q's buffer). `limits.fp8_reasons` lists what FP8 kernels serve: head_dim 64 and
-128, dense and packed layouts, one CTA per work tile.
+128, dense and packed layouts, not split-KV.
 
 FP8 caches (`ElementTypes.converts_kv`: 16-bit Q and O, K and V stored in float8_e4m3fn):
 the K/V stages hold the cache's bytes; the one MMA warpgroup (tile_m 64) converts each

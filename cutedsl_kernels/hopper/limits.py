@@ -91,8 +91,7 @@ def fp8_reasons(config: FmhaFwdConfig) -> list[str]:
 
     FP8 kernels take Q, K and V in float8_e4m3fn with O in float16 or bfloat16 and
     float32 accumulators; head_dim in `FP8_HEAD_DIMS` (V's the same); tile_n a multiple
-    of 32 (the second GEMM's K step); dense or packed layouts, one CTA per work tile
-    (not persistent, not split).
+    of 32 (the second GEMM's K step); dense or packed layouts, not split-KV.
     """
     reasons = []
     dtypes = config.dtypes
@@ -104,11 +103,8 @@ def fp8_reasons(config: FmhaFwdConfig) -> list[str]:
     reasons.extend(fp8_head_dim_reasons(config, "FP8 kernels"))
     if config.tile_n % FP8_MMA_K:
         reasons.append(f"tile_n={config.tile_n}: FP8 kernels need a multiple of {FP8_MMA_K}")
-    if config.kv_layout not in ("dense", "varlen") or config.persistent or config.split_kv:
-        reasons.append(
-            "FP8 kernels serve dense and packed (varlen) layouts, one CTA per work tile "
-            "(not persistent, not split-KV)"
-        )
+    if config.kv_layout not in ("dense", "varlen") or config.split_kv:
+        reasons.append("FP8 kernels serve dense and packed (varlen) layouts, not split-KV")
     return reasons
 
 

@@ -13,6 +13,8 @@ is loaded.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -42,6 +44,13 @@ def key_major(v: Tensor, valid_rows: Tensor | None = None) -> Tensor:
     store[..., :keys].copy_(src.permute(*range(n), n + 1, n + 2, n))
     view = store.permute(*range(n), n + 2, n, n + 1)[..., :keys, :, :]
     return view.view(v.dtype)
+
+
+def schedule_args(kernel: launcher.ForwardKernel, device: torch.device) -> dict[str, Any]:
+    """A persistent kernel's CTA count (the SM count; ignored by the others) and a dynamic
+    schedule's zeroed tile counter."""
+    counter = launcher.zeroed_counter(device) if kernel.takes_tile_counter else None
+    return {"tile_counter": counter, "num_ctas": launcher.num_sms(device.index)}
 
 
 def attention_fp8(
@@ -85,6 +94,7 @@ def attention_fp8(
             key_major(v),
             out,
             lse,
+            **schedule_args(kernel, q.device),
             sinks=None if sinks is None else sinks.view(1, -1),  # one logit per head
             q_descale=descales[0],
             k_descale=descales[1],
@@ -138,6 +148,7 @@ def attention_varlen_fp8(
             key_major(v.unsqueeze(0), cu_seqlens_k[-1]),
             out.unsqueeze(0),
             lse.unsqueeze(0),
+            **schedule_args(kernel, q.device),
             cu_seqlens_q=cu_seqlens_q.contiguous(),
             cu_seqlens_k=cu_seqlens_k,
             sinks=None if sinks is None else sinks.view(1, -1),
