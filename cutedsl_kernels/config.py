@@ -199,6 +199,8 @@ class FmhaFwdConfig:
             bits when they add into an accumulator). False: O accumulates in the tensor
             cores across tiles (for A/Bs of its cost and the accuracy tests' planted
             variant; no registered kernel).
+        convert_vectorized: (FP8-cache kernels) K/V tiles are converted in 8-element
+            vectors; False: element by element (for A/Bs; no registered kernel).
     """
 
     arch: str
@@ -222,6 +224,7 @@ class FmhaFwdConfig:
     ctas_per_sm: int = 1
     kv_evict_first: bool = False
     pv_two_level: bool = True
+    convert_vectorized: bool = True
 
     @property
     def value_head_dim(self) -> int:
@@ -248,6 +251,7 @@ class FmhaFwdConfig:
             f"{f'_c{self.ctas_per_sm}' if self.ctas_per_sm != 1 else ''}"
             f"{'_ef' if self.kv_evict_first else ''}"
             f"{'' if self.pv_two_level else '_pv1'}"
+            f"{'' if self.convert_vectorized else '_cv1'}"
         ).replace("+", "_")
 
     @property

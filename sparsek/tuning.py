@@ -42,6 +42,8 @@ class Tuning:
     kv_evict_first: bool = False
     # FP8 rows: O gathers each key tile's PV product in float32 (two-level accumulation).
     pv_two_level: bool = True
+    # FP8 caches: K/V tiles converted in 8-element vectors (False: element by element).
+    convert_vectorized: bool = True
 
 
 class Workload(enum.Enum):

@@ -1,4 +1,5 @@
-"""Packed float32 -> 16-bit and -> FP8 conversion of register fragments.
+"""Packed float32 -> 16-bit and -> FP8 conversion of register fragments, and FP8 -> 16-bit
+conversion of shared-memory tiles (`convert_tile`, `convert_tile_vectorized`).
 
 `TensorSSA.to(dtype)` converts element by element unless the fragment's shape happens to
 vectorize (it does for 128-wide key tiles, not for e.g. 176). One `cvt.rn.{f16,bf16}x2.f32`
@@ -105,6 +106,56 @@ def convert_pairs(src: cute.Tensor, dst: cute.Tensor) -> None:
     dst_words = cute.recast_tensor(dst, Int32)
     for i in cutlass.range_constexpr(cute.size(dst_words)):
         dst_words[i] = pack_pair(src[2 * i], src[2 * i + 1], dst.element_type)
+
+
+# Elements per vector of `convert_tile_vectorized`: 16 bytes of a 16-bit tile (the unit
+# a 128-byte swizzle keeps contiguous), 8 bytes of the E4M3 one.
+CONVERT_VECTOR = 8
+
+
+@cute.jit
+def convert_tile_vectorized(
+    src: cute.Tensor,
+    dst: cute.Tensor,
+    lane: Int32,
+    threads: cutlass.Constexpr[int],
+    valid_rows: Int32 | None = None,
+) -> None:
+    """`convert_tile` in vectors of `CONVERT_VECTOR` elements: each thread loads 8 E4M3
+    values in one 64-bit shared-memory load, converts them in registers (four
+    `cvt.rn.f16x2.e4m3x2`, and to bfloat16 through float32) and stores them in one
+    128-bit store, one vector at a time (few registers live). The tiles: (rows, cols) of
+    one shape in swizzled row-major layouts (`shared_storage.tile_layout`) that keep each
+    16-byte unit contiguous (the copies check it when they compile); `threads` a
+    multiple of cols / CONVERT_VECTOR and rows a multiple of the rows they cover at once.
+    Rows >= `valid_rows` (when given) become 0."""
+    rows, cols = cute.size(src, mode=[0]), cute.size(src, mode=[1])
+    vectors_per_row = cols // CONVERT_VECTOR
+    thr_layout = cute.make_ordered_layout((threads // vectors_per_row, vectors_per_row), (1, 0))
+    val_layout = cute.make_layout((1, CONVERT_VECTOR))
+    bits = CONVERT_VECTOR * src.element_type.width
+    load_atom = cute.make_copy_atom(
+        cute.nvgpu.CopyUniversalOp(), src.element_type, num_bits_per_copy=bits
+    )
+    store_atom = cute.make_copy_atom(
+        cute.nvgpu.CopyUniversalOp(), dst.element_type, num_bits_per_copy=2 * bits
+    )
+    load = cute.make_tiled_copy_tv(load_atom, thr_layout, val_layout).get_slice(lane)
+    store = cute.make_tiled_copy_tv(store_atom, thr_layout, val_layout).get_slice(lane)
+    # (CPY, CPY_M, CPY_N): this thread's vectors, CPY_N = 1 (threads span a row)
+    tSs = load.partition_S(src)
+    tDs = store.partition_D(dst)
+    tDc = store.partition_D(cute.make_identity_tensor((rows, cols)))
+    r_src = cute.make_fragment_like(tSs[None, 0, None])
+    r_dst = cute.make_fragment_like(tDs[None, 0, None])
+    for m in cutlass.range_constexpr(cute.size(tSs, mode=[1])):
+        cute.copy(load_atom, tSs[None, m, None], r_src)
+        converted = r_src.load().to(dst.element_type)
+        if const_expr(valid_rows is not None):
+            row = tDc[0, m, 0][0]
+            converted = converted if row < valid_rows else cute.zeros_like(converted)
+        r_dst.store(converted)
+        cute.copy(store_atom, r_dst, tDs[None, m, None])
 
 
 @cute.jit

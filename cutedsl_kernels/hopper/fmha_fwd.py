@@ -20,9 +20,8 @@ final 1/l. Both GEMMs run on the FP8 tensor cores: V is read key-major (V^T, the
 B operand 8-bit wgmma needs; the host writes it), P is rounded to E4M3 with a 2^8
 headroom (`softmax.py`) and moved into the 8-bit A operand's layout across each quad
 (`convert.convert_p_fp8`), and each key tile's PV product is added to O in float32
-(two-level accumulation, `mainloop.py`). O is written from registers (it is twice as
-wide as Q's buffer). `limits.fp8_reasons` lists what FP8 kernels serve: head_dim 64 and
-128, dense and packed layouts, not split-KV.
+(two-level accumulation, `mainloop.py`). O is written from registers (twice as wide as
+Q's buffer). `limits.fp8_reasons`: head_dim 64 and 128, dense and packed, not split-KV.
 
 FP8 caches (`ElementTypes.converts_kv`: 16-bit Q and O, K and V stored in float8_e4m3fn):
 the K/V stages hold the cache's bytes; the one MMA warpgroup (tile_m 64) converts each
@@ -177,6 +176,7 @@ class HopperFmhaForward:
             fp8=self.fp8,
             two_level=self.fp8 and config.pv_two_level,
             converts_kv=self.converts_kv,
+            convert_vectorized=config.convert_vectorized,
         )
 
     # ------------------------------------------------------------------ capability

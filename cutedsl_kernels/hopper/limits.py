@@ -156,6 +156,8 @@ def can_implement(config: FmhaFwdConfig) -> list[str]:
         )
     if not config.pv_two_level and not dtypes.is_fp8:
         reasons.append("pv_two_level=False applies to FP8 kernels only")
+    if not config.convert_vectorized and not dtypes.converts_kv:
+        reasons.append("convert_vectorized=False applies to FP8-cache kernels only")
     if config.head_dim % 16 != 0 or not 16 <= config.head_dim <= 256:
         reasons.append(f"head_dim={config.head_dim} must be a multiple of 16 in [16, 256]")
     dv = config.value_head_dim

@@ -25,8 +25,9 @@ over many key tiles would drift).
 
 FP8 caches (`converts_kv`, one MMA warpgroup): K and V arrive in their stages as stored
 (E4M3) and the warpgroup converts each tile into one K and one V tile of Q's type before
-the GEMM that reads it (`convert.convert_tile`; V's rows past the data become zeros,
-which is `zero_v_tail`'s job otherwise), then releases the stage at once. The GEMMs read
+the GEMM that reads it (`convert.convert_tile_vectorized`, in 8-element vectors; V's
+rows past the data become zeros, which is `zero_v_tail`'s job otherwise), then releases
+the stage at once. The GEMMs read
 the converted tiles, whose previous readers have completed by then (every schedule waits
 for a tile's GEMMs before it converts the next).
 
@@ -54,7 +55,12 @@ from cutedsl_kernels.common.block_ranges import (
 from cutedsl_kernels.common.named_barriers import NamedBarrier
 from cutedsl_kernels.common.seqlen import SeqInfo
 from cutedsl_kernels.config import MaskSpec
-from cutedsl_kernels.hopper.convert import convert_p_fp8, convert_pairs, convert_tile
+from cutedsl_kernels.hopper.convert import (
+    convert_p_fp8,
+    convert_pairs,
+    convert_tile,
+    convert_tile_vectorized,
+)
 from cutedsl_kernels.hopper.fragments import acc_as_operand_a
 from cutedsl_kernels.hopper.limits import THREADS_PER_WARPGROUP
 from cutedsl_kernels.hopper.softmax import OnlineSoftmax, apply_mask, apply_softcap
@@ -119,6 +125,8 @@ class MainloopSettings:
         two_level: (fp8) two-level accumulation of O (see the module docstring).
         converts_kv: K and V stages hold an FP8 cache's bytes, converted by this
             warpgroup (see the module docstring).
+        convert_vectorized: (`converts_kv`) convert in 8-element vectors
+            (`convert.convert_tile_vectorized`), else element by element.
     """
 
     tile_m: int
@@ -133,6 +141,7 @@ class MainloopSettings:
     fp8: bool = False
     two_level: bool = False
     converts_kv: bool = False
+    convert_vectorized: bool = True
 
 
 @dataclass
@@ -335,7 +344,10 @@ class Sm90Mainloop:
         """This warpgroup converts one stored tile into the GEMMs' tile, then makes its
         stores visible to wgmma and waits for all of its threads."""
         lane = cute.arch.thread_idx()[0] % THREADS_PER_WARPGROUP
-        convert_tile(src, dst, lane, THREADS_PER_WARPGROUP, valid_rows)
+        if const_expr(self.settings.convert_vectorized):
+            convert_tile_vectorized(src, dst, lane, THREADS_PER_WARPGROUP, valid_rows)
+        else:
+            convert_tile(src, dst, lane, THREADS_PER_WARPGROUP, valid_rows)
         cute.arch.fence_view_async_shared()  # generic stores -> wgmma (async proxy)
         cute.arch.barrier(
             barrier_id=int(NamedBarrier.WG1_V_TAIL) + self.wg_idx,

@@ -25,8 +25,10 @@ Prints a markdown table; TFLOP/s count 4 * B * H * D * (visible pairs).
 With --decode: paged decode (one bf16 query per sequence, H32 over Hkv8, d128, 16-row
 pages) over an FP8 cache against the same values in a bf16 cache, B x context from 1 x 8k
 to 32 x 32k, in one process: us per call, the cache bytes read per second against the
-device's copy bandwidth (`perf.timing.copy_bandwidth_gbps`), and the FP8 output's max
-error against the bf16 cache's output.
+device's copy bandwidth (`perf.timing.copy_bandwidth_gbps`), the FP8 output's max
+error against the bf16 cache's output, and the FP8 kernels with the cache converted
+element by element (`convert_vectorized=False`; its output must equal the vectorized
+one's bit for bit, else "differs").
 
 With --chunk: chunked prefill (a causal chunk of new bf16 queries per sequence, packed as
 a serving engine sends them, over a paged cache holding the context and the chunk;
@@ -159,8 +161,8 @@ def row(head_dim: int, seqlen: int, causal: bool, variant: Variant | None) -> st
 
 DECODE_HEADER = (
     "| B | context | FP8 us | bf16 us | bf16 / FP8 | FP8 GB/s | bf16 GB/s | copy GB/s "
-    "| FP8 bw frac | max diff |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "| FP8 bw frac | max diff | element-wise FP8 us |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -190,13 +192,18 @@ def decode_row(batch: int, context: int, copy_gbps: float) -> str:
 
     us_fp8 = time_kernel(fp8, device) * 1e3
     us_bf16 = time_kernel(bf16, device) * 1e3
+    vectorized = fp8()
+    row = tuning.DECODE[("sm_90a", dim)]  # the cache converted element by element
+    with tuning.override("decode", "sm_90a", dim, replace(row, convert_vectorized=False)):
+        us_elementwise = time_kernel(fp8, device) * 1e3
+        same = torch.equal(fp8(), vectorized)  # the same tiles reach the GEMMs
     values = 2 * batch * context * kv_heads * dim
     gbps_fp8, gbps_bf16 = values / us_fp8 / 1e3, 2 * values / us_bf16 / 1e3
     diff = (fp8().float() - bf16().float()).abs().max().item()
     return (
         f"| {batch} | {context} | {us_fp8:.1f} | {us_bf16:.1f} | {us_bf16 / us_fp8:.2f} "
         f"| {gbps_fp8:.0f} | {gbps_bf16:.0f} | {copy_gbps:.0f} | {gbps_fp8 / copy_gbps:.2f} "
-        f"| {diff:.3g} |"
+        f"| {diff:.3g} | {us_elementwise:.1f}{'' if same else ' (differs)'} |"
     )
 
 
