@@ -386,25 +386,35 @@ def test_store_kv_with_only_padding_writes_nothing() -> None:
 
 
 GRAPH_MASKS = [
-    pytest.param(None, None, False, id="plain"),
-    pytest.param(64, None, True, id="window64-sinks"),  # single-query window decode
-    pytest.param(None, 2.0, True, id="softcap2-sinks"),  # decode tiles, sinks per group row
-    pytest.param(64, 2.0, False, id="window64-softcap2"),
+    pytest.param(None, None, False, False, id="plain"),
+    pytest.param(64, None, True, False, id="window64-sinks"),  # single-query window decode
+    pytest.param(None, 2.0, True, False, id="softcap2-sinks"),  # decode tiles, group sinks
+    pytest.param(64, 2.0, False, False, id="window64-softcap2"),
+    pytest.param(None, None, False, True, id="plain-fp8-cache"),
+    pytest.param(64, 2.0, True, True, id="window64-softcap2-sinks-fp8-cache"),
 ]
 
 
-@pytest.mark.parametrize(("sliding_window", "softcap", "with_sinks"), GRAPH_MASKS)
-def test_decode_step_replays_in_a_cuda_graph(sliding_window, softcap, with_sinks) -> None:
+@pytest.mark.parametrize(("sliding_window", "softcap", "with_sinks", "fp8_cache"), GRAPH_MASKS)
+def test_decode_step_replays_in_a_cuda_graph(
+    sliding_window, softcap, with_sinks, fp8_cache
+) -> None:
     """FULL-graph decode, as vLLM captures it: padded requests (query 0..3 rows, seq_len 0),
     static metadata buffers rewritten between replays, output of each replay checked. With
     a layer's mask: the sinks are one persistent float32 tensor, refilled in place before
-    the second replay (as the backend does after a weight reload), which reads them."""
+    the second replay (as the backend does after a weight reload), which reads them. With
+    an FP8 cache: the cache update quantizes and attention reads with the layer's
+    persistent scales; the reference is over the exactly dequantized keys and values."""
     dtype, d, h, hkv, block_size = torch.bfloat16, 128, 32, 8, 16
     real, padded = 5, 8
     capacity_blocks = 80
     num_blocks = padded * capacity_blocks + 1
     gen = generator(21)
-    _, kv_cache = vllm_layer_cache("LBNHC", num_blocks, hkv, block_size, d, dtype, gen)
+    cache_dtype = FP8 if fp8_cache else dtype
+    _, kv_cache = vllm_layer_cache("LBNHC", num_blocks, hkv, block_size, d, cache_dtype, gen)
+    scales = None
+    if fp8_cache:
+        scales = (torch.tensor([0.011], device=DEVICE), torch.tensor([0.017], device=DEVICE))
     k_cache, v_cache = vllm_kernels.split_kv_cache(kv_cache, d)
     perm = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(0)) + 1
     table = perm[: padded * capacity_blocks].view(padded, capacity_blocks).int().to(DEVICE)
@@ -425,10 +435,11 @@ def test_decode_step_replays_in_a_cuda_graph(sliding_window, softcap, with_sinks
     mask = dict(window_size=window, softcap=float(softcap or 0), sinks=sinks_buf)
 
     def step_fn() -> None:
-        vllm_kernels.store_kv(k_buf, v_buf, k_cache, v_cache, slot_buf)
+        vllm_kernels.store_kv(k_buf, v_buf, k_cache, v_cache, slot_buf, scales)
         vllm_kernels.paged_attention(
-            q_buf, k_cache, v_cache, qsl_buf, seq_buf, table, 1, scale, out_buf, **mask
-        )
+            q_buf, k_cache, v_cache, qsl_buf, seq_buf, table, 1, scale, out_buf, **mask,
+            descales=scales,
+        )  # fmt: skip
 
     # Contexts: each real sequence's earlier tokens, written before capture.
     contexts = [100, 1, 1000, 33, 31]
@@ -442,7 +453,8 @@ def test_decode_step_replays_in_a_cuda_graph(sliding_window, softcap, with_sinks
     keys = torch.cat([first.ks[b][full[b].start : full[b].stop] for b in range(real)])
     values = torch.cat([first.vs[b][full[b].start : full[b].stop] for b in range(real)])
     ctx_slots = [s for b in range(real) for s in slots(table, block_size, b, full[b])]
-    vllm_kernels.store_kv(keys, values, k_cache, v_cache, torch.tensor(ctx_slots, device=DEVICE))
+    ctx_slot_mapping = torch.tensor(ctx_slots, device=DEVICE)
+    vllm_kernels.store_kv(keys, values, k_cache, v_cache, ctx_slot_mapping, scales)
 
     def load(step: Step, seed: int) -> list[Tensor]:
         qs = queries(step, h, d, dtype, seed)
@@ -476,11 +488,17 @@ def test_decode_step_replays_in_a_cuda_graph(sliding_window, softcap, with_sinks
         out_buf.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        if (sliding_window, softcap, with_sinks) == (None, None, False):
-            expect = as_packed(expected(qs, step.ks, step.vs, True, scale))
+        ks, vs = step.ks, step.vs
+        if scales is not None:  # the values the cache holds, exactly
+            ks, vs = (
+                [quantize(t, sc).double() * sc.double() for t in ts]
+                for ts, sc in zip((ks, vs), scales, strict=True)
+            )
+        if (sliding_window, softcap, with_sinks, fp8_cache) == (None, None, False, False):
+            expect = as_packed(expected(qs, ks, vs, True, scale))
         else:
             expect = as_packed(
-                expected_with_mask(qs, step.ks, step.vs, scale, sliding_window, softcap, sinks_buf)
+                expected_with_mask(qs, ks, vs, scale, sliding_window, softcap, sinks_buf)
             )
         check_close(out_buf[:real], expect)
         assert (out_buf[real:] == 0).all(), "padded requests (seq_len 0) must give 0"
