@@ -200,8 +200,8 @@ def registered_kernels(arch: str) -> list[KernelConfig]:
         workload) (decode only without a mask), then the split-KV combine kernel and the
         paged KV-cache update kernel of each (head_dim, dtype) (the combine: of each
         output head dim; and of each FP8-cache head dim, into an FP8 cache), then
-        `registered_fp8_configs(arch)` and
-        `registered_fp8_cache_configs(arch)`.
+        `registered_fp8_configs(arch)` and `registered_fp8_cache_configs` of no mask and
+        of causal.
     """
     dense = registered_configs(arch)
     others = [

@@ -138,22 +138,20 @@ def check_store_args(
     scales: tuple[Tensor, Tensor] | None,
 ) -> None:
     """`store_kv`'s checks of dtypes and scales (see its `Raises:`)."""
-    quantized = is_fp8(k_cache.dtype) and is_fp8(v_cache.dtype)
-    if quantized:
-        if key.dtype not in CACHE_QUERY_DTYPES or value.dtype != key.dtype:
+    if not (is_fp8(k_cache.dtype) and is_fp8(v_cache.dtype)):
+        if key.dtype != k_cache.dtype or value.dtype != v_cache.dtype:
             raise ValueError(
-                f"key/value dtype ({key.dtype}, {value.dtype}): float8_e4m3fn caches take "
-                "float16 or bfloat16 keys and values (one dtype), quantized with `scales`"
+                f"key/value dtype ({key.dtype}, {value.dtype}) must match the cache's "
+                f"({k_cache.dtype}, {v_cache.dtype}), or the caches be float8_e4m3fn (both)"
             )
-    elif key.dtype != k_cache.dtype or value.dtype != v_cache.dtype:
-        raise ValueError(
-            f"key/value dtype ({key.dtype}, {value.dtype}) must match the cache's "
-            f"({k_cache.dtype}, {v_cache.dtype}), or the caches be float8_e4m3fn (both)"
-        )
-    if not quantized:
         if scales is not None:
             raise ValueError(f"scales are for float8_e4m3fn caches, not {k_cache.dtype}")
         return
+    if key.dtype not in CACHE_QUERY_DTYPES or value.dtype != key.dtype:
+        raise ValueError(
+            f"key/value dtype ({key.dtype}, {value.dtype}): float8_e4m3fn caches take "
+            "float16 or bfloat16 keys and values (one dtype), quantized with `scales`"
+        )
     if scales is None:
         raise ValueError(
             "float8_e4m3fn caches need scales=(k_scale, v_scale): one-element float32 "
@@ -205,8 +203,8 @@ def store_kv_reference(
     block_size = k_cache.shape[1]
     index = (target // block_size, target % block_size)
     any_valid = (top >= 0).view(1, 1, 1)
-    scale_of = (None, None) if scales is None else scales
-    for new, cache, scale in ((key[:n], k_cache, scale_of[0]), (value[:n], v_cache, scale_of[1])):
+    k_scale, v_scale = scales or (None, None)
+    for new, cache, scale in ((key[:n], k_cache, k_scale), (value[:n], v_cache, v_scale)):
         if scale is not None:  # E4M3 rows, moved as bytes (no FP8 indexing kernels needed)
             new, cache = quantize(new, scale).view(torch.uint8), cache.view(torch.uint8)
         filler = torch.where(any_valid, new.index_select(0, largest), cache[0, 0].unsqueeze(0))
